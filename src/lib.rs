@@ -1,0 +1,16 @@
+//! walcast: PostgreSQL logical replication → per-tenant protobuf events on NATS JetStream.
+//!
+//! Data flows one way through the stages, one module each:
+//! `source` (replication connection) → `decode` (pgoutput bytes → messages) →
+//! `assemble` (transactions, relations, actor) → `events` (entity, action, tenant,
+//! seq) → `publish` (JetStream, acks) → `checkpoint` (durable progress, LSN confirm).
+//! `config`, `cli`, `telemetry` and `migrate` sit at the edges; `app` wires the stages.
+
+pub mod proto {
+    //! Generated from `proto/walcast/v1/events.proto`.
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/walcast.v1.rs"));
+}
+
+pub mod lsn;
+pub mod decode;
