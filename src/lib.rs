@@ -14,3 +14,4 @@ pub mod proto {
 
 pub mod lsn;
 pub mod decode;
+pub mod events;

@@ -1,0 +1,144 @@
+//! Postgres timestamp text (DateStyle ISO) → `google.protobuf.Timestamp`.
+//!
+//! The replication session pins `DateStyle=ISO` and `TimeZone=UTC`, so values
+//! look like `2024-03-01 12:00:00.123456+00`; other offsets, `BC` years and
+//! `timestamp without time zone` (read as UTC) are handled too. `infinity`,
+//! `-infinity` and years outside 1..=9999 do not fit a protobuf Timestamp:
+//! they are clamped to its range and reported as inexact, so the caller can
+//! keep the original text.
+
+use prost_types::Timestamp;
+
+/// 0001-01-01T00:00:00Z, the smallest protobuf Timestamp.
+pub const MIN: Timestamp = Timestamp { seconds: -62_135_596_800, nanos: 0 };
+/// 9999-12-31T23:59:59.999999999Z, the largest protobuf Timestamp.
+pub const MAX: Timestamp = Timestamp { seconds: 253_402_300_799, nanos: 999_999_999 };
+
+/// Seconds between 1970-01-01 and Postgres' epoch 2000-01-01.
+const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
+
+/// A parsed timestamp; `exact == false` when it was clamped into range.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parsed {
+    pub timestamp: Timestamp,
+    pub exact: bool,
+}
+
+/// Converts pgoutput's commit time (microseconds since 2000-01-01).
+pub fn from_pg_micros(micros: i64) -> Timestamp {
+    let seconds = micros.div_euclid(1_000_000) + PG_EPOCH_UNIX_SECONDS;
+    let nanos = (micros.rem_euclid(1_000_000) * 1000) as i32;
+    Timestamp { seconds, nanos }
+}
+
+/// Parses Postgres' ISO text output; `None` if it is not a timestamp at all.
+pub fn parse(text: &str) -> Option<Parsed> {
+    match text {
+        "infinity" => return Some(Parsed { timestamp: MAX, exact: false }),
+        "-infinity" => return Some(Parsed { timestamp: MIN, exact: false }),
+        _ => {}
+    }
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(rest) => (rest, true),
+        None => (text, false),
+    };
+    let (date, time) = text.split_once(' ').unwrap_or((text, "00:00:00"));
+    let mut parts = date.splitn(3, '-');
+    let year: i64 = parts.next()?.parse().ok()?;
+    let month: u32 = parts.next()?.parse().ok()?;
+    let day: u32 = parts.next()?.parse().ok()?;
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Astronomical year numbering: 1 BC is year 0.
+    let year = if bc { 1 - year } else { year };
+
+    let offset_at = time.find(['+', '-']).unwrap_or(time.len());
+    let (clock, offset) = time.split_at(offset_at);
+    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
+    let mut hms = hms.splitn(3, ':');
+    let hour: i64 = hms.next()?.parse().ok()?;
+    let minute: i64 = hms.next()?.parse().ok()?;
+    let second: i64 = hms.next()?.parse().ok()?;
+    if fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let nanos: i64 = if fraction.is_empty() { 0 } else { fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32) };
+    let offset_seconds = parse_offset(offset)?;
+
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
+    let timestamp = Timestamp { seconds, nanos: nanos as i32 };
+    Some(if seconds < MIN.seconds {
+        Parsed { timestamp: MIN, exact: false }
+    } else if seconds > MAX.seconds {
+        Parsed { timestamp: MAX, exact: false }
+    } else {
+        Parsed { timestamp, exact: true }
+    })
+}
+
+/// `+HH`, `-HH:MM`, `+HH:MM:SS` or empty (no zone: UTC).
+fn parse_offset(offset: &str) -> Option<i64> {
+    let Some(sign) = offset.chars().next() else { return Some(0) };
+    let sign = if sign == '-' { -1 } else { 1 };
+    let mut parts = offset[1..].splitn(3, ':');
+    let hours: i64 = parts.next()?.parse().ok()?;
+    let minutes: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
+    let seconds: i64 = parts.next().map_or(Some(0), |s| s.parse().ok())?;
+    Some(sign * (hours * 3600 + minutes * 60 + seconds))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let m = i64::from(month);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(text: &str) -> (i64, i32, bool) {
+        let p = parse(text).unwrap_or_else(|| panic!("{text} should parse"));
+        (p.timestamp.seconds, p.timestamp.nanos, p.exact)
+    }
+
+    #[test]
+    fn iso_forms() {
+        assert_eq!(ts("1970-01-01 00:00:00+00"), (0, 0, true));
+        assert_eq!(ts("2024-03-01 12:00:00.5+00"), (1_709_294_400, 500_000_000, true));
+        assert_eq!(ts("2024-03-01 12:00:00.123456+00"), (1_709_294_400, 123_456_000, true));
+        assert_eq!(ts("2024-03-01 17:30:00+05:30"), (1_709_294_400, 0, true));
+        assert_eq!(ts("2024-03-01 07:00:00-05"), (1_709_294_400, 0, true));
+        assert_eq!(ts("2024-03-01 12:00:00"), (1_709_294_400, 0, true));
+        assert_eq!(ts("1969-12-31 23:59:59.999999+00"), (-1, 999_999_000, true));
+        assert_eq!(ts("0001-01-01 00:00:00+00"), (MIN.seconds, 0, true));
+    }
+
+    #[test]
+    fn out_of_range_is_clamped_and_flagged() {
+        assert_eq!(ts("infinity"), (MAX.seconds, MAX.nanos, false));
+        assert_eq!(ts("-infinity"), (MIN.seconds, 0, false));
+        assert_eq!(ts("10000-01-01 00:00:00+00"), (MAX.seconds, MAX.nanos, false));
+        assert_eq!(ts("0044-03-15 00:00:00+00 BC"), (MIN.seconds, 0, false));
+    }
+
+    #[test]
+    fn garbage_is_none() {
+        for bad in ["", "yesterday", "2024-13-01 00:00:00+00", "2024-01-01 aa:00:00+00", "2024-01-01 00:00:00.x+00"] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn commit_time_epoch() {
+        assert_eq!(from_pg_micros(0), Timestamp { seconds: 946_684_800, nanos: 0 });
+        assert_eq!(from_pg_micros(-1), Timestamp { seconds: 946_684_799, nanos: 999_999_000 });
+    }
+}
