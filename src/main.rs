@@ -1,1 +1,88 @@
-fn main() {}
+//! The `walcast` binary: parse the command line, set up logging, run, and
+//! print any error once, as one line, with a non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use walcast::cli::{Cli, Command};
+use walcast::{app, migrate, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(common) => {
+            let settings = common.settings()?;
+            telemetry::init_logging(settings.log_json);
+            app::run(settings, shutdown_signal()).await?;
+        }
+        Command::Migrate(common) => {
+            let settings = common.settings()?;
+            telemetry::init_logging(settings.log_json);
+            let report = migrate::run(&settings).await?;
+            for version in &report.applied {
+                println!("applied {version}");
+            }
+            if report.applied.is_empty() {
+                println!("migrations: up to date");
+            }
+            if report.publication_created {
+                println!("created publication {}", settings.publication);
+            }
+            println!(
+                "replication slot {}: {}",
+                settings.slot,
+                if report.slot_created {
+                    "created"
+                } else {
+                    "exists"
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Completes on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("shutdown requested: draining (send the signal again to exit at once)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("walcast: second signal, exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the daemon still runs; it just cannot drain on a signal.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn fail(error: anyhow::Error) -> ExitCode {
+    eprintln!("walcast: error: {error:#}");
+    ExitCode::FAILURE
+}

@@ -12,7 +12,10 @@ impl<'a> Insert<'a> {
     pub(super) fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let relation = r.u32("Insert relation")?;
         expect_marker(r, b'N', "Insert new tuple marker")?;
-        Ok(Insert { relation, new: Tuple::decode(r)? })
+        Ok(Insert {
+            relation,
+            new: Tuple::decode(r)?,
+        })
     }
 }
 
@@ -30,13 +33,30 @@ impl<'a> Update<'a> {
     pub(super) fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let relation = r.u32("Update relation")?;
         let (old, key_only) = match r.u8("Update tuple marker")? {
-            b'N' => return Ok(Update { relation, old: None, key_only: false, new: Tuple::decode(r)? }),
+            b'N' => {
+                return Ok(Update {
+                    relation,
+                    old: None,
+                    key_only: false,
+                    new: Tuple::decode(r)?,
+                });
+            }
             b'K' => (Tuple::decode(r)?, true),
             b'O' => (Tuple::decode(r)?, false),
-            byte => return Err(DecodeError::BadMarker { what: "Update tuple marker", byte }),
+            byte => {
+                return Err(DecodeError::BadMarker {
+                    what: "Update tuple marker",
+                    byte,
+                });
+            }
         };
         expect_marker(r, b'N', "Update new tuple marker")?;
-        Ok(Update { relation, old: Some(old), key_only, new: Tuple::decode(r)? })
+        Ok(Update {
+            relation,
+            old: Some(old),
+            key_only,
+            new: Tuple::decode(r)?,
+        })
     }
 }
 
@@ -54,9 +74,18 @@ impl<'a> Delete<'a> {
         let key_only = match r.u8("Delete tuple marker")? {
             b'K' => true,
             b'O' => false,
-            byte => return Err(DecodeError::BadMarker { what: "Delete tuple marker", byte }),
+            byte => {
+                return Err(DecodeError::BadMarker {
+                    what: "Delete tuple marker",
+                    byte,
+                });
+            }
         };
-        Ok(Delete { relation, old: Tuple::decode(r)?, key_only })
+        Ok(Delete {
+            relation,
+            old: Tuple::decode(r)?,
+            key_only,
+        })
     }
 }
 
@@ -73,18 +102,26 @@ impl<'a> Truncate<'a> {
 
     pub(super) fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let count = r.i32("Truncate relation count")?;
-        let count = usize::try_from(count)
-            .map_err(|_| DecodeError::BadLength { what: "Truncate relation count", len: i64::from(count) })?;
+        let count = usize::try_from(count).map_err(|_| DecodeError::BadLength {
+            what: "Truncate relation count",
+            len: i64::from(count),
+        })?;
         let options = r.u8("Truncate options")?;
-        let bytes = count
-            .checked_mul(4)
-            .ok_or(DecodeError::BadLength { what: "Truncate relation count", len: count as i64 })?;
-        Ok(Truncate { options, relations: r.take(bytes, "Truncate relations")? })
+        let bytes = count.checked_mul(4).ok_or(DecodeError::BadLength {
+            what: "Truncate relation count",
+            len: count as i64,
+        })?;
+        Ok(Truncate {
+            options,
+            relations: r.take(bytes, "Truncate relations")?,
+        })
     }
 
     /// The truncated relations' oids.
     pub fn relations(&self) -> impl Iterator<Item = u32> + 'a {
-        self.relations.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        self.relations
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
     }
 }
 

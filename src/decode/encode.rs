@@ -10,7 +10,11 @@ pub(crate) fn tuple(out: &mut Vec<u8>, values: &[Value<'_>]) {
             Value::Null => out.push(b'n'),
             Value::UnchangedToast => out.push(b'u'),
             Value::Text(b) | Value::Binary(b) => {
-                out.push(if matches!(v, Value::Text(_)) { b't' } else { b'b' });
+                out.push(if matches!(v, Value::Text(_)) {
+                    b't'
+                } else {
+                    b'b'
+                });
                 out.extend_from_slice(&(b.len() as i32).to_be_bytes());
                 out.extend_from_slice(b);
             }

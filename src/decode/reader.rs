@@ -22,7 +22,10 @@ impl<'a> Reader<'a> {
     pub(crate) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
         let rest = self.remaining();
         if rest.len() < n {
-            return Err(DecodeError::Truncated { what, offset: self.pos });
+            return Err(DecodeError::Truncated {
+                what,
+                offset: self.pos,
+            });
         }
         self.pos += n;
         Ok(&rest[..n])
@@ -62,7 +65,10 @@ impl<'a> Reader<'a> {
     pub(crate) fn cstr(&mut self, what: &'static str) -> Result<&'a str, DecodeError> {
         let rest = self.remaining();
         let Some(end) = rest.iter().position(|&b| b == 0) else {
-            return Err(DecodeError::Truncated { what, offset: self.pos });
+            return Err(DecodeError::Truncated {
+                what,
+                offset: self.pos,
+            });
         };
         let text = std::str::from_utf8(&rest[..end]).map_err(|_| DecodeError::NotUtf8 { what })?;
         self.pos += end + 1;
@@ -72,7 +78,10 @@ impl<'a> Reader<'a> {
     /// A non-negative `i32` length followed by that many bytes.
     pub(crate) fn len_prefixed(&mut self, what: &'static str) -> Result<&'a [u8], DecodeError> {
         let len = self.i32(what)?;
-        let len = usize::try_from(len).map_err(|_| DecodeError::BadLength { what, len: i64::from(len) })?;
+        let len = usize::try_from(len).map_err(|_| DecodeError::BadLength {
+            what,
+            len: i64::from(len),
+        })?;
         self.take(len, what)
     }
 
@@ -80,7 +89,10 @@ impl<'a> Reader<'a> {
         if self.pos == self.buf.len() {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes { what, extra: self.buf.len() - self.pos })
+            Err(DecodeError::TrailingBytes {
+                what,
+                extra: self.buf.len() - self.pos,
+            })
         }
     }
 }

@@ -50,13 +50,21 @@ impl Relation {
             b'n' => ReplicaIdentity::Nothing,
             b'f' => ReplicaIdentity::Full,
             b'i' => ReplicaIdentity::Index,
-            byte => return Err(DecodeError::BadMarker { what: "Relation replica identity", byte }),
+            byte => {
+                return Err(DecodeError::BadMarker {
+                    what: "Relation replica identity",
+                    byte,
+                });
+            }
         };
         let count = r.i16("Relation column count")?;
         let count = usize::try_from(count)
             .ok()
             .filter(|&n| n <= MAX_COLUMNS)
-            .ok_or(DecodeError::BadLength { what: "Relation column count", len: i64::from(count) })?;
+            .ok_or(DecodeError::BadLength {
+                what: "Relation column count",
+                len: i64::from(count),
+            })?;
         let mut columns = Vec::with_capacity(count);
         for _ in 0..count {
             let flags = r.u8("Relation column flags")?;
@@ -67,7 +75,13 @@ impl Relation {
                 is_key: flags & 1 == 1,
             });
         }
-        Ok(Relation { oid, namespace, name, replica_identity, columns })
+        Ok(Relation {
+            oid,
+            namespace,
+            name,
+            replica_identity,
+            columns,
+        })
     }
 
     /// The position of the column called `name`.

@@ -14,8 +14,17 @@ fn begin_fixture() {
     b.extend_from_slice(&0x0000_0001_0000_0A00u64.to_be_bytes());
     b.extend_from_slice(&786_000_000_000_000i64.to_be_bytes());
     b.extend_from_slice(&be32(742));
-    let Message::Begin(begin) = decode(&b).unwrap() else { panic!("not a Begin") };
-    assert_eq!(begin, Begin { final_lsn: 0x1_0000_0A00, commit_time: 786_000_000_000_000, xid: 742 });
+    let Message::Begin(begin) = decode(&b).unwrap() else {
+        panic!("not a Begin")
+    };
+    assert_eq!(
+        begin,
+        Begin {
+            final_lsn: 0x1_0000_0A00,
+            commit_time: 786_000_000_000_000,
+            xid: 742
+        }
+    );
 }
 
 #[test]
@@ -26,7 +35,12 @@ fn commit_fixture() {
     b.extend_from_slice(&30i64.to_be_bytes());
     assert_eq!(
         decode(&b).unwrap(),
-        Message::Commit(Commit { flags: 0, commit_lsn: 10, end_lsn: 20, commit_time: 30 })
+        Message::Commit(Commit {
+            flags: 0,
+            commit_lsn: 10,
+            end_lsn: 20,
+            commit_time: 30
+        })
     );
 }
 
@@ -44,9 +58,14 @@ fn relation_fixture() {
     b.extend_from_slice(b"title\0");
     b.extend_from_slice(&be32(25)); // text
     b.extend_from_slice(&(-1i32).to_be_bytes());
-    let Message::Relation(rel) = decode(&b).unwrap() else { panic!("not a Relation") };
+    let Message::Relation(rel) = decode(&b).unwrap() else {
+        panic!("not a Relation")
+    };
     assert_eq!(rel.oid, 16384);
-    assert_eq!((rel.namespace.as_str(), rel.name.as_str()), ("public", "tasks"));
+    assert_eq!(
+        (rel.namespace.as_str(), rel.name.as_str()),
+        ("public", "tasks")
+    );
     assert_eq!(rel.replica_identity, ReplicaIdentity::Full);
     assert_eq!(rel.columns.len(), 2);
     assert!(rel.columns[0].is_key && !rel.columns[1].is_key);
@@ -66,9 +85,18 @@ fn insert_with_null_toast_and_text() {
     b.extend_from_slice(&be32(5));
     b.extend_from_slice("héllo".as_bytes()[..5].as_ref());
     // "héllo" is 6 bytes; the fixture takes 5 to stay a valid length test.
-    let Message::Insert(ins) = decode(&b).unwrap() else { panic!("not an Insert") };
+    let Message::Insert(ins) = decode(&b).unwrap() else {
+        panic!("not an Insert")
+    };
     let values: Vec<_> = ins.new.iter().collect();
-    assert_eq!(values, vec![Value::Null, Value::UnchangedToast, Value::Text(&"héllo".as_bytes()[..5])]);
+    assert_eq!(
+        values,
+        vec![
+            Value::Null,
+            Value::UnchangedToast,
+            Value::Text(&"héllo".as_bytes()[..5])
+        ]
+    );
 }
 
 #[test]
@@ -76,14 +104,18 @@ fn update_with_old_image_and_key_only() {
     let new = [Value::Text(b"1"), Value::Text(b"new")];
     let old = [Value::Text(b"1"), Value::Text(b"old")];
     let bytes = encode::update(7, Some(&old), &new);
-    let Message::Update(u) = decode(&bytes).unwrap() else { panic!() };
+    let Message::Update(u) = decode(&bytes).unwrap() else {
+        panic!()
+    };
     assert_eq!(u.relation, 7);
     assert!(!u.key_only);
     assert_eq!(u.old.unwrap().get(1), Some(Value::Text(b"old")));
     assert_eq!(u.new.get(1), Some(Value::Text(b"new")));
 
     let bytes = encode::update(7, None, &new);
-    let Message::Update(u) = decode(&bytes).unwrap() else { panic!() };
+    let Message::Update(u) = decode(&bytes).unwrap() else {
+        panic!()
+    };
     assert!(u.old.is_none());
 
     let mut b = vec![b'U'];
@@ -92,14 +124,18 @@ fn update_with_old_image_and_key_only() {
     encode::tuple(&mut b, &[Value::Text(b"1"), Value::Null]);
     b.push(b'N');
     encode::tuple(&mut b, &new);
-    let Message::Update(u) = decode(&b).unwrap() else { panic!() };
+    let Message::Update(u) = decode(&b).unwrap() else {
+        panic!()
+    };
     assert!(u.key_only);
 }
 
 #[test]
 fn delete_truncate_message_origin_type() {
     let bytes = encode::delete(9, &[Value::Text(b"x")]);
-    let Message::Delete(d) = decode(&bytes).unwrap() else { panic!() };
+    let Message::Delete(d) = decode(&bytes).unwrap() else {
+        panic!()
+    };
     assert_eq!((d.relation, d.key_only, d.old.len()), (9, false, 1));
 
     let mut b = vec![b'T'];
@@ -107,7 +143,9 @@ fn delete_truncate_message_origin_type() {
     b.push(Truncate::RESTART_IDENTITY);
     b.extend_from_slice(&be32(1));
     b.extend_from_slice(&be32(2));
-    let Message::Truncate(t) = decode(&b).unwrap() else { panic!() };
+    let Message::Truncate(t) = decode(&b).unwrap() else {
+        panic!()
+    };
     assert_eq!(t.relations().collect::<Vec<_>>(), vec![1, 2]);
     assert_eq!(t.options, Truncate::RESTART_IDENTITY);
 
@@ -118,25 +156,46 @@ fn delete_truncate_message_origin_type() {
     b.extend_from_slice(b"{}");
     assert_eq!(
         decode(&b).unwrap(),
-        Message::Message(LogicalMessage { transactional: true, lsn: 99, prefix: "walcast.actor", content: b"{}" })
+        Message::Message(LogicalMessage {
+            transactional: true,
+            lsn: 99,
+            prefix: "walcast.actor",
+            content: b"{}"
+        })
     );
 
     let mut b = vec![b'O'];
     b.extend_from_slice(&5u64.to_be_bytes());
     b.extend_from_slice(b"origin1\0");
-    assert_eq!(decode(&b).unwrap(), Message::Origin(Origin { commit_lsn: 5, name: "origin1" }));
+    assert_eq!(
+        decode(&b).unwrap(),
+        Message::Origin(Origin {
+            commit_lsn: 5,
+            name: "origin1"
+        })
+    );
 
     let mut b = vec![b'Y'];
     b.extend_from_slice(&be32(700));
     b.extend_from_slice(b"public\0mood\0");
-    assert_eq!(decode(&b).unwrap(), Message::Type(TypeInfo { oid: 700, namespace: "public", name: "mood" }));
+    assert_eq!(
+        decode(&b).unwrap(),
+        Message::Type(TypeInfo {
+            oid: 700,
+            namespace: "public",
+            name: "mood"
+        })
+    );
 }
 
 #[test]
 fn malformed_input_is_a_typed_error() {
     assert_eq!(decode(&[]), Err(DecodeError::Empty));
     assert_eq!(decode(b"Z"), Err(DecodeError::UnknownTag(b'Z')));
-    assert!(matches!(decode(b"B\0\0"), Err(DecodeError::Truncated { .. })));
+    assert!(matches!(
+        decode(b"B\0\0"),
+        Err(DecodeError::Truncated { .. })
+    ));
     // A text value claiming 2 GiB must fail without allocating it.
     let mut b = vec![b'I'];
     b.extend_from_slice(&be32(1));

@@ -41,8 +41,10 @@ impl std::fmt::Debug for Tuple<'_> {
 impl<'a> Tuple<'a> {
     pub(super) fn decode(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
         let count = r.i16("TupleData column count")?;
-        let len = u16::try_from(count)
-            .map_err(|_| DecodeError::BadLength { what: "TupleData column count", len: i64::from(count) })?;
+        let len = u16::try_from(count).map_err(|_| DecodeError::BadLength {
+            what: "TupleData column count",
+            len: i64::from(count),
+        })?;
         let start = r.remaining();
         for _ in 0..len {
             match r.u8("TupleData column kind")? {
@@ -50,11 +52,19 @@ impl<'a> Tuple<'a> {
                 b't' | b'b' => {
                     r.len_prefixed("TupleData column value")?;
                 }
-                byte => return Err(DecodeError::BadMarker { what: "TupleData column kind", byte }),
+                byte => {
+                    return Err(DecodeError::BadMarker {
+                        what: "TupleData column kind",
+                        byte,
+                    });
+                }
             }
         }
         let used = start.len() - r.remaining().len();
-        Ok(Tuple { len, data: &start[..used] })
+        Ok(Tuple {
+            len,
+            data: &start[..used],
+        })
     }
 
     /// Number of columns in the image.
@@ -67,7 +77,10 @@ impl<'a> Tuple<'a> {
     }
 
     pub fn iter(&self) -> TupleIter<'a> {
-        TupleIter { left: self.len, data: self.data }
+        TupleIter {
+            left: self.len,
+            data: self.data,
+        }
     }
 
     /// The value at `index`, walking from the start (rows are short).
@@ -105,7 +118,11 @@ impl<'a> Iterator for TupleIter<'a> {
                 let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
                 let bytes = rest.get(4..4 + len)?;
                 self.data = &rest[4 + len..];
-                if kind == b't' { Value::Text(bytes) } else { Value::Binary(bytes) }
+                if kind == b't' {
+                    Value::Text(bytes)
+                } else {
+                    Value::Binary(bytes)
+                }
             }
         };
         Some(value)

@@ -31,7 +31,8 @@ pub fn decide(
     commit_time: &Timestamp,
 ) -> Action {
     let became = |f: Field, value: &str| {
-        field(layout, after, f) == Some(value) && before.is_some_and(|_| field(layout, before, f) != Some(value))
+        field(layout, after, f) == Some(value)
+            && before.is_some_and(|_| field(layout, before, f) != Some(value))
     };
     match (layout.entity, kind) {
         (Entity::Task | Entity::Project, Kind::Insert) => Action::Created,
@@ -43,12 +44,19 @@ pub fn decide(
         (Entity::Lock, Kind::Update) => {
             let old = field(layout, before, Field::LockedBy);
             let new = field(layout, after, Field::LockedBy);
-            if old.is_some() && old != new { Action::Transferred } else { Action::Refreshed }
+            if old.is_some() && old != new {
+                Action::Transferred
+            } else {
+                Action::Refreshed
+            }
         }
         (Entity::Lock, Kind::Delete) => {
             let expires = field(layout, before, Field::ExpiresAt).and_then(timestamp::parse);
             match expires {
-                Some(e) if (commit_time.seconds, commit_time.nanos) >= (e.timestamp.seconds, e.timestamp.nanos) => {
+                Some(e)
+                    if (commit_time.seconds, commit_time.nanos)
+                        >= (e.timestamp.seconds, e.timestamp.nanos) =>
+                {
                     Action::Expired
                 }
                 _ => Action::Released,

@@ -21,7 +21,11 @@ struct ActorJson {
 /// Parses a `walcast.actor` message body.
 pub fn from_message(content: &[u8]) -> Result<Actor, serde_json::Error> {
     let a: ActorJson = serde_json::from_slice(content)?;
-    Ok(Actor { actor_type: a.actor_type, actor_id: a.actor_id, client_id: a.client_id })
+    Ok(Actor {
+        actor_type: a.actor_type,
+        actor_id: a.actor_id,
+        client_id: a.client_id,
+    })
 }
 
 /// The actor recorded in the row itself (`image` is the after-image, or the
@@ -29,7 +33,11 @@ pub fn from_message(content: &[u8]) -> Result<Actor, serde_json::Error> {
 pub fn from_row(layout: &Layout, image: Option<&Image<'_>>) -> Actor {
     let text = |f| field(layout, image, f).map(str::to_string);
     match layout.entity {
-        Entity::Lock => Actor { actor_type: None, actor_id: text(Field::LockedBy), client_id: None },
+        Entity::Lock => Actor {
+            actor_type: None,
+            actor_id: text(Field::LockedBy),
+            client_id: None,
+        },
         _ => Actor {
             actor_type: text(Field::ActorType),
             actor_id: text(Field::UpdatedBy),

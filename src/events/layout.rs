@@ -138,7 +138,11 @@ impl Layout {
             table: format!("{}.{}", relation.namespace, relation.name),
             replica_identity: relation.replica_identity,
             names: relation.columns.iter().map(|c| c.name.clone()).collect(),
-            fields: relation.columns.iter().map(|c| Field::of(entity, &c.name)).collect(),
+            fields: relation
+                .columns
+                .iter()
+                .map(|c| Field::of(entity, &c.name))
+                .collect(),
         })
     }
 

@@ -46,9 +46,18 @@ pub struct TxContext {
 /// A row change as decoded, before it becomes an event.
 #[derive(Debug, Clone, Copy)]
 pub enum Change<'a> {
-    Insert { new: Tuple<'a> },
-    Update { old: Option<Tuple<'a>>, key_only: bool, new: Tuple<'a> },
-    Delete { old: Tuple<'a>, key_only: bool },
+    Insert {
+        new: Tuple<'a>,
+    },
+    Update {
+        old: Option<Tuple<'a>>,
+        key_only: bool,
+        new: Tuple<'a>,
+    },
+    Delete {
+        old: Tuple<'a>,
+        key_only: bool,
+    },
 }
 
 /// Where an event goes.
@@ -81,7 +90,10 @@ pub fn event_id(commit_lsn: u64, tx_index: u32) -> String {
 /// Parses an [`event_id`] back into its WAL position.
 pub fn parse_event_id(id: &str) -> Option<(u64, u32)> {
     let (lsn, index) = id.split_once('-')?;
-    Some((u64::from_str_radix(lsn, 16).ok()?, u32::from_str_radix(index, 16).ok()?))
+    Some((
+        u64::from_str_radix(lsn, 16).ok()?,
+        u32::from_str_radix(index, 16).ok()?,
+    ))
 }
 
 /// Builds events and owns the per-tenant sequence state.
@@ -92,7 +104,10 @@ pub struct EventBuilder {
 
 impl EventBuilder {
     pub fn new(prefix: impl Into<String>, sequencer: Sequencer) -> Self {
-        EventBuilder { prefix: prefix.into(), sequencer }
+        EventBuilder {
+            prefix: prefix.into(),
+            sequencer,
+        }
     }
 
     pub fn sequencer(&self) -> &Sequencer {
@@ -100,12 +115,27 @@ impl EventBuilder {
     }
 
     /// Builds the event for one row change of a configured table.
-    pub fn build(&mut self, tx: &TxContext, tx_index: u32, layout: &Layout, change: Change<'_>) -> OutEvent {
+    pub fn build(
+        &mut self,
+        tx: &TxContext,
+        tx_index: u32,
+        layout: &Layout,
+        change: Change<'_>,
+    ) -> OutEvent {
         let (kind, before, after) = images(change);
-        let action = action::decide(layout, kind, before.as_ref(), after.as_ref(), &tx.commit_time);
+        let action = action::decide(
+            layout,
+            kind,
+            before.as_ref(),
+            after.as_ref(),
+            &tx.commit_time,
+        );
         let current = after.as_ref().or(before.as_ref());
         let tenant_text = action::field(layout, current, Field::TenantId);
-        let actor = tx.actor.clone().unwrap_or_else(|| actor::from_row(layout, current));
+        let actor = tx
+            .actor
+            .clone()
+            .unwrap_or_else(|| actor::from_row(layout, current));
 
         let mut event = ChangeEvent {
             event_id: event_id(tx.commit_lsn, tx_index),
@@ -130,7 +160,9 @@ impl EventBuilder {
                 event.seq = seq;
                 Route::Tenant { tenant, seq }
             }
-            Err(invalid) => Route::DeadLetter { reason: invalid.reason() },
+            Err(invalid) => Route::DeadLetter {
+                reason: invalid.reason(),
+            },
         };
         self.finish(event, route, layout.entity, action)
     }
@@ -196,8 +228,14 @@ fn entity_id(layout: &Layout, image: Option<&Image<'_>>) -> String {
     }
 }
 
-fn changed_fields(layout: &Layout, before: Option<&Image<'_>>, after: Option<&Image<'_>>) -> Vec<String> {
-    let (Some(before), Some(after)) = (before, after) else { return Vec::new() };
+fn changed_fields(
+    layout: &Layout,
+    before: Option<&Image<'_>>,
+    after: Option<&Image<'_>>,
+) -> Vec<String> {
+    let (Some(before), Some(after)) = (before, after) else {
+        return Vec::new();
+    };
     layout
         .names
         .iter()
@@ -209,7 +247,12 @@ fn changed_fields(layout: &Layout, before: Option<&Image<'_>>, after: Option<&Im
 
 /// Fills `after`/`before`; `extra` and `unchanged_fields` describe the row
 /// as it is now (the after-image, or the before-image of a delete).
-fn set_images(event: &mut ChangeEvent, layout: &Layout, before: Option<&Image<'_>>, after: Option<&Image<'_>>) {
+fn set_images(
+    event: &mut ChangeEvent,
+    layout: &Layout,
+    before: Option<&Image<'_>>,
+    after: Option<&Image<'_>>,
+) {
     use change_event::{After, Before};
     if let Some(image) = after {
         let (row, extra, missing) = match layout.entity {

@@ -62,7 +62,11 @@ pub struct Typed<T> {
 
 /// Builds a typed row of any entity from an image.
 pub fn typed<T: TypedRow>(layout: &Layout, image: &Image<'_>) -> Typed<T> {
-    let mut out = Typed { row: T::default(), extra: HashMap::new(), missing: Vec::new() };
+    let mut out = Typed {
+        row: T::default(),
+        extra: HashMap::new(),
+        missing: Vec::new(),
+    };
     for ((cell, field), name) in image.iter().zip(&layout.fields).zip(&layout.names) {
         match (cell, field) {
             (Cell::Missing, _) => out.missing.push(name.clone()),

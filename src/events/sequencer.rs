@@ -18,7 +18,12 @@ pub struct Sequencer {
 impl Sequencer {
     /// Starts from a checkpoint's `(tenant, last seq)` pairs.
     pub fn from_checkpoint(entries: impl IntoIterator<Item = (String, u64)>) -> Self {
-        Sequencer { last: entries.into_iter().map(|(t, s)| (Arc::from(t), s)).collect() }
+        Sequencer {
+            last: entries
+                .into_iter()
+                .map(|(t, s)| (Arc::from(t), s))
+                .collect(),
+        }
     }
 
     /// The next `seq` of `tenant`, and the shared tenant id.

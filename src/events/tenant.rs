@@ -34,7 +34,10 @@ pub fn validate(tenant: Option<&str>) -> Result<&str, InvalidTenant> {
     if tenant.len() > 128 {
         return Err(InvalidTenant::TooLong);
     }
-    if !tenant.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    if !tenant
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return Err(InvalidTenant::BadCharacter);
     }
     Ok(tenant)
@@ -55,9 +58,16 @@ mod tests {
     fn rejects_everything_else() {
         assert_eq!(validate(None), Err(InvalidTenant::Null));
         assert_eq!(validate(Some("")), Err(InvalidTenant::Empty));
-        assert_eq!(validate(Some(&"x".repeat(129))), Err(InvalidTenant::TooLong));
+        assert_eq!(
+            validate(Some(&"x".repeat(129))),
+            Err(InvalidTenant::TooLong)
+        );
         for bad in ["a.b", "*", ">", "a b", "tab\t", "é", "line\n", "a/b"] {
-            assert_eq!(validate(Some(bad)), Err(InvalidTenant::BadCharacter), "{bad:?}");
+            assert_eq!(
+                validate(Some(bad)),
+                Err(InvalidTenant::BadCharacter),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -14,33 +14,79 @@ fn relation(name: &str, cols: &[&str]) -> Relation {
         replica_identity: ReplicaIdentity::Full,
         columns: cols
             .iter()
-            .map(|c| Column { name: c.to_string(), type_oid: 25, type_modifier: -1, is_key: false })
+            .map(|c| Column {
+                name: c.to_string(),
+                type_oid: 25,
+                type_modifier: -1,
+                is_key: false,
+            })
             .collect(),
     }
 }
 
-const TASK_COLS: &[&str] = &["id", "tenant_id", "title", "status", "version", "updated_by", "actor_type", "due_at", "mood"];
-const LOCK_COLS: &[&str] = &["tenant_id", "record_type", "record_id", "locked_by", "locked_at", "expires_at"];
+const TASK_COLS: &[&str] = &[
+    "id",
+    "tenant_id",
+    "title",
+    "status",
+    "version",
+    "updated_by",
+    "actor_type",
+    "due_at",
+    "mood",
+];
+const LOCK_COLS: &[&str] = &[
+    "tenant_id",
+    "record_type",
+    "record_id",
+    "locked_by",
+    "locked_at",
+    "expires_at",
+];
 
 fn tx(actor: Option<Actor>) -> TxContext {
     TxContext {
         commit_lsn: 0x1234,
-        commit_time: timestamp::parse("2024-01-01 12:00:00+00").unwrap().timestamp,
+        commit_time: timestamp::parse("2024-01-01 12:00:00+00")
+            .unwrap()
+            .timestamp,
         xid: 7,
         actor,
     }
 }
 
 fn text(v: &[&'static str]) -> Vec<Value<'static>> {
-    v.iter().map(|s| if *s == "NULL" { Value::Null } else if *s == "TOAST" { Value::UnchangedToast } else { Value::Text(s.as_bytes()) }).collect()
+    v.iter()
+        .map(|s| {
+            if *s == "NULL" {
+                Value::Null
+            } else if *s == "TOAST" {
+                Value::UnchangedToast
+            } else {
+                Value::Text(s.as_bytes())
+            }
+        })
+        .collect()
 }
 
 /// Decodes `bytes` (an encoded row change) and builds its event.
-fn build(b: &mut EventBuilder, layout: &Layout, bytes: &[u8], actor: Option<Actor>) -> (OutEvent, ChangeEvent) {
+fn build(
+    b: &mut EventBuilder,
+    layout: &Layout,
+    bytes: &[u8],
+    actor: Option<Actor>,
+) -> (OutEvent, ChangeEvent) {
     let change = match decode::decode(bytes).unwrap() {
         Message::Insert(i) => Change::Insert { new: i.new },
-        Message::Update(u) => Change::Update { old: u.old, key_only: u.key_only, new: u.new },
-        Message::Delete(d) => Change::Delete { old: d.old, key_only: d.key_only },
+        Message::Update(u) => Change::Update {
+            old: u.old,
+            key_only: u.key_only,
+            new: u.new,
+        },
+        Message::Delete(d) => Change::Delete {
+            old: d.old,
+            key_only: d.key_only,
+        },
         other => panic!("not a change: {other:?}"),
     };
     let out = b.build(&tx(actor), 3, layout, change);
@@ -56,23 +102,67 @@ fn task_layout() -> Layout {
 fn insert_is_created_routed_numbered_and_typed() {
     let layout = task_layout();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
-    let row = text(&["t1", "acme", "Write", "todo", "1", "ann", "user", "2024-02-01 00:00:00+00", "happy"]);
+    let row = text(&[
+        "t1",
+        "acme",
+        "Write",
+        "todo",
+        "1",
+        "ann",
+        "user",
+        "2024-02-01 00:00:00+00",
+        "happy",
+    ]);
     let (out, ev) = build(&mut b, &layout, &encode::insert(1, &row), None);
     assert_eq!(out.subject, "walcast.acme.task.created");
-    assert_eq!(out.route, Route::Tenant { tenant: "acme".into(), seq: 1 });
+    assert_eq!(
+        out.route,
+        Route::Tenant {
+            tenant: "acme".into(),
+            seq: 1
+        }
+    );
     assert_eq!(ev.event_id, "0000000000001234-00000003");
     assert_eq!(parse_event_id(&ev.event_id), Some((0x1234, 3)));
-    assert_eq!((ev.seq, ev.entity_id.as_str(), ev.tx_index, ev.xid), (1, "t1", 3, 7));
+    assert_eq!(
+        (ev.seq, ev.entity_id.as_str(), ev.tx_index, ev.xid),
+        (1, "t1", 3, 7)
+    );
     assert_eq!(ev.action(), Action::Created);
     assert_eq!(ev.extra.get("mood").map(String::as_str), Some("happy"));
-    let Some(After::Task(task)) = ev.after else { panic!("no task") };
-    assert_eq!((task.title.as_str(), task.version, task.updated_by.as_deref()), ("Write", 1, Some("ann")));
+    let Some(After::Task(task)) = ev.after else {
+        panic!("no task")
+    };
+    assert_eq!(
+        (
+            task.title.as_str(),
+            task.version,
+            task.updated_by.as_deref()
+        ),
+        ("Write", 1, Some("ann"))
+    );
     assert_eq!(task.due_at.unwrap().seconds, 1_706_745_600);
     assert!(ev.before.is_none());
     let actor = ev.actor.unwrap();
-    assert_eq!((actor.actor_type.as_deref(), actor.actor_id.as_deref()), (Some("user"), Some("ann")));
-    assert_eq!(b.build(&tx(None), 4, &layout, Change::Insert { new: decode_new(&encode::insert(1, &row)) }).route,
-        Route::Tenant { tenant: "acme".into(), seq: 2 });
+    assert_eq!(
+        (actor.actor_type.as_deref(), actor.actor_id.as_deref()),
+        (Some("user"), Some("ann"))
+    );
+    assert_eq!(
+        b.build(
+            &tx(None),
+            4,
+            &layout,
+            Change::Insert {
+                new: decode_new(&encode::insert(1, &row))
+            }
+        )
+        .route,
+        Route::Tenant {
+            tenant: "acme".into(),
+            seq: 2
+        }
+    );
 }
 
 fn decode_new(bytes: &[u8]) -> decode::Tuple<'_> {
@@ -86,14 +176,32 @@ fn decode_new(bytes: &[u8]) -> decode::Tuple<'_> {
 fn update_to_done_is_completed_with_changed_fields_and_toast_filled() {
     let layout = task_layout();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
-    let old = text(&["t1", "acme", "Write", "in_progress", "1", "ann", "user", "NULL", "big"]);
-    let new = text(&["t1", "acme", "Write", "done", "2", "bob", "user", "NULL", "TOAST"]);
+    let old = text(&[
+        "t1",
+        "acme",
+        "Write",
+        "in_progress",
+        "1",
+        "ann",
+        "user",
+        "NULL",
+        "big",
+    ]);
+    let new = text(&[
+        "t1", "acme", "Write", "done", "2", "bob", "user", "NULL", "TOAST",
+    ]);
     let (out, ev) = build(&mut b, &layout, &encode::update(1, Some(&old), &new), None);
     assert_eq!(out.subject, "walcast.acme.task.completed");
     assert_eq!(ev.changed_fields, vec!["status", "version", "updated_by"]);
-    assert_eq!(ev.extra.get("mood").map(String::as_str), Some("big"), "TOAST filled from before");
+    assert_eq!(
+        ev.extra.get("mood").map(String::as_str),
+        Some("big"),
+        "TOAST filled from before"
+    );
     assert!(ev.unchanged_fields.is_empty());
-    let Some(Before::TaskBefore(before)) = ev.before else { panic!("no before") };
+    let Some(Before::TaskBefore(before)) = ev.before else {
+        panic!("no before")
+    };
     assert_eq!(before.status, "in_progress");
 
     // Already done: a plain update. Unchanged TOAST without a before-image is reported, not emptied.
@@ -105,12 +213,26 @@ fn update_to_done_is_completed_with_changed_fields_and_toast_filled() {
 
 #[test]
 fn project_archived_and_deleted() {
-    let layout = Layout::of(&Tables::default(), &relation("projects", &["id", "tenant_id", "name", "status"])).unwrap();
+    let layout = Layout::of(
+        &Tables::default(),
+        &relation("projects", &["id", "tenant_id", "name", "status"]),
+    )
+    .unwrap();
     let mut b = EventBuilder::new("p", Sequencer::default());
     let old = text(&["p1", "acme", "P", "active"]);
     let new = text(&["p1", "acme", "P", "archived"]);
-    assert_eq!(build(&mut b, &layout, &encode::update(1, Some(&old), &new), None).0.subject, "p.acme.project.archived");
-    assert_eq!(build(&mut b, &layout, &encode::update(1, Some(&new), &new), None).0.subject, "p.acme.project.updated");
+    assert_eq!(
+        build(&mut b, &layout, &encode::update(1, Some(&old), &new), None)
+            .0
+            .subject,
+        "p.acme.project.archived"
+    );
+    assert_eq!(
+        build(&mut b, &layout, &encode::update(1, Some(&new), &new), None)
+            .0
+            .subject,
+        "p.acme.project.updated"
+    );
     let (out, ev) = build(&mut b, &layout, &encode::delete(1, &new), None);
     assert_eq!(out.subject, "p.acme.project.deleted");
     assert!(ev.after.is_none() && matches!(ev.before, Some(Before::ProjectBefore(_))));
@@ -121,29 +243,84 @@ fn project_archived_and_deleted() {
 fn lock_actions() {
     let layout = Layout::of(&Tables::default(), &relation("editing_locks", LOCK_COLS)).unwrap();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
-    let lock = |by: &'static str, expires: &'static str| text(&["acme", "task", "r1", by, "2024-01-01 11:00:00+00", expires]);
+    let lock = |by: &'static str, expires: &'static str| {
+        text(&["acme", "task", "r1", by, "2024-01-01 11:00:00+00", expires])
+    };
     let later = "2024-01-01 12:30:00+00";
-    let (out, ev) = build(&mut b, &layout, &encode::insert(1, &lock("ann", later)), None);
+    let (out, ev) = build(
+        &mut b,
+        &layout,
+        &encode::insert(1, &lock("ann", later)),
+        None,
+    );
     assert_eq!(out.subject, "walcast.acme.lock.acquired");
     assert_eq!(ev.entity_id, "task:r1");
     assert_eq!(ev.actor.unwrap().actor_id.as_deref(), Some("ann"));
     let upd = |a: Vec<Value<'static>>, b: Vec<Value<'static>>| encode::update(1, Some(&a), &b);
-    assert_eq!(build(&mut b, &layout, &upd(lock("ann", later), lock("ann", later)), None).0.subject, "walcast.acme.lock.refreshed");
-    assert_eq!(build(&mut b, &layout, &upd(lock("ann", later), lock("bob", later)), None).0.subject, "walcast.acme.lock.transferred");
+    assert_eq!(
+        build(
+            &mut b,
+            &layout,
+            &upd(lock("ann", later), lock("ann", later)),
+            None
+        )
+        .0
+        .subject,
+        "walcast.acme.lock.refreshed"
+    );
+    assert_eq!(
+        build(
+            &mut b,
+            &layout,
+            &upd(lock("ann", later), lock("bob", later)),
+            None
+        )
+        .0
+        .subject,
+        "walcast.acme.lock.transferred"
+    );
     // Commit time is 12:00: a lock expiring later was released, one expiring at or before it expired.
-    let (out, ev) = build(&mut b, &layout, &encode::delete(1, &lock("bob", later)), None);
+    let (out, ev) = build(
+        &mut b,
+        &layout,
+        &encode::delete(1, &lock("bob", later)),
+        None,
+    );
     assert_eq!(out.subject, "walcast.acme.lock.released");
-    assert_eq!(ev.actor.unwrap().actor_id.as_deref(), Some("bob"), "old holder on delete");
-    assert_eq!(build(&mut b, &layout, &encode::delete(1, &lock("bob", "2024-01-01 12:00:00+00")), None).0.subject, "walcast.acme.lock.expired");
+    assert_eq!(
+        ev.actor.unwrap().actor_id.as_deref(),
+        Some("bob"),
+        "old holder on delete"
+    );
+    assert_eq!(
+        build(
+            &mut b,
+            &layout,
+            &encode::delete(1, &lock("bob", "2024-01-01 12:00:00+00")),
+            None
+        )
+        .0
+        .subject,
+        "walcast.acme.lock.expired"
+    );
 }
 
 #[test]
 fn message_actor_wins_over_row_columns() {
     let layout = task_layout();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
-    let actor = actor::from_message(br#"{"actor_type":"agent","actor_id":"bot-7","client_id":"c1"}"#).unwrap();
-    let row = text(&["t1", "acme", "W", "todo", "1", "ann", "user", "NULL", "NULL"]);
-    let (_, ev) = build(&mut b, &layout, &encode::insert(1, &row), Some(actor.clone()));
+    let actor =
+        actor::from_message(br#"{"actor_type":"agent","actor_id":"bot-7","client_id":"c1"}"#)
+            .unwrap();
+    let row = text(&[
+        "t1", "acme", "W", "todo", "1", "ann", "user", "NULL", "NULL",
+    ]);
+    let (_, ev) = build(
+        &mut b,
+        &layout,
+        &encode::insert(1, &row),
+        Some(actor.clone()),
+    );
     assert_eq!(ev.actor, Some(actor));
 }
 
@@ -152,7 +329,9 @@ fn invalid_tenants_go_to_dead_letter_without_seq() {
     let layout = task_layout();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
     for tenant in ["NULL", "a.b", "*", ">", "a b", "é", ""] {
-        let row = text(&["t1", tenant, "W", "todo", "1", "NULL", "NULL", "NULL", "NULL"]);
+        let row = text(&[
+            "t1", tenant, "W", "todo", "1", "NULL", "NULL", "NULL", "NULL",
+        ]);
         let (out, ev) = build(&mut b, &layout, &encode::insert(1, &row), None);
         assert_eq!(out.subject, "walcast._deadletter", "{tenant:?}");
         assert!(matches!(out.route, Route::DeadLetter { .. }));
@@ -165,11 +344,26 @@ fn invalid_tenants_go_to_dead_letter_without_seq() {
 fn unparsable_typed_value_is_kept_as_text() {
     let layout = task_layout();
     let mut b = EventBuilder::new("walcast", Sequencer::default());
-    let row = text(&["t1", "acme", "W", "todo", "not-a-number", "NULL", "NULL", "infinity", "NULL"]);
+    let row = text(&[
+        "t1",
+        "acme",
+        "W",
+        "todo",
+        "not-a-number",
+        "NULL",
+        "NULL",
+        "infinity",
+        "NULL",
+    ]);
     let (_, ev) = build(&mut b, &layout, &encode::insert(1, &row), None);
-    assert_eq!(ev.extra.get("version").map(String::as_str), Some("not-a-number"));
+    assert_eq!(
+        ev.extra.get("version").map(String::as_str),
+        Some("not-a-number")
+    );
     assert_eq!(ev.extra.get("due_at").map(String::as_str), Some("infinity"));
-    let Some(After::Task(task)) = ev.after else { panic!() };
+    let Some(After::Task(task)) = ev.after else {
+        panic!()
+    };
     assert_eq!(task.due_at, Some(timestamp::MAX));
 }
 

@@ -10,9 +10,15 @@
 use prost_types::Timestamp;
 
 /// 0001-01-01T00:00:00Z, the smallest protobuf Timestamp.
-pub const MIN: Timestamp = Timestamp { seconds: -62_135_596_800, nanos: 0 };
+pub const MIN: Timestamp = Timestamp {
+    seconds: -62_135_596_800,
+    nanos: 0,
+};
 /// 9999-12-31T23:59:59.999999999Z, the largest protobuf Timestamp.
-pub const MAX: Timestamp = Timestamp { seconds: 253_402_300_799, nanos: 999_999_999 };
+pub const MAX: Timestamp = Timestamp {
+    seconds: 253_402_300_799,
+    nanos: 999_999_999,
+};
 
 /// Seconds between 1970-01-01 and Postgres' epoch 2000-01-01.
 const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;
@@ -34,8 +40,18 @@ pub fn from_pg_micros(micros: i64) -> Timestamp {
 /// Parses Postgres' ISO text output; `None` if it is not a timestamp at all.
 pub fn parse(text: &str) -> Option<Parsed> {
     match text {
-        "infinity" => return Some(Parsed { timestamp: MAX, exact: false }),
-        "-infinity" => return Some(Parsed { timestamp: MIN, exact: false }),
+        "infinity" => {
+            return Some(Parsed {
+                timestamp: MAX,
+                exact: false,
+            });
+        }
+        "-infinity" => {
+            return Some(Parsed {
+                timestamp: MIN,
+                exact: false,
+            });
+        }
         _ => {}
     }
     let (text, bc) = match text.strip_suffix(" BC") {
@@ -63,24 +79,42 @@ pub fn parse(text: &str) -> Option<Parsed> {
     if fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let nanos: i64 = if fraction.is_empty() { 0 } else { fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32) };
+    let nanos: i64 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32)
+    };
     let offset_seconds = parse_offset(offset)?;
 
     let days = days_from_civil(year, month, day);
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
-    let timestamp = Timestamp { seconds, nanos: nanos as i32 };
+    let timestamp = Timestamp {
+        seconds,
+        nanos: nanos as i32,
+    };
     Some(if seconds < MIN.seconds {
-        Parsed { timestamp: MIN, exact: false }
+        Parsed {
+            timestamp: MIN,
+            exact: false,
+        }
     } else if seconds > MAX.seconds {
-        Parsed { timestamp: MAX, exact: false }
+        Parsed {
+            timestamp: MAX,
+            exact: false,
+        }
     } else {
-        Parsed { timestamp, exact: true }
+        Parsed {
+            timestamp,
+            exact: true,
+        }
     })
 }
 
 /// `+HH`, `-HH:MM`, `+HH:MM:SS` or empty (no zone: UTC).
 fn parse_offset(offset: &str) -> Option<i64> {
-    let Some(sign) = offset.chars().next() else { return Some(0) };
+    let Some(sign) = offset.chars().next() else {
+        return Some(0);
+    };
     let sign = if sign == '-' { -1 } else { 1 };
     let mut parts = offset[1..].splitn(3, ':');
     let hours: i64 = parts.next()?.parse().ok()?;
@@ -112,8 +146,14 @@ mod tests {
     #[test]
     fn iso_forms() {
         assert_eq!(ts("1970-01-01 00:00:00+00"), (0, 0, true));
-        assert_eq!(ts("2024-03-01 12:00:00.5+00"), (1_709_294_400, 500_000_000, true));
-        assert_eq!(ts("2024-03-01 12:00:00.123456+00"), (1_709_294_400, 123_456_000, true));
+        assert_eq!(
+            ts("2024-03-01 12:00:00.5+00"),
+            (1_709_294_400, 500_000_000, true)
+        );
+        assert_eq!(
+            ts("2024-03-01 12:00:00.123456+00"),
+            (1_709_294_400, 123_456_000, true)
+        );
         assert_eq!(ts("2024-03-01 17:30:00+05:30"), (1_709_294_400, 0, true));
         assert_eq!(ts("2024-03-01 07:00:00-05"), (1_709_294_400, 0, true));
         assert_eq!(ts("2024-03-01 12:00:00"), (1_709_294_400, 0, true));
@@ -125,20 +165,41 @@ mod tests {
     fn out_of_range_is_clamped_and_flagged() {
         assert_eq!(ts("infinity"), (MAX.seconds, MAX.nanos, false));
         assert_eq!(ts("-infinity"), (MIN.seconds, 0, false));
-        assert_eq!(ts("10000-01-01 00:00:00+00"), (MAX.seconds, MAX.nanos, false));
+        assert_eq!(
+            ts("10000-01-01 00:00:00+00"),
+            (MAX.seconds, MAX.nanos, false)
+        );
         assert_eq!(ts("0044-03-15 00:00:00+00 BC"), (MIN.seconds, 0, false));
     }
 
     #[test]
     fn garbage_is_none() {
-        for bad in ["", "yesterday", "2024-13-01 00:00:00+00", "2024-01-01 aa:00:00+00", "2024-01-01 00:00:00.x+00"] {
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01 00:00:00+00",
+            "2024-01-01 aa:00:00+00",
+            "2024-01-01 00:00:00.x+00",
+        ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
     }
 
     #[test]
     fn commit_time_epoch() {
-        assert_eq!(from_pg_micros(0), Timestamp { seconds: 946_684_800, nanos: 0 });
-        assert_eq!(from_pg_micros(-1), Timestamp { seconds: 946_684_799, nanos: 999_999_000 });
+        assert_eq!(
+            from_pg_micros(0),
+            Timestamp {
+                seconds: 946_684_800,
+                nanos: 0
+            }
+        );
+        assert_eq!(
+            from_pg_micros(-1),
+            Timestamp {
+                seconds: 946_684_799,
+                nanos: 999_999_000
+            }
+        );
     }
 }

@@ -1,0 +1,130 @@
+//! Wires the stages and supervises runs: connect, run the pipeline, and on a
+//! transient failure retry with capped exponential backoff and jitter, from
+//! the durable checkpoint. Shutdown is an argument, so tests stop the daemon
+//! precisely; the drain order is: stop reading → flush publishes → await
+//! acks → checkpoint → confirm LSN.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::{Settings, redact_url};
+use crate::database::Database;
+use crate::pipeline::{self, PipelineError};
+use crate::publish::PublishError;
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("cannot use NATS at {url}: {reason}")]
+    Nats { url: String, reason: String },
+    #[error(transparent)]
+    Db(#[from] crate::database::DbError),
+}
+
+/// A run that lasted this long resets the backoff.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// Runs the daemon until `shutdown` completes (exit 0) or a failure needs an operator.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AppError> {
+    let db = Database::parse(&settings.database_url)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        database = %db.redacted(),
+        nats = %redact_url(&settings.nats_url),
+        slot = %settings.slot,
+        publication = %settings.publication,
+        stream = %settings.stream,
+        confirm_delay = ?settings.confirm_delay,
+        "walcast starting"
+    );
+    let nats = connect_nats(&settings).await?;
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .max_ack_inflight(settings.max_in_flight.max(1))
+        .backpressure_on_inflight(true)
+        .build(nats);
+    let ctx = pipeline::Context { settings, db, js };
+
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    let mut attempt = 0u32;
+    let mut started_once = false;
+    loop {
+        let began = Instant::now();
+        let result = pipeline::run(&ctx, &mut stop_rx).await;
+        if *stop_rx.borrow() && result.is_ok() {
+            tracing::info!("stopped cleanly");
+            return Ok(());
+        }
+        let error = match result {
+            Ok(()) => PipelineError::Source(crate::source::SourceError::Replication(
+                "replication stream ended".into(),
+            )),
+            Err(e) => e,
+        };
+        let retry = error.is_transient()
+            || (started_once
+                && matches!(error, PipelineError::Publish(PublishError::NoJetStream(_))));
+        if !retry {
+            return Err(error.into());
+        }
+        started_once |= began.elapsed() > Duration::from_secs(1);
+        if began.elapsed() > HEALTHY_RUN {
+            attempt = 0;
+        }
+        let wait = pipeline::backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        tracing::warn!(error = %error, retry_in = ?wait, attempt, "pipeline interrupted; restarting from the checkpoint");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop_rx.changed() => {
+                tracing::info!("stopped while waiting to retry");
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, AppError> {
+    let url = redact_url(&settings.nats_url);
+    let mut options = async_nats::ConnectOptions::new()
+        .name("walcast")
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(|event| async move {
+            match event {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if let Some(creds) = &settings.nats_creds {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| AppError::Nats {
+                url: url.clone(),
+                reason: format!("cannot read credentials {}: {e}", creds.display()),
+            })?;
+    }
+    options
+        .connect(settings.nats_url.as_str())
+        .await
+        .map_err(|e| AppError::Nats {
+            url,
+            reason: e.to_string(),
+        })
+}

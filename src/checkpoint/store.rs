@@ -1,0 +1,128 @@
+//! The durable checkpoint in `walcast.checkpoints` / `walcast.tenant_seqs`.
+//!
+//! A checkpoint says: every event of every transaction that committed before
+//! `lsn` is in the stream at or before message `stream_seq`, and each tenant's
+//! last `seq` among them is in `tenants`. It is written before the slot is
+//! confirmed at `lsn`, so the slot never passes it.
+
+use std::sync::Arc;
+
+use tokio_postgres::Client;
+
+use crate::database::{DbError, query_err};
+use crate::lsn::Lsn;
+
+/// A checkpoint as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub lsn: Lsn,
+    pub stream: String,
+    pub stream_seq: u64,
+    pub tenants: Vec<(String, u64)>,
+}
+
+/// Loads the checkpoint of `slot`, if any.
+pub async fn load(client: &Client, slot: &str) -> Result<Option<Checkpoint>, DbError> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT lsn::text, stream, stream_seq FROM walcast.checkpoints WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(missing_schema)?
+    else {
+        return Ok(None);
+    };
+    let tenants = client
+        .query(
+            "SELECT tenant_id, seq FROM walcast.tenant_seqs WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err("read walcast.tenant_seqs"))?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .collect();
+    Ok(Some(Checkpoint {
+        lsn: Lsn::parse(row.get::<_, &str>(0)).unwrap_or_default(),
+        stream: row.get(1),
+        stream_seq: row.get::<_, i64>(2) as u64,
+        tenants,
+    }))
+}
+
+fn missing_schema(e: tokio_postgres::Error) -> DbError {
+    if e.code().map(|c| c.code()) == Some("42P01") {
+        DbError::Precondition(
+            "walcast.checkpoints does not exist: run `walcast migrate` first".into(),
+        )
+    } else {
+        DbError::Query {
+            what: "read walcast.checkpoints",
+            source: e,
+        }
+    }
+}
+
+/// Creates the first checkpoint of a slot (no-op if one exists), then loads it.
+pub async fn init(
+    client: &Client,
+    slot: &str,
+    lsn: Lsn,
+    stream: &str,
+    stream_seq: u64,
+) -> Result<Checkpoint, DbError> {
+    client
+        .execute(
+            "INSERT INTO walcast.checkpoints (slot, lsn, stream, stream_seq) VALUES ($1, $2::text::pg_lsn, $3, $4)
+             ON CONFLICT (slot) DO NOTHING",
+            &[&slot, &lsn.to_string(), &stream, &(stream_seq as i64)],
+        )
+        .await
+        .map_err(query_err("create the first checkpoint"))?;
+    load(client, slot).await?.ok_or_else(|| {
+        DbError::Precondition(format!(
+            "checkpoint of slot {slot} vanished right after it was written"
+        ))
+    })
+}
+
+/// Advances the checkpoint atomically: the tenants' new last seqs and the
+/// position they are valid at.
+pub async fn save(
+    client: &mut Client,
+    slot: &str,
+    lsn: Lsn,
+    stream_seq: u64,
+    tenants: &[(Arc<str>, u64)],
+) -> Result<(), DbError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(query_err("begin checkpoint"))?;
+    if !tenants.is_empty() {
+        let names: Vec<&str> = tenants.iter().map(|(t, _)| &**t).collect();
+        let seqs: Vec<i64> = tenants.iter().map(|(_, s)| *s as i64).collect();
+        tx.execute(
+            "INSERT INTO walcast.tenant_seqs (slot, tenant_id, seq)
+             SELECT $1, t, s FROM unnest($2::text[], $3::bigint[]) AS u(t, s)
+             ON CONFLICT (slot, tenant_id) DO UPDATE SET seq = EXCLUDED.seq",
+            &[&slot, &names, &seqs],
+        )
+        .await
+        .map_err(query_err("write walcast.tenant_seqs"))?;
+    }
+    let updated = tx
+        .execute(
+            "UPDATE walcast.checkpoints SET lsn = $2::text::pg_lsn, stream_seq = $3, updated_at = now() WHERE slot = $1",
+            &[&slot, &lsn.to_string(), &(stream_seq as i64)],
+        )
+        .await
+        .map_err(query_err("write walcast.checkpoints"))?;
+    if updated != 1 {
+        return Err(DbError::Precondition(format!(
+            "the checkpoint row of slot {slot} was deleted while walcast was running; restart walcast"
+        )));
+    }
+    tx.commit().await.map_err(query_err("commit checkpoint"))
+}

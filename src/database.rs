@@ -1,0 +1,156 @@
+//! Postgres connection settings, parsed once from the libpq URL and used for
+//! both the SQL connection (tokio-postgres) and the replication connection
+//! (pgwire-replication).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationConfig, TlsConfig};
+use tokio_postgres::config::{Host, SslMode};
+
+use crate::config::redact_url;
+
+/// Why Postgres could not be used. Messages never contain the password.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error(
+        "cannot connect to Postgres at {target}: {source} (check that it is running and that --database-url is right)"
+    )]
+    Connect {
+        target: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("Postgres query failed ({what}): {source}")]
+    Query {
+        what: &'static str,
+        source: tokio_postgres::Error,
+    },
+    /// The database is not set up as walcast needs; the text says how to fix it.
+    #[error("{0}")]
+    Precondition(String),
+}
+
+impl DbError {
+    /// Worth retrying: the server may come back.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            DbError::BadUrl { .. } | DbError::Precondition(_) => false,
+            DbError::Connect { source, .. } | DbError::Query { source, .. } => {
+                let code = source
+                    .code()
+                    .map(|c| c.code().to_string())
+                    .unwrap_or_default();
+                // 28xxx: authentication; 3D000: no such database; 42xxx: privileges and syntax.
+                !(code.starts_with("28") || code == "3D000" || code.starts_with("42"))
+            }
+        }
+    }
+}
+
+/// Shorthand for a failed query.
+pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
+    move |source| DbError::Query { what, source }
+}
+
+/// A parsed database URL.
+#[derive(Clone)]
+pub struct Database {
+    config: tokio_postgres::Config,
+    redacted: String,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl Database {
+    pub fn parse(url: &str) -> Result<Database, DbError> {
+        let redacted = redact_url(url);
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| DbError::BadUrl {
+            url: redacted.clone(),
+            reason: e.to_string(),
+        })?;
+        if config.get_hosts().is_empty() {
+            config.host("localhost");
+        }
+        if config.get_user().is_none() {
+            return Err(DbError::BadUrl {
+                url: redacted,
+                reason: "no user name (postgres://USER@host/db)".into(),
+            });
+        }
+        config.application_name("walcast");
+        config.connect_timeout(Duration::from_secs(10));
+        Ok(Database { config, redacted })
+    }
+
+    /// The URL with its password masked, for logs.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+
+    fn host_port(&self) -> (String, u16) {
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        (
+            host,
+            self.config.get_ports().first().copied().unwrap_or(5432),
+        )
+    }
+
+    fn target(&self) -> String {
+        let (host, port) = self.host_port();
+        format!("{host}:{port}")
+    }
+
+    /// Opens a SQL connection; its driver task ends when the client is dropped.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        let (client, connection) =
+            self.config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| DbError::Connect {
+                    target: self.target(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres SQL connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Settings for the replication connection. The session pins the text
+    /// formats the event builder parses (ISO dates in UTC).
+    pub fn replication_config(&self, slot: &str, publication: &str) -> ReplicationConfig {
+        let (host, port) = self.host_port();
+        let user = self.config.get_user().unwrap_or("postgres");
+        let password = self
+            .config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        let dbname = self.config.get_dbname().unwrap_or(user);
+        let tls = match self.config.get_ssl_mode() {
+            SslMode::Require => TlsConfig::require(),
+            _ => TlsConfig::disabled(),
+        };
+        ReplicationConfig::new(host, user, password, dbname, slot, publication)
+            .with_port(port)
+            .with_tls(tls)
+            .with_options("-c datestyle=ISO,YMD -c timezone=UTC -c intervalstyle=iso_8601 -c extra_float_digits=3")
+            .with_application_name("walcast")
+            .with_status_interval(Duration::from_millis(200))
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_buffer_size(16 * 1024)
+    }
+}

@@ -1,0 +1,404 @@
+//! One run of the pipeline, from the durable checkpoint to a clean stop or
+//! the first error. Every failure — a crash, a NATS or Postgres outage, a
+//! broker that lost acknowledged messages — is recovered the same way: the
+//! supervisor starts a new run, and the run reconciles the stream with the
+//! checkpoint before publishing anything.
+//!
+//! Reconciliation (why no event is lost, duplicated or renumbered):
+//! the stream is a gap-free prefix of walcast's event order (expected-last-
+//! sequence chaining in `publish`), and the checkpoint says "events before
+//! LSN `c` end at stream message `s`". Replaying the slot from `c` rebuilds
+//! the same events with the same ids and seqs, in the same order, so the
+//! first `last_seq - s` of them are exactly the ones already in the stream:
+//! they are counted but not sent again. If the stream holds fewer than `s`
+//! messages, the broker lost events the slot no longer has: stop, loudly.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+
+use crate::assemble::{AssembleError, Assembler};
+use crate::checkpoint::{self, store};
+use crate::config::Settings;
+use crate::database::{Database, DbError, query_err};
+use crate::decode::{self, DecodeError};
+use crate::events::{EventBuilder, Route, Sequencer};
+use crate::publish::{self, Item, PublishError, Publisher};
+use crate::source::{Source, SourceError, SourceEvent, slot};
+
+/// Why a run ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error(transparent)]
+    Assemble(#[from] AssembleError),
+    #[error("cannot decode the replication stream: {0}")]
+    Decode(#[from] DecodeError),
+    /// Needs an operator: retrying cannot fix it.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl PipelineError {
+    /// Retry with backoff, or stop and tell the operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Db(e) => e.is_transient(),
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Publish(e) => e.is_transient(),
+            PipelineError::Assemble(_) => true,
+            PipelineError::Decode(_) | PipelineError::Fatal(_) => false,
+        }
+    }
+}
+
+/// Shared across runs: settings and the NATS connection (which reconnects by itself).
+pub struct Context {
+    pub settings: Settings,
+    pub db: Database,
+    pub js: jetstream::Context,
+}
+
+/// Items per batch handed to the publisher.
+const BATCH: usize = 512;
+
+/// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
+/// confirm) or an error.
+pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<(), PipelineError> {
+    let s = &ctx.settings;
+    let sql = ctx.db.connect().await?;
+    preflight(&sql, s).await?;
+
+    let checkpoint = store::load(&sql, &s.slot).await?;
+    let slot_state = match (slot::read(&sql, &s.slot).await?, &checkpoint) {
+        (Some(state), _) => state,
+        (None, None) => {
+            tracing::info!(slot = %s.slot, "creating replication slot");
+            slot::ensure(&sql, &s.slot).await?
+        }
+        (None, Some(_)) => {
+            return Err(PipelineError::Fatal(format!(
+                "replication slot {slot} is gone but walcast has a checkpoint for it: changes since then may be missing \
+             from the stream. walcast will not silently recreate it. See README \"Lost replication slot\": re-sync \
+             consumers, then `DELETE FROM walcast.checkpoints WHERE slot = '{slot}'` and start walcast again",
+                slot = s.slot
+            )));
+        }
+    };
+    if slot_state.plugin.as_deref() != Some("pgoutput") {
+        return Err(PipelineError::Fatal(format!(
+            "replication slot {} uses plugin {:?}, walcast needs pgoutput: drop it or choose another --slot",
+            s.slot, slot_state.plugin
+        )));
+    }
+
+    let mut stream = publish::stream::ensure(&ctx.js, s).await?;
+    let last_seq = stream
+        .info()
+        .await
+        .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?
+        .state
+        .last_sequence;
+    let checkpoint = match checkpoint {
+        Some(c) => c,
+        None => {
+            store::init(
+                &sql,
+                &s.slot,
+                slot_state.confirmed_flush,
+                &s.stream,
+                last_seq,
+            )
+            .await?
+        }
+    };
+    if checkpoint.stream != s.stream {
+        return Err(PipelineError::Fatal(format!(
+            "slot {} was checkpointed for stream {} but --stream is {}; use that stream or another slot",
+            s.slot, checkpoint.stream, s.stream
+        )));
+    }
+    if last_seq < checkpoint.stream_seq {
+        return Err(PipelineError::Fatal(format!(
+            "stream {} ends at message {} but messages up to {} were published and checkpointed at LSN {}: \
+             the broker lost messages {}..={} and the slot no longer holds their WAL. Re-sync consumers and \
+             see README \"Broker data loss\"",
+            s.stream,
+            last_seq,
+            checkpoint.stream_seq,
+            checkpoint.lsn,
+            last_seq + 1,
+            checkpoint.stream_seq
+        )));
+    }
+    let already = last_seq - checkpoint.stream_seq;
+    let tail_id = if already > 0 {
+        tail_event_id(&stream, last_seq).await
+    } else {
+        None
+    };
+    if already > 0 {
+        tracing::info!(
+            messages = already,
+            "stream is ahead of the checkpoint; replaying without republishing"
+        );
+    }
+
+    let start = checkpoint.lsn.max(slot_state.confirmed_flush);
+    let tenants = checkpoint.tenants.len();
+    let builder = EventBuilder::new(
+        s.subject_prefix.clone(),
+        Sequencer::from_checkpoint(checkpoint.tenants.clone()),
+    );
+    let mut assembler = Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0);
+    let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
+    tracing::info!(%start, stream_seq = last_seq, tenants, "replicating");
+
+    let (items_tx, items_rx) = mpsc::channel::<Vec<Item>>(64);
+    let (segments_tx, segments_rx) = mpsc::channel(1024);
+    let (confirm_tx, mut confirm_rx) = watch::channel(start);
+    let publisher = Publisher {
+        js: ctx.js.clone(),
+        stream: s.stream.clone(),
+        max_in_flight: s.max_in_flight,
+        oversized: publish::oversized::Oversized::new(
+            &s.stream,
+            s.stream_max_age,
+            s.stream_replicas,
+        ),
+    };
+    let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
+    let ckpt_sql = ctx.db.connect().await?;
+    let (slot_name, delay, start_ckpt) = (s.slot.clone(), s.confirm_delay, checkpoint.clone());
+    let checkpointing = tokio::spawn(async move {
+        checkpoint::run(
+            ckpt_sql,
+            slot_name,
+            delay,
+            &start_ckpt,
+            segments_rx,
+            confirm_tx,
+        )
+        .await
+    });
+
+    let mut reader = Reader {
+        assembler: &mut assembler,
+        skip: Skip::new(already, checkpoint.stream_seq, tail_id),
+        last_boundary: start.0,
+    };
+    let mut items_tx = Some(items_tx);
+    let mut failure: Option<PipelineError> = None;
+    let mut confirmed = start;
+    // Read until shutdown or an error; keep passing confirmations through.
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed(), if items_tx.is_some() => {
+                if *shutdown.borrow() {
+                    items_tx = None; // the publisher drains, then the checkpointer finishes
+                }
+            }
+            changed = confirm_rx.changed() => {
+                if changed.is_err() {
+                    break; // checkpointer finished (clean stop) or failed
+                }
+                confirmed = *confirm_rx.borrow_and_update();
+                source.confirm(confirmed);
+            }
+            result = read_batch(&mut source, &mut reader), if items_tx.is_some() => match result {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    let sent = match &items_tx { Some(tx) => tx.send(batch).await.is_ok(), None => true };
+                    if !sent {
+                        items_tx = None; // publisher failed; its error is collected below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    items_tx = None;
+                }
+            },
+            // The publisher stopped (it failed): stop reading, collect its error.
+            _ = closed(&items_tx), if items_tx.is_some() => items_tx = None,
+        }
+    }
+    drop(items_tx);
+    let published = match publishing.await {
+        Ok(result) => result.map_err(PipelineError::from),
+        Err(e) => Err(PipelineError::Fatal(format!(
+            "publisher task ended abnormally: {e}"
+        ))),
+    };
+    let checkpointed = match checkpointing.await {
+        Ok(result) => result.map_err(PipelineError::from),
+        Err(e) => Err(PipelineError::Fatal(format!(
+            "checkpointer task ended abnormally: {e}"
+        ))),
+    };
+    if let Some(e) = failure.or(published.err()).or(checkpointed.err()) {
+        return Err(e);
+    }
+    source.close(confirmed).await;
+    Ok(())
+}
+
+async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
+    match tx {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one batch: at least one event (waiting for it), then whatever is
+/// already buffered, up to [`BATCH`] items.
+async fn read_batch(
+    source: &mut Source,
+    reader: &mut Reader<'_>,
+) -> Result<Vec<Item>, PipelineError> {
+    let mut out = Vec::with_capacity(BATCH);
+    let first = source
+        .next()
+        .await?
+        .ok_or_else(|| SourceError::Replication("stream ended".into()))?;
+    reader.handle(first, &mut out)?;
+    while out.len() < BATCH {
+        match source.next().now_or_never() {
+            Some(next) => {
+                let event = next?.ok_or_else(|| SourceError::Replication("stream ended".into()))?;
+                reader.handle(event, &mut out)?;
+            }
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Decode → assemble → skip what is already published.
+struct Reader<'a> {
+    assembler: &'a mut Assembler,
+    skip: Skip,
+    last_boundary: u64,
+}
+
+impl Reader<'_> {
+    fn handle(&mut self, event: SourceEvent, out: &mut Vec<Item>) -> Result<(), PipelineError> {
+        let from = out.len();
+        match &event {
+            SourceEvent::Data(bytes) => self.assembler.handle(decode::decode(bytes)?, out)?,
+            SourceEvent::KeepAlive(lsn) => {
+                if !self.assembler.in_transaction() && lsn.0 > self.last_boundary {
+                    out.push(Item::Boundary(lsn.0));
+                }
+            }
+            other => {
+                if let Some(msg) = other.as_message() {
+                    self.assembler.handle(msg, out)?;
+                }
+            }
+        }
+        for item in &mut out[from..] {
+            match item {
+                Item::Boundary(lsn) => self.last_boundary = self.last_boundary.max(*lsn),
+                Item::Event(event) if self.skip.remaining > 0 => *item = self.skip.take(event)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Events a previous run already published, to count but not resend.
+struct Skip {
+    remaining: u64,
+    next_stream_seq: u64,
+    tail_id: Option<String>,
+}
+
+impl Skip {
+    fn new(remaining: u64, checkpoint_stream_seq: u64, tail_id: Option<String>) -> Self {
+        Skip {
+            remaining,
+            next_stream_seq: checkpoint_stream_seq + 1,
+            tail_id,
+        }
+    }
+
+    fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {
+        self.remaining -= 1;
+        let stream_seq = self.next_stream_seq;
+        self.next_stream_seq += 1;
+        if self.remaining == 0
+            && let Some(tail) = &self.tail_id
+            && *tail != event.event_id
+        {
+            return Err(PipelineError::Fatal(format!(
+                "the stream's last message is event {tail}, but replaying the slot from the checkpoint gives {} at that \
+                 position: the stream holds messages walcast did not publish, or the checkpoint belongs to another \
+                 stream. Point walcast at its own stream",
+                event.event_id
+            )));
+        }
+        let tenant = match &event.route {
+            Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
+            _ => None,
+        };
+        Ok(Item::Published { tenant, stream_seq })
+    }
+}
+
+/// The `Nats-Msg-Id` of the stream's last message, if it can still be read.
+async fn tail_event_id(stream: &jetstream::stream::Stream, last_seq: u64) -> Option<String> {
+    let msg = stream.get_raw_message(last_seq).await.ok()?;
+    Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
+}
+
+/// Checks the database settings a run depends on, with fixes in the errors.
+async fn preflight(sql: &tokio_postgres::Client, s: &Settings) -> Result<(), PipelineError> {
+    let wal_level: String = sql
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(query_err("SHOW wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(PipelineError::Fatal(format!(
+            "wal_level is {wal_level}, walcast needs logical: ALTER SYSTEM SET wal_level = logical; then restart Postgres"
+        )));
+    }
+    let publication = sql
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&s.publication],
+        )
+        .await
+        .map_err(query_err("read pg_publication"))?;
+    if publication.is_none() {
+        return Err(PipelineError::Fatal(format!(
+            "publication {} does not exist: run `walcast migrate`, or CREATE PUBLICATION {} FOR TABLE {}.{}, {}.{}, {}.{}",
+            s.publication,
+            s.publication,
+            s.tables.schema,
+            s.tables.projects,
+            s.tables.schema,
+            s.tables.tasks,
+            s.tables.schema,
+            s.tables.locks
+        )));
+    }
+    Ok(())
+}
+
+/// Exposed for the supervisor's retry logs.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = Duration::from_millis(200).saturating_mul(1 << attempt.min(8));
+    let capped = base.min(Duration::from_secs(30));
+    let jitter = rand::random_range(0.5..1.0);
+    capped.mul_f64(jitter)
+}

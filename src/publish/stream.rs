@@ -1,0 +1,82 @@
+//! The JetStream stream (SPEC §3): created when missing, refused when an
+//! existing one would break walcast's guarantees.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+
+use super::PublishError;
+use crate::config::Settings;
+
+/// Creates or verifies the stream, returning its handle.
+pub async fn ensure(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<stream::Stream, PublishError> {
+    let subjects = format!("{}.>", settings.subject_prefix);
+    match js.get_stream(&settings.stream).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
+            verify(&info.config, &settings.stream, &subjects)?;
+            Ok(existing)
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            let config = stream::Config {
+                name: settings.stream.clone(),
+                subjects: vec![subjects],
+                storage: stream::StorageType::File,
+                retention: stream::RetentionPolicy::Limits,
+                discard: stream::DiscardPolicy::Old,
+                num_replicas: settings.stream_replicas,
+                max_age: settings.stream_max_age,
+                max_bytes: settings.stream_max_bytes,
+                duplicate_window: settings.duplicate_window.max(Duration::from_millis(100)),
+                allow_direct: true,
+                ..Default::default()
+            };
+            js.create_stream(config)
+                .await
+                .map_err(|e| PublishError::Nats(format!("create stream {}: {e}", settings.stream)))
+        }
+        Err(e) => Err(classify_get_error(e)),
+    }
+}
+
+fn classify_get_error(e: jetstream::context::GetStreamError) -> PublishError {
+    let text = e.to_string();
+    if text.contains("not enabled") || text.contains("no responders") || text.contains("503") {
+        PublishError::NoJetStream(text)
+    } else {
+        PublishError::Nats(format!("look up stream: {text}"))
+    }
+}
+
+fn verify(config: &stream::Config, name: &str, subjects: &str) -> Result<(), PublishError> {
+    let incompatible = |why: String| PublishError::Incompatible(format!("stream {name} {why}"));
+    if !config.subjects.iter().any(|s| s == subjects || s == ">") {
+        return Err(incompatible(format!(
+            "has subjects {:?} but walcast publishes to {subjects}; add it (nats stream edit {name} --subjects '{subjects}') or pick another --stream",
+            config.subjects
+        )));
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        return Err(incompatible(format!(
+            "uses {:?} retention, which deletes events once consumed; walcast needs limits retention (recreate the stream or pick another --stream)",
+            config.retention
+        )));
+    }
+    if config.discard == stream::DiscardPolicy::New
+        && (config.max_bytes > 0 || config.max_messages > 0)
+    {
+        return Err(incompatible(
+            "uses discard=new with limits, which rejects publishes when full and would stall replication; use discard=old".into(),
+        ));
+    }
+    Ok(())
+}

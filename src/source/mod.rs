@@ -1,0 +1,193 @@
+//! Replication source: the walsender connection, through pgwire-replication.
+//!
+//! It owns the slot's confirmed position on the wire: [`Source::confirm`] is
+//! the only way an LSN reaches Postgres, and it is called only with positions
+//! the checkpointer has made durable. Keepalives are answered by the library,
+//! which reports the last confirmed position, never more.
+
+pub mod slot;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent};
+use tokio::sync::Notify;
+
+use crate::database::Database;
+use crate::decode::{Begin, Commit, LogicalMessage, Message};
+use crate::lsn::Lsn;
+
+/// Why the replication connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("replication connection: {0}")]
+    Replication(String),
+    #[error("{0}")]
+    Definite(String),
+}
+
+impl SourceError {
+    fn from_pgwire(e: PgWireError) -> SourceError {
+        let text = e.to_string();
+        if e.is_auth()
+            || text.contains("must be superuser or replication role")
+            || text.contains("permission denied")
+        {
+            SourceError::Definite(format!(
+                "replication connection refused: {text} (the role needs LOGIN and REPLICATION, and pg_hba.conf must allow replication)"
+            ))
+        } else {
+            SourceError::Replication(text)
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Replication(_))
+    }
+}
+
+/// What the source yields, with pgoutput's boundary messages already parsed
+/// by the library and everything else as raw pgoutput bytes.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Begin(Begin),
+    Commit(Commit),
+    /// A pgoutput message to decode.
+    Data(Bytes),
+    Message {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: Bytes,
+    },
+    KeepAlive(Lsn),
+}
+
+impl SourceEvent {
+    /// The decoded form, for the events the library parsed itself.
+    pub fn as_message(&self) -> Option<Message<'_>> {
+        match self {
+            SourceEvent::Begin(b) => Some(Message::Begin(*b)),
+            SourceEvent::Commit(c) => Some(Message::Commit(*c)),
+            SourceEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => Some(Message::Message(LogicalMessage {
+                transactional: *transactional,
+                lsn: *lsn,
+                prefix,
+                content,
+            })),
+            _ => None,
+        }
+    }
+}
+
+/// A running replication stream.
+pub struct Source {
+    client: ReplicationClient,
+    /// Woken after every status update that advanced the reported position.
+    reported: Arc<Notify>,
+}
+
+impl Source {
+    /// Starts streaming the slot from `start` (Postgres starts at the slot's
+    /// confirmed position if that is later).
+    pub async fn start(
+        db: &Database,
+        slot: &str,
+        publication: &str,
+        start: Lsn,
+    ) -> Result<Source, SourceError> {
+        let reported = Arc::new(Notify::new());
+        let observer = {
+            let reported = reported.clone();
+            FeedbackObserver::new(move |_| reported.notify_waiters())
+        };
+        let config = db
+            .replication_config(slot, publication)
+            .with_start_lsn(start.into())
+            .with_feedback_observer(observer);
+        let mut client = ReplicationClient::connect(config)
+            .await
+            .map_err(SourceError::from_pgwire)?;
+        client
+            .wait_started()
+            .await
+            .map_err(SourceError::from_pgwire)?;
+        Ok(Source { client, reported })
+    }
+
+    /// The next event; `None` when the stream ended cleanly.
+    pub async fn next(&mut self) -> Result<Option<SourceEvent>, SourceError> {
+        let Some(event) = self.client.recv().await.map_err(SourceError::from_pgwire)? else {
+            return Ok(None);
+        };
+        Ok(Some(match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => SourceEvent::Begin(Begin {
+                final_lsn: final_lsn.as_u64(),
+                commit_time: commit_time_micros,
+                xid,
+            }),
+            ReplicationEvent::Commit {
+                lsn,
+                end_lsn,
+                commit_time_micros,
+            } => SourceEvent::Commit(Commit {
+                flags: 0,
+                commit_lsn: lsn.as_u64(),
+                end_lsn: end_lsn.as_u64(),
+                commit_time: commit_time_micros,
+            }),
+            ReplicationEvent::XLogData { data, .. } => SourceEvent::Data(data),
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => SourceEvent::Message {
+                transactional,
+                lsn: lsn.as_u64(),
+                prefix,
+                content,
+            },
+            ReplicationEvent::KeepAlive { wal_end, .. } => SourceEvent::KeepAlive(wal_end.into()),
+            ReplicationEvent::StoppedAt { reached } => SourceEvent::KeepAlive(reached.into()),
+        }))
+    }
+
+    /// Confirms `lsn` as flushed: sent with the next status update.
+    pub fn confirm(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn.into());
+    }
+
+    /// Waits (bounded) until a status update carrying `lsn` was sent, then
+    /// ends the stream cleanly.
+    pub async fn close(mut self, lsn: Lsn) {
+        let metrics = self.client.metrics();
+        let reported = self.reported.clone();
+        let wait = async {
+            loop {
+                let notified = reported.notified();
+                if metrics.last_applied_lsn().as_u64() >= lsn.0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(Duration::from_secs(2), wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(%lsn, "the final confirmed LSN was not sent to Postgres in time; it will be on the next start");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.shutdown()).await;
+    }
+}

@@ -1,0 +1,64 @@
+//! The replication slot: created when missing, checked when present.
+
+use tokio_postgres::Client;
+
+use crate::database::{DbError, query_err};
+use crate::lsn::Lsn;
+
+/// A slot as `pg_replication_slots` reports it.
+#[derive(Debug, Clone)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub confirmed_flush: Lsn,
+    pub active_pid: Option<i32>,
+    pub created: bool,
+}
+
+/// Reads the slot, if it exists.
+pub async fn read(client: &Client, slot: &str) -> Result<Option<SlotState>, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin::text, database::text, coalesce(confirmed_flush_lsn, '0/0')::text, active_pid
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err("read pg_replication_slots"))?;
+    Ok(row.map(|r| SlotState {
+        plugin: r.get(0),
+        database: r.get(1),
+        confirmed_flush: Lsn::parse(r.get::<_, &str>(2)).unwrap_or_default(),
+        active_pid: r.get(3),
+        created: false,
+    }))
+}
+
+/// Creates the slot with pgoutput if it does not exist.
+pub async fn ensure(client: &Client, slot: &str) -> Result<SlotState, DbError> {
+    if let Some(state) = read(client, slot).await? {
+        return Ok(state);
+    }
+    let created = client
+        .execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await;
+    if let Err(e) = created {
+        // 42710: another process created it meanwhile; anything else is real.
+        if e.code().map(|c| c.code()) != Some("42710") {
+            return Err(DbError::Query {
+                what: "create the replication slot",
+                source: e,
+            });
+        }
+    }
+    let mut state = read(client, slot).await?.ok_or_else(|| {
+        DbError::Precondition(format!(
+            "replication slot {slot} vanished right after it was created"
+        ))
+    })?;
+    state.created = true;
+    Ok(state)
+}

@@ -1,0 +1,89 @@
+//! Stream-level assertions shared by the guarantee tests (SPEC §3, §4).
+
+use std::collections::{HashMap, HashSet};
+
+use super::daemon::StreamEvent;
+
+/// Asserts SPEC §4.1–4.3 on a whole stream: per-tenant seq exactly 1..N in
+/// stream order, headers match the body, event ids unique, events of a
+/// transaction contiguous and in tx_index order, transactions in commit order.
+/// Returns each tenant's N.
+pub fn assert_stream_exact(events: &[StreamEvent]) -> HashMap<String, u64> {
+    let mut last_seq: HashMap<String, u64> = HashMap::new();
+    let mut ids = HashSet::new();
+    let mut finished_txs = HashSet::new();
+    let mut current: Option<(u64, u32)> = None; // (commit_lsn, last tx_index)
+    for (i, m) in events.iter().enumerate() {
+        let e = &m.event;
+        assert_eq!(
+            m.stream_seq,
+            i as u64 + 1,
+            "stream sequence gap before {}",
+            e.event_id
+        );
+        assert!(
+            ids.insert(e.event_id.clone()),
+            "duplicate event {}",
+            e.event_id
+        );
+        assert_eq!(m.headers.get("Nats-Msg-Id"), Some(&e.event_id));
+        assert_eq!(
+            m.headers.get("Walcast-Lsn"),
+            Some(&e.commit_lsn.to_string())
+        );
+        assert_eq!(
+            m.headers.get("Content-Type").map(String::as_str),
+            Some("application/x-protobuf")
+        );
+        if m.subject.starts_with("walcast._") {
+            assert_eq!(e.seq, 0, "tenant-less events carry no seq");
+        } else {
+            let tenant = m.subject.split('.').nth(1).expect("tenant token");
+            assert_eq!(tenant, e.tenant_id);
+            assert_eq!(m.headers.get("Walcast-Tenant"), Some(&e.tenant_id));
+            assert_eq!(m.headers.get("Walcast-Seq"), Some(&e.seq.to_string()));
+            let seq = last_seq.entry(e.tenant_id.clone()).or_insert(0);
+            assert_eq!(
+                e.seq,
+                *seq + 1,
+                "tenant {} seq jumps from {} to {} at {}",
+                e.tenant_id,
+                seq,
+                e.seq,
+                e.event_id
+            );
+            *seq = e.seq;
+        }
+        match current {
+            Some((lsn, index)) if lsn == e.commit_lsn => {
+                assert_eq!(
+                    e.tx_index,
+                    index + 1,
+                    "tx_index out of order in transaction {lsn:x}"
+                );
+            }
+            previous => {
+                if let Some((lsn, _)) = previous {
+                    assert!(
+                        e.commit_lsn > lsn,
+                        "commit order broken: {:x} after {lsn:x}",
+                        e.commit_lsn
+                    );
+                    finished_txs.insert(lsn);
+                }
+                assert!(
+                    !finished_txs.contains(&e.commit_lsn),
+                    "transaction {:x} is not contiguous",
+                    e.commit_lsn
+                );
+                assert_eq!(
+                    e.tx_index, 0,
+                    "transaction {:x} does not start at tx_index 0",
+                    e.commit_lsn
+                );
+            }
+        }
+        current = Some((e.commit_lsn, e.tx_index));
+    }
+    last_seq
+}

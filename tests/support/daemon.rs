@@ -1,0 +1,272 @@
+//! walcast-specific helpers: an environment (Postgres + NATS + migrations),
+//! the daemon in-process or as a child process, and reading the stream back.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use prost::Message as _;
+use tokio::sync::oneshot;
+use walcast::config::{Options, Settings};
+use walcast::proto::ChangeEvent;
+
+use super::nats::Nats;
+use super::postgres::Postgres;
+
+/// Logs from in-process daemons go to the test's captured output.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("walcast=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A throwaway Postgres (migrated) and NATS for one test.
+pub struct Env {
+    pub pg: Postgres,
+    pub nats: Nats,
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        init_logging();
+        let pg = Postgres::start().expect("start postgres");
+        let nats = Nats::start().expect("start nats");
+        let env = Env { pg, nats };
+        walcast::migrate::run(&env.settings())
+            .await
+            .expect("walcast migrate");
+        env
+    }
+
+    /// Options as a user would pass them, with no confirm delay so tests see
+    /// the slot advance at once.
+    pub fn options(&self) -> Options {
+        Options {
+            database_url: Some(self.pg.url()),
+            nats_url: Some(self.nats.url()),
+            confirm_delay: Some("0".into()),
+            ..Default::default()
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        self.options().resolve().expect("valid test settings")
+    }
+
+    /// Environment variables that configure the walcast binary the same way.
+    pub fn env_vars(&self) -> Vec<(String, String)> {
+        vec![
+            ("WALCAST_DATABASE_URL".into(), self.pg.url()),
+            ("WALCAST_NATS_URL".into(), self.nats.url()),
+            ("WALCAST_CONFIRM_DELAY".into(), "0".into()),
+            (
+                "WALCAST_HTTP_ADDR".into(),
+                format!("127.0.0.1:{}", super::free_port()),
+            ),
+        ]
+    }
+
+    pub async fn stream_events(&self) -> Vec<StreamEvent> {
+        read_stream(&self.nats.url(), "WALCAST").await
+    }
+
+    /// Waits until the stream holds at least `count` messages.
+    pub async fn wait_for_messages(&self, count: u64, timeout: Duration) {
+        let url = self.nats.url();
+        super::wait_until(timeout, || {
+            let url = url.clone();
+            async move { stream_last_seq(&url, "WALCAST").await >= count }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("stream never reached {count} messages: {e}"));
+    }
+}
+
+/// The daemon running in this process (`app::run`), stopped like SIGTERM would.
+pub struct Daemon {
+    stop: Option<oneshot::Sender<()>>,
+    handle: tokio::task::JoinHandle<Result<(), walcast::app::AppError>>,
+}
+
+impl Daemon {
+    pub fn start(settings: Settings) -> Daemon {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(walcast::app::run(settings, async move {
+            let _ = stopped.await;
+        }));
+        Daemon {
+            stop: Some(stop),
+            handle,
+        }
+    }
+
+    /// Graceful stop; returns the daemon's result.
+    pub async fn stop(mut self) -> Result<(), walcast::app::AppError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), &mut self.handle)
+            .await
+            .expect("daemon stops within 20 s")
+            .expect("daemon task did not panic")
+    }
+}
+
+/// The walcast binary as a child process (for signals and kill -9).
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn start(args: &[&str], env: &[(String, String)]) -> Process {
+        let child = Command::new(super::walcast_bin())
+            .args(args)
+            .envs(env.iter().cloned())
+            .env("RUST_LOG", "walcast=info")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn walcast");
+        Process { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status();
+        assert!(
+            status.map(|s| s.success()).unwrap_or(false),
+            "kill -{signal} failed"
+        );
+    }
+
+    /// Waits for exit (bounded) and returns the exit code.
+    pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "walcast did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One stream message, decoded.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    pub stream_seq: u64,
+    pub subject: String,
+    pub headers: HashMap<String, String>,
+    pub event: ChangeEvent,
+}
+
+pub async fn stream_last_seq(nats_url: &str, stream: &str) -> u64 {
+    let Ok(client) = async_nats::connect(nats_url).await else {
+        return 0;
+    };
+    let js = jetstream::new(client);
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Every message of the stream, in stream order.
+pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats");
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(stream).await.expect("stream exists");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let mut out = Vec::new();
+    if last == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("consume");
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("stream read stalled")
+    {
+        let msg = msg.expect("stream message");
+        let stream_seq = msg.info().expect("message info").stream_sequence;
+        let headers: HashMap<String, String> = msg
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.first().map(|v| v.to_string()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let payload = match headers.get("Walcast-Object") {
+            Some(object) => fetch_object(&js, object).await,
+            None => msg.payload.to_vec(),
+        };
+        let event = ChangeEvent::decode(payload.as_slice()).expect("payload is a ChangeEvent");
+        out.push(StreamEvent {
+            stream_seq,
+            subject: msg.subject.to_string(),
+            headers,
+            event,
+        });
+        if stream_seq >= last {
+            break;
+        }
+    }
+    out
+}
+
+/// Reads an oversized event from `<bucket>/<event_id>` (SPEC §3).
+pub async fn fetch_object(js: &jetstream::Context, object: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let (bucket, name) = object
+        .split_once('/')
+        .expect("Walcast-Object is <bucket>/<event_id>");
+    let store = js
+        .get_object_store(bucket)
+        .await
+        .expect("oversized bucket exists");
+    let mut reader = store.get(name).await.expect("oversized object exists");
+    let mut out = Vec::new();
+    reader
+        .read_to_end(&mut out)
+        .await
+        .expect("read oversized object");
+    out
+}
