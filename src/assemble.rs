@@ -174,6 +174,9 @@ impl Assembler {
             out.push(Item::Event(
                 self.builder.build(&tx.ctx, index, layout, change),
             ));
+            if index > 0 {
+                crate::failpoint::crash_point("mid_transaction");
+            }
         }
         Ok(())
     }

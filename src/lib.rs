@@ -21,6 +21,7 @@ pub mod config;
 pub mod database;
 pub mod decode;
 pub mod events;
+pub mod failpoint;
 pub mod lsn;
 pub mod migrate;
 pub mod pipeline;

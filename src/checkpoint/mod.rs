@@ -55,6 +55,7 @@ pub async fn run(
             // confirming it needs no write (the checkpoint stays valid up to it).
             if !m.tenants.is_empty() || m.stream_seq != saved_seq {
                 store::save(&mut client, &slot, Lsn(m.end_lsn), m.stream_seq, &m.tenants).await?;
+                crate::failpoint::crash_point("after_checkpoint");
                 saved_seq = m.stream_seq;
                 not_before = now + SAVE_EVERY;
             }

@@ -125,6 +125,7 @@ impl Publisher {
                         unreachable!("acks and pending events are pushed together, boundaries are drained eagerly")
                     };
                     let ack = ack.map_err(|e| PublishError::Ack { event_id: event_id.clone(), reason: e.to_string() })?;
+                    crate::failpoint::crash_point("after_ack");
                     acked_seq += 1;
                     if ack.sequence != acked_seq || ack.duplicate {
                         return Err(PublishError::Chain { event_id, expected: acked_seq, got: ack.sequence });
@@ -144,6 +145,7 @@ impl Publisher {
                                     let event_id = event.event_id.clone();
                                     acks.push_back(self.publish(event, next_seq - 1).await?.into_future());
                                     pending.push_back(Pending::Event { event_id, tenant });
+                                    crate::failpoint::crash_point("after_publish");
                                     next_seq += 1;
                                 }
                                 Item::Boundary(lsn) => pending.push_back(Pending::Boundary(lsn)),

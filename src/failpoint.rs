@@ -1,0 +1,43 @@
+//! Crash points for fault-injection tests (cargo feature `failpoints`).
+//!
+//! `WALCAST_CRASH_AT=<name>:<n>` makes the process abort — no cleanup, no
+//! flush, like `kill -9` — the n-th time it reaches the point `<name>`.
+//! Without the feature, [`crash_point`] compiles to nothing.
+//!
+//! Points: `mid_transaction` (an event of an open transaction was handed to
+//! the publisher), `after_publish` (a publish was sent, its ack not yet
+//! read), `after_ack` (an ack was read, not yet checkpointed),
+//! `after_checkpoint` (checkpoint committed, LSN not yet confirmed).
+
+/// Aborts the process here if `WALCAST_CRASH_AT` names this point and hit count.
+#[inline(always)]
+pub fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hit(name);
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
+#[cfg(feature = "failpoints")]
+mod imp {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    static TARGET: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+
+    pub fn hit(name: &str) {
+        let target = TARGET.get_or_init(|| {
+            let spec = std::env::var("WALCAST_CRASH_AT").ok()?;
+            let (point, n) = spec.split_once(':')?;
+            Some((point.to_string(), n.parse().ok()?))
+        });
+        if let Some((point, n)) = target
+            && point == name
+            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *n
+        {
+            eprintln!("walcast: crash point {name} reached (hit {n}), aborting");
+            std::process::abort();
+        }
+    }
+}
