@@ -15,6 +15,7 @@ pub mod proto {
 
 pub mod app;
 pub mod assemble;
+pub mod catchup;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

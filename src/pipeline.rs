@@ -20,6 +20,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 
 use crate::assemble::{AssembleError, Assembler};
+use crate::catchup;
 use crate::checkpoint::{self, store};
 use crate::config::Settings;
 use crate::database::{Database, DbError, query_err};
@@ -164,6 +165,19 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let (items_tx, items_rx) = mpsc::channel::<Vec<Item>>(64);
     let (segments_tx, segments_rx) = mpsc::channel(1024);
     let (confirm_tx, mut confirm_rx) = watch::channel(start);
+    let index = catchup::Index::default();
+    index.seed(&checkpoint.tenants);
+    index.record(&[], last_seq + 1);
+    // Only the instance holding the slot answers catch-up requests.
+    let _catchup = catchup::start(
+        &ctx.js,
+        stream.clone(),
+        &s.stream,
+        &s.subject_prefix,
+        index.clone(),
+    )
+    .await
+    .map_err(PublishError::Nats)?;
     let publisher = Publisher {
         js: ctx.js.clone(),
         stream: s.stream.clone(),
@@ -173,6 +187,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             s.stream_max_age,
             s.stream_replicas,
         ),
+        index,
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let ckpt_sql = ctx.db.connect().await?;

@@ -1,3 +1,4 @@
+mod catchup;
 mod harness;
 mod pipeline;
 mod support;

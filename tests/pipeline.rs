@@ -24,28 +24,7 @@ async fn randomized_workload_replays_exactly() {
         "{stats:?}"
     );
 
-    // Wait until the stream has caught up with the database: the slot's
-    // confirmed position passes the current WAL position.
-    let target: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    crate::support::wait_until(Duration::from_secs(120), || {
-        let (client, target) = (&client, &target);
-        async move {
-            client
-                .query_one(
-                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'walcast'",
-                    &[target],
-                )
-                .await
-                .map(|r| r.get::<_, bool>(0))
-                .unwrap_or(false)
-        }
-    })
-    .await
-    .expect("walcast catches up");
+    env.wait_caught_up(&client, Duration::from_secs(120)).await;
     daemon.stop().await.expect("clean stop");
 
     let events = env.stream_events().await;

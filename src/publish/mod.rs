@@ -97,6 +97,8 @@ pub struct Publisher {
     pub stream: String,
     pub max_in_flight: usize,
     pub oversized: oversized::Oversized,
+    /// Where each tenant's events land, for the catch-up service.
+    pub index: crate::catchup::Index,
 }
 
 impl Publisher {
@@ -135,6 +137,9 @@ impl Publisher {
                 }
                 batch = items.recv(), if input_open && acks.len() < self.max_in_flight => match batch {
                     Some(batch) => {
+                        // Index first: once a message is sent a subscriber may see it and
+                        // ask the catch-up service about it, which must already know it.
+                        self.index.record(&positions(&batch, next_seq), next_seq + events_in(&batch));
                         for item in batch {
                             match item {
                                 Item::Event(event) => {
@@ -207,6 +212,31 @@ impl Publisher {
             .await
             .map_err(|e| PublishError::Nats(format!("publish {}: {e}", event.event_id)))
     }
+}
+
+/// The stream sequence every tenant event of `batch` gets (or already has).
+fn positions(batch: &[Item], mut next_seq: u64) -> Vec<(Arc<str>, u64, u64)> {
+    let mut out = Vec::with_capacity(batch.len());
+    for item in batch {
+        match item {
+            Item::Event(event) => {
+                if let Route::Tenant { tenant, seq } = &event.route {
+                    out.push((tenant.clone(), *seq, next_seq));
+                }
+                next_seq += 1;
+            }
+            Item::Published {
+                tenant: Some((tenant, seq)),
+                stream_seq,
+            } => out.push((tenant.clone(), *seq, *stream_seq)),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn events_in(batch: &[Item]) -> u64 {
+    batch.iter().filter(|i| matches!(i, Item::Event(_))).count() as u64
 }
 
 /// Feeds progress with the entries at the front that need no ack.

@@ -1,0 +1,217 @@
+//! Catch-up service (SPEC §7): "tenant T after seq N" → where to start a
+//! filtered JetStream consumer, answered inside `walcast run` as the NATS
+//! micro service `walcast` on `<prefix>-api.v1.catchup`.
+//!
+//! It runs only while this instance is the active replicator (started by the
+//! pipeline once it holds the slot), so a standby never answers from stale
+//! state. See `index` for how positions are known without scanning a
+//! tenant's history, and `lookup` for the answer's invariant.
+
+pub mod index;
+pub mod lookup;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::Stream};
+use async_nats::service::ServiceExt;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+pub use index::Index;
+use lookup::{Answer, Probe, StreamState};
+
+use crate::events::tenant;
+
+/// Requests answered at once; more wait.
+const CONCURRENCY: usize = 64;
+
+#[derive(Deserialize)]
+struct Request {
+    tenant_id: String,
+    after_seq: u64,
+}
+
+#[derive(Serialize)]
+struct Reply<'a> {
+    stream: &'a str,
+    filter_subject: String,
+    start_stream_seq: u64,
+    last_seq: u64,
+}
+
+/// A running service; stopped when dropped.
+pub struct CatchupService {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for CatchupService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Shared by every request.
+struct Ctx {
+    stream: Stream,
+    stream_name: String,
+    prefix: String,
+    index: Index,
+}
+
+/// Registers the service and answers requests in the background.
+pub async fn start(
+    js: &jetstream::Context,
+    stream: Stream,
+    stream_name: &str,
+    prefix: &str,
+    index: Index,
+) -> Result<CatchupService, String> {
+    let client = js.client();
+    let service = client
+        .service_builder()
+        .description("walcast catch-up: where a tenant's events after a seq start in the stream")
+        .start("walcast", env!("CARGO_PKG_VERSION"))
+        .await
+        .map_err(|e| format!("register the catch-up service: {e}"))?;
+    let mut endpoint = service
+        .group(format!("{prefix}-api.v1"))
+        .endpoint("catchup")
+        .await
+        .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
+    let ctx = Arc::new(Ctx {
+        stream,
+        stream_name: stream_name.to_string(),
+        prefix: prefix.to_string(),
+        index,
+    });
+    let permits = Arc::new(Semaphore::new(CONCURRENCY));
+    let task = tokio::spawn(async move {
+        let _service = service; // unregisters when the task ends
+        while let Some(request) = endpoint.next().await {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                break;
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                let (body, error) = handle(&ctx, &request.message.payload).await;
+                let mut headers = HeaderMap::new();
+                if let Some((code, name)) = error {
+                    headers.insert("Nats-Service-Error-Code", code.to_string().as_str());
+                    headers.insert("Nats-Service-Error", name);
+                }
+                headers.insert("Content-Type", "application/json");
+                if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
+                    tracing::debug!(error = %e, "catch-up reply not sent");
+                }
+                drop(permit);
+            });
+        }
+    });
+    Ok(CatchupService { task })
+}
+
+/// The JSON reply body and, for errors, `(code, name)` for the micro headers.
+async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str)>) {
+    let bad = |message: String| {
+        (
+            serde_json::json!({"error": "bad_request", "message": message}).to_string(),
+            Some((400, "bad_request")),
+        )
+    };
+    let request: Request = match serde_json::from_slice(payload) {
+        Ok(r) => r,
+        Err(e) => {
+            return bad(format!(
+                "expected {{\"tenant_id\": string, \"after_seq\": number}}: {e}"
+            ));
+        }
+    };
+    if let Err(invalid) = tenant::validate(Some(&request.tenant_id)) {
+        return bad(invalid.reason().to_string());
+    }
+    let filter_subject = format!("{}.{}.>", ctx.prefix, request.tenant_id);
+    let tail = ctx.index.tenant(&request.tenant_id);
+    let probe = DirectGet {
+        stream: &ctx.stream,
+        filter: &filter_subject,
+    };
+    let mut answer = Err("not attempted".to_string());
+    for _ in 0..20 {
+        answer = match stream_state(ctx).await {
+            Ok(state) => lookup::answer(&probe, tail.as_ref(), request.after_seq, state).await,
+            Err(e) => Err(e),
+        };
+        if !matches!(answer, Ok(Answer::InFlight)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    match answer {
+        Ok(Answer::Start { start_stream_seq, last_seq }) => {
+            let reply = Reply { stream: &ctx.stream_name, filter_subject, start_stream_seq, last_seq };
+            (serde_json::to_string(&reply).unwrap_or_default(), None)
+        }
+        Ok(Answer::TooOld { oldest_seq, last_seq }) => (
+            serde_json::json!({"error": "too_old", "oldest_seq": oldest_seq, "last_seq": last_seq,
+                "message": "events after after_seq are no longer in the stream: re-sync from the database"})
+            .to_string(),
+            Some((410, "too_old")),
+        ),
+        Ok(Answer::Ahead { last_seq }) => (
+            serde_json::json!({"error": "ahead", "last_seq": last_seq,
+                "message": "after_seq is beyond the tenant's last published seq"})
+            .to_string(),
+            Some((416, "ahead")),
+        ),
+        Ok(Answer::InFlight) | Err(_) => (
+            serde_json::json!({"error": "unavailable", "message": answer.err().unwrap_or_else(|| "event still in flight".into())})
+                .to_string(),
+            Some((503, "unavailable")),
+        ),
+    }
+}
+
+async fn stream_state(ctx: &Ctx) -> Result<StreamState, String> {
+    let mut stream = ctx.stream.clone();
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| format!("stream info: {e}"))?;
+    Ok(StreamState {
+        first_seq: info.state.first_sequence.max(1),
+        last_seq: info.state.last_sequence,
+        next_seq: ctx.index.next_stream_seq(),
+    })
+}
+
+/// Probes with JetStream direct gets (`next_by_subj`), one request each.
+struct DirectGet<'a> {
+    stream: &'a Stream,
+    filter: &'a str,
+}
+
+impl Probe for DirectGet<'_> {
+    async fn next_at(&self, from: u64) -> Result<Option<(u64, u64)>, String> {
+        match self
+            .stream
+            .direct_get_next_for_subject(self.filter, Some(from))
+            .await
+        {
+            Ok(msg) => {
+                let seq = msg
+                    .headers
+                    .get("Walcast-Seq")
+                    .and_then(|v| v.as_str().parse().ok())
+                    .ok_or_else(|| {
+                        format!("stream message {} has no Walcast-Seq header", msg.sequence)
+                    })?;
+                Ok(Some((msg.sequence, seq)))
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("direct get: {e}")),
+        }
+    }
+}
