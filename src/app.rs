@@ -44,7 +44,12 @@ pub async fn run(
         confirm_delay = ?settings.confirm_delay,
         "walcast starting"
     );
-    let nats = connect_nats(&settings).await?;
+    let nats = crate::broker::connect(&settings)
+        .await
+        .map_err(|reason| AppError::Nats {
+            url: redact_url(&settings.nats_url),
+            reason,
+        })?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
         .max_ack_inflight(settings.max_in_flight.max(1))
@@ -94,37 +99,4 @@ pub async fn run(
             }
         }
     }
-}
-
-async fn connect_nats(settings: &Settings) -> Result<async_nats::Client, AppError> {
-    let url = redact_url(&settings.nats_url);
-    let mut options = async_nats::ConnectOptions::new()
-        .name("walcast")
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
-                }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!(event = %other, "NATS event"),
-            }
-        });
-    if let Some(creds) = &settings.nats_creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .map_err(|e| AppError::Nats {
-                url: url.clone(),
-                reason: format!("cannot read credentials {}: {e}", creds.display()),
-            })?;
-    }
-    options
-        .connect(settings.nats_url.as_str())
-        .await
-        .map_err(|e| AppError::Nats {
-            url,
-            reason: e.to_string(),
-        })
 }

@@ -20,6 +20,13 @@ pub enum Command {
     Run(Common),
     /// Apply migrations/ and create the publication and slot if missing
     Migrate(Common),
+    /// Print a tenant's events from the stream as JSON, one per line
+    Tail {
+        #[command(flatten)]
+        tail: crate::tail::TailArgs,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 /// Settings shared by every command.
@@ -35,10 +42,19 @@ pub struct Common {
 impl Common {
     /// Resolves settings with the documented precedence.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
+        self.merged()?.resolve()
+    }
+
+    /// Settings for commands that need only NATS.
+    pub fn nats_settings(&self) -> Result<Settings, ConfigError> {
+        self.merged()?.resolve_nats_only()
+    }
+
+    fn merged(&self) -> Result<Options, ConfigError> {
         let file = match &self.config {
             Some(path) => Options::from_file(path)?,
             None => Options::default(),
         };
-        self.options.clone().merge(file).resolve()
+        Ok(self.options.clone().merge(file))
     }
 }

@@ -166,6 +166,16 @@ impl Options {
 
     /// Applies defaults and validates.
     pub fn resolve(self) -> Result<Settings, ConfigError> {
+        self.resolve_for(true)
+    }
+
+    /// Like [`Options::resolve`], for commands that only talk to NATS
+    /// (`walcast tail`): the database URL may be absent (then empty).
+    pub fn resolve_nats_only(self) -> Result<Settings, ConfigError> {
+        self.resolve_for(false)
+    }
+
+    fn resolve_for(self, need_database: bool) -> Result<Settings, ConfigError> {
         let database_url = match (self.database_url, &self.database_url_file) {
             (Some(url), _) => url,
             (None, Some(path)) => std::fs::read_to_string(path)
@@ -177,6 +187,7 @@ impl Options {
                 })?
                 .trim()
                 .to_string(),
+            (None, None) if !need_database => String::new(),
             (None, None) => {
                 return Err(ConfigError::Invalid(
                     "no database URL: set --database-url or WALCAST_DATABASE_URL (e.g. postgres://walcast@localhost/app)".into(),
@@ -262,7 +273,8 @@ impl Settings {
         };
         ident("slot", &self.slot)?;
         ident("publication", &self.publication)?;
-        if !self.database_url.starts_with("postgres://")
+        if !self.database_url.is_empty()
+            && !self.database_url.starts_with("postgres://")
             && !self.database_url.starts_with("postgresql://")
         {
             return Err(ConfigError::Invalid(

@@ -11,10 +11,12 @@ pub mod proto {
     //! Generated from `proto/walcast/v1/events.proto`.
     #![allow(missing_docs, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/walcast.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/walcast.v1.serde.rs"));
 }
 
 pub mod app;
 pub mod assemble;
+pub mod broker;
 pub mod catchup;
 pub mod checkpoint;
 pub mod cli;
@@ -28,4 +30,5 @@ pub mod migrate;
 pub mod pipeline;
 pub mod publish;
 pub mod source;
+pub mod tail;
 pub mod telemetry;

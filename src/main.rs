@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use walcast::cli::{Cli, Command};
-use walcast::{app, migrate, telemetry};
+use walcast::{app, migrate, tail, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,6 +51,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     "exists"
                 }
             );
+        }
+        Command::Tail { tail, common } => {
+            let settings = common.nats_settings()?;
+            telemetry::init_logging(settings.log_json);
+            tail::run(&settings, &tail).await?;
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
 mod catchup;
+mod demo;
 mod harness;
 mod pipeline;
 mod support;

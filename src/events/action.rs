@@ -1,6 +1,6 @@
 //! SPEC §2 action rules, decided from the change kind and the row images.
 
-use prost_types::Timestamp;
+use pbjson_types::Timestamp;
 
 use super::layout::{Field, Layout};
 use super::row::Image;

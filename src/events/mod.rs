@@ -21,8 +21,8 @@ mod tests;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use pbjson_types::Timestamp;
 use prost::Message as _;
-use prost_types::Timestamp;
 
 use crate::decode::Tuple;
 use crate::proto::{Action, Actor, ChangeEvent, EditingLock, Entity, Project, Task, change_event};

@@ -92,7 +92,7 @@ pub trait TypedRow: Default {
     fn set(&mut self, field: Field, text: &str) -> bool;
 }
 
-fn ts(text: &str, slot: &mut Option<prost_types::Timestamp>) -> bool {
+fn ts(text: &str, slot: &mut Option<pbjson_types::Timestamp>) -> bool {
     match timestamp::parse(text) {
         Some(parsed) => {
             *slot = Some(parsed.timestamp);

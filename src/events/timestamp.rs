@@ -7,7 +7,7 @@
 //! they are clamped to its range and reported as inexact, so the caller can
 //! keep the original text.
 
-use prost_types::Timestamp;
+use pbjson_types::Timestamp;
 
 /// 0001-01-01T00:00:00Z, the smallest protobuf Timestamp.
 pub const MIN: Timestamp = Timestamp {

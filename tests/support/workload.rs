@@ -387,7 +387,7 @@ impl Tables {
     /// Reads the real tables in the same typed form, independently of walcast.
     pub async fn load(client: &Client) -> Tables {
         let ts = |micros: Option<i64>| {
-            micros.map(|m| prost_types::Timestamp {
+            micros.map(|m| pbjson_types::Timestamp {
                 seconds: m.div_euclid(1_000_000),
                 nanos: (m.rem_euclid(1_000_000) * 1000) as i32,
             })
