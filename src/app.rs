@@ -5,9 +5,13 @@
 //! acks → checkpoint → confirm LSN.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::telemetry::http::Health;
+use crate::telemetry::metrics as m;
 
 use crate::config::{Settings, redact_url};
 use crate::database::Database;
@@ -23,6 +27,8 @@ pub enum AppError {
     Nats { url: String, reason: String },
     #[error(transparent)]
     Db(#[from] crate::database::DbError),
+    #[error("cannot serve metrics on --http-addr {addr}: {reason} (is another process using it?)")]
+    Http { addr: String, reason: String },
 }
 
 /// A run that lasted this long resets the backoff.
@@ -55,7 +61,20 @@ pub async fn run(
         .max_ack_inflight(settings.max_in_flight.max(1))
         .backpressure_on_inflight(true)
         .build(nats);
-    let ctx = pipeline::Context { settings, db, js };
+    let health = Arc::new(Health::default());
+    crate::telemetry::metrics::install();
+    crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
+        .await
+        .map_err(|e| AppError::Http {
+            addr: settings.http_addr.clone(),
+            reason: e.to_string(),
+        })?;
+    let ctx = pipeline::Context {
+        settings,
+        db,
+        js,
+        health,
+    };
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -64,7 +83,7 @@ pub async fn run(
     });
 
     let mut attempt = 0u32;
-    let mut started_once = false;
+    let startup = Instant::now();
     loop {
         let began = Instant::now();
         let result = pipeline::run(&ctx, &mut stop_rx).await;
@@ -78,19 +97,26 @@ pub async fn run(
             )),
             Err(e) => e,
         };
+        metrics::counter!(m::ERRORS, "stage" => error.stage()).increment(1);
+        let started = ctx.health.ever_replicated();
+        // JetStream can be briefly unavailable while a NATS server restarts:
+        // only at startup does "no JetStream" mean a misconfigured server.
         let retry = error.is_transient()
-            || (started_once
-                && matches!(error, PipelineError::Publish(PublishError::NoJetStream(_))));
+            || (started && matches!(error, PipelineError::Publish(PublishError::NoJetStream(_))));
         if !retry {
             return Err(error.into());
         }
-        started_once |= began.elapsed() > Duration::from_secs(1);
+        if !started && startup.elapsed() >= ctx.settings.startup_timeout {
+            tracing::error!(timeout = ?ctx.settings.startup_timeout, "gave up waiting for Postgres and NATS at startup");
+            return Err(error.into());
+        }
         if began.elapsed() > HEALTHY_RUN {
             attempt = 0;
         }
+        metrics::counter!(m::PIPELINE_RESTARTS, "stage" => error.stage()).increment(1);
         let wait = pipeline::backoff(attempt);
         attempt = attempt.saturating_add(1);
-        tracing::warn!(error = %error, retry_in = ?wait, attempt, "pipeline interrupted; restarting from the checkpoint");
+        tracing::warn!(stage = error.stage(), error = %error, retry_in = ?wait, attempt, "pipeline interrupted; restarting from the checkpoint");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop_rx.changed() => {

@@ -20,6 +20,8 @@ pub enum Command {
     Run(Common),
     /// Apply migrations/ and create the publication and slot if missing
     Migrate(Common),
+    /// Verify every precondition (Postgres, slot, publication, NATS, stream) and print fixes
+    Check(Common),
     /// Print a tenant's events from the stream as JSON, one per line
     Tail {
         #[command(flatten)]

@@ -76,6 +76,10 @@ pub struct Options {
     /// Publishes awaiting a JetStream ack at once [default: 4096]
     #[arg(long, env = "WALCAST_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
+    /// How long to keep retrying before walcast has replicated once (Postgres
+    /// or NATS not up yet); then exit non-zero with the last error [default: 30s]
+    #[arg(long, env = "WALCAST_STARTUP_TIMEOUT")]
+    pub startup_timeout: Option<String>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "WALCAST_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -105,6 +109,7 @@ pub struct Settings {
     pub stream_max_bytes: i64,
     pub duplicate_window: Duration,
     pub max_in_flight: usize,
+    pub startup_timeout: Duration,
     pub log_json: bool,
 }
 
@@ -148,6 +153,7 @@ impl Options {
             stream_max_bytes,
             duplicate_window,
             max_in_flight,
+            startup_timeout,
             log_format,
         )
     }
@@ -226,6 +232,10 @@ impl Options {
                 self.duplicate_window.as_deref().unwrap_or("2m"),
             )?,
             max_in_flight: self.max_in_flight.unwrap_or(4096),
+            startup_timeout: duration(
+                "startup_timeout",
+                self.startup_timeout.as_deref().unwrap_or("30s"),
+            )?,
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,

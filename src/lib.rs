@@ -18,6 +18,7 @@ pub mod app;
 pub mod assemble;
 pub mod broker;
 pub mod catchup;
+pub mod check;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use walcast::cli::{Cli, Command};
-use walcast::{app, migrate, tail, telemetry};
+use walcast::{app, check, migrate, tail, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -51,6 +51,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     "exists"
                 }
             );
+        }
+        Command::Check(common) => {
+            let settings = common.settings()?;
+            telemetry::init_logging(settings.log_json);
+            let lines = check::run(&settings).await;
+            for line in &lines {
+                println!("{line}");
+            }
+            let failed = lines
+                .iter()
+                .filter(|l| l.status == check::Status::Fail)
+                .count();
+            if failed > 0 {
+                anyhow::bail!("{failed} check(s) failed");
+            }
         }
         Command::Tail { tail, common } => {
             let settings = common.nats_settings()?;

@@ -13,11 +13,14 @@
 //! they are counted but not sent again. If the stream holds fewer than `s`
 //! messages, the broker lost events the slot no longer has: stop, loudly.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
+
+use crate::telemetry::http::Health;
 
 use crate::assemble::{AssembleError, Assembler};
 use crate::catchup;
@@ -48,6 +51,18 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// The stage that failed, for logs and the `stage` metric label.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            PipelineError::Db(_) => "database",
+            PipelineError::Source(_) => "replication",
+            PipelineError::Publish(_) => "publish",
+            PipelineError::Assemble(_) => "assemble",
+            PipelineError::Decode(_) => "decode",
+            PipelineError::Fatal(_) => "fatal",
+        }
+    }
+
     /// Retry with backoff, or stop and tell the operator.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -65,6 +80,16 @@ pub struct Context {
     pub settings: Settings,
     pub db: Database,
     pub js: jetstream::Context,
+    pub health: Arc<Health>,
+}
+
+/// Marks the instance ready while a run holds the slot.
+struct Replicating<'a>(&'a Health);
+
+impl Drop for Replicating<'_> {
+    fn drop(&mut self) {
+        self.0.set_replicating(false);
+    }
 }
 
 /// Items per batch handed to the publisher.
@@ -161,6 +186,8 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let mut assembler = Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0);
     let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
     tracing::info!(%start, stream_seq = last_seq, tenants, "replicating");
+    ctx.health.set_replicating(true);
+    let _ready = Replicating(&ctx.health);
 
     let (items_tx, items_rx) = mpsc::channel::<Vec<Item>>(64);
     let (segments_tx, segments_rx) = mpsc::channel(1024);
@@ -192,6 +219,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let ckpt_sql = ctx.db.connect().await?;
     let (slot_name, delay, start_ckpt) = (s.slot.clone(), s.confirm_delay, checkpoint.clone());
+    let health = ctx.health.clone();
     let checkpointing = tokio::spawn(async move {
         checkpoint::run(
             ckpt_sql,
@@ -200,6 +228,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             &start_ckpt,
             segments_rx,
             confirm_tx,
+            health,
         )
         .await
     });

@@ -1,5 +1,6 @@
 mod catchup;
 mod demo;
 mod harness;
+mod operator;
 mod pipeline;
 mod support;

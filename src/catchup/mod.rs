@@ -96,7 +96,13 @@ pub async fn start(
             };
             let ctx = ctx.clone();
             tokio::spawn(async move {
+                let began = std::time::Instant::now();
                 let (body, error) = handle(&ctx, &request.message.payload).await;
+                let code = error.map_or("200", |(_, name)| name);
+                metrics::counter!(crate::telemetry::metrics::CATCHUP_REQUESTS, "code" => code)
+                    .increment(1);
+                metrics::histogram!(crate::telemetry::metrics::CATCHUP_SECONDS)
+                    .record(began.elapsed().as_secs_f64());
                 let mut headers = HeaderMap::new();
                 if let Some((code, name)) = error {
                     headers.insert("Nats-Service-Error-Code", code.to_string().as_str());

@@ -9,6 +9,7 @@ pub mod confirm;
 pub mod progress;
 pub mod store;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -16,12 +17,37 @@ use tokio_postgres::Client;
 
 use crate::database::DbError;
 use crate::lsn::Lsn;
+use crate::telemetry::http::Health;
+use crate::telemetry::metrics as m_;
 pub use confirm::ConfirmQueue;
 pub use progress::{Progress, Segment};
 pub use store::Checkpoint;
 
 /// At most this often a checkpoint is written while running (always on exit).
 const SAVE_EVERY: Duration = Duration::from_millis(250);
+
+/// How often the slot's retained WAL and the lag in bytes are measured.
+const GAUGES_EVERY: Duration = Duration::from_secs(5);
+
+/// Sets the slot gauges; a failed query only leaves them stale.
+async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
+    let row = client
+        .query_opt(
+            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn)
+             SELECT (cur.lsn - s.restart_lsn)::float8, (cur.lsn - $2::text::pg_lsn)::float8
+             FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
+            &[&slot, &acked.to_string()],
+        )
+        .await;
+    if let Ok(Some(row)) = row {
+        if let Ok(Some(retained)) = row.try_get::<_, Option<f64>>(0) {
+            metrics::gauge!(m_::SLOT_RETAINED_WAL_BYTES).set(retained);
+        }
+        if let Ok(Some(lag)) = row.try_get::<_, Option<f64>>(1) {
+            metrics::gauge!(m_::REPLICATION_LAG_BYTES).set(lag.max(0.0));
+        }
+    }
+}
 
 /// Runs until the publisher closes `segments` (after draining), then writes
 /// the final checkpoint of what has matured and returns.
@@ -32,8 +58,11 @@ pub async fn run(
     start: &Checkpoint,
     mut segments: mpsc::Receiver<Segment>,
     confirm: watch::Sender<Lsn>,
+    health: Arc<Health>,
 ) -> Result<(), DbError> {
     let mut queue = ConfirmQueue::new(delay);
+    let mut acked_lsn = start.lsn;
+    let mut gauges = tokio::time::interval(GAUGES_EVERY);
     let mut saved_seq = start.stream_seq;
     let mut not_before = Instant::now();
     let mut open = true;
@@ -41,9 +70,16 @@ pub async fn run(
         let due = queue.next_due().map(|d| d.max(not_before));
         tokio::select! {
             seg = segments.recv() => match seg {
-                Some(seg) => queue.push(seg),
+                Some(seg) => {
+                    acked_lsn = Lsn(seg.end_lsn);
+                    queue.push(seg);
+                }
                 None => open = false,
             },
+            _ = gauges.tick() => {
+                slot_gauges(&client, &slot, acked_lsn).await;
+                continue;
+            }
             _ = sleep_until(due), if due.is_some() => {}
         }
         let now = Instant::now();
@@ -56,10 +92,12 @@ pub async fn run(
             if !m.tenants.is_empty() || m.stream_seq != saved_seq {
                 store::save(&mut client, &slot, Lsn(m.end_lsn), m.stream_seq, &m.tenants).await?;
                 crate::failpoint::crash_point("after_checkpoint");
+                health.checkpointed();
                 saved_seq = m.stream_seq;
                 not_before = now + SAVE_EVERY;
             }
             confirm.send_replace(Lsn(m.end_lsn));
+            metrics::gauge!(m_::CONFIRMED_LSN).set(m.end_lsn as f64);
         }
     }
     Ok(())

@@ -78,6 +78,10 @@ pub struct OutEvent {
     pub subject: String,
     pub route: Route,
     pub commit_lsn: u64,
+    /// Commit time, Unix microseconds (for lag metrics).
+    pub commit_unix_micros: i64,
+    pub entity: Entity,
+    pub action: Action,
     pub payload: Bytes,
 }
 
@@ -201,6 +205,11 @@ impl EventBuilder {
             subject,
             route,
             commit_lsn: event.commit_lsn,
+            commit_unix_micros: event
+                .commit_time
+                .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000)),
+            entity,
+            action,
             payload: Bytes::from(event.encode_to_vec()),
         }
     }

@@ -12,6 +12,7 @@
 //! - at most `max_in_flight` publishes await an ack (bounded memory).
 
 pub mod oversized;
+mod stats;
 pub mod stream;
 
 use std::collections::VecDeque;
@@ -77,15 +78,42 @@ impl PublishError {
 
 /// Per-event bookkeeping, in publish order.
 enum Pending {
-    Event {
-        event_id: String,
-        tenant: Option<(Arc<str>, u64)>,
-    },
+    Event(Sent),
     Boundary(u64),
     Published {
         tenant: Option<(Arc<str>, u64)>,
         stream_seq: u64,
     },
+}
+
+/// What is remembered of a sent event until its ack.
+struct Sent {
+    event_id: String,
+    tenant: Option<(Arc<str>, u64)>,
+    entity: crate::proto::Entity,
+    action: crate::proto::Action,
+    bytes: usize,
+    dead_letter: bool,
+    commit_micros: i64,
+    at: Instant,
+}
+
+impl Sent {
+    fn of(event: &OutEvent) -> Sent {
+        Sent {
+            event_id: event.event_id.clone(),
+            tenant: match &event.route {
+                Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
+                _ => None,
+            },
+            entity: event.entity,
+            action: event.action,
+            bytes: event.payload.len(),
+            dead_letter: matches!(event.route, Route::DeadLetter { .. }),
+            commit_micros: event.commit_unix_micros,
+            at: Instant::now(),
+        }
+    }
 }
 
 /// How often progress is cut into segments for the checkpointer.
@@ -116,6 +144,7 @@ impl Publisher {
         let mut next_seq = last_seq + 1;
         let mut acked_seq = last_seq;
         let mut input_open = true;
+        let mut stats = stats::Stats::default();
         let mut tick = tokio::time::interval(CUT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -123,16 +152,17 @@ impl Publisher {
                 biased;
                 Some(ack) = acks.next(), if !acks.is_empty() => {
                     let ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError> = ack;
-                    let Some(Pending::Event { event_id, tenant }) = pending.pop_front() else {
+                    let Some(Pending::Event(sent)) = pending.pop_front() else {
                         unreachable!("acks and pending events are pushed together, boundaries are drained eagerly")
                     };
-                    let ack = ack.map_err(|e| PublishError::Ack { event_id: event_id.clone(), reason: e.to_string() })?;
+                    let ack = ack.map_err(|e| PublishError::Ack { event_id: sent.event_id.clone(), reason: e.to_string() })?;
                     crate::failpoint::crash_point("after_ack");
                     acked_seq += 1;
                     if ack.sequence != acked_seq || ack.duplicate {
-                        return Err(PublishError::Chain { event_id, expected: acked_seq, got: ack.sequence });
+                        return Err(PublishError::Chain { event_id: sent.event_id, expected: acked_seq, got: ack.sequence });
                     }
-                    progress.acked(tenant.as_ref().map(|(t, s)| (t, *s)), ack.sequence);
+                    stats.acked(sent.entity, sent.action, sent.bytes, sent.dead_letter, sent.commit_micros, sent.at.elapsed());
+                    progress.acked(sent.tenant.as_ref().map(|(t, s)| (t, *s)), ack.sequence);
                     drain_ready(&mut pending, &mut progress);
                 }
                 batch = items.recv(), if input_open && acks.len() < self.max_in_flight => match batch {
@@ -143,13 +173,9 @@ impl Publisher {
                         for item in batch {
                             match item {
                                 Item::Event(event) => {
-                                    let tenant = match &event.route {
-                                        Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
-                                        _ => None,
-                                    };
-                                    let event_id = event.event_id.clone();
+                                    let sent = Sent::of(&event);
                                     acks.push_back(self.publish(event, next_seq - 1).await?.into_future());
-                                    pending.push_back(Pending::Event { event_id, tenant });
+                                    pending.push_back(Pending::Event(sent));
                                     crate::failpoint::crash_point("after_publish");
                                     next_seq += 1;
                                 }
@@ -164,12 +190,14 @@ impl Publisher {
                     None => input_open = false,
                 },
                 _ = tick.tick() => {
+                    stats.flush();
                     if let Some(seg) = progress.cut(Instant::now(), false) {
                         segments.send(seg).await.map_err(|_| PublishError::Downstream)?;
                     }
                 }
             }
             if !input_open && acks.is_empty() {
+                stats.flush();
                 drain_ready(&mut pending, &mut progress);
                 if let Some(seg) = progress.cut(Instant::now(), true) {
                     segments

@@ -13,39 +13,25 @@ pub async fn ensure(
     js: &jetstream::Context,
     settings: &Settings,
 ) -> Result<stream::Stream, PublishError> {
-    let subjects = format!("{}.>", settings.subject_prefix);
-    match js.get_stream(&settings.stream).await {
-        Ok(mut existing) => {
-            let info = existing
-                .info()
-                .await
-                .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
-            verify(&info.config, &settings.stream, &subjects)?;
-            Ok(existing)
-        }
-        Err(e)
-            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
-            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            let config = stream::Config {
-                name: settings.stream.clone(),
-                subjects: vec![subjects],
-                storage: stream::StorageType::File,
-                retention: stream::RetentionPolicy::Limits,
-                discard: stream::DiscardPolicy::Old,
-                num_replicas: settings.stream_replicas,
-                max_age: settings.stream_max_age,
-                max_bytes: settings.stream_max_bytes,
-                duplicate_window: settings.duplicate_window.max(Duration::from_millis(100)),
-                allow_direct: true,
-                ..Default::default()
-            };
-            js.create_stream(config)
-                .await
-                .map_err(|e| PublishError::Nats(format!("create stream {}: {e}", settings.stream)))
-        }
-        Err(e) => Err(classify_get_error(e)),
+    if let Some(existing) = verify_existing(js, settings).await? {
+        return Ok(existing);
     }
+    let config = stream::Config {
+        name: settings.stream.clone(),
+        subjects: vec![format!("{}.>", settings.subject_prefix)],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::Old,
+        num_replicas: settings.stream_replicas,
+        max_age: settings.stream_max_age,
+        max_bytes: settings.stream_max_bytes,
+        duplicate_window: settings.duplicate_window.max(Duration::from_millis(100)),
+        allow_direct: true,
+        ..Default::default()
+    };
+    js.create_stream(config)
+        .await
+        .map_err(|e| PublishError::Nats(format!("create stream {}: {e}", settings.stream)))
 }
 
 fn classify_get_error(e: jetstream::context::GetStreamError) -> PublishError {
@@ -79,4 +65,32 @@ fn verify(config: &stream::Config, name: &str, subjects: &str) -> Result<(), Pub
         ));
     }
     Ok(())
+}
+
+/// Checks an existing stream without creating one: `Ok(None)` if missing.
+pub async fn verify_existing(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<Option<stream::Stream>, PublishError> {
+    match js.get_stream(&settings.stream).await {
+        Ok(mut existing) => {
+            let info = existing
+                .info()
+                .await
+                .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
+            verify(
+                &info.config,
+                &settings.stream,
+                &format!("{}.>", settings.subject_prefix),
+            )?;
+            Ok(Some(existing))
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(classify_get_error(e)),
+    }
 }

@@ -1,5 +1,9 @@
 //! Logging: human-readable by default, JSON with `--log-format json`,
-//! filtered by `RUST_LOG` (default `warn,walcast=info`).
+//! filtered by `RUST_LOG` (default `warn,walcast=info`); Prometheus metrics
+//! and the health endpoints.
+
+pub mod http;
+pub mod metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,391 @@
+//! `walcast check`: verifies every precondition of `walcast run` and prints
+//! one line per check, with the exact fix for each failure. Exit status is
+//! non-zero if any check fails (warnings do not fail it).
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::config::{Settings, redact_url};
+use crate::database::Database;
+use crate::migrate::quote_ident;
+
+/// The outcome of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pass,
+    Warn,
+    Fail,
+    Info,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub status: Status,
+    pub text: String,
+    /// How to fix it (failures and warnings).
+    pub fix: Option<String>,
+}
+
+impl fmt::Display for Line {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mark = match self.status {
+            Status::Pass => "✓",
+            Status::Warn => "!",
+            Status::Fail => "✗",
+            Status::Info => "i",
+        };
+        write!(f, "{mark} {}", self.text)?;
+        if let Some(fix) = &self.fix {
+            write!(f, "\n    fix: {fix}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Report(Vec<Line>);
+
+impl Report {
+    fn add(&mut self, status: Status, text: impl Into<String>, fix: Option<String>) {
+        self.0.push(Line {
+            status,
+            text: text.into(),
+            fix,
+        });
+    }
+    fn pass(&mut self, text: impl Into<String>) {
+        self.add(Status::Pass, text, None);
+    }
+    fn fail(&mut self, text: impl Into<String>, fix: impl Into<String>) {
+        self.add(Status::Fail, text, Some(fix.into()));
+    }
+    fn check(
+        &mut self,
+        ok: bool,
+        pass: impl Into<String>,
+        fail: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        if ok {
+            self.pass(pass)
+        } else {
+            self.fail(fail, fix)
+        }
+    }
+}
+
+/// Runs every check; returns the lines in order.
+pub async fn run(settings: &Settings) -> Vec<Line> {
+    let mut report = Report::default();
+    match Database::parse(&settings.database_url) {
+        Err(e) => report.fail(
+            e.to_string(),
+            "pass a libpq URL: postgres://USER:PASSWORD@HOST:PORT/DB",
+        ),
+        Ok(db) => match db.connect().await {
+            Err(e) => report.fail(
+                e.to_string(),
+                "check that Postgres runs and that --database-url is right",
+            ),
+            Ok(client) => {
+                report.pass(format!("Postgres reachable at {}", db.redacted()));
+                if let Err(e) = postgres(&client, settings, &mut report).await {
+                    report.fail(
+                        format!("a check query failed: {e}"),
+                        "run walcast check with a role that can read pg_catalog",
+                    );
+                }
+            }
+        },
+    }
+    nats(settings, &mut report).await;
+    report.add(
+        Status::Info,
+        format!("confirm delay is {}: the slot keeps that much WAL behind acknowledged events", humantime::format_duration(settings.confirm_delay)),
+        (settings.confirm_delay.is_zero()).then(|| {
+            "with 0, a NATS crash before its fsync (sync_interval, 2m by default) can lose acknowledged events for good; \
+             use 0 only if every NATS server runs with `jetstream { sync_interval: always }`"
+                .to_string()
+        }),
+    );
+    report.0
+}
+
+async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_postgres::Error> {
+    let version: i32 = c
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await?
+        .get(0);
+    r.check(
+        version >= 140000,
+        format!("Postgres version {} is supported", version / 10000),
+        format!("Postgres {} is too old", version / 10000),
+        "upgrade to PostgreSQL 14 or newer (walcast needs pgoutput's `messages` option)",
+    );
+    let wal_level: String = c.query_one("SHOW wal_level", &[]).await?.get(0);
+    r.check(
+        wal_level == "logical",
+        "wal_level is logical",
+        format!("wal_level is {wal_level}"),
+        "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
+    );
+    let row = c
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int, (SELECT count(*) FROM pg_replication_slots)::int,
+                    current_setting('max_wal_senders')::int, (SELECT count(*) FROM pg_stat_replication)::int,
+                    EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&s.slot],
+        )
+        .await?;
+    let (max_slots, slots, max_senders, senders, slot_exists): (i32, i32, i32, i32, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    r.check(
+        slot_exists || slots < max_slots,
+        format!("replication slots: {slots} of {max_slots} used"),
+        format!("no free replication slot ({slots} of {max_slots} used)"),
+        "raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = ...; restart) or drop an unused slot",
+    );
+    r.check(
+        senders < max_senders,
+        format!("WAL senders: {senders} of {max_senders} used"),
+        format!("no free WAL sender ({senders} of {max_senders} used)"),
+        "raise max_wal_senders (ALTER SYSTEM SET max_wal_senders = ...; restart Postgres)",
+    );
+    let row = c
+        .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
+        .await?;
+    let (user, replication): (String, bool) = (row.get(0), row.get(1));
+    r.check(
+        replication,
+        format!("role {user} has REPLICATION"),
+        format!("role {user} lacks REPLICATION"),
+        format!("ALTER ROLE {} REPLICATION;", quote_ident(&user)),
+    );
+    let t = &s.tables;
+    let tables = [&t.tasks, &t.projects, &t.locks];
+    for table in tables {
+        let qualified = format!("{}.{}", quote_ident(&t.schema), quote_ident(table));
+        let row = c
+            .query_opt(
+                "SELECT has_table_privilege(c.oid, 'SELECT'), c.relreplident::text
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&t.schema, table],
+            )
+            .await?;
+        let Some(row) = row else {
+            r.fail(format!("table {qualified} does not exist"), "run `walcast migrate`, or set --schema / --tasks-table / --projects-table / --locks-table");
+            continue;
+        };
+        let (select, identity): (bool, String) = (row.get(0), row.get(1));
+        r.check(
+            select,
+            format!("SELECT on {qualified}"),
+            format!("no SELECT on {qualified}"),
+            format!("GRANT SELECT ON {qualified} TO {};", quote_ident(&user)),
+        );
+        if identity == "f" {
+            r.pass(format!("{qualified} has REPLICA IDENTITY FULL"));
+        } else {
+            r.add(
+                Status::Warn,
+                format!("{qualified} does not have REPLICA IDENTITY FULL: updates and deletes carry no before-image"),
+                Some(format!("ALTER TABLE {qualified} REPLICA IDENTITY FULL;")),
+            );
+        }
+    }
+    let published: Vec<String> = c
+        .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&s.publication])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let exists = c
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&s.publication],
+        )
+        .await?
+        .is_some();
+    let mut wanted: Vec<String> = tables
+        .iter()
+        .map(|name| format!("{}.{name}", t.schema))
+        .collect();
+    wanted.sort();
+    let list = tables
+        .iter()
+        .map(|name| format!("{}.{}", quote_ident(&t.schema), quote_ident(name)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !exists {
+        r.fail(
+            format!("publication {} does not exist", s.publication),
+            format!(
+                "walcast migrate, or CREATE PUBLICATION {} FOR TABLE {list};",
+                quote_ident(&s.publication)
+            ),
+        );
+    } else {
+        r.check(
+            published == wanted,
+            format!(
+                "publication {} covers exactly {}",
+                s.publication,
+                wanted.join(", ")
+            ),
+            format!(
+                "publication {} covers {:?}, expected {:?}",
+                s.publication, published, wanted
+            ),
+            format!(
+                "ALTER PUBLICATION {} SET TABLE {list};",
+                quote_ident(&s.publication)
+            ),
+        );
+    }
+    let state = c
+        .query_opt(
+            "SELECT has_table_privilege('walcast.checkpoints', 'INSERT') AND has_table_privilege('walcast.checkpoints', 'UPDATE')
+                AND has_table_privilege('walcast.tenant_seqs', 'INSERT') AND has_table_privilege('walcast.tenant_seqs', 'UPDATE')
+             WHERE to_regclass('walcast.checkpoints') IS NOT NULL AND to_regclass('walcast.tenant_seqs') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    match state.map(|row| row.get::<_, bool>(0)) {
+        Some(true) => r.pass("checkpoint tables walcast.checkpoints and walcast.tenant_seqs are writable"),
+        Some(false) => r.fail(
+            "checkpoint tables are not writable by this role",
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs TO {};", quote_ident(&user)),
+        ),
+        None => r.fail("checkpoint tables are missing", "run `walcast migrate`"),
+    }
+    let slot = c
+        .query_opt(
+            "SELECT plugin::text, active, coalesce(wal_status, 'unknown'),
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - restart_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&s.slot],
+        )
+        .await?;
+    match slot {
+        None => r.add(
+            Status::Pass,
+            format!(
+                "slot {} does not exist yet; `walcast migrate` or `walcast run` creates it",
+                s.slot
+            ),
+            None,
+        ),
+        Some(row) => {
+            let (plugin, active, wal_status, retained): (
+                Option<String>,
+                bool,
+                String,
+                Option<i64>,
+            ) = (row.get(0), row.get(1), row.get(2), row.get(3));
+            if plugin.as_deref() != Some("pgoutput") {
+                r.fail(
+                    format!("slot {} uses plugin {plugin:?}, not pgoutput", s.slot),
+                    "drop it or pick another --slot",
+                );
+            } else if wal_status == "lost" {
+                r.fail(
+                    format!(
+                        "slot {} is invalidated (wal_status lost): changes are missing",
+                        s.slot
+                    ),
+                    "see README \"Lost replication slot\"",
+                );
+            } else {
+                let mb = retained.unwrap_or(0) as f64 / 1_048_576.0;
+                r.pass(format!(
+                    "slot {} (pgoutput, {}, {mb:.1} MB of WAL retained, wal_status {wal_status})",
+                    s.slot,
+                    if active {
+                        "in use by a walcast"
+                    } else {
+                        "idle"
+                    }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn nats(s: &Settings, r: &mut Report) {
+    let url = redact_url(&s.nats_url);
+    let mut options = async_nats::ConnectOptions::new()
+        .name("walcast-check")
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(creds) = &s.nats_creds {
+        match options.credentials_file(creds).await {
+            Ok(o) => options = o,
+            Err(e) => {
+                return r.fail(
+                    format!("cannot read NATS credentials {}: {e}", creds.display()),
+                    "fix --nats-creds",
+                );
+            }
+        }
+    }
+    let client = match tokio::time::timeout(
+        Duration::from_secs(10),
+        options.connect(s.nats_url.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => {
+            return r.fail(
+                format!("NATS unreachable at {url}: {e}"),
+                "check that nats-server runs and that --nats-url is right",
+            );
+        }
+        Err(_) => {
+            return r.fail(
+                format!("NATS at {url} did not answer within 10 s"),
+                "check --nats-url and firewalls",
+            );
+        }
+    };
+    let info = client.server_info();
+    r.pass(format!("NATS reachable at {url} (server {})", info.version));
+    let version: Vec<u32> = info
+        .version
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    r.check(
+        version.as_slice() >= [2, 10].as_slice(),
+        format!("NATS server {} is supported", info.version),
+        format!("NATS server {} is too old", info.version),
+        "upgrade nats-server to 2.10 or newer",
+    );
+    let js = async_nats::jetstream::new(client);
+    match js.query_account().await {
+        Ok(_) => r.pass("JetStream is enabled"),
+        Err(e) => {
+            return r.fail(
+                format!("JetStream is not available: {e}"),
+                "start nats-server with -js (or a jetstream {} block)",
+            );
+        }
+    }
+    match crate::publish::stream::verify_existing(&js, s).await {
+        Ok(Some(_)) => r.pass(format!("stream {} exists and is compatible", s.stream)),
+        Ok(None) => r.pass(format!(
+            "stream {} does not exist yet; `walcast run` creates it",
+            s.stream
+        )),
+        Err(e) => r.fail(
+            e.to_string(),
+            format!(
+                "fix or remove stream {}, or pick another --stream",
+                s.stream
+            ),
+        ),
+    }
+}

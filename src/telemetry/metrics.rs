@@ -1,0 +1,102 @@
+//! Metric names, described once. Prometheus conventions: `walcast_<noun>_<unit>`,
+//! `_total` for counters; labels are low-cardinality (never a tenant).
+
+use std::sync::OnceLock;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const EVENTS_PUBLISHED: &str = "walcast_events_published_total";
+pub const EVENT_BYTES: &str = "walcast_event_bytes_total";
+pub const DEAD_LETTERS: &str = "walcast_dead_letters_total";
+pub const PUBLISH_ACK_SECONDS: &str = "walcast_publish_ack_seconds";
+pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
+pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
+pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
+pub const CHECKPOINT_AGE_SECONDS: &str = "walcast_checkpoint_age_seconds";
+pub const LAST_CHECKPOINT_TIMESTAMP: &str = "walcast_last_checkpoint_timestamp_seconds";
+pub const CONFIRMED_LSN: &str = "walcast_confirmed_lsn";
+pub const PIPELINE_RESTARTS: &str = "walcast_pipeline_restarts_total";
+pub const NATS_RECONNECTS: &str = "walcast_nats_reconnects_total";
+pub const ERRORS: &str = "walcast_errors_total";
+pub const REPUBLISHED_EVENTS: &str = "walcast_republished_events_total";
+pub const CATCHUP_REQUESTS: &str = "walcast_catchup_requests_total";
+pub const CATCHUP_SECONDS: &str = "walcast_catchup_seconds";
+pub const UP: &str = "walcast_up";
+
+/// Installs the process-wide recorder once and returns its handle.
+pub fn install() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let latency = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let handle = PrometheusBuilder::new()
+            .set_buckets(&latency)
+            .expect("static bucket list is not empty")
+            .install_recorder()
+            .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    describe_counter!(
+        EVENTS_PUBLISHED,
+        "Events acknowledged by JetStream, by entity and action"
+    );
+    describe_counter!(
+        EVENT_BYTES,
+        Unit::Bytes,
+        "Encoded event bytes acknowledged by JetStream"
+    );
+    describe_counter!(
+        DEAD_LETTERS,
+        "Events published to <prefix>._deadletter (tenant id not routable)"
+    );
+    describe_histogram!(
+        PUBLISH_ACK_SECONDS,
+        Unit::Seconds,
+        "Time from publish to JetStream acknowledgement"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL position minus the last acknowledged commit"
+    );
+    describe_gauge!(
+        REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the newest acknowledged event's commit when it was acknowledged"
+    );
+    describe_gauge!(
+        SLOT_RETAINED_WAL_BYTES,
+        Unit::Bytes,
+        "WAL the replication slot keeps (current WAL LSN - restart_lsn)"
+    );
+    describe_gauge!(
+        CHECKPOINT_AGE_SECONDS,
+        Unit::Seconds,
+        "Seconds since the last durable checkpoint"
+    );
+    describe_gauge!(
+        LAST_CHECKPOINT_TIMESTAMP,
+        Unit::Seconds,
+        "Unix time of the last durable checkpoint"
+    );
+    describe_gauge!(CONFIRMED_LSN, "LSN last confirmed to the slot");
+    describe_counter!(
+        PIPELINE_RESTARTS,
+        "Pipeline restarts from the checkpoint after an error, by stage"
+    );
+    describe_counter!(NATS_RECONNECTS, "NATS disconnections");
+    describe_counter!(ERRORS, "Errors, by stage");
+    describe_counter!(
+        REPUBLISHED_EVENTS,
+        "Events republished because the broker lost them (SPEC §4.7)"
+    );
+    describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
+    describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
+    describe_gauge!(UP, "1 while walcast holds the slot and publishes");
+}
