@@ -17,6 +17,7 @@ use crate::config::{Settings, redact_url};
 use crate::database::Database;
 use crate::pipeline::{self, PipelineError};
 use crate::publish::PublishError;
+use crate::source::SourceError;
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -92,9 +93,9 @@ pub async fn run(
             return Ok(());
         }
         let error = match result {
-            Ok(()) => PipelineError::Source(crate::source::SourceError::Replication(
-                "replication stream ended".into(),
-            )),
+            Ok(()) => {
+                PipelineError::Source(SourceError::Replication("replication stream ended".into()))
+            }
             Err(e) => e,
         };
         metrics::counter!(m::ERRORS, "stage" => error.stage()).increment(1);
@@ -106,7 +107,9 @@ pub async fn run(
         if !retry {
             return Err(error.into());
         }
-        if !started && startup.elapsed() >= ctx.settings.startup_timeout {
+        // A standby waits for the slot for as long as the active instance holds it.
+        let standby = matches!(error, PipelineError::Source(SourceError::SlotBusy(_)));
+        if !started && !standby && startup.elapsed() >= ctx.settings.startup_timeout {
             tracing::error!(timeout = ?ctx.settings.startup_timeout, "gave up waiting for Postgres and NATS at startup");
             return Err(error.into());
         }

@@ -80,6 +80,10 @@ pub struct Options {
     /// or NATS not up yet); then exit non-zero with the last error [default: 30s]
     #[arg(long, env = "WALCAST_STARTUP_TIMEOUT")]
     pub startup_timeout: Option<String>,
+    /// Build events but publish nothing and never confirm the slot (for
+    /// checking what would be published and measuring decoding) [default: false]
+    #[arg(long, env = "WALCAST_DRY_RUN")]
+    pub dry_run: Option<bool>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "WALCAST_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -110,6 +114,7 @@ pub struct Settings {
     pub duplicate_window: Duration,
     pub max_in_flight: usize,
     pub startup_timeout: Duration,
+    pub dry_run: bool,
     pub log_json: bool,
 }
 
@@ -154,6 +159,7 @@ impl Options {
             duplicate_window,
             max_in_flight,
             startup_timeout,
+            dry_run,
             log_format,
         )
     }
@@ -236,6 +242,7 @@ impl Options {
                 "startup_timeout",
                 self.startup_timeout.as_deref().unwrap_or("30s"),
             )?,
+            dry_run: self.dry_run.unwrap_or(false),
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
                 "json" => true,

@@ -1,5 +1,6 @@
 mod catchup;
 mod demo;
+mod deploy_files;
 mod harness;
 mod operator;
 mod pipeline;

@@ -25,6 +25,11 @@ pub enum SourceError {
     Replication(String),
     #[error("{0}")]
     Definite(String),
+    /// Another process (a second walcast) streams this slot: wait as a standby.
+    #[error(
+        "replication slot is in use by another process ({0}); waiting as a standby until it is free"
+    )]
+    SlotBusy(String),
 }
 
 impl SourceError {
@@ -37,13 +42,15 @@ impl SourceError {
             SourceError::Definite(format!(
                 "replication connection refused: {text} (the role needs LOGIN and REPLICATION, and pg_hba.conf must allow replication)"
             ))
+        } else if text.contains("is active for PID") {
+            SourceError::SlotBusy(text)
         } else {
             SourceError::Replication(text)
         }
     }
 
     pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Replication(_))
+        matches!(self, SourceError::Replication(_) | SourceError::SlotBusy(_))
     }
 }
 

@@ -7,6 +7,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const EVENTS_PUBLISHED: &str = "walcast_events_published_total";
+pub const EVENTS_BUILT: &str = "walcast_events_built_total";
 pub const EVENT_BYTES: &str = "walcast_event_bytes_total";
 pub const DEAD_LETTERS: &str = "walcast_dead_letters_total";
 pub const PUBLISH_ACK_SECONDS: &str = "walcast_publish_ack_seconds";

@@ -13,24 +13,26 @@
 //! they are counted but not sent again. If the stream holds fewer than `s`
 //! messages, the broker lost events the slot no longer has: stop, loudly.
 
+mod dry_run;
+mod reader;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
-
-use crate::telemetry::http::Health;
 
 use crate::assemble::{AssembleError, Assembler};
 use crate::catchup;
 use crate::checkpoint::{self, store};
 use crate::config::Settings;
 use crate::database::{Database, DbError, query_err};
-use crate::decode::{self, DecodeError};
-use crate::events::{EventBuilder, Route, Sequencer};
+use crate::decode::DecodeError;
+use crate::events::{EventBuilder, Sequencer};
 use crate::publish::{self, Item, PublishError, Publisher};
-use crate::source::{Source, SourceError, SourceEvent, slot};
+use crate::source::{Source, SourceError, slot};
+use crate::telemetry::http::Health;
+use reader::{Reader, Skip, read_batch};
 
 /// Why a run ended early.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,9 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         )));
     }
 
+    if s.dry_run {
+        return dry_run::run(ctx, shutdown, checkpoint, slot_state).await;
+    }
     let mut stream = publish::stream::ensure(&ctx.js, s).await?;
     let last_seq = stream
         .info()
@@ -298,103 +303,6 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
     match tx {
         Some(tx) => tx.closed().await,
         None => std::future::pending().await,
-    }
-}
-
-/// Reads one batch: at least one event (waiting for it), then whatever is
-/// already buffered, up to [`BATCH`] items.
-async fn read_batch(
-    source: &mut Source,
-    reader: &mut Reader<'_>,
-) -> Result<Vec<Item>, PipelineError> {
-    let mut out = Vec::with_capacity(BATCH);
-    let first = source
-        .next()
-        .await?
-        .ok_or_else(|| SourceError::Replication("stream ended".into()))?;
-    reader.handle(first, &mut out)?;
-    while out.len() < BATCH {
-        match source.next().now_or_never() {
-            Some(next) => {
-                let event = next?.ok_or_else(|| SourceError::Replication("stream ended".into()))?;
-                reader.handle(event, &mut out)?;
-            }
-            None => break,
-        }
-    }
-    Ok(out)
-}
-
-/// Decode → assemble → skip what is already published.
-struct Reader<'a> {
-    assembler: &'a mut Assembler,
-    skip: Skip,
-    last_boundary: u64,
-}
-
-impl Reader<'_> {
-    fn handle(&mut self, event: SourceEvent, out: &mut Vec<Item>) -> Result<(), PipelineError> {
-        let from = out.len();
-        match &event {
-            SourceEvent::Data(bytes) => self.assembler.handle(decode::decode(bytes)?, out)?,
-            SourceEvent::KeepAlive(lsn) => {
-                if !self.assembler.in_transaction() && lsn.0 > self.last_boundary {
-                    out.push(Item::Boundary(lsn.0));
-                }
-            }
-            other => {
-                if let Some(msg) = other.as_message() {
-                    self.assembler.handle(msg, out)?;
-                }
-            }
-        }
-        for item in &mut out[from..] {
-            match item {
-                Item::Boundary(lsn) => self.last_boundary = self.last_boundary.max(*lsn),
-                Item::Event(event) if self.skip.remaining > 0 => *item = self.skip.take(event)?,
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Events a previous run already published, to count but not resend.
-struct Skip {
-    remaining: u64,
-    next_stream_seq: u64,
-    tail_id: Option<String>,
-}
-
-impl Skip {
-    fn new(remaining: u64, checkpoint_stream_seq: u64, tail_id: Option<String>) -> Self {
-        Skip {
-            remaining,
-            next_stream_seq: checkpoint_stream_seq + 1,
-            tail_id,
-        }
-    }
-
-    fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {
-        self.remaining -= 1;
-        let stream_seq = self.next_stream_seq;
-        self.next_stream_seq += 1;
-        if self.remaining == 0
-            && let Some(tail) = &self.tail_id
-            && *tail != event.event_id
-        {
-            return Err(PipelineError::Fatal(format!(
-                "the stream's last message is event {tail}, but replaying the slot from the checkpoint gives {} at that \
-                 position: the stream holds messages walcast did not publish, or the checkpoint belongs to another \
-                 stream. Point walcast at its own stream",
-                event.event_id
-            )));
-        }
-        let tenant = match &event.route {
-            Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
-            _ => None,
-        };
-        Ok(Item::Published { tenant, stream_seq })
     }
 }
 
