@@ -15,4 +15,4 @@ locked=()
 if [ -f Cargo.lock ]; then
     locked=(--locked)
 fi
-exec cargo test ${locked[@]+"${locked[@]}"} --features failpoints "$@"
+exec cargo test ${locked[@]+"${locked[@]}"} --workspace --features walcast/failpoints "$@"

@@ -1,0 +1,1 @@
+//! walcast client (work in progress).
