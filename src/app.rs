@@ -51,7 +51,10 @@ pub async fn run(
         confirm_delay = ?settings.confirm_delay,
         "walcast starting"
     );
-    let nats = crate::broker::connect(&settings)
+    let crate::broker::Connection {
+        client: nats,
+        connects,
+    } = crate::broker::connect(&settings)
         .await
         .map_err(|reason| AppError::Nats {
             url: redact_url(&settings.nats_url),
@@ -71,6 +74,8 @@ pub async fn run(
             reason: e.to_string(),
         })?;
     let ctx = pipeline::Context {
+        connects,
+        acked_high: Default::default(),
         settings,
         db,
         js,

@@ -2,22 +2,40 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use crate::config::Settings;
+use crate::telemetry::metrics as m;
+
+/// A connected client and a counter that ticks on every (re)connection, so
+/// the pipeline can reconcile with the stream each time (SPEC §4.7).
+pub struct Connection {
+    pub client: async_nats::Client,
+    pub connects: watch::Receiver<u64>,
+}
 
 /// Connects to NATS. The client reconnects by itself (forever, with backoff),
 /// and connection changes are logged, so an outage says what walcast waits for.
-pub async fn connect(settings: &Settings) -> Result<async_nats::Client, String> {
+pub async fn connect(settings: &Settings) -> Result<Connection, String> {
+    let (connects_tx, connects) = watch::channel(0u64);
     let mut options = async_nats::ConnectOptions::new()
         .name("walcast")
         .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(|event| async move {
-            match event {
-                async_nats::Event::Disconnected => {
-                    tracing::warn!("NATS disconnected; reconnecting")
+        .event_callback(move |event| {
+            let connects_tx = connects_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        metrics::counter!(m::NATS_RECONNECTS).increment(1);
+                        tracing::warn!("NATS disconnected; reconnecting");
+                    }
+                    async_nats::Event::Connected => {
+                        connects_tx.send_modify(|n| *n += 1);
+                        tracing::info!("NATS connected");
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
-                async_nats::Event::Connected => tracing::info!("NATS connected"),
-                other => tracing::debug!(event = %other, "NATS event"),
             }
         });
     if let Some(creds) = &settings.nats_creds {
@@ -26,8 +44,9 @@ pub async fn connect(settings: &Settings) -> Result<async_nats::Client, String> 
             .await
             .map_err(|e| format!("cannot read NATS credentials {}: {e}", creds.display()))?;
     }
-    options
+    let client = options
         .connect(settings.nats_url.as_str())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    Ok(Connection { client, connects })
 }

@@ -22,6 +22,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_role_and_publication.sql",
         include_str!("../migrations/0003_role_and_publication.sql"),
     ),
+    (
+        "0004_acked_seq.sql",
+        include_str!("../migrations/0004_acked_seq.sql"),
+    ),
 ];
 
 /// What a migration run did.

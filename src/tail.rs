@@ -36,7 +36,8 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
         .map_err(|e| anyhow::anyhow!("--tenant: {}", e.reason()))?;
     let client = crate::broker::connect(settings)
         .await
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .client;
     let js = jetstream::new(client);
     let mut stream = js
         .get_stream(&settings.stream)

@@ -26,8 +26,11 @@ pub use store::Checkpoint;
 /// At most this often a checkpoint is written while running (always on exit).
 const SAVE_EVERY: Duration = Duration::from_millis(250);
 
-/// How often the slot's retained WAL and the lag in bytes are measured.
-const GAUGES_EVERY: Duration = Duration::from_secs(5);
+/// How often the highest acknowledged stream sequence is recorded.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The slot's retained WAL and the lag in bytes are measured every 5 ticks.
+const GAUGES_EVERY_TICKS: u64 = 5;
 
 /// Sets the slot gauges; a failed query only leaves them stale.
 async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
@@ -62,7 +65,9 @@ pub async fn run(
 ) -> Result<(), DbError> {
     let mut queue = ConfirmQueue::new(delay);
     let mut acked_lsn = start.lsn;
-    let mut gauges = tokio::time::interval(GAUGES_EVERY);
+    let (mut acked_seq, mut saved_acked) = (start.acked_seq, start.acked_seq);
+    let mut ticks = 0u64;
+    let mut tick = tokio::time::interval(TICK);
     let mut saved_seq = start.stream_seq;
     let mut not_before = Instant::now();
     let mut open = true;
@@ -72,12 +77,20 @@ pub async fn run(
             seg = segments.recv() => match seg {
                 Some(seg) => {
                     acked_lsn = Lsn(seg.end_lsn);
+                    acked_seq = acked_seq.max(seg.stream_seq);
                     queue.push(seg);
                 }
                 None => open = false,
             },
-            _ = gauges.tick() => {
-                slot_gauges(&client, &slot, acked_lsn).await;
+            _ = tick.tick() => {
+                ticks += 1;
+                if acked_seq > saved_acked {
+                    store::save_acked(&client, &slot, acked_seq).await?;
+                    saved_acked = acked_seq;
+                }
+                if ticks % GAUGES_EVERY_TICKS == 1 {
+                    slot_gauges(&client, &slot, acked_lsn).await;
+                }
                 continue;
             }
             _ = sleep_until(due), if due.is_some() => {}

@@ -18,6 +18,8 @@ pub struct Checkpoint {
     pub lsn: Lsn,
     pub stream: String,
     pub stream_seq: u64,
+    /// Highest stream sequence seen acknowledged (>= `stream_seq`).
+    pub acked_seq: u64,
     pub tenants: Vec<(String, u64)>,
 }
 
@@ -25,7 +27,7 @@ pub struct Checkpoint {
 pub async fn load(client: &Client, slot: &str) -> Result<Option<Checkpoint>, DbError> {
     let Some(row) = client
         .query_opt(
-            "SELECT lsn::text, stream, stream_seq FROM walcast.checkpoints WHERE slot = $1",
+            "SELECT lsn::text, stream, stream_seq, acked_seq FROM walcast.checkpoints WHERE slot = $1",
             &[&slot],
         )
         .await
@@ -47,6 +49,7 @@ pub async fn load(client: &Client, slot: &str) -> Result<Option<Checkpoint>, DbE
         lsn: Lsn::parse(row.get::<_, &str>(0)).unwrap_or_default(),
         stream: row.get(1),
         stream_seq: row.get::<_, i64>(2) as u64,
+        acked_seq: row.get::<_, i64>(3) as u64,
         tenants,
     }))
 }
@@ -125,4 +128,16 @@ pub async fn save(
         )));
     }
     tx.commit().await.map_err(query_err("commit checkpoint"))
+}
+
+/// Records the highest acknowledged stream sequence (monotonic).
+pub async fn save_acked(client: &Client, slot: &str, acked_seq: u64) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE walcast.checkpoints SET acked_seq = greatest(acked_seq, $2) WHERE slot = $1",
+            &[&slot, &(acked_seq as i64)],
+        )
+        .await
+        .map_err(query_err("write walcast.checkpoints.acked_seq"))?;
+    Ok(())
 }

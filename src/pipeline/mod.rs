@@ -17,6 +17,7 @@ mod dry_run;
 mod reader;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -83,6 +84,11 @@ pub struct Context {
     pub db: Database,
     pub js: jetstream::Context,
     pub health: Arc<Health>,
+    /// Ticks on every NATS (re)connection.
+    pub connects: watch::Receiver<u64>,
+    /// The highest stream sequence this process has seen acknowledged: if the
+    /// stream later ends below it, the broker lost acknowledged messages.
+    pub acked_high: Arc<AtomicU64>,
 }
 
 /// Marks the instance ready while a run holds the slot.
@@ -181,6 +187,18 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             "stream is ahead of the checkpoint; replaying without republishing"
         );
     }
+    let acked_high = ctx
+        .acked_high
+        .fetch_max(checkpoint.acked_seq, Ordering::SeqCst)
+        .max(checkpoint.acked_seq);
+    if last_seq < acked_high {
+        tracing::warn!(
+            stream = %s.stream,
+            lost_from = last_seq + 1,
+            lost_to = acked_high,
+            "the broker lost messages it had acknowledged; republishing them from the slot with the same ids and seqs"
+        );
+    }
 
     let start = checkpoint.lsn.max(slot_state.confirmed_flush);
     let tenants = checkpoint.tenants.len();
@@ -220,6 +238,8 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             s.stream_replicas,
         ),
         index,
+        acked_high: ctx.acked_high.clone(),
+        republish: publish::republish::Republish::below(acked_high),
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let ckpt_sql = ctx.db.connect().await?;
@@ -247,9 +267,21 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let mut failure: Option<PipelineError> = None;
     let mut confirmed = start;
     // Read until shutdown or an error; keep passing confirmations through.
+    let mut connects = ctx.connects.clone();
+    connects.borrow_and_update();
     loop {
         tokio::select! {
             biased;
+            // SPEC §4.7: on every reconnection, compare the stream's tail with
+            // what this process saw acknowledged; a shorter stream means loss,
+            // and the restart from the checkpoint republishes it.
+            Ok(()) = connects.changed(), if items_tx.is_some() => {
+                connects.borrow_and_update();
+                if let Some(loss) = broker_loss(&stream, &ctx.acked_high).await {
+                    failure = Some(loss);
+                    items_tx = None;
+                }
+            }
             _ = shutdown.changed(), if items_tx.is_some() => {
                 if *shutdown.borrow() {
                     items_tx = None; // the publisher drains, then the checkpointer finishes
@@ -304,6 +336,23 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
         Some(tx) => tx.closed().await,
         None => std::future::pending().await,
     }
+}
+
+/// The error to restart with if the stream now ends before what was acknowledged.
+async fn broker_loss(
+    stream: &jetstream::stream::Stream,
+    acked_high: &AtomicU64,
+) -> Option<PipelineError> {
+    let mut stream = stream.clone();
+    let last = stream.info().await.ok()?.state.last_sequence;
+    let high = acked_high.load(Ordering::SeqCst);
+    (last < high).then(|| {
+        PipelineError::Publish(PublishError::BrokerLoss {
+            stream: stream.cached_info().config.name.clone(),
+            last,
+            high,
+        })
+    })
 }
 
 /// The `Nats-Msg-Id` of the stream's last message, if it can still be read.

@@ -12,6 +12,7 @@
 //! - at most `max_in_flight` publishes await an ack (bounded memory).
 
 pub mod oversized;
+pub mod republish;
 mod stats;
 pub mod stream;
 
@@ -64,6 +65,12 @@ pub enum PublishError {
     },
     #[error("checkpointer stopped")]
     Downstream,
+    #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high - last)]
+    BrokerLoss {
+        stream: String,
+        last: u64,
+        high: u64,
+    },
 }
 
 impl PublishError {
@@ -127,6 +134,10 @@ pub struct Publisher {
     pub oversized: oversized::Oversized,
     /// Where each tenant's events land, for the catch-up service.
     pub index: crate::catchup::Index,
+    /// Highest acknowledged stream sequence in this process (see `pipeline`).
+    pub acked_high: Arc<std::sync::atomic::AtomicU64>,
+    /// Tracks events republished because the broker lost them.
+    pub republish: republish::Republish,
 }
 
 impl Publisher {
@@ -161,6 +172,7 @@ impl Publisher {
                     if ack.sequence != acked_seq || ack.duplicate {
                         return Err(PublishError::Chain { event_id: sent.event_id, expected: acked_seq, got: ack.sequence });
                     }
+                    self.acked_high.fetch_max(ack.sequence, std::sync::atomic::Ordering::SeqCst);
                     stats.acked(sent.entity, sent.action, sent.bytes, sent.dead_letter, sent.commit_micros, sent.at.elapsed());
                     progress.acked(sent.tenant.as_ref().map(|(t, s)| (t, *s)), ack.sequence);
                     drain_ready(&mut pending, &mut progress);
@@ -174,6 +186,7 @@ impl Publisher {
                             match item {
                                 Item::Event(event) => {
                                     let sent = Sent::of(&event);
+                                    self.republish.sent(next_seq, &event);
                                     acks.push_back(self.publish(event, next_seq - 1).await?.into_future());
                                     pending.push_back(Pending::Event(sent));
                                     crate::failpoint::crash_point("after_publish");
@@ -197,6 +210,7 @@ impl Publisher {
                 }
             }
             if !input_open && acks.is_empty() {
+                self.republish.finish();
                 stats.flush();
                 drain_ready(&mut pending, &mut progress);
                 if let Some(seg) = progress.cut(Instant::now(), true) {
