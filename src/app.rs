@@ -67,7 +67,7 @@ pub async fn run(
         .build(nats);
     let health = Arc::new(Health::default());
     crate::telemetry::metrics::install();
-    crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
+    let _http = crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
         .await
         .map_err(|e| AppError::Http {
             addr: settings.http_addr.clone(),

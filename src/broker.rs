@@ -1,4 +1,4 @@
-//! The NATS connection: one place for URL, credentials and reconnect policy.
+//! The NATS connection: one place for URL, credentials, TLS and reconnect policy.
 
 use std::time::Duration;
 
@@ -14,14 +14,45 @@ pub struct Connection {
     pub connects: watch::Receiver<u64>,
 }
 
+/// Authentication and TLS from the settings. User/password and token auth
+/// come from the URL (`nats://user:pass@host`, `nats://token@host`).
+pub async fn options(
+    settings: &Settings,
+    name: &str,
+) -> Result<async_nats::ConnectOptions, String> {
+    crate::database::tls::install_crypto_provider();
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_secs(5));
+    if let Some(creds) = &settings.nats_creds {
+        options = options
+            .credentials_file(creds)
+            .await
+            .map_err(|e| format!("cannot read NATS credentials {}: {e}", creds.display()))?;
+    }
+    if let Some(path) = &settings.nats_nkey {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read NATS nkey seed {}: {e}", path.display()))?;
+        options = options.nkey(seed.trim().to_string());
+    }
+    if let Some(ca) = &settings.nats_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&settings.nats_client_cert, &settings.nats_client_key) {
+        options = options
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    Ok(options)
+}
+
 /// Connects to NATS. The client reconnects by itself (forever, with backoff),
 /// and connection changes are logged, so an outage says what walcast waits for.
 pub async fn connect(settings: &Settings) -> Result<Connection, String> {
     let (connects_tx, connects) = watch::channel(0u64);
-    let mut options = async_nats::ConnectOptions::new()
-        .name("walcast")
+    let options = options(settings, "walcast")
+        .await?
         .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let connects_tx = connects_tx.clone();
             async move {
@@ -38,12 +69,6 @@ pub async fn connect(settings: &Settings) -> Result<Connection, String> {
                 }
             }
         });
-    if let Some(creds) = &settings.nats_creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .map_err(|e| format!("cannot read NATS credentials {}: {e}", creds.display()))?;
-    }
     let client = options
         .connect(settings.nats_url.as_str())
         .await

@@ -317,20 +317,10 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
 
 async fn nats(s: &Settings, r: &mut Report) {
     let url = redact_url(&s.nats_url);
-    let mut options = async_nats::ConnectOptions::new()
-        .name("walcast-check")
-        .connection_timeout(Duration::from_secs(5));
-    if let Some(creds) = &s.nats_creds {
-        match options.credentials_file(creds).await {
-            Ok(o) => options = o,
-            Err(e) => {
-                return r.fail(
-                    format!("cannot read NATS credentials {}: {e}", creds.display()),
-                    "fix --nats-creds",
-                );
-            }
-        }
-    }
+    let options = match crate::broker::options(s, "walcast-check").await {
+        Ok(options) => options,
+        Err(e) => return r.fail(e, "fix --nats-creds / --nats-nkey"),
+    };
     let client = match tokio::time::timeout(
         Duration::from_secs(10),
         options.connect(s.nats_url.as_str()),

@@ -29,6 +29,19 @@ pub struct Options {
     /// NATS credentials file (.creds) for JWT/nkey auth
     #[arg(long, env = "WALCAST_NATS_CREDS")]
     pub nats_creds: Option<PathBuf>,
+    /// NATS nkey seed file (for nkey authentication)
+    #[arg(long, env = "WALCAST_NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server's TLS certificate; also
+    /// makes TLS required (tls:// URLs require it too)
+    #[arg(long, env = "WALCAST_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS mutual TLS; needs --nats-client-key
+    #[arg(long, env = "WALCAST_NATS_CLIENT_CERT")]
+    pub nats_client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for NATS mutual TLS
+    #[arg(long, env = "WALCAST_NATS_CLIENT_KEY")]
+    pub nats_client_key: Option<PathBuf>,
     /// Logical replication slot (pgoutput) [default: walcast]
     #[arg(long, env = "WALCAST_SLOT")]
     pub slot: Option<String>,
@@ -101,6 +114,10 @@ pub struct Settings {
     pub database_url: String,
     pub nats_url: String,
     pub nats_creds: Option<PathBuf>,
+    pub nats_nkey: Option<PathBuf>,
+    pub nats_ca: Option<PathBuf>,
+    pub nats_client_cert: Option<PathBuf>,
+    pub nats_client_key: Option<PathBuf>,
     pub slot: String,
     pub publication: String,
     pub stream: String,
@@ -143,6 +160,10 @@ impl Options {
             database_url_file,
             nats_url,
             nats_creds,
+            nats_nkey,
+            nats_ca,
+            nats_client_cert,
+            nats_client_key,
             slot,
             publication,
             stream,
@@ -212,6 +233,10 @@ impl Options {
                 .nats_url
                 .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
             nats_creds: self.nats_creds,
+            nats_nkey: self.nats_nkey,
+            nats_ca: self.nats_ca,
+            nats_client_cert: self.nats_client_cert,
+            nats_client_key: self.nats_client_key,
             slot: self.slot.unwrap_or_else(|| "walcast".into()),
             publication: self.publication.unwrap_or_else(|| "walcast".into()),
             stream: self.stream.unwrap_or_else(|| "WALCAST".into()),
@@ -296,6 +321,11 @@ impl Settings {
         {
             return Err(ConfigError::Invalid(
                 "database URL must start with postgres:// or postgresql://".into(),
+            ));
+        }
+        if self.nats_client_cert.is_some() != self.nats_client_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "nats_client_cert and nats_client_key go together: set both or neither".into(),
             ));
         }
         if self.max_in_flight == 0 {

@@ -5,3 +5,4 @@ mod harness;
 mod operator;
 mod pipeline;
 mod support;
+mod tls;

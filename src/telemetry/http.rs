@@ -57,12 +57,21 @@ struct AppState {
     nats: async_nats::Client,
 }
 
-/// Serves the endpoints until the process exits.
+/// The running endpoints; they stop when this is dropped.
+pub struct Server(tokio::task::JoinHandle<()>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves the endpoints until the returned [`Server`] is dropped.
 pub async fn serve(
     addr: &str,
     health: Arc<Health>,
     nats: async_nats::Client,
-) -> std::io::Result<()> {
+) -> std::io::Result<Server> {
     let handle = metrics::install();
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let state = Arc::new(AppState { health, nats });
@@ -81,12 +90,11 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(state);
-    tokio::spawn(async move {
+    Ok(Server(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP endpoint stopped");
         }
-    });
-    Ok(())
+    })))
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

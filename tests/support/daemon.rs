@@ -50,6 +50,7 @@ impl Env {
             database_url: Some(self.pg.url()),
             nats_url: Some(self.nats.url()),
             confirm_delay: Some("0".into()),
+            http_addr: Some(format!("127.0.0.1:{}", super::free_port())),
             ..Default::default()
         }
     }

@@ -5,8 +5,22 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use pgwire_replication::SslMode as ReplSslMode;
 use pgwire_replication::{ReplicationConfig, TlsConfig};
 use tokio_postgres::config::{Host, SslMode};
+
+pub mod tls;
+
+/// Drives a SQL connection until its client is dropped.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "postgres SQL connection closed");
+    }
+}
 
 use crate::config::redact_url;
 
@@ -16,7 +30,8 @@ pub enum DbError {
     #[error("invalid database URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error(
-        "cannot connect to Postgres at {target}: {source} (check that it is running and that --database-url is right)"
+        "cannot connect to Postgres at {target}: {} (check that it is running and that --database-url is right)",
+        chain(source)
     )]
     Connect {
         target: String,
@@ -37,6 +52,8 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         match self {
             DbError::BadUrl { .. } | DbError::Precondition(_) => false,
+            // A certificate the server presents will not change by retrying.
+            DbError::Connect { source, .. } if chain(source).contains("certificate") => false,
             DbError::Connect { source, .. } | DbError::Query { source, .. } => {
                 let code = source
                     .code()
@@ -49,6 +66,20 @@ impl DbError {
     }
 }
 
+/// An error with its causes, `a: b: c` (tokio-postgres hides TLS causes otherwise).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Shorthand for a failed query.
 pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
     move |source| DbError::Query { what, source }
@@ -58,6 +89,7 @@ pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Db
 #[derive(Clone)]
 pub struct Database {
     config: tokio_postgres::Config,
+    tls: tls::PgTls,
     redacted: String,
 }
 
@@ -69,8 +101,13 @@ impl std::fmt::Debug for Database {
 
 impl Database {
     pub fn parse(url: &str) -> Result<Database, DbError> {
+        tls::install_crypto_provider();
         let redacted = redact_url(url);
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| DbError::BadUrl {
+        let (url, tls) = tls::split_url(url).map_err(|reason| DbError::BadUrl {
+            url: redacted.clone(),
+            reason,
+        })?;
+        let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| DbError::BadUrl {
             url: redacted.clone(),
             reason: e.to_string(),
         })?;
@@ -85,7 +122,16 @@ impl Database {
         }
         config.application_name("walcast");
         config.connect_timeout(Duration::from_secs(10));
-        Ok(Database { config, redacted })
+        config.ssl_mode(match tls.mode {
+            tls::Mode::Disable => SslMode::Disable,
+            tls::Mode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        Ok(Database {
+            config,
+            tls,
+            redacted,
+        })
     }
 
     /// The URL with its password masked, for logs.
@@ -113,19 +159,25 @@ impl Database {
 
     /// Opens a SQL connection; its driver task ends when the client is dropped.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
-        let (client, connection) =
-            self.config
+        let failed = |source| DbError::Connect {
+            target: self.target(),
+            source,
+        };
+        let client = if self.tls.mode == tls::Mode::Disable {
+            let (client, connection) = self
+                .config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|source| DbError::Connect {
-                    target: self.target(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres SQL connection closed");
-            }
-        });
+                .map_err(failed)?;
+            tokio::spawn(drive(connection));
+            client
+        } else {
+            let config = tls::client_config(&self.tls).map_err(DbError::Precondition)?;
+            let connector = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+            let (client, connection) = self.config.connect(connector).await.map_err(failed)?;
+            tokio::spawn(drive(connection));
+            client
+        };
         Ok(client)
     }
 
@@ -140,9 +192,16 @@ impl Database {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let dbname = self.config.get_dbname().unwrap_or(user);
-        let tls = match self.config.get_ssl_mode() {
-            SslMode::Require => TlsConfig::require(),
-            _ => TlsConfig::disabled(),
+        let tls = TlsConfig {
+            mode: match self.tls.mode {
+                tls::Mode::Disable => ReplSslMode::Disable,
+                tls::Mode::Prefer => ReplSslMode::Prefer,
+                tls::Mode::Require => ReplSslMode::Require,
+                tls::Mode::VerifyCa => ReplSslMode::VerifyCa,
+                tls::Mode::VerifyFull => ReplSslMode::VerifyFull,
+            },
+            ca_pem_path: self.tls.root_cert.clone(),
+            ..TlsConfig::default()
         };
         ReplicationConfig::new(host, user, password, dbname, slot, publication)
             .with_port(port)
