@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# THE test command: installs pinned test tools (nats-server, PostgreSQL) into
-# .tools/, then runs every test (lib unit tests + tests/main.rs). Each
-# integration test starts its own throwaway Postgres and nats-server on random
-# ports, so nothing already running on the machine is touched.
-# Extra arguments go to `cargo test`, e.g. `scripts/test.sh --test main harness`.
+# THE test command (what CI runs): installs pinned test tools (nats-server,
+# PostgreSQL) into .tools/, runs every test of the workspace (unit, property
+# and integration tests; each integration test starts its own throwaway
+# Postgres and nats-server on random ports, so nothing already running on the
+# machine is touched), then the TypeScript client's unit, integration and
+# browser tests (scripts/test-typescript.sh), then the version matrix: a core
+# subset against PostgreSQL 18 and against nats-server 2.10.
+# Extra arguments go to the main `cargo test`, e.g. `scripts/test.sh --test main pipeline`
+# (the TypeScript tests and the matrix are skipped when arguments are given).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -15,4 +19,13 @@ locked=()
 if [ -f Cargo.lock ]; then
     locked=(--locked)
 fi
-exec cargo test ${locked[@]+"${locked[@]}"} --workspace --features walcast/failpoints "$@"
+cargo test ${locked[@]+"${locked[@]}"} --workspace --features walcast/failpoints "$@"
+
+if [ "$#" -eq 0 ]; then
+    bash scripts/test-typescript.sh
+    core=(pipeline catchup)
+    echo "== version matrix: PostgreSQL 18 ($WALCAST_MATRIX_PG_BIN) with the default nats-server"
+    WALCAST_PG_BIN="$WALCAST_MATRIX_PG_BIN" cargo test ${locked[@]+"${locked[@]}"} --features failpoints --test main -- "${core[@]}"
+    echo "== version matrix: nats-server 2.10 ($WALCAST_MATRIX_NATS_SERVER) with the default PostgreSQL"
+    WALCAST_NATS_SERVER="$WALCAST_MATRIX_NATS_SERVER" cargo test ${locked[@]+"${locked[@]}"} --features failpoints --test main -- "${core[@]}"
+fi

@@ -63,7 +63,7 @@ pub fn parse(text: &str) -> Option<Parsed> {
     let year: i64 = parts.next()?.parse().ok()?;
     let month: u32 = parts.next()?.parse().ok()?;
     let day: u32 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month, bc) {
         return None;
     }
     // Astronomical year numbering: 1 BC is year 0.
@@ -84,8 +84,27 @@ pub fn parse(text: &str) -> Option<Parsed> {
     } else {
         fraction.parse::<i64>().ok()? * 10i64.pow(9 - fraction.len() as u32)
     };
+    // Postgres accepts 24:00:00 (the end of the day) and nothing beyond.
+    let in_day = (0..24).contains(&hour) && (0..60).contains(&minute) && (0..60).contains(&second);
+    let end_of_day = hour == 24 && minute == 0 && second == 0 && nanos == 0;
+    if !in_day && !end_of_day {
+        return None;
+    }
     let offset_seconds = parse_offset(offset)?;
 
+    // Years beyond any timestamp (Postgres stops at 294276) are clamped before
+    // the arithmetic, so it cannot overflow.
+    const YEAR_LIMIT: i64 = 1_000_000;
+    let clamped = |max: bool| Parsed {
+        timestamp: if max { MAX } else { MIN },
+        exact: false,
+    };
+    if year > YEAR_LIMIT {
+        return Some(clamped(true));
+    }
+    if year < -YEAR_LIMIT {
+        return Some(clamped(false));
+    }
     let days = days_from_civil(year, month, day);
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
     let timestamp = Timestamp {
@@ -93,21 +112,30 @@ pub fn parse(text: &str) -> Option<Parsed> {
         nanos: nanos as i32,
     };
     Some(if seconds < MIN.seconds {
-        Parsed {
-            timestamp: MIN,
-            exact: false,
-        }
+        clamped(false)
     } else if seconds > MAX.seconds {
-        Parsed {
-            timestamp: MAX,
-            exact: false,
-        }
+        clamped(true)
     } else {
         Parsed {
             timestamp,
             exact: true,
         }
     })
+}
+
+/// Days in `month` of `year` as written (before the BC conversion), in the
+/// proleptic Gregorian calendar Postgres uses.
+fn days_in_month(year: i64, month: u32, bc: bool) -> u32 {
+    // 1 BC, 5 BC, ... are the leap years before year 1.
+    let astronomical = if bc { 1 - year } else { year };
+    let leap = astronomical.rem_euclid(4) == 0
+        && (astronomical.rem_euclid(100) != 0 || astronomical.rem_euclid(400) == 0);
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
 }
 
 /// `+HH`, `-HH:MM`, `+HH:MM:SS` or empty (no zone: UTC).
@@ -120,6 +148,10 @@ fn parse_offset(offset: &str) -> Option<i64> {
     let hours: i64 = parts.next()?.parse().ok()?;
     let minutes: i64 = parts.next().map_or(Some(0), |m| m.parse().ok())?;
     let seconds: i64 = parts.next().map_or(Some(0), |s| s.parse().ok())?;
+    // Postgres' zone offsets lie within ±15:59:59.
+    if !(0..=15).contains(&hours) || !(0..60).contains(&minutes) || !(0..60).contains(&seconds) {
+        return None;
+    }
     Some(sign * (hours * 3600 + minutes * 60 + seconds))
 }
 
@@ -183,6 +215,61 @@ mod tests {
         ] {
             assert!(parse(bad).is_none(), "{bad}");
         }
+    }
+
+    /// Regression (issue 6): a timestamp *field* is found by column name, so a
+    /// column retyped to text can hold any string. Huge years, hours or
+    /// offsets overflowed i64 (a panic in debug builds; in release a wrapped,
+    /// "exact" and wrong instant: the text below became 1966-02-22, and the
+    /// original was not kept in `extra`).
+    #[test]
+    fn absurd_components_never_overflow() {
+        assert_eq!(
+            ts("584554051220-01-01 00:00:00+00"),
+            (MAX.seconds, MAX.nanos, false)
+        );
+        assert_eq!(
+            ts("9223372036854775807-12-31 23:59:59+00"),
+            (MAX.seconds, MAX.nanos, false)
+        );
+        assert_eq!(
+            ts("9223372036854775807-01-01 00:00:00+00 BC"),
+            (MIN.seconds, 0, false)
+        );
+        for bad in [
+            "2024-01-01 3000000000000000:00:00+00",
+            "2024-01-01 00:00:00+3000000000000000",
+            "2024-01-01 00:00:00-00:9223372036854775807",
+        ] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    /// Regression (issue 6): out-of-range fields were accepted and silently
+    /// normalized (Feb 30 became Mar 1, 25:00 the next day), so text that is
+    /// not a timestamp was typed as one instead of being kept in `extra`.
+    #[test]
+    fn impossible_dates_and_times_are_not_timestamps() {
+        for bad in [
+            "2023-02-29 00:00:00+00",
+            "2024-02-30 00:00:00+00",
+            "2024-04-31 00:00:00+00",
+            "1900-02-29 00:00:00+00",
+            "2024-01-01 25:00:00+00",
+            "2024-01-01 24:00:01+00",
+            "2024-01-01 12:60:00+00",
+            "2024-01-01 12:00:60+00",
+            "2024-01-01 12:00:00+16",
+            "2024-01-01 12:00:00+05:60",
+        ] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
+        assert_eq!(ts("2024-02-29 00:00:00+00"), (1_709_164_800, 0, true));
+        assert_eq!(
+            ts("2000-02-29 23:59:59.5-15:59:59"),
+            (951_926_398, 500_000_000, true)
+        );
+        assert_eq!(ts("2023-12-31 24:00:00+00"), (1_704_067_200, 0, true));
     }
 
     #[test]

@@ -1,0 +1,190 @@
+/**
+ * Reading the stream: a JetStream *ordered* consumer on one filter subject
+ * from one stream sequence, yielding decoded `ChangeEvent`s.
+ *
+ * The ordered consumer is ephemeral, needs no acks, and recreates itself
+ * right after the last message it delivered when the connection drops, the
+ * server restarts or a delivery is skipped; so a reader survives NATS
+ * restarts on its own. What it cannot know is the tenant `seq`: that check
+ * lives in `positions.ts`.
+ *
+ * Oversized events (SPEC §3): the message carries `Walcast-Object:
+ * <bucket>/<event_id>` and a body without row images; the full event is read
+ * from that JetStream object store bucket instead.
+ *
+ * @module
+ */
+
+import { fromBinary } from "@bufbuild/protobuf";
+import type { Consumer, ConsumerMessages, JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import { DeliverPolicy } from "@nats-io/jetstream";
+import type { ObjectStore } from "@nats-io/obj";
+import { Objm } from "@nats-io/obj";
+
+import { WalcastError } from "./errors.js";
+import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
+import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
+import type { Logger } from "./options.js";
+
+/** Where a reader starts: a stream sequence, the first message, or new ones only. */
+export type ReadFrom = number | "first" | "new";
+
+/** One decoded stream message. */
+export interface StreamEvent {
+  readonly event: ChangeEvent;
+  readonly subject: string;
+  readonly streamSeq: number;
+  /** Messages left for this consumer after this one (0: caught up). */
+  readonly pending: number;
+}
+
+/** Header naming the object that holds an oversized event. */
+export const OBJECT_HEADER = "Walcast-Object";
+
+/** How many messages a reader asks for at a time. */
+const BATCH = 256;
+
+/** Fetches oversized events' full bodies; buckets are opened once. */
+export class OversizedEvents {
+  readonly #objm: Objm;
+  readonly #buckets = new Map<string, Promise<ObjectStore>>();
+
+  constructor(js: JetStreamClient) {
+    this.#objm = new Objm(js);
+  }
+
+  /** The full encoded event named by a `Walcast-Object` header value. */
+  async fetch(reference: string): Promise<Uint8Array> {
+    const slash = reference.indexOf("/");
+    if (slash <= 0 || slash === reference.length - 1) {
+      throw new WalcastError("decode", `malformed ${OBJECT_HEADER} header: ${JSON.stringify(reference)}`);
+    }
+    const bucket = reference.slice(0, slash);
+    const name = reference.slice(slash + 1);
+    let store = this.#buckets.get(bucket);
+    if (store === undefined) {
+      store = this.#objm.open(bucket);
+      this.#buckets.set(bucket, store);
+      store.catch(() => this.#buckets.delete(bucket));
+    }
+    const data = await (await store).getBlob(name);
+    if (data === null) {
+      throw new WalcastError(
+        "decode",
+        `oversized event ${name} is missing from object store bucket ${bucket} (expired or deleted)`,
+      );
+    }
+    return data;
+  }
+}
+
+/** Decodes one stream message, fetching an oversized body when needed. */
+export async function decodeMessage(msg: JsMsg, oversized: OversizedEvents): Promise<StreamEvent> {
+  const reference = msg.headers?.get(OBJECT_HEADER) ?? "";
+  const bytes = reference === "" ? msg.data : await oversized.fetch(reference);
+  let event: ChangeEvent;
+  try {
+    event = fromBinary(ChangeEventSchema, bytes);
+  } catch (err) {
+    throw new WalcastError(
+      "decode",
+      `stream message ${msg.info.streamSequence} on ${msg.subject} is not a walcast.v1.ChangeEvent`,
+      { cause: err },
+    );
+  }
+  return { event, subject: msg.subject, streamSeq: msg.info.streamSequence, pending: msg.info.pending };
+}
+
+/** An open ordered consumer. Iterate it once; `stop()` ends the iteration. */
+export class Reader {
+  readonly #consumer: Consumer;
+  readonly #messages: ConsumerMessages;
+  readonly #oversized: OversizedEvents;
+  #stopped = false;
+  /** Messages matching the filter at or after the start, when it was created. */
+  readonly numPending: number;
+
+  private constructor(consumer: Consumer, messages: ConsumerMessages, oversized: OversizedEvents, numPending: number) {
+    this.#consumer = consumer;
+    this.#messages = messages;
+    this.#oversized = oversized;
+    this.numPending = numPending;
+  }
+
+  /** Creates the consumer. Rejects if the stream does not exist (yet). */
+  static async open(
+    js: JetStreamClient,
+    oversized: OversizedEvents,
+    stream: string,
+    filter: string,
+    from: ReadFrom,
+    logger: Logger,
+  ): Promise<Reader> {
+    // Always a start sequence: the ordered consumer recreates itself from
+    // "last delivered + 1", which with DeliverPolicy.New and nothing
+    // delivered yet would mean the stream's first message.
+    let start: number;
+    if (from === "first") {
+      start = 1;
+    } else if (from === "new") {
+      const info = await (await js.streams.get(stream)).info();
+      start = info.state.last_seq + 1;
+    } else {
+      start = from;
+    }
+    const consumer = await js.consumers.get(stream, {
+      filter_subjects: [filter],
+      deliver_policy: DeliverPolicy.StartSequence,
+      opt_start_seq: start,
+    });
+    const messages = await consumer.consume({ max_messages: BATCH });
+    const info = await consumer.info(true);
+    void (async () => {
+      for await (const status of messages.status()) {
+        switch (status.type) {
+          case "ordered_consumer_recreated":
+          case "stream_not_found":
+          case "consumer_deleted":
+          case "heartbeats_missed":
+            logger.info(`stream ${stream} ${filter}: ${JSON.stringify(status)}`);
+            break;
+          default:
+            break;
+        }
+      }
+    })().catch(() => {});
+    return new Reader(consumer, messages, oversized, info.num_pending);
+  }
+
+  /** True once `interrupt()` was called: resume after the last message seen. */
+  interrupted = false;
+
+  /**
+   * Ends the iteration (also a pending `next()`) and deletes the ephemeral
+   * consumer on the server (else it lingers for its 5 min inactivity
+   * threshold); idempotent.
+   */
+  stop(): void {
+    this.#messages.stop();
+    if (!this.#stopped) {
+      this.#stopped = true;
+      this.#consumer.delete().catch(() => {});
+    }
+  }
+
+  /** Ends the iteration because the connection was re-established. */
+  interrupt(): void {
+    this.interrupted = true;
+    this.stop();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<StreamEvent, void, undefined> {
+    try {
+      for await (const msg of this.#messages) {
+        yield await decodeMessage(msg, this.#oversized);
+      }
+    } finally {
+      this.stop();
+    }
+  }
+}

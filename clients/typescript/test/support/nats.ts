@@ -1,0 +1,95 @@
+/**
+ * A throwaway nats-server with JetStream on a random port and its own store
+ * dir. `stop()` + `start()` restart exactly the same server (port, store).
+ */
+
+import type { ChildProcess } from "node:child_process";
+import { createWriteStream, readFileSync } from "node:fs";
+import { connect as tcpConnect } from "node:net";
+import { join } from "node:path";
+
+import { freePort, makeTempDir, natsServerBin, removeTempDir, spawnTracked, stopChild, waitFor } from "./env.js";
+
+export class NatsServer {
+  readonly port: number;
+  readonly dir: string;
+  #child: ChildProcess | undefined;
+
+  private constructor(port: number, dir: string) {
+    this.port = port;
+    this.dir = dir;
+  }
+
+  static async start(): Promise<NatsServer> {
+    const server = new NatsServer(await freePort(), makeTempDir("nats"));
+    await server.start();
+    return server;
+  }
+
+  get url(): string {
+    return `nats://127.0.0.1:${this.port}`;
+  }
+
+  get logPath(): string {
+    return join(this.dir, "nats.log");
+  }
+
+  log(): string {
+    try {
+      return readFileSync(this.logPath, "utf8");
+    } catch {
+      return "";
+    }
+  }
+
+  /** (Re)starts the server and waits until it accepts connections. */
+  async start(): Promise<void> {
+    if (this.#child !== undefined) {
+      throw new Error("nats-server already running");
+    }
+    const log = createWriteStream(this.logPath, { flags: "a" });
+    const child = spawnTracked(
+      natsServerBin(),
+      ["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", join(this.dir, "store"), "--no_advertise"],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    child.stdout?.pipe(log);
+    child.stderr?.pipe(log);
+    this.#child = child;
+    await waitFor(
+      `nats-server on port ${this.port}`,
+      () => {
+        if (child.exitCode !== null) {
+          throw new Error(`nats-server exited: ${this.log()}`);
+        }
+        return canConnect(this.port);
+      },
+      15_000,
+    );
+  }
+
+  /** Stops it (SIGTERM: JetStream flushes its store). */
+  async stop(): Promise<void> {
+    const child = this.#child;
+    this.#child = undefined;
+    if (child !== undefined) {
+      await stopChild(child, "SIGTERM");
+    }
+  }
+
+  async destroy(): Promise<void> {
+    await this.stop();
+    removeTempDir(this.dir);
+  }
+}
+
+function canConnect(port: number): Promise<boolean> {
+  return new Promise((resolve) => {
+    const socket = tcpConnect({ port, host: "127.0.0.1" });
+    socket.once("connect", () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once("error", () => resolve(false));
+  });
+}

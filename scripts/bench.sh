@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# THE benchmark command (issue 7, SPEC §6): installs the pinned tools like
+# scripts/test.sh, builds walcast in release mode, then runs bench/run.py, which
+# starts its own PostgreSQL and nats-server on random ports, runs every
+# scenario and writes bench/results/latest.json and bench/results/latest.md.
+#
+#   scripts/bench.sh                 # all default scenarios (~15 min on 2 cores)
+#   scripts/bench.sh --quick         # smoke test of the harness (~3 min)
+#   scripts/bench.sh --catchup       # also the catch-up scenario (issue 9)
+#   scripts/bench.sh --help          # every option (sizes, --scale, --scenarios, --profile)
+#
+# Set WALCAST_BIN to benchmark an existing binary instead of building one.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if ! deps=$(bash scripts/install-deps.sh 2>&1); then echo "$deps" >&2; exit 1; fi
+# shellcheck disable=SC1091
+source .tools/env
+
+if [ -z "${WALCAST_BIN:-}" ]; then
+    locked=()
+    [ -f Cargo.lock ] && locked=(--locked)
+    echo "building walcast (release)..." >&2
+    cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast
+    WALCAST_BIN="$PWD/target/release/walcast"
+fi
+
+exec python3 bench/run.py --walcast-bin "$WALCAST_BIN" "$@"
