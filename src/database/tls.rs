@@ -104,26 +104,26 @@ pub fn client_config(tls: &PgTls) -> Result<rustls::ClientConfig, String> {
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let config = match tls.mode {
-        Mode::Disable | Mode::Prefer | Mode::Require => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-            .with_no_client_auth(),
-        Mode::VerifyCa | Mode::VerifyFull => {
-            let roots = Arc::new(roots(tls.root_cert.as_ref())?);
-            let verifier: Arc<dyn ServerCertVerifier> = if tls.mode == Mode::VerifyCa {
-                Arc::new(ChainOnly { roots, provider })
-            } else {
-                WebPkiServerVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .map_err(|e| e.to_string())?
-            };
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
-                .with_no_client_auth()
-        }
+    let verifier: Arc<dyn ServerCertVerifier> = match tls.mode {
+        Mode::Disable | Mode::Prefer | Mode::Require => Arc::new(Verifier {
+            roots: None,
+            provider,
+        }),
+        Mode::VerifyCa => Arc::new(Verifier {
+            roots: Some(Arc::new(roots(tls.root_cert.as_ref())?)),
+            provider,
+        }),
+        Mode::VerifyFull => WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots(tls.root_cert.as_ref())?),
+            provider,
+        )
+        .build()
+        .map_err(|e| e.to_string())?,
     };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     Ok(config)
 }
 
@@ -155,51 +155,18 @@ fn roots(file: Option<&PathBuf>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// `require` semantics: encrypted, server not authenticated (libpq's default
-/// without a root certificate). Handshake signatures are still checked.
+/// Checks the server certificate as the mode asks: with `roots`, the chain
+/// must lead to a trusted CA (`verify-ca`, any host name); without, any
+/// certificate is accepted (`prefer`/`require`: encrypted, server not
+/// authenticated, as libpq without a root certificate). Handshake signatures
+/// are checked either way.
 #[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, TlsError> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, TlsError> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca` semantics: the chain must lead to a trusted CA; any host name.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct Verifier {
+    roots: Option<Arc<RootCertStore>>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Verifier {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -208,14 +175,16 @@ impl ServerCertVerifier for ChainOnly {
         _: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, TlsError> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
+        if let Some(roots) = &self.roots {
+            let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+            verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.provider.signature_verification_algorithms.all,
+            )?;
+        }
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(

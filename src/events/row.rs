@@ -110,52 +110,48 @@ fn opt_num<T: std::str::FromStr>(text: &str, slot: &mut Option<T>) -> bool {
     text.parse().map(|v| *slot = Some(v)).is_ok()
 }
 
-impl TypedRow for Task {
-    fn set(&mut self, field: Field, text: &str) -> bool {
-        let s = || text.to_string();
-        match field {
-            Field::Id => self.id = s(),
-            Field::TenantId => self.tenant_id = s(),
-            Field::ProjectId => self.project_id = Some(s()),
-            Field::Title => self.title = s(),
-            Field::Description => self.description = Some(s()),
-            Field::Status => self.status = s(),
-            Field::Priority => return opt_num(text, &mut self.priority),
-            Field::Assignee => self.assignee = Some(s()),
-            Field::DueAt => return ts(text, &mut self.due_at),
-            Field::CompletedAt => return ts(text, &mut self.completed_at),
-            Field::Version => return num(text, &mut self.version),
-            Field::CreatedAt => return ts(text, &mut self.created_at),
-            Field::UpdatedAt => return ts(text, &mut self.updated_at),
-            Field::UpdatedBy => self.updated_by = Some(s()),
-            Field::ActorType => self.actor_type = Some(s()),
-            Field::ClientId => self.client_id = Some(s()),
-            Field::Metadata => self.metadata = Some(s()),
+/// Sets the columns tasks and projects share, then the entity's own
+/// (`$own` arms); evaluates to `true` if the text fit the field.
+macro_rules! set_record_field {
+    ($row:ident, $field:ident, $text:ident, { $($own:tt)* }) => {{
+        let s = || $text.to_string();
+        match $field {
+            Field::Id => $row.id = s(),
+            Field::TenantId => $row.tenant_id = s(),
+            Field::Description => $row.description = Some(s()),
+            Field::Status => $row.status = s(),
+            Field::Version => return num($text, &mut $row.version),
+            Field::CreatedAt => return ts($text, &mut $row.created_at),
+            Field::UpdatedAt => return ts($text, &mut $row.updated_at),
+            Field::UpdatedBy => $row.updated_by = Some(s()),
+            Field::ActorType => $row.actor_type = Some(s()),
+            Field::ClientId => $row.client_id = Some(s()),
+            Field::Metadata => $row.metadata = Some(s()),
+            $($own)*
             _ => return false,
         }
         true
+    }};
+}
+
+impl TypedRow for Task {
+    fn set(&mut self, field: Field, text: &str) -> bool {
+        set_record_field!(self, field, text, {
+            Field::ProjectId => self.project_id = Some(text.to_string()),
+            Field::Title => self.title = text.to_string(),
+            Field::Priority => return opt_num(text, &mut self.priority),
+            Field::Assignee => self.assignee = Some(text.to_string()),
+            Field::DueAt => return ts(text, &mut self.due_at),
+            Field::CompletedAt => return ts(text, &mut self.completed_at),
+        })
     }
 }
 
 impl TypedRow for Project {
     fn set(&mut self, field: Field, text: &str) -> bool {
-        let s = || text.to_string();
-        match field {
-            Field::Id => self.id = s(),
-            Field::TenantId => self.tenant_id = s(),
-            Field::Name => self.name = s(),
-            Field::Description => self.description = Some(s()),
-            Field::Status => self.status = s(),
-            Field::Version => return num(text, &mut self.version),
-            Field::CreatedAt => return ts(text, &mut self.created_at),
-            Field::UpdatedAt => return ts(text, &mut self.updated_at),
-            Field::UpdatedBy => self.updated_by = Some(s()),
-            Field::ActorType => self.actor_type = Some(s()),
-            Field::ClientId => self.client_id = Some(s()),
-            Field::Metadata => self.metadata = Some(s()),
-            _ => return false,
-        }
-        true
+        set_record_field!(self, field, text, {
+            Field::Name => self.name = text.to_string(),
+        })
     }
 }
 
