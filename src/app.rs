@@ -62,8 +62,12 @@ pub async fn run(
         })?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
-        .max_ack_inflight(settings.max_in_flight.max(1))
-        .backpressure_on_inflight(true)
+        // The publisher bounds in-flight publishes itself (it admits a batch
+        // while fewer than max_in_flight await acks, and it is the only task
+        // polling them). The client's own permits must never be the binding
+        // limit: waiting for one inside the publisher would deadlock it.
+        .max_ack_inflight(settings.max_in_flight + 2 * crate::pipeline::BATCH)
+        .backpressure_on_inflight(false)
         .build(nats);
     let health = Arc::new(Health::default());
     crate::telemetry::metrics::install();
@@ -92,6 +96,7 @@ pub async fn run(
     let startup = Instant::now();
     loop {
         let began = Instant::now();
+        let replications_before = ctx.health.replications();
         let result = pipeline::run(&ctx, &mut stop_rx).await;
         if *stop_rx.borrow() && result.is_ok() {
             tracing::info!("stopped cleanly");
@@ -118,7 +123,9 @@ pub async fn run(
             tracing::error!(timeout = ?ctx.settings.startup_timeout, "gave up waiting for Postgres and NATS at startup");
             return Err(error.into());
         }
-        if began.elapsed() > HEALTHY_RUN {
+        // A run that reached replication was a successful (re)connection:
+        // the next outage starts the backoff from the beginning again.
+        if began.elapsed() > HEALTHY_RUN || ctx.health.replications() > replications_before {
             attempt = 0;
         }
         metrics::counter!(m::PIPELINE_RESTARTS, "stage" => error.stage()).increment(1);

@@ -23,7 +23,11 @@ pub async fn options(
     crate::database::tls::install_crypto_provider();
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
-        .connection_timeout(Duration::from_secs(5));
+        .connection_timeout(Duration::from_secs(5))
+        // A silently dead connection is noticed after two unanswered pings
+        // (~10 s) instead of the client default's minutes.
+        .ping_interval(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)));
     if let Some(creds) = &settings.nats_creds {
         options = options
             .credentials_file(creds)

@@ -26,6 +26,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_acked_seq.sql",
         include_str!("../migrations/0004_acked_seq.sql"),
     ),
+    (
+        "0005_checkpoint_owner.sql",
+        include_str!("../migrations/0005_checkpoint_owner.sql"),
+    ),
 ];
 
 /// What a migration run did.

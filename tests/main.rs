@@ -1,6 +1,8 @@
+mod broker_loss;
 mod catchup;
 mod demo;
 mod deploy_files;
+mod faults;
 mod harness;
 mod operator;
 mod pipeline;

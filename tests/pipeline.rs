@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::support::checks::assert_stream_exact;
 use crate::support::daemon::{Daemon, Env, Process};
+use crate::support::oracle::{count_events, create_counter};
 use crate::support::workload::{ROLLED_BACK, Tables, Workload};
 
 /// A randomized multi-tenant workload replays from the stream into exactly the
@@ -116,29 +117,4 @@ async fn confirmed_lsn(client: &tokio_postgres::Client) -> walcast::lsn::Lsn {
         .await
         .unwrap();
     walcast::lsn::Lsn::parse(row.get::<_, &str>(0)).unwrap()
-}
-
-/// A second logical slot (test_decoding, built in) that counts committed row
-/// changes independently of walcast; create it before the workload.
-pub async fn create_counter(client: &tokio_postgres::Client) {
-    client
-        .execute(
-            "SELECT pg_create_logical_replication_slot('test_counter', 'test_decoding')",
-            &[],
-        )
-        .await
-        .unwrap();
-}
-
-/// How many events the committed changes so far must produce.
-pub async fn count_events(client: &tokio_postgres::Client) -> u64 {
-    let row = client
-        .query_one(
-            "SELECT count(*) FROM pg_logical_slot_peek_changes('test_counter', NULL, NULL)
-             WHERE data ~ '^table public\\.(tasks|projects|editing_locks): (INSERT|UPDATE|DELETE)'",
-            &[],
-        )
-        .await
-        .unwrap();
-    row.get::<_, i64>(0) as u64
 }

@@ -128,6 +128,7 @@ async fn postgres_and_nats_over_verified_tls() {
     // A server certificate from another CA is refused, with a clear error.
     options.database_url = Some(url(&other.ca));
     options.startup_timeout = Some("1s".into());
+    options.http_addr = Some(format!("127.0.0.1:{}", crate::support::free_port()));
     let err = walcast::app::run(options.resolve().unwrap(), std::future::pending())
         .await
         .unwrap_err()

@@ -60,6 +60,10 @@ impl TenantTail {
 pub struct Index {
     tenants: Arc<RwLock<HashMap<Arc<str>, TenantTail>>>,
     next_stream_seq: Arc<AtomicU64>,
+    /// After a restart, stream messages up to this one are replayed from the
+    /// slot before the index knows them; `replayed` says how far that went.
+    replay_to: Arc<AtomicU64>,
+    replayed: Arc<AtomicU64>,
 }
 
 impl Index {
@@ -93,6 +97,21 @@ impl Index {
         }
         self.next_stream_seq
             .fetch_max(next_stream_seq, Ordering::SeqCst);
+    }
+
+    /// The index is complete only once the replay reaches stream message `seq`.
+    pub fn expect_replay_through(&self, seq: u64) {
+        self.replay_to.store(seq, Ordering::SeqCst);
+    }
+
+    /// Messages up to `seq` already in the stream have been replayed and recorded.
+    pub fn replayed_through(&self, seq: u64) {
+        self.replayed.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// Whether answers reflect everything the stream holds.
+    pub fn is_ready(&self) -> bool {
+        self.replayed.load(Ordering::SeqCst) >= self.replay_to.load(Ordering::SeqCst)
     }
 
     /// The tenant's tail, if walcast has seen it.

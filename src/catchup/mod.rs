@@ -138,6 +138,14 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     if let Err(invalid) = tenant::validate(Some(&request.tenant_id)) {
         return bad(invalid.reason().to_string());
     }
+    if !ctx.index.is_ready() {
+        return (
+            serde_json::json!({"error": "unavailable",
+                "message": "walcast is replaying the events already in the stream after a restart; retry shortly"})
+            .to_string(),
+            Some((503, "unavailable")),
+        );
+    }
     let filter_subject = format!("{}.{}.>", ctx.prefix, request.tenant_id);
     let tail = ctx.index.tenant(&request.tenant_id);
     let probe = DirectGet {

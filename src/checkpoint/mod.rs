@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 
-use crate::database::DbError;
+use crate::database::{DbError, with_timeout};
 use crate::lsn::Lsn;
 use crate::telemetry::http::Health;
 use crate::telemetry::metrics as m_;
@@ -52,11 +52,46 @@ async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
     }
 }
 
-/// Runs until the publisher closes `segments` (after draining), then writes
-/// the final checkpoint of what has matured and returns.
-pub async fn run(
+/// The last stage of one run.
+pub struct Checkpointer {
+    /// Its own SQL connection (checkpoint writes never wait behind other queries).
+    pub client: Client,
+    pub slot: String,
+    /// This run's fencing token (see `store::claim`).
+    pub owner: String,
+    /// `--confirm-delay`.
+    pub delay: Duration,
+    pub health: Arc<Health>,
+}
+
+impl Checkpointer {
+    /// Runs until the publisher closes `segments` (after draining), then writes
+    /// the final checkpoint of what has matured and returns.
+    pub async fn run(
+        self,
+        start: Checkpoint,
+        segments: mpsc::Receiver<Segment>,
+        confirm: watch::Sender<Lsn>,
+    ) -> Result<(), DbError> {
+        let Checkpointer {
+            client,
+            slot,
+            owner,
+            delay,
+            health,
+        } = self;
+        run(
+            client, slot, owner, delay, &start, segments, confirm, health,
+        )
+        .await
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the fields of `Checkpointer`, destructured once
+async fn run(
     mut client: Client,
     slot: String,
+    owner: String,
     delay: Duration,
     start: &Checkpoint,
     mut segments: mpsc::Receiver<Segment>,
@@ -85,11 +120,11 @@ pub async fn run(
             _ = tick.tick() => {
                 ticks += 1;
                 if acked_seq > saved_acked {
-                    store::save_acked(&client, &slot, acked_seq).await?;
+                    with_timeout("record the acknowledged sequence", store::save_acked(&client, &slot, &owner, acked_seq)).await??;
                     saved_acked = acked_seq;
                 }
                 if ticks % GAUGES_EVERY_TICKS == 1 {
-                    slot_gauges(&client, &slot, acked_lsn).await;
+                    let _ = with_timeout("measure the slot", slot_gauges(&client, &slot, acked_lsn)).await;
                 }
                 continue;
             }
@@ -103,7 +138,15 @@ pub async fn run(
             // Keepalive-only progress changes no tenant and no stream position:
             // confirming it needs no write (the checkpoint stays valid up to it).
             if !m.tenants.is_empty() || m.stream_seq != saved_seq {
-                store::save(&mut client, &slot, Lsn(m.end_lsn), m.stream_seq, &m.tenants).await?;
+                let save = store::save(
+                    &mut client,
+                    &slot,
+                    &owner,
+                    Lsn(m.end_lsn),
+                    m.stream_seq,
+                    &m.tenants,
+                );
+                with_timeout("write the checkpoint", save).await??;
                 crate::failpoint::crash_point("after_checkpoint");
                 health.checkpointed();
                 saved_seq = m.stream_seq;

@@ -67,6 +67,20 @@ fn missing_schema(e: tokio_postgres::Error) -> DbError {
     }
 }
 
+/// Makes this run the checkpoint's only writer (see migration 0005): every
+/// later write names `owner`, so a previous holder of the slot that has not
+/// noticed it lost it cannot move the checkpoint any more.
+pub async fn claim(client: &Client, slot: &str, owner: &str) -> Result<(), DbError> {
+    client
+        .execute(
+            "UPDATE walcast.checkpoints SET owner = $2 WHERE slot = $1",
+            &[&slot, &owner],
+        )
+        .await
+        .map_err(query_err("claim walcast.checkpoints"))?;
+    Ok(())
+}
+
 /// Creates the first checkpoint of a slot (no-op if one exists), then loads it.
 pub async fn init(
     client: &Client,
@@ -95,6 +109,7 @@ pub async fn init(
 pub async fn save(
     client: &mut Client,
     slot: &str,
+    owner: &str,
     lsn: Lsn,
     stream_seq: u64,
     tenants: &[(Arc<str>, u64)],
@@ -117,27 +132,34 @@ pub async fn save(
     }
     let updated = tx
         .execute(
-            "UPDATE walcast.checkpoints SET lsn = $2::text::pg_lsn, stream_seq = $3, updated_at = now() WHERE slot = $1",
-            &[&slot, &lsn.to_string(), &(stream_seq as i64)],
+            "UPDATE walcast.checkpoints SET lsn = $2::text::pg_lsn, stream_seq = $3, updated_at = now()
+             WHERE slot = $1 AND owner = $4",
+            &[&slot, &lsn.to_string(), &(stream_seq as i64), &owner],
         )
         .await
         .map_err(query_err("write walcast.checkpoints"))?;
     if updated != 1 {
-        return Err(DbError::Precondition(format!(
-            "the checkpoint row of slot {slot} was deleted while walcast was running; restart walcast"
-        )));
+        return Err(DbError::Fenced(slot.to_string()));
     }
     tx.commit().await.map_err(query_err("commit checkpoint"))
 }
 
 /// Records the highest acknowledged stream sequence (monotonic).
-pub async fn save_acked(client: &Client, slot: &str, acked_seq: u64) -> Result<(), DbError> {
-    client
+pub async fn save_acked(
+    client: &Client,
+    slot: &str,
+    owner: &str,
+    acked_seq: u64,
+) -> Result<(), DbError> {
+    let updated = client
         .execute(
-            "UPDATE walcast.checkpoints SET acked_seq = greatest(acked_seq, $2) WHERE slot = $1",
-            &[&slot, &(acked_seq as i64)],
+            "UPDATE walcast.checkpoints SET acked_seq = greatest(acked_seq, $2) WHERE slot = $1 AND owner = $3",
+            &[&slot, &(acked_seq as i64), &owner],
         )
         .await
         .map_err(query_err("write walcast.checkpoints.acked_seq"))?;
+    if updated != 1 {
+        return Err(DbError::Fenced(slot.to_string()));
+    }
     Ok(())
 }

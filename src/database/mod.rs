@@ -45,6 +45,14 @@ pub enum DbError {
     /// The database is not set up as walcast needs; the text says how to fix it.
     #[error("{0}")]
     Precondition(String),
+    /// Postgres did not answer in time (a stalled server or a dead network).
+    #[error("Postgres did not answer within {seconds} s ({what})")]
+    Timeout { what: &'static str, seconds: u64 },
+    /// Another run took over the slot and its checkpoint.
+    #[error(
+        "another walcast took over slot {0} and its checkpoint; this one stops publishing and waits as a standby"
+    )]
+    Fenced(String),
 }
 
 impl DbError {
@@ -52,6 +60,7 @@ impl DbError {
     pub fn is_transient(&self) -> bool {
         match self {
             DbError::BadUrl { .. } | DbError::Precondition(_) => false,
+            DbError::Timeout { .. } | DbError::Fenced(_) => true,
             // A certificate the server presents will not change by retrying.
             DbError::Connect { source, .. } if chain(source).contains("certificate") => false,
             DbError::Connect { source, .. } | DbError::Query { source, .. } => {
@@ -64,6 +73,22 @@ impl DbError {
             }
         }
     }
+}
+
+/// How long any single exchange with Postgres may take.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bounds `future` by [`IO_TIMEOUT`].
+pub async fn with_timeout<T>(
+    what: &'static str,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T, DbError> {
+    tokio::time::timeout(IO_TIMEOUT, future)
+        .await
+        .map_err(|_| DbError::Timeout {
+            what,
+            seconds: IO_TIMEOUT.as_secs(),
+        })
 }
 
 /// An error with its causes, `a: b: c` (tokio-postgres hides TLS causes otherwise).
@@ -122,6 +147,10 @@ impl Database {
         }
         config.application_name("walcast");
         config.connect_timeout(Duration::from_secs(10));
+        // A dead network fails a socket in ~30 s instead of the kernel's ~15 min.
+        config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(10));
+        config.tcp_user_timeout(IO_TIMEOUT);
         config.ssl_mode(match tls.mode {
             tls::Mode::Disable => SslMode::Disable,
             tls::Mode::Prefer => SslMode::Prefer,
@@ -159,6 +188,11 @@ impl Database {
 
     /// Opens a SQL connection; its driver task ends when the client is dropped.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, DbError> {
+        // connect_timeout covers only TCP; this also bounds TLS and login.
+        with_timeout("connect", self.connect_unbounded()).await?
+    }
+
+    async fn connect_unbounded(&self) -> Result<tokio_postgres::Client, DbError> {
         let failed = |source| DbError::Connect {
             target: self.target(),
             source,

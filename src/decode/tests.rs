@@ -313,3 +313,13 @@ proptest! {
         prop_assert!(decode(&bytes[..cut]).is_err());
     }
 }
+
+/// Fuzz finding (fuzz/decode, 2026-11): an unknown tag in front of an
+/// otherwise valid Type message is a typed error (the harness, not the
+/// decoder, was wrong about the error text); kept as a fixture.
+#[test]
+fn fuzz_unknown_tag_before_a_type_message() {
+    let bytes = b"\x92Y\x00ic\x00m\x00\x00\x00\x01t\x00";
+    assert_eq!(decode(bytes), Err(DecodeError::UnknownTag(0x92)));
+    assert!(decode(&bytes[1..]).is_err());
+}

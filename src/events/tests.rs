@@ -374,3 +374,42 @@ fn other_tables_have_no_layout() {
     other_schema.namespace = "audit".into();
     assert!(Layout::of(&Tables::default(), &other_schema).is_none());
 }
+
+/// Regression (issue 6, found by fuzz/assemble): a Begin whose commit time is
+/// absurd (the wire carries any i64) produced a `commit_time` outside the
+/// protobuf Timestamp range — an invalid event that `walcast tail` and
+/// proto3-JSON consumers cannot render — and for the largest values the
+/// Unix-micros conversion for lag metrics overflowed (a panic in debug
+/// builds). The commit time is now clamped into range like row timestamps.
+#[test]
+fn absurd_commit_time_is_clamped_and_never_overflows() {
+    let layout = task_layout();
+    let row = text(&[
+        "t1", "acme", "W", "todo", "1", "NULL", "NULL", "NULL", "NULL",
+    ]);
+    let bytes = encode::insert(1, &row);
+    for (micros, want) in [
+        (i64::MAX, timestamp::MAX),
+        (i64::MIN, timestamp::MIN),
+        (4_612_534_766_688_000_000, timestamp::MAX),
+    ] {
+        let mut b = EventBuilder::new("walcast", Sequencer::default());
+        let mut ctx = tx(None);
+        ctx.commit_time = timestamp::from_pg_micros(micros);
+        let out = b.build(
+            &ctx,
+            0,
+            &layout,
+            Change::Insert {
+                new: decode_new(&bytes),
+            },
+        );
+        let ev = ChangeEvent::decode(out.payload.clone()).unwrap();
+        assert_eq!(ev.commit_time, Some(want), "commit time {micros}");
+        let truncated = b.truncate(&ctx, 1, &layout);
+        assert_eq!(
+            ChangeEvent::decode(truncated.payload).unwrap().commit_time,
+            Some(want)
+        );
+    }
+}

@@ -30,11 +30,19 @@ pub struct Parsed {
     pub exact: bool,
 }
 
-/// Converts pgoutput's commit time (microseconds since 2000-01-01).
+/// Converts pgoutput's commit time (microseconds since 2000-01-01), clamped
+/// into the protobuf range (the wire can carry any i64; an out-of-range
+/// Timestamp is an invalid event).
 pub fn from_pg_micros(micros: i64) -> Timestamp {
     let seconds = micros.div_euclid(1_000_000) + PG_EPOCH_UNIX_SECONDS;
     let nanos = (micros.rem_euclid(1_000_000) * 1000) as i32;
-    Timestamp { seconds, nanos }
+    if seconds < MIN.seconds {
+        MIN
+    } else if seconds > MAX.seconds {
+        MAX
+    } else {
+        Timestamp { seconds, nanos }
+    }
 }
 
 /// Parses Postgres' ISO text output; `None` if it is not a timestamp at all.

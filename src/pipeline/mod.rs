@@ -27,9 +27,10 @@ use crate::assemble::{AssembleError, Assembler};
 use crate::catchup;
 use crate::checkpoint::{self, store};
 use crate::config::Settings;
-use crate::database::{Database, DbError, query_err};
+use crate::database::{Database, DbError, query_err, with_timeout};
 use crate::decode::DecodeError;
 use crate::events::{EventBuilder, Sequencer};
+use crate::lsn::Lsn;
 use crate::publish::{self, Item, PublishError, Publisher};
 use crate::source::{Source, SourceError, slot};
 use crate::telemetry::http::Health;
@@ -101,49 +102,41 @@ impl Drop for Replicating<'_> {
 }
 
 /// Items per batch handed to the publisher.
-const BATCH: usize = 512;
+pub const BATCH: usize = 512;
 
 /// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
 /// confirm) or an error.
 pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<(), PipelineError> {
     let s = &ctx.settings;
     let sql = ctx.db.connect().await?;
-    preflight(&sql, s).await?;
-
-    let checkpoint = store::load(&sql, &s.slot).await?;
-    let slot_state = match (slot::read(&sql, &s.slot).await?, &checkpoint) {
-        (Some(state), _) => state,
-        (None, None) => {
-            tracing::info!(slot = %s.slot, "creating replication slot");
-            slot::ensure(&sql, &s.slot).await?
-        }
-        (None, Some(_)) => {
-            return Err(PipelineError::Fatal(format!(
-                "replication slot {slot} is gone but walcast has a checkpoint for it: changes since then may be missing \
-             from the stream. walcast will not silently recreate it. See README \"Lost replication slot\": re-sync \
-             consumers, then `DELETE FROM walcast.checkpoints WHERE slot = '{slot}'` and start walcast again",
-                slot = s.slot
-            )));
-        }
-    };
-    if slot_state.plugin.as_deref() != Some("pgoutput") {
-        return Err(PipelineError::Fatal(format!(
-            "replication slot {} uses plugin {:?}, walcast needs pgoutput: drop it or choose another --slot",
-            s.slot, slot_state.plugin
-        )));
-    }
-
+    with_timeout("check wal_level and the publication", preflight(&sql, s)).await??;
+    let had_checkpoint = with_timeout("read the checkpoint", store::load(&sql, &s.slot))
+        .await??
+        .is_some();
+    prepare_slot(&sql, s, had_checkpoint).await?;
     if s.dry_run {
+        let checkpoint = store::load(&sql, &s.slot).await?;
+        let slot_state = slot::read(&sql, &s.slot)
+            .await?
+            .ok_or_else(|| slot_vanished(s))?;
         return dry_run::run(ctx, shutdown, checkpoint, slot_state).await;
     }
     let mut stream = publish::stream::ensure(&ctx.js, s).await?;
+
+    // Own the slot before reading any state: until START_REPLICATION
+    // succeeds, another instance may still advance the slot and the
+    // checkpoint. Starting at 0/0 means "at the slot's confirmed position".
+    let mut source = Source::start(&ctx.db, &s.slot, &s.publication, Lsn(0)).await?;
+    let slot_state = slot::read(&sql, &s.slot)
+        .await?
+        .ok_or_else(|| slot_vanished(s))?;
     let last_seq = stream
         .info()
         .await
         .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?
         .state
         .last_sequence;
-    let checkpoint = match checkpoint {
+    let checkpoint = match store::load(&sql, &s.slot).await? {
         Some(c) => c,
         None => {
             store::init(
@@ -156,6 +149,9 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             .await?
         }
     };
+    // Fence off any earlier holder of the slot from the checkpoint.
+    let owner = format!("{:016x}", rand::random::<u64>());
+    store::claim(&sql, &s.slot, &owner).await?;
     if checkpoint.stream != s.stream {
         return Err(PipelineError::Fatal(format!(
             "slot {} was checkpointed for stream {} but --stream is {}; use that stream or another slot",
@@ -207,7 +203,6 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         Sequencer::from_checkpoint(checkpoint.tenants.clone()),
     );
     let mut assembler = Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0);
-    let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
     tracing::info!(%start, stream_seq = last_seq, tenants, "replicating");
     ctx.health.set_replicating(true);
     let _ready = Replicating(&ctx.health);
@@ -217,6 +212,10 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let (confirm_tx, mut confirm_rx) = watch::channel(start);
     let index = catchup::Index::default();
     index.seed(&checkpoint.tenants);
+    // Until the events already in the stream are replayed, the index is
+    // behind the stream: the catch-up service answers "unavailable" meanwhile.
+    index.expect_replay_through(last_seq);
+    index.replayed_through(checkpoint.stream_seq);
     index.record(&[], last_seq + 1);
     // Only the instance holding the slot answers catch-up requests.
     let _catchup = catchup::start(
@@ -242,21 +241,14 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         republish: publish::republish::Republish::below(acked_high),
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
-    let ckpt_sql = ctx.db.connect().await?;
-    let (slot_name, delay, start_ckpt) = (s.slot.clone(), s.confirm_delay, checkpoint.clone());
-    let health = ctx.health.clone();
-    let checkpointing = tokio::spawn(async move {
-        checkpoint::run(
-            ckpt_sql,
-            slot_name,
-            delay,
-            &start_ckpt,
-            segments_rx,
-            confirm_tx,
-            health,
-        )
-        .await
-    });
+    let checkpointer = checkpoint::Checkpointer {
+        client: ctx.db.connect().await?,
+        slot: s.slot.clone(),
+        owner,
+        delay: s.confirm_delay,
+        health: ctx.health.clone(),
+    };
+    let checkpointing = tokio::spawn(checkpointer.run(checkpoint.clone(), segments_rx, confirm_tx));
 
     let mut reader = Reader {
         assembler: &mut assembler,
@@ -269,9 +261,16 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     // Read until shutdown or an error; keep passing confirmations through.
     let mut connects = ctx.connects.clone();
     connects.borrow_and_update();
+    let (dog_tx, mut dog) = tokio::sync::oneshot::channel();
+    let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
     loop {
         tokio::select! {
             biased;
+            // A dead Postgres connection can be silent for minutes while idle.
+            Ok(error) = &mut dog, if items_tx.is_some() => {
+                failure = Some(error);
+                items_tx = None;
+            }
             // SPEC §4.7: on every reconnection, compare the stream's tail with
             // what this process saw acknowledged; a shorter stream means loss,
             // and the restart from the checkpoint republishes it.
@@ -312,6 +311,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         }
     }
     drop(items_tx);
+    watchdog.abort();
     let published = match publishing.await {
         Ok(result) => result.map_err(PipelineError::from),
         Err(e) => Err(PipelineError::Fatal(format!(
@@ -324,7 +324,19 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             "checkpointer task ended abnormally: {e}"
         ))),
     };
-    if let Some(e) = failure.or(published.err()).or(checkpointed.err()) {
+    // Report the root cause: when the checkpointer fails, the publisher only
+    // sees its channel close ("checkpointer stopped").
+    let downstream =
+        |e: &PipelineError| matches!(e, PipelineError::Publish(PublishError::Downstream));
+    let (published, publish_downstream) = match published {
+        Err(e) if downstream(&e) => (None, Some(e)),
+        other => (other.err(), None),
+    };
+    if let Some(e) = failure
+        .or(published)
+        .or(checkpointed.err())
+        .or(publish_downstream)
+    {
         return Err(e);
     }
     source.close(confirmed).await;
@@ -336,6 +348,87 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
         Some(tx) => tx.closed().await,
         None => std::future::pending().await,
     }
+}
+
+/// How often the watchdog checks Postgres, and how long it waits for an answer.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
+const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reports the first sign that the replication session is gone: Postgres
+/// does not answer, the slot was dropped, or no process streams it any more.
+async fn watch_postgres(
+    sql: tokio_postgres::Client,
+    slot: String,
+    report: tokio::sync::oneshot::Sender<PipelineError>,
+) {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let error = loop {
+        tokio::time::sleep(WATCHDOG_EVERY).await;
+        let probe = sql.query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &params,
+        );
+        match tokio::time::timeout(WATCHDOG_TIMEOUT, probe).await {
+            Err(_) => {
+                break PipelineError::Db(DbError::Timeout {
+                    what: "watchdog probe",
+                    seconds: WATCHDOG_TIMEOUT.as_secs(),
+                });
+            }
+            Ok(Err(e)) => {
+                break PipelineError::Db(DbError::Query {
+                    what: "watchdog probe",
+                    source: e,
+                });
+            }
+            Ok(Ok(None)) => {
+                break PipelineError::Fatal(format!(
+                    "replication slot {slot} was dropped while walcast was streaming it: changes after it may be \
+                     missing. See README \"Lost replication slot\""
+                ));
+            }
+            Ok(Ok(Some(row))) if row.get::<_, Option<i32>>(0).is_none() => {
+                break PipelineError::Source(SourceError::Replication(
+                    "the replication session ended on the server".into(),
+                ));
+            }
+            Ok(Ok(Some(_))) => {}
+        }
+    };
+    let _ = report.send(error);
+}
+
+/// Creates the slot if missing (and walcast never ran on it), and checks it
+/// is a pgoutput slot. A missing slot that has a checkpoint was dropped.
+async fn prepare_slot(
+    sql: &tokio_postgres::Client,
+    s: &Settings,
+    had_checkpoint: bool,
+) -> Result<(), PipelineError> {
+    let state = match slot::read(sql, &s.slot).await? {
+        Some(state) => state,
+        None if !had_checkpoint => {
+            tracing::info!(slot = %s.slot, "creating replication slot");
+            slot::ensure(sql, &s.slot).await?
+        }
+        None => return Err(slot_vanished(s)),
+    };
+    if state.plugin.as_deref() != Some("pgoutput") {
+        return Err(PipelineError::Fatal(format!(
+            "replication slot {} uses plugin {:?}, walcast needs pgoutput: drop it or choose another --slot",
+            s.slot, state.plugin
+        )));
+    }
+    Ok(())
+}
+
+fn slot_vanished(s: &Settings) -> PipelineError {
+    PipelineError::Fatal(format!(
+        "replication slot {slot} is gone but walcast has a checkpoint for it: changes since then may be missing \
+         from the stream. walcast will not silently recreate it. See README \"Lost replication slot\": re-sync \
+         consumers, then `DELETE FROM walcast.checkpoints WHERE slot = '{slot}'` and start walcast again",
+        slot = s.slot
+    ))
 }
 
 /// The error to restart with if the stream now ends before what was acknowledged.

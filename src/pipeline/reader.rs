@@ -57,12 +57,21 @@ impl Reader<'_> {
                 }
             }
         }
-        for item in &mut out[from..] {
-            match item {
-                Item::Boundary(lsn) => self.last_boundary = self.last_boundary.max(*lsn),
-                Item::Event(event) if self.skip.remaining > 0 => *item = self.skip.take(event)?,
+        for mut item in out.split_off(from) {
+            match &item {
+                Item::Boundary(lsn) => {
+                    self.last_boundary = self.last_boundary.max(*lsn);
+                    // Nothing is confirmed (so nothing checkpointed) while the
+                    // replay of what the stream holds is not yet verified
+                    // against the stream's last message.
+                    if self.skip.remaining > 0 {
+                        continue;
+                    }
+                }
+                Item::Event(event) if self.skip.remaining > 0 => item = self.skip.take(event)?,
                 _ => {}
             }
+            out.push(item);
         }
         Ok(())
     }

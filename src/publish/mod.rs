@@ -182,6 +182,12 @@ impl Publisher {
                         // Index first: once a message is sent a subscriber may see it and
                         // ask the catch-up service about it, which must already know it.
                         self.index.record(&positions(&batch, next_seq), next_seq + events_in(&batch));
+                        if let Some(replayed) = batch.iter().rev().find_map(|i| match i {
+                            Item::Published { stream_seq, .. } => Some(*stream_seq),
+                            _ => None,
+                        }) {
+                            self.index.replayed_through(replayed);
+                        }
                         for item in batch {
                             match item {
                                 Item::Event(event) => {

@@ -49,15 +49,18 @@ impl Oversized {
         }
         let bucket = self.bucket(js).await?;
         let mut reader: &[u8] = &event.payload;
-        bucket
-            .put(event.event_id.as_str(), &mut reader)
-            .await
-            .map_err(|e| {
-                PublishError::Nats(format!(
-                    "store oversized event {} in {}: {e}",
-                    event.event_id, self.bucket_name
-                ))
-            })?;
+        // Object store chunks are NATS messages too: they must fit max_payload.
+        let meta = object_store::ObjectMetadata {
+            name: event.event_id.clone(),
+            chunk_size: Some((max_payload.saturating_sub(MARGIN)).clamp(1024, 128 * 1024)),
+            ..Default::default()
+        };
+        bucket.put(meta, &mut reader).await.map_err(|e| {
+            PublishError::Nats(format!(
+                "store oversized event {} in {}: {e}",
+                event.event_id, self.bucket_name
+            ))
+        })?;
         headers.insert(
             "Walcast-Object",
             format!("{}/{}", self.bucket_name, event.event_id).as_str(),

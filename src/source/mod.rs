@@ -118,13 +118,24 @@ impl Source {
             .replication_config(slot, publication)
             .with_start_lsn(start.into())
             .with_feedback_observer(observer);
-        let mut client = ReplicationClient::connect(config)
+        let connect = async {
+            let mut client = ReplicationClient::connect(config)
+                .await
+                .map_err(SourceError::from_pgwire)?;
+            client
+                .wait_started()
+                .await
+                .map_err(SourceError::from_pgwire)?;
+            Ok::<_, SourceError>(client)
+        };
+        let client = tokio::time::timeout(crate::database::IO_TIMEOUT, connect)
             .await
-            .map_err(SourceError::from_pgwire)?;
-        client
-            .wait_started()
-            .await
-            .map_err(SourceError::from_pgwire)?;
+            .map_err(|_| {
+                SourceError::Replication(format!(
+                    "START_REPLICATION did not complete within {} s",
+                    crate::database::IO_TIMEOUT.as_secs()
+                ))
+            })??;
         Ok(Source { client, reported })
     }
 

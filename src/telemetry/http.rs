@@ -17,6 +17,7 @@ use super::metrics;
 pub struct Health {
     replicating: AtomicBool,
     ever_replicated: AtomicBool,
+    replications: AtomicU64,
     last_checkpoint_unix: AtomicU64,
 }
 
@@ -25,7 +26,13 @@ impl Health {
     pub fn set_replicating(&self, on: bool) {
         self.replicating.store(on, Ordering::SeqCst);
         self.ever_replicated.fetch_or(on, Ordering::SeqCst);
+        self.replications.fetch_add(u64::from(on), Ordering::SeqCst);
         ::metrics::gauge!(metrics::UP).set(if on { 1.0 } else { 0.0 });
+    }
+
+    /// How many runs reached replication.
+    pub fn replications(&self) -> u64 {
+        self.replications.load(Ordering::SeqCst)
     }
 
     /// Some run of this process reached replication (startup is over).

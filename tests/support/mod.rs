@@ -124,6 +124,9 @@ pub(crate) fn read_log(path: &Path) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+pub mod chaos;
 pub mod checks;
 pub mod daemon;
+pub mod oracle;
+pub mod pgdelay;
 pub mod workload;

@@ -1,0 +1,265 @@
+//! SPEC §4.7 / issue 11: a broker that loses messages it had acknowledged.
+//! The NATS store directory is rolled back to a copy taken seconds earlier
+//! (stop, restore, start): what an OS crash before fsync does.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::chaos::{Load, Walcast, slot_lag, stream_state, verify};
+use crate::support::daemon::Env;
+use crate::support::oracle::Oracle;
+use crate::support::{TempDir, wait_until};
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp -a");
+    assert!(
+        status.success(),
+        "copy {} to {}",
+        from.display(),
+        to.display()
+    );
+}
+
+/// Stops NATS, copies its store, starts it again; returns the stream's last seq.
+async fn snapshot(env: &Env, to: &Path) -> u64 {
+    env.nats.stop().unwrap();
+    copy_dir(&env.nats.store_dir(), to);
+    env.nats.start_again().unwrap();
+    stream_state(&env.nats.url()).await.0
+}
+
+/// Stops NATS and puts the snapshot back in place of its store.
+fn restore(env: &Env, from: &Path) {
+    env.nats.stop().unwrap();
+    copy_dir(from, &env.nats.store_dir());
+}
+
+/// Waits until the stream holds one message per committed change.
+async fn wait_complete(
+    env: &Env,
+    oracle: &Oracle,
+    client: &tokio_postgres::Client,
+    walcast: &Walcast,
+) {
+    let want = oracle.changes(client).await.len() as u64;
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(120), || {
+        let url = url.clone();
+        async move { stream_state(&url).await.0 >= want }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "stream never got all {want} events: {e}\n{}",
+            walcast.log_tail(40)
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_broker_is_repaired_from_the_slot() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("broker-loss").unwrap();
+    let saved = dir.path().join("store-copy");
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "30s")],
+    );
+    let load = Load::start(&env, 5, Duration::from_millis(5)).await;
+    load.wait_transactions(150, Duration::from_secs(60)).await;
+
+    let at_snapshot = snapshot(&env, &saved).await;
+    // More events are acknowledged after the copy, then lost with the rollback.
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { stream_state(&url).await.0 > at_snapshot + 100 }
+    })
+    .await
+    .expect("events acknowledged after the snapshot");
+    restore(&env, &saved);
+    env.nats.start_again().unwrap();
+    assert!(
+        stream_state(&env.nats.url()).await.0 <= at_snapshot,
+        "the broker lost acknowledged messages"
+    );
+
+    load.wait_transactions(100, Duration::from_secs(60)).await;
+    let stats = load.stop().await;
+    wait_complete(&env, &oracle, &client, &walcast).await;
+    walcast.stop(Duration::from_secs(10)).await;
+    let checked = verify("broker rollback", &env, &client, &oracle).await;
+    let warns = walcast.warn_lines().join("\n");
+    assert!(
+        warns.contains("republished events the broker had lost"),
+        "WARN with the range:\n{warns}"
+    );
+    assert!(
+        warns.contains("stream_seqs=") && warns.contains("tenants="),
+        "{warns}"
+    );
+    eprintln!("[broker rollback] {checked} events exact after losing the tail; {stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolled_back_broker_and_kill9_while_it_is_down() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("broker-loss-kill").unwrap();
+    let saved = dir.path().join("store-copy");
+    let mut walcast = Walcast::start(
+        "first",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "30s")],
+    );
+    let load = Load::start(&env, 5, Duration::from_millis(5)).await;
+    load.wait_transactions(150, Duration::from_secs(60)).await;
+    let at_snapshot = snapshot(&env, &saved).await;
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { stream_state(&url).await.0 > at_snapshot + 100 }
+    })
+    .await
+    .expect("events acknowledged after the snapshot");
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the acknowledged high is recorded once a second
+    restore(&env, &saved);
+    walcast.kill9().await; // while NATS is down
+    env.nats.start_again().unwrap();
+    let mut walcast = Walcast::start(
+        "second",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "30s")],
+    );
+    load.wait_transactions(100, Duration::from_secs(60)).await;
+    load.stop().await;
+    wait_complete(&env, &oracle, &client, &walcast).await;
+    walcast.stop(Duration::from_secs(10)).await;
+    let checked = verify("broker rollback + kill -9", &env, &client, &oracle).await;
+    let warns = walcast.warn_lines().join("\n");
+    assert!(
+        warns.contains("the broker lost messages it had acknowledged"),
+        "WARN with the range:\n{warns}"
+    );
+    assert!(
+        warns.contains("lost_from=") && warns.contains("lost_to="),
+        "{warns}"
+    );
+    eprintln!("[broker rollback + kill -9] {checked} events exact");
+}
+
+/// With --confirm-delay 0 the slot no longer holds what the broker lost:
+/// walcast must stop with an error naming the range and publish nothing after the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unrecoverable_loss_stops_with_the_range() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let dir = TempDir::new("broker-loss-fatal").unwrap();
+    let saved = dir.path().join("store-copy");
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "0")],
+    );
+    let load = Load::start(&env, 3, Duration::from_millis(5)).await;
+    load.wait_transactions(50, Duration::from_secs(60)).await;
+    let at_snapshot = snapshot(&env, &saved).await;
+    load.wait_transactions(100, Duration::from_secs(60)).await;
+    let checkpointed = crate::support::chaos::checkpoint_stream_seq(&client).await;
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(60), || async {
+        crate::support::chaos::checkpoint_stream_seq(&client).await > at_snapshot + 20
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("checkpoint never passed the snapshot ({checkpointed} vs {at_snapshot})")
+    });
+    restore(&env, &saved);
+    env.nats.start_again().unwrap();
+    let restored = stream_state(&url).await.0;
+    assert!(restored <= at_snapshot);
+    let status = walcast.wait(Duration::from_secs(90)).await;
+    load.stop().await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains("the broker lost messages"),
+        "error names the loss:\n{}",
+        walcast.log_tail(20)
+    );
+    assert!(
+        log.contains(&format!("ends at message {restored} "))
+            && log.contains(&format!("lost messages {}..=", restored + 1)),
+        "error names the range:\n{}",
+        walcast.log_tail(20)
+    );
+    assert_eq!(
+        stream_state(&url).await.0,
+        restored,
+        "nothing is published after the gap"
+    );
+}
+
+/// With a confirm delay, idle WAL (writes to another table) is retained for
+/// about the delay and released once it has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_wal_is_released_after_the_confirm_delay() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let dir = TempDir::new("idle-delay").unwrap();
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "8s")],
+    );
+    client
+        .batch_execute("CREATE TABLE other (id serial, pad text)")
+        .await
+        .unwrap();
+    // ~24 MB over ~6 s: the retained WAL grows while the delay holds it...
+    let mut peak = 0;
+    for _ in 0..12 {
+        client
+            .execute(
+                "INSERT INTO other (pad) SELECT repeat('x', 1800) FROM generate_series(1, 1000)",
+                &[],
+            )
+            .await
+            .unwrap();
+        peak = peak.max(slot_lag(&client).await);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        peak > 8_000_000,
+        "the delay holds recent WAL back (peak {peak} bytes)"
+    );
+    // ...and is released once the delay has passed.
+    wait_until(Duration::from_secs(40), || async {
+        slot_lag(&client).await < 4_000_000
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "retained WAL not released: {} bytes\n{}",
+            0,
+            walcast.log_tail(20)
+        )
+    });
+    walcast.stop(Duration::from_secs(10)).await;
+}
