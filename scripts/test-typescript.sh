@@ -83,7 +83,9 @@ if [ -z "${WALCAST_BIN:-}" ]; then
     fi
     # Same features as scripts/test.sh, so the two share build artifacts.
     (cd "$ROOT" && cargo build ${locked[@]+"${locked[@]}"} --bin walcast --features walcast/failpoints)
-    export WALCAST_BIN="$ROOT/target/debug/walcast"
+    target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
+    case "$target_dir" in /*) ;; *) target_dir="$ROOT/$target_dir" ;; esac
+    export WALCAST_BIN="$target_dir/debug/walcast"
 fi
 
 # --- Node packages, build -----------------------------------------------------
