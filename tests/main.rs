@@ -1,10 +1,15 @@
+mod big_transactions;
 mod broker_loss;
 mod catchup;
+mod data_edges;
 mod demo;
 mod deploy_files;
 mod faults;
 mod harness;
+mod misconfig;
 mod operator;
+mod oversized;
 mod pipeline;
+mod schema_changes;
 mod support;
 mod tls;

@@ -306,7 +306,7 @@ pub async fn catch_up(client: &Client, timeout: Duration) -> anyhow::Result<()> 
                     &[target],
                 )
                 .await
-                .map(|r| r.get::<_, bool>(0))
+                .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
                 .unwrap_or(false)
         }
     })

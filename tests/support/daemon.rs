@@ -93,7 +93,7 @@ impl Env {
                         &[target],
                     )
                     .await
-                    .map(|r| r.get::<_, bool>(0))
+                    .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
                     .unwrap_or(false)
             }
         })

@@ -127,6 +127,7 @@ pub(crate) fn read_log(path: &Path) -> String {
 pub mod chaos;
 pub mod checks;
 pub mod daemon;
+pub mod edge;
 pub mod oracle;
 pub mod pgdelay;
 pub mod workload;
