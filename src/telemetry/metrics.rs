@@ -38,6 +38,19 @@ pub fn install() -> &'static PrometheusHandle {
             .install_recorder()
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
         describe();
+        // Histogram samples wait in the recorder until a render or an upkeep
+        // folds them into buckets: without a Prometheus scrape they would
+        // grow with every event. Fold them in regularly.
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name("walcast-metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            })
+            .ok();
         handle
     })
 }
