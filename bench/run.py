@@ -8,15 +8,17 @@ writes bench/results/latest.json and bench/results/latest.md.
 
 Every machine-dependent figure is reported together with a ratio against a
 baseline measured in the same run: throughput against pg_recvlogical
-draining the same slot backlog (measured before and after walcast, to expose
-noise from other load on the machine), latency against pg_recvlogical's own
-commit → receive floor. See docs/BENCHMARKS.md.
+draining the same slot backlog (in interleaved rounds, the fastest run of
+each kind counting, with the foreign CPU load of every run recorded),
+latency against pg_recvlogical's own commit → receive floor. See
+docs/BENCHMARKS.md.
 
 Standard library only; SQL goes through the psql / pgbench / pg_recvlogical
 binaries.
 """
 
 import argparse
+import base64
 import datetime
 import json
 import os
@@ -37,7 +39,7 @@ sys.path.insert(0, str(HERE))
 
 import latency as lat  # noqa: E402
 import wire  # noqa: E402
-from natsproto import Nats, NatsError, stream_info  # noqa: E402
+from natsproto import Nats, stream_info  # noqa: E402
 
 ROOT = HERE.parent
 CLK = os.sysconf("SC_CLK_TCK")
@@ -448,6 +450,16 @@ def wal_bytes(pg, a, b):
 
 # --- drain runs ----------------------------------------------------------------
 
+def log_tail(path):
+    """The last line of a log, without ANSI colours."""
+    import re
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[-1])[-300:] if lines else ""
+
+
 def per_million(cpu, events):
     return None if cpu is None or not events else round(cpu / events * 1e6, 2)
 
@@ -544,7 +556,8 @@ def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, nam
     nats.stop()
     if done_at is None:
         raise RuntimeError(f"walcast did not finish ({stalled or 'timeout'}): {last}/{events} events after "
-                           f"{secs:.0f}s, exit code {rc} after SIGTERM; see {wc.logpath}")
+                           f"{secs:.0f}s, exit code {rc} after SIGTERM (-9: it ignored SIGTERM for 30 s and was "
+                           f"killed); log {wc.logpath} (kept with --keep), last line: {log_tail(wc.logpath)}")
     res = {
         "seconds": round(secs, 3),
         "events_per_s": round(events / secs),
@@ -1018,7 +1031,6 @@ def scenario_catchup(ctx):
                 errors += 1
             elif i % 50 == 0:  # spot check: the answer points at seq after+1
                 got = nats.nc.request_json("$JS.API.STREAM.MSG.GET.WALCAST", {"seq": body["start_stream_seq"]})
-                import base64
                 hdrs = base64.b64decode(got["message"].get("hdrs", "")).decode()
                 want = f"Walcast-Seq: {after + 1}"
                 if want not in hdrs:
@@ -1133,7 +1145,8 @@ def summary_rows(res):
     for name, r in sc.items():
         if isinstance(r, dict) and "error" in r:
             rows.append((name, "scenario", None, "", False, err(r)))
-    return rows
+    # A run that failed has no value, and it did not meet its target.
+    return [(n, m, v, t, False if str(note).startswith("FAILED") else ok, note) for n, m, v, t, ok, note in rows]
 
 
 def markdown(res):

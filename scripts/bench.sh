@@ -4,10 +4,12 @@
 # starts its own PostgreSQL and nats-server on random ports, runs every
 # scenario and writes bench/results/latest.json and bench/results/latest.md.
 #
-#   scripts/bench.sh                 # all default scenarios (~15 min on 2 cores)
+#   scripts/bench.sh                 # default scenarios, 2 interleaved rounds per drain (~15 min on 2 cores)
 #   scripts/bench.sh --quick         # smoke test of the harness (~3 min)
 #   scripts/bench.sh --catchup       # also the catch-up scenario (issue 9)
-#   scripts/bench.sh --help          # every option (sizes, --scale, --scenarios, --profile)
+#   scripts/bench.sh --help          # every option (sizes, --scale, --repeat, --scenarios, --profile)
+#
+# Method, results and what limits each figure: docs/BENCHMARKS.md.
 #
 # Set WALCAST_BIN to benchmark an existing binary instead of building one.
 set -euo pipefail

@@ -791,7 +791,7 @@ async fn thousands_of_tiny_transactions_interleaved_with_other_tables() {
         );
         let sql = match i % 8 {
             // Single-statement transactions (autocommit).
-            0 | 1 | 2 => format!("INSERT INTO tasks (id, tenant_id, title) VALUES ('{id}', '{tenant}', 'tiny {i}')"),
+            0..=2 => format!("INSERT INTO tasks (id, tenant_id, title) VALUES ('{id}', '{tenant}', 'tiny {i}')"),
             3 => match live.keys().next().copied() {
                 Some(k) => format!("UPDATE tasks SET title = 'tiny upd {i}', version = version + 1 WHERE id = '{}'", uuid(k)),
                 None => noise.clone(),

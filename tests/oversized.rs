@@ -117,12 +117,12 @@ async fn oversized_scenario(max_payload: usize) {
                 2 => client
                     .batch_execute(&format!(
                         "BEGIN;
-                         INSERT INTO projects (id, tenant_id, name, metadata) SELECT '{p}', '{tenant}', 'p', jsonb_build_object('blob', {blob});
+                         INSERT INTO projects (id, tenant_id, name, metadata) SELECT '{p}', '{tenant}', 'p', jsonb_build_object('blob', (SELECT {blob}));
                          UPDATE tasks SET title = 'small' WHERE id = '{id}';
                          DELETE FROM tasks WHERE id = '{id}';
                          COMMIT;",
                         p = uuid(2_000_000 + n),
-                        blob = format!("(SELECT {})", sql_blob(size / 2)),
+                        blob = sql_blob(size / 2),
                     ))
                     .await
                     .unwrap(),
