@@ -24,8 +24,8 @@ use crate::source::SourceError;
 pub enum AppError {
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
-    #[error("cannot use NATS at {url}: {reason}")]
-    Nats { url: String, reason: String },
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Db(#[from] crate::database::DbError),
     #[error("cannot serve metrics on --http-addr {addr}: {reason} (is another process using it?)")]
@@ -54,12 +54,7 @@ pub async fn run(
     let crate::broker::Connection {
         client: nats,
         connects,
-    } = crate::broker::connect(&settings)
-        .await
-        .map_err(|reason| AppError::Nats {
-            url: redact_url(&settings.nats_url),
-            reason,
-        })?;
+    } = crate::broker::connect(&settings).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(10))
         // The publisher bounds in-flight publishes itself (it admits a batch

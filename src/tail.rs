@@ -34,10 +34,7 @@ pub struct TailArgs {
 pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
     tenant::validate(Some(&args.tenant))
         .map_err(|e| anyhow::anyhow!("--tenant: {}", e.reason()))?;
-    let client = crate::broker::connect(settings)
-        .await
-        .map_err(anyhow::Error::msg)?
-        .client;
+    let client = crate::broker::connect(settings).await?.client;
     let js = jetstream::new(client);
     let mut stream = js
         .get_stream(&settings.stream)

@@ -31,16 +31,69 @@ pub async fn ensure(
     };
     js.create_stream(config)
         .await
-        .map_err(|e| PublishError::Nats(format!("create stream {}: {e}", settings.stream)))
+        .map_err(|e| classify_create_error(e, settings))
 }
 
-fn classify_get_error(e: jetstream::context::GetStreamError) -> PublishError {
-    let text = e.to_string();
-    if text.contains("not enabled") || text.contains("no responders") || text.contains("503") {
-        PublishError::NoJetStream(text)
-    } else {
-        PublishError::Nats(format!("look up stream: {text}"))
+/// Why JetStream cannot serve walcast at all, if that is what `error` says:
+/// nothing answers the JetStream API (a server started without `-js`: the
+/// client reports "no responders", which async-nats words as "requested
+/// JetStream resource does not exist"), or the server says JetStream is not
+/// enabled (for the account). `None` for every other failure.
+fn no_jetstream(
+    request: Option<&(dyn std::error::Error + 'static)>,
+    api: Option<&jetstream::Error>,
+    settings: &Settings,
+) -> Option<PublishError> {
+    use async_nats::jetstream::context::{RequestError, RequestErrorKind};
+    if let Some(api) = api {
+        let code = api.error_code();
+        if code == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED
+            || code == jetstream::ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+        {
+            return Some(not_enabled(settings, &api.to_string()));
+        }
     }
+    let request = request?.downcast_ref::<RequestError>()?;
+    (request.kind() == RequestErrorKind::NoResponders).then(|| not_enabled(settings, NO_RESPONDERS))
+}
+
+const NO_RESPONDERS: &str = "nothing answers its JetStream API";
+
+fn not_enabled(settings: &Settings, why: &str) -> PublishError {
+    PublishError::NoJetStream(format!(
+        "not enabled on the server at {}: {why}",
+        crate::config::redact_url(&settings.nats_url)
+    ))
+}
+
+fn classify_get_error(e: jetstream::context::GetStreamError, settings: &Settings) -> PublishError {
+    use jetstream::context::GetStreamErrorKind;
+    let api = match e.kind() {
+        GetStreamErrorKind::JetStream(api) => Some(api),
+        _ => None,
+    };
+    if let Some(no_js) = no_jetstream(std::error::Error::source(&e), api.as_ref(), settings) {
+        return no_js;
+    }
+    PublishError::Nats(format!("look up stream {}: {e}", settings.stream))
+}
+
+fn classify_create_error(
+    e: jetstream::context::CreateStreamError,
+    settings: &Settings,
+) -> PublishError {
+    use jetstream::context::CreateStreamErrorKind;
+    let api = match e.kind() {
+        CreateStreamErrorKind::JetStream(api) => Some(api),
+        _ => None,
+    };
+    if e.kind() == CreateStreamErrorKind::JetStreamUnavailable {
+        return not_enabled(settings, NO_RESPONDERS);
+    }
+    if let Some(no_js) = no_jetstream(None, api.as_ref(), settings) {
+        return no_js;
+    }
+    PublishError::Nats(format!("create stream {}: {e}", settings.stream))
 }
 
 fn verify(config: &stream::Config, name: &str, subjects: &str) -> Result<(), PublishError> {
@@ -91,6 +144,6 @@ pub async fn verify_existing(
         {
             Ok(None)
         }
-        Err(e) => Err(classify_get_error(e)),
+        Err(e) => Err(classify_get_error(e, settings)),
     }
 }
