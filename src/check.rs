@@ -270,6 +270,15 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
         )
         .await?;
     match slot {
+        // A checkpoint means walcast streamed this slot before: it was dropped.
+        None if has_checkpoint(c, &s.slot).await? => r.fail(
+            format!(
+                "slot {} is missing but walcast.checkpoints has a checkpoint for it: it was dropped, and changes \
+                 since its last confirmation may be missing from the stream; `walcast run` refuses to start",
+                s.slot
+            ),
+            lost_slot_fix(&s.slot, false),
+        ),
         None => r.add(
             Status::Pass,
             format!(
@@ -293,10 +302,11 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
             } else if wal_status == "lost" {
                 r.fail(
                     format!(
-                        "slot {} is invalidated (wal_status lost): changes are missing",
+                        "slot {} is invalidated (wal_status lost, e.g. by max_slot_wal_keep_size): Postgres removed WAL \
+                         it still needed, so changes may be missing from the stream; `walcast run` refuses to start",
                         s.slot
                     ),
-                    "see README \"Lost replication slot\"",
+                    lost_slot_fix(&s.slot, true),
                 );
             } else {
                 let mb = retained.unwrap_or(0) as f64 / 1_048_576.0;
@@ -315,11 +325,47 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
     Ok(())
 }
 
+/// Whether walcast has a checkpoint for `slot` (false if its tables are missing:
+/// that is reported by its own check).
+async fn has_checkpoint(c: &Client, slot: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT CASE WHEN to_regclass('walcast.checkpoints') IS NULL THEN false
+                         ELSE has_table_privilege('walcast.checkpoints', 'SELECT') END",
+            &[],
+        )
+        .await?;
+    if !row.get::<_, bool>(0) {
+        return Ok(false);
+    }
+    Ok(c.query_opt(
+        "SELECT 1 FROM walcast.checkpoints WHERE slot = $1",
+        &[&slot],
+    )
+    .await?
+    .is_some())
+}
+
+/// README "Lost replication slot", as one fix line.
+fn lost_slot_fix(slot: &str, invalidated: bool) -> String {
+    let slot = slot.replace('\'', "''");
+    let drop = if invalidated {
+        format!("SELECT pg_drop_replication_slot('{slot}'); ")
+    } else {
+        String::new()
+    };
+    format!(
+        "follow README \"Lost replication slot\": re-sync consumers from the database, then {drop}\
+         DELETE FROM walcast.checkpoints WHERE slot = '{slot}'; DELETE FROM walcast.tenant_seqs WHERE slot = '{slot}'; \
+         use a new --stream or purge the old one (seqs restart at 1), and start walcast"
+    )
+}
+
 async fn nats(s: &Settings, r: &mut Report) {
     let url = redact_url(&s.nats_url);
     let options = match crate::broker::options(s, "walcast-check").await {
         Ok(options) => options,
-        Err(e) => return r.fail(e, "fix --nats-creds / --nats-nkey"),
+        Err(e) => return r.fail(e, "fix --nats-creds / --nats-nkey / --nats-ca"),
     };
     let client = match tokio::time::timeout(
         Duration::from_secs(10),
@@ -328,6 +374,12 @@ async fn nats(s: &Settings, r: &mut Report) {
     .await
     {
         Ok(Ok(client)) => client,
+        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
+            return r.fail(
+                format!("invalid NATS URL {url}: {e}"),
+                "fix --nats-url (nats://HOST:PORT or tls://HOST:PORT, comma-separated for several servers)",
+            );
+        }
         Ok(Err(e)) => {
             return r.fail(
                 format!("NATS unreachable at {url}: {e}"),

@@ -609,14 +609,13 @@ async fn env_vars_with(env: &Env, extra: &[(&str, &str)]) -> Vec<(String, String
     vars
 }
 
-/// BUG (reported, not fixed: src/pipeline/mod.rs `preflight`): a publication
-/// that lacks one of the source tables is accepted — `walcast run` streams
-/// the other two and silently never publishes a change of the missing one
-/// (`walcast check` does flag it). Expected: one error line naming the
-/// missing table and the ALTER PUBLICATION fix, and a non-zero exit.
+/// A publication that lacks one of the source tables (pgoutput would
+/// silently send nothing for it): `walcast check` flags it, and `walcast run`
+/// stops with one error line naming the missing table and the ALTER
+/// PUBLICATION fix, and a non-zero exit (regression: it used to stream the
+/// other two tables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: walcast run accepts a publication missing a source table (src/pipeline/mod.rs)"]
-async fn bug_publication_missing_a_table_is_not_an_error() {
+async fn a_publication_missing_a_table_is_one_clear_error() {
     let env = Env::start().await;
     let client = env.pg.client().await;
     client
@@ -639,17 +638,13 @@ async fn bug_publication_missing_a_table_is_not_an_error() {
     );
 }
 
-/// BUG (reported, not fixed: src/publish/stream.rs `classify_get_error`):
-/// nats-server 2.12 without JetStream answers the stream lookup with
-/// "requested JetStream resource does not exist", which is not recognised as
-/// "no JetStream": walcast retries it as a transient NATS error for the whole
-/// startup timeout (30 s by default) and then exits with
-/// "NATS: look up stream: request error: requested JetStream resource does
-/// not exist" — no fix. Expected (SPEC §4.6): at once, "start nats-server
-/// with -js".
+/// nats-server without JetStream answers the stream lookup with "no
+/// responders" (async-nats: "requested JetStream resource does not exist"):
+/// walcast must recognise it as "no JetStream" and stop at once — not retry
+/// it for the whole startup timeout (30 s by default) — saying "start
+/// nats-server with -js" (SPEC §4.6).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: NATS without JetStream is retried and reported without the fix (src/publish/stream.rs)"]
-async fn bug_nats_without_jetstream_error_says_what_to_fix() {
+async fn nats_without_jetstream_error_says_what_to_fix() {
     let env = Env::start().await;
     let no_js = Nats::start_with(NatsOptions {
         jetstream: false,
@@ -668,18 +663,11 @@ async fn bug_nats_without_jetstream_error_says_what_to_fix() {
     );
 }
 
-/// BUG (reported, not fixed: src/pipeline/mod.rs / src/publish/stream.rs):
-/// with NATS down at startup the client connects in the background
-/// (`retry_on_initial_connect`), so the first thing that fails is a 10 s
-/// JetStream request: walcast exits after ~11 s even with
-/// `WALCAST_STARTUP_TIMEOUT=2s`, saying "NATS: look up stream: request
-/// error: timed out" — neither the server's address nor that it cannot be
-/// reached (`walcast check` says "NATS unreachable at nats://...:
-/// Connection refused"). Expected: the address, "unreachable"/"cannot
-/// connect", within about the startup timeout.
+/// NATS down at startup: walcast waits for it at most the startup timeout,
+/// then says the server (by its address) is unreachable — not, after a 10 s
+/// JetStream request, "look up stream: request error: timed out".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: unreachable NATS is reported as a stream-lookup timeout, late (src/pipeline, src/broker.rs)"]
-async fn bug_unreachable_nats_error_names_the_server() {
+async fn unreachable_nats_error_names_the_server() {
     let env = Env::start().await;
     let port = free_port();
     let vars = env_vars_with(
@@ -703,14 +691,12 @@ async fn bug_unreachable_nats_error_names_the_server() {
     );
 }
 
-/// BUG (reported, not fixed: src/check.rs): after the slot was dropped,
-/// `walcast check` reports "✓ slot walcast does not exist yet; `walcast
-/// migrate` or `walcast run` creates it" although walcast has a checkpoint
-/// for it and `walcast run` refuses to start. Expected: a ✗ line saying
-/// changes may be missing, with the README recovery procedure as the fix.
+/// After the slot was dropped, walcast has a checkpoint for a slot that no
+/// longer exists and `walcast run` refuses to start: `walcast check` must
+/// say so with a ✗ line (changes may be missing) and the README recovery
+/// procedure as the fix — not "✓ slot walcast does not exist yet".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: walcast check passes a dropped slot that has a checkpoint (src/check.rs)"]
-async fn bug_check_passes_a_dropped_slot() {
+async fn check_fails_on_a_dropped_slot_that_has_a_checkpoint() {
     let env = Env::start().await;
     let client = env.pg.client().await;
     let dir = TempDir::new("lost-slot-check").unwrap();
@@ -735,8 +721,7 @@ async fn bug_check_passes_a_dropped_slot() {
 /// points at the recovery procedure (README "Lost replication slot"), not
 /// retry forever nor recreate the slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: an invalidated slot is retried as a transient error (src/source/mod.rs)"]
-async fn bug_invalidated_slot_stops_walcast_with_the_recovery_procedure() {
+async fn an_invalidated_slot_stops_walcast_with_the_recovery_procedure() {
     crate::support::daemon::init_logging();
     let pg = Postgres::start_with(&[
         ("max_slot_wal_keep_size", "1MB"),

@@ -242,16 +242,14 @@ async fn ddl_while_streaming_keeps_the_stream_exact() {
     eprintln!("schema changes: {checked} events checked; load {stats:?}");
 }
 
-/// BUG (reported, not fixed: src/assemble.rs / src/events/layout.rs): a
-/// source table that is renamed (here behind an updatable view, so the
-/// application keeps writing) keeps its OID and stays in the publication,
-/// but walcast maps relations to entities by name: from the Relation message
-/// with the new name on, every change of the table is silently dropped — no
-/// event, no dead letter, no error, no warning. Expected: the changes keep
-/// flowing (the relation is the same table), or walcast stops loudly.
+/// A source table that is renamed (here behind an updatable view, so the
+/// application keeps writing) keeps its OID and stays in the publication:
+/// walcast follows the table by OID, so its changes keep flowing — in order,
+/// nothing dropped — and it logs one WARN naming the old and the new name
+/// (regression: relations were mapped to entities by name only, so every
+/// change made under the new name was silently dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: changes of a renamed source table are silently dropped (src/assemble.rs)"]
-async fn bug_renamed_table_changes_are_silently_dropped() {
+async fn a_renamed_source_table_keeps_streaming() {
     let env = Env::start().await;
     let client = env.pg.client().await;
     let dir = TempDir::new("rename").unwrap();
@@ -290,6 +288,19 @@ async fn bug_renamed_table_changes_are_silently_dropped() {
     assert_eq!(
         ids, want,
         "the lock written while the table was renamed is missing from the stream"
+    );
+    // Never silent: the rename is reported with both names.
+    let renamed: Vec<String> = walcast
+        .warn_lines()
+        .into_iter()
+        .filter(|l| l.contains("was renamed"))
+        .collect();
+    assert!(
+        renamed
+            .iter()
+            .any(|l| l.contains("public.editing_locks ") && l.contains("public.editing_locks_v2")),
+        "a WARN naming the old and the new name: {renamed:#?}\n{}",
+        walcast.log_tail(20)
     );
     walcast.stop(Duration::from_secs(15)).await;
 }

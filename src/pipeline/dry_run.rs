@@ -22,6 +22,7 @@ pub(super) async fn run(
     shutdown: &mut watch::Receiver<bool>,
     checkpoint: Option<Checkpoint>,
     slot: SlotState,
+    sources: Vec<(u32, crate::proto::Entity)>,
 ) -> Result<(), PipelineError> {
     let s = &ctx.settings;
     let checkpoint = checkpoint.unwrap_or_default();
@@ -30,7 +31,8 @@ pub(super) async fn run(
         s.subject_prefix.clone(),
         Sequencer::from_checkpoint(checkpoint.tenants),
     );
-    let mut assembler = Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0);
+    let mut assembler =
+        Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0).with_sources(sources);
     let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
     tracing::warn!(%start, "dry run: events are built but not published, and the slot is not confirmed");
     ctx.health.set_replicating(true);

@@ -109,7 +109,7 @@ pub const BATCH: usize = 512;
 pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<(), PipelineError> {
     let s = &ctx.settings;
     let sql = ctx.db.connect().await?;
-    with_timeout("check wal_level and the publication", preflight(&sql, s)).await??;
+    let sources = with_timeout("check wal_level and the publication", preflight(&sql, s)).await??;
     let had_checkpoint = with_timeout("read the checkpoint", store::load(&sql, &s.slot))
         .await??
         .is_some();
@@ -119,7 +119,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         let slot_state = slot::read(&sql, &s.slot)
             .await?
             .ok_or_else(|| slot_vanished(s))?;
-        return dry_run::run(ctx, shutdown, checkpoint, slot_state).await;
+        return dry_run::run(ctx, shutdown, checkpoint, slot_state, sources).await;
     }
     let mut stream = publish::stream::ensure(&ctx.js, s).await?;
 
@@ -202,7 +202,8 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         s.subject_prefix.clone(),
         Sequencer::from_checkpoint(checkpoint.tenants.clone()),
     );
-    let mut assembler = Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0);
+    let mut assembler =
+        Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0).with_sources(sources);
     tracing::info!(%start, stream_seq = last_seq, tenants, "replicating");
     ctx.health.set_replicating(true);
     let _ready = Replicating(&ctx.health);
@@ -413,6 +414,12 @@ async fn prepare_slot(
         }
         None => return Err(slot_vanished(s)),
     };
+    if state.is_lost() {
+        return Err(PipelineError::Source(SourceError::SlotLost {
+            slot: s.slot.clone(),
+            reason: "wal_status is lost".into(),
+        }));
+    }
     if state.plugin.as_deref() != Some("pgoutput") {
         return Err(PipelineError::Fatal(format!(
             "replication slot {} uses plugin {:?}, walcast needs pgoutput: drop it or choose another --slot",
@@ -454,8 +461,12 @@ async fn tail_event_id(stream: &jetstream::stream::Stream, last_seq: u64) -> Opt
     Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
 }
 
-/// Checks the database settings a run depends on, with fixes in the errors.
-async fn preflight(sql: &tokio_postgres::Client, s: &Settings) -> Result<(), PipelineError> {
+/// Checks the database settings a run depends on, with fixes in the errors;
+/// returns the source tables' OIDs.
+async fn preflight(
+    sql: &tokio_postgres::Client,
+    s: &Settings,
+) -> Result<Vec<(u32, crate::proto::Entity)>, PipelineError> {
     let wal_level: String = sql
         .query_one("SHOW wal_level", &[])
         .await
@@ -466,27 +477,7 @@ async fn preflight(sql: &tokio_postgres::Client, s: &Settings) -> Result<(), Pip
             "wal_level is {wal_level}, walcast needs logical: ALTER SYSTEM SET wal_level = logical; then restart Postgres"
         )));
     }
-    let publication = sql
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.publication],
-        )
-        .await
-        .map_err(query_err("read pg_publication"))?;
-    if publication.is_none() {
-        return Err(PipelineError::Fatal(format!(
-            "publication {} does not exist: run `walcast migrate`, or CREATE PUBLICATION {} FOR TABLE {}.{}, {}.{}, {}.{}",
-            s.publication,
-            s.publication,
-            s.tables.schema,
-            s.tables.projects,
-            s.tables.schema,
-            s.tables.tasks,
-            s.tables.schema,
-            s.tables.locks
-        )));
-    }
-    Ok(())
+    Ok(crate::source::publication::verify(sql, s).await?)
 }
 
 /// Exposed for the supervisor's retry logs.

@@ -5,6 +5,7 @@
 //! the checkpointer has made durable. Keepalives are answered by the library,
 //! which reports the last confirmed position, never more.
 
+pub mod publication;
 pub mod slot;
 
 use std::sync::Arc;
@@ -30,12 +31,39 @@ pub enum SourceError {
         "replication slot is in use by another process ({0}); waiting as a standby until it is free"
     )]
     SlotBusy(String),
+    /// Postgres invalidated the slot (e.g. `max_slot_wal_keep_size`): the WAL
+    /// it still needed is gone, so retrying can never succeed.
+    #[error(
+        "replication slot {slot} was invalidated ({reason}): Postgres removed WAL it still needed, so changes since \
+         its last confirmation may be missing from the stream. walcast will not silently recreate it. See README \
+         \"Lost replication slot\": re-sync consumers, then SELECT pg_drop_replication_slot('{slot}'); \
+         DELETE FROM walcast.checkpoints WHERE slot = '{slot}'; DELETE FROM walcast.tenant_seqs WHERE slot = '{slot}'; \
+         and start walcast again"
+    )]
+    SlotLost { slot: String, reason: String },
+}
+
+/// Whether a walsender error says the slot was invalidated (PostgreSQL 14–18
+/// wordings: "can no longer get changes from replication slot", "cannot
+/// read from logical replication slot", "can no longer access replication
+/// slot", "This slot has been invalidated").
+fn says_invalidated(text: &str) -> bool {
+    let text = text.to_lowercase();
+    text.contains("can no longer get changes from replication slot")
+        || text.contains("cannot read from logical replication slot")
+        || text.contains("can no longer access replication slot")
+        || (text.contains("slot") && text.contains("has been invalidated"))
 }
 
 impl SourceError {
-    fn from_pgwire(e: PgWireError) -> SourceError {
-        let text = e.to_string();
-        if e.is_auth()
+    fn from_pgwire(e: PgWireError, slot: &str) -> SourceError {
+        let text = e.to_string().replace(['\n', '\r'], " ");
+        if says_invalidated(&text) {
+            SourceError::SlotLost {
+                slot: slot.to_string(),
+                reason: text,
+            }
+        } else if e.is_auth()
             || text.contains("must be superuser or replication role")
             || text.contains("permission denied")
         {
@@ -51,6 +79,34 @@ impl SourceError {
 
     pub fn is_transient(&self) -> bool {
         matches!(self, SourceError::Replication(_) | SourceError::SlotBusy(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalidated_slot_is_fatal_and_says_how_to_recover() {
+        for server in [
+            "server error: can no longer get changes from replication slot \"walcast\" (SQLSTATE 55000)",
+            "server error: can no longer access replication slot \"walcast\" (SQLSTATE 55000)",
+            "server error: This slot has been invalidated because it exceeded the maximum reserved size.",
+        ] {
+            let e = SourceError::from_pgwire(PgWireError::Server(server.into()), "walcast");
+            assert!(!e.is_transient(), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("may be missing"), "{text}");
+            assert!(text.contains("Lost replication slot"), "{text}");
+            assert!(
+                text.contains("pg_drop_replication_slot('walcast')"),
+                "{text}"
+            );
+            assert!(!text.contains('\n'), "{text}");
+        }
+        let other =
+            SourceError::from_pgwire(PgWireError::Server("connection reset".into()), "walcast");
+        assert!(other.is_transient());
     }
 }
 
@@ -96,6 +152,7 @@ impl SourceEvent {
 /// A running replication stream.
 pub struct Source {
     client: ReplicationClient,
+    slot: String,
     /// Woken after every status update that advanced the reported position.
     reported: Arc<Notify>,
 }
@@ -118,14 +175,12 @@ impl Source {
             .replication_config(slot, publication)
             .with_start_lsn(start.into())
             .with_feedback_observer(observer);
+        let from_pgwire = |e| SourceError::from_pgwire(e, slot);
         let connect = async {
             let mut client = ReplicationClient::connect(config)
                 .await
-                .map_err(SourceError::from_pgwire)?;
-            client
-                .wait_started()
-                .await
-                .map_err(SourceError::from_pgwire)?;
+                .map_err(from_pgwire)?;
+            client.wait_started().await.map_err(from_pgwire)?;
             Ok::<_, SourceError>(client)
         };
         let client = tokio::time::timeout(crate::database::IO_TIMEOUT, connect)
@@ -136,12 +191,21 @@ impl Source {
                     crate::database::IO_TIMEOUT.as_secs()
                 ))
             })??;
-        Ok(Source { client, reported })
+        Ok(Source {
+            client,
+            slot: slot.to_string(),
+            reported,
+        })
     }
 
     /// The next event; `None` when the stream ended cleanly.
     pub async fn next(&mut self) -> Result<Option<SourceEvent>, SourceError> {
-        let Some(event) = self.client.recv().await.map_err(SourceError::from_pgwire)? else {
+        let Some(event) = self
+            .client
+            .recv()
+            .await
+            .map_err(|e| SourceError::from_pgwire(e, &self.slot))?
+        else {
             return Ok(None);
         };
         Ok(Some(match event {

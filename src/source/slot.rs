@@ -12,6 +12,8 @@ pub struct SlotState {
     pub database: Option<String>,
     pub confirmed_flush: Lsn,
     pub active_pid: Option<i32>,
+    /// `pg_replication_slots.wal_status`; `lost` means invalidated.
+    pub wal_status: Option<String>,
     pub created: bool,
 }
 
@@ -19,7 +21,8 @@ pub struct SlotState {
 pub async fn read(client: &Client, slot: &str) -> Result<Option<SlotState>, DbError> {
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, coalesce(confirmed_flush_lsn, '0/0')::text, active_pid
+            "SELECT plugin::text, database::text, coalesce(confirmed_flush_lsn, '0/0')::text, active_pid,
+                    wal_status::text
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -30,8 +33,16 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<SlotState>, DbEr
         database: r.get(1),
         confirmed_flush: Lsn::parse(r.get::<_, &str>(2)).unwrap_or_default(),
         active_pid: r.get(3),
+        wal_status: r.get(4),
         created: false,
     }))
+}
+
+impl SlotState {
+    /// Whether Postgres invalidated the slot (the WAL it needs is gone).
+    pub fn is_lost(&self) -> bool {
+        self.wal_status.as_deref() == Some("lost")
+    }
 }
 
 /// Creates the slot with pgoutput if it does not exist.

@@ -1,0 +1,96 @@
+//! The publication: checked before every run to cover every source table,
+//! because pgoutput silently sends nothing for a table outside it.
+
+use tokio_postgres::Client;
+
+use crate::config::Settings;
+use crate::database::{DbError, query_err};
+use crate::migrate::quote_ident;
+use crate::proto::Entity;
+
+/// Verifies that the publication exists and covers the three configured
+/// source tables, and returns their OIDs (so a later rename does not lose
+/// them, see `assemble`). Every failure is a [`DbError::Precondition`]: one
+/// line with the SQL that fixes it, never retried.
+pub async fn verify(client: &Client, s: &Settings) -> Result<Vec<(u32, Entity)>, DbError> {
+    let t = &s.tables;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&s.publication],
+        )
+        .await
+        .map_err(query_err("read pg_publication"))?
+        .is_some();
+    let all = [
+        (Entity::Task, &t.tasks),
+        (Entity::Project, &t.projects),
+        (Entity::Lock, &t.locks),
+    ];
+    let plain = |table: &str| format!("{}.{table}", t.schema);
+    let quoted = |table: &str| format!("{}.{}", quote_ident(&t.schema), quote_ident(table));
+    if !exists {
+        let list: Vec<String> = all.iter().map(|(_, table)| quoted(table)).collect();
+        return Err(DbError::Precondition(format!(
+            "publication {} does not exist: run `walcast migrate`, or CREATE PUBLICATION {} FOR TABLE {}",
+            s.publication,
+            quote_ident(&s.publication),
+            list.join(", ")
+        )));
+    }
+    let names: Vec<&str> = all.iter().map(|(_, table)| table.as_str()).collect();
+    // One row per configured table: its OID if it exists (as a table), and
+    // whether the publication covers it.
+    let rows = client
+        .query(
+            "SELECT t.name, c.oid,
+                    EXISTS (SELECT 1 FROM pg_publication_tables p
+                            WHERE p.pubname = $2 AND p.schemaname = $1 AND p.tablename = t.name)
+             FROM unnest($3::text[]) WITH ORDINALITY AS t(name, n)
+             LEFT JOIN pg_namespace ns ON ns.nspname = $1
+             LEFT JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = t.name AND c.relkind IN ('r', 'p')
+             ORDER BY t.n",
+            &[&t.schema, &s.publication, &names],
+        )
+        .await
+        .map_err(query_err("read pg_publication_tables"))?;
+    let mut sources = Vec::new();
+    let mut absent = Vec::new();
+    let mut unpublished = Vec::new();
+    for ((entity, table), row) in all.iter().zip(&rows) {
+        let oid: Option<u32> = row.get(1);
+        let covered: bool = row.get(2);
+        match oid {
+            None => absent.push(plain(table)),
+            Some(_) if !covered => unpublished.push((plain(table), quoted(table))),
+            Some(oid) => sources.push((oid, *entity)),
+        }
+    }
+    if !absent.is_empty() {
+        return Err(DbError::Precondition(format!(
+            "source table(s) {} do not exist: run `walcast migrate`, or set --schema / --tasks-table / \
+             --projects-table / --locks-table to the tables' names (a renamed source table must be configured \
+             under its new name)",
+            absent.join(", ")
+        )));
+    }
+    if !unpublished.is_empty() {
+        return Err(DbError::Precondition(format!(
+            "publication {} does not cover {}: their changes would never be published; run ALTER PUBLICATION {} \
+             ADD TABLE {}; then start walcast again",
+            s.publication,
+            unpublished
+                .iter()
+                .map(|(plain, _)| plain.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            quote_ident(&s.publication),
+            unpublished
+                .iter()
+                .map(|(_, quoted)| quoted.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(sources)
+}
