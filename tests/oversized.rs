@@ -47,19 +47,19 @@ fn sql_blob(len: usize) -> String {
 }
 
 /// `max_payload` = 192 KiB: above the object store's 128 KiB chunks (see
-/// the bug test below for smaller limits).
+/// the regression test below for smaller limits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_events_keep_order_seq_and_exactly_once() {
     oversized_scenario(192 * 1024).await;
 }
 
-/// BUG (reported, not fixed: src/publish/oversized.rs): the full event is
-/// stored with the object store's default 128 KiB chunks, and a server whose
-/// `max_payload` is below that refuses every chunk ("Payload size limit of
-/// 65536 exceeded"); the error is retried forever, so the first oversized
-/// event stops the stream for good. Expected: chunks sized to `max_payload`.
+/// Regression test for a fixed bug (src/publish/oversized.rs): the full
+/// event was stored with the object store's default 128 KiB chunks, and a
+/// server whose `max_payload` is below that refused every chunk ("Payload
+/// size limit of 65536 exceeded"); the error was retried forever, so the
+/// first oversized event stopped the stream for good. Chunks are now sized
+/// to `max_payload`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: object chunks larger than max_payload stall the stream (src/publish/oversized.rs)"]
 async fn bug_oversized_with_max_payload_below_the_chunk_size() {
     oversized_scenario(64 * 1024).await;
 }
