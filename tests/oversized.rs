@@ -228,25 +228,25 @@ async fn oversized_scenario(max_payload: usize) {
     );
 }
 
-/// BUG (reported, not fixed: src/publish/oversized.rs): the stub keeps
-/// everything but the row images and `extra` — including the actor from a
-/// `walcast.actor` message, which the application controls and which can
-/// be any size. When the stub itself exceeds `max_payload`, the publish is
-/// refused, the error is treated as transient, and walcast retries the same
-/// event forever: the stream stops for every tenant. Expected: the event is
-/// delivered (a stub that always fits), and the stream goes on.
+/// Regression test for a fixed bug (src/publish/oversized.rs): the stub
+/// keeps everything but the row images and `extra` — including the actor
+/// from a `walcast.actor` message, which the application controls and which
+/// can be any size. When the stub itself exceeded `max_payload`, the publish
+/// was refused, the error was treated as transient, and walcast retried the
+/// same event forever: the stream stopped for every tenant. Now the stream
+/// message is reduced to the event's key fields with a `Walcast-Reason`, on
+/// its tenant subject with its `seq` (no gap), and the full event is in the
+/// object store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a stub larger than max_payload stalls the stream (src/publish/oversized.rs)"]
 async fn bug_stub_larger_than_max_payload_stalls_the_stream() {
     // Above the 128 KiB object chunks, so storing the full event works.
-    let env = small_payload_env(256 * 1024).await;
+    let max_payload = 256 * 1024;
+    let env = small_payload_env(max_payload).await;
     let client = env.pg.client().await;
     let dir = TempDir::new("oversized-stub").unwrap();
     let mut walcast = Walcast::start("walcast", dir.path(), &env.env_vars(), &[]);
-    let actor = format!(
-        r#"{{"actor_type":"user","actor_id":"{}"}}"#,
-        "a".repeat(300_000)
-    );
+    let actor_id = "a".repeat(300_000);
+    let actor = format!(r#"{{"actor_type":"user","actor_id":"{actor_id}"}}"#);
     client
         .batch_execute(&format!(
             "BEGIN;
@@ -267,5 +267,52 @@ async fn bug_stub_larger_than_max_payload_stalls_the_stream() {
     );
     let events = read_stream(&env.nats.url(), "WALCAST").await;
     assert_eq!(events.len(), 2);
+    // Both on the tenant's subject, seq 1 and 2: no gap.
+    for (m, seq) in events.iter().zip(1..) {
+        assert_eq!(m.subject, "walcast.acme.task.created");
+        assert_eq!(m.event.seq, seq);
+        assert_eq!(m.headers.get("Walcast-Seq"), Some(&seq.to_string()));
+    }
+    let (big, small) = (&events[0], &events[1]);
+    assert!(!small.headers.contains_key("Walcast-Object"));
+    assert!(!small.headers.contains_key("Walcast-Reason"));
+    // The full event, actor included, is in the object store.
+    assert_eq!(
+        big.headers.get("Walcast-Object"),
+        Some(&format!("WALCAST_OVERSIZED/{}", big.event.event_id))
+    );
+    let full_actor = big.event.actor.as_ref().expect("actor of the full event");
+    assert_eq!(full_actor.actor_id.as_deref(), Some(actor_id.as_str()));
+    assert_eq!(big.event.entity_id, uuid(1));
+    assert!(big.event.after.is_some(), "full event fetched");
+    // The stream message: key fields only, and why.
+    assert_eq!(
+        big.headers.get("Walcast-Reason").map(String::as_str),
+        Some(walcast::publish::oversized::KEY_FIELDS_ONLY)
+    );
+    let js = jetstream::new(async_nats::connect(env.nats.url()).await.unwrap());
+    let stream = js.get_stream("WALCAST").await.unwrap();
+    let raw = stream.get_raw_message(big.stream_seq).await.unwrap();
+    assert!(raw.payload.len() < 1024, "{} bytes", raw.payload.len());
+    let stub = ChangeEvent::decode(raw.payload.as_ref()).expect("stub decodes");
+    assert_eq!(
+        (
+            &*stub.event_id,
+            &*stub.tenant_id,
+            stub.seq,
+            &*stub.entity_id
+        ),
+        (&*big.event.event_id, "acme", 1, &*uuid(1))
+    );
+    assert_eq!(
+        (stub.entity, stub.action, stub.commit_lsn, stub.tx_index),
+        (
+            big.event.entity,
+            big.event.action,
+            big.event.commit_lsn,
+            big.event.tx_index
+        )
+    );
+    assert!(stub.actor.is_none() && stub.after.is_none() && stub.before.is_none());
     walcast.stop(Duration::from_secs(15)).await;
 }
