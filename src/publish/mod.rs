@@ -11,6 +11,7 @@
 //!   is acknowledged.
 //! - at most `max_in_flight` publishes await an ack (bounded memory).
 
+mod acks;
 pub mod oversized;
 pub mod republish;
 mod stats;
@@ -20,10 +21,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, context::PublishAckFuture};
-use futures::StreamExt;
-use futures::stream::FuturesOrdered;
+use async_nats::jetstream;
+use async_nats::{HeaderMap, HeaderName};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Progress, Segment};
@@ -102,29 +101,18 @@ struct Sent {
     bytes: usize,
     dead_letter: bool,
     commit_micros: i64,
-    at: Instant,
-}
-
-impl Sent {
-    fn of(event: &OutEvent) -> Sent {
-        Sent {
-            event_id: event.event_id.clone(),
-            tenant: match &event.route {
-                Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
-                _ => None,
-            },
-            entity: event.entity,
-            action: event.action,
-            bytes: event.payload.len(),
-            dead_letter: matches!(event.route, Route::DeadLetter { .. }),
-            commit_micros: event.commit_unix_micros,
-            at: Instant::now(),
-        }
-    }
 }
 
 /// How often progress is cut into segments for the checkpointer.
 const CUT_EVERY: Duration = Duration::from_millis(20);
+
+const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const EXPECTED_LAST: HeaderName = HeaderName::from_static("Nats-Expected-Last-Sequence");
+const TENANT: HeaderName = HeaderName::from_static("Walcast-Tenant");
+const SEQ: HeaderName = HeaderName::from_static("Walcast-Seq");
+const REASON: HeaderName = HeaderName::from_static("Walcast-Reason");
+const LSN: HeaderName = HeaderName::from_static("Walcast-Lsn");
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
 
 /// Publishes a stream of items.
 pub struct Publisher {
@@ -140,6 +128,92 @@ pub struct Publisher {
     pub republish: republish::Republish,
 }
 
+/// The publisher's running state: what is sent and what is acknowledged.
+struct Flight {
+    pending: VecDeque<Pending>,
+    progress: Progress,
+    stats: stats::Stats,
+    /// Stream sequence of the next event to send.
+    next_seq: u64,
+    /// Highest stream sequence acknowledged (directly or by a later ack).
+    acked_seq: u64,
+    /// Highest stream sequence an ack was requested for.
+    requested_seq: u64,
+}
+
+impl Flight {
+    fn unacked(&self) -> u64 {
+        self.next_seq - 1 - self.acked_seq
+    }
+
+    /// Applies JetStream's answer for the message expected at `answer.expected`:
+    /// it stands for every event before it too (see [`acks`]).
+    fn answered(
+        &mut self,
+        answer: acks::Answer,
+        acked_high: &std::sync::atomic::AtomicU64,
+    ) -> Result<(), PublishError> {
+        let expected = answer.expected;
+        let event_id = || self.event_id_at(expected);
+        match answer.verdict {
+            acks::Verdict::Rejected(reason) => {
+                return Err(PublishError::Ack {
+                    event_id: event_id(),
+                    reason,
+                });
+            }
+            acks::Verdict::Stored { seq, duplicate } if seq != expected || duplicate => {
+                return Err(PublishError::Chain {
+                    event_id: event_id(),
+                    expected,
+                    got: seq,
+                });
+            }
+            acks::Verdict::Stored { .. } => {}
+        }
+        crate::failpoint::crash_point("after_ack");
+        self.stats.ack_latency(answer.latency);
+        acked_high.fetch_max(expected, std::sync::atomic::Ordering::SeqCst);
+        while self.acked_seq < expected {
+            match self.pending.pop_front() {
+                Some(Pending::Event(sent)) => {
+                    self.acked_seq += 1;
+                    self.stats.acked(
+                        sent.entity,
+                        sent.action,
+                        sent.bytes,
+                        sent.dead_letter,
+                        sent.commit_micros,
+                    );
+                    self.progress
+                        .acked(sent.tenant.as_ref().map(|(t, s)| (t, *s)), self.acked_seq);
+                }
+                Some(Pending::Boundary(lsn)) => self.progress.boundary(lsn),
+                Some(Pending::Published { tenant, stream_seq }) => self
+                    .progress
+                    .acked(tenant.as_ref().map(|(t, s)| (t, *s)), stream_seq),
+                None => unreachable!("an ack was requested only for a sent event"),
+            }
+        }
+        drain_ready(&mut self.pending, &mut self.progress);
+        Ok(())
+    }
+
+    /// The id of the unacknowledged event at stream sequence `seq`, for errors.
+    fn event_id_at(&self, seq: u64) -> String {
+        let mut at = self.acked_seq;
+        for p in &self.pending {
+            if let Pending::Event(sent) = p {
+                at += 1;
+                if at == seq {
+                    return sent.event_id.clone();
+                }
+            }
+        }
+        format!("at stream sequence {seq}")
+    }
+}
+
 impl Publisher {
     /// Runs until `items` closes and every publish is acknowledged. `last_seq`
     /// is the stream's last sequence when this run started.
@@ -149,77 +223,40 @@ impl Publisher {
         segments: mpsc::Sender<Segment>,
         last_seq: u64,
     ) -> Result<(), PublishError> {
-        let mut acks = FuturesOrdered::new();
-        let mut pending: VecDeque<Pending> = VecDeque::new();
-        let mut progress = Progress::new(last_seq, CUT_EVERY);
-        let mut next_seq = last_seq + 1;
-        let mut acked_seq = last_seq;
+        let client = self.js.client();
+        let mut acks = acks::Acks::subscribe(&client).await?;
+        let mut f = Flight {
+            pending: VecDeque::new(),
+            progress: Progress::new(last_seq, CUT_EVERY),
+            stats: stats::Stats::default(),
+            next_seq: last_seq + 1,
+            acked_seq: last_seq,
+            requested_seq: last_seq,
+        };
         let mut input_open = true;
-        let mut stats = stats::Stats::default();
         let mut tick = tokio::time::interval(CUT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                Some(ack) = acks.next(), if !acks.is_empty() => {
-                    let ack: Result<jetstream::publish::PublishAck, jetstream::context::PublishError> = ack;
-                    let Some(Pending::Event(sent)) = pending.pop_front() else {
-                        unreachable!("acks and pending events are pushed together, boundaries are drained eagerly")
-                    };
-                    let ack = ack.map_err(|e| PublishError::Ack { event_id: sent.event_id.clone(), reason: e.to_string() })?;
-                    crate::failpoint::crash_point("after_ack");
-                    acked_seq += 1;
-                    if ack.sequence != acked_seq || ack.duplicate {
-                        return Err(PublishError::Chain { event_id: sent.event_id, expected: acked_seq, got: ack.sequence });
-                    }
-                    self.acked_high.fetch_max(ack.sequence, std::sync::atomic::Ordering::SeqCst);
-                    stats.acked(sent.entity, sent.action, sent.bytes, sent.dead_letter, sent.commit_micros, sent.at.elapsed());
-                    progress.acked(sent.tenant.as_ref().map(|(t, s)| (t, *s)), ack.sequence);
-                    drain_ready(&mut pending, &mut progress);
-                }
-                batch = items.recv(), if input_open && acks.len() < self.max_in_flight => match batch {
-                    Some(batch) => {
-                        // Index first: once a message is sent a subscriber may see it and
-                        // ask the catch-up service about it, which must already know it.
-                        self.index.record(&positions(&batch, next_seq), next_seq + events_in(&batch));
-                        if let Some(replayed) = batch.iter().rev().find_map(|i| match i {
-                            Item::Published { stream_seq, .. } => Some(*stream_seq),
-                            _ => None,
-                        }) {
-                            self.index.replayed_through(replayed);
-                        }
-                        for item in batch {
-                            match item {
-                                Item::Event(event) => {
-                                    let sent = Sent::of(&event);
-                                    self.republish.sent(next_seq, &event);
-                                    acks.push_back(self.publish(event, next_seq - 1).await?.into_future());
-                                    pending.push_back(Pending::Event(sent));
-                                    crate::failpoint::crash_point("after_publish");
-                                    next_seq += 1;
-                                }
-                                Item::Boundary(lsn) => pending.push_back(Pending::Boundary(lsn)),
-                                Item::Published { tenant, stream_seq } => {
-                                    pending.push_back(Pending::Published { tenant, stream_seq });
-                                }
-                            }
-                        }
-                        drain_ready(&mut pending, &mut progress);
-                    }
+                answer = acks.next() => f.answered(answer?, &self.acked_high)?,
+                batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 => match batch {
+                    Some(batch) => self.send_batch(&client, batch, &mut f, &mut acks).await?,
                     None => input_open = false,
                 },
                 _ = tick.tick() => {
-                    stats.flush();
-                    if let Some(seg) = progress.cut(Instant::now(), false) {
+                    acks.check_timeout(Instant::now())?;
+                    f.stats.flush();
+                    if let Some(seg) = f.progress.cut(Instant::now(), false) {
                         segments.send(seg).await.map_err(|_| PublishError::Downstream)?;
                     }
                 }
             }
             if !input_open && acks.is_empty() {
                 self.republish.finish();
-                stats.flush();
-                drain_ready(&mut pending, &mut progress);
-                if let Some(seg) = progress.cut(Instant::now(), true) {
+                f.stats.flush();
+                drain_ready(&mut f.pending, &mut f.progress);
+                if let Some(seg) = f.progress.cut(Instant::now(), true) {
                     segments
                         .send(seg)
                         .await
@@ -230,35 +267,97 @@ impl Publisher {
         }
     }
 
+    /// Sends one batch; asks for an ack on its last event and every
+    /// [`acks::ACK_EVERY`] events.
+    async fn send_batch(
+        &mut self,
+        client: &async_nats::Client,
+        batch: Vec<Item>,
+        f: &mut Flight,
+        acks: &mut acks::Acks,
+    ) -> Result<(), PublishError> {
+        // Index first: once a message is sent a subscriber may see it and
+        // ask the catch-up service about it, which must already know it.
+        self.index.record(
+            &positions(&batch, f.next_seq),
+            f.next_seq + events_in(&batch),
+        );
+        if let Some(replayed) = batch.iter().rev().find_map(|i| match i {
+            Item::Published { stream_seq, .. } => Some(*stream_seq),
+            _ => None,
+        }) {
+            self.index.replayed_through(replayed);
+        }
+        let last_event = batch.iter().rposition(|i| matches!(i, Item::Event(_)));
+        for (i, item) in batch.into_iter().enumerate() {
+            match item {
+                Item::Event(event) => {
+                    let seq = f.next_seq;
+                    self.republish.sent(seq, &event);
+                    let reply = (Some(i) == last_event || seq - f.requested_seq >= acks::ACK_EVERY)
+                        .then(|| {
+                            f.requested_seq = seq;
+                            acks.request(seq)
+                        });
+                    let sent = self.publish(client, event, seq - 1, reply).await?;
+                    f.pending.push_back(Pending::Event(sent));
+                    crate::failpoint::crash_point("after_publish");
+                    f.next_seq += 1;
+                }
+                Item::Boundary(lsn) => f.pending.push_back(Pending::Boundary(lsn)),
+                Item::Published { tenant, stream_seq } => {
+                    f.pending
+                        .push_back(Pending::Published { tenant, stream_seq });
+                }
+            }
+        }
+        drain_ready(&mut f.pending, &mut f.progress);
+        Ok(())
+    }
+
     async fn publish(
         &mut self,
-        event: OutEvent,
+        client: &async_nats::Client,
+        mut event: OutEvent,
         expected_last: u64,
-    ) -> Result<PublishAckFuture, PublishError> {
+        reply: Option<async_nats::Subject>,
+    ) -> Result<Sent, PublishError> {
         let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.event_id.as_str());
-        headers.insert(
-            "Nats-Expected-Last-Sequence",
-            expected_last.to_string().as_str(),
-        );
+        headers.insert(MSG_ID, event.event_id.as_str());
+        headers.insert(EXPECTED_LAST, expected_last.to_string());
         match &event.route {
             Route::Tenant { tenant, seq } => {
-                headers.insert("Walcast-Tenant", &**tenant);
-                headers.insert("Walcast-Seq", seq.to_string().as_str());
+                headers.insert(TENANT, &**tenant);
+                headers.insert(SEQ, seq.to_string());
             }
-            Route::DeadLetter { reason } => headers.insert("Walcast-Reason", *reason),
+            Route::DeadLetter { reason } => headers.insert(REASON, *reason),
             Route::System => {}
         }
-        headers.insert("Walcast-Lsn", event.commit_lsn.to_string().as_str());
-        headers.insert("Content-Type", "application/x-protobuf");
+        headers.insert(LSN, event.commit_lsn.to_string());
+        headers.insert(CONTENT_TYPE, "application/x-protobuf");
         let payload = self.oversized.fit(&self.js, &event, &mut headers).await?;
-        let publish = jetstream::message::PublishMessage::build()
-            .headers(headers)
-            .payload(payload);
-        self.js
-            .send_publish(event.subject, publish)
-            .await
-            .map_err(|e| PublishError::Nats(format!("publish {}: {e}", event.event_id)))
+        let subject = std::mem::take(&mut event.subject);
+        let sent = match reply {
+            Some(reply) => {
+                client
+                    .publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+            None => client.publish_with_headers(subject, headers, payload).await,
+        };
+        sent.map_err(|e| PublishError::Nats(format!("publish {}: {e}", event.event_id)))?;
+        Ok(Sent {
+            tenant: match &event.route {
+                Route::Tenant { tenant, seq } => Some((tenant.clone(), *seq)),
+                _ => None,
+            },
+            entity: event.entity,
+            action: event.action,
+            bytes: event.payload.len(),
+            dead_letter: matches!(event.route, Route::DeadLetter { .. }),
+            commit_micros: event.commit_unix_micros,
+            event_id: event.event_id,
+        })
     }
 }
 

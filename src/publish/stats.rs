@@ -18,7 +18,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// One event was acknowledged `latency` after it was sent.
+    /// One event was acknowledged.
     pub fn acked(
         &mut self,
         entity: Entity,
@@ -26,12 +26,16 @@ impl Stats {
         bytes: usize,
         dead_letter: bool,
         commit_micros: i64,
-        latency: Duration,
     ) {
         *self.by_kind.entry((entity, action)).or_default() += 1;
         self.bytes += bytes as u64;
         self.dead_letters += u64::from(dead_letter);
         self.newest_commit_micros = self.newest_commit_micros.max(commit_micros);
+    }
+
+    /// An ack (standing for every event before it) came `latency` after
+    /// its request.
+    pub fn ack_latency(&mut self, latency: Duration) {
         metrics::histogram!(m::PUBLISH_ACK_SECONDS).record(latency.as_secs_f64());
     }
 

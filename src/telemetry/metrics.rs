@@ -72,7 +72,7 @@ fn describe() {
     describe_histogram!(
         PUBLISH_ACK_SECONDS,
         Unit::Seconds,
-        "Time from publish to JetStream acknowledgement"
+        "Time from publish to JetStream acknowledgement (one sample per ack; an ack stands for every event before it)"
     );
     describe_gauge!(
         REPLICATION_LAG_BYTES,
