@@ -6,6 +6,9 @@
 //!   gap-free prefix of walcast's event order: if one publish fails, every
 //!   later one in flight fails too, and recovery restarts from the
 //!   checkpoint (see `pipeline`). This also fences off a second writer.
+//! - an ack for the message expected at stream sequence n, stored at n,
+//!   stands for every message before it (see [`acks`]), so acks are asked
+//!   for per batch, not per event;
 //! - acknowledgements are consumed in publish order, and a transaction
 //!   boundary is reported to [`Progress`] only after every event before it
 //!   is acknowledged.
