@@ -291,6 +291,7 @@ impl Publisher {
         }) {
             self.index.replayed_through(replayed);
         }
+        self.oversized.refresh(&self.js);
         let last_event = batch.iter().rposition(|i| matches!(i, Item::Event(_)));
         for (i, item) in batch.into_iter().enumerate() {
             match item {

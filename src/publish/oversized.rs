@@ -29,6 +29,9 @@ pub struct Oversized {
     pub max_age: Duration,
     pub replicas: usize,
     bucket: Option<object_store::ObjectStore>,
+    /// The server's `max_payload`, read once per batch ([`Oversized::refresh`]):
+    /// reading it clones the client and the whole server info.
+    max_payload: usize,
 }
 
 /// Room left for the NATS protocol line around headers and body.
@@ -41,7 +44,14 @@ impl Oversized {
             max_age,
             replicas,
             bucket: None,
+            max_payload: 0,
         }
+    }
+
+    /// Reads the connected server's `max_payload` (it may change with a
+    /// reconnect to another server).
+    pub fn refresh(&mut self, js: &jetstream::Context) {
+        self.max_payload = js_max_payload(js);
     }
 
     /// The payload to publish: the event itself when it fits `max_payload`,
@@ -53,7 +63,10 @@ impl Oversized {
         event: &OutEvent,
         headers: &mut HeaderMap,
     ) -> Result<Bytes, PublishError> {
-        let max_payload = js_max_payload(js);
+        if self.max_payload == 0 {
+            self.refresh(js);
+        }
+        let max_payload = self.max_payload;
         if event.payload.len() + header_len(headers) + MARGIN <= max_payload {
             return Ok(event.payload.clone());
         }
