@@ -57,21 +57,24 @@ impl Reader<'_> {
                 }
             }
         }
-        for mut item in out.split_off(from) {
-            match &item {
+        // In place: a split-off tail would allocate per source message.
+        let mut i = from;
+        while i < out.len() {
+            match &out[i] {
                 Item::Boundary(lsn) => {
                     self.last_boundary = self.last_boundary.max(*lsn);
                     // Nothing is confirmed (so nothing checkpointed) while the
                     // replay of what the stream holds is not yet verified
                     // against the stream's last message.
                     if self.skip.remaining > 0 {
+                        out.remove(i);
                         continue;
                     }
                 }
-                Item::Event(event) if self.skip.remaining > 0 => item = self.skip.take(event)?,
+                Item::Event(event) if self.skip.remaining > 0 => out[i] = self.skip.take(event)?,
                 _ => {}
             }
-            out.push(item);
+            i += 1;
         }
         Ok(())
     }
