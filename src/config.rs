@@ -86,7 +86,7 @@ pub struct Options {
     /// Stream duplicate window for Nats-Msg-Id [default: 2m]
     #[arg(long, env = "WALCAST_DUPLICATE_WINDOW")]
     pub duplicate_window: Option<String>,
-    /// Publishes awaiting a JetStream ack at once [default: 4096]
+    /// Events published and not yet acknowledged by JetStream, at most [default: 4096]
     #[arg(long, env = "WALCAST_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
     /// How long to keep retrying before walcast has replicated once (Postgres
