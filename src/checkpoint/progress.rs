@@ -63,6 +63,11 @@ impl Progress {
         self.boundary = Some((lsn, self.stream_seq));
     }
 
+    /// A boundary is waiting to be cut.
+    pub fn has_boundary(&self) -> bool {
+        self.boundary.is_some()
+    }
+
     /// The segment up to the latest boundary, if one is pending and either
     /// `force` is set or the last cut is old enough.
     pub fn cut(&mut self, now: Instant, force: bool) -> Option<Segment> {

@@ -247,7 +247,9 @@ impl Publisher {
                     Some(batch) => self.send_batch(&client, batch, &mut f, &mut acks).await?,
                     None => input_open = false,
                 },
-                _ = tick.tick() => {
+                // Idle (nothing in flight, nothing to cut or flush): no
+                // wake-ups 50 times a second.
+                _ = tick.tick(), if !(acks.is_empty() && !f.progress.has_boundary() && f.stats.is_empty()) => {
                     acks.check_timeout(Instant::now())?;
                     f.stats.flush();
                     if let Some(seg) = f.progress.cut(Instant::now(), false) {

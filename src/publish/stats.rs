@@ -39,6 +39,11 @@ impl Stats {
         metrics::histogram!(m::PUBLISH_ACK_SECONDS).record(latency.as_secs_f64());
     }
 
+    /// Nothing to flush.
+    pub fn is_empty(&self) -> bool {
+        self.by_kind.is_empty() && self.newest_commit_micros == 0
+    }
+
     /// Publishes the counts to the recorder.
     pub fn flush(&mut self) {
         for ((entity, action), n) in self.by_kind.drain() {
