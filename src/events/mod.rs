@@ -191,18 +191,27 @@ impl EventBuilder {
 
     fn finish(&self, event: ChangeEvent, route: Route, entity: Entity, action: Action) -> OutEvent {
         let subject = match &route {
-            Route::Tenant { tenant, .. } => format!(
-                "{}.{}.{}.{}",
-                self.prefix,
-                tenant,
-                action::entity_token(entity),
-                action::token(action)
-            ),
+            Route::Tenant { tenant, .. } => {
+                let (entity, action) = (action::entity_token(entity), action::token(action));
+                let mut s = String::with_capacity(
+                    self.prefix.len() + tenant.len() + entity.len() + action.len() + 3,
+                );
+                for (i, part) in [self.prefix.as_str(), tenant, entity, action]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if i > 0 {
+                        s.push('.');
+                    }
+                    s.push_str(part);
+                }
+                s
+            }
             Route::DeadLetter { .. } => format!("{}._deadletter", self.prefix),
             Route::System => format!("{}._truncated", self.prefix),
         };
+        let payload = Bytes::from(event.encode_to_vec());
         OutEvent {
-            event_id: event.event_id.clone(),
             subject,
             route,
             commit_lsn: event.commit_lsn,
@@ -211,7 +220,8 @@ impl EventBuilder {
                 .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000)),
             entity,
             action,
-            payload: Bytes::from(event.encode_to_vec()),
+            payload,
+            event_id: event.event_id,
         }
     }
 }
