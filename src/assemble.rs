@@ -281,7 +281,7 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::{Begin, Column, Commit, Value, decode, encode};
+    use crate::decode::{Begin, Commit, Value, decode, encode};
     use crate::events::Sequencer;
 
     const LOCKS: &[&str] = &[
@@ -296,18 +296,7 @@ mod tests {
     fn relation(oid: u32, name: &str) -> Vec<u8> {
         encode::message(&Message::Relation(Relation {
             oid,
-            namespace: "public".into(),
-            name: name.into(),
-            replica_identity: ReplicaIdentity::Full,
-            columns: LOCKS
-                .iter()
-                .map(|c| Column {
-                    name: c.to_string(),
-                    type_oid: 25,
-                    type_modifier: -1,
-                    is_key: false,
-                })
-                .collect(),
+            ..crate::events::tests::relation(name, LOCKS)
         }))
     }
 

@@ -17,7 +17,7 @@ pub mod tenant;
 pub mod timestamp;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::sync::Arc;
 

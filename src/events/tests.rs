@@ -6,7 +6,8 @@ use super::*;
 use crate::decode::{self, Column, Message, Relation, ReplicaIdentity, Value, encode};
 use crate::proto::change_event::{After, Before};
 
-fn relation(name: &str, cols: &[&str]) -> Relation {
+/// A relation of text columns (also used by the assembler's tests).
+pub(crate) fn relation(name: &str, cols: &[&str]) -> Relation {
     Relation {
         oid: 1,
         namespace: "public".into(),
