@@ -284,14 +284,7 @@ mod tests {
     use crate::decode::{Begin, Commit, Value, decode, encode};
     use crate::events::Sequencer;
 
-    const LOCKS: &[&str] = &[
-        "tenant_id",
-        "record_type",
-        "record_id",
-        "locked_by",
-        "locked_at",
-        "expires_at",
-    ];
+    use crate::events::tests::LOCK_COLS as LOCKS;
 
     fn relation(oid: u32, name: &str) -> Vec<u8> {
         encode::message(&Message::Relation(Relation {

@@ -36,7 +36,7 @@ const TASK_COLS: &[&str] = &[
     "due_at",
     "mood",
 ];
-const LOCK_COLS: &[&str] = &[
+pub(crate) const LOCK_COLS: &[&str] = &[
     "tenant_id",
     "record_type",
     "record_id",
