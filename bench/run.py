@@ -210,16 +210,19 @@ def as_postgres(cmd):
 
 class Postgres:
     def __init__(self, work, pg_bin, fsync=True):
+        """A new cluster in work/pg, or the one already there (a kept catch-up dataset)."""
         self.bin = Path(pg_bin)
         self.dir = work / "pg"
-        self.dir.mkdir()
         self.data = self.dir / "data"
         self.port = free_port()
-        if IS_ROOT:
-            shutil.chown(self.dir, "postgres", "postgres")
-        subprocess.run(as_postgres([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                                    "--auth=trust", "-E", "UTF8", "--locale=C"]),
-                       check=True, stdout=subprocess.DEVNULL)
+        self.existed = (self.data / "PG_VERSION").exists()
+        if not self.existed:
+            self.dir.mkdir()
+            if IS_ROOT:
+                shutil.chown(self.dir, "postgres", "postgres")
+            subprocess.run(as_postgres([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
+                                        "--auth=trust", "-E", "UTF8", "--locale=C"]),
+                           check=True, stdout=subprocess.DEVNULL)
         settings = {
             "listen_addresses": "'127.0.0.1'",
             "port": str(self.port),
@@ -301,9 +304,11 @@ def find_walsender(pg, slot, sampler, stop, name="walsender"):
 
 
 class NatsServer:
-    def __init__(self, work, binary, name):
+    def __init__(self, work, binary, name, keep_store=False):
+        """keep_store: the JetStream store outlives stop() (and may exist already)."""
         self.dir = work / f"nats-{name}"
-        self.dir.mkdir()
+        self.keep_store = keep_store
+        self.dir.mkdir(exist_ok=keep_store)
         self.port = free_port()
         conf = self.dir / "nats.conf"
         conf.write_text(f'listen: "127.0.0.1:{self.port}"\n'
@@ -325,7 +330,8 @@ class NatsServer:
             pass
         stop_proc(self.proc)
         self.log.close()
-        shutil.rmtree(self.dir / "js", ignore_errors=True)
+        if not self.keep_store:
+            shutil.rmtree(self.dir / "js", ignore_errors=True)
 
 
 def stop_proc(proc, timeout=30):
@@ -988,18 +994,38 @@ def scenario_latency(ctx):
     return out
 
 
-def scenario_catchup(ctx):
+def catchup_dataset(ctx, n, m):
+    """Postgres + nats-server holding the catch-up stream, drained by walcast.
+    With --catchup-data DIR the dataset is kept in DIR and reused by the next
+    run of the same sizes (the 10M-row load takes ~25 min): only the
+    after-restart figure is measured then. Returns (pg, nats, dataset, wc)
+    where wc is the walcast that drained it (None when reused)."""
     a = ctx.args
-    n, m = a.catchup_stream, a.catchup_tenant
-    log(f"scenario 6 (issue 9): catch-up, tenant with ~{m} events in a stream of ~{n}")
-    pg = ctx.pg
+    keep = Path(a.catchup_data) if a.catchup_data else None
+    meta_path = keep / "dataset.json" if keep else None
+    if keep:
+        keep.mkdir(parents=True, exist_ok=True)
+        if IS_ROOT:
+            shutil.chown(keep, "postgres", "postgres")
+        pg = Postgres(keep, a.pg_bin, fsync=not a.pg_fsync_off)
+        pg.start()
+        if meta_path.exists():
+            ds = json.loads(meta_path.read_text())
+            if (ds["sizes"] != [n, m]):
+                raise RuntimeError(f"{keep} holds a dataset of sizes {ds['sizes']}, not {[n, m]}: "
+                                   f"remove it or pass its sizes")
+            log(f"  reusing the dataset in {keep}: {ds['stream_events']} events, tenant {ds['tenant_events']}")
+            return pg, NatsServer(keep, ctx.nats_bin, "catchup", keep_store=True), ds, None
+        init_db(a, pg)
+    else:
+        pg = ctx.pg
     pg.create_slot("wc_cu")
     start = pg.lsn()
     changes, txns, secs = run_load(pg, n, "c", 1000, 0.44, hot_frac=m / n)
     end = backlog_end(pg)
     wal = wal_bytes(pg, start, end)
     log(f"  load: {changes} row changes in {secs:.0f}s")
-    nats = NatsServer(ctx.work, ctx.nats_bin, "catchup")
+    nats = NatsServer(keep or ctx.work, ctx.nats_bin, "catchup", keep_store=bool(keep))
     wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_cu", confirm_delay="0", name="cu")
     t0 = time.monotonic()
     while True:
@@ -1011,17 +1037,29 @@ def scenario_catchup(ctx):
         time.sleep(0.1)
     drain_s = time.monotonic() - t0
     log(f"  drained {changes} events in {drain_s:.0f}s")
+    first = ctx.nats_req(nats, "walcast-api.v1.catchup", {"tenant_id": "chot", "after_seq": 0})
+    ds = {"sizes": [n, m], "stream_events": changes, "tenant": "chot", "tenant_events": first["last_seq"],
+          "wal_bytes": wal, "load_seconds": round(secs), "drain_seconds": round(drain_s, 1),
+          "drain_events_per_s": round(changes / drain_s)}
+    if keep:
+        meta_path.write_text(json.dumps(ds))
+    return pg, nats, ds, wc
+
+
+def scenario_catchup(ctx):
+    a = ctx.args
+    n, m = a.catchup_stream, a.catchup_tenant
+    log(f"scenario 6 (issue 9): catch-up, tenant with ~{m} events in a stream of ~{n}")
+    pg, nats, ds, wc = catchup_dataset(ctx, n, m)
     subject = "walcast-api.v1.catchup"
-    hot = "chot"
-    first = ctx.nats_req(nats, subject, {"tenant_id": hot, "after_seq": 0})
-    hot_last = first["last_seq"]
+    hot, hot_last = ds["tenant"], ds["tenant_events"]
     rng = random.Random(7)
 
-    def measure(label):
+    def measure(label, requests=a.catchup_requests):
         times = []
         errors = 0
         checked = 0
-        for i in range(a.catchup_requests):
+        for i in range(requests):
             after = rng.randrange(0, hot_last)
             t = time.perf_counter()
             msg = nats.nc.request(subject, json.dumps({"tenant_id": hot, "after_seq": after}).encode(), timeout=10)
@@ -1041,17 +1079,29 @@ def scenario_catchup(ctx):
         log(f"    {label}: p50 {res['p50_ms']} ms p99 {res['p99_ms']} ms, errors {errors}")
         return res
 
-    r = {"stream_events": changes, "tenant": hot, "tenant_events": hot_last, "wal_bytes": wal,
-         "drain_seconds": round(drain_s, 1), "drain_events_per_s": round(changes / drain_s),
-         "requests": a.catchup_requests}
-    r["warm_index"] = measure("same process that published (warm index)")
-    wc.stop()
+    r = dict(ds, requests=a.catchup_requests, reused_dataset=wc is None)
+    del r["sizes"]
+    if wc is not None:
+        r["warm_index"] = measure("same process that published (warm index)")
+        wc.stop()
     wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_cu", confirm_delay="0", name="cu2")
     wc.wait_ready()
-    r["after_restart"] = measure("after a restart (index seeded from the checkpoint)")
+    t0 = time.monotonic()
+    # Until the index is read back from the stream, answers search the stream.
+    r["during_rebuild"] = measure("after a restart, while the index is rebuilt", max(50, a.catchup_requests // 5))
+    while "catch-up index rebuilt" not in wc.logpath.read_text(errors="replace"):
+        if wc.proc.poll() is not None or time.monotonic() - t0 > 1800:
+            raise RuntimeError(f"walcast did not rebuild its catch-up index; see {wc.logpath}")
+        time.sleep(0.2)
+    r["rebuild_seconds_after_ready"] = round(time.monotonic() - t0, 1)
+    log(f"    index rebuilt {r['rebuild_seconds_after_ready']} s after ready: {log_tail(wc.logpath)}")
+    r["after_restart"] = measure("after a restart, index rebuilt from the stream")
     wc.stop()
     nats.stop()
-    pg.drop_slot("wc_cu")
+    if a.catchup_data:
+        pg.stop()
+    else:
+        pg.drop_slot("wc_cu")
     return r
 
 
@@ -1136,7 +1186,9 @@ def summary_rows(res):
                                      f"raw {g(r, 'floor_pg_recvlogical', 'raw', p + '_ms')}"))
     cu = sc.get("catchup")
     if cu and "error" not in cu:
-        for phase in ("warm_index", "after_restart"):
+        for phase in ("warm_index", "during_rebuild", "after_restart"):
+            if phase not in cu:
+                continue
             v = g(cu, phase, "p99_ms")
             ok = met(v, 50, False)
             rows.append((f"6 catch-up ({cu['tenant_events']:,} of {cu['stream_events']:,} events), {phase}",
@@ -1213,6 +1265,15 @@ class Ctx:
     pass
 
 
+def init_db(a, pg):
+    """Schema, publication and the load procedure; no slot (scenarios create their own)."""
+    env = dict(os.environ, WALCAST_DATABASE_URL=pg.url)
+    subprocess.run([a.walcast_bin, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    pg.drop_slot("walcast")
+    pg.sql_file(HERE / "load.sql")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--walcast-bin", default=str(ROOT / "target/release/walcast"))
@@ -1238,6 +1299,8 @@ def main():
     ap.add_argument("--catchup-tenant", type=int, default=100_000,
                     help="events of the caught-up tenant (the issue's size: 1,000,000)")
     ap.add_argument("--catchup-requests", type=int, default=1000)
+    ap.add_argument("--catchup-data", metavar="DIR",
+                    help="keep the catch-up dataset (Postgres + JetStream store) in DIR and reuse it next time")
     ap.add_argument("--repeat", type=int, default=2,
                     help="rounds of each drain run (interleaved); the best round counts (noisy machines: 3)")
     ap.add_argument("--drain-timeout", type=int, default=3600)
@@ -1312,11 +1375,7 @@ def main():
         pg.start()
         ctx.pg = pg
         meta["postgres_settings"] = pg.settings
-        env = dict(os.environ, WALCAST_DATABASE_URL=pg.url)
-        subprocess.run([a.walcast_bin, "migrate"], env=env, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
-        pg.drop_slot("walcast")  # each scenario creates its own slots before its load
-        pg.sql_file(HERE / "load.sql")
+        init_db(a, pg)
 
         order = ["drain", "tenants", "big_tx", "idle", "latency", "catchup"]
         for name in order:
