@@ -7,6 +7,8 @@ use futures::StreamExt;
 use rand::Rng;
 use serde_json::Value;
 
+use crate::support::TempDir;
+use crate::support::chaos::Walcast;
 use crate::support::daemon::{Daemon, Env};
 use crate::support::workload::Workload;
 
@@ -182,4 +184,62 @@ async fn catchup_answers_as_the_spec_says() {
             .collect::<Vec<_>>()
     );
     daemon.stop().await.unwrap();
+}
+
+/// After a restart the index is read back from the stream (positions of
+/// events an earlier run published) and merged with what the new run
+/// publishes. Answers from it are trusted without reading the stream, so a
+/// wrong position would show here as a consumer starting at the wrong event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catchup_after_a_restart_uses_the_rebuilt_index() {
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let dir = TempDir::new("catchup-restart").unwrap();
+    let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &[]);
+    let mut workload = Workload::new(Workload::seed(), 4);
+    workload.run(&mut client, 500).await;
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    walcast.stop(Duration::from_secs(20)).await;
+    // Published by the next run, after the positions it reads back.
+    workload.run(&mut client, 150).await;
+    let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &[]);
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !walcast.log().contains("catch-up index rebuilt") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no rebuild logged:\n{}",
+            walcast.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let js = jetstream::new(nats.clone());
+    let events = env.stream_events().await;
+    let mut last = std::collections::HashMap::new();
+    for m in &events {
+        last.insert(m.event.tenant_id.clone(), m.event.seq);
+    }
+    let mut checked = 0;
+    for (tenant, &n) in &last {
+        for after in (0..n).step_by(7).chain([n - 1]) {
+            let (code, reply) = ask(
+                &nats,
+                &format!(r#"{{"tenant_id":"{tenant}","after_seq":{after}}}"#),
+            )
+            .await;
+            assert_eq!(code, None, "{reply}");
+            assert_eq!(reply["last_seq"].as_u64(), Some(n));
+            let want = ((after + 1)..=n).take(3).collect::<Vec<_>>();
+            assert_eq!(
+                consume(&js, &reply, want.len()).await,
+                want,
+                "tenant {tenant} after {after}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "{checked} answers checked");
+    walcast.stop(Duration::from_secs(20)).await;
 }

@@ -11,10 +11,18 @@
 //! memory does not grow with the events a long-running process publishes
 //! (16 bytes per 64 events otherwise: 250 MB per billion); a window then
 //! spans up to twice as many events, one more probe per doubling.
+//!
+//! On top of the samples, the exact position of every recent event
+//! ([`Exact`], ~2 bytes per event) answers most requests without reading the
+//! stream at all. Those are bounded by [`MAX_EXACT_BYTES`] over all tenants:
+//! past it, the older half (by stream sequence) is dropped and requests for
+//! it fall back to samples and probes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+
+use super::exact::Exact;
 
 /// One sample per this many events of a tenant (until [`MAX_SAMPLES`]).
 pub const SAMPLE_EVERY: u64 = 64;
@@ -24,14 +32,31 @@ pub const SAMPLE_EVERY: u64 = 64;
 /// thinned).
 pub const MAX_SAMPLES: usize = 1 << 18;
 
+/// Bytes of exact positions kept over all tenants (~12M events at 1,000
+/// tenants; a tenant with most of the traffic needs fewer bytes per event).
+pub const MAX_EXACT_BYTES: usize = 24 << 20;
+
 /// A tenant's position: last seq and its stream sequence (0 = not known in
-/// this process, e.g. right after a restart), plus sparse samples.
+/// this process, e.g. right after a restart), plus sparse samples and the
+/// exact positions of its recent events.
 #[derive(Debug, Default, Clone)]
 pub struct TenantTail {
     pub last_seq: u64,
     pub last_stream_seq: u64,
     /// `(seq, stream_seq)`, ascending.
     pub samples: Vec<(u64, u64)>,
+    exact: Exact,
+}
+
+/// What the index knows about where one event of a tenant is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    pub last_seq: u64,
+    pub last_stream_seq: u64,
+    /// The event's exact stream sequence, if it is among the recent ones.
+    pub exact: Option<u64>,
+    /// Stream sequences the event lies within, if it is in the stream.
+    pub window: Window,
 }
 
 /// Bounds for the event with `seq`: stream sequences it lies within.
@@ -42,6 +67,24 @@ pub struct Window {
 }
 
 impl TenantTail {
+    /// A tail that knows only the tenant's last seq (e.g. from a checkpoint).
+    pub fn new(last_seq: u64) -> Self {
+        TenantTail {
+            last_seq,
+            ..Default::default()
+        }
+    }
+
+    /// What is known about the event with `seq`.
+    pub fn known(&self, seq: u64, stream_last: u64) -> Known {
+        Known {
+            last_seq: self.last_seq,
+            last_stream_seq: self.last_stream_seq,
+            exact: self.exact.find(seq),
+            window: self.window(seq, stream_last),
+        }
+    }
+
     /// The narrowest known window of stream sequences holding `seq`.
     pub fn window(&self, seq: u64, stream_last: u64) -> Window {
         if seq == self.last_seq && self.last_stream_seq > 0 {
@@ -74,15 +117,60 @@ struct Tenants {
     samples: usize,
     /// Thin when `samples` reaches this (and twice the tenants).
     max_samples: usize,
+    /// Bytes of exact positions held, and the bound past which the older
+    /// half is dropped.
+    exact_bytes: usize,
+    max_exact_bytes: usize,
+    /// Exact positions before this stream sequence have been dropped.
+    exact_from: u64,
 }
 
 impl Tenants {
-    fn new(max_samples: usize) -> Self {
+    fn new(max_samples: usize, max_exact_bytes: usize) -> Self {
         Tenants {
             map: HashMap::new(),
             every: SAMPLE_EVERY,
             samples: 0,
             max_samples,
+            exact_bytes: 0,
+            max_exact_bytes,
+            exact_from: 0,
+        }
+    }
+
+    /// Records that the tenant's event `seq` is at `stream_seq` (the
+    /// tenant's latest so far); call [`Tenants::bound`] after a batch.
+    fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+        let tail = match self.map.get_mut(tenant) {
+            Some(tail) => tail,
+            None => self.map.entry(tenant.clone()).or_default(),
+        };
+        tail.last_seq = seq;
+        tail.last_stream_seq = stream_seq;
+        if seq % self.every == 1 {
+            tail.samples.push((seq, stream_seq));
+            self.samples += 1;
+        }
+        self.exact_bytes += tail.exact.push(seq, stream_seq);
+    }
+
+    /// Keeps samples and exact positions within their bounds.
+    fn bound(&mut self, next_stream_seq: u64) {
+        if self.samples >= self.max_samples.max(2 * self.map.len()) {
+            self.thin();
+        }
+        self.drop_old_exact(next_stream_seq);
+    }
+
+    /// Drops the exact positions of the older half of the stream range they
+    /// cover, until they fit the bound again.
+    fn drop_old_exact(&mut self, next_stream_seq: u64) {
+        while self.exact_bytes > self.max_exact_bytes && self.exact_from < next_stream_seq {
+            let cutoff = self.exact_from + (next_stream_seq - self.exact_from).div_ceil(2);
+            for tail in self.map.values_mut() {
+                self.exact_bytes -= tail.exact.drop_before(cutoff);
+            }
+            self.exact_from = cutoff;
         }
     }
 
@@ -100,6 +188,29 @@ impl Tenants {
     }
 }
 
+/// Positions read back from the stream after a restart (see `rebuild`),
+/// bounded like the index itself, to be merged with [`Index::merge_older`].
+#[derive(Debug)]
+pub struct Rebuilt(Tenants);
+
+impl Default for Rebuilt {
+    fn default() -> Self {
+        Rebuilt(Tenants::new(MAX_SAMPLES, MAX_EXACT_BYTES))
+    }
+}
+
+impl Rebuilt {
+    /// Records one message, in stream order.
+    pub fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+        self.0.push(tenant, seq, stream_seq);
+    }
+
+    /// Keeps the positions within bounds (call every few thousand messages).
+    pub fn bound(&mut self, next_stream_seq: u64) {
+        self.0.bound(next_stream_seq);
+    }
+}
+
 /// Shared between the publisher (writer) and the catch-up service (reader).
 #[derive(Debug, Clone)]
 pub struct Index {
@@ -113,14 +224,14 @@ pub struct Index {
 
 impl Default for Index {
     fn default() -> Self {
-        Index::with_max_samples(MAX_SAMPLES)
+        Index::with_bounds(MAX_SAMPLES, MAX_EXACT_BYTES)
     }
 }
 
 impl Index {
-    fn with_max_samples(max_samples: usize) -> Self {
+    pub(super) fn with_bounds(max_samples: usize, max_exact_bytes: usize) -> Self {
         Index {
-            tenants: Arc::new(RwLock::new(Tenants::new(max_samples))),
+            tenants: Arc::new(RwLock::new(Tenants::new(max_samples, max_exact_bytes))),
             next_stream_seq: Arc::default(),
             replay_to: Arc::default(),
             replayed: Arc::default(),
@@ -130,16 +241,11 @@ impl Index {
     /// Seeds last seqs from the checkpoint (stream positions unknown yet).
     pub fn seed(&self, tenants: &[(String, u64)]) {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        let max_samples = state.max_samples;
-        *state = Tenants::new(max_samples);
+        *state = Tenants::new(state.max_samples, state.max_exact_bytes);
         for (t, seq) in tenants {
-            state.map.insert(
-                Arc::from(t.as_str()),
-                TenantTail {
-                    last_seq: *seq,
-                    ..Default::default()
-                },
-            );
+            state
+                .map
+                .insert(Arc::from(t.as_str()), TenantTail::new(*seq));
         }
     }
 
@@ -147,22 +253,43 @@ impl Index {
     pub fn record(&self, events: &[(Arc<str>, u64, u64)], next_stream_seq: u64) {
         if !events.is_empty() {
             let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-            let state = &mut *state;
             for (tenant, seq, stream_seq) in events {
-                let tail = state.map.entry(tenant.clone()).or_default();
-                tail.last_seq = *seq;
-                tail.last_stream_seq = *stream_seq;
-                if seq % state.every == 1 {
-                    tail.samples.push((*seq, *stream_seq));
-                    state.samples += 1;
-                }
+                state.push(tenant, *seq, *stream_seq);
             }
-            if state.samples >= state.max_samples.max(2 * state.map.len()) {
-                state.thin();
-            }
+            state.bound(next_stream_seq);
+            metrics::gauge!(crate::telemetry::metrics::CATCHUP_INDEX_BYTES)
+                .set((state.exact_bytes + state.samples * 16) as f64);
         }
         self.next_stream_seq
             .fetch_max(next_stream_seq, Ordering::SeqCst);
+    }
+
+    /// Puts positions read back from the stream (all older than anything
+    /// recorded since this process started) in front of the recorded ones.
+    pub fn merge_older(&self, older: Rebuilt) {
+        let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *state;
+        let every = state.every;
+        for (tenant, mut old) in older.0.map {
+            let tail = state.map.entry(tenant).or_default();
+            if tail.last_stream_seq == 0 && tail.last_seq == old.last_seq {
+                tail.last_stream_seq = old.last_stream_seq;
+            }
+            tail.last_seq = tail.last_seq.max(old.last_seq);
+            let first_new = tail.samples.first().map_or(u64::MAX, |s| s.0);
+            old.samples
+                .retain(|(seq, _)| seq % every == 1 && *seq < first_new);
+            let added = old.samples.len();
+            old.samples.append(&mut tail.samples);
+            tail.samples = old.samples;
+            state.exact_bytes -= tail.exact.bytes();
+            old.exact.append(std::mem::take(&mut tail.exact));
+            tail.exact = old.exact;
+            state.samples += added;
+            state.exact_bytes += tail.exact.bytes();
+        }
+        let next = self.next_stream_seq.load(Ordering::SeqCst);
+        state.bound(next);
     }
 
     /// The index is complete only once the replay reaches stream message `seq`.
@@ -180,14 +307,24 @@ impl Index {
         self.replayed.load(Ordering::SeqCst) >= self.replay_to.load(Ordering::SeqCst)
     }
 
-    /// The tenant's tail, if walcast has seen it.
-    pub fn tenant(&self, tenant: &str) -> Option<TenantTail> {
+    /// What is known about the tenant's event `seq`, if walcast has seen
+    /// the tenant (`stream_last`: the stream's last sequence, the bound of a
+    /// window when the tenant's own last position is not known).
+    pub fn known(&self, tenant: &str, seq: u64, stream_last: u64) -> Option<Known> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .map
             .get(tenant)
-            .cloned()
+            .map(|tail| tail.known(seq, stream_last))
+    }
+
+    /// Bytes of exact positions held (bounded by [`MAX_EXACT_BYTES`]).
+    pub fn exact_bytes(&self) -> usize {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .exact_bytes
     }
 
     /// The stream sequence the next event will get.
@@ -206,7 +343,7 @@ mod tests {
         let t: Arc<str> = Arc::from("acme");
         let events: Vec<_> = (1..=200).map(|s| (t.clone(), s, s * 3)).collect();
         index.record(&events, 601);
-        let tail = index.tenant("acme").unwrap();
+        let tail = index.tenants.read().unwrap().map["acme"].clone();
         assert_eq!(
             tail.samples,
             vec![(1, 3), (65, 195), (129, 387), (193, 579)]
@@ -216,16 +353,13 @@ mod tests {
         assert_eq!(tail.window(65, 600), Window { from: 195, to: 386 });
         assert_eq!(tail.window(199, 600), Window { from: 579, to: 600 });
         assert_eq!(index.next_stream_seq(), 601);
-        let fresh = TenantTail {
-            last_seq: 10,
-            ..Default::default()
-        };
+        let fresh = TenantTail::new(10);
         assert_eq!(fresh.window(5, 900), Window { from: 1, to: 900 });
     }
 
     #[test]
     fn samples_are_thinned_to_a_bound() {
-        let index = Index::with_max_samples(64);
+        let index = Index::with_bounds(64, MAX_EXACT_BYTES);
         let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
         // Two tenants, interleaved: a's seq s at stream 2s - 1, b's at 2s.
         let mut high = 0;
@@ -246,7 +380,7 @@ mod tests {
         );
         assert_eq!(state.every, 4096);
         drop(state);
-        let tail = index.tenant("a").unwrap();
+        let tail = index.tenants.read().unwrap().map["a"].clone();
         assert!(
             tail.samples
                 .iter()
@@ -261,11 +395,76 @@ mod tests {
             assert!(w.to - w.from < 2 * 4096, "{seq}: {w:?}");
         }
         // Thinning never loops on tenants with a single sample each.
-        let many = Index::with_max_samples(4);
+        let many = Index::with_bounds(4, MAX_EXACT_BYTES);
         let events: Vec<_> = (0..100u64)
             .map(|t| (Arc::from(format!("t{t}").as_str()), 1, t + 1))
             .collect();
         many.record(&events, 101);
         assert_eq!(many.tenants.read().unwrap().samples, 100);
+    }
+
+    #[test]
+    fn exact_positions_are_bounded_and_recent_ones_kept() {
+        let index = Index::with_bounds(MAX_SAMPLES, 64 << 10);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        // a: seq s at stream 10s; b fills the nine sequences in between.
+        let mut b_seq = 0;
+        for chunk in (1..=50_000u64).collect::<Vec<_>>().chunks(100) {
+            let mut events = Vec::new();
+            for &s in chunk {
+                for k in 1..10 {
+                    b_seq += 1;
+                    events.push((b.clone(), b_seq, 10 * (s - 1) + k));
+                }
+                events.push((a.clone(), s, 10 * s));
+            }
+            index.record(&events, 10 * chunk[chunk.len() - 1] + 1);
+            assert!(index.exact_bytes() <= 64 << 10, "{}", index.exact_bytes());
+        }
+        let known = |seq| index.known("a", seq, 500_000).unwrap();
+        assert_eq!(known(50_000).exact, Some(500_000));
+        assert_eq!(known(49_000).exact, Some(490_000));
+        // The oldest are no longer exact, but their window still holds them.
+        let old = known(10);
+        assert_eq!(old.exact, None);
+        assert!(old.window.from <= 100 && 100 <= old.window.to, "{old:?}");
+        assert_eq!(old.last_seq, 50_000);
+        assert_eq!(
+            index.known("b", 450_000, 500_000).unwrap().exact,
+            Some(499_999)
+        );
+        assert!(index.known("c", 1, 500_000).is_none());
+    }
+
+    #[test]
+    fn rebuilt_positions_go_in_front_of_recorded_ones() {
+        let index = Index::default();
+        index.seed(&[("a".to_string(), 100)]);
+        let a: Arc<str> = Arc::from("a");
+        // The new run publishes seqs 101..=200 at 1001..=1100.
+        let live: Vec<_> = (101..=200).map(|s| (a.clone(), s, s + 900)).collect();
+        index.record(&live, 1101);
+        assert_eq!(index.known("a", 50, 1100).unwrap().exact, None);
+        // Read back newest first: 51..=100 at 951..=1000, then 1..=50 at 2, 4, ...
+        for range in [51..=100u64, 1..=50] {
+            let mut rebuilt = Rebuilt::default();
+            for s in range {
+                rebuilt.push(&a, s, if s > 50 { s + 900 } else { 2 * s });
+            }
+            index.merge_older(rebuilt);
+        }
+        for s in 1..=200u64 {
+            let want = if s > 50 { s + 900 } else { 2 * s };
+            let known = index.known("a", s, 1100).unwrap();
+            assert_eq!(known.exact, Some(want), "seq {s}");
+            assert!(
+                known.window.from <= want && want <= known.window.to,
+                "{s}: {known:?}"
+            );
+            assert_eq!((known.last_seq, known.last_stream_seq), (200, 1100));
+        }
+        let samples = &index.tenants.read().unwrap().map["a"].samples;
+        assert_eq!(samples, &vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]);
+        assert_eq!(index.tenants.read().unwrap().samples, 4);
     }
 }

@@ -1,14 +1,17 @@
 //! The catch-up answer (SPEC §7), as a pure search over a [`Probe`] of the stream.
 //!
 //! Invariant: a `Start` answer points at the stream message that *is* the
-//! tenant's event `after_seq + 1` (read back and checked), or at the next
-//! stream position when nothing was missed. If that event is no longer in
-//! the stream the answer is `TooOld`: never a start point that silently
-//! skips events.
+//! tenant's event `after_seq + 1`, or at the next stream position when
+//! nothing was missed. "Is" means either read back and checked, or known
+//! exactly by the index (where the publisher put it) and proven present by
+//! the stream's state: within `first_seq..=last_seq` with no message removed
+//! from the middle (`messages == last_seq - first_seq + 1`). If that event is
+//! no longer in the stream the answer is `TooOld`: never a start point that
+//! silently skips events.
 
 use std::future::Future;
 
-use super::index::TenantTail;
+use super::index::Known;
 
 /// Reads the stream through the tenant's subject filter.
 pub trait Probe {
@@ -25,6 +28,9 @@ pub struct StreamState {
     pub last_seq: u64,
     /// Where the next published event will land (in-flight publishes included).
     pub next_seq: u64,
+    /// No message was removed between `first_seq` and `last_seq` (e.g. by a
+    /// filtered purge or a delete): every sequence in between is present.
+    pub contiguous: bool,
 }
 
 /// A catch-up answer.
@@ -48,11 +54,11 @@ pub enum Answer {
 /// Answers "tenant after `after_seq`".
 pub async fn answer<P: Probe>(
     probe: &P,
-    tail: Option<&TenantTail>,
+    known: Option<&Known>,
     after_seq: u64,
     stream: StreamState,
 ) -> Result<Answer, String> {
-    let last_seq = tail.map_or(0, |t| t.last_seq);
+    let last_seq = known.map_or(0, |k| k.last_seq);
     if after_seq > last_seq {
         return Ok(Answer::Ahead { last_seq });
     }
@@ -63,7 +69,19 @@ pub async fn answer<P: Probe>(
         });
     }
     let target = after_seq + 1;
-    let window = tail.map(|t| t.window(target, stream.last_seq));
+    if let Some(at) = known.and_then(|k| k.exact) {
+        if at > stream.last_seq {
+            return Ok(Answer::InFlight);
+        }
+        if at >= stream.first_seq && stream.contiguous {
+            return Ok(Answer::Start {
+                start_stream_seq: at,
+                last_seq,
+            });
+        }
+        // Removed, or maybe: search and read back like any other.
+    }
+    let window = known.map(|k| k.window);
     let mut lo = window
         .map_or(stream.first_seq, |w| w.from)
         .max(stream.first_seq);
@@ -75,7 +93,12 @@ pub async fn answer<P: Probe>(
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
         match probe.next_at(mid).await? {
-            Some((q, seq)) if seq >= target => {
+            // Seqs are unique: this is the event, no need to narrow further.
+            Some((q, seq)) if seq == target => {
+                found = Some((q, seq));
+                break;
+            }
+            Some((q, seq)) if seq > target => {
                 found = Some((q, seq));
                 if mid == lo {
                     break;
@@ -97,7 +120,9 @@ pub async fn answer<P: Probe>(
             start_stream_seq: q,
             last_seq,
         }),
-        Some(_) => {
+        None if known.is_some_and(|k| k.last_stream_seq > stream.last_seq) => Ok(Answer::InFlight),
+        // Gone: removed from the front (limits, purge) or the middle (delete).
+        _ => {
             let oldest = probe
                 .next_at(stream.first_seq)
                 .await?
@@ -107,18 +132,13 @@ pub async fn answer<P: Probe>(
                 last_seq,
             })
         }
-        None if tail.is_some_and(|t| t.last_stream_seq > stream.last_seq) => Ok(Answer::InFlight),
-        None => Ok(Answer::TooOld {
-            oldest_seq: last_seq + 1,
-            last_seq,
-        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catchup::index::Index;
+    use crate::catchup::index::{Index, TenantTail};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -145,31 +165,39 @@ mod tests {
         /// the answer delivers exactly after_seq + 1 first, or the answer is
         /// too_old / ahead exactly when it must be.
         #[test]
-        fn answers_are_exact(tenants in proptest::collection::vec(0u8..4, 1..400), trim in 0u64..120, known in any::<bool>()) {
+        fn answers_are_exact(
+            tenants in proptest::collection::vec(0u8..4, 1..400),
+            trim in 0u64..120,
+            holes in proptest::collection::vec(1u64..400, 0..3),
+            mode in 0u8..3,
+        ) {
             let mut messages = BTreeMap::new();
             let mut last: [u64; 4] = [0; 4];
-            let index = Index::default();
+            // 0: only last seqs (after a restart), 1: the publisher's index,
+            // 2: the same with almost all exact positions dropped.
+            let index = if mode == 2 { Index::with_bounds(1 << 18, 64) } else { Index::default() };
             for (i, t) in tenants.iter().enumerate() {
                 last[*t as usize] += 1;
                 messages.insert(i as u64 + 1, (*t, last[*t as usize]));
-                if known {
+                if mode > 0 {
                     index.record(&[(Arc::from(format!("t{t}").as_str()), last[*t as usize], i as u64 + 1)], i as u64 + 2);
                 }
             }
             let stream_last = tenants.len() as u64;
             let first_seq = (trim + 1).min(stream_last + 1);
-            messages.retain(|q, _| *q >= first_seq);
-            let stream = StreamState { first_seq, last_seq: stream_last, next_seq: stream_last + 1 };
+            messages.retain(|q, _| *q >= first_seq && !holes.contains(q));
+            let contiguous = messages.len() as u64 == stream_last + 1 - first_seq;
+            let stream = StreamState { first_seq, last_seq: stream_last, next_seq: stream_last + 1, contiguous };
             for tenant in 0u8..4 {
-                let tail = if known {
-                    index.tenant(&format!("t{tenant}"))
-                } else {
-                    Some(TenantTail { last_seq: last[tenant as usize], ..Default::default() }).filter(|t| t.last_seq > 0)
-                };
                 let fake = Fake { messages: messages.clone(), tenant };
                 let retained: Vec<u64> = messages.values().filter(|(t, _)| *t == tenant).map(|(_, s)| *s).collect();
                 for after in 0..=last[tenant as usize] + 1 {
-                    let got = futures::executor::block_on(answer(&fake, tail.as_ref(), after, stream)).unwrap();
+                    let known = if mode > 0 {
+                        index.known(&format!("t{tenant}"), after + 1, stream_last)
+                    } else {
+                        Some(TenantTail::new(last[tenant as usize]).known(after + 1, stream_last)).filter(|k| k.last_seq > 0)
+                    };
+                    let got = futures::executor::block_on(answer(&fake, known.as_ref(), after, stream)).unwrap();
                     let n = last[tenant as usize];
                     let expect = if after > n {
                         Answer::Ahead { last_seq: n }

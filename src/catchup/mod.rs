@@ -7,8 +7,10 @@
 //! state. See `index` for how positions are known without scanning a
 //! tenant's history, and `lookup` for the answer's invariant.
 
+mod exact;
 pub mod index;
 pub mod lookup;
+mod rebuild;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +25,7 @@ use tokio::sync::Semaphore;
 pub use index::Index;
 use lookup::{Answer, Probe, StreamState};
 
+use crate::config::Settings;
 use crate::events::tenant;
 
 /// Requests answered at once; more wait.
@@ -42,9 +45,10 @@ struct Reply<'a> {
     last_seq: u64,
 }
 
-/// A running service; stopped when dropped.
+/// A running service (and its index rebuild); stopped when dropped.
 pub struct CatchupService {
     task: tokio::task::JoinHandle<()>,
+    _rebuild: Option<rebuild::Rebuild>,
 }
 
 impl Drop for CatchupService {
@@ -61,14 +65,17 @@ struct Ctx {
     index: Index,
 }
 
-/// Registers the service and answers requests in the background.
+/// Registers the service and answers requests in the background. Stream
+/// messages up to `rebuild_through` were published by an earlier run: their
+/// positions are read back into the index in the background.
 pub async fn start(
     js: &jetstream::Context,
     stream: Stream,
-    stream_name: &str,
-    prefix: &str,
+    settings: &Settings,
     index: Index,
+    rebuild_through: u64,
 ) -> Result<CatchupService, String> {
+    let (stream_name, prefix) = (&settings.stream, &settings.subject_prefix);
     let client = js.client();
     let service = client
         .service_builder()
@@ -81,6 +88,10 @@ pub async fn start(
         .endpoint("catchup")
         .await
         .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
+    let rebuild = match rebuild_through {
+        0 => None,
+        through => Some(rebuild::spawn(settings.clone(), index.clone(), through)?),
+    };
     let ctx = Arc::new(Ctx {
         stream,
         stream_name: stream_name.to_string(),
@@ -116,7 +127,10 @@ pub async fn start(
             });
         }
     });
-    Ok(CatchupService { task })
+    Ok(CatchupService {
+        task,
+        _rebuild: rebuild,
+    })
 }
 
 /// The JSON reply body and, for errors, `(code, name)` for the micro headers.
@@ -147,7 +161,6 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
         );
     }
     let filter_subject = format!("{}.{}.>", ctx.prefix, request.tenant_id);
-    let tail = ctx.index.tenant(&request.tenant_id);
     let probe = DirectGet {
         stream: &ctx.stream,
         filter: &filter_subject,
@@ -155,7 +168,11 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     let mut answer = Err("not attempted".to_string());
     for _ in 0..20 {
         answer = match stream_state(ctx).await {
-            Ok(state) => lookup::answer(&probe, tail.as_ref(), request.after_seq, state).await,
+            Ok(state) => {
+                let target = request.after_seq.saturating_add(1);
+                let known = ctx.index.known(&request.tenant_id, target, state.last_seq);
+                lookup::answer(&probe, known.as_ref(), request.after_seq, state).await
+            }
             Err(e) => Err(e),
         };
         if !matches!(answer, Ok(Answer::InFlight)) {
@@ -194,10 +211,12 @@ async fn stream_state(ctx: &Ctx) -> Result<StreamState, String> {
         .info()
         .await
         .map_err(|e| format!("stream info: {e}"))?;
+    let (first_seq, last_seq) = (info.state.first_sequence.max(1), info.state.last_sequence);
     Ok(StreamState {
-        first_seq: info.state.first_sequence.max(1),
-        last_seq: info.state.last_sequence,
+        first_seq,
+        last_seq,
         next_seq: ctx.index.next_stream_seq(),
+        contiguous: info.state.messages == (last_seq + 1).saturating_sub(first_seq),
     })
 }
 

@@ -222,9 +222,9 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     let _catchup = catchup::start(
         &ctx.js,
         stream.clone(),
-        &s.stream,
-        &s.subject_prefix,
+        s,
         index.clone(),
+        checkpoint.stream_seq,
     )
     .await
     .map_err(PublishError::Nats)?;

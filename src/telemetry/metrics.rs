@@ -23,6 +23,7 @@ pub const ERRORS: &str = "walcast_errors_total";
 pub const REPUBLISHED_EVENTS: &str = "walcast_republished_events_total";
 pub const CATCHUP_REQUESTS: &str = "walcast_catchup_requests_total";
 pub const CATCHUP_SECONDS: &str = "walcast_catchup_seconds";
+pub const CATCHUP_INDEX_BYTES: &str = "walcast_catchup_index_bytes";
 pub const UP: &str = "walcast_up";
 
 /// Installs the process-wide recorder once and returns its handle.
@@ -112,5 +113,10 @@ fn describe() {
     );
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
+    describe_gauge!(
+        CATCHUP_INDEX_BYTES,
+        Unit::Bytes,
+        "Memory of the catch-up index: exact positions of recent events (bounded) and samples"
+    );
     describe_gauge!(UP, "1 while walcast holds the slot and publishes");
 }
