@@ -57,6 +57,11 @@ pub struct Known {
     pub exact: Option<u64>,
     /// Stream sequences the event lies within, if it is in the stream.
     pub window: Window,
+    /// For estimates only: a lower bound of the tenant's seq at
+    /// `window.from`, and a `(stream_seq, seq)` of the tenant past
+    /// `window.to` (or where its next event would be).
+    pub from_seq: u64,
+    pub above: (u64, u64),
 }
 
 /// Bounds for the event with `seq`: stream sequences it lies within.
@@ -77,11 +82,18 @@ impl TenantTail {
 
     /// What is known about the event with `seq`.
     pub fn known(&self, seq: u64, stream_last: u64) -> Known {
+        let window = self.window(seq, stream_last);
+        let at = self.samples.partition_point(|(s, _)| *s <= seq);
         Known {
             last_seq: self.last_seq,
             last_stream_seq: self.last_stream_seq,
             exact: self.exact.find(seq),
-            window: self.window(seq, stream_last),
+            window,
+            from_seq: at.checked_sub(1).map_or(1, |i| self.samples[i].0),
+            above: self.samples.get(at).map_or(
+                (window.to.saturating_add(1), self.last_seq.saturating_add(1)),
+                |&(s, q)| (q, s),
+            ),
         }
     }
 

@@ -188,7 +188,7 @@ async fn read_range(
             rebuilt.push(&tenant, seq, stream_seq);
         }
         read += 1;
-        if read % 4096 == 0 {
+        if read.is_multiple_of(4096) {
             rebuilt.bound(stream_seq + 1);
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
