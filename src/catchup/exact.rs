@@ -81,10 +81,13 @@ impl Exact {
     /// Drops the runs that end before stream sequence `cutoff` (positions
     /// at or after it stay); returns the bytes freed.
     pub fn drop_before(&mut self, cutoff: u64) -> usize {
-        let n = self
+        let mut n = self
             .marks
             .partition_point(|m| m.stream_seq <= cutoff)
             .saturating_sub(1);
+        if n + 1 == self.marks.len() && self.last.1 < cutoff {
+            n = self.marks.len(); // the last run too: a tenant gone quiet keeps nothing
+        }
         if n == 0 {
             return 0;
         }

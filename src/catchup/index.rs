@@ -166,6 +166,12 @@ impl Tenants {
         self.exact_bytes += tail.exact.push(seq, stream_seq);
     }
 
+    /// Publishes the index's memory as a metric.
+    fn report(&self) {
+        metrics::gauge!(crate::telemetry::metrics::CATCHUP_INDEX_BYTES)
+            .set((self.exact_bytes + self.samples * 16) as f64);
+    }
+
     /// Keeps samples and exact positions within their bounds.
     fn bound(&mut self, next_stream_seq: u64) {
         if self.samples >= self.max_samples.max(2 * self.map.len()) {
@@ -269,8 +275,7 @@ impl Index {
                 state.push(tenant, *seq, *stream_seq);
             }
             state.bound(next_stream_seq);
-            metrics::gauge!(crate::telemetry::metrics::CATCHUP_INDEX_BYTES)
-                .set((state.exact_bytes + state.samples * 16) as f64);
+            state.report();
         }
         self.next_stream_seq
             .fetch_max(next_stream_seq, Ordering::SeqCst);
@@ -284,10 +289,10 @@ impl Index {
         let every = state.every;
         for (tenant, mut old) in older.0.map {
             let tail = state.map.entry(tenant).or_default();
-            if tail.last_stream_seq == 0 && tail.last_seq == old.last_seq {
+            if tail.last_stream_seq == 0 && tail.last_seq <= old.last_seq {
+                tail.last_seq = old.last_seq;
                 tail.last_stream_seq = old.last_stream_seq;
             }
-            tail.last_seq = tail.last_seq.max(old.last_seq);
             let first_new = tail.samples.first().map_or(u64::MAX, |s| s.0);
             old.samples
                 .retain(|(seq, _)| seq % every == 1 && *seq < first_new);
@@ -302,6 +307,7 @@ impl Index {
         }
         let next = self.next_stream_seq.load(Ordering::SeqCst);
         state.bound(next);
+        state.report();
     }
 
     /// The index is complete only once the replay reaches stream message `seq`.

@@ -90,7 +90,9 @@ pub async fn start(
         .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
     let rebuild = match rebuild_through {
         0 => None,
-        through => Some(rebuild::spawn(settings.clone(), index.clone(), through)?),
+        through => rebuild::spawn(settings.clone(), index.clone(), through)
+            .inspect_err(|e| tracing::warn!(error = %e, "catch-up answers search the stream instead (correct, slower)"))
+            .ok(),
     };
     let ctx = Arc::new(Ctx {
         stream,
