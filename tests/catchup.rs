@@ -64,6 +64,33 @@ async fn consume(js: &jetstream::Context, reply: &Value, n: usize) -> Vec<u64> {
     seqs
 }
 
+/// Asks for `tenant` after `after` (its last seq is `n`) and checks that a
+/// consumer built only from the answer delivers `after + 1, ...` (the first
+/// `take` of them).
+async fn replays_from(
+    nats: &async_nats::Client,
+    js: &jetstream::Context,
+    tenant: &str,
+    after: u64,
+    n: u64,
+    take: usize,
+) {
+    let (code, reply) = ask(
+        nats,
+        &format!(r#"{{"tenant_id":"{tenant}","after_seq":{after}}}"#),
+    )
+    .await;
+    assert_eq!(code, None, "{reply}");
+    assert_eq!(reply["last_seq"].as_u64(), Some(n));
+    assert_eq!(reply["filter_subject"], format!("walcast.{tenant}.>"));
+    let want = ((after + 1)..=n).take(take).collect::<Vec<_>>();
+    assert_eq!(
+        consume(js, &reply, want.len()).await,
+        want,
+        "tenant {tenant} after {after}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catchup_answers_as_the_spec_says() {
     let env = Env::start().await;
@@ -85,20 +112,7 @@ async fn catchup_answers_as_the_spec_says() {
     let mut rng = rand::rng();
     for (tenant, &n) in &last {
         for after in [0, n / 2, n.saturating_sub(1), rng.random_range(0..n)] {
-            let (code, reply) = ask(
-                &nats,
-                &format!(r#"{{"tenant_id":"{tenant}","after_seq":{after}}}"#),
-            )
-            .await;
-            assert_eq!(code, None, "{reply}");
-            assert_eq!(reply["last_seq"].as_u64(), Some(n));
-            assert_eq!(reply["filter_subject"], format!("walcast.{tenant}.>"));
-            let want = ((after + 1)..=n).take(20).collect::<Vec<_>>();
-            assert_eq!(
-                consume(&js, &reply, want.len()).await,
-                want,
-                "tenant {tenant} after {after}"
-            );
+            replays_from(&nats, &js, tenant, after, n, 20).await;
         }
         // Nothing missed: start at the stream's next sequence.
         let (code, reply) = ask(
@@ -224,19 +238,7 @@ async fn catchup_after_a_restart_uses_the_rebuilt_index() {
     let mut checked = 0;
     for (tenant, &n) in &last {
         for after in (0..n).step_by(7).chain([n - 1]) {
-            let (code, reply) = ask(
-                &nats,
-                &format!(r#"{{"tenant_id":"{tenant}","after_seq":{after}}}"#),
-            )
-            .await;
-            assert_eq!(code, None, "{reply}");
-            assert_eq!(reply["last_seq"].as_u64(), Some(n));
-            let want = ((after + 1)..=n).take(3).collect::<Vec<_>>();
-            assert_eq!(
-                consume(&js, &reply, want.len()).await,
-                want,
-                "tenant {tenant} after {after}"
-            );
+            replays_from(&nats, &js, tenant, after, n, 3).await;
             checked += 1;
         }
     }
