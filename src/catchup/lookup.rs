@@ -92,17 +92,20 @@ pub async fn answer<P: Probe>(
     // Lower bound: the first tenant message whose seq is >= target. Probes
     // interpolate between what the last ones saw (a tenant's events are
     // spread fairly evenly over the stream, so a few probes land on the
-    // target instead of ~log2 of the window); a probe that does not halve
-    // the range is followed by a bisection, so it is never much worse.
-    let mut seq_at_lo = Some(known.map_or(1, |k| k.from_seq));
+    // target instead of ~log2 of the window); two probes in a row that do
+    // not halve the range are followed by a bisection, so it is never much
+    // worse. `seq_at_lo`: the tenant's next event at or after `lo` has at
+    // least this seq; `above`: (stream seq, seq) of its next one past `hi`.
+    let mut seq_at_lo = known.map_or(1, |k| k.from_seq);
     let mut above = known.map(|k| k.above).filter(|(q, _)| *q > hi);
     let mut stalls = 0;
     while lo <= hi {
         let width = hi - lo;
-        let mid = match (seq_at_lo, above) {
-            (Some(low), Some((q, high)))
-                if stalls < 2 && width >= 64 && low <= target && target < high =>
+        let mid = match above {
+            Some((q, high))
+                if stalls < 2 && width >= 64 && seq_at_lo <= target && target < high =>
             {
+                let low = seq_at_lo;
                 // Where `target` should be, minus half a gap between the
                 // tenant's events: landing just before it finds it too.
                 let gap = (q - lo) as f64 / (high - low) as f64;
@@ -132,11 +135,14 @@ pub async fn answer<P: Probe>(
             }
             Some((q, seq)) => {
                 lo = q + 1;
-                seq_at_lo = Some(seq + 1);
+                seq_at_lo = seq + 1;
             }
             // No message of the tenant at or after `mid`: the target is before it.
             None if mid == lo => break,
-            None => hi = mid - 1,
+            None => {
+                hi = mid - 1;
+                above = Some((mid, last_seq + 1));
+            }
         }
         stalls = if lo <= hi && hi - lo > width / 2 {
             stalls + 1
