@@ -343,13 +343,32 @@ impl Publisher {
         headers.insert(CONTENT_TYPE, "application/x-protobuf");
         let payload = self.oversized.fit(&self.js, &event, &mut headers).await?;
         let subject = std::mem::take(&mut event.subject);
-        let sent = match reply {
-            Some(reply) => {
-                client
-                    .publish_with_reply_and_headers(subject, reply, headers, payload)
-                    .await
+        let send = async {
+            match reply {
+                Some(reply) => {
+                    client
+                        .publish_with_reply_and_headers(subject, reply, headers, payload)
+                        .await
+                }
+                None => client.publish_with_headers(subject, headers, payload).await,
             }
-            None => client.publish_with_headers(subject, headers, payload).await,
+        };
+        tokio::pin!(send);
+        // While NATS is away the client queues publishes until its buffer is
+        // full, then a publish waits: for as long as the outage lasts, and
+        // the ack timeout (checked between publishes) would never fire. The
+        // timer is only armed in that case, not on every message.
+        let sent = match futures::poll!(&mut send) {
+            std::task::Poll::Ready(sent) => sent,
+            std::task::Poll::Pending => tokio::time::timeout(acks::ACK_TIMEOUT, send)
+                .await
+                .map_err(|_| {
+                    PublishError::Nats(format!(
+                        "publish {}: the NATS client accepted nothing for {:?} (is NATS reachable?)",
+                        event.event_id,
+                        acks::ACK_TIMEOUT
+                    ))
+                })?,
         };
         sent.map_err(|e| PublishError::Nats(format!("publish {}: {e}", event.event_id)))?;
         Ok(Sent {
