@@ -198,7 +198,13 @@ async fn oversized_scenario(max_payload: usize) {
             }
         }
     }
-    assert!(stubs >= 20, "{stubs} oversized events");
+    // Certain: each round inserts these rows whole; the updates, deletes and
+    // projects that add more depend on the seed (18 to ~30 seen).
+    let certain = 3 * sizes.iter().filter(|&&size| size > max_payload).count();
+    assert!(
+        stubs >= certain,
+        "{stubs} oversized events, expected at least {certain}"
+    );
     assert_eq!(
         stream_last_seq(&env.nats.url(), "WALCAST").await,
         events.len() as u64
