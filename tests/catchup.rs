@@ -218,15 +218,9 @@ async fn catchup_after_a_restart_uses_the_rebuilt_index() {
     workload.run(&mut client, 150).await;
     let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &[]);
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !walcast.log().contains("catch-up index rebuilt") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no rebuild logged:\n{}",
-            walcast.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    walcast
+        .wait_log("catch-up index rebuilt", Duration::from_secs(60))
+        .await;
 
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
     let js = jetstream::new(nats.clone());

@@ -256,15 +256,9 @@ async fn a_renamed_source_table_keeps_streaming() {
     let (mut walcast, _addr) = start_walcast(&env, dir.path(), "walcast", &[]);
     // The rename must come after walcast has loaded its tables (by OID): on
     // a loaded machine its start can otherwise see the view and refuse it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !walcast.log().contains("replicating") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "walcast did not start:\n{}",
-            walcast.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    walcast
+        .wait_log("replicating", Duration::from_secs(60))
+        .await;
     let lock = |n: u64| {
         format!(
             "INSERT INTO editing_locks VALUES ('acme', 'task', '{}', 'ann', now(), now() + interval '1 hour')",

@@ -127,6 +127,20 @@ impl Walcast {
         );
     }
 
+    /// Waits (bounded) until the log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {needle:?} within {timeout:?}:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The whole log.
     pub fn log(&self) -> String {
         strip_ansi(&super::read_log(&self.log))
