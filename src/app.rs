@@ -13,10 +13,11 @@ use tokio::sync::watch;
 use crate::telemetry::http::Health;
 use crate::telemetry::metrics as m;
 
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
 use crate::database::Database;
 use crate::pipeline::{self, PipelineError};
 use crate::publish::PublishError;
+use crate::secrets::redact_url;
 use crate::source::SourceError;
 
 /// Why the daemon stopped with an error.

@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use crate::config::{Settings, redact_url};
+use crate::broker::BrokerError;
+use crate::config::Settings;
 use crate::database::Database;
 use crate::migrate::quote_ident;
+use crate::secrets::redact_url;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,26 +365,18 @@ fn lost_slot_fix(slot: &str, invalidated: bool) -> String {
 
 async fn nats(s: &Settings, r: &mut Report) {
     let url = redact_url(&s.nats_url);
-    let options = match crate::broker::options(s, "walcast-check").await {
-        Ok(options) => options,
-        Err(e) => return r.fail(e, "fix --nats-creds / --nats-nkey / --nats-ca"),
-    };
-    let client = match tokio::time::timeout(
-        Duration::from_secs(10),
-        options.connect(s.nats_url.as_str()),
-    )
-    .await
-    {
+    let connect = crate::broker::connect_once(s, "walcast-check");
+    let client = match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(client)) => client,
-        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::ServerParse => {
-            return r.fail(
-                format!("invalid NATS URL {url}: {e}"),
-                "fix --nats-url (nats://HOST:PORT or tls://HOST:PORT, comma-separated for several servers)",
-            );
+        Ok(Err(BrokerError::Refused { url, reason, fix })) => {
+            return r.fail(format!("NATS at {url} refused walcast: {reason}"), fix);
         }
-        Ok(Err(e)) => {
+        Ok(Err(BrokerError::Setup(reason))) => {
+            return r.fail(reason, "fix --nats-creds / --nats-nkey / --nats-ca");
+        }
+        Ok(Err(BrokerError::Unreachable { reason, .. })) => {
             return r.fail(
-                format!("NATS unreachable at {url}: {e}"),
+                format!("NATS unreachable at {url}: {reason}"),
                 "check that nats-server runs and that --nats-url is right",
             );
         }

@@ -57,6 +57,10 @@ impl Common {
             Some(path) => Options::from_file(path)?,
             None => Options::default(),
         };
-        Ok(self.options.clone().merge(file))
+        Ok(self
+            .options
+            .clone()
+            .merge(Options::database_from_env())
+            .merge(file))
     }
 }

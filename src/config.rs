@@ -17,13 +17,16 @@ use crate::events::Tables;
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// Postgres libpq URL, e.g. postgres://walcast:secret@db:5432/app (required)
-    #[arg(long, env = "WALCAST_DATABASE_URL", hide_env_values = true)]
+    /// Postgres libpq URL, e.g. postgres://walcast:secret@db:5432/app (required;
+    /// or --database-url-file) [env: WALCAST_DATABASE_URL]
+    #[arg(long, conflicts_with = "database_url_file")]
     pub database_url: Option<String>,
-    /// Read the database URL from this file instead (for mounted secrets)
-    #[arg(long, env = "WALCAST_DATABASE_URL_FILE")]
+    /// Read the database URL from this file instead (for mounted secrets); a
+    /// flag wins over either environment variable [env: WALCAST_DATABASE_URL_FILE]
+    #[arg(long)]
     pub database_url_file: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated [default: nats://127.0.0.1:4222]
+    /// NATS server URL(s), comma-separated for a cluster; user:password@ or
+    /// token@ in a URL authenticates [default: nats://127.0.0.1:4222]
     #[arg(long, env = "WALCAST_NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
     /// NATS credentials file (.creds) for JWT/nkey auth
@@ -59,7 +62,7 @@ pub struct Options {
     pub http_addr: Option<String>,
     /// How long the slot's confirmed LSN trails the newest acknowledged event, so
     /// events a broker loses before fsync can be replayed; 0 if NATS runs
-    /// sync_interval: always [default: 2m]
+    /// sync_interval: always; 0 to 7d [default: 2m]
     #[arg(long, env = "WALCAST_CONFIRM_DELAY")]
     pub confirm_delay: Option<String>,
     /// Schema of the source tables [default: public]
@@ -77,20 +80,22 @@ pub struct Options {
     /// Stream replicas (1, 3 or 5 on a cluster) [default: 1]
     #[arg(long, env = "WALCAST_STREAM_REPLICAS")]
     pub stream_replicas: Option<usize>,
-    /// Stream max age, e.g. 7d; 0 keeps messages forever [default: 7d]
+    /// Stream max age, e.g. 7d; 0 keeps messages forever; at most 100y [default: 7d]
     #[arg(long, env = "WALCAST_STREAM_MAX_AGE")]
     pub stream_max_age: Option<String>,
-    /// Stream max bytes; -1 is unlimited [default: -1]
+    /// Stream max bytes; -1 is unlimited, else at least 1 [default: -1]
     #[arg(long, env = "WALCAST_STREAM_MAX_BYTES", allow_hyphen_values = true)]
     pub stream_max_bytes: Option<i64>,
-    /// Stream duplicate window for Nats-Msg-Id [default: 2m]
+    /// Stream duplicate window for Nats-Msg-Id; 1s to 7d, at most the max age [default: 2m]
     #[arg(long, env = "WALCAST_DUPLICATE_WINDOW")]
     pub duplicate_window: Option<String>,
-    /// Events published and not yet acknowledged by JetStream, at most [default: 4096]
+    /// Events published and not yet acknowledged by JetStream, at most; 1 to
+    /// 1048576 [default: 4096]
     #[arg(long, env = "WALCAST_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
     /// How long to keep retrying before walcast has replicated once (Postgres
-    /// or NATS not up yet); then exit non-zero with the last error [default: 30s]
+    /// or NATS not up yet); then exit non-zero with the last error; 1s to 7d
+    /// [default: 30s]
     #[arg(long, env = "WALCAST_STARTUP_TIMEOUT")]
     pub startup_timeout: Option<String>,
     /// Build events but publish nothing and never confirm the slot (for
@@ -150,10 +155,18 @@ pub enum ConfigError {
 }
 
 impl Options {
-    /// `self` wins over `lower` field by field.
+    /// `self` wins over `lower` field by field. The database URL and its file
+    /// are one setting: the higher layer's choice wins whole, so a flag's
+    /// `--database-url-file` beats an environment's `WALCAST_DATABASE_URL`.
     pub fn merge(self, lower: Options) -> Options {
+        let (database_url, database_url_file) =
+            if self.database_url.is_some() || self.database_url_file.is_some() {
+                (self.database_url.clone(), self.database_url_file.clone())
+            } else {
+                (lower.database_url.clone(), lower.database_url_file.clone())
+            };
         let high = self;
-        merge_fields!(
+        let merged = merge_fields!(
             high,
             lower,
             database_url,
@@ -182,7 +195,24 @@ impl Options {
             startup_timeout,
             dry_run,
             log_format,
-        )
+        );
+        Options {
+            database_url,
+            database_url_file,
+            ..merged
+        }
+    }
+
+    /// The database settings from `WALCAST_DATABASE_URL` /
+    /// `WALCAST_DATABASE_URL_FILE` (read here rather than by clap, so that
+    /// the pair keeps its precedence against flags; see [`Options::merge`]).
+    pub fn database_from_env() -> Options {
+        let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
+        Options {
+            database_url: var("WALCAST_DATABASE_URL"),
+            database_url_file: var("WALCAST_DATABASE_URL_FILE").map(PathBuf::from),
+            ..Default::default()
+        }
     }
 
     /// Reads a TOML config file; unknown keys are an error naming the key.
@@ -209,29 +239,19 @@ impl Options {
     }
 
     fn resolve_for(self, need_database: bool) -> Result<Settings, ConfigError> {
-        let database_url = match (self.database_url, &self.database_url_file) {
-            (Some(url), _) => url,
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| {
-                    ConfigError::Invalid(format!(
-                        "cannot read --database-url-file {}: {e}",
-                        path.display()
-                    ))
-                })?
-                .trim()
-                .to_string(),
-            (None, None) if !need_database => String::new(),
-            (None, None) => {
-                return Err(ConfigError::Invalid(
-                    "no database URL: set --database-url or WALCAST_DATABASE_URL (e.g. postgres://walcast@localhost/app)".into(),
-                ));
-            }
-        };
+        let database_url = database_url(
+            self.database_url,
+            self.database_url_file.as_deref(),
+            need_database,
+        )?;
+        crate::secrets::register_url(&database_url);
+        let nats_url = self
+            .nats_url
+            .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
+        crate::secrets::register_url(&nats_url);
         let settings = Settings {
             database_url,
-            nats_url: self
-                .nats_url
-                .unwrap_or_else(|| "nats://127.0.0.1:4222".into()),
+            nats_url,
             nats_creds: self.nats_creds,
             nats_nkey: self.nats_nkey,
             nats_ca: self.nats_ca,
@@ -242,10 +262,7 @@ impl Options {
             stream: self.stream.unwrap_or_else(|| "WALCAST".into()),
             subject_prefix: self.subject_prefix.unwrap_or_else(|| "walcast".into()),
             http_addr: self.http_addr.unwrap_or_else(|| "127.0.0.1:9187".into()),
-            confirm_delay: duration(
-                "confirm_delay",
-                self.confirm_delay.as_deref().unwrap_or("2m"),
-            )?,
+            confirm_delay: CONFIRM_DELAY.parse(self.confirm_delay.as_deref())?,
             tables: Tables {
                 schema: self.schema.unwrap_or_else(|| "public".into()),
                 tasks: self.tasks_table.unwrap_or_else(|| "tasks".into()),
@@ -253,20 +270,11 @@ impl Options {
                 locks: self.locks_table.unwrap_or_else(|| "editing_locks".into()),
             },
             stream_replicas: self.stream_replicas.unwrap_or(1),
-            stream_max_age: duration(
-                "stream_max_age",
-                self.stream_max_age.as_deref().unwrap_or("7d"),
-            )?,
+            stream_max_age: STREAM_MAX_AGE.parse(self.stream_max_age.as_deref())?,
             stream_max_bytes: self.stream_max_bytes.unwrap_or(-1),
-            duplicate_window: duration(
-                "duplicate_window",
-                self.duplicate_window.as_deref().unwrap_or("2m"),
-            )?,
+            duplicate_window: DUPLICATE_WINDOW.parse(self.duplicate_window.as_deref())?,
             max_in_flight: self.max_in_flight.unwrap_or(4096),
-            startup_timeout: duration(
-                "startup_timeout",
-                self.startup_timeout.as_deref().unwrap_or("30s"),
-            )?,
+            startup_timeout: STARTUP_TIMEOUT.parse(self.startup_timeout.as_deref())?,
             dry_run: self.dry_run.unwrap_or(false),
             log_json: match self.log_format.as_deref().unwrap_or("text") {
                 "text" => false,
@@ -282,6 +290,109 @@ impl Options {
         Ok(settings)
     }
 }
+
+/// The database URL from the setting or its file (never both).
+fn database_url(
+    url: Option<String>,
+    file: Option<&std::path::Path>,
+    need_database: bool,
+) -> Result<String, ConfigError> {
+    match (url, file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(
+            "database_url and database_url_file are both set: keep one".into(),
+        )),
+        (Some(url), None) => Ok(url),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cannot read --database-url-file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            Ok(text.trim().to_string())
+        }
+        (None, None) if !need_database => Ok(String::new()),
+        (None, None) => Err(ConfigError::Invalid(
+            "no database URL: set --database-url or WALCAST_DATABASE_URL (e.g. postgres://walcast@localhost/app)".into(),
+        )),
+    }
+}
+
+/// A duration setting: its name, default and documented range.
+struct DurationSetting {
+    name: &'static str,
+    default: &'static str,
+    min: Duration,
+    max: Duration,
+    /// `0` is allowed (and means "off" / "forever") even below `min`.
+    zero_ok: bool,
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+const CONFIRM_DELAY: DurationSetting = DurationSetting {
+    name: "confirm_delay",
+    default: "2m",
+    min: Duration::ZERO,
+    max: DAY.saturating_mul(7),
+    zero_ok: true,
+};
+const STREAM_MAX_AGE: DurationSetting = DurationSetting {
+    name: "stream_max_age",
+    default: "7d",
+    min: Duration::from_secs(1),
+    max: DAY.saturating_mul(36_500),
+    zero_ok: true,
+};
+const DUPLICATE_WINDOW: DurationSetting = DurationSetting {
+    name: "duplicate_window",
+    default: "2m",
+    min: Duration::from_secs(1),
+    max: DAY.saturating_mul(7),
+    zero_ok: false,
+};
+const STARTUP_TIMEOUT: DurationSetting = DurationSetting {
+    name: "startup_timeout",
+    default: "30s",
+    min: Duration::from_secs(1),
+    max: DAY.saturating_mul(7),
+    zero_ok: false,
+};
+
+impl DurationSetting {
+    fn parse(&self, text: Option<&str>) -> Result<Duration, ConfigError> {
+        let text = text.unwrap_or(self.default).trim();
+        let value = if text == "0" {
+            Duration::ZERO
+        } else {
+            humantime::parse_duration(text).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "{} {text:?} is not a duration like 30s, 2m or 7d: {e}",
+                    self.name
+                ))
+            })?
+        };
+        let in_range = (self.min..=self.max).contains(&value) || (self.zero_ok && value.is_zero());
+        if !in_range {
+            let fmt = |d| humantime::format_duration(d).to_string();
+            let low = match (self.zero_ok, self.min.is_zero()) {
+                (_, true) => "0".to_string(),
+                (true, false) => format!("0 or {}", fmt(self.min)),
+                (false, false) => fmt(self.min),
+            };
+            return Err(ConfigError::Invalid(format!(
+                "{} {text:?} is out of range: use {low} to {}",
+                self.name,
+                fmt(self.max)
+            )));
+        }
+        Ok(value)
+    }
+}
+
+/// Upper bound of `max_in_flight`: a million unacknowledged events is far
+/// past any throughput gain and still a bounded amount of memory.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 1 << 20;
 
 impl Settings {
     fn validate(&self) -> Result<(), ConfigError> {
@@ -328,9 +439,22 @@ impl Settings {
                 "nats_client_cert and nats_client_key go together: set both or neither".into(),
             ));
         }
-        if self.max_in_flight == 0 {
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&self.max_in_flight) {
+            return Err(ConfigError::Invalid(format!(
+                "max_in_flight {} is out of range: use 1 to {MAX_IN_FLIGHT_LIMIT}",
+                self.max_in_flight
+            )));
+        }
+        if self.stream_max_bytes < -1 || self.stream_max_bytes == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "stream_max_bytes {} is out of range: use -1 (unlimited) or a positive size in bytes",
+                self.stream_max_bytes
+            )));
+        }
+        if !self.stream_max_age.is_zero() && self.duplicate_window > self.stream_max_age {
             return Err(ConfigError::Invalid(
-                "max_in_flight must be at least 1".into(),
+                "duplicate_window is longer than stream_max_age: NATS needs it at most the max age"
+                    .into(),
             ));
         }
         if ![1, 3, 5].contains(&self.stream_replicas) {
@@ -340,54 +464,6 @@ impl Settings {
         }
         Ok(())
     }
-}
-
-fn duration(name: &str, text: &str) -> Result<Duration, ConfigError> {
-    if text.trim() == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(text).map_err(|e| {
-        ConfigError::Invalid(format!(
-            "{name} {text:?} is not a duration like 30s, 2m or 7d: {e}"
-        ))
-    })
-}
-
-/// Replaces the password in a URL's userinfo with `***`, for logs and errors.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            let masked = if userinfo.contains(':') {
-                format!("{user}:***")
-            } else if user.len() > 20 {
-                "***".into()
-            } else {
-                user.into()
-            };
-            format!("{scheme}://{masked}@{host}{}", redact_query(tail))
-        }
-        None => format!("{scheme}://{authority}{}", redact_query(tail)),
-    }
-}
-
-/// Masks `password=` in a libpq URL query string.
-fn redact_query(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else {
-        return tail.to_string();
-    };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect();
-    format!("{path}?{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -460,21 +536,103 @@ mod tests {
         assert!(err.message().contains("slott"), "{}", err.message());
     }
 
+    fn with_db(options: Options) -> Options {
+        Options {
+            database_url: Some("postgres://u@h/db".into()),
+            ..options
+        }
+    }
+
     #[test]
-    fn redaction_hides_passwords() {
-        assert_eq!(
-            redact_url("postgres://walcast:s3cret@db:5432/app"),
-            "postgres://walcast:***@db:5432/app"
-        );
-        assert_eq!(
-            redact_url("postgres://db/app?user=a&password=s3cret"),
-            "postgres://db/app?user=a&password=***"
-        );
-        assert_eq!(
-            redact_url("nats://tok3n-that-is-very-long-secret@nats:4222"),
-            "nats://***@nats:4222"
-        );
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert!(!redact_url("nats://user:pa@ss@h:1").contains("pa@ss"));
+    fn extreme_settings_are_refused_with_the_range() {
+        let cases: [(Options, &str); 7] = [
+            (
+                Options {
+                    max_in_flight: Some(2_305_843_009_213_693_000),
+                    ..Default::default()
+                },
+                "max_in_flight",
+            ),
+            (
+                Options {
+                    max_in_flight: Some(usize::MAX),
+                    ..Default::default()
+                },
+                "max_in_flight",
+            ),
+            (
+                Options {
+                    confirm_delay: Some("18446744073709551615s".into()),
+                    ..Default::default()
+                },
+                "confirm_delay",
+            ),
+            (
+                Options {
+                    stream_max_age: Some("300y".into()),
+                    ..Default::default()
+                },
+                "stream_max_age",
+            ),
+            (
+                Options {
+                    duplicate_window: Some("0".into()),
+                    ..Default::default()
+                },
+                "duplicate_window",
+            ),
+            (
+                Options {
+                    startup_timeout: Some("100000d".into()),
+                    ..Default::default()
+                },
+                "startup_timeout",
+            ),
+            (
+                Options {
+                    stream_max_bytes: Some(-5),
+                    ..Default::default()
+                },
+                "stream_max_bytes",
+            ),
+        ];
+        for (options, name) in cases {
+            let error = with_db(options).resolve().unwrap_err().to_string();
+            assert!(
+                error.starts_with(name) && error.contains("out of range"),
+                "{error}"
+            );
+        }
+        let fine = with_db(Options {
+            max_in_flight: Some(MAX_IN_FLIGHT_LIMIT),
+            confirm_delay: Some("7d".into()),
+            stream_max_age: Some("0".into()),
+            ..Default::default()
+        });
+        assert!(fine.resolve().is_ok());
+    }
+
+    #[test]
+    fn a_database_url_file_flag_wins_over_the_url_from_env() {
+        let flags = Options {
+            database_url_file: Some("/run/secrets/db".into()),
+            ..Default::default()
+        };
+        let env = Options {
+            database_url: Some("postgres://env@h/db".into()),
+            ..Default::default()
+        };
+        let merged = flags.merge(env);
+        assert_eq!(merged.database_url, None);
+        assert_eq!(merged.database_url_file, Some("/run/secrets/db".into()));
+        let file = Options {
+            database_url: Some("postgres://toml@h/db".into()),
+            ..Default::default()
+        };
+        let env_file = Options {
+            database_url_file: Some("/env/file".into()),
+            ..Default::default()
+        };
+        assert_eq!(env_file.merge(file).database_url, None);
     }
 }

@@ -30,6 +30,7 @@ pub mod lsn;
 pub mod migrate;
 pub mod pipeline;
 pub mod publish;
+pub mod secrets;
 pub mod source;
 pub mod tail;
 pub mod telemetry;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use walcast::cli::{Cli, Command};
-use walcast::{app, check, migrate, tail, telemetry};
+use walcast::{app, check, migrate, secrets, tail, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -40,15 +40,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             telemetry::init_logging(settings.log_json);
             let report = migrate::run(&settings).await?;
             for version in &report.applied {
-                println!("applied {version}");
+                say(format_args!("applied {version}"));
             }
             if report.applied.is_empty() {
-                println!("migrations: up to date");
+                say("migrations: up to date");
             }
             if report.publication_created {
-                println!("created publication {}", settings.publication);
+                say(format_args!("created publication {}", settings.publication));
             }
-            println!(
+            say(format_args!(
                 "replication slot {}: {}",
                 settings.slot,
                 if report.slot_created {
@@ -56,14 +56,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     "exists"
                 }
-            );
+            ));
         }
         Command::Check(common) => {
             let settings = common.settings()?;
             telemetry::init_logging(settings.log_json);
             let lines = check::run(&settings).await;
             for line in &lines {
-                println!("{line}");
+                say(line);
             }
             let failed = lines
                 .iter()
@@ -108,7 +108,14 @@ async fn wait_for_signal() {
     }
 }
 
+/// The one place an error is printed: one line, each cause once, secrets scrubbed.
 fn fail(error: anyhow::Error) -> ExitCode {
-    eprintln!("walcast: error: {error:#}");
+    let error: &(dyn std::error::Error + 'static) = error.as_ref();
+    eprintln!("walcast: error: {}", telemetry::error_chain(error));
     ExitCode::FAILURE
+}
+
+/// Prints a line of a command's report, secrets scrubbed.
+fn say(line: impl std::fmt::Display) {
+    println!("{}", secrets::scrub(&line.to_string()));
 }

@@ -7,6 +7,7 @@ mod deploy_files;
 mod faults;
 mod harness;
 mod misconfig;
+mod nats_credentials;
 mod operator;
 mod oversized;
 mod pipeline;

@@ -315,6 +315,34 @@ async fn every_misconfiguration_is_one_clear_error_and_a_non_zero_exit() {
             check_says: s(&["NATS"]),
         },
         Case {
+            name: "max in flight past the semaphore limit",
+            env: good.clone(),
+            args: vec!["--max-in-flight".into(), "2305843009213693000".into()],
+            run_says: &["max_in_flight", "out of range", "1048576"],
+            check_says: None,
+        },
+        Case {
+            name: "max in flight u64::MAX",
+            env: set("WALCAST_MAX_IN_FLIGHT", "18446744073709551615"),
+            args: vec![],
+            run_says: &["max_in_flight", "out of range"],
+            check_says: None,
+        },
+        Case {
+            name: "confirm delay past Instant",
+            env: good.clone(),
+            args: vec!["--confirm-delay".into(), "18446744073709551615s".into()],
+            run_says: &["confirm_delay"],
+            check_says: None,
+        },
+        Case {
+            name: "stream max age of 300 years",
+            env: set("WALCAST_STREAM_MAX_AGE", "300y"),
+            args: vec![],
+            run_says: &["stream_max_age", "out of range"],
+            check_says: None,
+        },
+        Case {
             name: "database does not exist",
             env: set(
                 "WALCAST_DATABASE_URL",

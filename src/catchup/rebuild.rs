@@ -52,11 +52,9 @@ pub fn spawn(settings: Settings, index: Index, through: u64) -> Result<Rebuild, 
                 Err(e) => return tracing::warn!(error = %e, "no runtime for the catch-up index rebuild"),
             };
             let outcome = runtime.block_on(async {
-                let client = crate::broker::options(&settings, "walcast-catchup-rebuild")
-                    .await?
-                    .connect(settings.nats_url.as_str())
+                let client = crate::broker::connect_once(&settings, "walcast-catchup-rebuild")
                     .await
-                    .map_err(|e| format!("connect to NATS: {}", e.kind()))?;
+                    .map_err(|e| e.to_string())?;
                 let stream = async_nats::jetstream::new(client.clone())
                     .get_stream(&settings.stream)
                     .await

@@ -22,7 +22,7 @@ where
     }
 }
 
-use crate::config::redact_url;
+use crate::secrets::redact_url;
 
 /// Why Postgres could not be used. Messages never contain the password.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub enum DbError {
     BadUrl { url: String, reason: String },
     #[error(
         "cannot connect to Postgres at {target}: {} (check that it is running and that --database-url is right)",
-        chain(source)
+        crate::telemetry::error_chain(source)
     )]
     Connect {
         target: String,
@@ -62,7 +62,11 @@ impl DbError {
             DbError::BadUrl { .. } | DbError::Precondition(_) => false,
             DbError::Timeout { .. } | DbError::Fenced(_) => true,
             // A certificate the server presents will not change by retrying.
-            DbError::Connect { source, .. } if chain(source).contains("certificate") => false,
+            DbError::Connect { source, .. }
+                if crate::telemetry::error_chain(source).contains("certificate") =>
+            {
+                false
+            }
             DbError::Connect { source, .. } | DbError::Query { source, .. } => {
                 let code = source
                     .code()
@@ -89,20 +93,6 @@ pub async fn with_timeout<T>(
             what,
             seconds: IO_TIMEOUT.as_secs(),
         })
-}
-
-/// An error with its causes, `a: b: c` (tokio-postgres hides TLS causes otherwise).
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Shorthand for a failed query.

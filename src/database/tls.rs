@@ -66,7 +66,9 @@ pub fn split_url(url: &str) -> Result<(String, PgTls), String> {
                     }
                 }
             }
-            "sslrootcert" => tls.root_cert = Some(PathBuf::from(percent_decode(value))),
+            "sslrootcert" => {
+                tls.root_cert = Some(PathBuf::from(crate::secrets::percent_decode(value)))
+            }
             _ => kept.push(pair),
         }
     }
@@ -76,26 +78,6 @@ pub fn split_url(url: &str) -> Result<(String, PgTls), String> {
         format!("{base}?{}", kept.join("&"))
     };
     Ok((url, tls))
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(v) = text
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The rustls client configuration for `tls`.

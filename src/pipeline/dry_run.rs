@@ -51,6 +51,6 @@ pub(super) async fn run(
             }
         }
     }
-    source.close(start).await;
+    source.close().await;
     Ok(())
 }

@@ -258,7 +258,6 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     };
     let mut items_tx = Some(items_tx);
     let mut failure: Option<PipelineError> = None;
-    let mut confirmed = start;
     // Read until shutdown or an error; keep passing confirmations through.
     let mut connects = ctx.connects.clone();
     connects.borrow_and_update();
@@ -291,7 +290,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
                 if changed.is_err() {
                     break; // checkpointer finished (clean stop) or failed
                 }
-                confirmed = *confirm_rx.borrow_and_update();
+                let confirmed = *confirm_rx.borrow_and_update();
                 source.confirm(confirmed);
             }
             result = read_batch(&mut source, &mut reader), if items_tx.is_some() => match result {
@@ -340,7 +339,7 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     {
         return Err(e);
     }
-    source.close(confirmed).await;
+    source.close().await;
     Ok(())
 }
 

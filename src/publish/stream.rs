@@ -62,7 +62,7 @@ const NO_RESPONDERS: &str = "nothing answers its JetStream API";
 fn not_enabled(settings: &Settings, why: &str) -> PublishError {
     PublishError::NoJetStream(format!(
         "not enabled on the server at {}: {why}",
-        crate::config::redact_url(&settings.nats_url)
+        crate::secrets::redact_url(&settings.nats_url)
     ))
 }
 

@@ -155,6 +155,8 @@ pub struct Source {
     slot: String,
     /// Woken after every status update that advanced the reported position.
     reported: Arc<Notify>,
+    /// The last position given to [`Source::confirm`] in this session.
+    confirmed: Option<Lsn>,
 }
 
 impl Source {
@@ -195,6 +197,7 @@ impl Source {
             client,
             slot: slot.to_string(),
             reported,
+            confirmed: None,
         })
     }
 
@@ -246,13 +249,19 @@ impl Source {
     }
 
     /// Confirms `lsn` as flushed: sent with the next status update.
-    pub fn confirm(&self, lsn: Lsn) {
+    pub fn confirm(&mut self, lsn: Lsn) {
+        self.confirmed = Some(lsn);
         self.client.update_applied_lsn(lsn.into());
     }
 
-    /// Waits (bounded) until a status update carrying `lsn` was sent, then
-    /// ends the stream cleanly.
-    pub async fn close(mut self, lsn: Lsn) {
+    /// Waits (bounded) until the last confirmed position was sent to
+    /// Postgres, then ends the stream cleanly. A session that confirmed
+    /// nothing (a confirm delay longer than the run) has nothing to wait for.
+    pub async fn close(mut self) {
+        let Some(lsn) = self.confirmed else {
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.client.shutdown()).await;
+            return;
+        };
         let metrics = self.client.metrics();
         let reported = self.reported.clone();
         let wait = async {

@@ -13,10 +13,27 @@ pub fn init_logging(json: bool) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,walcast=info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Every line scrubbed of registered secrets, dependencies' logs too.
+        .with_writer(|| crate::secrets::ScrubbingStderr);
     if json {
         builder.json().init();
     } else {
         builder.init();
     }
+}
+
+/// An error with its causes as one line, `a: b: c`, each cause once (a
+/// cause its error already quotes is not repeated; tokio-postgres hides TLS
+/// causes otherwise), with every registered secret scrubbed.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    crate::secrets::scrub(&text).into_owned()
 }

@@ -49,9 +49,10 @@ impl Walcast {
         let err = out.try_clone().expect("clone walcast log handle");
         let child = Command::new(super::walcast_bin())
             .arg("run")
+            // The default log level; a test's own RUST_LOG wins.
+            .env("RUST_LOG", "walcast=info")
             .envs(env.iter().cloned())
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-            .env("RUST_LOG", "walcast=info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))

@@ -1,12 +1,16 @@
-//! The NATS connection: one place for URL, credentials, TLS and reconnect policy.
+//! The NATS connection: one place for the server list, credentials, TLS
+//! and reconnect policy (see [`servers`] for how `--nats-url` is read).
 
 use std::time::{Duration, Instant};
 
 use async_nats::ConnectErrorKind;
 use tokio::sync::watch;
 
-use crate::config::{Settings, redact_url};
+use crate::config::Settings;
+use crate::secrets::redact_url;
 use crate::telemetry::metrics as m;
+
+pub mod servers;
 
 /// A connected client and a counter that ticks on every (re)connection, so
 /// the pipeline can reconcile with the stream each time (SPEC §4.7).
@@ -15,13 +19,21 @@ pub struct Connection {
     pub connects: watch::Receiver<u64>,
 }
 
-/// Authentication and TLS from the settings. User/password and token auth
-/// come from the URL (`nats://user:pass@host`, `nats://token@host`).
-pub async fn options(
-    settings: &Settings,
-    name: &str,
-) -> Result<async_nats::ConnectOptions, String> {
+/// Where and how to connect: every listed server, with authentication and
+/// TLS from the settings. User/password and token auth come from the URLs
+/// (`nats://user:pass@host`, `nats://token@host`).
+struct Target {
+    options: async_nats::ConnectOptions,
+    servers: Vec<async_nats::ServerAddr>,
+}
+
+async fn target(settings: &Settings, name: &str) -> Result<Target, BrokerError> {
     crate::database::tls::install_crypto_provider();
+    let list = servers::parse(&settings.nats_url).map_err(|reason| BrokerError::Refused {
+        url: redact_url(&settings.nats_url),
+        reason,
+        fix: FIX_URL,
+    })?;
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_secs(5))
@@ -29,15 +41,30 @@ pub async fn options(
         // (~10 s) instead of the client default's minutes.
         .ping_interval(Duration::from_secs(5))
         .request_timeout(Some(Duration::from_secs(10)));
+    options = match list.auth {
+        servers::UrlAuth::None => options,
+        servers::UrlAuth::UserPassword { user, password } => {
+            options.user_and_password(user, password)
+        }
+        servers::UrlAuth::Token(token) => options.token(token),
+    };
+    let setup = BrokerError::Setup;
     if let Some(creds) = &settings.nats_creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .map_err(|e| format!("cannot read NATS credentials {}: {e}", creds.display()))?;
+        options = options.credentials_file(creds).await.map_err(|e| {
+            setup(format!(
+                "cannot read NATS credentials {}: {e}",
+                creds.display()
+            ))
+        })?;
     }
     if let Some(path) = &settings.nats_nkey {
-        let seed = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read NATS nkey seed {}: {e}", path.display()))?;
+        let seed = std::fs::read_to_string(path).map_err(|e| {
+            setup(format!(
+                "cannot read NATS nkey seed {}: {e}",
+                path.display()
+            ))
+        })?;
+        crate::secrets::register(seed.trim());
         options = options.nkey(seed.trim().to_string());
     }
     if let Some(ca) = &settings.nats_ca {
@@ -48,11 +75,14 @@ pub async fn options(
             .add_client_certificate(cert.clone(), key.clone())
             .require_tls(true);
     }
-    Ok(options)
+    Ok(Target {
+        options,
+        servers: list.addrs,
+    })
 }
 
-/// Why walcast could not get a NATS connection. Messages name the server by
-/// its redacted URL and never carry a password, token or seed.
+/// Why walcast could not get a NATS connection. Messages name the servers by
+/// their redacted URLs and never carry a password, token or seed.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// Credentials, nkey or TLS files could not be read.
@@ -77,10 +107,33 @@ pub enum BrokerError {
     },
 }
 
-/// Connects to NATS, waiting at most `--startup-timeout` for the server to
-/// answer (with capped backoff, one WARN per attempt naming the server).
-/// Once connected the client reconnects by itself (forever, with backoff),
-/// and connection changes are logged, so an outage says what walcast waits for.
+/// One connection attempt to any listed server, for commands (`check`,
+/// `tail`) and side connections: a refusal says what to fix, anything else
+/// is "unreachable".
+pub async fn connect_once(
+    settings: &Settings,
+    name: &str,
+) -> Result<async_nats::Client, BrokerError> {
+    let Target { options, servers } = target(settings, name).await?;
+    options.connect(servers).await.map_err(|error| {
+        let url = redact_url(&settings.nats_url);
+        let reason = crate::secrets::scrub(&error.to_string()).into_owned();
+        match definite(error.kind()) {
+            Some(fix) => BrokerError::Refused { url, reason, fix },
+            None => BrokerError::Unreachable {
+                url,
+                reason,
+                waited: "one attempt".into(),
+            },
+        }
+    })
+}
+
+/// Connects to NATS, waiting at most `--startup-timeout` for any listed
+/// server to answer (with capped backoff, one WARN per attempt naming the
+/// servers). Once connected the client reconnects by itself (forever, with
+/// backoff, to any listed or discovered server), and connection changes are
+/// logged, so an outage says what walcast waits for.
 pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
     let (connects_tx, connects) = watch::channel(0u64);
     let url = redact_url(&settings.nats_url);
@@ -88,30 +141,28 @@ pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
     let mut attempt = 0u32;
     loop {
         let connects_tx = connects_tx.clone();
-        let options = options(settings, "walcast")
-            .await
-            .map_err(BrokerError::Setup)?
-            .event_callback(move |event| {
-                let connects_tx = connects_tx.clone();
-                async move {
-                    match event {
-                        async_nats::Event::Disconnected => {
-                            metrics::counter!(m::NATS_RECONNECTS).increment(1);
-                            tracing::warn!("NATS disconnected; reconnecting");
-                        }
-                        async_nats::Event::Connected => {
-                            connects_tx.send_modify(|n| *n += 1);
-                            tracing::info!("NATS connected");
-                        }
-                        other => tracing::debug!(event = %other, "NATS event"),
+        let Target { options, servers } = target(settings, "walcast").await?;
+        let options = options.event_callback(move |event| {
+            let connects_tx = connects_tx.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        metrics::counter!(m::NATS_RECONNECTS).increment(1);
+                        tracing::warn!("NATS disconnected; reconnecting");
                     }
+                    async_nats::Event::Connected => {
+                        connects_tx.send_modify(|n| *n += 1);
+                        tracing::info!("NATS connected");
+                    }
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
-            });
-        let error = match options.connect(settings.nats_url.as_str()).await {
+            }
+        });
+        let error = match options.connect(servers).await {
             Ok(client) => return Ok(Connection { client, connects }),
             Err(e) => e,
         };
-        let reason = scrub(&error.to_string(), &settings.nats_url);
+        let reason = crate::secrets::scrub(&error.to_string()).into_owned();
         if let Some(fix) = definite(error.kind()) {
             return Err(BrokerError::Refused { url, reason, fix });
         }
@@ -130,6 +181,9 @@ pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
     }
 }
 
+const FIX_URL: &str =
+    "fix --nats-url (nats://HOST:PORT or tls://HOST:PORT, comma-separated for several servers)";
+
 /// Capped exponential backoff with jitter for the first connection.
 fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
@@ -141,9 +195,9 @@ fn backoff(attempt: u32) -> Duration {
 /// the server may still come up (refused, timed out, DNS not ready yet).
 fn definite(kind: ConnectErrorKind) -> Option<&'static str> {
     match kind {
-        ConnectErrorKind::ServerParse => Some("fix --nats-url (nats://HOST:PORT, tls://HOST:PORT)"),
+        ConnectErrorKind::ServerParse => Some(FIX_URL),
         ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Some(
-            "check the NATS credentials (--nats-creds, --nats-nkey, or user:password / token in --nats-url)",
+            "authorization failed: check the NATS credentials (user:password@ or token@ in --nats-url, --nats-creds, --nats-nkey) against the server's authorization block",
         ),
         ConnectErrorKind::Tls => Some(
             "check the server's TLS setup and --nats-ca / --nats-client-cert / --nats-client-key",
@@ -155,36 +209,9 @@ fn definite(kind: ConnectErrorKind) -> Option<&'static str> {
     }
 }
 
-/// Removes the URL's password or token from an error text, in case the
-/// client quotes it.
-fn scrub(text: &str, raw_url: &str) -> String {
-    let Some((_, rest)) = raw_url.split_once("://") else {
-        return text.to_string();
-    };
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let Some((userinfo, _)) = authority.rsplit_once('@') else {
-        return text.to_string();
-    };
-    let secret = userinfo.split_once(':').map_or(userinfo, |(_, p)| p);
-    if secret.is_empty() {
-        return text.to_string();
-    }
-    text.replace(secret, "***")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn scrub_removes_passwords_and_tokens() {
-        assert_eq!(
-            scrub("bad s3cret here", "nats://ann:s3cret@host:4222"),
-            "bad *** here"
-        );
-        assert_eq!(scrub("tok3n!", "nats://tok3n@host"), "***!");
-        assert_eq!(scrub("plain", "nats://host:4222"), "plain");
-    }
 
     #[test]
     fn only_unreachable_servers_are_waited_for() {
