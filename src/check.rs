@@ -279,7 +279,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
                  since its last confirmation may be missing from the stream; `walcast run` refuses to start",
                 s.slot
             ),
-            lost_slot_fix(&s.slot, false),
+            crate::source::slot::recovery(&s.slot, false),
         ),
         None => r.add(
             Status::Pass,
@@ -308,7 +308,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
                          it still needed, so changes may be missing from the stream; `walcast run` refuses to start",
                         s.slot
                     ),
-                    lost_slot_fix(&s.slot, true),
+                    crate::source::slot::recovery(&s.slot, true),
                 );
             } else {
                 let mb = retained.unwrap_or(0) as f64 / 1_048_576.0;
@@ -346,21 +346,6 @@ async fn has_checkpoint(c: &Client, slot: &str) -> Result<bool, tokio_postgres::
     )
     .await?
     .is_some())
-}
-
-/// README "Lost replication slot", as one fix line.
-fn lost_slot_fix(slot: &str, invalidated: bool) -> String {
-    let slot = slot.replace('\'', "''");
-    let drop = if invalidated {
-        format!("SELECT pg_drop_replication_slot('{slot}'); ")
-    } else {
-        String::new()
-    };
-    format!(
-        "follow README \"Lost replication slot\": re-sync consumers from the database, then {drop}\
-         DELETE FROM walcast.checkpoints WHERE slot = '{slot}'; DELETE FROM walcast.tenant_seqs WHERE slot = '{slot}'; \
-         use a new --stream or purge the old one (seqs restart at 1), and start walcast"
-    )
 }
 
 async fn nats(s: &Settings, r: &mut Report) {

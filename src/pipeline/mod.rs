@@ -384,7 +384,8 @@ async fn watch_postgres(
             Ok(Ok(None)) => {
                 break PipelineError::Fatal(format!(
                     "replication slot {slot} was dropped while walcast was streaming it: changes after it may be \
-                     missing. See README \"Lost replication slot\""
+                     missing from the stream; {}",
+                    slot::recovery(&slot, false)
                 ));
             }
             Ok(Ok(Some(row))) if row.get::<_, Option<i32>>(0).is_none() => {
@@ -431,8 +432,8 @@ async fn prepare_slot(
 fn slot_vanished(s: &Settings) -> PipelineError {
     PipelineError::Fatal(format!(
         "replication slot {slot} is gone but walcast has a checkpoint for it: changes since then may be missing \
-         from the stream. walcast will not silently recreate it. See README \"Lost replication slot\": re-sync \
-         consumers, then `DELETE FROM walcast.checkpoints WHERE slot = '{slot}'` and start walcast again",
+         from the stream. walcast will not silently recreate it; {}",
+        slot::recovery(&s.slot, false),
         slot = s.slot
     ))
 }

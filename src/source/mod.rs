@@ -35,10 +35,8 @@ pub enum SourceError {
     /// it still needed is gone, so retrying can never succeed.
     #[error(
         "replication slot {slot} was invalidated ({reason}): Postgres removed WAL it still needed, so changes since \
-         its last confirmation may be missing from the stream. walcast will not silently recreate it. See README \
-         \"Lost replication slot\": re-sync consumers, then SELECT pg_drop_replication_slot('{slot}'); \
-         DELETE FROM walcast.checkpoints WHERE slot = '{slot}'; DELETE FROM walcast.tenant_seqs WHERE slot = '{slot}'; \
-         and start walcast again"
+         its last confirmation may be missing from the stream. walcast will not silently recreate it; {}",
+        slot::recovery(.slot, true)
     )]
     SlotLost { slot: String, reason: String },
 }

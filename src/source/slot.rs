@@ -5,6 +5,23 @@ use tokio_postgres::Client;
 use crate::database::{DbError, query_err};
 use crate::lsn::Lsn;
 
+/// The operator's procedure for a lost slot (README "Lost replication
+/// slot"), written once for every error and `walcast check` line that needs
+/// it. An invalidated slot still exists and must be dropped first.
+pub fn recovery(slot: &str, invalidated: bool) -> String {
+    let slot = slot.replace('\'', "''");
+    let drop = if invalidated {
+        format!("SELECT pg_drop_replication_slot('{slot}'); ")
+    } else {
+        String::new()
+    };
+    format!(
+        "follow README \"Lost replication slot\": re-sync consumers from the database, then {drop}\
+         DELETE FROM walcast.checkpoints WHERE slot = '{slot}'; DELETE FROM walcast.tenant_seqs WHERE slot = '{slot}'; \
+         use a new --stream or purge the old one (seqs restart at 1), and start walcast again"
+    )
+}
+
 /// A slot as `pg_replication_slots` reports it.
 #[derive(Debug, Clone)]
 pub struct SlotState {
@@ -72,4 +89,19 @@ pub async fn ensure(client: &Client, slot: &str) -> Result<SlotState, DbError> {
     })?;
     state.created = true;
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_recovery_procedure_is_complete() {
+        assert_eq!(
+            super::recovery("walcast", true),
+            "follow README \"Lost replication slot\": re-sync consumers from the database, then \
+             SELECT pg_drop_replication_slot('walcast'); DELETE FROM walcast.checkpoints WHERE slot = 'walcast'; \
+             DELETE FROM walcast.tenant_seqs WHERE slot = 'walcast'; use a new --stream or purge the old one \
+             (seqs restart at 1), and start walcast again"
+        );
+        assert!(!super::recovery("walcast", false).contains("pg_drop_replication_slot"));
+    }
 }
