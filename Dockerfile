@@ -13,8 +13,12 @@ WORKDIR /src
 # Only what `cargo build` reads (see .dockerignore): the manifest and lock file,
 # the build script and the .proto files it compiles, the sources, and the
 # migrations, which src/migrate.rs embeds with include_str!.
-COPY Cargo.toml Cargo.lock build.rs ./
+COPY Cargo.toml Cargo.lock ./
 COPY proto ./proto
+# Workspace members: cargo loads every member's manifest, and the daemon
+# uses the client crate's generated event types.
+COPY clients/rust ./clients/rust
+COPY examples/ws-gateway ./examples/ws-gateway
 COPY migrations ./migrations
 COPY src ./src
 

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{ConfigError, Options, Settings};
 
@@ -12,6 +13,20 @@ use crate::config::{ConfigError, Options, Settings};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the process's arguments (exits with clap's message on bad
+    /// usage). The database URL and its file are one setting: when one comes
+    /// from a flag and the other from the environment, the flag wins.
+    pub fn parse_args() -> Cli {
+        let matches = Cli::command().get_matches();
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if let Some((_, sub)) = matches.subcommand() {
+            cli.command.common_mut().prefer_flag_for_database(sub);
+        }
+        cli
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,7 +56,30 @@ pub struct Common {
     pub options: Options,
 }
 
+impl Command {
+    fn common_mut(&mut self) -> &mut Common {
+        match self {
+            Command::Run(common) | Command::Migrate(common) | Command::Check(common) => common,
+            Command::Tail { common, .. } => common,
+        }
+    }
+}
+
 impl Common {
+    /// Drops the one of `database_url` / `database_url_file` that came from
+    /// the environment when the other came from a flag.
+    fn prefer_flag_for_database(&mut self, matches: &ArgMatches) {
+        let from_env = |id| matches.value_source(id) == Some(ValueSource::EnvVariable);
+        let from_flag = |id| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let options = &mut self.options;
+        if from_flag("database_url_file") && from_env("database_url") {
+            options.database_url = None;
+        }
+        if from_flag("database_url") && from_env("database_url_file") {
+            options.database_url_file = None;
+        }
+    }
+
     /// Resolves settings with the documented precedence.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         self.merged()?.resolve()
@@ -57,10 +95,6 @@ impl Common {
             Some(path) => Options::from_file(path)?,
             None => Options::default(),
         };
-        Ok(self
-            .options
-            .clone()
-            .merge(Options::database_from_env())
-            .merge(file))
+        Ok(self.options.clone().merge(file))
     }
 }

@@ -17,13 +17,13 @@ use crate::events::Tables;
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
-    /// Postgres libpq URL, e.g. postgres://walcast:secret@db:5432/app (required;
-    /// or --database-url-file) [env: WALCAST_DATABASE_URL]
-    #[arg(long, conflicts_with = "database_url_file")]
+    /// Postgres libpq URL, e.g. postgres://walcast:secret@db:5432/app (required,
+    /// or --database-url-file)
+    #[arg(long, env = "WALCAST_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
-    /// Read the database URL from this file instead (for mounted secrets); a
-    /// flag wins over either environment variable [env: WALCAST_DATABASE_URL_FILE]
-    #[arg(long)]
+    /// Read the database URL from this file instead (for mounted secrets); the
+    /// URL and its file are one setting, a flag wins over either variable
+    #[arg(long, env = "WALCAST_DATABASE_URL_FILE")]
     pub database_url_file: Option<PathBuf>,
     /// NATS server URL(s), comma-separated for a cluster; user:password@ or
     /// token@ in a URL authenticates [default: nats://127.0.0.1:4222]
@@ -200,18 +200,6 @@ impl Options {
             database_url,
             database_url_file,
             ..merged
-        }
-    }
-
-    /// The database settings from `WALCAST_DATABASE_URL` /
-    /// `WALCAST_DATABASE_URL_FILE` (read here rather than by clap, so that
-    /// the pair keeps its precedence against flags; see [`Options::merge`]).
-    pub fn database_from_env() -> Options {
-        let var = |name| std::env::var(name).ok().filter(|v| !v.is_empty());
-        Options {
-            database_url: var("WALCAST_DATABASE_URL"),
-            database_url_file: var("WALCAST_DATABASE_URL_FILE").map(PathBuf::from),
-            ..Default::default()
         }
     }
 

@@ -7,12 +7,9 @@
 //! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; [`pipeline`]
 //! runs the stages once and [`app`] supervises runs. See docs/ARCHITECTURE.md.
 
-pub mod proto {
-    //! Generated from `proto/walcast/v1/events.proto`.
-    #![allow(missing_docs, clippy::all)]
-    include!(concat!(env!("OUT_DIR"), "/walcast.v1.rs"));
-    include!(concat!(env!("OUT_DIR"), "/walcast.v1.serde.rs"));
-}
+/// The event contract (`proto/walcast/v1/events.proto`), generated once in
+/// the client crate so the daemon and its clients share one set of types.
+pub use walcast_client::proto;
 
 pub mod app;
 pub mod assemble;

@@ -3,12 +3,11 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use walcast::cli::{Cli, Command};
 use walcast::{app, check, migrate, secrets, tail, telemetry};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     // One thread: the pipeline is a chain of tasks handing batches to each
     // other, and on one thread those hand-offs are plain function calls
     // instead of cross-thread wakeups, and memory is freed by the thread that

@@ -76,7 +76,7 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
         };
         let event = ChangeEvent::decode(body.as_slice())?;
         if args.from_seq.is_none_or(|from| event.seq >= from) {
-            writeln!(out, "{}", crate::events::json::to_value(&event)?)?;
+            writeln!(out, "{}", walcast_client::json::to_value(&event)?)?;
             printed += 1;
         }
         if !args.follow && (pending == 0 || stream_seq >= last) {

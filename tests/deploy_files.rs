@@ -1761,6 +1761,20 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
     // The build context has everything cargo reads, and .dockerignore lets it in.
     let mut required: BTreeSet<String> =
         ["Cargo.toml", "Cargo.lock", "src"].map(String::from).into();
+    // Every workspace member and path dependency: cargo loads their manifests.
+    let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml parses");
+    let members = manifest["workspace"]["members"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let path_deps = manifest["dependencies"]
+        .as_table()
+        .into_iter()
+        .flat_map(|deps| deps.values())
+        .filter_map(|dep| dep.get("path").cloned());
+    for path in members.into_iter().chain(path_deps) {
+        required.insert(path.as_str().unwrap_or_default().to_string());
+    }
     if root().join("build.rs").exists() {
         required.insert("build.rs".into());
         for lit in quoted_after(&read("build.rs"), "\"") {

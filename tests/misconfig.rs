@@ -211,6 +211,11 @@ async fn every_misconfiguration_is_one_clear_error_and_a_non_zero_exit() {
         "unknown.toml",
         "database_url = \"postgres://x@127.0.0.1/db\"\nslott = \"typo\"\n",
     );
+    let url_file = toml(
+        "database-url",
+        &env.pg
+            .url_for("pwuser", Some(RIGHT_PASSWORD), "nodb_from_file"),
+    );
     let s = |v: &'static [&'static str]| Some(v);
     let cases = vec![
         Case {
@@ -313,6 +318,13 @@ async fn every_misconfiguration_is_one_clear_error_and_a_non_zero_exit() {
             args: vec![],
             run_says: &["NATS", "not-a-port"],
             check_says: s(&["NATS"]),
+        },
+        Case {
+            name: "a database URL file flag wins over the URL from the environment",
+            env: good.clone(),
+            args: vec!["--database-url-file".into(), url_file.clone()],
+            run_says: &["nodb_from_file"],
+            check_says: s(&["nodb_from_file"]),
         },
         Case {
             name: "max in flight past the semaphore limit",

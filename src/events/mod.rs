@@ -9,7 +9,6 @@
 
 pub mod action;
 pub mod actor;
-pub mod json;
 pub mod layout;
 pub mod row;
 pub mod sequencer;
