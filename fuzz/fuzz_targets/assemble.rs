@@ -25,18 +25,49 @@ use walcast::proto::{Action, ChangeEvent, Entity};
 use walcast::publish::Item;
 
 #[allow(dead_code)]
-mod encode;
+use walcast::decode::encode;
 
 const TASKS: &[&str] = &[
-    "id", "tenant_id", "project_id", "title", "description", "status", "priority", "assignee",
-    "due_at", "completed_at", "version", "created_at", "updated_at", "updated_by", "actor_type",
-    "client_id", "metadata",
+    "id",
+    "tenant_id",
+    "project_id",
+    "title",
+    "description",
+    "status",
+    "priority",
+    "assignee",
+    "due_at",
+    "completed_at",
+    "version",
+    "created_at",
+    "updated_at",
+    "updated_by",
+    "actor_type",
+    "client_id",
+    "metadata",
 ];
 const PROJECTS: &[&str] = &[
-    "id", "tenant_id", "name", "description", "status", "version", "created_at", "updated_at",
-    "updated_by", "actor_type", "client_id", "metadata",
+    "id",
+    "tenant_id",
+    "name",
+    "description",
+    "status",
+    "version",
+    "created_at",
+    "updated_at",
+    "updated_by",
+    "actor_type",
+    "client_id",
+    "metadata",
 ];
-const LOCKS: &[&str] = &["tenant_id", "record_type", "record_id", "locked_by", "locked_at", "expires_at"];
+const LOCKS: &[&str] = &[
+    "tenant_id",
+    "record_type",
+    "record_id",
+    "locked_by",
+    "locked_at",
+    "expires_at",
+];
 
 fn relation(oid: u32, name: &str, cols: &[&str], identity: ReplicaIdentity) -> Relation {
     Relation {
@@ -46,7 +77,12 @@ fn relation(oid: u32, name: &str, cols: &[&str], identity: ReplicaIdentity) -> R
         replica_identity: identity,
         columns: cols
             .iter()
-            .map(|c| Column { name: c.to_string(), type_oid: 25, type_modifier: -1, is_key: *c == "id" })
+            .map(|c| Column {
+                name: c.to_string(),
+                type_oid: 25,
+                type_modifier: -1,
+                is_key: *c == "id",
+            })
             .collect(),
     }
 }
@@ -65,7 +101,9 @@ fn messages(data: &[u8]) -> Vec<&[u8]> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&mode, data)) = data.split_first() else { return };
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
     let identity = match mode % 4 {
         0 => ReplicaIdentity::Full,
         1 => ReplicaIdentity::Default,
@@ -79,7 +117,11 @@ fuzz_target!(|data: &[u8]| {
     );
     let mut columns: HashMap<u32, Vec<String>> = HashMap::new();
     let mut prelude = Vec::new();
-    for (oid, name, cols) in [(16001, "tasks", TASKS), (16002, "projects", PROJECTS), (16003, "editing_locks", LOCKS)] {
+    for (oid, name, cols) in [
+        (16001, "tasks", TASKS),
+        (16002, "projects", PROJECTS),
+        (16003, "editing_locks", LOCKS),
+    ] {
         let mut bytes = Vec::new();
         encode::relation(&mut bytes, &relation(oid, name, cols, identity));
         prelude.push(bytes);
@@ -95,7 +137,11 @@ fuzz_target!(|data: &[u8]| {
     commit.extend_from_slice(&800_000_000_000_000i64.to_be_bytes());
 
     let fuzzed = messages(data);
-    let all = prelude.iter().map(Vec::as_slice).chain(fuzzed).chain(std::iter::once(commit.as_slice()));
+    let all = prelude
+        .iter()
+        .map(Vec::as_slice)
+        .chain(fuzzed)
+        .chain(std::iter::once(commit.as_slice()));
     let mut seqs: HashMap<String, u64> = HashMap::new();
     let mut out = Vec::new();
     for bytes in all {
@@ -112,7 +158,10 @@ fuzz_target!(|data: &[u8]| {
             let Item::Event(e) = item else { continue };
             let event = ChangeEvent::decode(e.payload.clone()).expect("payload is a ChangeEvent");
             assert_eq!(event.event_id, e.event_id);
-            assert_eq!(parse_event_id(&e.event_id), Some((event.commit_lsn, event.tx_index)));
+            assert_eq!(
+                parse_event_id(&e.event_id),
+                Some((event.commit_lsn, event.tx_index))
+            );
             assert_ne!(event.entity(), Entity::Unspecified);
             assert_ne!(event.action(), Action::Unspecified);
             match &e.route {
@@ -129,7 +178,10 @@ fuzz_target!(|data: &[u8]| {
                 Route::DeadLetter { .. } => {
                     assert_eq!(e.subject, "walcast._deadletter");
                     assert_eq!(event.seq, 0);
-                    assert!(tenant::validate(Some(&event.tenant_id)).is_err() || event.tenant_id.is_empty());
+                    assert!(
+                        tenant::validate(Some(&event.tenant_id)).is_err()
+                            || event.tenant_id.is_empty()
+                    );
                 }
                 Route::System => {
                     assert_eq!(e.subject, "walcast._truncated");
@@ -151,7 +203,10 @@ fuzz_target!(|data: &[u8]| {
 
 /// For an Update of a known relation: the columns whose new value is an
 /// unchanged-TOAST marker that the old image cannot fill.
-fn expected_unchanged(msg: &Message<'_>, columns: &HashMap<u32, Vec<String>>) -> Option<Vec<String>> {
+fn expected_unchanged(
+    msg: &Message<'_>,
+    columns: &HashMap<u32, Vec<String>>,
+) -> Option<Vec<String>> {
     let Message::Update(u) = msg else { return None };
     let names = columns.get(&u.relation)?;
     let old: Vec<Value<'_>> = match (&u.old, u.key_only) {
@@ -173,7 +228,8 @@ fn check_timestamps(event: &ChangeEvent) {
     let ok = |t: &Option<pbjson_types::Timestamp>| {
         if let Some(t) = t {
             assert!(
-                (-62_135_596_800..=253_402_300_799).contains(&t.seconds) && (0..1_000_000_000).contains(&t.nanos),
+                (-62_135_596_800..=253_402_300_799).contains(&t.seconds)
+                    && (0..1_000_000_000).contains(&t.nanos),
                 "timestamp out of the protobuf range: {t:?}"
             );
         }

@@ -13,7 +13,7 @@ use libfuzzer_sys::fuzz_target;
 use walcast::decode::{Message, Tuple, Value, decode};
 
 mod alloc_guard;
-mod encode;
+use walcast::decode::encode;
 
 #[global_allocator]
 static ALLOC: alloc_guard::Counting = alloc_guard::Counting;
@@ -52,7 +52,10 @@ fn check(msg: &Message<'_>, data: &[u8]) {
         assert_eq!(t.iter().count(), t.len(), "tuple yields its column count");
         for v in t.iter() {
             if let Value::Text(b) | Value::Binary(b) = v {
-                assert!(b.is_empty() || range.contains(&b.as_ptr()), "value borrowed from the input");
+                assert!(
+                    b.is_empty() || range.contains(&b.as_ptr()),
+                    "value borrowed from the input"
+                );
                 assert!(b.len() <= data.len());
             }
         }

@@ -9,14 +9,21 @@ use libfuzzer_sys::fuzz_target;
 use walcast::events::timestamp::{MAX, MIN, parse};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let Some(parsed) = parse(text) else { return };
     let t = parsed.timestamp;
     assert!(
-        (MIN.seconds, MIN.nanos) <= (t.seconds, t.nanos) && (t.seconds, t.nanos) <= (MAX.seconds, MAX.nanos),
+        (MIN.seconds, MIN.nanos) <= (t.seconds, t.nanos)
+            && (t.seconds, t.nanos) <= (MAX.seconds, MAX.nanos),
         "{text:?} parsed out of range: {t:?}"
     );
-    assert!((0..1_000_000_000).contains(&t.nanos), "{text:?}: nanos {}", t.nanos);
+    assert!(
+        (0..1_000_000_000).contains(&t.nanos),
+        "{text:?}: nanos {}",
+        t.nanos
+    );
     if parsed.exact {
         let again = render(t.seconds, t.nanos);
         let back = parse(&again).unwrap_or_else(|| panic!("{text:?} -> {again:?} does not parse"));

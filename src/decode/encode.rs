@@ -1,9 +1,11 @@
-//! Test-only pgoutput encoder: the inverse of the decoder, for byte fixtures
-//! and property-based round trips.
+//! pgoutput encoder: the inverse of the decoder, byte for byte (flag bits
+//! the decoder does not keep are written as 0), for byte fixtures,
+//! property-based round trips and the fuzz targets. Only in test builds and
+//! with the `pgoutput-encoder` feature (which the fuzz crate enables).
 
 use super::{Message, Relation, ReplicaIdentity, Value};
 
-pub(crate) fn tuple(out: &mut Vec<u8>, values: &[Value<'_>]) {
+pub fn tuple(out: &mut Vec<u8>, values: &[Value<'_>]) {
     out.extend_from_slice(&(values.len() as i16).to_be_bytes());
     for v in values {
         match v {
@@ -28,7 +30,7 @@ fn cstr(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Encodes a message exactly as the walsender would.
-pub(crate) fn message(msg: &Message<'_>) -> Vec<u8> {
+pub fn message(msg: &Message<'_>) -> Vec<u8> {
     let mut out = Vec::new();
     match msg {
         Message::Begin(b) => {
@@ -99,7 +101,7 @@ pub(crate) fn message(msg: &Message<'_>) -> Vec<u8> {
     out
 }
 
-fn relation(out: &mut Vec<u8>, r: &Relation) {
+pub fn relation(out: &mut Vec<u8>, r: &Relation) {
     out.push(b'R');
     out.extend_from_slice(&r.oid.to_be_bytes());
     cstr(out, &r.namespace);
@@ -120,7 +122,7 @@ fn relation(out: &mut Vec<u8>, r: &Relation) {
 }
 
 /// Encodes an Insert of `values` into `relation` (the common fixture).
-pub(crate) fn insert(relation: u32, values: &[Value<'_>]) -> Vec<u8> {
+pub fn insert(relation: u32, values: &[Value<'_>]) -> Vec<u8> {
     let mut out = vec![b'I'];
     out.extend_from_slice(&relation.to_be_bytes());
     out.push(b'N');
@@ -129,7 +131,7 @@ pub(crate) fn insert(relation: u32, values: &[Value<'_>]) -> Vec<u8> {
 }
 
 /// Encodes an Update with an optional full (`O`) old image.
-pub(crate) fn update(relation: u32, old: Option<&[Value<'_>]>, new: &[Value<'_>]) -> Vec<u8> {
+pub fn update(relation: u32, old: Option<&[Value<'_>]>, new: &[Value<'_>]) -> Vec<u8> {
     let mut out = vec![b'U'];
     out.extend_from_slice(&relation.to_be_bytes());
     if let Some(old) = old {
@@ -142,7 +144,7 @@ pub(crate) fn update(relation: u32, old: Option<&[Value<'_>]>, new: &[Value<'_>]
 }
 
 /// Encodes a Delete with a full (`O`) old image.
-pub(crate) fn delete(relation: u32, old: &[Value<'_>]) -> Vec<u8> {
+pub fn delete(relation: u32, old: &[Value<'_>]) -> Vec<u8> {
     let mut out = vec![b'D'];
     out.extend_from_slice(&relation.to_be_bytes());
     out.push(b'O');

@@ -14,8 +14,8 @@ mod relation;
 mod transaction;
 mod tuple;
 
-#[cfg(test)]
-pub(crate) mod encode;
+#[cfg(any(test, feature = "pgoutput-encoder"))]
+pub mod encode;
 #[cfg(test)]
 mod tests;
 
