@@ -26,6 +26,7 @@ use crate::support::chaos::{
 };
 use crate::support::checks::assert_stream_exact;
 use crate::support::daemon::{Env, read_stream, stream_last_seq};
+use crate::support::edge::with_var;
 use crate::support::oracle::Oracle;
 use crate::support::pgdelay::ReplicationDelayProxy;
 use crate::support::postgres::StopMode;
@@ -406,7 +407,7 @@ async fn nats_down_30s_while_postgres_writes() {
 async fn nats_restarted_mid_stream() {
     let s = Scenario::start("NATS restarts").await;
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
-    let env = with_var(s.env.env_vars(), "WALCAST_CONFIRM_DELAY", "5s".into());
+    let env = with_var(&s.env.env_vars(), "WALCAST_CONFIRM_DELAY", "5s");
     let mut w = s.walcast("walcast", &env, &[]);
     s.env.wait_for_messages(300, Duration::from_secs(30)).await;
 
@@ -546,77 +547,49 @@ async fn postgres_restarted_fast_and_immediate() {
 // 4. TCP connections cut, stalled and blackholed
 // ---------------------------------------------------------------------------
 
-/// Replaces one variable of the binary's environment.
-fn with_var(mut env: Vec<(String, String)>, name: &str, value: String) -> Vec<(String, String)> {
-    env.retain(|(k, _)| k != name);
-    env.push((name.to_string(), value));
-    env
+/// Which of walcast's connections a TCP fault scenario cuts.
+#[derive(Clone, Copy)]
+enum Link {
+    Postgres,
+    Nats,
 }
 
 /// Cuts, a stall, then a blackhole of walcast's Postgres connections (SQL and
 /// replication), through a proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_cut_stalled_and_blackholed() {
-    let s = Scenario::start("Postgres TCP faults").await;
-    let proxy = TcpProxy::start(s.env.pg.port());
-    let env = with_var(
-        s.env.env_vars(),
-        "WALCAST_DATABASE_URL",
-        format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port()),
-    );
-    let mut w = s.walcast("walcast", &env, &[]);
-    let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
-    s.env.wait_for_messages(200, Duration::from_secs(30)).await;
-
-    // Cuts: every connection reset, three times.
-    for _ in 0..3 {
-        load.wait_transactions(150, Duration::from_secs(30)).await;
-        proxy.cut();
-    }
-    // A stall that heals (shorter than wal_sender_timeout).
-    load.wait_transactions(150, Duration::from_secs(30)).await;
-    proxy.pause();
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    proxy.resume();
-    load.wait_transactions(150, Duration::from_secs(30)).await;
-    let stats = load.stop().await;
-    s.caught_up(Duration::from_secs(45), &w).await;
-    let checked = s.verify("3 cuts and an 8 s stall").await;
-    eprintln!("[Postgres TCP faults] workload {stats:?}");
-
-    // A server that accepts connections but never answers, for 5 s.
-    let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
-    load.wait_transactions(100, Duration::from_secs(30)).await;
-    proxy.blackhole(true);
-    proxy.cut();
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    proxy.blackhole(false);
-    let lifted = Instant::now();
-    load.wait_transactions(100, Duration::from_secs(30)).await;
-    load.stop().await;
-    s.caught_up(Duration::from_secs(30), &w).await;
-    eprintln!(
-        "[Postgres TCP faults] caught up {:.1?} after the blackhole was lifted",
-        lifted.elapsed()
-    );
-    assert!(w.exited().is_none(), "walcast exited:\n{}", w.log_tail(40));
-    w.stop(Duration::from_secs(15)).await;
-    assert_retries_logged(&w, PG_CAUSES, 3);
-    let checked = checked.max(s.verify("3 cuts, an 8 s stall and a 5 s blackhole").await);
-    s.done(checked);
+    connections_cut_stalled_and_blackholed(Link::Postgres).await;
 }
 
 /// Cuts, a stall, then a blackhole of walcast's NATS connection, through a
 /// proxy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_connections_cut_stalled_and_blackholed() {
-    let s = Scenario::start("NATS TCP faults").await;
-    let proxy = TcpProxy::start(s.env.nats.port());
-    let env = with_var(
-        s.env.env_vars(),
-        "WALCAST_NATS_URL",
-        format!("nats://127.0.0.1:{}", proxy.port()),
-    );
+    connections_cut_stalled_and_blackholed(Link::Nats).await;
+}
+
+/// Three cuts (every connection reset), a stall that heals (shorter than
+/// wal_sender_timeout and than two NATS pings), then 5 s of a server that
+/// accepts connections but never answers; the stream stays exact throughout.
+async fn connections_cut_stalled_and_blackholed(link: Link) {
+    let name = match link {
+        Link::Postgres => "Postgres TCP faults",
+        Link::Nats => "NATS TCP faults",
+    };
+    let s = Scenario::start(name).await;
+    let (proxy, var, url) = match link {
+        Link::Postgres => {
+            let proxy = TcpProxy::start(s.env.pg.port());
+            let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
+            (proxy, "WALCAST_DATABASE_URL", url)
+        }
+        Link::Nats => {
+            let proxy = TcpProxy::start(s.env.nats.port());
+            let url = format!("nats://127.0.0.1:{}", proxy.port());
+            (proxy, "WALCAST_NATS_URL", url)
+        }
+    };
+    let env = with_var(&s.env.env_vars(), var, &url);
     let mut w = s.walcast("walcast", &env, &[]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
     s.env.wait_for_messages(200, Duration::from_secs(30)).await;
@@ -627,30 +600,33 @@ async fn nats_connections_cut_stalled_and_blackholed() {
     }
     load.wait_transactions(150, Duration::from_secs(30)).await;
     proxy.pause();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    tokio::time::sleep(Duration::from_secs(8)).await; // the fault's length, not a wait
     proxy.resume();
     load.wait_transactions(150, Duration::from_secs(30)).await;
     let stats = load.stop().await;
     s.caught_up(Duration::from_secs(45), &w).await;
     let checked = s.verify("3 cuts and an 8 s stall").await;
-    eprintln!("[NATS TCP faults] workload {stats:?}");
+    eprintln!("[{name}] workload {stats:?}");
 
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
     load.wait_transactions(100, Duration::from_secs(30)).await;
     proxy.blackhole(true);
     proxy.cut();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // the fault's length, not a wait
     proxy.blackhole(false);
     let lifted = Instant::now();
     load.wait_transactions(100, Duration::from_secs(30)).await;
     load.stop().await;
     s.caught_up(Duration::from_secs(60), &w).await;
     eprintln!(
-        "[NATS TCP faults] caught up {:.1?} after the blackhole was lifted",
+        "[{name}] caught up {:.1?} after the blackhole was lifted",
         lifted.elapsed()
     );
     assert!(w.exited().is_none(), "walcast exited:\n{}", w.log_tail(40));
     w.stop(Duration::from_secs(15)).await;
+    if let Link::Postgres = link {
+        assert_retries_logged(&w, PG_CAUSES, 3);
+    }
     let checked = checked.max(s.verify("3 cuts, an 8 s stall and a 5 s blackhole").await);
     s.done(checked);
 }
@@ -663,9 +639,9 @@ async fn nats_stall_fills_the_in_flight_window() {
     let s = Scenario::start("in-flight window full").await;
     let proxy = TcpProxy::start(s.env.nats.port());
     let env = with_var(
-        s.env.env_vars(),
+        &s.env.env_vars(),
         "WALCAST_NATS_URL",
-        format!("nats://127.0.0.1:{}", proxy.port()),
+        &format!("nats://127.0.0.1:{}", proxy.port()),
     );
     let mut w = s.walcast("walcast", &env, &[("WALCAST_MAX_IN_FLIGHT", "64")]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
@@ -698,9 +674,9 @@ async fn nats_connection_hangs_silently() {
     let s = Scenario::start("NATS connection hangs").await;
     let proxy = TcpProxy::start(s.env.nats.port());
     let env = with_var(
-        s.env.env_vars(),
+        &s.env.env_vars(),
         "WALCAST_NATS_URL",
-        format!("nats://127.0.0.1:{}", proxy.port()),
+        &format!("nats://127.0.0.1:{}", proxy.port()),
     );
     let mut w = s.walcast("walcast", &env, &[]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
@@ -734,9 +710,9 @@ async fn postgres_connections_hang_silently() {
     let s = Scenario::start("Postgres connections hang").await;
     let proxy = TcpProxy::start(s.env.pg.port());
     let env = with_var(
-        s.env.env_vars(),
+        &s.env.env_vars(),
         "WALCAST_DATABASE_URL",
-        format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port()),
+        &format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port()),
     );
     let mut w = s.walcast("walcast", &env, &[]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
@@ -928,9 +904,9 @@ async fn standby_takes_over_while_connecting() {
 
     let slow = ReplicationDelayProxy::start(s.env.pg.port(), Duration::from_secs(3));
     let env_b = with_var(
-        s.env.env_vars(),
+        &s.env.env_vars(),
         "WALCAST_DATABASE_URL",
-        format!("postgres://postgres@127.0.0.1:{}/postgres", slow.port()),
+        &format!("postgres://postgres@127.0.0.1:{}/postgres", slow.port()),
     );
     let before = checkpoint_stream_seq(&s.client).await;
     let mut b = s.walcast("b", &env_b, &[]);
