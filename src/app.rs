@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::telemetry::http::Health;
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 
 use crate::config::Settings;

@@ -10,7 +10,7 @@ use tokio_postgres::Client;
 use crate::broker::BrokerError;
 use crate::config::Settings;
 use crate::database::Database;
-use crate::migrate::quote_ident;
+use crate::database::quote_ident;
 use crate::secrets::redact_url;
 
 /// The outcome of one check.

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 use crate::config::Settings;
-use crate::database::{Database, DbError, query_err};
+use crate::database::{Database, DbError, query_err, quote_ident};
 use crate::source::slot;
 
 /// The migration files, embedded so the binary is self-contained.
@@ -124,9 +124,4 @@ async fn ensure_publication(client: &Client, settings: &Settings) -> Result<bool
         .await
         .map_err(query_err("create publication"))?;
     Ok(true)
-}
-
-/// Quotes an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }

@@ -17,7 +17,7 @@ use tokio_postgres::Client;
 
 use crate::database::{DbError, with_timeout};
 use crate::lsn::Lsn;
-use crate::telemetry::http::Health;
+use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m_;
 pub use confirm::ConfirmQueue;
 pub use progress::{Progress, Segment};

@@ -95,6 +95,11 @@ pub async fn with_timeout<T>(
         })
 }
 
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// Shorthand for a failed query.
 pub fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DbError {
     move |source| DbError::Query { what, source }

@@ -33,7 +33,7 @@ use crate::events::{EventBuilder, Sequencer};
 use crate::lsn::Lsn;
 use crate::publish::{self, Item, PublishError, Publisher};
 use crate::source::{Source, SourceError, slot};
-use crate::telemetry::http::Health;
+use crate::telemetry::health::Health;
 use reader::{Reader, Skip, read_batch};
 
 /// Why a run ended early.

@@ -4,8 +4,8 @@
 use tokio_postgres::Client;
 
 use crate::config::Settings;
+use crate::database::quote_ident;
 use crate::database::{DbError, query_err};
-use crate::migrate::quote_ident;
 use crate::proto::Entity;
 
 /// Verifies that the publication exists and covers the three configured

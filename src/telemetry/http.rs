@@ -2,62 +2,14 @@
 //! while replicating and NATS is connected).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 
+use super::health::Health;
 use super::metrics;
-
-/// What the probes report, shared with the pipeline.
-#[derive(Debug, Default)]
-pub struct Health {
-    replicating: AtomicBool,
-    ever_replicated: AtomicBool,
-    replications: AtomicU64,
-    last_checkpoint_unix: AtomicU64,
-}
-
-impl Health {
-    /// The pipeline holds the slot and its publisher runs.
-    pub fn set_replicating(&self, on: bool) {
-        self.replicating.store(on, Ordering::SeqCst);
-        self.ever_replicated.fetch_or(on, Ordering::SeqCst);
-        self.replications.fetch_add(u64::from(on), Ordering::SeqCst);
-        ::metrics::gauge!(metrics::UP).set(if on { 1.0 } else { 0.0 });
-    }
-
-    /// How many runs reached replication.
-    pub fn replications(&self) -> u64 {
-        self.replications.load(Ordering::SeqCst)
-    }
-
-    /// Some run of this process reached replication (startup is over).
-    pub fn ever_replicated(&self) -> bool {
-        self.ever_replicated.load(Ordering::SeqCst)
-    }
-
-    pub fn is_replicating(&self) -> bool {
-        self.replicating.load(Ordering::SeqCst)
-    }
-
-    /// A checkpoint became durable now.
-    pub fn checkpointed(&self) {
-        let now = unix_now();
-        self.last_checkpoint_unix.store(now, Ordering::SeqCst);
-        ::metrics::gauge!(metrics::LAST_CHECKPOINT_TIMESTAMP).set(now as f64);
-    }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 struct AppState {
     health: Arc<Health>,
@@ -86,10 +38,8 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move |State(state): State<Arc<AppState>>| async move {
-                let last = state.health.last_checkpoint_unix.load(Ordering::SeqCst);
-                if last > 0 {
-                    ::metrics::gauge!(metrics::CHECKPOINT_AGE_SECONDS)
-                        .set(unix_now().saturating_sub(last) as f64);
+                if let Some(age) = state.health.checkpoint_age_secs() {
+                    ::metrics::gauge!(metrics::CHECKPOINT_AGE_SECONDS).set(age as f64);
                 }
                 handle.render()
             }),

@@ -2,6 +2,7 @@
 //! filtered by `RUST_LOG` (default `warn,walcast=info`); Prometheus metrics
 //! and the health endpoints.
 
+pub mod health;
 pub mod http;
 pub mod metrics;
 

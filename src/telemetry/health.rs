@@ -1,0 +1,60 @@
+//! Readiness and liveness state: what `/readyz` and the supervisor read,
+//! written by the pipeline and the checkpointer.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::metrics;
+
+/// What the probes report, shared with the pipeline.
+#[derive(Debug, Default)]
+pub struct Health {
+    replicating: AtomicBool,
+    ever_replicated: AtomicBool,
+    replications: AtomicU64,
+    last_checkpoint_unix: AtomicU64,
+}
+
+impl Health {
+    /// The pipeline holds the slot and its publisher runs.
+    pub fn set_replicating(&self, on: bool) {
+        self.replicating.store(on, Ordering::SeqCst);
+        self.ever_replicated.fetch_or(on, Ordering::SeqCst);
+        self.replications.fetch_add(u64::from(on), Ordering::SeqCst);
+        ::metrics::gauge!(metrics::UP).set(if on { 1.0 } else { 0.0 });
+    }
+
+    /// How many runs reached replication.
+    pub fn replications(&self) -> u64 {
+        self.replications.load(Ordering::SeqCst)
+    }
+
+    /// Some run of this process reached replication (startup is over).
+    pub fn ever_replicated(&self) -> bool {
+        self.ever_replicated.load(Ordering::SeqCst)
+    }
+
+    pub fn is_replicating(&self) -> bool {
+        self.replicating.load(Ordering::SeqCst)
+    }
+
+    /// Seconds since the last durable checkpoint, if there was one.
+    pub fn checkpoint_age_secs(&self) -> Option<u64> {
+        let last = self.last_checkpoint_unix.load(Ordering::SeqCst);
+        (last > 0).then(|| unix_now().saturating_sub(last))
+    }
+
+    /// A checkpoint became durable now.
+    pub fn checkpointed(&self) {
+        let now = unix_now();
+        self.last_checkpoint_unix.store(now, Ordering::SeqCst);
+        ::metrics::gauge!(metrics::LAST_CHECKPOINT_TIMESTAMP).set(now as f64);
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
