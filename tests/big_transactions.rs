@@ -1,4 +1,4 @@
-//! Issue 6, "Transactions": one huge transaction with bounded memory
+//! Transactions: one huge transaction with bounded memory
 //! (SPEC §4.6, §6). walcast never holds a transaction: events stream out as
 //! rows arrive. The CI variant compares the walcast process's peak RSS
 //! (`VmHWM`) after a 100k-row transaction with its peak after a 500k-row
@@ -194,7 +194,7 @@ async fn huge_transaction_memory_is_bounded() {
 /// From 3M to 5M events the live heap stays flat (+36 kB, glibc
 /// `malloc_stats`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_memory_grows_per_event_without_a_metrics_scrape() {
+async fn memory_stays_flat_per_event_without_a_metrics_scrape() {
     let (small, large) = (1_000_000, 2_000_000);
     let (hwm_small, hwm_large) = peaks(small, large, false).await;
     let per_event = (hwm_large.saturating_sub(hwm_small) * 1024) as f64 / large as f64;
@@ -218,7 +218,7 @@ async fn bug_memory_grows_per_event_without_a_metrics_scrape() {
 /// `WALCAST_MAX_IN_FLIGHT=2`, any transaction of 3 rows does it at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 
-async fn bug_publisher_deadlocks_when_in_flight_limit_is_reached_mid_batch() {
+async fn the_publisher_goes_on_when_the_in_flight_limit_is_reached_mid_batch() {
     let env = Env::start().await;
     let client = env.pg.client().await;
     let dir = TempDir::new("deadlock").unwrap();

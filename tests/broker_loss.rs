@@ -1,4 +1,4 @@
-//! SPEC §4.7 / issue 11: a broker that loses messages it had acknowledged.
+//! SPEC §4.7: a broker that loses messages it had acknowledged.
 //! The NATS store directory is rolled back to a copy taken seconds earlier
 //! (stop, restore, start): what an OS crash before fsync does.
 

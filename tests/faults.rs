@@ -1,4 +1,4 @@
-//! Issue 4: fault injection against real Postgres and real NATS. Each test
+//! Fault injection against real Postgres and real NATS. Each test
 //! runs the walcast binary under a steady randomized write load, breaks
 //! something (kill -9 at crash points and at random moments, NATS outages
 //! and restarts, Postgres restarts, cut / stalled / blackholed TCP

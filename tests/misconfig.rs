@@ -1,4 +1,4 @@
-//! Issue 6, "Configuration and environment": every misconfiguration gives
+//! Configuration and environment: every misconfiguration gives
 //! one clear error line (`walcast: error: ...`, naming the problem, never a
 //! password) and a non-zero exit within a bound — never a panic or a hang;
 //! `walcast check` prints a ✗ line with a fix for each and exits non-zero,

@@ -1,4 +1,4 @@
-//! Issue 6, "Oversized messages" (SPEC §3): with a NATS server whose
+//! Oversized messages (SPEC §3): with a NATS server whose
 //! `max_payload` is small (64 KiB), events that do not fit are stored whole
 //! in the object store bucket `WALCAST_OVERSIZED` under their event id, and
 //! the stream gets a stub (same subject, seq, headers + `Walcast-Object`,
@@ -60,7 +60,7 @@ async fn oversized_events_keep_order_seq_and_exactly_once() {
 /// first oversized event stopped the stream for good. Chunks are now sized
 /// to `max_payload`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_oversized_with_max_payload_below_the_chunk_size() {
+async fn an_oversized_event_is_stored_when_max_payload_is_below_the_chunk_size() {
     oversized_scenario(64 * 1024).await;
 }
 
@@ -244,7 +244,7 @@ async fn oversized_scenario(max_payload: usize) {
 /// its tenant subject with its `seq` (no gap), and the full event is in the
 /// object store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bug_stub_larger_than_max_payload_stalls_the_stream() {
+async fn a_stub_larger_than_max_payload_is_published_with_its_key_fields() {
     // Above the 128 KiB object chunks, so storing the full event works.
     let max_payload = 256 * 1024;
     let env = small_payload_env(max_payload).await;

@@ -1,4 +1,4 @@
-//! Issue 3: the core pipeline end to end, against real Postgres and NATS.
+//! The core pipeline end to end, against real Postgres and NATS.
 
 use std::time::Duration;
 

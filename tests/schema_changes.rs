@@ -1,4 +1,4 @@
-//! Issue 6, "Schema changes while streaming": DDL on the source tables while
+//! Schema changes while streaming: DDL on the source tables while
 //! a randomized multi-tenant load runs. The stream must stay exact — one to
 //! one with an independent test_decoding log of committed changes, seqs
 //! gap-free, and replaying it must rebuild the tables — and each change

@@ -35,11 +35,19 @@ pub fn assert_stream_exact(events: &[StreamEvent]) -> HashMap<String, u64> {
             m.headers.get("Content-Type").map(String::as_str),
             Some("application/x-protobuf")
         );
-        if m.subject.starts_with("walcast._") {
-            assert_eq!(e.seq, 0, "tenant-less events carry no seq");
+        // Tenant-less events have two-token subjects (`walcast._deadletter`,
+        // `walcast._truncated`); a tenant id may itself start with `_`.
+        let tokens: Vec<&str> = m.subject.split('.').collect();
+        if tokens.len() == 2 {
+            assert!(
+                matches!(tokens[1], "_deadletter" | "_truncated"),
+                "{}",
+                m.subject
+            );
+            assert_eq!(e.seq, 0, "tenant-less events carry no seq: {}", m.subject);
         } else {
-            let tenant = m.subject.split('.').nth(1).expect("tenant token");
-            assert_eq!(tenant, e.tenant_id);
+            assert_eq!(tokens.len(), 4, "subject {}", m.subject);
+            assert_eq!(tokens[1], e.tenant_id);
             assert_eq!(m.headers.get("Walcast-Tenant"), Some(&e.tenant_id));
             assert_eq!(m.headers.get("Walcast-Seq"), Some(&e.seq.to_string()));
             let seq = last_seq.entry(e.tenant_id.clone()).or_insert(0);

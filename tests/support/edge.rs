@@ -1,4 +1,4 @@
-//! Helpers for the issue-6 robustness tests (data, schema changes, oversized
+//! Helpers for the robustness tests (data, schema changes, oversized
 //! events, huge transactions, misconfiguration): the walcast binary with its
 //! metrics endpoint, its memory high-water mark, metric scraping, and
 //! running `walcast` to completion with a bound.
@@ -186,86 +186,4 @@ pub fn uuid(n: u64) -> String {
         n >> 32,
         n & 0xffff_ffff_ffff
     )
-}
-
-/// [`super::checks::assert_stream_exact`] for streams that may hold tenants
-/// whose id starts with `_` (valid per SPEC §3: `_`, `_deadletter`): that
-/// helper takes every subject starting with `walcast._` for a tenant-less
-/// one, so here tenant-less means a two-token subject (`walcast._deadletter`,
-/// `walcast._truncated`). Same checks otherwise; returns each tenant's N.
-pub fn assert_exact_any_tenant(events: &[StreamEvent]) -> HashMap<String, u64> {
-    let mut last_seq: HashMap<String, u64> = HashMap::new();
-    let mut ids = std::collections::HashSet::new();
-    let mut finished = std::collections::HashSet::new();
-    let mut current: Option<(u64, u32)> = None;
-    for (i, m) in events.iter().enumerate() {
-        let e = &m.event;
-        assert_eq!(
-            m.stream_seq,
-            i as u64 + 1,
-            "stream gap before {}",
-            e.event_id
-        );
-        assert!(
-            ids.insert(e.event_id.clone()),
-            "duplicate event {}",
-            e.event_id
-        );
-        assert_eq!(m.headers.get("Nats-Msg-Id"), Some(&e.event_id));
-        assert_eq!(
-            m.headers.get("Walcast-Lsn"),
-            Some(&e.commit_lsn.to_string())
-        );
-        let tokens: Vec<&str> = m.subject.split('.').collect();
-        if tokens.len() == 2 {
-            assert!(
-                matches!(tokens[1], "_deadletter" | "_truncated"),
-                "{}",
-                m.subject
-            );
-            assert_eq!(e.seq, 0, "tenant-less events carry no seq: {}", m.subject);
-        } else {
-            assert_eq!(tokens.len(), 4, "subject {}", m.subject);
-            assert_eq!(tokens[1], e.tenant_id);
-            assert_eq!(m.headers.get("Walcast-Tenant"), Some(&e.tenant_id));
-            assert_eq!(m.headers.get("Walcast-Seq"), Some(&e.seq.to_string()));
-            let seq = last_seq.entry(e.tenant_id.clone()).or_insert(0);
-            assert_eq!(
-                e.seq,
-                *seq + 1,
-                "tenant {} seq jumps {} -> {}",
-                e.tenant_id,
-                seq,
-                e.seq
-            );
-            *seq = e.seq;
-        }
-        match current {
-            Some((lsn, index)) if lsn == e.commit_lsn => {
-                assert_eq!(e.tx_index, index + 1, "tx_index order in {lsn:x}")
-            }
-            previous => {
-                if let Some((lsn, _)) = previous {
-                    assert!(
-                        e.commit_lsn > lsn,
-                        "commit order: {:x} after {lsn:x}",
-                        e.commit_lsn
-                    );
-                    finished.insert(lsn);
-                }
-                assert!(
-                    !finished.contains(&e.commit_lsn),
-                    "transaction {:x} not contiguous",
-                    e.commit_lsn
-                );
-                assert_eq!(
-                    e.tx_index, 0,
-                    "transaction {:x} starts at tx_index 0",
-                    e.commit_lsn
-                );
-            }
-        }
-        current = Some((e.commit_lsn, e.tx_index));
-    }
-    last_seq
 }
