@@ -9,9 +9,10 @@ use tokio_postgres::Client;
 
 use crate::broker::BrokerError;
 use crate::config::Settings;
-use crate::database::Database;
-use crate::database::quote_ident;
+use crate::database::{Database, DbError, query_err, quote_ident};
 use crate::secrets::redact_url;
+use crate::source::preflight::{self, Checked, SlotVerdict, Violation};
+use crate::source::{publication, slot};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,15 @@ impl Report {
     }
     fn fail(&mut self, text: impl Into<String>, fix: impl Into<String>) {
         self.add(Status::Fail, text, Some(fix.into()));
+    }
+    fn record(&mut self, outcome: Checked<String>) {
+        match outcome {
+            Ok(pass) => self.pass(pass),
+            Err(violation) => self.violated(violation),
+        }
+    }
+    fn violated(&mut self, Violation { problem, fix }: Violation) {
+        self.fail(problem, fix)
     }
     fn check(
         &mut self,
@@ -116,10 +126,11 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
     report.0
 }
 
-async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_postgres::Error> {
+async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
     let version: i32 = c
         .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?
+        .await
+        .map_err(check_query)?
         .get(0);
     r.check(
         version >= 140000,
@@ -127,13 +138,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
         format!("Postgres {} is too old", version / 10000),
         "upgrade to PostgreSQL 14 or newer (walcast needs pgoutput's `messages` option)",
     );
-    let wal_level: String = c.query_one("SHOW wal_level", &[]).await?.get(0);
-    r.check(
-        wal_level == "logical",
-        "wal_level is logical",
-        format!("wal_level is {wal_level}"),
-        "ALTER SYSTEM SET wal_level = logical; then restart Postgres",
-    );
+    r.record(preflight::wal_level(c).await?);
     let row = c
         .query_one(
             "SELECT current_setting('max_replication_slots')::int, (SELECT count(*) FROM pg_replication_slots)::int,
@@ -141,7 +146,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
                     EXISTS (SELECT FROM pg_replication_slots WHERE slot_name = $1)",
             &[&s.slot],
         )
-        .await?;
+        .await.map_err(check_query)?;
     let (max_slots, slots, max_senders, senders, slot_exists): (i32, i32, i32, i32, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
     r.check(
@@ -158,7 +163,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
     );
     let row = c
         .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
-        .await?;
+        .await.map_err(check_query)?;
     let (user, replication): (String, bool) = (row.get(0), row.get(1));
     r.check(
         replication,
@@ -176,7 +181,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
                 &[&t.schema, table],
             )
-            .await?;
+            .await.map_err(check_query)?;
         let Some(row) = row else {
             r.fail(format!("table {qualified} does not exist"), "run `walcast migrate`, or set --schema / --tasks-table / --projects-table / --locks-table");
             continue;
@@ -198,19 +203,80 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
             );
         }
     }
+    match publication::verify(c, s).await? {
+        Err(violation) => r.violated(violation),
+        Ok(_) => publication_extras(c, s, r).await?,
+    }
+    let state = c
+        .query_opt(
+            "SELECT has_table_privilege('walcast.checkpoints', 'INSERT') AND has_table_privilege('walcast.checkpoints', 'UPDATE')
+                AND has_table_privilege('walcast.tenant_seqs', 'INSERT') AND has_table_privilege('walcast.tenant_seqs', 'UPDATE')
+             WHERE to_regclass('walcast.checkpoints') IS NOT NULL AND to_regclass('walcast.tenant_seqs') IS NOT NULL",
+            &[],
+        )
+        .await.map_err(check_query)?;
+    match state.map(|row| row.get::<_, bool>(0)) {
+        Some(true) => r.pass("checkpoint tables walcast.checkpoints and walcast.tenant_seqs are writable"),
+        Some(false) => r.fail(
+            "checkpoint tables are not writable by this role",
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs TO {};", quote_ident(&user)),
+        ),
+        None => r.fail("checkpoint tables are missing", "run `walcast migrate`"),
+    }
+    let state = slot::read(c, &s.slot).await?;
+    let checkpointed = has_checkpoint(c, &s.slot)
+        .await
+        .map_err(query_err("read walcast.checkpoints"))?;
+    match preflight::judge_slot(&s.slot, state.as_ref(), checkpointed) {
+        Err(violation) => r.violated(violation),
+        Ok(SlotVerdict::Create) => r.pass(format!(
+            "slot {} does not exist yet; `walcast migrate` or `walcast run` creates it",
+            s.slot
+        )),
+        Ok(SlotVerdict::Ready) => r.pass(slot_summary(c, &s.slot).await?),
+    }
+    Ok(())
+}
+
+/// A healthy slot in one line: who streams it, how much WAL it retains.
+async fn slot_summary(c: &Client, slot: &str) -> Result<String, DbError> {
+    let row = c
+        .query_one(
+            "SELECT active, coalesce(wal_status, 'unknown'),
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - restart_lsn)::bigint
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(query_err("read pg_replication_slots"))?;
+    let (active, wal_status, retained): (bool, String, Option<i64>) =
+        (row.get(0), row.get(1), row.get(2));
+    let mb = retained.unwrap_or(0) as f64 / 1_048_576.0;
+    let holder = if active {
+        "in use by a walcast"
+    } else {
+        "idle"
+    };
+    Ok(format!(
+        "slot {slot} (pgoutput, {holder}, {mb:.1} MB of WAL retained, wal_status {wal_status})"
+    ))
+}
+
+/// The publication covers the source tables; tables beyond them cost
+/// decoding for nothing.
+async fn publication_extras(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+    let t = &s.tables;
     let published: Vec<String> = c
-        .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1", &[&s.publication])
-        .await?
+        .query(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+            &[&s.publication],
+        )
+        .await
+        .map_err(query_err("read pg_publication_tables"))?
         .iter()
         .map(|row| row.get(0))
         .collect();
-    let exists = c
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.publication],
-        )
-        .await?
-        .is_some();
+    let tables = [&t.tasks, &t.projects, &t.locks];
     let mut wanted: Vec<String> = tables
         .iter()
         .map(|name| format!("{}.{name}", t.schema))
@@ -221,109 +287,22 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), tokio_
         .map(|name| format!("{}.{}", quote_ident(&t.schema), quote_ident(name)))
         .collect::<Vec<_>>()
         .join(", ");
-    if !exists {
-        r.fail(
-            format!("publication {} does not exist", s.publication),
-            format!(
-                "walcast migrate, or CREATE PUBLICATION {} FOR TABLE {list};",
-                quote_ident(&s.publication)
-            ),
-        );
-    } else {
-        r.check(
-            published == wanted,
-            format!(
-                "publication {} covers exactly {}",
-                s.publication,
-                wanted.join(", ")
-            ),
-            format!(
-                "publication {} covers {:?}, expected {:?}",
-                s.publication, published, wanted
-            ),
-            format!(
-                "ALTER PUBLICATION {} SET TABLE {list};",
-                quote_ident(&s.publication)
-            ),
-        );
-    }
-    let state = c
-        .query_opt(
-            "SELECT has_table_privilege('walcast.checkpoints', 'INSERT') AND has_table_privilege('walcast.checkpoints', 'UPDATE')
-                AND has_table_privilege('walcast.tenant_seqs', 'INSERT') AND has_table_privilege('walcast.tenant_seqs', 'UPDATE')
-             WHERE to_regclass('walcast.checkpoints') IS NOT NULL AND to_regclass('walcast.tenant_seqs') IS NOT NULL",
-            &[],
-        )
-        .await?;
-    match state.map(|row| row.get::<_, bool>(0)) {
-        Some(true) => r.pass("checkpoint tables walcast.checkpoints and walcast.tenant_seqs are writable"),
-        Some(false) => r.fail(
-            "checkpoint tables are not writable by this role",
-            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs TO {};", quote_ident(&user)),
+    r.check(
+        published == wanted,
+        format!(
+            "publication {} covers exactly {}",
+            s.publication,
+            wanted.join(", ")
         ),
-        None => r.fail("checkpoint tables are missing", "run `walcast migrate`"),
-    }
-    let slot = c
-        .query_opt(
-            "SELECT plugin::text, active, coalesce(wal_status, 'unknown'),
-                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END - restart_lsn)::bigint
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&s.slot],
-        )
-        .await?;
-    match slot {
-        // A checkpoint means walcast streamed this slot before: it was dropped.
-        None if has_checkpoint(c, &s.slot).await? => r.fail(
-            format!(
-                "slot {} is missing but walcast.checkpoints has a checkpoint for it: it was dropped, and changes \
-                 since its last confirmation may be missing from the stream; `walcast run` refuses to start",
-                s.slot
-            ),
-            crate::source::slot::recovery(&s.slot, false),
+        format!(
+            "publication {} covers {:?}, expected {:?}",
+            s.publication, published, wanted
         ),
-        None => r.add(
-            Status::Pass,
-            format!(
-                "slot {} does not exist yet; `walcast migrate` or `walcast run` creates it",
-                s.slot
-            ),
-            None,
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {list};",
+            quote_ident(&s.publication)
         ),
-        Some(row) => {
-            let (plugin, active, wal_status, retained): (
-                Option<String>,
-                bool,
-                String,
-                Option<i64>,
-            ) = (row.get(0), row.get(1), row.get(2), row.get(3));
-            if plugin.as_deref() != Some("pgoutput") {
-                r.fail(
-                    format!("slot {} uses plugin {plugin:?}, not pgoutput", s.slot),
-                    "drop it or pick another --slot",
-                );
-            } else if wal_status == "lost" {
-                r.fail(
-                    format!(
-                        "slot {} is invalidated (wal_status lost, e.g. by max_slot_wal_keep_size): Postgres removed WAL \
-                         it still needed, so changes may be missing from the stream; `walcast run` refuses to start",
-                        s.slot
-                    ),
-                    crate::source::slot::recovery(&s.slot, true),
-                );
-            } else {
-                let mb = retained.unwrap_or(0) as f64 / 1_048_576.0;
-                r.pass(format!(
-                    "slot {} (pgoutput, {}, {mb:.1} MB of WAL retained, wal_status {wal_status})",
-                    s.slot,
-                    if active {
-                        "in use by a walcast"
-                    } else {
-                        "idle"
-                    }
-                ));
-            }
-        }
-    }
+    );
     Ok(())
 }
 
@@ -408,5 +387,12 @@ async fn nats(s: &Settings, r: &mut Report) {
                 s.stream
             ),
         ),
+    }
+}
+
+fn check_query(source: tokio_postgres::Error) -> DbError {
+    DbError::Query {
+        what: "a check query",
+        source,
     }
 }

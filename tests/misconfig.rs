@@ -667,14 +667,18 @@ async fn a_publication_missing_a_table_is_one_clear_error() {
     assert_check_fails(
         "partial publication",
         &check,
-        &["publication partial covers"],
+        // The same violation and fix as `walcast run` gives (one text).
+        &["publication partial does not cover public.editing_locks"],
     );
     let out = run_bounded(&["run"], &vars, Duration::from_secs(10));
     assert_one_error_line(
         "partial publication",
         "run",
         &out,
-        &["partial", "editing_locks"],
+        &[
+            "publication partial does not cover public.editing_locks",
+            "ALTER PUBLICATION \"partial\" ADD TABLE \"public\".\"editing_locks\"",
+        ],
     );
 }
 

@@ -118,3 +118,52 @@ async fn confirmed_lsn(client: &tokio_postgres::Client) -> walcast::lsn::Lsn {
         .unwrap();
     walcast::lsn::Lsn::parse(row.get::<_, &str>(0)).unwrap()
 }
+
+/// `--dry-run` builds every event but publishes nothing, writes no
+/// checkpoint and never confirms the slot, so a later real run still
+/// publishes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_builds_events_and_publishes_nothing() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let dir = crate::support::TempDir::new("dry-run").unwrap();
+    let (mut walcast, addr) = crate::support::edge::start_walcast(
+        &env,
+        dir.path(),
+        "dry",
+        &[("WALCAST_DRY_RUN", "true")],
+    );
+    walcast.wait_log("dry run", Duration::from_secs(30)).await;
+    client
+        .batch_execute(
+            "INSERT INTO projects (id, tenant_id, name) VALUES
+               ('00000000-0000-0000-0000-000000000001', 'acme', 'one'),
+               ('00000000-0000-0000-0000-000000000002', 'acme', 'two'),
+               ('00000000-0000-0000-0000-000000000003', 'beta', 'three')",
+        )
+        .await
+        .unwrap();
+    let built = crate::support::edge::wait_metric(
+        &addr,
+        "walcast_events_built_total",
+        3.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(built, Some(3.0), "{}", walcast.log_tail(20));
+    walcast.stop(Duration::from_secs(15)).await;
+    let stream = crate::support::daemon::stream_last_seq(&env.nats.url(), "WALCAST").await;
+    assert_eq!(stream, 0, "a dry run published");
+    let checkpoints: i64 = client
+        .query_one("SELECT count(*) FROM walcast.checkpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checkpoints, 0, "a dry run wrote a checkpoint");
+
+    // A real run afterwards publishes all three.
+    let daemon = Daemon::start(env.settings());
+    env.wait_for_messages(3, Duration::from_secs(30)).await;
+    daemon.stop().await.expect("clean stop");
+    assert_stream_exact(&env.stream_events().await);
+}

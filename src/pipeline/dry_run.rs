@@ -6,33 +6,34 @@
 
 use tokio::sync::watch;
 
+use super::prepare::Checked;
 use super::reader::{Reader, Skip, read_batch};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
-use crate::checkpoint::Checkpoint;
 use crate::events::{EventBuilder, Sequencer};
 use crate::publish::Item;
 use crate::source::Source;
-use crate::source::slot::SlotState;
+use crate::source::{preflight, slot};
 use crate::telemetry::metrics as m;
 
 /// Reads until shutdown, counting the events it would publish.
 pub(super) async fn run(
     ctx: &Context,
     shutdown: &mut watch::Receiver<bool>,
-    checkpoint: Option<Checkpoint>,
-    slot: SlotState,
-    sources: Vec<(u32, crate::proto::Entity)>,
+    checked: Checked,
 ) -> Result<(), PipelineError> {
     let s = &ctx.settings;
-    let checkpoint = checkpoint.unwrap_or_default();
+    let slot = slot::read(&checked.sql, &s.slot)
+        .await?
+        .ok_or_else(|| preflight::slot_dropped(&s.slot))?;
+    let checkpoint = checked.checkpoint.unwrap_or_default();
     let start = checkpoint.lsn.max(slot.confirmed_flush);
     let builder = EventBuilder::new(
         s.subject_prefix.clone(),
         Sequencer::from_checkpoint(checkpoint.tenants),
     );
     let mut assembler =
-        Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0).with_sources(sources);
+        Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0).with_sources(checked.sources);
     let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
     tracing::warn!(%start, "dry run: events are built but not published, and the slot is not confirmed");
     ctx.health.set_replicating(true);

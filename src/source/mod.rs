@@ -5,6 +5,7 @@
 //! the checkpointer has made durable. Keepalives are answered by the library,
 //! which reports the last confirmed position, never more.
 
+pub mod preflight;
 pub mod publication;
 pub mod slot;
 
@@ -33,11 +34,7 @@ pub enum SourceError {
     SlotBusy(String),
     /// Postgres invalidated the slot (e.g. `max_slot_wal_keep_size`): the WAL
     /// it still needed is gone, so retrying can never succeed.
-    #[error(
-        "replication slot {slot} was invalidated ({reason}): Postgres removed WAL it still needed, so changes since \
-         its last confirmation may be missing from the stream. walcast will not silently recreate it; {}",
-        slot::recovery(.slot, true)
-    )]
+    #[error("{}", preflight::slot_invalidated(.slot, .reason))]
     SlotLost { slot: String, reason: String },
 }
 

@@ -3,16 +3,15 @@
 
 use tokio_postgres::Client;
 
+use super::preflight::{Checked, Violation};
 use crate::config::Settings;
-use crate::database::quote_ident;
-use crate::database::{DbError, query_err};
+use crate::database::{DbError, query_err, quote_ident};
 use crate::proto::Entity;
 
 /// Verifies that the publication exists and covers the three configured
 /// source tables, and returns their OIDs (so a later rename does not lose
-/// them, see `assemble`). Every failure is a [`DbError::Precondition`]: one
-/// line with the SQL that fixes it, never retried.
-pub async fn verify(client: &Client, s: &Settings) -> Result<Vec<(u32, Entity)>, DbError> {
+/// them, see `assemble`). A violation carries the SQL that fixes it.
+pub async fn verify(client: &Client, s: &Settings) -> Result<Checked<Vec<(u32, Entity)>>, DbError> {
     let t = &s.tables;
     let exists = client
         .query_opt(
@@ -31,11 +30,13 @@ pub async fn verify(client: &Client, s: &Settings) -> Result<Vec<(u32, Entity)>,
     let quoted = |table: &str| format!("{}.{}", quote_ident(&t.schema), quote_ident(table));
     if !exists {
         let list: Vec<String> = all.iter().map(|(_, table)| quoted(table)).collect();
-        return Err(DbError::Precondition(format!(
-            "publication {} does not exist: run `walcast migrate`, or CREATE PUBLICATION {} FOR TABLE {}",
-            s.publication,
-            quote_ident(&s.publication),
-            list.join(", ")
+        return Ok(Err(Violation::new(
+            format!("publication {} does not exist", s.publication),
+            format!(
+                "run `walcast migrate`, or CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(&s.publication),
+                list.join(", ")
+            ),
         )));
     }
     let names: Vec<&str> = all.iter().map(|(_, table)| table.as_str()).collect();
@@ -67,30 +68,26 @@ pub async fn verify(client: &Client, s: &Settings) -> Result<Vec<(u32, Entity)>,
         }
     }
     if !absent.is_empty() {
-        return Err(DbError::Precondition(format!(
-            "source table(s) {} do not exist: run `walcast migrate`, or set --schema / --tasks-table / \
-             --projects-table / --locks-table to the tables' names (a renamed source table must be configured \
-             under its new name)",
-            absent.join(", ")
+        return Ok(Err(Violation::new(
+            format!("source table(s) {} do not exist", absent.join(", ")),
+            "run `walcast migrate`, or set --schema / --tasks-table / --projects-table / --locks-table to the \
+             tables' names (a renamed source table must be configured under its new name)",
         )));
     }
     if !unpublished.is_empty() {
-        return Err(DbError::Precondition(format!(
-            "publication {} does not cover {}: their changes would never be published; run ALTER PUBLICATION {} \
-             ADD TABLE {}; then start walcast again",
-            s.publication,
-            unpublished
-                .iter()
-                .map(|(plain, _)| plain.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            quote_ident(&s.publication),
-            unpublished
-                .iter()
-                .map(|(_, quoted)| quoted.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+        let (plain, quoted): (Vec<String>, Vec<String>) = unpublished.into_iter().unzip();
+        return Ok(Err(Violation::new(
+            format!(
+                "publication {} does not cover {}: their changes would never be published",
+                s.publication,
+                plain.join(", ")
+            ),
+            format!(
+                "ALTER PUBLICATION {} ADD TABLE {}; then start walcast again",
+                quote_ident(&s.publication),
+                quoted.join(", ")
+            ),
         )));
     }
-    Ok(sources)
+    Ok(Ok(sources))
 }

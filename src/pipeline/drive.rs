@@ -1,0 +1,262 @@
+//! The second phase of a run: read the slot, hand batches to the publisher,
+//! pass confirmations back to Postgres, until shutdown or the first error.
+//! The drain order on a clean stop is written here once: stop reading →
+//! the publisher flushes and awaits acks → the checkpointer writes the last
+//! checkpoint → the final confirmation is sent → the stream ends.
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::prepare::Prepared;
+use super::reader::{Reader, Skip, read_batch};
+use super::watchdog::{broker_loss, watch_postgres};
+use super::{Context, PipelineError, Replicating};
+use crate::assemble::Assembler;
+use crate::catchup;
+use crate::checkpoint;
+use crate::events::{EventBuilder, Sequencer};
+use crate::lsn::Lsn;
+use crate::publish::{self, Item, PublishError, Publisher};
+use crate::source::Source;
+
+/// The tasks beside the reader, and what the reader talks to them through.
+struct Stages {
+    items: Option<mpsc::Sender<Vec<Item>>>,
+    confirms: watch::Receiver<Lsn>,
+    publishing: JoinHandle<Result<(), PublishError>>,
+    checkpointing: JoinHandle<Result<(), crate::database::DbError>>,
+    watchdog: JoinHandle<()>,
+    dog: oneshot::Receiver<PipelineError>,
+    _catchup: catchup::CatchupService,
+}
+
+/// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
+/// confirm) or an error.
+pub(super) async fn drive(
+    ctx: &Context,
+    prepared: Prepared,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), PipelineError> {
+    let s = &ctx.settings;
+    let builder = EventBuilder::new(
+        s.subject_prefix.clone(),
+        Sequencer::from_checkpoint(prepared.checkpoint.tenants.clone()),
+    );
+    let mut assembler = Assembler::new(s.tables.clone(), builder, prepared.checkpoint.lsn.0)
+        .with_sources(prepared.sources.clone());
+    tracing::info!(
+        start = %prepared.start,
+        stream_seq = prepared.last_seq,
+        tenants = prepared.checkpoint.tenants.len(),
+        "replicating"
+    );
+    ctx.health.set_replicating(true);
+    let _ready = Replicating(&ctx.health);
+    let mut reader = Reader {
+        assembler: &mut assembler,
+        skip: Skip::new(
+            prepared.already,
+            prepared.checkpoint.stream_seq,
+            prepared.tail_id.clone(),
+        ),
+        last_boundary: prepared.start.0,
+    };
+    let stream = prepared.stream.clone();
+    let (mut stages, mut source) = spawn_stages(ctx, prepared).await?;
+    let failure = read_until_stopped(
+        ctx,
+        &mut source,
+        &mut reader,
+        &mut stages,
+        &stream,
+        shutdown,
+    )
+    .await;
+    let result = finish(failure, stages).await;
+    if result.is_ok() {
+        source.close().await;
+    }
+    result
+}
+
+/// Starts the catch-up service, the publisher, the checkpointer and the
+/// watchdog for a run; hands back the replication stream for the reader.
+async fn spawn_stages(
+    ctx: &Context,
+    prepared: Prepared,
+) -> Result<(Stages, Source), PipelineError> {
+    let Prepared {
+        sql,
+        stream,
+        source,
+        checkpoint,
+        owner,
+        start,
+        last_seq,
+        acked_high,
+        ..
+    } = prepared;
+    let s = &ctx.settings;
+    let (items_tx, items_rx) = mpsc::channel::<Vec<Item>>(64);
+    let (segments_tx, segments_rx) = mpsc::channel(1024);
+    let (confirm_tx, confirms) = watch::channel(start);
+    let index = catchup::Index::default();
+    index.seed(&checkpoint.tenants);
+    // Until the events already in the stream are replayed, the index is
+    // behind the stream: the catch-up service answers "unavailable" meanwhile.
+    index.expect_replay_through(last_seq);
+    index.replayed_through(checkpoint.stream_seq);
+    index.record(&[], last_seq + 1);
+    // Only the instance holding the slot answers catch-up requests.
+    let catchup = catchup::start(
+        &ctx.js,
+        stream.clone(),
+        s,
+        index.clone(),
+        checkpoint.stream_seq,
+    )
+    .await
+    .map_err(PublishError::Nats)?;
+    let publisher = Publisher {
+        js: ctx.js.clone(),
+        stream: s.stream.clone(),
+        max_in_flight: s.max_in_flight,
+        oversized: publish::oversized::Oversized::new(
+            &s.stream,
+            s.stream_max_age,
+            s.stream_replicas,
+        ),
+        index,
+        acked_high: ctx.acked_high.clone(),
+        republish: publish::republish::Republish::below(acked_high),
+    };
+    let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
+    let checkpointer = checkpoint::Checkpointer {
+        client: ctx.db.connect().await?,
+        slot: s.slot.clone(),
+        owner,
+        delay: s.confirm_delay,
+        health: ctx.health.clone(),
+    };
+    let checkpointing = tokio::spawn(checkpointer.run(checkpoint, segments_rx, confirm_tx));
+    let (dog_tx, dog) = oneshot::channel();
+    let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
+    let stages = Stages {
+        items: Some(items_tx),
+        confirms,
+        publishing,
+        checkpointing,
+        watchdog,
+        dog,
+        _catchup: catchup,
+    };
+    Ok((stages, source))
+}
+
+/// Reads until shutdown or an error, passing confirmations through; returns
+/// the reader's own failure, if any. Ends when the checkpointer does (after
+/// a clean drain, or because it failed).
+async fn read_until_stopped(
+    ctx: &Context,
+    source: &mut Source,
+    reader: &mut Reader<'_>,
+    stages: &mut Stages,
+    stream: &async_nats::jetstream::stream::Stream,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<PipelineError> {
+    let mut failure = None;
+    let mut connects = ctx.connects.clone();
+    connects.borrow_and_update();
+    loop {
+        let reading = stages.items.is_some();
+        tokio::select! {
+            biased;
+            // A dead Postgres connection can be silent for minutes while idle.
+            Ok(error) = &mut stages.dog, if reading => {
+                failure = Some(error);
+                stages.items = None;
+            }
+            // SPEC §4.7: on every reconnection, compare the stream's tail with
+            // what this process saw acknowledged; a shorter stream means loss,
+            // and the restart from the checkpoint republishes it.
+            Ok(()) = connects.changed(), if reading => {
+                connects.borrow_and_update();
+                if let Some(loss) = broker_loss(stream, &ctx.acked_high).await {
+                    failure = Some(loss);
+                    stages.items = None;
+                }
+            }
+            _ = shutdown.changed(), if reading => {
+                if *shutdown.borrow() {
+                    stages.items = None; // the publisher drains, then the checkpointer finishes
+                }
+            }
+            changed = stages.confirms.changed() => {
+                if changed.is_err() {
+                    return failure; // checkpointer finished (clean stop) or failed
+                }
+                let confirmed = *stages.confirms.borrow_and_update();
+                source.confirm(confirmed);
+            }
+            result = read_batch(source, reader), if reading => match result {
+                Ok(batch) if batch.is_empty() => {}
+                Ok(batch) => {
+                    let sent = match &stages.items { Some(tx) => tx.send(batch).await.is_ok(), None => true };
+                    if !sent {
+                        stages.items = None; // publisher failed; its error is collected below
+                    }
+                }
+                Err(e) => {
+                    failure = Some(e);
+                    stages.items = None;
+                }
+            },
+            // The publisher stopped (it failed): stop reading, collect its error.
+            _ = closed(&stages.items), if reading => stages.items = None,
+        }
+    }
+}
+
+async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
+    match tx {
+        Some(tx) => tx.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for the publisher and the checkpointer and reports the root cause:
+/// the reader's failure first, then the publisher's, then the
+/// checkpointer's; the publisher's "checkpointer stopped" only if nothing
+/// else explains it.
+async fn finish(failure: Option<PipelineError>, stages: Stages) -> Result<(), PipelineError> {
+    drop(stages.items);
+    stages.watchdog.abort();
+    let published = joined("publisher", stages.publishing.await);
+    let checkpointed = joined("checkpointer", stages.checkpointing.await);
+    let downstream =
+        |e: &PipelineError| matches!(e, PipelineError::Publish(PublishError::Downstream));
+    let (published, publish_downstream) = match published {
+        Err(e) if downstream(&e) => (None, Some(e)),
+        other => (other.err(), None),
+    };
+    match failure
+        .or(published)
+        .or(checkpointed.err())
+        .or(publish_downstream)
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn joined<E: Into<PipelineError>>(
+    task: &str,
+    outcome: Result<Result<(), E>, tokio::task::JoinError>,
+) -> Result<(), PipelineError> {
+    match outcome {
+        Ok(result) => result.map_err(Into::into),
+        Err(e) => Err(PipelineError::Fatal(format!(
+            "{task} task ended abnormally: {e}"
+        ))),
+    }
+}

@@ -1,0 +1,188 @@
+//! The first phase of a run: everything that must hold before an event is
+//! read — the database preconditions (shared with `walcast check`, see
+//! `source::preflight`), the slot, the stream, owning the slot, fencing the
+//! checkpoint, and reconciling the checkpoint with the stream.
+//!
+//! Reconciliation (why no event is lost, duplicated or renumbered): the
+//! stream is a gap-free prefix of walcast's event order (expected-last-
+//! sequence chaining in `publish`), and the checkpoint says "events before
+//! LSN `c` end at stream message `s`". Replaying the slot from `c` rebuilds
+//! the same events with the same ids and seqs, in the same order, so the
+//! first `last_seq - s` of them are exactly the ones already in the stream:
+//! they are counted but not sent again. If the stream holds fewer than `s`
+//! messages, the broker lost events the slot no longer has: stop, loudly.
+
+use std::sync::atomic::Ordering;
+
+use async_nats::jetstream;
+
+use super::{Context, PipelineError};
+use crate::checkpoint::{Checkpoint, store};
+use crate::config::Settings;
+use crate::database::with_timeout;
+use crate::lsn::Lsn;
+use crate::proto::Entity;
+use crate::publish::{self, PublishError};
+use crate::source::preflight::{self, SlotVerdict};
+use crate::source::{Source, slot};
+
+/// What the database preconditions leave a run with.
+pub(super) struct Checked {
+    pub sql: tokio_postgres::Client,
+    /// The source tables' OIDs, so a renamed table is still recognised.
+    pub sources: Vec<(u32, Entity)>,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// Connects and checks every database precondition (stopping at the first
+/// violated one), creating the slot if walcast never streamed it.
+pub(super) async fn check_database(ctx: &Context) -> Result<Checked, PipelineError> {
+    let s = &ctx.settings;
+    let sql = ctx.db.connect().await?;
+    with_timeout("check wal_level", preflight::wal_level(&sql)).await???;
+    let sources = with_timeout(
+        "check the publication",
+        crate::source::publication::verify(&sql, s),
+    )
+    .await???;
+    let checkpoint = with_timeout("read the checkpoint", store::load(&sql, &s.slot)).await??;
+    let state = slot::read(&sql, &s.slot).await?;
+    if preflight::judge_slot(&s.slot, state.as_ref(), checkpoint.is_some())? == SlotVerdict::Create
+    {
+        tracing::info!(slot = %s.slot, "creating replication slot");
+        slot::ensure(&sql, &s.slot).await?;
+    }
+    Ok(Checked {
+        sql,
+        sources,
+        checkpoint,
+    })
+}
+
+/// A run ready to read: it holds the slot and has reconciled the
+/// checkpoint with the stream.
+pub(super) struct Prepared {
+    pub sql: tokio_postgres::Client,
+    pub sources: Vec<(u32, Entity)>,
+    pub stream: jetstream::stream::Stream,
+    pub source: Source,
+    pub checkpoint: Checkpoint,
+    /// The fencing token this run wrote into the checkpoint row.
+    pub owner: String,
+    /// Where reading starts: the checkpoint or the slot, whichever is later.
+    pub start: Lsn,
+    /// The stream's last sequence when the run started.
+    pub last_seq: u64,
+    /// Events already in the stream past the checkpoint (replayed, not sent).
+    pub already: u64,
+    /// The `Nats-Msg-Id` of the stream's last message, if `already > 0`.
+    pub tail_id: Option<String>,
+    /// The highest stream sequence ever acknowledged (this process or the checkpoint).
+    pub acked_high: u64,
+}
+
+/// Owns the slot, reads the stream's tail, fences the checkpoint and
+/// reconciles the two (see the module comment).
+pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared, PipelineError> {
+    let s = &ctx.settings;
+    let Checked { sql, sources, .. } = checked;
+    let mut stream = publish::stream::ensure(&ctx.js, s).await?;
+    // Own the slot before reading any state: until START_REPLICATION
+    // succeeds, another instance may still advance the slot and the
+    // checkpoint. Starting at 0/0 means "at the slot's confirmed position".
+    let source = Source::start(&ctx.db, &s.slot, &s.publication, Lsn(0)).await?;
+    let slot_state = slot::read(&sql, &s.slot)
+        .await?
+        .ok_or_else(|| preflight::slot_dropped(&s.slot))?;
+    let last_seq = stream
+        .info()
+        .await
+        .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?
+        .state
+        .last_sequence;
+    let checkpoint = match store::load(&sql, &s.slot).await? {
+        Some(c) => c,
+        None => {
+            store::init(
+                &sql,
+                &s.slot,
+                slot_state.confirmed_flush,
+                &s.stream,
+                last_seq,
+            )
+            .await?
+        }
+    };
+    // Fence off any earlier holder of the slot from the checkpoint.
+    let owner = format!("{:016x}", rand::random::<u64>());
+    store::claim(&sql, &s.slot, &owner).await?;
+    let already = reconcile(s, &checkpoint, last_seq)?;
+    let tail_id = match already {
+        0 => None,
+        _ => tail_event_id(&stream, last_seq).await,
+    };
+    let acked_high = ctx
+        .acked_high
+        .fetch_max(checkpoint.acked_seq, Ordering::SeqCst)
+        .max(checkpoint.acked_seq);
+    if last_seq < acked_high {
+        tracing::warn!(
+            stream = %s.stream,
+            lost_from = last_seq + 1,
+            lost_to = acked_high,
+            "the broker lost messages it had acknowledged; republishing them from the slot with the same ids and seqs"
+        );
+    }
+    Ok(Prepared {
+        start: checkpoint.lsn.max(slot_state.confirmed_flush),
+        sql,
+        sources,
+        stream,
+        source,
+        checkpoint,
+        owner,
+        last_seq,
+        already,
+        tail_id,
+        acked_high,
+    })
+}
+
+/// How many events past the checkpoint the stream already holds; an error
+/// if the checkpoint belongs to another stream or the stream lost events the
+/// slot no longer has.
+fn reconcile(s: &Settings, checkpoint: &Checkpoint, last_seq: u64) -> Result<u64, PipelineError> {
+    if checkpoint.stream != s.stream {
+        return Err(PipelineError::Fatal(format!(
+            "slot {} was checkpointed for stream {} but --stream is {}; use that stream or another slot",
+            s.slot, checkpoint.stream, s.stream
+        )));
+    }
+    if last_seq < checkpoint.stream_seq {
+        return Err(PipelineError::Fatal(format!(
+            "stream {} ends at message {} but messages up to {} were published and checkpointed at LSN {}: \
+             the broker lost messages {}..={} and the slot no longer holds their WAL. Re-sync consumers and \
+             see README \"Broker data loss\"",
+            s.stream,
+            last_seq,
+            checkpoint.stream_seq,
+            checkpoint.lsn,
+            last_seq + 1,
+            checkpoint.stream_seq
+        )));
+    }
+    let already = last_seq - checkpoint.stream_seq;
+    if already > 0 {
+        tracing::info!(
+            messages = already,
+            "stream is ahead of the checkpoint; replaying without republishing"
+        );
+    }
+    Ok(already)
+}
+
+/// The `Nats-Msg-Id` of the stream's last message, if it can still be read.
+async fn tail_event_id(stream: &jetstream::stream::Stream, last_seq: u64) -> Option<String> {
+    let msg = stream.get_raw_message(last_seq).await.ok()?;
+    Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
+}

@@ -1,0 +1,74 @@
+//! Signs that a run must end although nothing it awaits has failed: a
+//! silent Postgres (a dead connection can be quiet for minutes while idle),
+//! a slot dropped under it, and a broker that lost acknowledged messages
+//! across a reconnection (SPEC §4.7).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use super::PipelineError;
+use crate::database::DbError;
+use crate::publish::PublishError;
+use crate::source::{SourceError, preflight};
+
+/// How often the watchdog checks Postgres, and how long it waits for an answer.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
+pub(super) const WATCHDOG_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reports the first sign that the replication session is gone: Postgres
+/// does not answer, the slot was dropped, or no process streams it any more.
+pub(super) async fn watch_postgres(
+    sql: tokio_postgres::Client,
+    slot: String,
+    report: tokio::sync::oneshot::Sender<PipelineError>,
+) {
+    let error = loop {
+        tokio::time::sleep(WATCHDOG_EVERY).await;
+        if let Some(error) = probe(&sql, &slot).await {
+            break error;
+        }
+    };
+    let _ = report.send(error);
+}
+
+async fn probe(sql: &tokio_postgres::Client, slot: &str) -> Option<PipelineError> {
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+    let probe = sql.query_opt(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+        &params,
+    );
+    match tokio::time::timeout(WATCHDOG_TIMEOUT, probe).await {
+        Err(_) => Some(PipelineError::Db(DbError::Timeout {
+            what: "watchdog probe",
+            seconds: WATCHDOG_TIMEOUT.as_secs(),
+        })),
+        Ok(Err(e)) => Some(PipelineError::Db(DbError::Query {
+            what: "watchdog probe",
+            source: e,
+        })),
+        Ok(Ok(None)) => Some(preflight::slot_dropped(slot).into()),
+        Ok(Ok(Some(row))) if row.get::<_, Option<i32>>(0).is_none() => Some(
+            SourceError::Replication("the replication session ended on the server".into()).into(),
+        ),
+        Ok(Ok(Some(_))) => None,
+    }
+}
+
+/// The error to restart with if the stream now ends before what was acknowledged.
+pub(super) async fn broker_loss(
+    stream: &jetstream::stream::Stream,
+    acked_high: &AtomicU64,
+) -> Option<PipelineError> {
+    let mut stream = stream.clone();
+    let last = stream.info().await.ok()?.state.last_sequence;
+    let high = acked_high.load(Ordering::SeqCst);
+    (last < high).then(|| {
+        PipelineError::Publish(PublishError::BrokerLoss {
+            stream: stream.cached_info().config.name.clone(),
+            last,
+            high,
+        })
+    })
+}
