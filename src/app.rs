@@ -15,8 +15,8 @@ use crate::telemetry::metrics as m;
 
 use crate::config::Settings;
 use crate::database::Database;
+use crate::error_policy::{self, Decision};
 use crate::pipeline::{self, PipelineError};
-use crate::publish::PublishError;
 use crate::secrets::redact_url;
 use crate::source::SourceError;
 
@@ -41,6 +41,21 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    let ctx = connect(settings).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    supervise(&ctx.0, stop_rx).await
+}
+
+/// Everything a run needs that outlives runs: settings, the database
+/// address, the NATS connection (it reconnects by itself), health and the
+/// HTTP endpoints (kept alive by the second field).
+async fn connect(
+    settings: Settings,
+) -> Result<(pipeline::Context, crate::telemetry::http::Server), AppError> {
     let db = Database::parse(&settings.database_url)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -67,7 +82,7 @@ pub async fn run(
         .build(nats);
     let health = Arc::new(Health::default());
     crate::telemetry::metrics::install();
-    let _http = crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
+    let http = crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
         .await
         .map_err(|e| AppError::Http {
             addr: settings.http_addr.clone(),
@@ -81,41 +96,40 @@ pub async fn run(
         js,
         health,
     };
+    Ok((ctx, http))
+}
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-    });
-
+/// Starts runs until a clean stop or an error the policy says to stop on
+/// (see `error_policy`): transient errors retry with backoff, a busy slot
+/// waits as a standby, and at startup Postgres and NATS are waited for at
+/// most `--startup-timeout`.
+async fn supervise(
+    ctx: &pipeline::Context,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), AppError> {
     let mut attempt = 0u32;
     let startup = Instant::now();
     loop {
         let began = Instant::now();
         let replications_before = ctx.health.replications();
-        let result = pipeline::run(&ctx, &mut stop_rx).await;
-        if *stop_rx.borrow() && result.is_ok() {
+        let result = pipeline::run(ctx, &mut stop).await;
+        if *stop.borrow() && result.is_ok() {
             tracing::info!("stopped cleanly");
             return Ok(());
         }
-        let error = match result {
-            Ok(()) => {
-                PipelineError::Source(SourceError::Replication("replication stream ended".into()))
-            }
-            Err(e) => e,
-        };
+        let error = result
+            .err()
+            .unwrap_or_else(|| SourceError::Replication("replication stream ended".into()).into());
         metrics::counter!(m::ERRORS, "stage" => error.stage()).increment(1);
         let started = ctx.health.ever_replicated();
-        // JetStream can be briefly unavailable while a NATS server restarts:
-        // only at startup does "no JetStream" mean a misconfigured server.
-        let retry = error.is_transient()
-            || (started && matches!(error, PipelineError::Publish(PublishError::NoJetStream(_))));
-        if !retry {
+        let decision = error_policy::decide(&error, started);
+        if decision == Decision::Stop {
             return Err(error.into());
         }
-        // A standby waits for the slot for as long as the active instance holds it.
-        let standby = matches!(error, PipelineError::Source(SourceError::SlotBusy(_)));
-        if !started && !standby && startup.elapsed() >= ctx.settings.startup_timeout {
+        if !started
+            && decision != Decision::Standby
+            && startup.elapsed() >= ctx.settings.startup_timeout
+        {
             tracing::error!(timeout = ?ctx.settings.startup_timeout, "gave up waiting for Postgres and NATS at startup");
             return Err(error.into());
         }
@@ -125,12 +139,12 @@ pub async fn run(
             attempt = 0;
         }
         metrics::counter!(m::PIPELINE_RESTARTS, "stage" => error.stage()).increment(1);
-        let wait = pipeline::backoff(attempt);
+        let wait = error_policy::run_backoff(attempt);
         attempt = attempt.saturating_add(1);
         tracing::warn!(stage = error.stage(), error = %error, retry_in = ?wait, attempt, "pipeline interrupted; restarting from the checkpoint");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stop_rx.changed() => {
+            _ = stop.changed() => {
                 tracing::info!("stopped while waiting to retry");
                 return Ok(());
             }

@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod database;
 pub mod decode;
+pub mod error_policy;
 pub mod events;
 pub mod failpoint;
 pub mod lsn;

@@ -3,10 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use async_nats::ConnectErrorKind;
 use tokio::sync::watch;
 
 use crate::config::Settings;
+use crate::error_policy;
 use crate::secrets::redact_url;
 use crate::telemetry::metrics as m;
 
@@ -32,7 +32,7 @@ async fn target(settings: &Settings, name: &str) -> Result<Target, BrokerError> 
     let list = servers::parse(&settings.nats_url).map_err(|reason| BrokerError::Refused {
         url: redact_url(&settings.nats_url),
         reason,
-        fix: FIX_URL,
+        fix: error_policy::FIX_NATS_URL,
     })?;
     let mut options = async_nats::ConnectOptions::new()
         .name(name)
@@ -118,7 +118,7 @@ pub async fn connect_once(
     options.connect(servers).await.map_err(|error| {
         let url = redact_url(&settings.nats_url);
         let reason = crate::secrets::scrub(&error.to_string()).into_owned();
-        match definite(error.kind()) {
+        match error_policy::nats_connect_fix(error.kind()) {
             Some(fix) => BrokerError::Refused { url, reason, fix },
             None => BrokerError::Unreachable {
                 url,
@@ -163,7 +163,7 @@ pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
             Err(e) => e,
         };
         let reason = crate::secrets::scrub(&error.to_string()).into_owned();
-        if let Some(fix) = definite(error.kind()) {
+        if let Some(fix) = error_policy::nats_connect_fix(error.kind()) {
             return Err(BrokerError::Refused { url, reason, fix });
         }
         let waited = started.elapsed();
@@ -174,56 +174,11 @@ pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
                 waited: humantime::format_duration(settings.startup_timeout).to_string(),
             });
         }
-        let wait = backoff(attempt).min(settings.startup_timeout.saturating_sub(waited));
+        let wait =
+            error_policy::backoff(attempt, Duration::from_millis(100), Duration::from_secs(5))
+                .min(settings.startup_timeout.saturating_sub(waited));
         attempt = attempt.saturating_add(1);
         tracing::warn!(nats = %url, error = %reason, retry_in = ?wait, "NATS unreachable; waiting for it");
         tokio::time::sleep(wait).await;
-    }
-}
-
-const FIX_URL: &str =
-    "fix --nats-url (nats://HOST:PORT or tls://HOST:PORT, comma-separated for several servers)";
-
-/// Capped exponential backoff with jitter for the first connection.
-fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1 << attempt.min(6));
-    base.min(Duration::from_secs(5))
-        .mul_f64(rand::random_range(0.5..1.0))
-}
-
-/// The fix for a connection failure that retrying cannot cure, or `None` if
-/// the server may still come up (refused, timed out, DNS not ready yet).
-fn definite(kind: ConnectErrorKind) -> Option<&'static str> {
-    match kind {
-        ConnectErrorKind::ServerParse => Some(FIX_URL),
-        ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => Some(
-            "authorization failed: check the NATS credentials (user:password@ or token@ in --nats-url, --nats-creds, --nats-nkey) against the server's authorization block",
-        ),
-        ConnectErrorKind::Tls => Some(
-            "check the server's TLS setup and --nats-ca / --nats-client-cert / --nats-client-key",
-        ),
-        ConnectErrorKind::Dns
-        | ConnectErrorKind::TimedOut
-        | ConnectErrorKind::Io
-        | ConnectErrorKind::MaxReconnects => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_unreachable_servers_are_waited_for() {
-        assert!(definite(ConnectErrorKind::Io).is_none());
-        assert!(definite(ConnectErrorKind::TimedOut).is_none());
-        assert!(definite(ConnectErrorKind::ServerParse).is_some());
-        assert!(definite(ConnectErrorKind::AuthorizationViolation).is_some());
-    }
-
-    #[test]
-    fn backoff_is_capped() {
-        assert!(backoff(0) <= Duration::from_millis(100));
-        assert!(backoff(40) <= Duration::from_secs(5));
     }
 }

@@ -55,30 +55,6 @@ pub enum DbError {
     Fenced(String),
 }
 
-impl DbError {
-    /// Worth retrying: the server may come back.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            DbError::BadUrl { .. } | DbError::Precondition(_) => false,
-            DbError::Timeout { .. } | DbError::Fenced(_) => true,
-            // A certificate the server presents will not change by retrying.
-            DbError::Connect { source, .. }
-                if crate::telemetry::error_chain(source).contains("certificate") =>
-            {
-                false
-            }
-            DbError::Connect { source, .. } | DbError::Query { source, .. } => {
-                let code = source
-                    .code()
-                    .map(|c| c.code().to_string())
-                    .unwrap_or_default();
-                // 28xxx: authentication; 3D000: no such database; 42xxx: privileges and syntax.
-                !(code.starts_with("28") || code == "3D000" || code.starts_with("42"))
-            }
-        }
-    }
-}
-
 /// How long any single exchange with Postgres may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -14,7 +14,6 @@ mod watchdog;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Duration;
 
 use async_nats::jetstream;
 use tokio::sync::watch;
@@ -62,19 +61,6 @@ impl PipelineError {
             PipelineError::Fatal(_) => "fatal",
         }
     }
-
-    /// Retry with backoff, or stop and tell the operator.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            PipelineError::Db(e) => e.is_transient(),
-            PipelineError::Source(e) => e.is_transient(),
-            PipelineError::Publish(e) => e.is_transient(),
-            PipelineError::Assemble(_) => true,
-            PipelineError::Decode(_) | PipelineError::Precondition(_) | PipelineError::Fatal(_) => {
-                false
-            }
-        }
-    }
 }
 
 /// Shared across runs: settings and the NATS connection (which reconnects by itself).
@@ -111,12 +97,4 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     }
     let prepared = prepare::prepare(ctx, checked).await?;
     drive::drive(ctx, prepared, shutdown).await
-}
-
-/// Exposed for the supervisor's retry logs.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(200).saturating_mul(1 << attempt.min(8));
-    let capped = base.min(Duration::from_secs(30));
-    let jitter = rand::random_range(0.5..1.0);
-    capped.mul_f64(jitter)
 }

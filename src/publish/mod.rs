@@ -75,16 +75,6 @@ pub enum PublishError {
     },
 }
 
-impl PublishError {
-    /// Worth retrying with backoff (the pipeline restarts from the checkpoint).
-    pub fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            PublishError::NoJetStream(_) | PublishError::Incompatible(_)
-        )
-    }
-}
-
 /// Per-event bookkeeping, in publish order.
 enum Pending {
     Event(Sent),

@@ -71,10 +71,6 @@ impl SourceError {
             SourceError::Replication(text)
         }
     }
-
-    pub fn is_transient(&self) -> bool {
-        matches!(self, SourceError::Replication(_) | SourceError::SlotBusy(_))
-    }
 }
 
 #[cfg(test)]
@@ -89,8 +85,10 @@ mod tests {
             "server error: This slot has been invalidated because it exceeded the maximum reserved size.",
         ] {
             let e = SourceError::from_pgwire(PgWireError::Server(server.into()), "walcast");
-            assert!(!e.is_transient(), "{e}");
-            let text = e.to_string();
+            let stop = crate::error_policy::decide(&e.into(), true);
+            assert_eq!(stop, crate::error_policy::Decision::Stop);
+            let text =
+                SourceError::from_pgwire(PgWireError::Server(server.into()), "walcast").to_string();
             assert!(text.contains("may be missing"), "{text}");
             assert!(text.contains("Lost replication slot"), "{text}");
             assert!(
@@ -101,7 +99,8 @@ mod tests {
         }
         let other =
             SourceError::from_pgwire(PgWireError::Server("connection reset".into()), "walcast");
-        assert!(other.is_transient());
+        let retry = crate::error_policy::decide(&other.into(), true);
+        assert_eq!(retry, crate::error_policy::Decision::Retry);
     }
 }
 
