@@ -127,6 +127,19 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
 }
 
 async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+    server(c, s, r).await?;
+    let user = role(c, r).await?;
+    tables(c, s, &user, r).await?;
+    match publication::verify(c, s).await? {
+        Err(violation) => r.violated(violation),
+        Ok(_) => publication_extras(c, s, r).await?,
+    }
+    checkpoint_tables(c, &user, r).await?;
+    slot_state(c, s, r).await
+}
+
+/// Version, wal_level, and room for one more slot and WAL sender.
+async fn server(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
     let version: i32 = c
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -161,6 +174,11 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
         format!("no free WAL sender ({senders} of {max_senders} used)"),
         "raise max_wal_senders (ALTER SYSTEM SET max_wal_senders = ...; restart Postgres)",
     );
+    Ok(())
+}
+
+/// The connecting role may replicate; returns its name for the fixes.
+async fn role(c: &Client, r: &mut Report) -> Result<String, DbError> {
     let row = c
         .query_one("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user", &[])
         .await.map_err(check_query)?;
@@ -171,6 +189,11 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
         format!("role {user} lacks REPLICATION"),
         format!("ALTER ROLE {} REPLICATION;", quote_ident(&user)),
     );
+    Ok(user)
+}
+
+/// Each source table exists, is readable and has REPLICA IDENTITY FULL.
+async fn tables(c: &Client, s: &Settings, user: &str, r: &mut Report) -> Result<(), DbError> {
     let t = &s.tables;
     let tables = [&t.tasks, &t.projects, &t.locks];
     for table in tables {
@@ -191,7 +214,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
             select,
             format!("SELECT on {qualified}"),
             format!("no SELECT on {qualified}"),
-            format!("GRANT SELECT ON {qualified} TO {};", quote_ident(&user)),
+            format!("GRANT SELECT ON {qualified} TO {};", quote_ident(user)),
         );
         if identity == "f" {
             r.pass(format!("{qualified} has REPLICA IDENTITY FULL"));
@@ -203,10 +226,11 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
             );
         }
     }
-    match publication::verify(c, s).await? {
-        Err(violation) => r.violated(violation),
-        Ok(_) => publication_extras(c, s, r).await?,
-    }
+    Ok(())
+}
+
+/// walcast's own tables are writable by the role.
+async fn checkpoint_tables(c: &Client, user: &str, r: &mut Report) -> Result<(), DbError> {
     let state = c
         .query_opt(
             "SELECT has_table_privilege('walcast.checkpoints', 'INSERT') AND has_table_privilege('walcast.checkpoints', 'UPDATE')
@@ -219,10 +243,15 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
         Some(true) => r.pass("checkpoint tables walcast.checkpoints and walcast.tenant_seqs are writable"),
         Some(false) => r.fail(
             "checkpoint tables are not writable by this role",
-            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs TO {};", quote_ident(&user)),
+            format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs TO {};", quote_ident(user)),
         ),
         None => r.fail("checkpoint tables are missing", "run `walcast migrate`"),
     }
+    Ok(())
+}
+
+/// The slot, judged as `walcast run` judges it.
+async fn slot_state(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
     let state = slot::read(c, &s.slot).await?;
     let checkpointed = has_checkpoint(c, &s.slot)
         .await
