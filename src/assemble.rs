@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::decode::{Message, Relation, ReplicaIdentity};
 use crate::events::{Change, EventBuilder, Layout, Tables, TxContext, actor, timestamp};
+use crate::handoff::Item;
 use crate::proto::Entity;
-use crate::publish::Item;
 
 /// The stream broke the protocol's rules; the pipeline restarts.
 #[derive(Debug, thiserror::Error)]

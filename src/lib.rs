@@ -24,6 +24,7 @@ pub mod decode;
 pub mod error_policy;
 pub mod events;
 pub mod failpoint;
+pub mod handoff;
 pub mod lsn;
 pub mod migrate;
 pub mod pipeline;

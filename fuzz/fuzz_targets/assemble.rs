@@ -20,9 +20,9 @@ use prost::Message as _;
 use walcast::assemble::Assembler;
 use walcast::decode::{Column, Message, Relation, ReplicaIdentity, Value, decode};
 use walcast::events::{EventBuilder, Route, Sequencer, Tables, parse_event_id, tenant};
+use walcast::handoff::Item;
 use walcast::proto::change_event::After;
 use walcast::proto::{Action, ChangeEvent, Entity};
-use walcast::publish::Item;
 
 #[allow(dead_code)]
 use walcast::decode::encode;

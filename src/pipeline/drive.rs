@@ -15,8 +15,9 @@ use crate::assemble::Assembler;
 use crate::catchup;
 use crate::checkpoint;
 use crate::events::{EventBuilder, Sequencer};
+use crate::handoff::Item;
 use crate::lsn::Lsn;
-use crate::publish::{self, Item, PublishError, Publisher};
+use crate::publish::{self, PublishError, Publisher};
 use crate::source::Source;
 
 /// The tasks beside the reader, and what the reader talks to them through.

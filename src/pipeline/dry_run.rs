@@ -11,7 +11,7 @@ use super::reader::{Reader, Skip, read_batch};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::events::{EventBuilder, Sequencer};
-use crate::publish::Item;
+use crate::handoff::Item;
 use crate::source::Source;
 use crate::source::{preflight, slot};
 use crate::telemetry::metrics as m;

@@ -7,7 +7,7 @@ use super::{BATCH, PipelineError};
 use crate::assemble::Assembler;
 use crate::decode;
 use crate::events::Route;
-use crate::publish::Item;
+use crate::handoff::Item;
 use crate::source::{Source, SourceError, SourceEvent};
 
 /// Reads one batch: at least one event (waiting for it), then whatever is

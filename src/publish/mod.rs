@@ -30,21 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
-
-/// What flows from the event builder to the publisher, in WAL order.
-#[derive(Debug)]
-pub enum Item {
-    Event(OutEvent),
-    /// Everything before this LSN has been handed over (a commit's end, or an
-    /// idle keepalive position): confirmable once all of it is acknowledged.
-    Boundary(u64),
-    /// An event a previous run already published at `stream_seq`: not sent
-    /// again, but its tenant seq still counts for the checkpoint.
-    Published {
-        tenant: Option<(Arc<str>, u64)>,
-        stream_seq: u64,
-    },
-}
+use crate::handoff::Item;
 
 /// Why publishing stopped.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,21 @@
+//! What the assembler hands the publisher, in WAL order: owned by neither
+//! stage, so data flows one way (assemble → publish) without a back edge.
+
+use std::sync::Arc;
+
+use crate::events::OutEvent;
+
+/// What flows from the event builder to the publisher, in WAL order.
+#[derive(Debug)]
+pub enum Item {
+    Event(OutEvent),
+    /// Everything before this LSN has been handed over (a commit's end, or an
+    /// idle keepalive position): confirmable once all of it is acknowledged.
+    Boundary(u64),
+    /// An event a previous run already published at `stream_seq`: not sent
+    /// again, but its tenant seq still counts for the checkpoint.
+    Published {
+        tenant: Option<(Arc<str>, u64)>,
+        stream_seq: u64,
+    },
+}
