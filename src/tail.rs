@@ -30,17 +30,46 @@ pub struct TailArgs {
     pub follow: bool,
 }
 
+/// Why `walcast tail` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("--tenant: {0}")]
+    Tenant(String),
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+    #[error("stream {stream} on NATS: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("reading the stream: {0}")]
+    Read(String),
+    #[error("stream message {seq} is not a walcast event: {reason}")]
+    Event { seq: u64, reason: String },
+    #[error("cannot write to standard output: {0}")]
+    Output(#[from] std::io::Error),
+}
+
+fn read_err(e: impl std::fmt::Display) -> TailError {
+    TailError::Read(e.to_string())
+}
+
 /// Prints the events; returns how many were printed.
-pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
-    tenant::validate(Some(&args.tenant))
-        .map_err(|e| anyhow::anyhow!("--tenant: {}", e.reason()))?;
+pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError> {
+    tenant::validate(Some(&args.tenant)).map_err(|e| TailError::Tenant(e.reason().to_string()))?;
     let client = crate::broker::connect(settings).await?.client;
     let js = jetstream::new(client);
+    let stream_err = |e: &dyn std::fmt::Display| TailError::Stream {
+        stream: settings.stream.clone(),
+        reason: e.to_string(),
+    };
     let mut stream = js
         .get_stream(&settings.stream)
         .await
-        .map_err(|e| anyhow::anyhow!("stream {} not found on NATS: {e}", settings.stream))?;
-    let last = stream.info().await?.state.last_sequence;
+        .map_err(|e| stream_err(&e))?;
+    let last = stream
+        .info()
+        .await
+        .map_err(|e| stream_err(&e))?
+        .state
+        .last_sequence;
     let filter = match &args.entity {
         Some(entity) => format!("{}.{}.{entity}.*", settings.subject_prefix, args.tenant),
         None => format!("{}.{}.>", settings.subject_prefix, args.tenant),
@@ -50,8 +79,9 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
             filter_subject: filter,
             ..Default::default()
         })
-        .await?;
-    let mut messages = consumer.messages().await?;
+        .await
+        .map_err(|e| stream_err(&e))?;
+    let mut messages = consumer.messages().await.map_err(read_err)?;
     let mut printed = 0;
     let mut out = std::io::stdout().lock();
     if last == 0 && !args.follow {
@@ -67,16 +97,16 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
             }
         };
         let Some(msg) = next else { break };
-        let msg = msg?;
-        let info = msg.info().map_err(anyhow::Error::msg)?;
+        let msg = msg.map_err(read_err)?;
+        let info = msg.info().map_err(read_err)?;
         let (stream_seq, pending) = (info.stream_sequence, info.pending);
-        let body = match msg.headers.as_ref().and_then(|h| h.get("Walcast-Object")) {
-            Some(object) => fetch_object(&js, object.as_str()).await?,
-            None => msg.payload.to_vec(),
-        };
-        let event = ChangeEvent::decode(body.as_slice())?;
+        let event = event(&js, &msg, stream_seq).await?;
         if args.from_seq.is_none_or(|from| event.seq >= from) {
-            writeln!(out, "{}", walcast_client::json::to_value(&event)?)?;
+            let json = walcast_client::json::to_value(&event).map_err(|e| TailError::Event {
+                seq: stream_seq,
+                reason: e.to_string(),
+            })?;
+            writeln!(out, "{json}")?;
             printed += 1;
         }
         if !args.follow && (pending == 0 || stream_seq >= last) {
@@ -87,14 +117,37 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> anyhow::Result<u64> {
     Ok(printed)
 }
 
+/// The message's event, fetched from the object store when oversized.
+async fn event(
+    js: &jetstream::Context,
+    msg: &jetstream::Message,
+    seq: u64,
+) -> Result<ChangeEvent, TailError> {
+    let bad = |reason: String| TailError::Event { seq, reason };
+    let body = match msg.headers.as_ref().and_then(|h| h.get("Walcast-Object")) {
+        Some(object) => fetch_object(js, object.as_str()).await.map_err(bad)?,
+        None => msg.payload.to_vec(),
+    };
+    ChangeEvent::decode(body.as_slice()).map_err(|e| bad(e.to_string()))
+}
+
 /// Reads an oversized event from the object store (`<bucket>/<event_id>`).
-async fn fetch_object(js: &jetstream::Context, object: &str) -> anyhow::Result<Vec<u8>> {
+async fn fetch_object(js: &jetstream::Context, object: &str) -> Result<Vec<u8>, String> {
     let (bucket, name) = object
         .split_once('/')
-        .ok_or_else(|| anyhow::anyhow!("malformed Walcast-Object header {object:?}"))?;
-    let store = js.get_object_store(bucket).await?;
-    let mut reader = store.get(name).await?;
+        .ok_or_else(|| format!("malformed Walcast-Object header {object:?}"))?;
+    let store = js
+        .get_object_store(bucket)
+        .await
+        .map_err(|e| format!("object store {bucket}: {e}"))?;
+    let mut reader = store
+        .get(name)
+        .await
+        .map_err(|e| format!("object {object}: {e}"))?;
     let mut body = Vec::new();
-    reader.read_to_end(&mut body).await?;
+    reader
+        .read_to_end(&mut body)
+        .await
+        .map_err(|e| format!("object {object}: {e}"))?;
     Ok(body)
 }
