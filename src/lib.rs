@@ -3,8 +3,8 @@
 //! Data flows one way through the stages, one module each:
 //! [`source`] (replication connection) → [`decode`] (pgoutput bytes → messages) →
 //! [`assemble`] (transactions, relations, actor) → [`events`] (entity, action, tenant,
-//! seq) → [`publish`] (JetStream, acks) → [`checkpoint`] (durable progress, LSN confirm).
-//! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; [`pipeline`]
+//! seq) → [`publish`] (JetStream, acks) → `checkpoint` (durable progress, LSN confirm).
+//! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; `pipeline`
 //! runs the stages once and [`app`] supervises runs. See docs/ARCHITECTURE.md.
 
 /// The event contract (`proto/walcast/v1/events.proto`), generated once in
