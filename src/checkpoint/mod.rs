@@ -10,10 +10,11 @@ pub mod progress;
 pub mod store;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::sync::{mpsc, watch};
-use tokio_postgres::Client;
 
 use crate::database::{DbError, with_timeout};
 use crate::lsn::Lsn;
@@ -22,6 +23,12 @@ use crate::telemetry::metrics as m_;
 pub use confirm::ConfirmQueue;
 pub use progress::{Progress, Segment};
 pub use store::Checkpoint;
+pub(crate) use store::Store;
+
+#[cfg(test)]
+mod memory;
+#[cfg(test)]
+mod tests;
 
 /// At most this often a checkpoint is written while running (always on exit).
 const SAVE_EVERY: Duration = Duration::from_millis(250);
@@ -32,30 +39,11 @@ const TICK: Duration = Duration::from_secs(1);
 /// The slot's retained WAL and the lag in bytes are measured every 5 ticks.
 const GAUGES_EVERY_TICKS: u64 = 5;
 
-/// Sets the slot gauges; a failed query only leaves them stale.
-async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
-    let row = client
-        .query_opt(
-            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn)
-             SELECT (cur.lsn - s.restart_lsn)::float8, (cur.lsn - $2::text::pg_lsn)::float8
-             FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
-            &[&slot, &acked.to_string()],
-        )
-        .await;
-    if let Ok(Some(row)) = row {
-        if let Ok(Some(retained)) = row.try_get::<_, Option<f64>>(0) {
-            metrics::gauge!(m_::SLOT_RETAINED_WAL_BYTES).set(retained);
-        }
-        if let Ok(Some(lag)) = row.try_get::<_, Option<f64>>(1) {
-            metrics::gauge!(m_::REPLICATION_LAG_BYTES).set(lag.max(0.0));
-        }
-    }
-}
-
 /// The last stage of one run.
-pub struct Checkpointer {
-    /// Its own SQL connection (checkpoint writes never wait behind other queries).
-    pub client: Client,
+pub struct Checkpointer<S> {
+    /// Its own store (in production a SQL connection of its own, so
+    /// checkpoint writes never wait behind other queries).
+    pub store: S,
     pub slot: String,
     /// This run's fencing token (see `store::claim`).
     pub owner: String,
@@ -64,7 +52,7 @@ pub struct Checkpointer {
     pub health: Arc<Health>,
 }
 
-impl Checkpointer {
+impl<S: Store> Checkpointer<S> {
     /// Runs until the publisher closes `segments` (after draining), then writes
     /// the final checkpoint of what has matured and returns.
     pub async fn run(
@@ -74,22 +62,19 @@ impl Checkpointer {
         confirm: watch::Sender<Lsn>,
     ) -> Result<(), DbError> {
         let Checkpointer {
-            client,
+            store,
             slot,
             owner,
             delay,
             health,
         } = self;
-        run(
-            client, slot, owner, delay, &start, segments, confirm, health,
-        )
-        .await
+        run(store, slot, owner, delay, &start, segments, confirm, health).await
     }
 }
 
 #[allow(clippy::too_many_arguments)] // the fields of `Checkpointer`, destructured once
-async fn run(
-    mut client: Client,
+async fn run<S: Store>(
+    mut store: S,
     slot: String,
     owner: String,
     delay: Duration,
@@ -120,11 +105,11 @@ async fn run(
             _ = tick.tick() => {
                 ticks += 1;
                 if acked_seq > saved_acked {
-                    with_timeout("record the acknowledged sequence", store::save_acked(&client, &slot, &owner, acked_seq)).await??;
+                    with_timeout("record the acknowledged sequence", store.save_acked(&slot, &owner, acked_seq)).await??;
                     saved_acked = acked_seq;
                 }
                 if ticks % GAUGES_EVERY_TICKS == 1 {
-                    let _ = with_timeout("measure the slot", slot_gauges(&client, &slot, acked_lsn)).await;
+                    let _ = with_timeout("measure the slot", store.gauges(&slot, acked_lsn)).await;
                 }
                 continue;
             }
@@ -138,14 +123,7 @@ async fn run(
             // Keepalive-only progress changes no tenant and no stream position:
             // confirming it needs no write (the checkpoint stays valid up to it).
             if !m.tenants.is_empty() || m.stream_seq != saved_seq {
-                let save = store::save(
-                    &mut client,
-                    &slot,
-                    &owner,
-                    Lsn(m.end_lsn),
-                    m.stream_seq,
-                    &m.tenants,
-                );
+                let save = store.save(&slot, &owner, Lsn(m.end_lsn), m.stream_seq, &m.tenants);
                 with_timeout("write the checkpoint", save).await??;
                 crate::failpoint::crash_point("after_checkpoint");
                 health.checkpointed();
@@ -161,6 +139,6 @@ async fn run(
 
 async fn sleep_until(when: Option<Instant>) {
     if let Some(when) = when {
-        tokio::time::sleep_until(when.into()).await;
+        tokio::time::sleep_until(when).await;
     }
 }

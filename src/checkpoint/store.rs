@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use crate::database::{DbError, query_err};
 use crate::lsn::Lsn;
+use crate::telemetry::metrics as m;
 
 /// A checkpoint as stored.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,6 +22,67 @@ pub struct Checkpoint {
     /// Highest stream sequence seen acknowledged (>= `stream_seq`).
     pub acked_seq: u64,
     pub tenants: Vec<(String, u64)>,
+}
+
+/// Where a run writes its checkpoints: Postgres in production
+/// ([`tokio_postgres::Client`]), memory in tests (`memory::MemoryStore`).
+/// Every write names the run's fencing token and fails with
+/// [`DbError::Fenced`] once another run claimed the checkpoint.
+pub(crate) trait Store {
+    /// Advances the checkpoint atomically (see [`save`]).
+    async fn save(
+        &mut self,
+        slot: &str,
+        owner: &str,
+        lsn: Lsn,
+        stream_seq: u64,
+        tenants: &[(Arc<str>, u64)],
+    ) -> Result<(), DbError>;
+    /// Records the highest acknowledged stream sequence (see [`save_acked`]).
+    async fn save_acked(&mut self, slot: &str, owner: &str, acked_seq: u64) -> Result<(), DbError>;
+    /// Updates the slot gauges; a failure only leaves them stale.
+    async fn gauges(&mut self, slot: &str, acked: Lsn);
+}
+
+impl Store for Client {
+    async fn save(
+        &mut self,
+        slot: &str,
+        owner: &str,
+        lsn: Lsn,
+        stream_seq: u64,
+        tenants: &[(Arc<str>, u64)],
+    ) -> Result<(), DbError> {
+        save(self, slot, owner, lsn, stream_seq, tenants).await
+    }
+
+    async fn save_acked(&mut self, slot: &str, owner: &str, acked_seq: u64) -> Result<(), DbError> {
+        save_acked(self, slot, owner, acked_seq).await
+    }
+
+    async fn gauges(&mut self, slot: &str, acked: Lsn) {
+        slot_gauges(self, slot, acked).await
+    }
+}
+
+/// Sets the slot gauges; a failed query only leaves them stale.
+async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
+    let row = client
+        .query_opt(
+            "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn)
+             SELECT (cur.lsn - s.restart_lsn)::float8, (cur.lsn - $2::text::pg_lsn)::float8
+             FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
+            &[&slot, &acked.to_string()],
+        )
+        .await;
+    if let Ok(Some(row)) = row {
+        if let Ok(Some(retained)) = row.try_get::<_, Option<f64>>(0) {
+            metrics::gauge!(m::SLOT_RETAINED_WAL_BYTES).set(retained);
+        }
+        if let Ok(Some(lag)) = row.try_get::<_, Option<f64>>(1) {
+            metrics::gauge!(m::REPLICATION_LAG_BYTES).set(lag.max(0.0));
+        }
+    }
 }
 
 /// Loads the checkpoint of `slot`, if any.

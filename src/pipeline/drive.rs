@@ -133,7 +133,7 @@ async fn spawn_stages(
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let checkpointer = checkpoint::Checkpointer {
-        client: ctx.db.connect().await?,
+        store: ctx.db.connect().await?,
         slot: s.slot.clone(),
         owner,
         delay: s.confirm_delay,

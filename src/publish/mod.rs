@@ -228,7 +228,7 @@ impl Publisher {
                 _ = tick.tick(), if !(acks.is_empty() && !f.progress.has_boundary() && f.stats.is_empty()) => {
                     acks.check_timeout(Instant::now())?;
                     f.stats.flush();
-                    if let Some(seg) = f.progress.cut(Instant::now(), false) {
+                    if let Some(seg) = f.progress.cut(tokio::time::Instant::now(), false) {
                         segments.send(seg).await.map_err(|_| PublishError::Downstream)?;
                     }
                 }
@@ -237,7 +237,7 @@ impl Publisher {
                 self.republish.finish();
                 f.stats.flush();
                 drain_ready(&mut f.pending, &mut f.progress);
-                if let Some(seg) = f.progress.cut(Instant::now(), true) {
+                if let Some(seg) = f.progress.cut(tokio::time::Instant::now(), true) {
                     segments
                         .send(seg)
                         .await
