@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::decode::{Message, Relation, ReplicaIdentity};
+use crate::decode::{Message, Relation, ReplicaIdentity, Truncate};
 use crate::events::{Change, EventBuilder, Layout, Tables, TxContext, actor, timestamp};
 use crate::handoff::Item;
 use crate::proto::Entity;
@@ -180,21 +180,7 @@ impl Assembler {
                     .ok_or(AssembleError::OutsideTransaction("Commit"))?;
                 out.push(Item::Boundary(c.end_lsn));
             }
-            Message::Relation(rel) => {
-                let layout = self.layout(&rel);
-                if layout.is_some()
-                    && rel.replica_identity != ReplicaIdentity::Full
-                    && self.warned_identity.insert(rel.oid)
-                {
-                    tracing::warn!(
-                        table = %format!("{}.{}", rel.namespace, rel.name),
-                        "REPLICA IDENTITY is not FULL: updates and deletes carry no before-image, so \
-                         transitions (completed, archived, transferred, expired) and deletes' tenants \
-                         cannot always be derived; run ALTER TABLE ... REPLICA IDENTITY FULL"
-                    );
-                }
-                self.relations.insert(rel.oid, layout);
-            }
+            Message::Relation(rel) => self.relation(&rel),
             Message::Message(m) if m.transactional && m.prefix == actor::MESSAGE_PREFIX => {
                 let tx = self
                     .tx
@@ -225,26 +211,48 @@ impl Assembler {
                 },
                 out,
             )?,
-            Message::Truncate(t) => {
-                let tx = self
-                    .tx
-                    .as_mut()
-                    .ok_or(AssembleError::OutsideTransaction("Truncate"))?;
-                for oid in t.relations() {
-                    let layout = self
-                        .relations
-                        .get(&oid)
-                        .ok_or(AssembleError::UnknownRelation(oid))?;
-                    if let Some(layout) = layout {
-                        let index = tx.next_index;
-                        tx.next_index += 1;
-                        if !tx.skip {
-                            out.push(Item::Event(self.builder.truncate(&tx.ctx, index, layout)));
-                        }
-                    }
+            Message::Truncate(t) => self.truncate(&t, out)?,
+            Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Caches the relation's layout (`None`: not a source table), warning
+    /// once per table without REPLICA IDENTITY FULL.
+    fn relation(&mut self, rel: &Relation) {
+        let layout = self.layout(rel);
+        if layout.is_some()
+            && rel.replica_identity != ReplicaIdentity::Full
+            && self.warned_identity.insert(rel.oid)
+        {
+            tracing::warn!(
+                table = %format!("{}.{}", rel.namespace, rel.name),
+                "REPLICA IDENTITY is not FULL: updates and deletes carry no before-image, so \
+                 transitions (completed, archived, transferred, expired) and deletes' tenants \
+                 cannot always be derived; run ALTER TABLE ... REPLICA IDENTITY FULL"
+            );
+        }
+        self.relations.insert(rel.oid, layout);
+    }
+
+    /// One event per source table the TRUNCATE names.
+    fn truncate(&mut self, t: &Truncate<'_>, out: &mut Vec<Item>) -> Result<(), AssembleError> {
+        let tx = self
+            .tx
+            .as_mut()
+            .ok_or(AssembleError::OutsideTransaction("Truncate"))?;
+        for oid in t.relations() {
+            let layout = self
+                .relations
+                .get(&oid)
+                .ok_or(AssembleError::UnknownRelation(oid))?;
+            if let Some(layout) = layout {
+                let index = tx.next_index;
+                tx.next_index += 1;
+                if !tx.skip {
+                    out.push(Item::Event(self.builder.truncate(&tx.ctx, index, layout)));
                 }
             }
-            Message::Type(_) | Message::Origin(_) | Message::Message(_) => {}
         }
         Ok(())
     }

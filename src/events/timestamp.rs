@@ -47,19 +47,13 @@ pub fn from_pg_micros(micros: i64) -> Timestamp {
 
 /// Parses Postgres' ISO text output; `None` if it is not a timestamp at all.
 pub fn parse(text: &str) -> Option<Parsed> {
+    let clamped = |max: bool| Parsed {
+        timestamp: if max { MAX } else { MIN },
+        exact: false,
+    };
     match text {
-        "infinity" => {
-            return Some(Parsed {
-                timestamp: MAX,
-                exact: false,
-            });
-        }
-        "-infinity" => {
-            return Some(Parsed {
-                timestamp: MIN,
-                exact: false,
-            });
-        }
+        "infinity" => return Some(clamped(true)),
+        "-infinity" => return Some(clamped(false)),
         _ => {}
     }
     let (text, bc) = match text.strip_suffix(" BC") {
@@ -67,6 +61,30 @@ pub fn parse(text: &str) -> Option<Parsed> {
         None => (text, false),
     };
     let (date, time) = text.split_once(' ').unwrap_or((text, "00:00:00"));
+    let (year, month, day) = parse_date(date, bc)?;
+    let (second_of_day, nanos, offset_seconds) = parse_time(time)?;
+    // Years beyond any timestamp (Postgres stops at 294276) are clamped before
+    // the arithmetic, so it cannot overflow.
+    const YEAR_LIMIT: i64 = 1_000_000;
+    if year.abs() > YEAR_LIMIT {
+        return Some(clamped(year > 0));
+    }
+    let seconds = days_from_civil(year, month, day) * 86_400 + second_of_day - offset_seconds;
+    Some(if seconds < MIN.seconds || seconds > MAX.seconds {
+        clamped(seconds > MAX.seconds)
+    } else {
+        Parsed {
+            timestamp: Timestamp {
+                seconds,
+                nanos: nanos as i32,
+            },
+            exact: true,
+        }
+    })
+}
+
+/// `YYYY-MM-DD` as (astronomical year, month, day): 1 BC is year 0.
+fn parse_date(date: &str, bc: bool) -> Option<(i64, u32, u32)> {
     let mut parts = date.splitn(3, '-');
     let year: i64 = parts.next()?.parse().ok()?;
     let month: u32 = parts.next()?.parse().ok()?;
@@ -74,9 +92,12 @@ pub fn parse(text: &str) -> Option<Parsed> {
     if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month, bc) {
         return None;
     }
-    // Astronomical year numbering: 1 BC is year 0.
-    let year = if bc { 1 - year } else { year };
+    Some((if bc { 1 - year } else { year }, month, day))
+}
 
+/// `HH:MM:SS[.fraction][offset]` as (second of the day, nanoseconds, offset
+/// in seconds).
+fn parse_time(time: &str) -> Option<(i64, i64, i64)> {
     let offset_at = time.find(['+', '-']).unwrap_or(time.len());
     let (clock, offset) = time.split_at(offset_at);
     let (hms, fraction) = clock.split_once('.').unwrap_or((clock, ""));
@@ -98,37 +119,11 @@ pub fn parse(text: &str) -> Option<Parsed> {
     if !in_day && !end_of_day {
         return None;
     }
-    let offset_seconds = parse_offset(offset)?;
-
-    // Years beyond any timestamp (Postgres stops at 294276) are clamped before
-    // the arithmetic, so it cannot overflow.
-    const YEAR_LIMIT: i64 = 1_000_000;
-    let clamped = |max: bool| Parsed {
-        timestamp: if max { MAX } else { MIN },
-        exact: false,
-    };
-    if year > YEAR_LIMIT {
-        return Some(clamped(true));
-    }
-    if year < -YEAR_LIMIT {
-        return Some(clamped(false));
-    }
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_seconds;
-    let timestamp = Timestamp {
-        seconds,
-        nanos: nanos as i32,
-    };
-    Some(if seconds < MIN.seconds {
-        clamped(false)
-    } else if seconds > MAX.seconds {
-        clamped(true)
-    } else {
-        Parsed {
-            timestamp,
-            exact: true,
-        }
-    })
+    Some((
+        hour * 3600 + minute * 60 + second,
+        nanos,
+        parse_offset(offset)?,
+    ))
 }
 
 /// Days in `month` of `year` as written (before the BC conversion), in the
