@@ -70,7 +70,7 @@ pub fn parse(text: &str) -> Option<Parsed> {
         return Some(clamped(year > 0));
     }
     let seconds = days_from_civil(year, month, day) * 86_400 + second_of_day - offset_seconds;
-    Some(if seconds < MIN.seconds || seconds > MAX.seconds {
+    Some(if !(MIN.seconds..=MAX.seconds).contains(&seconds) {
         clamped(seconds > MAX.seconds)
     } else {
         Parsed {
