@@ -19,6 +19,7 @@ use tokio_postgres::Client;
 use super::checks::assert_stream_exact;
 use super::daemon::{Env, StreamEvent, read_stream};
 use super::oracle::{Change, Oracle, assert_matches_oracle, assert_prefix_of_oracle};
+use super::postgres::Postgres;
 use super::workload::{ROLLED_BACK, Stats, Tables, Workload};
 
 /// `WALCAST_SOAK=1`: the long variants (more kills, longer outages).
@@ -242,7 +243,12 @@ pub const HOUSEKEEPING_EVERY: u64 = 100;
 
 impl Load {
     pub async fn start(env: &Env, tenants: usize, pause: Duration) -> Load {
-        let mut client = env.pg.client().await;
+        Self::start_on(&env.pg, tenants, pause).await
+    }
+
+    /// Like [`Load::start`], for a test whose NATS is not an [`Env`]'s.
+    pub async fn start_on(pg: &Postgres, tenants: usize, pause: Duration) -> Load {
+        let mut client = pg.client().await;
         let mut workload = Workload::new(Workload::seed(), tenants);
         let stop = Arc::new(AtomicBool::new(false));
         let txs = Arc::new(AtomicU64::new(0));
@@ -384,7 +390,12 @@ pub async fn checkpoint_stream_seq(client: &Client) -> u64 {
 /// order and transaction contiguity; nothing rolled back; and replaying the
 /// stream rebuilds exactly the source tables. Returns the events checked.
 pub async fn verify(scenario: &str, env: &Env, client: &Client, oracle: &Oracle) -> usize {
-    let events: Vec<StreamEvent> = read_stream(&env.nats.url(), "WALCAST").await;
+    verify_at(scenario, &env.nats.url(), client, oracle).await
+}
+
+/// [`verify`] against the stream on the NATS server at `nats_url`.
+pub async fn verify_at(scenario: &str, nats_url: &str, client: &Client, oracle: &Oracle) -> usize {
+    let events: Vec<StreamEvent> = read_stream(nats_url, "WALCAST").await;
     let per_tenant = assert_stream_exact(&events);
     let changes = oracle.changes(client).await;
     let compared = assert_matches_oracle(&events, &changes);

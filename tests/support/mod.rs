@@ -126,6 +126,7 @@ pub(crate) fn read_log(path: &Path) -> String {
 }
 pub mod chaos;
 pub mod checks;
+pub mod cluster;
 pub mod daemon;
 pub mod edge;
 pub mod oracle;

@@ -1,6 +1,8 @@
 //! A throwaway nats-server (JetStream enabled) per test, on a random port
 //! with its own store dir. The config file is generated from `NatsOptions`
-//! so restarts (`start_again`) reuse exactly the same port and store.
+//! so restarts (`start_again`) reuse exactly the same port and store. A
+//! node of a test cluster (`cluster.rs`) is one of these with
+//! `NatsOptions::cluster` set.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -28,6 +30,22 @@ pub struct NatsOptions {
     pub jetstream_extra: String,
     /// Extra top-level config text, appended verbatim.
     pub extra: String,
+    /// Membership in a multi-node cluster (see `cluster.rs`): server name
+    /// and routes. `None`: a standalone server.
+    pub cluster: Option<ClusterMember>,
+}
+
+/// One node's place in a test cluster: routes on loopback.
+#[derive(Debug, Clone)]
+pub struct ClusterMember {
+    /// `server_name` (JetStream clustering needs a unique one per node).
+    pub server_name: String,
+    /// The cluster's name, the same on every node.
+    pub cluster_name: String,
+    /// This node's route port.
+    pub route_port: u16,
+    /// The other nodes' route ports.
+    pub peers: Vec<u16>,
 }
 
 impl Default for NatsOptions {
@@ -37,6 +55,7 @@ impl Default for NatsOptions {
             max_payload: None,
             jetstream_extra: String::new(),
             extra: String::new(),
+            cluster: None,
         }
     }
 }
@@ -119,6 +138,14 @@ impl Nats {
     /// The server log's content, for assertions and failure messages.
     pub fn log_contents(&self) -> String {
         read_log(&self.log_path())
+    }
+
+    /// Whether the server process is running (not stopped or killed).
+    pub fn is_running(&self) -> bool {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .is_some()
     }
 
     /// Graceful stop: SIGTERM, then waits for the process to exit.
@@ -231,6 +258,20 @@ impl Nats {
                 "jetstream {{\n  store_dir: {}\n{}\n}}\n",
                 quote(&self.store_dir())?,
                 o.jetstream_extra
+            ));
+        }
+        if let Some(c) = &o.cluster {
+            let routes: Vec<String> = c
+                .peers
+                .iter()
+                .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+                .collect();
+            conf.push_str(&format!(
+                "server_name: {}\ncluster {{\n  name: {}\n  listen: \"127.0.0.1:{}\"\n  routes: [{}]\n}}\n",
+                c.server_name,
+                c.cluster_name,
+                c.route_port,
+                routes.join(", ")
             ));
         }
         if let Some(max_payload) = o.max_payload {
