@@ -1,6 +1,7 @@
 mod big_transactions;
 mod broker_loss;
 mod catchup;
+mod cluster;
 mod data_edges;
 mod demo;
 mod deploy_files;

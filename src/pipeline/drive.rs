@@ -62,17 +62,8 @@ pub(super) async fn drive(
         ),
         last_boundary: prepared.start.0,
     };
-    let stream = prepared.stream.clone();
     let (mut stages, mut source) = spawn_stages(ctx, prepared).await?;
-    let failure = read_until_stopped(
-        ctx,
-        &mut source,
-        &mut reader,
-        &mut stages,
-        &stream,
-        shutdown,
-    )
-    .await;
+    let failure = read_until_stopped(ctx, &mut source, &mut reader, &mut stages, shutdown).await;
     let result = finish(failure, stages).await;
     if result.is_ok() {
         source.close().await;
@@ -162,7 +153,6 @@ async fn read_until_stopped(
     source: &mut Source,
     reader: &mut Reader<'_>,
     stages: &mut Stages,
-    stream: &async_nats::jetstream::stream::Stream,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<PipelineError> {
     let mut failure = None;
@@ -182,7 +172,7 @@ async fn read_until_stopped(
             // and the restart from the checkpoint republishes it.
             Ok(()) = connects.changed(), if reading => {
                 connects.borrow_and_update();
-                if let Some(loss) = broker_loss(stream, &ctx.acked_high).await {
+                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high).await {
                     failure = Some(loss);
                     stages.items = None;
                 }

@@ -56,17 +56,26 @@ async fn probe(sql: &tokio_postgres::Client, slot: &str) -> Option<PipelineError
     }
 }
 
-/// The error to restart with if the stream now ends before what was acknowledged.
+/// The error to restart with if the stream now ends before what was
+/// acknowledged. Only its leader's word counts (a replica may lag): after a
+/// reconnection the stream may be electing one.
 pub(super) async fn broker_loss(
-    stream: &jetstream::stream::Stream,
+    js: &jetstream::Context,
+    name: &str,
     acked_high: &AtomicU64,
 ) -> Option<PipelineError> {
-    let mut stream = stream.clone();
-    let last = stream.info().await.ok()?.state.last_sequence;
+    let found = crate::publish::stream::lookup(js, name, WATCHDOG_TIMEOUT)
+        .await
+        .ok()?;
+    let info = found.cached_info();
+    if !crate::publish::stream::has_leader(info) {
+        return None;
+    }
+    let last = info.state.last_sequence;
     let high = acked_high.load(Ordering::SeqCst);
     (last < high).then(|| {
         PipelineError::Publish(PublishError::BrokerLoss {
-            stream: stream.cached_info().config.name.clone(),
+            stream: name.to_string(),
             last,
             high,
         })

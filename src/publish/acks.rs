@@ -12,11 +12,19 @@
 //!
 //! Acks arrive on one subscription, `<inbox>.<stream seq>`; the token names
 //! the stream sequence the acked message was expected at.
+//!
+//! Two answers end the wait for the acks before them at once, since those
+//! will never come: "no responders" (nothing stores the stream's subjects:
+//! its leader is being elected, or the stream is gone), and a NATS
+//! reconnection (an ack sent to the old connection is lost with it).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use async_nats::{Client, Subject, Subscriber};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_nats::{Client, Statistics, Subject, Subscriber};
 use serde::Deserialize;
 
 use super::PublishError;
@@ -29,12 +37,22 @@ pub const ACK_EVERY: u64 = 256;
 /// restarts from the checkpoint).
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an ack requested before a NATS reconnection may still arrive
+/// after it (a publish still queued in the client goes out on the new
+/// connection); one sent on the old connection is lost.
+pub const RECONNECT_GRACE: Duration = Duration::from_secs(2);
+
 /// Outstanding ack requests and the subscription their acks arrive on.
 pub struct Acks {
     inbox: String,
     sub: Subscriber,
-    /// Stream sequences an ack was requested for, with when, in order.
-    requested: VecDeque<(u64, Instant)>,
+    /// The client's statistics: `connects` counts (re)connections.
+    stats: Arc<Statistics>,
+    /// The connection count last seen, and since when.
+    connection: (u64, Instant),
+    /// Stream sequences an ack was requested for, with when and on which
+    /// connection (count), in order.
+    requested: VecDeque<(u64, Instant, u64)>,
     /// Acks that arrived ahead of an earlier request (JetStream answers in
     /// order, but nothing here relies on it).
     early: BTreeMap<u64, Verdict>,
@@ -47,6 +65,9 @@ pub enum Verdict {
     Stored { seq: u64, duplicate: bool },
     /// Rejected, with JetStream's description.
     Rejected(String),
+    /// Nothing captures the subject: no stream leader (an election), or no
+    /// stream.
+    NoResponders,
 }
 
 /// An ack matched to the request it answers.
@@ -66,9 +87,13 @@ impl Acks {
             .subscribe(format!("{inbox}.*"))
             .await
             .map_err(|e| PublishError::Nats(format!("subscribe to the ack inbox: {e}")))?;
+        let stats = client.statistics();
+        let connects = stats.connects.load(Ordering::Relaxed);
         Ok(Acks {
             inbox,
             sub,
+            stats,
+            connection: (connects, Instant::now()),
             requested: VecDeque::new(),
             early: BTreeMap::new(),
         })
@@ -77,7 +102,8 @@ impl Acks {
     /// The reply subject for the publish expected at `seq`, and records the
     /// request.
     pub fn request(&mut self, seq: u64) -> Subject {
-        self.requested.push_back((seq, Instant::now()));
+        let connects = self.stats.connects.load(Ordering::Relaxed);
+        self.requested.push_back((seq, Instant::now(), connects));
         Subject::from(format!("{}.{seq}", self.inbox))
     }
 
@@ -90,7 +116,7 @@ impl Acks {
     pub async fn next(&mut self) -> Result<Answer, PublishError> {
         use futures::StreamExt;
         loop {
-            let Some(&(front, at)) = self.requested.front() else {
+            let Some(&(front, at, _)) = self.requested.front() else {
                 return std::future::pending().await;
             };
             if let Some(verdict) = self.early.remove(&front) {
@@ -111,30 +137,44 @@ impl Acks {
             else {
                 continue;
             };
-            if !self.requested.iter().any(|(s, _)| *s == seq) {
+            let Some(&(_, at, _)) = self.requested.iter().find(|(s, _, _)| *s == seq) else {
                 // A late answer to a request of a failed attempt: not ours.
                 continue;
-            }
-            let verdict = match msg.status {
-                Some(status) if status == async_nats::StatusCode::NO_RESPONDERS => {
-                    Verdict::Rejected(
-                        "no stream captures the subject (no responders): was the stream deleted?"
-                            .into(),
-                    )
-                }
-                _ => parse(&msg.payload),
             };
-            self.early.insert(seq, verdict);
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                // Every request before it is as good as unanswered: say so
+                // now rather than after the ack timeout.
+                return Ok(Answer {
+                    expected: seq,
+                    verdict: Verdict::NoResponders,
+                    latency: at.elapsed(),
+                });
+            }
+            self.early.insert(seq, parse(&msg.payload));
         }
     }
 
-    /// Fails when the oldest request has waited longer than [`ACK_TIMEOUT`].
-    pub fn check_timeout(&self, now: Instant) -> Result<(), PublishError> {
+    /// Fails when the oldest request has waited longer than [`ACK_TIMEOUT`],
+    /// or was sent before a NATS reconnection more than [`RECONNECT_GRACE`]
+    /// ago.
+    pub fn check_timeout(&mut self, now: Instant) -> Result<(), PublishError> {
+        let connects = self.stats.connects.load(Ordering::Relaxed);
+        if connects != self.connection.0 {
+            self.connection = (connects, now);
+        }
         match self.requested.front() {
-            Some(&(seq, at)) if now.duration_since(at) > ACK_TIMEOUT => Err(PublishError::Ack {
+            Some(&(seq, at, _)) if now.duration_since(at) > ACK_TIMEOUT => Err(PublishError::Ack {
                 event_id: format!("at stream sequence {seq}"),
                 reason: format!("no acknowledgement from JetStream within {ACK_TIMEOUT:?}"),
             }),
+            Some(&(seq, _, on))
+                if on < connects && now.duration_since(self.connection.1) > RECONNECT_GRACE =>
+            {
+                Err(PublishError::Nats(format!(
+                    "the NATS connection was replaced before JetStream acknowledged stream sequence {seq}: \
+                     the acknowledgement was lost with the old connection"
+                )))
+            }
             _ => Ok(()),
         }
     }

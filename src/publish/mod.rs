@@ -13,6 +13,12 @@
 //!   boundary is reported to [`Progress`] only after every event before it
 //!   is acknowledged.
 //! - at most `max_in_flight` publishes await an ack (bounded memory).
+//!
+//! A stream leader change on a cluster shows as publishes with "no
+//! responders": the run then asks the stream's info, waiting out the
+//! election ([`stream::lookup`]), and ends with [`PublishError::LeaderChange`]
+//! once a new leader answers (or [`PublishError::StreamGone`] if the stream
+//! no longer exists), so the next run publishes at once.
 
 mod acks;
 pub mod oversized;
@@ -53,6 +59,17 @@ pub enum PublishError {
     },
     #[error("checkpointer stopped")]
     Downstream,
+    /// Publishes found nothing capturing their subject (see [`run`](Publisher::run)).
+    #[error("JetStream found no responders for event {event_id}")]
+    NoResponders { event_id: String },
+    #[error(
+        "stream {stream} changed leader: publishes found no responders while it was elected ({outcome}); resuming from the checkpoint"
+    )]
+    LeaderChange { stream: String, outcome: String },
+    #[error(
+        "stream {stream} no longer exists: publishes found no responders and JetStream says it is not found (was it deleted?)"
+    )]
+    StreamGone { stream: String },
     #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high - last)]
     BrokerLoss {
         stream: String,
@@ -141,6 +158,11 @@ impl Flight {
                     reason,
                 });
             }
+            acks::Verdict::NoResponders => {
+                return Err(PublishError::NoResponders {
+                    event_id: event_id(),
+                });
+            }
             acks::Verdict::Stored { seq, duplicate } if seq != expected || duplicate => {
                 return Err(PublishError::Chain {
                     event_id: event_id(),
@@ -196,8 +218,61 @@ impl Flight {
 impl Publisher {
     /// Runs until `items` closes and every publish is acknowledged. `last_seq`
     /// is the stream's last sequence when this run started.
+    ///
+    /// When publishes find no responders, this run is over (the stream is
+    /// chained: nothing after the unanswered message can be stored), but the
+    /// next one can only publish once the stream has a leader again. So the
+    /// input is closed first (the pipeline stops reading), then stream info
+    /// tells a leader election (the stream still exists) from a deleted
+    /// stream, waiting for the new leader for at most
+    /// [`stream::ELECTION_WAIT`].
     pub async fn run(
         mut self,
+        items: mpsc::Receiver<Vec<Item>>,
+        segments: mpsc::Sender<Segment>,
+        last_seq: u64,
+    ) -> Result<(), PublishError> {
+        match self.publish_all(items, segments, last_seq).await {
+            Err(PublishError::NoResponders { event_id }) => {
+                Err(self.no_responders(&event_id).await)
+            }
+            other => other,
+        }
+    }
+
+    /// Why publishes found no responders, once the stream has a leader again
+    /// (or the wait is over).
+    async fn no_responders(&self, event_id: &str) -> PublishError {
+        let started = Instant::now();
+        let name = &self.stream;
+        match stream::lookup(&self.js, name, stream::ELECTION_WAIT).await {
+            Ok(found) if stream::has_leader(found.cached_info()) => {
+                let leader = found
+                    .cached_info()
+                    .cluster
+                    .as_ref()
+                    .and_then(|c| c.leader.clone())
+                    .unwrap_or_else(|| "the same server".into());
+                PublishError::LeaderChange {
+                    stream: name.clone(),
+                    outcome: format!("{leader} leads it after {:.1?}", started.elapsed()),
+                }
+            }
+            Ok(_) => PublishError::LeaderChange {
+                stream: name.clone(),
+                outcome: format!("still no leader after {:.1?}", started.elapsed()),
+            },
+            Err(e) if stream::not_found(&e) => PublishError::StreamGone {
+                stream: name.clone(),
+            },
+            Err(e) => PublishError::Nats(format!(
+                "publish {event_id}: no responders for stream {name}'s subjects, and its stream info failed: {e}"
+            )),
+        }
+    }
+
+    async fn publish_all(
+        &mut self,
         mut items: mpsc::Receiver<Vec<Item>>,
         segments: mpsc::Sender<Segment>,
         last_seq: u64,

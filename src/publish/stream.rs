@@ -1,9 +1,21 @@
 //! The JetStream stream (SPEC §3): created when missing, refused when an
-//! existing one would break walcast's guarantees.
+//! existing one would break walcast's guarantees; and looked up in a way
+//! that waits out a stream leader election ([`lookup`]).
+//!
+//! On a cluster, only a replicated stream's leader answers its stream info
+//! and stores its messages. When the leader dies, the survivors elect a new
+//! one, which takes nats-server's Raft election timeout (randomized, 4–9 s).
+//! Meanwhile publishes find no responders and stream info requests go
+//! unanswered: one request would wait for the client's whole request timeout
+//! (10 s), longer than the election itself. [`lookup`] asks again every
+//! [`ASK_EVERY`] (the requests overlap, so a slow server still answers the
+//! first one) and returns the first answer from a leader.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use super::PublishError;
 use crate::config::Settings;
@@ -125,7 +137,7 @@ pub async fn verify_existing(
     js: &jetstream::Context,
     settings: &Settings,
 ) -> Result<Option<stream::Stream>, PublishError> {
-    match js.get_stream(&settings.stream).await {
+    match lookup(js, &settings.stream, ELECTION_WAIT).await {
         Ok(mut existing) => {
             let info = existing
                 .info()
@@ -138,12 +150,119 @@ pub async fn verify_existing(
             )?;
             Ok(Some(existing))
         }
-        Err(e)
-            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
-            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-        {
-            Ok(None)
-        }
+        Err(e) if not_found(&e) => Ok(None),
         Err(e) => Err(classify_get_error(e, settings)),
     }
+}
+
+/// How long a lookup waits for a stream that has no leader: longer than a
+/// Raft election (at most ~9 s on nats-server).
+pub const ELECTION_WAIT: Duration = Duration::from_secs(15);
+
+/// How often a lookup asks again while unanswered or answered without a
+/// leader.
+const ASK_EVERY: Duration = Duration::from_millis(250);
+
+/// How long one of a lookup's requests waits for its answer. A server
+/// drops a request it gets while the stream has no leader: it is never
+/// answered, and must not hold a place among the outstanding ones.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// At most this many stream info requests are outstanding in a lookup
+/// (ASK_TIMEOUT / ASK_EVERY, and some).
+const MAX_ASKS: usize = 24;
+
+/// Whether stream info came from a leader: a replica answers during an
+/// election with no (or an empty) leader. A stream that is not replicated
+/// across a cluster may carry no cluster info at all.
+pub fn has_leader(info: &stream::Info) -> bool {
+    info.cluster
+        .as_ref()
+        .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty()))
+}
+
+/// The stream, looked up while waiting out a leader election for at most
+/// `wait`: returns the first answer from a leader, or any error answer at
+/// once (not found, no JetStream), or after `wait` the last thing heard (a
+/// leaderless answer or the request timeout). Logs a WARN when it has to
+/// wait, saying a stream leader change is probably under way.
+pub async fn lookup(
+    js: &jetstream::Context,
+    name: &str,
+    wait: Duration,
+) -> Result<stream::Stream, jetstream::context::GetStreamError> {
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut asks = FuturesUnordered::<
+        futures::future::BoxFuture<'_, Result<stream::Stream, jetstream::context::GetStreamError>>,
+    >::new();
+    let mut tick = tokio::time::interval(ASK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    let mut warned = false;
+    let mut past_deadline = false;
+    loop {
+        tokio::select! {
+            biased;
+            Some(answer) = asks.next() => match answer {
+                Ok(found) if has_leader(found.cached_info()) => {
+                    if warned {
+                        tracing::info!(
+                            stream = name,
+                            leader = found.cached_info().cluster.as_ref().and_then(|c| c.leader.as_deref()).unwrap_or_default(),
+                            waited = ?started.elapsed(),
+                            "stream has a leader again"
+                        );
+                    }
+                    return Ok(found);
+                }
+                Ok(leaderless) => last = Some(Ok(leaderless)),
+                Err(e) if timed_out(&e) => last = Some(Err(e)),
+                Err(e) => return Err(e),
+            },
+            _ = tick.tick(), if !past_deadline && asks.len() < MAX_ASKS => {
+                // Not answered by a leader within ASK_EVERY: say why we wait.
+                if (last.is_some() || !asks.is_empty()) && !warned {
+                    warned = true;
+                    tracing::warn!(
+                        stream = name,
+                        wait = ?wait,
+                        "stream has no leader: a stream leader change is probably under way; waiting for the election"
+                    );
+                }
+                asks.push(Box::pin(async move {
+                    tokio::time::timeout(ASK_TIMEOUT, js.get_stream(name))
+                        .await
+                        .unwrap_or_else(|_| Err(unanswered()))
+                }));
+            }
+            _ = tokio::time::sleep_until(deadline), if !past_deadline => past_deadline = true,
+        }
+        if past_deadline && let Some(last) = last.take() {
+            return last;
+        }
+    }
+}
+
+/// Whether JetStream says the stream does not exist.
+pub fn not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+/// A stream info request that got no answer within [`ASK_TIMEOUT`].
+fn unanswered() -> jetstream::context::GetStreamError {
+    use jetstream::context::{GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind};
+    GetStreamError::with_source(
+        GetStreamErrorKind::Request,
+        RequestError::with_source(RequestErrorKind::TimedOut, "no answer within 5s"),
+    )
+}
+
+/// Whether a stream info request went unanswered.
+fn timed_out(e: &jetstream::context::GetStreamError) -> bool {
+    use jetstream::context::{RequestError, RequestErrorKind};
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<RequestError>())
+        .is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
 }
