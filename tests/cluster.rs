@@ -45,8 +45,7 @@ async fn stream_leader_failover_on_a_three_node_cluster() {
     let env = |first: usize| {
         vec![
             ("WALCAST_DATABASE_URL".to_string(), pg.url()),
-            // TODO(list): cluster.url_list(first) once --nats-url takes a list.
-            ("WALCAST_NATS_URL".to_string(), cluster.node(first).url()),
+            ("WALCAST_NATS_URL".to_string(), cluster.url_list(first)),
             ("WALCAST_CONFIRM_DELAY".to_string(), "0".to_string()),
             ("WALCAST_STREAM_REPLICAS".to_string(), "3".to_string()),
             (
@@ -108,8 +107,7 @@ async fn stream_leader_failover_on_a_three_node_cluster() {
     cluster.kill9(down).expect("kill a follower node");
     wait_for_growth(&cluster, &w, 100).await;
     w.kill9().await;
-    // TODO(list): env(down) once --nats-url takes a list.
-    let mut w = Walcast::start("walcast-restarted", dir.path(), &env(leader), &[]);
+    let mut w = Walcast::start("walcast-restarted", dir.path(), &env(down), &[]);
     wait_for_growth(&cluster, &w, 200).await;
     cluster
         .start_again(down)

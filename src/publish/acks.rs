@@ -19,10 +19,9 @@
 //! reconnection (an ack sent to the old connection is lost with it).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
-
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use async_nats::{Client, Statistics, Subject, Subscriber};
 use serde::Deserialize;
@@ -171,7 +170,7 @@ impl Acks {
                 if on < connects && now.duration_since(self.connection.1) > RECONNECT_GRACE =>
             {
                 Err(PublishError::Nats(format!(
-                    "the NATS connection was replaced before JetStream acknowledged stream sequence {seq}: \
+                    "reconnected before JetStream acknowledged stream sequence {seq}: \
                      the acknowledgement was lost with the old connection"
                 )))
             }

@@ -11,6 +11,7 @@
 //! [`ASK_EVERY`] (the requests overlap, so a slow server still answers the
 //! first one) and returns the first answer from a leader.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream};
@@ -199,14 +200,14 @@ pub async fn lookup(
     let mut tick = tokio::time::interval(ASK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;
-    let mut warned = false;
+    let mut waiting: Option<Waiting> = None;
     let mut past_deadline = false;
     loop {
         tokio::select! {
             biased;
             Some(answer) = asks.next() => match answer {
                 Ok(found) if has_leader(found.cached_info()) => {
-                    if warned {
+                    if waiting.as_ref().is_some_and(|w| w.said) {
                         tracing::info!(
                             stream = name,
                             leader = found.cached_info().cluster.as_ref().and_then(|c| c.leader.as_deref()).unwrap_or_default(),
@@ -222,13 +223,8 @@ pub async fn lookup(
             },
             _ = tick.tick(), if !past_deadline && asks.len() < MAX_ASKS => {
                 // Not answered by a leader within ASK_EVERY: say why we wait.
-                if (last.is_some() || !asks.is_empty()) && !warned {
-                    warned = true;
-                    tracing::warn!(
-                        stream = name,
-                        wait = ?wait,
-                        "stream has no leader: a stream leader change is probably under way; waiting for the election"
-                    );
+                if (last.is_some() || !asks.is_empty()) && waiting.is_none() {
+                    waiting = Some(Waiting::start(name, wait));
                 }
                 asks.push(Box::pin(async move {
                     tokio::time::timeout(ASK_TIMEOUT, js.get_stream(name))
@@ -241,6 +237,37 @@ pub async fn lookup(
         if past_deadline && let Some(last) = last.take() {
             return last;
         }
+    }
+}
+
+/// Lookups of this process waiting for a stream leader. The publisher and
+/// the pipeline's reconnect check may wait for the same election: only the
+/// first says so.
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// One lookup waiting for a leader (counted in [`WAITING`] while it lives).
+struct Waiting {
+    /// Whether this one logged the WARN (and so logs the outcome).
+    said: bool,
+}
+
+impl Waiting {
+    fn start(name: &str, wait: Duration) -> Waiting {
+        let said = WAITING.fetch_add(1, Ordering::SeqCst) == 0;
+        if said {
+            tracing::warn!(
+                stream = name,
+                wait = ?wait,
+                "stream has no leader: a stream leader change is probably under way; waiting for the election"
+            );
+        }
+        Waiting { said }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        WAITING.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -116,7 +116,7 @@ impl Cluster {
     }
 
     /// Starts node `i` again (same port, store and routes) and waits until it
-    /// is back in the cluster.
+    /// is back in the cluster (needs a multi-thread test runtime).
     pub async fn start_again(&self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         tokio::task::block_in_place(|| node.start_again())
