@@ -79,7 +79,17 @@ fn publish_may_heal(error: &PublishError, started: bool) -> bool {
         // only at startup does "no JetStream" mean a misconfigured server.
         PublishError::NoJetStream(_) => started,
         PublishError::Incompatible(_) => false,
-        _ => true,
+        // A deleted stream is recreated by the next run, which then finds the
+        // checkpoint past its end and stops, naming the lost range.
+        PublishError::StreamGone { .. } => true,
+        // The run restarts from the checkpoint; chaining makes that exact.
+        PublishError::Nats(_)
+        | PublishError::Ack { .. }
+        | PublishError::Chain { .. }
+        | PublishError::Downstream
+        | PublishError::NoResponders { .. }
+        | PublishError::LeaderChange { .. }
+        | PublishError::BrokerLoss { .. } => true,
     }
 }
 
