@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use crate::support::chaos::Walcast;
 use crate::support::checks::assert_stream_exact;
-use crate::support::daemon::{Daemon, Env, Process};
+use crate::support::daemon::{Daemon, Env};
 use crate::support::oracle::{count_events, create_counter};
 use crate::support::workload::{ROLLED_BACK, Tables, Workload};
 
@@ -80,17 +81,13 @@ async fn sigterm_and_restart_continue_every_seq() {
     create_counter(&client).await;
     let before = confirmed_lsn(&client).await;
 
-    let mut daemon = Process::start(&["run"], &env.env_vars());
+    let dir = crate::support::TempDir::new("sigterm").unwrap();
+    let mut daemon = Walcast::start("first", dir.path(), &env.env_vars(), &[]);
     workload.run(&mut client, 200).await;
     let first_count = count_events(&client).await;
     env.wait_for_messages(first_count, Duration::from_secs(60))
         .await;
-    daemon.signal("TERM");
-    assert_eq!(
-        daemon.wait(Duration::from_secs(10)).await,
-        Some(0),
-        "exit 0 after SIGTERM"
-    );
+    daemon.stop(Duration::from_secs(10)).await; // SIGTERM, exit 0
     let after_first = confirmed_lsn(&client).await;
     assert!(
         after_first > before,
@@ -98,12 +95,11 @@ async fn sigterm_and_restart_continue_every_seq() {
     );
 
     workload.run(&mut client, 200).await; // while walcast is down
-    let mut daemon = Process::start(&["run"], &env.env_vars());
+    let mut daemon = Walcast::start("second", dir.path(), &env.env_vars(), &[]);
     workload.run(&mut client, 100).await;
     let total = count_events(&client).await;
     env.wait_for_messages(total, Duration::from_secs(60)).await;
-    daemon.signal("TERM");
-    assert_eq!(daemon.wait(Duration::from_secs(10)).await, Some(0));
+    daemon.stop(Duration::from_secs(10)).await;
 
     let events = env.stream_events().await;
     assert_eq!(events.len() as u64, total, "exactly one message per change");

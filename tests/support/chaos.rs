@@ -72,7 +72,7 @@ impl Walcast {
         self.child.id()
     }
 
-    /// Sends a signal with `kill -<signal>` (like `Process::signal`).
+    /// Sends a signal with `kill -<signal>`.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .args([&format!("-{signal}"), &self.pid().to_string()])

@@ -2,7 +2,6 @@
 //! the daemon in-process or as a child process, and reading the stream back.
 
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -140,61 +139,6 @@ impl Daemon {
             .await
             .expect("daemon stops within 20 s")
             .expect("daemon task did not panic")
-    }
-}
-
-/// The walcast binary as a child process (for signals and kill -9).
-pub struct Process {
-    child: Child,
-}
-
-impl Process {
-    pub fn start(args: &[&str], env: &[(String, String)]) -> Process {
-        let child = Command::new(super::walcast_bin())
-            .args(args)
-            .envs(env.iter().cloned())
-            .env("RUST_LOG", "walcast=info")
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn walcast");
-        Process { child }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status();
-        assert!(
-            status.map(|s| s.success()).unwrap_or(false),
-            "kill -{signal} failed"
-        );
-    }
-
-    /// Waits for exit (bounded) and returns the exit code.
-    pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "walcast did not exit within {timeout:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
