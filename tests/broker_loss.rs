@@ -135,7 +135,21 @@ async fn rolled_back_broker_and_kill9_while_it_is_down() {
     })
     .await
     .expect("events acknowledged after the snapshot");
-    tokio::time::sleep(Duration::from_millis(1500)).await; // the acknowledged high is recorded once a second
+    // The acknowledged high is recorded about once a second: wait until it
+    // covers what the restored broker is about to lose.
+    let client = env.pg.client().await;
+    wait_until(Duration::from_secs(30), || {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one("SELECT acked_seq FROM walcast.checkpoints", &[])
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) as u64 > at_snapshot + 100
+        }
+    })
+    .await
+    .expect("the acknowledged high is recorded");
     restore(&env, &saved);
     walcast.kill9().await; // while NATS is down
     env.nats.start_again().unwrap();

@@ -136,7 +136,18 @@ async fn require_password(pg: &Postgres, client: &tokio_postgres::Client, role: 
         .batch_execute("SELECT pg_reload_conf()")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The reload is asynchronous: wait until a password-less login is refused.
+    let url = pg.url_for(role, None, "postgres");
+    wait_until(Duration::from_secs(10), || {
+        let url = url.clone();
+        async move {
+            tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .is_err()
+        }
+    })
+    .await
+    .expect("pg_hba.conf reloaded");
 }
 
 fn nats_url(nats: &Nats) -> String {
