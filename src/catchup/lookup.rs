@@ -81,6 +81,35 @@ pub async fn answer<P: Probe>(
         }
         // Removed, or maybe: search and read back like any other.
     }
+    match search(probe, known, target, stream, last_seq).await? {
+        Some((q, seq)) if seq == target => Ok(Answer::Start {
+            start_stream_seq: q,
+            last_seq,
+        }),
+        None if known.is_some_and(|k| k.last_stream_seq > stream.last_seq) => Ok(Answer::InFlight),
+        // Gone: removed from the front (limits, purge) or the middle (delete).
+        _ => {
+            let oldest = probe
+                .next_at(stream.first_seq)
+                .await?
+                .map_or(last_seq + 1, |(_, s)| s);
+            Ok(Answer::TooOld {
+                oldest_seq: oldest,
+                last_seq,
+            })
+        }
+    }
+}
+
+/// The tenant's first message whose seq is >= `target`, as `(stream seq,
+/// seq)`, searched within the index's window (or the whole stream).
+async fn search<P: Probe>(
+    probe: &P,
+    known: Option<&Known>,
+    target: u64,
+    stream: StreamState,
+    last_seq: u64,
+) -> Result<Option<(u64, u64)>, String> {
     let window = known.map(|k| k.window);
     let mut lo = window
         .map_or(stream.first_seq, |w| w.from)
@@ -101,22 +130,7 @@ pub async fn answer<P: Probe>(
     let mut stalls = 0;
     while lo <= hi {
         let width = hi - lo;
-        let mid = match above {
-            Some((q, high))
-                if stalls < 2 && width >= 64 && seq_at_lo <= target && target < high =>
-            {
-                let low = seq_at_lo;
-                // Where `target` should be, minus half a gap between the
-                // tenant's events: landing just before it finds it too.
-                let gap = (q - lo) as f64 / (high - low) as f64;
-                let at = lo as f64 + gap * ((target - low) as f64 - 0.5);
-                (at.max(0.0) as u64).clamp(lo, hi)
-            }
-            _ => {
-                stalls = 0;
-                lo + width / 2
-            }
-        };
+        let mid = next_probe(lo, hi, seq_at_lo, target, above, &mut stalls);
         match probe.next_at(mid).await? {
             // Seqs are unique: this is the event, no need to narrow further.
             Some((q, seq)) if seq == target => {
@@ -154,22 +168,32 @@ pub async fn answer<P: Probe>(
         // The window may be stale (e.g. messages removed); search forward from `lo`.
         found = probe.next_at(lo).await?.filter(|(_, seq)| *seq >= target);
     }
-    match found {
-        Some((q, seq)) if seq == target => Ok(Answer::Start {
-            start_stream_seq: q,
-            last_seq,
-        }),
-        None if known.is_some_and(|k| k.last_stream_seq > stream.last_seq) => Ok(Answer::InFlight),
-        // Gone: removed from the front (limits, purge) or the middle (delete).
+    Ok(found)
+}
+
+/// Where to probe next: interpolated from what the last probes saw while
+/// that keeps halving the range, else the middle (and the stall count reset).
+fn next_probe(
+    lo: u64,
+    hi: u64,
+    seq_at_lo: u64,
+    target: u64,
+    above: Option<(u64, u64)>,
+    stalls: &mut u32,
+) -> u64 {
+    let width = hi - lo;
+    match above {
+        Some((q, high)) if *stalls < 2 && width >= 64 && seq_at_lo <= target && target < high => {
+            let low = seq_at_lo;
+            // Where `target` should be, minus half a gap between the
+            // tenant's events: landing just before it finds it too.
+            let gap = (q - lo) as f64 / (high - low) as f64;
+            let at = lo as f64 + gap * ((target - low) as f64 - 0.5);
+            (at.max(0.0) as u64).clamp(lo, hi)
+        }
         _ => {
-            let oldest = probe
-                .next_at(stream.first_seq)
-                .await?
-                .map_or(last_seq + 1, |(_, s)| s);
-            Ok(Answer::TooOld {
-                oldest_seq: oldest,
-                last_seq,
-            })
+            *stalls = 0;
+            lo + width / 2
         }
     }
 }
