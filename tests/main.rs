@@ -11,5 +11,6 @@ mod operator;
 mod oversized;
 mod pipeline;
 mod schema_changes;
+mod service_thread;
 mod support;
 mod tls;

@@ -32,6 +32,7 @@ use crate::decode::DecodeError;
 use crate::events::{EventBuilder, Sequencer};
 use crate::lsn::Lsn;
 use crate::publish::{self, Item, PublishError, Publisher};
+use crate::service_thread::ServiceError;
 use crate::source::{Source, SourceError, slot};
 use crate::telemetry::http::Health;
 use reader::{Reader, Skip, read_batch};
@@ -49,6 +50,9 @@ pub enum PipelineError {
     Assemble(#[from] AssembleError),
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] DecodeError),
+    /// A service beside the pipeline (catch-up) did not start or stopped.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     /// Needs an operator: retrying cannot fix it.
     #[error("{0}")]
     Fatal(String),
@@ -63,6 +67,7 @@ impl PipelineError {
             PipelineError::Publish(_) => "publish",
             PipelineError::Assemble(_) => "assemble",
             PipelineError::Decode(_) => "decode",
+            PipelineError::Service(e) => e.service(),
             PipelineError::Fatal(_) => "fatal",
         }
     }
@@ -73,7 +78,7 @@ impl PipelineError {
             PipelineError::Db(e) => e.is_transient(),
             PipelineError::Source(e) => e.is_transient(),
             PipelineError::Publish(e) => e.is_transient(),
-            PipelineError::Assemble(_) => true,
+            PipelineError::Assemble(_) | PipelineError::Service(_) => true,
             PipelineError::Decode(_) | PipelineError::Fatal(_) => false,
         }
     }
@@ -218,16 +223,9 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
     index.expect_replay_through(last_seq);
     index.replayed_through(checkpoint.stream_seq);
     index.record(&[], last_seq + 1);
-    // Only the instance holding the slot answers catch-up requests.
-    let _catchup = catchup::start(
-        &ctx.js,
-        stream.clone(),
-        s,
-        index.clone(),
-        checkpoint.stream_seq,
-    )
-    .await
-    .map_err(PublishError::Nats)?;
+    // Only the instance holding the slot answers catch-up requests; it runs
+    // on its own thread and connection until this run ends.
+    let mut catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
     let publisher = Publisher {
         js: ctx.js.clone(),
         stream: s.stream.clone(),
@@ -270,6 +268,13 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
             // A dead Postgres connection can be silent for minutes while idle.
             Ok(error) = &mut dog, if items_tx.is_some() => {
                 failure = Some(error);
+                items_tx = None;
+            }
+            // A service that stops on its own fails the run: the next run
+            // starts a new one (a standby never answers, nor may the active
+            // instance stop answering).
+            error = catchup.failed(), if items_tx.is_some() => {
+                failure = Some(error.into());
                 items_tx = None;
             }
             // SPEC §4.7: on every reconnection, compare the stream's tail with
