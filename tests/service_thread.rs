@@ -48,10 +48,16 @@ impl Service for Echo {
             return Err("no endpoint for you".into());
         }
         let mut requests = client
-            .subscribe(self.subject)
+            .subscribe(self.subject.clone())
             .await
             .map_err(|e| e.to_string())?;
-        client.flush().await.map_err(|e| e.to_string())?;
+        // A message to itself comes back once the server has the
+        // subscription (a flush only writes it to the socket).
+        client
+            .publish(self.subject, "self".into())
+            .await
+            .map_err(|e| e.to_string())?;
+        requests.next().await.ok_or("no message to itself")?;
         ready.serving();
         while let Some(request) = requests.next().await {
             if self.fail == Some("panic") {

@@ -10,6 +10,7 @@
 
 mod exact;
 pub mod index;
+mod info;
 pub mod lookup;
 mod rebuild;
 
@@ -63,6 +64,7 @@ impl CatchupService {
 /// Shared by every request.
 struct Ctx {
     stream: Stream,
+    infos: info::Infos,
     stream_name: String,
     prefix: String,
     index: Index,
@@ -128,6 +130,7 @@ impl Service for Catchup {
             .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
         ready.serving();
         let ctx = Arc::new(Ctx {
+            infos: info::Infos::spawn(stream.clone()),
             stream,
             stream_name: self.stream_name,
             prefix: self.prefix,
@@ -240,26 +243,23 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     }
 }
 
-/// The stream's state, then what the index knows about the tenant's event
-/// `target`. The stream is read first: everything in it was recorded in the
-/// index before it was sent, so the index is never behind it.
+/// The stream's state (read after the request arrived, see `info`), then
+/// what the index knows about the tenant's event `target`. The stream is
+/// read first: everything in it was recorded in the index before it was
+/// sent, so the index is never behind it.
 async fn stream_state(
     ctx: &Ctx,
     tenant: &str,
     target: u64,
 ) -> Result<(StreamState, Option<index::Known>), String> {
-    let mut stream = ctx.stream.clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| format!("stream info: {e}"))?;
-    let (first_seq, last_seq) = (info.state.first_sequence.max(1), info.state.last_sequence);
+    let counts = ctx.infos.read().await?;
+    let (first_seq, last_seq) = (counts.first_seq.max(1), counts.last_seq);
     let (known, next_seq) = ctx.index.known_with_next(tenant, target, last_seq);
     let state = StreamState {
         first_seq,
         last_seq,
         next_seq,
-        contiguous: info.state.messages == (last_seq + 1).saturating_sub(first_seq),
+        contiguous: counts.messages == (last_seq + 1).saturating_sub(first_seq),
     };
     Ok((state, known))
 }
