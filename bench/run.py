@@ -1105,6 +1105,76 @@ def scenario_catchup(ctx):
     return r
 
 
+def scenario_catchup_flood(ctx):
+    """Issue 16 item 6: the pipeline's commit → subscriber latency at one
+    rate, without and then with a flood of catch-up requests, against the
+    same walcast process. The flood runs in its own process (bench/flood.py)
+    so the subscriber's receive clock does not wait for the flood's GIL."""
+    a = ctx.args
+    rate_ = a.flood_rate
+    pg = ctx.pg
+    slot = "wc_flood"
+    log(f"scenario 7 (issue 16): {rate_}/s commit → subscriber latency, quiet vs a catch-up flood of "
+        f"{a.flood_clients} clients × {a.flood_requests} requests per burst ({a.latency_seconds}s each)")
+    pg.create_slot(slot)
+    nats = NatsServer(ctx.work, ctx.nats_bin, "flood")
+    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, slot)
+    wc.wait_ready()
+    samples = []
+    sub = Nats("127.0.0.1", nats.port)
+    sub.subscribe("walcast.>", lambda msg: samples.append(msg))
+    sub.flush()
+    time.sleep(0.5)
+    out = {"rate": rate_, "seconds": a.latency_seconds}
+    interval = 1e6 / rate_
+    for phase in ("quiet", "flood"):
+        samples.clear()
+        flood = None
+        s = Sampler(interval=0.25)
+        s.watch("walcast", wc.pid, from_zero=False)
+        s.watch("nats-server", nats.proc.pid, from_zero=False)
+        if phase == "flood":
+            flood = subprocess.Popen([sys.executable, str(HERE / "flood.py"), "--port", str(nats.port),
+                                      "--clients", str(a.flood_clients), "--requests", str(a.flood_requests),
+                                      "--max-after", str(max(1, a.latency_seconds * rate_ // 1000)),
+                                      "--seconds", str(a.latency_seconds + 2)],
+                                     stdout=subprocess.PIPE, text=True)
+            STARTED.append(("proc", flood))
+            s.watch("flood", flood.pid, from_zero=False)
+            time.sleep(1.0)
+        load_before = loadavg()
+        pb = run_pgbench(ctx, rate_, a.latency_seconds)
+        pb.pop("_schedule", None)
+        wait_count(samples, pb.get("transactions", 0))
+        raw = []
+        for msg in list(samples):
+            ct, _ = wire.event_fields(msg.payload)
+            if ct is not None:
+                raw.append(msg.recv_time * 1e6 - ct)
+        r = {"pgbench": pb, "received": len(raw), "missing": pb.get("transactions", 0) - len(raw),
+             "raw": lat.summarize_raw(raw), "corrected": lat.summarize_corrected(raw, interval),
+             "load_avg_before": load_before}
+        if flood is not None:
+            stdout, _ = flood.communicate(timeout=120)
+            r["flood"] = json.loads(stdout.strip().splitlines()[-1]) if stdout.strip() else {"error": "no output"}
+        s.stop()
+        r["cpu_s"] = {k: s.cpu(k) for k in ("walcast", "nats-server", "flood")}
+        r["machine"] = s.machine()
+        f = r.get("flood", {})
+        log(f"    {phase}: commit→receive p50 {r['raw']['p50_ms']} p99 {r['raw']['p99_ms']} max "
+            f"{r['raw']['max_ms']} ms (CO-corrected p99 {r['corrected'].get('p99_ms')}), "
+            f"{len(raw)}/{pb.get('transactions')} received, load {load_before}"
+            + (f"; flood answered {f.get('answered')} ({f.get('answered_per_s')}/s, codes {f.get('codes')}, "
+               f"reply p99 {g(f, 'reply_ms', 'p99_ms')} ms, bursts timed out {f.get('bursts_timed_out')})"
+               if flood is not None else ""))
+        out[phase] = r
+    sub.close()
+    wc.stop()
+    nats.stop()
+    pg.drop_slot(slot)
+    return out
+
+
 # --- reporting --------------------------------------------------------------------
 
 def met(value, target, higher_is_better=True):
@@ -1194,6 +1264,17 @@ def summary_rows(res):
             rows.append((f"6 catch-up ({cu['tenant_events']:,} of {cu['stream_events']:,} events), {phase}",
                          "p99 ms", v, "<= 50", ok and not g(cu, phase, "errors"),
                          err(cu.get(phase)) or f"p50 {g(cu, phase, 'p50_ms')} ms, errors {g(cu, phase, 'errors')}"))
+    fl = sc.get("catchup_flood")
+    if fl and "error" not in fl:
+        for phase in ("quiet", "flood"):
+            r = fl.get(phase) or {}
+            v = g(r, "raw", "p99_ms")
+            note = f"p50 {g(r, 'raw', 'p50_ms')} ms, max {g(r, 'raw', 'max_ms')} ms, CO-corrected p99 " \
+                   f"{g(r, 'corrected', 'p99_ms')}; load {r.get('load_avg_before')}"
+            if phase == "flood":
+                note += f"; catch-up answered {g(r, 'flood', 'answered')} ({g(r, 'flood', 'answered_per_s')}/s)"
+            rows.append((f"7 latency {fl['rate']:,}/s, {phase} (issue 16)", "p99 ms (raw)", v, "<= 5",
+                         met(v, 5, False), note))
     for name, r in sc.items():
         if isinstance(r, dict) and "error" in r:
             rows.append((name, "scenario", None, "", False, err(r)))
@@ -1281,7 +1362,8 @@ def main():
     ap.add_argument("--nats-server", default=os.environ.get("WALCAST_NATS_SERVER",
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
-                    help="comma-separated: drain,tenants,latency,big_tx,idle,catchup (default: all but catchup)")
+                    help="comma-separated: drain,tenants,latency,big_tx,idle,catchup,catchup_flood "
+                         "(default: all but the catch-up ones)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: 100k-row drains, 10k tenants, 500k-row tx, 10 s latency/idle")
@@ -1299,6 +1381,10 @@ def main():
     ap.add_argument("--catchup-tenant", type=int, default=100_000,
                     help="events of the caught-up tenant (the issue's size: 1,000,000)")
     ap.add_argument("--catchup-requests", type=int, default=1000)
+    ap.add_argument("--flood-rate", type=int, default=1000, help="commits/s of the catchup_flood scenario")
+    ap.add_argument("--flood-clients", type=int, default=10, help="catch-up flood: concurrent clients")
+    ap.add_argument("--flood-requests", type=int, default=2000,
+                    help="catch-up flood: requests each client sends at once, burst after burst")
     ap.add_argument("--catchup-data", metavar="DIR",
                     help="keep the catch-up dataset (Postgres + JetStream store) in DIR and reuse it next time")
     ap.add_argument("--repeat", type=int, default=2,
@@ -1377,7 +1463,7 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "idle", "latency", "catchup"]
+        order = ["drain", "tenants", "big_tx", "idle", "latency", "catchup", "catchup_flood"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1393,6 +1479,8 @@ def main():
                     r = scenario_idle(ctx)
                 elif name == "latency":
                     r = scenario_latency(ctx)
+                elif name == "catchup_flood":
+                    r = scenario_catchup_flood(ctx)
                 else:
                     r = scenario_catchup(ctx)
             except Exception as e:  # keep the other scenarios' results

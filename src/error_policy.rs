@@ -44,8 +44,10 @@ pub fn decide(error: &PipelineError, started: bool) -> Decision {
         PipelineError::Db(e) => retry_if(db_may_heal(e)),
         PipelineError::Source(e) => retry_if(matches!(e, SourceError::Replication(_))),
         PipelineError::Publish(e) => retry_if(publish_may_heal(e, started)),
-        // Assembly failures come from an interrupted stream, never its content.
-        PipelineError::Assemble(_) => Decision::Retry,
+        // Assembly failures come from an interrupted stream, never its content;
+        // a service beside the pipeline that stopped is started anew by the
+        // next run.
+        PipelineError::Assemble(_) | PipelineError::Service(_) => Decision::Retry,
         PipelineError::Decode(_) | PipelineError::Precondition(_) | PipelineError::Fatal(_) => {
             Decision::Stop
         }

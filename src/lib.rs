@@ -5,7 +5,8 @@
 //! [`assemble`] (transactions, relations, actor) → [`events`] (entity, action, tenant,
 //! seq) → [`publish`] (JetStream, acks) → `checkpoint` (durable progress, LSN confirm).
 //! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; `pipeline`
-//! runs the stages once and [`app`] supervises runs. See docs/ARCHITECTURE.md.
+//! runs the stages once and [`app`] supervises runs. `catchup` answers requests
+//! beside the pipeline, on a thread of its own ([`service_thread`]). See docs/ARCHITECTURE.md.
 
 /// The event contract (`proto/walcast/v1/events.proto`), generated once in
 /// the client crate so the daemon and its clients share one set of types.
@@ -30,6 +31,7 @@ pub mod migrate;
 pub(crate) mod pipeline;
 pub mod publish;
 pub mod secrets;
+pub mod service_thread;
 pub mod source;
 pub mod tail;
 pub mod telemetry;

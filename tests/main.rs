@@ -13,5 +13,6 @@ mod operator;
 mod oversized;
 mod pipeline;
 mod schema_changes;
+mod service_thread;
 mod support;
 mod tls;

@@ -267,10 +267,13 @@ impl Index {
         }
     }
 
-    /// Records events sent (or found already published) at known stream sequences.
+    /// Records events sent (or found already published) at known stream
+    /// sequences. The tenants' positions and the next stream sequence change
+    /// together, under the lock, so a reader on another thread
+    /// ([`Index::known_with_next`]) never sees one without the other.
     pub fn record(&self, events: &[(Arc<str>, u64, u64)], next_stream_seq: u64) {
+        let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         if !events.is_empty() {
-            let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
             for (tenant, seq, stream_seq) in events {
                 state.push(tenant, *seq, *stream_seq);
             }
@@ -335,6 +338,25 @@ impl Index {
             .map
             .get(tenant)
             .map(|tail| tail.known(seq, stream_last))
+    }
+
+    /// [`Index::known`] and the stream sequence the next event will get, as
+    /// of one moment. The catch-up service runs on its own thread while the
+    /// publisher records: read apart, a tenant's new last event with an
+    /// older next sequence would make "nothing missed" start before that
+    /// event (a duplicate), and the reverse would start after it (a gap).
+    pub fn known_with_next(
+        &self,
+        tenant: &str,
+        seq: u64,
+        stream_last: u64,
+    ) -> (Option<Known>, u64) {
+        let state = self.tenants.read().unwrap_or_else(|p| p.into_inner());
+        let known = state
+            .map
+            .get(tenant)
+            .map(|tail| tail.known(seq, stream_last));
+        (known, self.next_stream_seq.load(Ordering::SeqCst))
     }
 
     /// Bytes of exact positions held (bounded by [`MAX_EXACT_BYTES`]).
@@ -452,6 +474,52 @@ mod tests {
             Some(499_999)
         );
         assert!(index.known("c", 1, 500_000).is_none());
+    }
+
+    /// The publisher records on one thread while the catch-up service reads
+    /// on another: every read sees a tenant's last position together with a
+    /// next stream sequence past it (else "nothing missed" would start
+    /// before the tenant's last event, or after its next one).
+    #[test]
+    fn readers_on_other_threads_see_positions_and_next_together() {
+        let index = Index::default();
+        let tenants: Vec<Arc<str>> = (0..4)
+            .map(|t| Arc::from(format!("t{t}").as_str()))
+            .collect();
+        let reader = {
+            let index = index.clone();
+            std::thread::spawn(move || {
+                let mut checked = 0u64;
+                loop {
+                    let last_round = index.next_stream_seq() > 200_000;
+                    for t in ["t0", "t1", "t2", "t3"] {
+                        let (known, next) = index.known_with_next(t, 1, 0);
+                        if let Some(k) = known {
+                            assert!(next > k.last_stream_seq, "{t}: next {next}, {k:?}");
+                            // Each tenant's last event is the one before the
+                            // next of the batch that wrote it (see below).
+                            assert!(next - k.last_stream_seq <= 4, "{t}: next {next}, {k:?}");
+                            checked += 1;
+                        }
+                    }
+                    if last_round {
+                        break checked;
+                    }
+                }
+            })
+        };
+        // Batches of one event per tenant: stream sequences next..next+4.
+        let mut next = 1u64;
+        for seq in 1..=50_000u64 {
+            let events: Vec<_> = tenants
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), seq, next + i as u64))
+                .collect();
+            next += 4;
+            index.record(&events, next);
+        }
+        assert!(reader.join().expect("reader thread") > 0);
     }
 
     #[test]

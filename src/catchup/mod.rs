@@ -4,11 +4,13 @@
 //!
 //! It runs only while this instance is the active replicator (started by the
 //! pipeline once it holds the slot), so a standby never answers from stale
-//! state. See `index` for how positions are known without scanning a
+//! state, and on its own thread and NATS connection (`service_thread`), so
+//! a flood of requests never queues ahead of the pipeline's work. See `index` for how positions are known without scanning a
 //! tenant's history, and `lookup` for the answer's invariant.
 
 mod exact;
 pub mod index;
+mod info;
 pub mod lookup;
 mod rebuild;
 
@@ -27,6 +29,7 @@ use lookup::{Answer, Probe, StreamState};
 
 use crate::config::Settings;
 use crate::events::tenant;
+use crate::service_thread::{self, Ready, Service, ServiceError, ServiceThread};
 
 /// Requests answered at once; more wait.
 const CONCURRENCY: usize = 64;
@@ -47,92 +50,126 @@ struct Reply<'a> {
 
 /// A running service (and its index rebuild); stopped when dropped.
 pub struct CatchupService {
-    task: tokio::task::JoinHandle<()>,
+    thread: ServiceThread,
     _rebuild: Option<rebuild::Rebuild>,
 }
 
-impl Drop for CatchupService {
-    fn drop(&mut self) {
-        self.task.abort();
+impl CatchupService {
+    /// Completes only if the service stops on its own (see [`ServiceThread::failed`]).
+    pub async fn failed(&mut self) -> ServiceError {
+        self.thread.failed().await
     }
 }
 
 /// Shared by every request.
 struct Ctx {
     stream: Stream,
+    infos: info::Infos,
     stream_name: String,
     prefix: String,
     index: Index,
 }
 
-/// Registers the service and answers requests in the background. Stream
-/// messages up to `rebuild_through` were published by an earlier run: their
-/// positions are read back into the index in the background.
+/// Registers the service on its own thread and connection (see
+/// `service_thread` for why) and answers requests there. Stream messages up
+/// to `rebuild_through` were published by an earlier run: their positions
+/// are read back into the index in the background.
 pub async fn start(
-    js: &jetstream::Context,
-    stream: Stream,
     settings: &Settings,
     index: Index,
     rebuild_through: u64,
-) -> Result<CatchupService, String> {
-    let (stream_name, prefix) = (&settings.stream, &settings.subject_prefix);
-    let client = js.client();
-    let service = client
-        .service_builder()
-        .description("walcast catch-up: where a tenant's events after a seq start in the stream")
-        .start("walcast", env!("CARGO_PKG_VERSION"))
-        .await
-        .map_err(|e| format!("register the catch-up service: {e}"))?;
-    let mut endpoint = service
-        .group(format!("{prefix}-api.v1"))
-        .endpoint("catchup")
-        .await
-        .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
+) -> Result<CatchupService, ServiceError> {
+    let service = Catchup {
+        stream_name: settings.stream.clone(),
+        prefix: settings.subject_prefix.clone(),
+        index: index.clone(),
+    };
+    let thread = service_thread::start(settings, service).await?;
     let rebuild = match rebuild_through {
         0 => None,
-        through => rebuild::spawn(settings.clone(), index.clone(), through)
+        through => rebuild::spawn(settings.clone(), index, through)
             .inspect_err(|e| tracing::warn!(error = %e, "catch-up answers search the stream instead (correct, slower)"))
             .ok(),
     };
-    let ctx = Arc::new(Ctx {
-        stream,
-        stream_name: stream_name.to_string(),
-        prefix: prefix.to_string(),
-        index,
-    });
-    let permits = Arc::new(Semaphore::new(CONCURRENCY));
-    let task = tokio::spawn(async move {
-        let _service = service; // unregisters when the task ends
+    Ok(CatchupService {
+        thread,
+        _rebuild: rebuild,
+    })
+}
+
+/// The catch-up service as it runs on its thread.
+struct Catchup {
+    stream_name: String,
+    prefix: String,
+    /// Written by the publisher on the pipeline's thread, read here.
+    index: Index,
+}
+
+impl Service for Catchup {
+    const NAME: &'static str = "catchup";
+
+    async fn serve(self, client: async_nats::Client, ready: Ready) -> Result<(), String> {
+        let stream = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone())
+            .get_stream(&self.stream_name)
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.stream_name))?;
+        let service = client
+            .service_builder()
+            .description(
+                "walcast catch-up: where a tenant's events after a seq start in the stream",
+            )
+            .start("walcast", env!("CARGO_PKG_VERSION"))
+            .await
+            .map_err(|e| format!("register the catch-up service: {e}"))?;
+        let mut endpoint = service
+            .group(format!("{}-api.v1", self.prefix))
+            .endpoint("catchup")
+            .await
+            .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
+        ready.serving();
+        let ctx = Arc::new(Ctx {
+            infos: info::Infos::spawn(stream.clone()),
+            stream,
+            stream_name: self.stream_name,
+            prefix: self.prefix,
+            index: self.index,
+        });
+        let permits = Arc::new(Semaphore::new(CONCURRENCY));
         while let Some(request) = endpoint.next().await {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                break;
-            };
+            let permit = permits
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "the request limit closed".to_string())?;
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                let began = std::time::Instant::now();
-                let (body, error) = handle(&ctx, &request.message.payload).await;
-                let code = error.map_or("200", |(_, name)| name);
-                metrics::counter!(crate::telemetry::metrics::CATCHUP_REQUESTS, "code" => code)
-                    .increment(1);
-                metrics::histogram!(crate::telemetry::metrics::CATCHUP_SECONDS)
-                    .record(began.elapsed().as_secs_f64());
-                let mut headers = HeaderMap::new();
-                if let Some((code, name)) = error {
-                    headers.insert("Nats-Service-Error-Code", code.to_string().as_str());
-                    headers.insert("Nats-Service-Error", name);
-                }
-                headers.insert("Content-Type", "application/json");
-                if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
-                    tracing::debug!(error = %e, "catch-up reply not sent");
-                }
+                respond(&ctx, request).await;
                 drop(permit);
             });
         }
-    });
-    Ok(CatchupService {
-        task,
-        _rebuild: rebuild,
-    })
+        Err("the catch-up endpoint's subscription ended".into())
+    }
+}
+
+/// Answers one request, with the micro error headers for errors.
+async fn respond(ctx: &Ctx, request: async_nats::service::Request) {
+    let began = std::time::Instant::now();
+    let (body, error) = handle(ctx, &request.message.payload).await;
+    let code = error.map_or("200", |(_, name)| name);
+    metrics::counter!(crate::telemetry::metrics::CATCHUP_REQUESTS, "code" => code).increment(1);
+    metrics::histogram!(crate::telemetry::metrics::CATCHUP_SECONDS)
+        .record(began.elapsed().as_secs_f64());
+    let mut headers = HeaderMap::new();
+    if let Some((code, name)) = error {
+        headers.insert("Nats-Service-Error-Code", code.to_string().as_str());
+        headers.insert("Nats-Service-Error", name);
+    }
+    headers.insert("Content-Type", "application/json");
+    if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
+        tracing::debug!(error = %e, "catch-up reply not sent");
+    }
 }
 
 /// The JSON reply body and, for errors, `(code, name)` for the micro headers.
@@ -169,10 +206,9 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     };
     let mut answer = Err("not attempted".to_string());
     for _ in 0..20 {
-        answer = match stream_state(ctx).await {
-            Ok(state) => {
-                let target = request.after_seq.saturating_add(1);
-                let known = ctx.index.known(&request.tenant_id, target, state.last_seq);
+        let target = request.after_seq.saturating_add(1);
+        answer = match stream_state(ctx, &request.tenant_id, target).await {
+            Ok((state, known)) => {
                 lookup::answer(&probe, known.as_ref(), request.after_seq, state).await
             }
             Err(e) => Err(e),
@@ -207,19 +243,25 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     }
 }
 
-async fn stream_state(ctx: &Ctx) -> Result<StreamState, String> {
-    let mut stream = ctx.stream.clone();
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| format!("stream info: {e}"))?;
-    let (first_seq, last_seq) = (info.state.first_sequence.max(1), info.state.last_sequence);
-    Ok(StreamState {
+/// The stream's state (read after the request arrived, see `info`), then
+/// what the index knows about the tenant's event `target`. The stream is
+/// read first: everything in it was recorded in the index before it was
+/// sent, so the index is never behind it.
+async fn stream_state(
+    ctx: &Ctx,
+    tenant: &str,
+    target: u64,
+) -> Result<(StreamState, Option<index::Known>), String> {
+    let counts = ctx.infos.read().await?;
+    let (first_seq, last_seq) = (counts.first_seq.max(1), counts.last_seq);
+    let (known, next_seq) = ctx.index.known_with_next(tenant, target, last_seq);
+    let state = StreamState {
         first_seq,
         last_seq,
-        next_seq: ctx.index.next_stream_seq(),
-        contiguous: info.state.messages == (last_seq + 1).saturating_sub(first_seq),
-    })
+        next_seq,
+        contiguous: counts.messages == (last_seq + 1).saturating_sub(first_seq),
+    };
+    Ok((state, known))
 }
 
 /// Probes with JetStream direct gets (`next_by_subj`), one request each.

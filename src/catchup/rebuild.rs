@@ -43,7 +43,10 @@ pub fn spawn(settings: Settings, index: Index, through: u64) -> Result<Rebuild, 
     std::thread::Builder::new()
         .name("walcast-rebuild".into())
         .spawn(move || {
-            lower_priority();
+            // The machine's last choice for the CPU: reading back millions
+            // of messages must never slow publishing or the catch-up answers
+            // that meanwhile search the stream.
+            crate::service_thread::lower_priority(19);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -67,20 +70,6 @@ pub fn spawn(settings: Settings, index: Index, through: u64) -> Result<Rebuild, 
         })
         .map_err(|e| format!("start the catch-up index rebuild: {e}"))?;
     Ok(Rebuild { stop })
-}
-
-/// Makes this thread the machine's last choice for the CPU (nice 19), so
-/// reading back millions of messages never slows publishing or the catch-up
-/// answers that meanwhile search the stream.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread; no memory is passed.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, 19) != 0 {
-            tracing::debug!("could not lower the rebuild thread's priority");
-        }
-    }
 }
 
 /// Stream messages read by the first pass; each next one reads twice as

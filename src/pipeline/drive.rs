@@ -28,7 +28,7 @@ struct Stages {
     checkpointing: JoinHandle<Result<(), crate::database::DbError>>,
     watchdog: JoinHandle<()>,
     dog: oneshot::Receiver<PipelineError>,
-    _catchup: catchup::CatchupService,
+    catchup: catchup::CatchupService,
 }
 
 /// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
@@ -79,7 +79,6 @@ async fn spawn_stages(
 ) -> Result<(Stages, Source), PipelineError> {
     let Prepared {
         sql,
-        stream,
         source,
         checkpoint,
         owner,
@@ -99,16 +98,9 @@ async fn spawn_stages(
     index.expect_replay_through(last_seq);
     index.replayed_through(checkpoint.stream_seq);
     index.record(&[], last_seq + 1);
-    // Only the instance holding the slot answers catch-up requests.
-    let catchup = catchup::start(
-        &ctx.js,
-        stream.clone(),
-        s,
-        index.clone(),
-        checkpoint.stream_seq,
-    )
-    .await
-    .map_err(PublishError::Nats)?;
+    // Only the instance holding the slot answers catch-up requests; it runs
+    // on its own thread and connection until this run ends.
+    let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
     let publisher = Publisher {
         js: ctx.js.clone(),
         stream: s.stream.clone(),
@@ -140,7 +132,7 @@ async fn spawn_stages(
         checkpointing,
         watchdog,
         dog,
-        _catchup: catchup,
+        catchup,
     };
     Ok((stages, source))
 }
@@ -165,6 +157,13 @@ async fn read_until_stopped(
             // A dead Postgres connection can be silent for minutes while idle.
             Ok(error) = &mut stages.dog, if reading => {
                 failure = Some(error);
+                stages.items = None;
+            }
+            // A service that stops on its own fails the run: the next run
+            // starts a new one (a standby never answers, nor may the active
+            // instance stop answering).
+            error = stages.catchup.failed(), if reading => {
+                failure = Some(error.into());
                 stages.items = None;
             }
             // SPEC §4.7: on every reconnection, compare the stream's tail with

@@ -23,6 +23,7 @@ use crate::config::Settings;
 use crate::database::{Database, DbError};
 use crate::decode::DecodeError;
 use crate::publish::PublishError;
+use crate::service_thread::ServiceError;
 use crate::source::SourceError;
 use crate::source::preflight::Violation;
 use crate::telemetry::health::Health;
@@ -40,6 +41,9 @@ pub enum PipelineError {
     Assemble(#[from] AssembleError),
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] DecodeError),
+    /// A service beside the pipeline (catch-up) did not start or stopped.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
     /// A database precondition does not hold; the text says how to fix it.
     #[error(transparent)]
     Precondition(#[from] Violation),
@@ -57,6 +61,7 @@ impl PipelineError {
             PipelineError::Publish(_) => "publish",
             PipelineError::Assemble(_) => "assemble",
             PipelineError::Decode(_) => "decode",
+            PipelineError::Service(e) => e.service(),
             PipelineError::Precondition(_) => "precondition",
             PipelineError::Fatal(_) => "fatal",
         }

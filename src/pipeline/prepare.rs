@@ -64,7 +64,6 @@ pub(super) async fn check_database(ctx: &Context) -> Result<Checked, PipelineErr
 pub(super) struct Prepared {
     pub sql: tokio_postgres::Client,
     pub sources: Vec<(u32, Entity)>,
-    pub stream: jetstream::stream::Stream,
     pub source: Source,
     pub checkpoint: Checkpoint,
     /// The fencing token this run wrote into the checkpoint row.
@@ -137,7 +136,6 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         start: checkpoint.lsn.max(slot_state.confirmed_flush),
         sql,
         sources,
-        stream,
         source,
         checkpoint,
         owner,
