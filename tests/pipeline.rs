@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use crate::support::chaos::Walcast;
-use crate::support::checks::assert_stream_exact;
+use crate::support::checks::{assert_replays_to_tables, assert_stream_exact};
 use crate::support::daemon::{Daemon, Env};
 use crate::support::oracle::{count_events, create_counter};
-use crate::support::workload::{ROLLED_BACK, Tables, Workload};
+use crate::support::workload::Workload;
 
 /// A randomized multi-tenant workload replays from the stream into exactly the
 /// tables Postgres has; seqs are gap-free; nothing rolled back appears.
@@ -32,23 +32,8 @@ async fn randomized_workload_replays_exactly() {
     let events = env.stream_events().await;
     let per_tenant = assert_stream_exact(&events);
     assert_eq!(per_tenant.len(), 6, "every tenant has events");
-    let mut replica = Tables::default();
-    for m in &events {
-        assert!(
-            !format!("{:?}", m.event).contains(ROLLED_BACK),
-            "rolled-back change published: {}",
-            m.event.event_id
-        );
-        replica.apply(&m.event);
-    }
-    let real = Tables::load(&client).await;
+    let real = assert_replays_to_tables(&events, &client).await;
     assert!(!real.tasks.is_empty() && !real.projects.is_empty() && !real.locks.is_empty());
-    assert_eq!(replica.tasks.len(), real.tasks.len());
-    for (id, task) in &real.tasks {
-        assert_eq!(replica.tasks.get(id), Some(task), "task {id}");
-    }
-    assert_eq!(replica.projects, real.projects);
-    assert_eq!(replica.locks, real.locks);
     let big = events
         .iter()
         .filter(|m| m.event.encoded_len_hint() > 3 * 1024 * 1024)

@@ -16,11 +16,11 @@ use async_nats::jetstream;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::checks::assert_stream_exact;
+use super::checks::{assert_replays_to_tables, assert_stream_exact};
 use super::daemon::{Env, StreamEvent, read_stream};
 use super::oracle::{Change, Oracle, assert_matches_oracle, assert_prefix_of_oracle};
 use super::postgres::Postgres;
-use super::workload::{ROLLED_BACK, Stats, Tables, Workload};
+use super::workload::{Stats, Workload};
 
 /// `WALCAST_SOAK=1`: the long variants (more kills, longer outages).
 pub fn soak() -> bool {
@@ -180,7 +180,8 @@ impl Drop for Walcast {
     }
 }
 
-fn strip_ansi(text: &str) -> String {
+/// `text` without terminal colour codes (log assertions read plain text).
+pub fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
@@ -401,29 +402,7 @@ pub async fn verify_at(scenario: &str, nats_url: &str, client: &Client, oracle: 
     let compared = assert_matches_oracle(&events, &changes);
     let problems = durable_state_problems(client, &events, &changes).await;
     assert!(problems.is_empty(), "{scenario}: {}", problems.join("; "));
-    let mut replica = Tables::default();
-    for m in &events {
-        assert!(
-            !format!("{:?}", m.event).contains(ROLLED_BACK),
-            "rolled-back change published: {}",
-            m.event.event_id
-        );
-        replica.apply(&m.event);
-    }
-    let real = Tables::load(client).await;
-    assert_eq!(
-        replica.tasks.len(),
-        real.tasks.len(),
-        "tasks rebuilt from the stream"
-    );
-    for (id, task) in &real.tasks {
-        assert_eq!(replica.tasks.get(id), Some(task), "task {id}");
-    }
-    assert_eq!(
-        replica.projects, real.projects,
-        "projects rebuilt from the stream"
-    );
-    assert_eq!(replica.locks, real.locks, "locks rebuilt from the stream");
+    assert_replays_to_tables(&events, client).await;
     let txs = {
         let mut lsns: Vec<u64> = events.iter().map(|m| m.event.commit_lsn).collect();
         lsns.dedup();

@@ -3,6 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use super::daemon::StreamEvent;
+use super::workload::{ROLLED_BACK, Tables};
 
 /// Asserts SPEC §4.1–4.3 on a whole stream: per-tenant seq exactly 1..N in
 /// stream order, headers match the body, event ids unique, events of a
@@ -94,4 +95,37 @@ pub fn assert_stream_exact(events: &[StreamEvent]) -> HashMap<String, u64> {
         current = Some((e.commit_lsn, e.tx_index));
     }
     last_seq
+}
+
+/// Asserts that applying the stream's events to empty tables rebuilds
+/// exactly the rows Postgres has, and that nothing rolled back was
+/// published. Returns the real tables.
+pub async fn assert_replays_to_tables(
+    events: &[StreamEvent],
+    client: &tokio_postgres::Client,
+) -> Tables {
+    let mut replica = Tables::default();
+    for m in events {
+        assert!(
+            !format!("{:?}", m.event).contains(ROLLED_BACK),
+            "rolled-back change published: {}",
+            m.event.event_id
+        );
+        replica.apply(&m.event);
+    }
+    let real = Tables::load(client).await;
+    assert_eq!(
+        replica.tasks.len(),
+        real.tasks.len(),
+        "tasks rebuilt from the stream"
+    );
+    for (id, task) in &real.tasks {
+        assert_eq!(replica.tasks.get(id), Some(task), "task {id}");
+    }
+    assert_eq!(
+        replica.projects, real.projects,
+        "projects rebuilt from the stream"
+    );
+    assert_eq!(replica.locks, real.locks, "locks rebuilt from the stream");
+    real
 }

@@ -78,26 +78,9 @@ impl Env {
     /// Waits until walcast has confirmed everything written so far: the slot's
     /// confirmed LSN reaches the current WAL position (needs confirm delay 0).
     pub async fn wait_caught_up(&self, client: &tokio_postgres::Client, timeout: Duration) {
-        let target: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        super::chaos::catch_up(client, timeout)
             .await
-            .unwrap()
-            .get(0);
-        super::wait_until(timeout, || {
-            let target = &target;
-            async move {
-                client
-                    .query_one(
-                        "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'walcast'",
-                        &[target],
-                    )
-                    .await
-                    .map(|r| r.get::<_, Option<bool>>(0).unwrap_or(false))
-                    .unwrap_or(false)
-            }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("walcast did not catch up: {e}"));
+            .unwrap_or_else(|e| panic!("walcast did not catch up: {e}"));
     }
 
     /// Waits until the stream holds at least `count` messages.

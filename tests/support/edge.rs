@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::chaos::Walcast;
+use super::chaos::{Walcast, strip_ansi};
 use super::daemon::{Env, StreamEvent};
 use super::free_port;
 
@@ -144,23 +144,6 @@ pub fn run_bounded(args: &[&str], env: &[(String, String)], bound: Duration) -> 
         stderr: read(&err_path),
         elapsed: began.elapsed(),
     }
-}
-
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' && chars.peek() == Some(&'[') {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// `env` with `name` set to `value` (replaced if present).
