@@ -568,6 +568,22 @@ async fn nats_connections_cut_stalled_and_blackholed() {
     connections_cut_stalled_and_blackholed(Link::Nats).await;
 }
 
+/// A TCP proxy in front of `link`'s server, and walcast's environment
+/// pointed at it.
+fn through_proxy(s: &Scenario, link: Link) -> (TcpProxy, Vec<(String, String)>) {
+    let (port, var) = match link {
+        Link::Postgres => (s.env.pg.port(), "WALCAST_DATABASE_URL"),
+        Link::Nats => (s.env.nats.port(), "WALCAST_NATS_URL"),
+    };
+    let proxy = TcpProxy::start(port);
+    let url = match link {
+        Link::Postgres => format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port()),
+        Link::Nats => format!("nats://127.0.0.1:{}", proxy.port()),
+    };
+    let env = with_var(&s.env.env_vars(), var, &url);
+    (proxy, env)
+}
+
 /// Three cuts (every connection reset), a stall that heals (shorter than
 /// wal_sender_timeout and than two NATS pings), then 5 s of a server that
 /// accepts connections but never answers; the stream stays exact throughout.
@@ -577,19 +593,7 @@ async fn connections_cut_stalled_and_blackholed(link: Link) {
         Link::Nats => "NATS TCP faults",
     };
     let s = Scenario::start(name).await;
-    let (proxy, var, url) = match link {
-        Link::Postgres => {
-            let proxy = TcpProxy::start(s.env.pg.port());
-            let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port());
-            (proxy, "WALCAST_DATABASE_URL", url)
-        }
-        Link::Nats => {
-            let proxy = TcpProxy::start(s.env.nats.port());
-            let url = format!("nats://127.0.0.1:{}", proxy.port());
-            (proxy, "WALCAST_NATS_URL", url)
-        }
-    };
-    let env = with_var(&s.env.env_vars(), var, &url);
+    let (proxy, env) = through_proxy(&s, link);
     let mut w = s.walcast("walcast", &env, &[]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
     s.env.wait_for_messages(200, Duration::from_secs(30)).await;
@@ -637,12 +641,7 @@ async fn connections_cut_stalled_and_blackholed(link: Link) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_stall_fills_the_in_flight_window() {
     let s = Scenario::start("in-flight window full").await;
-    let proxy = TcpProxy::start(s.env.nats.port());
-    let env = with_var(
-        &s.env.env_vars(),
-        "WALCAST_NATS_URL",
-        &format!("nats://127.0.0.1:{}", proxy.port()),
-    );
+    let (proxy, env) = through_proxy(&s, Link::Nats);
     let mut w = s.walcast("walcast", &env, &[("WALCAST_MAX_IN_FLIGHT", "64")]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
     s.env.wait_for_messages(200, Duration::from_secs(30)).await;
@@ -671,35 +670,7 @@ async fn nats_stall_fills_the_in_flight_window() {
 /// walcast must notice and reconnect, and catch up within 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_connection_hangs_silently() {
-    let s = Scenario::start("NATS connection hangs").await;
-    let proxy = TcpProxy::start(s.env.nats.port());
-    let env = with_var(
-        &s.env.env_vars(),
-        "WALCAST_NATS_URL",
-        &format!("nats://127.0.0.1:{}", proxy.port()),
-    );
-    let mut w = s.walcast("walcast", &env, &[]);
-    let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
-    s.env.wait_for_messages(200, Duration::from_secs(30)).await;
-    // Blackhole without a cut: the open connection swallows everything.
-    proxy.blackhole(true);
-    tokio::time::sleep(Duration::from_secs(10)).await;
-    proxy.blackhole(false);
-    let healed = Instant::now();
-    load.wait_transactions(100, Duration::from_secs(30)).await;
-    let stats = load.stop().await;
-    s.caught_up(Duration::from_secs(30), &w).await;
-    let recovered = healed.elapsed();
-    assert!(w.exited().is_none(), "walcast exited:\n{}", w.log_tail(40));
-    w.stop(Duration::from_secs(15)).await;
-    assert_retries_logged(&w, NATS_CAUSES, 1);
-    let checked = s
-        .verify(&format!(
-            "10 s silent NATS connection, caught up {recovered:.1?} after the network healed"
-        ))
-        .await;
-    eprintln!("[NATS connection hangs] workload {stats:?}");
-    s.done(checked);
+    connection_hangs_silently(Link::Nats).await;
 }
 
 /// The connections to Postgres go silent (packets dropped, nothing reset)
@@ -707,18 +678,26 @@ async fn nats_connection_hangs_silently() {
 /// so walcast must notice and reconnect, and catch up within 30 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_connections_hang_silently() {
-    let s = Scenario::start("Postgres connections hang").await;
-    let proxy = TcpProxy::start(s.env.pg.port());
-    let env = with_var(
-        &s.env.env_vars(),
-        "WALCAST_DATABASE_URL",
-        &format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port()),
-    );
+    connection_hangs_silently(Link::Postgres).await;
+}
+
+async fn connection_hangs_silently(link: Link) {
+    let (name, what, causes) = match link {
+        Link::Nats => ("NATS connection hangs", "NATS connection", NATS_CAUSES),
+        Link::Postgres => (
+            "Postgres connections hang",
+            "Postgres connections",
+            PG_CAUSES,
+        ),
+    };
+    let s = Scenario::start(name).await;
+    let (proxy, env) = through_proxy(&s, link);
     let mut w = s.walcast("walcast", &env, &[]);
     let load = Load::start(&s.env, 6, Duration::from_millis(2)).await;
     s.env.wait_for_messages(200, Duration::from_secs(30)).await;
+    // Blackhole without a cut: the open connection swallows everything.
     proxy.blackhole(true);
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(10)).await; // the fault's length, not a wait
     proxy.blackhole(false);
     let healed = Instant::now();
     load.wait_transactions(100, Duration::from_secs(30)).await;
@@ -727,13 +706,13 @@ async fn postgres_connections_hang_silently() {
     let recovered = healed.elapsed();
     assert!(w.exited().is_none(), "walcast exited:\n{}", w.log_tail(40));
     w.stop(Duration::from_secs(15)).await;
-    assert_retries_logged(&w, PG_CAUSES, 1);
+    assert_retries_logged(&w, causes, 1);
     let checked = s
         .verify(&format!(
-            "10 s silent Postgres connections, caught up {recovered:.1?} after the network healed"
+            "10 s silent {what}, caught up {recovered:.1?} after the network healed"
         ))
         .await;
-    eprintln!("[Postgres connections hang] workload {stats:?}");
+    eprintln!("[{name}] workload {stats:?}");
     s.done(checked);
 }
 
