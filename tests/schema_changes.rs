@@ -92,7 +92,8 @@ async fn ddl_while_streaming_keeps_the_stream_exact() {
         "ALTER TABLE projects ADD COLUMN scratch int DEFAULT 7",
     )
     .await;
-    let dropped = ddl_under_load(&client, &load, "ALTER TABLE projects DROP COLUMN scratch").await;
+    let (before_drop, dropped) =
+        ddl_between(&client, &load, "ALTER TABLE projects DROP COLUMN scratch").await;
     // Type changes: typed columns (timestamptz -> timestamp, text -> varchar)
     // and an unknown one (text -> integer, a table rewrite).
     let retimed = ddl_under_load(
@@ -147,8 +148,19 @@ async fn ddl_while_streaming_keeps_the_stream_exact() {
     );
     // The column added then dropped: in `extra` between the two, gone after.
     let projects: Vec<&StreamEvent> = after_lsn(&events, scratch, Entity::Project);
-    let (between, after_drop): (Vec<&&StreamEvent>, Vec<&&StreamEvent>) =
-        projects.iter().partition(|m| m.event.commit_lsn < dropped);
+    // A change committed after the DROP but before its position was read has
+    // commit_lsn < `dropped` and no column: only what committed before the
+    // DROP started (`before_drop`) surely has it, only what committed after
+    // `dropped` surely has not.
+    let between: Vec<&&StreamEvent> = projects
+        .iter()
+        .filter(|m| m.event.commit_lsn < before_drop)
+        .collect();
+    let after_drop: Vec<&&StreamEvent> = projects
+        .iter()
+        .filter(|m| m.event.commit_lsn > dropped)
+        .collect();
+    assert!(!between.is_empty(), "project events while scratch exists");
     assert!(
         between.iter().filter(|m| m.event.after.is_some()).all(|m| m
             .event
