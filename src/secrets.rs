@@ -187,13 +187,15 @@ pub fn percent_decode(text: &str) -> String {
 
 /// Standard error for the log subscriber, every line scrubbed: this also
 /// covers what dependencies log at debug level (async-nats, tokio-postgres).
+/// Each event stays on one line, so line-oriented log shippers and greps see
+/// all of its fields.
 pub struct ScrubbingStderr;
 
 impl Write for ScrubbingStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // The fmt layer writes one whole event per call.
         let text = String::from_utf8_lossy(buf);
-        std::io::stderr().write_all(scrub(&text).as_bytes())?;
+        std::io::stderr().write_all(one_line(&scrub(&text)).as_bytes())?;
         Ok(buf.len())
     }
 
@@ -202,9 +204,37 @@ impl Write for ScrubbingStderr {
     }
 }
 
+/// `event` with its inner line breaks turned into spaces. Postgres errors
+/// carry `DETAIL:` and `HINT:` on lines of their own; in the middle of a log
+/// line they would cut off the fields that follow (`retry_in=`).
+fn one_line(event: &str) -> Cow<'_, str> {
+    let body = event.strip_suffix('\n').unwrap_or(event);
+    if !body.contains(['\n', '\r']) {
+        return Cow::Borrowed(event);
+    }
+    let mut line: String = body
+        .chars()
+        .map(|c| if c == '\n' || c == '\r' { ' ' } else { c })
+        .collect();
+    if body.len() < event.len() {
+        line.push('\n');
+    }
+    Cow::Owned(line)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_event_stays_on_one_line() {
+        let event = "WARN error=db error: FATAL: not yet accepting connections\nDETAIL: recovery\nHINT: wait retry_in=1s\n";
+        assert_eq!(
+            one_line(event),
+            "WARN error=db error: FATAL: not yet accepting connections DETAIL: recovery HINT: wait retry_in=1s\n"
+        );
+        assert!(matches!(one_line("plain\n"), Cow::Borrowed("plain\n")));
+    }
 
     #[test]
     fn urls_are_redacted_whatever_the_secret_length() {
