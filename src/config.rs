@@ -105,6 +105,10 @@ pub struct Options {
     /// Log format: text or json [default: text]
     #[arg(long, env = "WALCAST_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Key-value bucket holding each tenant's current rows (SPEC §8); an
+    /// empty name turns the state off [default: <stream>_STATE]
+    #[arg(long, env = "WALCAST_STATE_BUCKET")]
+    pub state_bucket: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -138,6 +142,8 @@ pub struct Settings {
     pub startup_timeout: Duration,
     pub dry_run: bool,
     pub log_json: bool,
+    /// The state bucket (SPEC §8); `None` when turned off.
+    pub state_bucket: Option<String>,
 }
 
 /// A setting that cannot be used; the message names it and says what is expected.
@@ -195,6 +201,7 @@ impl Options {
             startup_timeout,
             dry_run,
             log_format,
+            state_bucket,
         );
         Options {
             database_url,
@@ -237,6 +244,12 @@ impl Options {
             .nats_url
             .unwrap_or_else(|| "nats://127.0.0.1:4222".into());
         crate::secrets::register_url(&nats_url);
+        let stream = self.stream.unwrap_or_else(|| "WALCAST".into());
+        let state_bucket = match self.state_bucket {
+            None => Some(format!("{stream}_STATE")),
+            Some(name) if name.is_empty() => None,
+            Some(name) => Some(name),
+        };
         let settings = Settings {
             database_url,
             nats_url,
@@ -247,7 +260,7 @@ impl Options {
             nats_client_key: self.nats_client_key,
             slot: self.slot.unwrap_or_else(|| "walcast".into()),
             publication: self.publication.unwrap_or_else(|| "walcast".into()),
-            stream: self.stream.unwrap_or_else(|| "WALCAST".into()),
+            stream,
             subject_prefix: self.subject_prefix.unwrap_or_else(|| "walcast".into()),
             http_addr: self.http_addr.unwrap_or_else(|| "127.0.0.1:9187".into()),
             confirm_delay: CONFIRM_DELAY.parse(self.confirm_delay.as_deref())?,
@@ -273,6 +286,7 @@ impl Options {
                     )));
                 }
             },
+            state_bucket,
         };
         settings.validate()?;
         Ok(settings)
@@ -444,6 +458,17 @@ impl Settings {
                 "duplicate_window is longer than stream_max_age: NATS needs it at most the max age"
                     .into(),
             ));
+        }
+        if let Some(bucket) = &self.state_bucket {
+            let valid = bucket.len() <= 64
+                && bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(ConfigError::Invalid(format!(
+                    "state_bucket {bucket:?} is not a valid bucket name: use letters, digits, _ and - (at most 64), or an empty name to turn the state off"
+                )));
+            }
         }
         if ![1, 3, 5].contains(&self.stream_replicas) {
             return Err(ConfigError::Invalid(

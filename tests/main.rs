@@ -14,5 +14,6 @@ mod oversized;
 mod pipeline;
 mod schema_changes;
 mod service_thread;
+mod state;
 mod support;
 mod tls;

@@ -225,6 +225,33 @@ impl EventBuilder {
     }
 }
 
+/// The event the state backfill (SPEC §8) stores for a row it copied: the
+/// entity's create action, `seq` 0 (no event of the stream), `commit_lsn` the
+/// snapshot's position. The caller names it and validates its tenant.
+pub fn snapshot_row(
+    layout: &Layout,
+    image: &Image<'_>,
+    snapshot_lsn: u64,
+    time: Timestamp,
+) -> ChangeEvent {
+    let action = action::decide(layout, Kind::Insert, None, Some(image), &time);
+    let mut event = ChangeEvent {
+        tenant_id: action::field(layout, Some(image), Field::TenantId)
+            .unwrap_or_default()
+            .to_string(),
+        entity: layout.entity as i32,
+        action: action as i32,
+        entity_id: entity_id(layout, Some(image)),
+        commit_lsn: snapshot_lsn,
+        commit_time: Some(time),
+        actor: Some(actor::from_row(layout, Some(image))),
+        table: layout.table.clone(),
+        ..Default::default()
+    };
+    set_images(&mut event, layout, None, Some(image));
+    event
+}
+
 /// Resolves before and after images of a change.
 fn images<'a>(change: Change<'a>) -> (Kind, Option<Image<'a>>, Option<Image<'a>>) {
     match change {

@@ -19,6 +19,7 @@ use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::publish::{self, PublishError, Publisher};
 use crate::source::Source;
+use crate::state;
 
 /// The tasks beside the reader, and what the reader talks to them through.
 struct Stages {
@@ -29,6 +30,8 @@ struct Stages {
     watchdog: JoinHandle<()>,
     dog: oneshot::Receiver<PipelineError>,
     catchup: catchup::CatchupService,
+    /// `None` when the state bucket is turned off.
+    state: Option<state::StateService>,
 }
 
 /// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
@@ -101,6 +104,8 @@ async fn spawn_stages(
     // Only the instance holding the slot answers catch-up requests; it runs
     // on its own thread and connection until this run ends.
     let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
+    // Likewise the state bucket: one writer, the slot's holder.
+    let state = state::start(s, &ctx.db, &ctx.health).await?;
     let publisher = Publisher {
         js: ctx.js.clone(),
         stream: s.stream.clone(),
@@ -133,6 +138,7 @@ async fn spawn_stages(
         watchdog,
         dog,
         catchup,
+        state,
     };
     Ok((stages, source))
 }
@@ -163,6 +169,10 @@ async fn read_until_stopped(
             // starts a new one (a standby never answers, nor may the active
             // instance stop answering).
             error = stages.catchup.failed(), if reading => {
+                failure = Some(error.into());
+                stages.items = None;
+            }
+            error = state_failed(&mut stages.state), if reading => {
                 failure = Some(error.into());
                 stages.items = None;
             }
@@ -204,6 +214,15 @@ async fn read_until_stopped(
             // The publisher stopped (it failed): stop reading, collect its error.
             _ = closed(&stages.items), if reading => stages.items = None,
         }
+    }
+}
+
+async fn state_failed(
+    state: &mut Option<state::StateService>,
+) -> crate::service_thread::ServiceError {
+    match state {
+        Some(state) => state.failed().await,
+        None => std::future::pending().await,
     }
 }
 

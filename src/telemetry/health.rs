@@ -13,6 +13,10 @@ pub struct Health {
     ever_replicated: AtomicBool,
     replications: AtomicU64,
     last_checkpoint_unix: AtomicU64,
+    /// Everything before this WAL position is acknowledged by JetStream...
+    acked_lsn: AtomicU64,
+    /// ... at this stream sequence or earlier (stored first, read second).
+    acked_stream_seq: AtomicU64,
 }
 
 impl Health {
@@ -42,6 +46,22 @@ impl Health {
     pub fn checkpoint_age_secs(&self) -> Option<u64> {
         let last = self.last_checkpoint_unix.load(Ordering::SeqCst);
         (last > 0).then(|| unix_now().saturating_sub(last))
+    }
+
+    /// Every event before `lsn` is acknowledged, at `stream_seq` or earlier.
+    /// The state backfill waits on it to know when the stream holds every
+    /// change its snapshot saw.
+    pub fn acked(&self, lsn: u64, stream_seq: u64) {
+        self.acked_stream_seq
+            .fetch_max(stream_seq, Ordering::SeqCst);
+        self.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
+    }
+
+    /// `(lsn, stream_seq)` as set by [`Health::acked`]: the stream sequence
+    /// covers at least every event before the LSN.
+    pub fn acked_position(&self) -> (u64, u64) {
+        let lsn = self.acked_lsn.load(Ordering::SeqCst);
+        (lsn, self.acked_stream_seq.load(Ordering::SeqCst))
     }
 
     /// A checkpoint became durable now.

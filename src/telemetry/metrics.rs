@@ -25,6 +25,11 @@ pub const CATCHUP_REQUESTS: &str = "walcast_catchup_requests_total";
 pub const CATCHUP_SECONDS: &str = "walcast_catchup_seconds";
 pub const CATCHUP_INDEX_BYTES: &str = "walcast_catchup_index_bytes";
 pub const UP: &str = "walcast_up";
+pub const STATE_WRITES: &str = "walcast_state_writes_total";
+pub const STATE_SKIPPED: &str = "walcast_state_skipped_total";
+pub const STATE_LAG_EVENTS: &str = "walcast_state_lag_events";
+pub const BACKFILL_ROWS: &str = "walcast_state_backfill_rows_total";
+pub const BACKFILL_RUNNING: &str = "walcast_state_backfill_running";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> &'static PrometheusHandle {
@@ -113,6 +118,23 @@ fn describe() {
     );
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
+    describe_counter!(
+        STATE_WRITES,
+        "Row values and delete markers written to the state bucket by the projection"
+    );
+    describe_counter!(
+        STATE_SKIPPED,
+        "Events and rows left out of the state bucket, by reason (no_tenant, invalid_key)"
+    );
+    describe_gauge!(
+        STATE_LAG_EVENTS,
+        "Stream messages acknowledged but not yet applied to the state bucket"
+    );
+    describe_counter!(
+        BACKFILL_ROWS,
+        "Rows the state backfill copied from its snapshot (written, or kept because the bucket held a newer value)"
+    );
+    describe_gauge!(BACKFILL_RUNNING, "1 while a state backfill copies rows");
     describe_gauge!(
         CATCHUP_INDEX_BYTES,
         Unit::Bytes,

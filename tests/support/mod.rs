@@ -131,4 +131,5 @@ pub mod daemon;
 pub mod edge;
 pub mod oracle;
 pub mod pgdelay;
+pub mod state;
 pub mod workload;

@@ -1,0 +1,158 @@
+//! The state bucket (SPEC §8): each tenant's current rows in NATS, tagged
+//! with the `seq` they reflect, so a client loads a tenant and follows the
+//! stream from there exactly, without touching Postgres. Layout and the
+//! load protocol: docs/STATE.md.
+//!
+//! A service beside the pipeline, not a stage of it: it reads the stream
+//! (so a key is written only after its event is in the stream, in stream
+//! order) on its own thread and NATS connection (`service_thread`), and runs
+//! only while this instance holds the slot, so the bucket has one writer.
+//! Its progress is the bucket's own newest entry (`project`), and a bucket
+//! without a complete readiness marker is backfilled from a snapshot
+//! (`backfill`).
+
+mod backfill;
+pub mod bucket;
+pub mod layout;
+mod project;
+mod writer;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use crate::config::Settings;
+use crate::database::Database;
+use crate::service_thread::{self, Ready, Service, ServiceError, ServiceThread};
+use crate::telemetry::health::Health;
+use crate::telemetry::metrics as m;
+
+/// How often the readiness marker is looked at for a requested backfill.
+const MARKER_POLL: Duration = Duration::from_secs(1);
+
+/// A running state service; stopped when dropped.
+pub struct StateService {
+    thread: ServiceThread,
+}
+
+impl StateService {
+    /// Completes only if the service stops on its own.
+    pub async fn failed(&mut self) -> ServiceError {
+        self.thread.failed().await
+    }
+}
+
+/// Starts the state service, unless the state is turned off.
+pub async fn start(
+    settings: &Settings,
+    db: &Database,
+    health: &Arc<Health>,
+) -> Result<Option<StateService>, ServiceError> {
+    if settings.state_bucket.is_none() {
+        return Ok(None);
+    }
+    let service = State {
+        settings: settings.clone(),
+        db: db.clone(),
+        health: health.clone(),
+    };
+    let thread = service_thread::start(settings, service).await?;
+    Ok(Some(StateService { thread }))
+}
+
+/// The service as it runs on its thread.
+struct State {
+    settings: Settings,
+    db: Database,
+    health: Arc<Health>,
+}
+
+impl Service for State {
+    const NAME: &'static str = "state";
+
+    async fn serve(self, client: async_nats::Client, ready: Ready) -> Result<(), String> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        let name = self.settings.state_bucket.clone().unwrap_or_default();
+        let bucket = bucket::ensure(&js, &name, self.settings.stream_replicas).await?;
+        let stream = js
+            .get_stream(&self.settings.stream)
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.settings.stream))?;
+        let after = resume_point(&bucket, stream.clone()).await?;
+        let applied = Arc::new(AtomicU64::new(after));
+        ready.serving();
+        let projection = project::run(js.clone(), &client, &stream, &name, after, applied.clone());
+        let backfills = self.keep_backfilled(&js, &bucket, &applied);
+        tokio::select! {
+            result = projection => result,
+            result = backfills => result,
+        }
+    }
+}
+
+impl State {
+    /// Backfills when the bucket has no complete marker (first start, a
+    /// purge, a backfill cut short, `walcast backfill`); forever.
+    async fn keep_backfilled(
+        &self,
+        js: &jetstream::Context,
+        bucket: &bucket::Bucket,
+        applied: &Arc<AtomicU64>,
+    ) -> Result<(), String> {
+        loop {
+            let marker = bucket::marker(&bucket.store).await?;
+            if !marker.is_some_and(|m| m.is_complete()) {
+                let backfill = backfill::Backfill {
+                    settings: &self.settings,
+                    db: &self.db,
+                    js,
+                    health: &self.health,
+                    applied,
+                };
+                backfill.run().await?;
+            }
+            let (_, acked) = self.health.acked_position();
+            let lag = acked.saturating_sub(applied.load(Ordering::SeqCst));
+            metrics::gauge!(m::STATE_LAG_EVENTS).set(lag as f64);
+            tokio::time::sleep(MARKER_POLL).await;
+        }
+    }
+}
+
+/// Where the projection resumes: the bucket's newest position, unless the
+/// stream is shorter (the broker lost messages; the pipeline republishes
+/// them after its tail, where the projection then finds them).
+async fn resume_point(
+    bucket: &bucket::Bucket,
+    mut stream: jetstream::stream::Stream,
+) -> Result<u64, String> {
+    let applied = bucket::applied_through(bucket).await?;
+    let state = stream
+        .info()
+        .await
+        .map_err(|e| format!("read the stream for the state: {e}"))?
+        .state
+        .clone();
+    if applied > state.last_sequence {
+        tracing::warn!(
+            bucket = %bucket.name,
+            applied,
+            stream_last = state.last_sequence,
+            "the state bucket is ahead of the stream (the broker lost messages): it follows the stream from its tail, where the republished events come"
+        );
+        return Ok(state.last_sequence);
+    }
+    if applied > 0 && applied + 1 < state.first_sequence {
+        tracing::warn!(
+            bucket = %bucket.name,
+            applied,
+            stream_first = state.first_sequence,
+            "the stream no longer holds events the state bucket has not applied (they aged out): keys may be stale; purge the bucket (nats kv purge or del) and restart walcast to backfill it"
+        );
+    }
+    Ok(applied)
+}

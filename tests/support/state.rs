@@ -1,0 +1,191 @@
+//! Reading the state bucket back (docs/STATE.md), independently of walcast:
+//! the newest entry of every key, with its headers, decoded.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use futures::StreamExt;
+use prost::Message as _;
+use walcast::proto::ChangeEvent;
+use walcast::proto::change_event::{After, Before};
+
+use super::daemon::{StreamEvent, fetch_object};
+use super::workload::Tables;
+
+/// The newest entry of one key.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: String,
+    pub deleted: bool,
+    /// `Walcast-Seq`.
+    pub seq: u64,
+    pub headers: HashMap<String, String>,
+    /// The full event (fetched from the object store for a stub).
+    pub event: Option<ChangeEvent>,
+}
+
+/// Every key's newest entry (values and delete markers), the marker too.
+pub async fn read_bucket(nats_url: &str, bucket: &str) -> BTreeMap<String, Entry> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats");
+    let js = jetstream::new(client);
+    let mut stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .expect("the state bucket exists");
+    let mut out = BTreeMap::new();
+    if stream.info().await.expect("bucket info").state.messages == 0 {
+        return out;
+    }
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            filter_subject: format!("$KV.{bucket}.>"),
+            ..Default::default()
+        })
+        .await
+        .expect("ordered consumer on the bucket");
+    let mut messages = consumer.messages().await.expect("read the bucket");
+    let prefix = format!("$KV.{bucket}.");
+    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("bucket read stalled")
+    {
+        let msg = msg.expect("bucket message");
+        let pending = msg.info().expect("message info").pending;
+        let headers: HashMap<String, String> = msg
+            .headers
+            .as_ref()
+            .map(|h| {
+                h.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            v.first().map(|v| v.to_string()).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let key = msg
+            .subject
+            .as_str()
+            .strip_prefix(&prefix)
+            .expect("a key subject")
+            .to_string();
+        let deleted = headers
+            .get("KV-Operation")
+            .is_some_and(|op| op == "DEL" || op == "PURGE");
+        let event = if deleted || key.starts_with("_walcast.") {
+            None
+        } else {
+            let payload = match headers.get("Walcast-Object") {
+                Some(object) => fetch_object(&js, object).await,
+                None => msg.payload.to_vec(),
+            };
+            Some(ChangeEvent::decode(payload.as_slice()).expect("a value is a ChangeEvent"))
+        };
+        let seq = headers
+            .get("Walcast-Seq")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        out.insert(
+            key.clone(),
+            Entry {
+                key,
+                deleted,
+                seq,
+                headers,
+                event,
+            },
+        );
+        if pending == 0 {
+            break;
+        }
+    }
+    out
+}
+
+/// The readiness marker's `state`, if any.
+pub async fn marker_state(nats_url: &str, bucket: &str) -> Option<String> {
+    let client = async_nats::connect(nats_url).await.ok()?;
+    let store = jetstream::new(client).get_key_value(bucket).await.ok()?;
+    let value = store.get("_walcast.backfill").await.ok()??;
+    let json: serde_json::Value = serde_json::from_slice(&value).ok()?;
+    Some(json["state"].as_str()?.to_string())
+}
+
+/// The rows the bucket holds, in the form the tables are compared in.
+pub fn rows_of(entries: &BTreeMap<String, Entry>) -> Tables {
+    let mut tables = Tables::default();
+    for entry in entries.values() {
+        if let Some(event) = &entry.event {
+            tables.apply(event);
+        }
+    }
+    tables
+}
+
+/// The key of the row an event is about (docs/STATE.md), from its images.
+pub fn key_of(event: &ChangeEvent) -> String {
+    let t = &event.tenant_id;
+    match (&event.after, &event.before) {
+        (Some(After::Task(r)), _) | (None, Some(Before::TaskBefore(r))) => {
+            format!("{t}.task.{}", r.id)
+        }
+        (Some(After::Project(r)), _) | (None, Some(Before::ProjectBefore(r))) => {
+            format!("{t}.project.{}", r.id)
+        }
+        (Some(After::Lock(r)), _) | (None, Some(Before::LockBefore(r))) => {
+            format!("{t}.lock.{}.{}", r.record_type, r.record_id)
+        }
+        _ => panic!("an event without a row image: {event:?}"),
+    }
+}
+
+/// Asserts the bucket is the stream applied to the backfilled rows: each
+/// key's `Walcast-Seq` is its row's last event's seq (0 for a row with no
+/// event), each deleted row is a marker with its delete's seq, and the rows
+/// equal `real` (the tables as SELECT sees them).
+pub fn assert_state_exact(
+    entries: &BTreeMap<String, Entry>,
+    events: &[StreamEvent],
+    real: &Tables,
+) {
+    let mut last_seq: HashMap<String, (u64, bool)> = HashMap::new();
+    for m in events
+        .iter()
+        .filter(|m| !m.event.tenant_id.is_empty() && m.event.seq > 0)
+    {
+        let deleted = m.event.after.is_none();
+        last_seq.insert(key_of(&m.event), (m.event.seq, deleted));
+    }
+    for (key, entry) in entries.iter().filter(|(k, _)| !k.starts_with("_walcast.")) {
+        let (seq, deleted) = last_seq.get(key).copied().unwrap_or((0, false));
+        assert_eq!(
+            entry.seq, seq,
+            "{key}: Walcast-Seq is its row's last event's seq"
+        );
+        assert_eq!(
+            entry.deleted, deleted,
+            "{key}: a delete marker exactly when the row's last event deleted it"
+        );
+    }
+    for (key, (_, deleted)) in &last_seq {
+        if *deleted {
+            assert!(
+                entries.get(key).is_some_and(|e| e.deleted),
+                "{key}: deleted row has its marker"
+            );
+        }
+    }
+    let rows = rows_of(entries);
+    assert_eq!(rows.tasks.len(), real.tasks.len(), "task count");
+    for (id, task) in &real.tasks {
+        assert_eq!(rows.tasks.get(id), Some(task), "task {id}");
+    }
+    assert_eq!(rows.projects, real.projects, "projects");
+    assert_eq!(rows.locks, real.locks, "locks");
+}
