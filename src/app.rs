@@ -29,6 +29,8 @@ pub enum AppError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Db(#[from] crate::database::DbError),
+    #[error("state bucket: {0}")]
+    State(String),
     #[error("cannot serve metrics on --http-addr {addr}: {reason} (is another process using it?)")]
     Http { addr: String, reason: String },
 }

@@ -37,6 +37,10 @@ pub enum Command {
     Migrate(Common),
     /// Verify every precondition (Postgres, slot, publication, NATS, stream) and print fixes
     Check(Common),
+    /// Copy the tables' current rows into the state bucket now (SPEC §8): a
+    /// running `walcast run` does it, else this process runs the pipeline
+    /// until the backfill is complete
+    Backfill(Common),
     /// Print a tenant's events from the stream as JSON, one per line
     Tail {
         #[command(flatten)]
@@ -59,7 +63,10 @@ pub struct Common {
 impl Command {
     fn common_mut(&mut self) -> &mut Common {
         match self {
-            Command::Run(common) | Command::Migrate(common) | Command::Check(common) => common,
+            Command::Run(common)
+            | Command::Migrate(common)
+            | Command::Check(common)
+            | Command::Backfill(common) => common,
             Command::Tail { common, .. } => common,
         }
     }

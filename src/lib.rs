@@ -33,6 +33,6 @@ pub mod publish;
 pub mod secrets;
 pub mod service_thread;
 pub mod source;
-pub(crate) mod state;
+pub mod state;
 pub mod tail;
 pub mod telemetry;

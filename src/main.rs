@@ -72,6 +72,16 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("{failed} check(s) failed");
             }
         }
+        Command::Backfill(common) => {
+            let settings = common.settings()?;
+            telemetry::init_logging(settings.log_json);
+            let marker = walcast::state::demand::run(settings, shutdown_signal()).await?;
+            say(format_args!(
+                "backfill complete: {} rows from the snapshot at {}",
+                marker.rows.unwrap_or(0),
+                marker.snapshot_lsn.as_deref().unwrap_or("?")
+            ));
+        }
         Command::Tail { tail, common } => {
             let settings = common.nats_settings()?;
             telemetry::init_logging(settings.log_json);

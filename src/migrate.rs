@@ -30,6 +30,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_checkpoint_owner.sql",
         include_str!("../migrations/0005_checkpoint_owner.sql"),
     ),
+    (
+        "0006_state_applied.sql",
+        include_str!("../migrations/0006_state_applied.sql"),
+    ),
 ];
 
 /// What a migration run did.

@@ -24,7 +24,9 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use std::sync::Arc;
+
+use tokio::sync::{Notify, oneshot};
 
 use crate::config::Settings;
 
@@ -39,6 +41,11 @@ pub trait Service: Send + 'static {
     /// for a service that shares no lock with the pipeline: a low-priority
     /// thread preempted while holding one stalls the pipeline behind it.
     const NICE: i32 = 0;
+    /// Stop (fail) when the service's connection drops, instead of riding
+    /// out the reconnect: for a writer whose in-memory position a broker
+    /// that lost acknowledged messages would make wrong, and whose queued
+    /// writes must not reach the server after such a loss.
+    const FAIL_ON_DISCONNECT: bool = false;
 
     /// Sets up on `client` (this thread's own connection), calls
     /// [`Ready::serving`] once it answers, then serves until it fails.
@@ -176,8 +183,14 @@ fn run<S: Service>(
     // Dropping the runtime on return cancels the service's tasks and closes
     // its connection: nothing of it outlives the thread.
     runtime.block_on(async {
-        let client = connect(settings, S::NAME).await.map_err(start_error)?;
+        let dropped = Arc::new(Notify::new());
+        let watch = S::FAIL_ON_DISCONNECT.then(|| dropped.clone());
+        let client = connect(settings, S::NAME, watch).await.map_err(start_error)?;
         tokio::select! {
+            _ = dropped.notified() => Err(ServiceError::Stopped {
+                service: S::NAME,
+                reason: "its NATS connection dropped; it starts again from what the broker holds".into(),
+            }),
             served = service.serve(client, ready) => Err(ServiceError::Stopped {
                 service: S::NAME,
                 reason: served.err().unwrap_or_else(|| "it returned".into()),
@@ -191,8 +204,12 @@ fn run<S: Service>(
 /// The service's own NATS connection: one attempt (the pipeline's
 /// connection is up when services start; if this one fails the run fails
 /// and is retried with backoff), then the client reconnects by itself.
-async fn connect(settings: &Settings, name: &str) -> Result<async_nats::Client, String> {
-    crate::broker::connect_once(settings, &format!("walcast-{name}"))
+async fn connect(
+    settings: &Settings,
+    name: &str,
+    on_disconnect: Option<Arc<Notify>>,
+) -> Result<async_nats::Client, String> {
+    crate::broker::connect_once_watched(settings, &format!("walcast-{name}"), on_disconnect)
         .await
         .map_err(|e| e.to_string())
 }

@@ -28,6 +28,10 @@ pub struct TailArgs {
     /// Keep printing new events as they arrive
     #[arg(long)]
     pub follow: bool,
+    /// Print the tenant's current rows from the state bucket instead: each
+    /// row's latest event (its `task`/`project`/`lock` is the row)
+    #[arg(long, conflicts_with_all = ["follow", "from_seq"])]
+    pub state: bool,
 }
 
 /// Why `walcast tail` stopped.
@@ -56,6 +60,9 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError>
     tenant::validate(Some(&args.tenant)).map_err(|e| TailError::Tenant(e.reason().to_string()))?;
     let client = crate::broker::connect(settings).await?.client;
     let js = jetstream::new(client);
+    if args.state {
+        return state_rows(settings, &js, args).await;
+    }
     let stream_err = |e: &dyn std::fmt::Display| TailError::Stream {
         stream: settings.stream.clone(),
         reason: e.to_string(),
@@ -110,6 +117,77 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError>
             printed += 1;
         }
         if !args.follow && (pending == 0 || stream_seq >= last) {
+            break;
+        }
+    }
+    out.flush()?;
+    Ok(printed)
+}
+
+/// Prints the tenant's rows from the state bucket (deleted rows left out).
+async fn state_rows(
+    settings: &Settings,
+    js: &jetstream::Context,
+    args: &TailArgs,
+) -> Result<u64, TailError> {
+    let bucket = settings
+        .state_bucket
+        .as_deref()
+        .ok_or_else(|| TailError::Stream {
+            stream: "(state)".into(),
+            reason: "the state is turned off (--state-bucket is empty)".into(),
+        })?;
+    let kv_stream = format!("KV_{bucket}");
+    let stream_err = |e: &dyn std::fmt::Display| TailError::Stream {
+        stream: kv_stream.clone(),
+        reason: e.to_string(),
+    };
+    let mut stream = js
+        .get_stream(&kv_stream)
+        .await
+        .map_err(|e| stream_err(&e))?;
+    let entity = args
+        .entity
+        .as_deref()
+        .map_or(">".to_string(), |e| format!("{e}.>"));
+    let filter = format!("$KV.{bucket}.{}.{entity}", args.tenant);
+    let info = stream.info().await.map_err(|e| stream_err(&e))?;
+    if info.state.messages == 0 {
+        return Ok(0);
+    }
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| stream_err(&e))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(0);
+    }
+    let mut messages = consumer.messages().await.map_err(read_err)?;
+    let mut printed = 0;
+    let mut out = std::io::stdout().lock();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+        let msg = msg.map_err(read_err)?;
+        let info = msg.info().map_err(read_err)?;
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let deleted = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some();
+        if !deleted {
+            let event = event(js, &msg, seq).await?;
+            let json = walcast_client::json::to_value(&event).map_err(|e| TailError::Event {
+                seq,
+                reason: e.to_string(),
+            })?;
+            writeln!(out, "{json}")?;
+            printed += 1;
+        }
+        if pending == 0 {
             break;
         }
     }

@@ -114,7 +114,30 @@ pub async fn connect_once(
     settings: &Settings,
     name: &str,
 ) -> Result<async_nats::Client, BrokerError> {
-    let Target { options, servers } = target(settings, name).await?;
+    connect_once_watched(settings, name, None).await
+}
+
+/// [`connect_once`], notifying `on_disconnect` (if given) whenever the
+/// connection drops.
+pub async fn connect_once_watched(
+    settings: &Settings,
+    name: &str,
+    on_disconnect: Option<std::sync::Arc<tokio::sync::Notify>>,
+) -> Result<async_nats::Client, BrokerError> {
+    let Target {
+        mut options,
+        servers,
+    } = target(settings, name).await?;
+    if let Some(notify) = on_disconnect {
+        options = options.event_callback(move |event| {
+            let notify = notify.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    notify.notify_one();
+                }
+            }
+        });
+    }
     options.connect(servers).await.map_err(|error| {
         let url = redact_url(&settings.nats_url);
         let reason = crate::secrets::scrub(&error.to_string()).into_owned();

@@ -34,6 +34,9 @@ use crate::telemetry::metrics as m;
 
 /// Rows fetched per round trip.
 const PAGE: usize = 1000;
+/// Rows at least this large (encoded) are looked up before they are
+/// written: one that does not fit `max_payload` is stored aside first.
+const LARGE: usize = 64 * 1024;
 /// Progress goes to the log and the marker this often.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
 
@@ -42,6 +45,8 @@ pub struct Backfill<'a> {
     pub settings: &'a Settings,
     pub db: &'a Database,
     pub js: &'a jetstream::Context,
+    /// The bucket (to look before storing a large row aside).
+    pub store: &'a async_nats::jetstream::kv::Store,
     pub health: &'a Health,
     /// The projection's position (every stream message up to it applied).
     pub applied: &'a Arc<AtomicU64>,
@@ -67,7 +72,7 @@ impl Backfill<'_> {
         copy.writer.flush().await?;
         sql.batch_execute("COMMIT")
             .await
-            .map_err(|e| format!("end the backfill snapshot: {e}"))?;
+            .map_err(|e| format!("end the backfill snapshot in Postgres: {e}"))?;
         let complete = Marker::new("complete", Some(lsn.to_string()), Some(copy.rows));
         bucket::set_marker(self.js, bucket, &complete, self.applied()).await?;
         metrics::gauge!(m::BACKFILL_RUNNING).set(0.0);
@@ -118,13 +123,14 @@ impl Backfill<'_> {
         while self.applied() < through {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        tracing::info!(snapshot_lsn = %lsn, stream_seq = through, "the state holds every change before the backfill's snapshot; copying rows");
     }
 }
 
 /// Opens the snapshot: a read-only REPEATABLE READ transaction whose first
 /// statement reads the WAL position (past every commit the snapshot sees).
 async fn snapshot(sql: &Client) -> Result<Lsn, String> {
-    let failed = |e: tokio_postgres::Error| format!("open the backfill snapshot: {e}");
+    let failed = |e: tokio_postgres::Error| format!("open the backfill snapshot in Postgres: {e}");
     sql.batch_execute(
         "SET datestyle = 'ISO, YMD'; SET timezone = 'UTC'; SET intervalstyle = 'iso_8601'; \
          SET extra_float_digits = 3; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
@@ -178,7 +184,8 @@ impl<'a> Copy<'a> {
     /// Copies one table through a cursor, a page at a time (bounded memory).
     async fn table(&mut self, sql: &Client, schema: &str, table: &str) -> Result<(), String> {
         let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
-        let failed = |e: tokio_postgres::Error| format!("read {name} for the backfill: {e}");
+        let failed =
+            |e: tokio_postgres::Error| format!("read {name} from Postgres for the backfill: {e}");
         sql.batch_execute(&format!(
             "DECLARE walcast_backfill NO SCROLL CURSOR FOR SELECT * FROM {name}"
         ))
@@ -236,6 +243,12 @@ impl<'a> Copy<'a> {
         };
         event.event_id = format!("backfill-{:016X}-{key}", self.lsn.0);
         let out = out_event(&event, &key);
+        if out.payload.len() > LARGE && self.has_entry(&key).await? {
+            // Most rows already have a newer entry; a large one would be
+            // stored aside in the object store for nothing.
+            self.writer.kept_newer += 1;
+            return Ok(());
+        }
         let mut headers = layout::headers(0, self.backfill.applied());
         writer::create_only(&mut headers);
         let payload = self
@@ -244,6 +257,16 @@ impl<'a> Copy<'a> {
             .await
             .map_err(|e| e.to_string())?;
         self.writer.send(&key, headers, payload, 0).await
+    }
+
+    async fn has_entry(&self, key: &str) -> Result<bool, String> {
+        let entry = self
+            .backfill
+            .store
+            .entry(key)
+            .await
+            .map_err(|e| format!("read {key} from the state bucket on NATS: {e}"))?;
+        Ok(entry.is_some())
     }
 
     async fn report(&mut self, table: &str) -> Result<(), String> {

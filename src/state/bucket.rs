@@ -38,16 +38,16 @@ pub async fn ensure(
                 ..Default::default()
             })
             .await
-            .map_err(|e| format!("create the state bucket {name}: {e}"))?,
+            .map_err(|e| format!("create the state bucket {name} on NATS: {e}"))?,
     };
     let mut stream = js
         .get_stream(format!("KV_{name}"))
         .await
-        .map_err(|e| format!("open the state bucket {name}: {e}"))?;
+        .map_err(|e| format!("open the state bucket {name} on NATS: {e}"))?;
     let config = &stream
         .info()
         .await
-        .map_err(|e| format!("read the state bucket {name}: {e}"))?
+        .map_err(|e| format!("read the state bucket {name} from NATS: {e}"))?
         .config;
     if config.max_messages_per_subject != 1 || !config.max_age.is_zero() {
         return Err(format!(
@@ -73,7 +73,10 @@ pub async fn applied_through(bucket: &Bucket) -> Result<u64, String> {
     {
         Ok(message) => Ok(layout::stream_seq_of(Some(&message.headers)).unwrap_or(0)),
         Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(format!("read the state bucket {}: {e}", bucket.name)),
+        Err(e) => Err(format!(
+            "read the state bucket {} from NATS: {e}",
+            bucket.name
+        )),
     }
 }
 
@@ -111,7 +114,7 @@ pub async fn marker(store: &Store) -> Result<Option<Marker>, String> {
     let value = store
         .get(MARKER_KEY)
         .await
-        .map_err(|e| format!("read the state bucket's {MARKER_KEY}: {e}"))?;
+        .map_err(|e| format!("read the state bucket's {MARKER_KEY} from NATS: {e}"))?;
     Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
 }
 
@@ -128,8 +131,8 @@ pub async fn set_marker(
     let body = Bytes::from(serde_json::to_vec(marker).unwrap_or_default());
     js.publish_with_headers(format!("$KV.{bucket}.{MARKER_KEY}"), headers, body)
         .await
-        .map_err(|e| format!("write the state bucket's {MARKER_KEY}: {e}"))?
+        .map_err(|e| format!("write the state bucket's {MARKER_KEY} on NATS: {e}"))?
         .await
-        .map_err(|e| format!("write the state bucket's {MARKER_KEY}: {e}"))?;
+        .map_err(|e| format!("write the state bucket's {MARKER_KEY} on NATS: {e}"))?;
     Ok(())
 }

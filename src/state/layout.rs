@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
-/// How far the writer had applied the stream when it wrote this entry.
+/// How far the writer had applied the stream when it sent this entry: every
+/// stream position up to it was acknowledged in the bucket by then.
 pub const STREAM_SEQ: &str = "Walcast-Stream-Seq";
 pub const SEQ: &str = "Walcast-Seq";
 pub const CONTENT_TYPE: &str = "Content-Type";
@@ -111,7 +112,7 @@ pub fn headers(seq: u64, stream_seq: u64) -> HeaderMap {
     headers
 }
 
-/// The stream position an entry of the bucket was written at.
+/// The applied position an entry of the bucket carries ([`STREAM_SEQ`]).
 pub fn stream_seq_of(headers: Option<&HeaderMap>) -> Option<u64> {
     headers?.get(STREAM_SEQ)?.as_str().parse().ok()
 }

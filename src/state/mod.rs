@@ -12,9 +12,12 @@
 //! (`backfill`).
 
 mod backfill;
-pub mod bucket;
-pub mod layout;
+pub(crate) mod bucket;
+pub mod demand;
+mod durable;
+pub(crate) mod layout;
 mod project;
+mod recent;
 mod writer;
 
 use std::sync::Arc;
@@ -71,6 +74,10 @@ struct State {
 
 impl Service for State {
     const NAME: &'static str = "state";
+    // Its position lives in memory between writes; after a broker that lost
+    // writes it must be read back from the bucket, and no write queued
+    // before the drop may land after it.
+    const FAIL_ON_DISCONNECT: bool = true;
 
     async fn serve(self, client: async_nats::Client, ready: Ready) -> Result<(), String> {
         let js = jetstream::ContextBuilder::new()
@@ -81,20 +88,56 @@ impl Service for State {
         let stream = js
             .get_stream(&self.settings.stream)
             .await
-            .map_err(|e| format!("stream {}: {e}", self.settings.stream))?;
-        let after = resume_point(&bucket, stream.clone()).await?;
-        let applied = Arc::new(AtomicU64::new(after));
+            .map_err(|e| format!("JetStream stream {}: {e}", self.settings.stream))?;
+        let resume = resume_point(&bucket, stream.clone()).await?;
+        let resume = self.recheck_recent(resume).await?;
+        tracing::info!(bucket = %name, after = resume.after, recheck_through = resume.recheck_through, "state projection resumes");
+        let applied = Arc::new(AtomicU64::new(resume.after));
         ready.serving();
-        let projection = project::run(js.clone(), &client, &stream, &name, after, applied.clone());
+        let projection = project::run(js.clone(), &stream, &bucket, resume, applied.clone());
         let backfills = self.keep_backfilled(&js, &bucket, &applied);
+        let horizon = loss_horizon(&self.settings);
+        let saving = durable::keep_saving(&self.db, &self.settings.slot, horizon);
         tokio::select! {
             result = projection => result,
             result = backfills => result,
+            result = saving => result,
         }
     }
 }
 
+/// How far back writes may have been lost with a broker restart: its
+/// sync interval (the confirm delay says how long it is), and at least 30 s.
+fn loss_horizon(settings: &Settings) -> Duration {
+    settings.confirm_delay.max(Duration::from_secs(30))
+}
+
 impl State {
+    /// Widens `resume` back to the trusted position — saved in Postgres, or
+    /// known to this process — so every write a broker may have lost is
+    /// re-checked (see `recent`).
+    async fn recheck_recent(&self, resume: project::Resume) -> Result<project::Resume, String> {
+        let saved = durable::load(&self.db, &self.settings.slot).await?;
+        let mut widened = resume;
+        // Nothing saved yet (a bucket younger than the horizon, so a short
+        // stream): re-check all of it.
+        widened.after = widened.after.min(saved);
+        if let Some((oldest, newest)) = recent::known() {
+            widened.after = widened
+                .after
+                .min(recent::trusted(loss_horizon(&self.settings)).unwrap_or(oldest));
+            widened.recheck_through = widened.recheck_through.max(newest + writer::WINDOW as u64);
+        }
+        if widened.after < resume.after {
+            tracing::info!(
+                from = widened.after,
+                through = widened.recheck_through,
+                "re-checking the state bucket's recent writes key by key (a broker may have lost acknowledged writes)"
+            );
+        }
+        Ok(widened)
+    }
+
     /// Backfills when the bucket has no complete marker (first start, a
     /// purge, a backfill cut short, `walcast backfill`); forever.
     async fn keep_backfilled(
@@ -110,31 +153,34 @@ impl State {
                     settings: &self.settings,
                     db: &self.db,
                     js,
+                    store: &bucket.store,
                     health: &self.health,
                     applied,
                 };
                 backfill.run().await?;
             }
             let (_, acked) = self.health.acked_position();
-            let lag = acked.saturating_sub(applied.load(Ordering::SeqCst));
+            let applied = applied.load(Ordering::SeqCst);
+            let lag = acked.saturating_sub(applied);
             metrics::gauge!(m::STATE_LAG_EVENTS).set(lag as f64);
             tokio::time::sleep(MARKER_POLL).await;
         }
     }
 }
 
-/// Where the projection resumes: the bucket's newest position, unless the
-/// stream is shorter (the broker lost messages; the pipeline republishes
-/// them after its tail, where the projection then finds them).
+/// Where the projection resumes: around the bucket's newest position (see
+/// [`project::Resume`]), unless the stream is shorter (the broker lost
+/// messages; the pipeline republishes them after its tail, where the
+/// projection then finds them).
 async fn resume_point(
     bucket: &bucket::Bucket,
     mut stream: jetstream::stream::Stream,
-) -> Result<u64, String> {
+) -> Result<project::Resume, String> {
     let applied = bucket::applied_through(bucket).await?;
     let state = stream
         .info()
         .await
-        .map_err(|e| format!("read the stream for the state: {e}"))?
+        .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?
         .state
         .clone();
     if applied > state.last_sequence {
@@ -144,7 +190,7 @@ async fn resume_point(
             stream_last = state.last_sequence,
             "the state bucket is ahead of the stream (the broker lost messages): it follows the stream from its tail, where the republished events come"
         );
-        return Ok(state.last_sequence);
+        return Ok(project::Resume::from_newest(state.last_sequence));
     }
     if applied > 0 && applied + 1 < state.first_sequence {
         tracing::warn!(
@@ -154,5 +200,5 @@ async fn resume_point(
             "the stream no longer holds events the state bucket has not applied (they aged out): keys may be stale; purge the bucket (nats kv purge or del) and restart walcast to backfill it"
         );
     }
-    Ok(applied)
+    Ok(project::Resume::from_newest(applied))
 }

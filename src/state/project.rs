@@ -10,61 +10,155 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt;
 
+use async_nats::jetstream::stream::DirectGetErrorKind;
+
+use super::bucket::Bucket;
 use super::layout::{self, Skip, Write};
-use super::writer::Writer;
+use super::writer::{WINDOW, Writer};
 use crate::telemetry::metrics as m;
 
-/// Projects the stream from `after + 1` on, forever (returning is failing).
+/// How often the applied position is sampled (see `recent`).
+const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Where a projection starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Read the stream from `after + 1`.
+    pub after: u64,
+    /// Up to this position, a write may already be in the bucket, or may
+    /// have been lost while later ones landed (a window of writes was in
+    /// flight when the last run ended): each key is read first and written
+    /// only if it holds an older seq — never a step back.
+    pub recheck_through: u64,
+}
+
+impl Resume {
+    /// From the newest entry's `Walcast-Stream-Seq`: every position up to it
+    /// was acknowledged when that entry was sent (0: empty bucket); up to a
+    /// window of later writes may have landed.
+    pub fn from_newest(newest: u64) -> Resume {
+        Resume {
+            after: newest,
+            recheck_through: newest + WINDOW as u64,
+        }
+    }
+}
+
+/// Projects the stream from `resume.after + 1` on, forever (returning is failing).
 pub async fn run(
     js: jetstream::Context,
-    client: &async_nats::Client,
     stream: &Stream,
-    bucket: &str,
-    after: u64,
+    bucket: &Bucket,
+    resume: Resume,
     applied: Arc<AtomicU64>,
 ) -> Result<(), String> {
+    let after = resume.after;
+    // Pulled in batches: memory stays bounded however far behind the
+    // projection is (a pushed consumer would queue up to the client's
+    // subscription capacity, 65,536 messages).
     let consumer = stream
         .create_consumer(OrderedConfig {
-            deliver_subject: client.new_inbox(),
             deliver_policy: DeliverPolicy::ByStartSequence {
                 start_sequence: after + 1,
             },
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("read the stream for the state: {e}"))?;
+        .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?;
     let mut messages = consumer
         .messages()
         .await
-        .map_err(|e| format!("read the stream for the state: {e}"))?;
-    let mut writer = Writer::new(js, bucket, applied);
+        .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?;
+    let mut writer = Writer::new(js, &bucket.name, applied);
     let mut warned = [false; 2];
+    // The stream only loses messages at its front (max age): after the
+    // first one read, positions are consecutive.
+    let mut expected: Option<u64> = None;
+    super::recent::record(after);
+    let mut last_sample = std::time::Instant::now();
     loop {
-        let msg = match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
-            Ok(Some(msg)) => msg.map_err(|e| format!("read the stream for the state: {e}"))?,
-            Ok(None) => return Err("the state's stream consumer ended".into()),
-            // Idle: settle what is in flight, so the position moves on.
-            Err(_) => {
-                writer.flush().await?;
-                continue;
+        let next = if writer.is_settled() {
+            messages.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
+                Ok(next) => next,
+                // A pause: settle what is in flight, so the position moves on.
+                Err(_) => {
+                    writer.flush().await?;
+                    continue;
+                }
             }
+        };
+        let msg = match next {
+            Some(msg) => msg.map_err(|e| {
+                format!("reading the stream from JetStream for the state bucket: {e}")
+            })?,
+            None => return Err("the state's stream consumer ended".into()),
         };
         let position = msg
             .info()
             .map_err(|e| format!("a stream message without its position: {e}"))?
             .stream_sequence;
+        if expected.is_some_and(|e| position != e) {
+            // Never write past a gap: the next run resumes from what is applied.
+            return Err(format!(
+                "the state's read of the stream jumped from position {} to {position}; restarting it from the bucket",
+                expected.unwrap_or_default()
+            ));
+        }
+        expected = Some(position + 1);
+        if last_sample.elapsed() >= SAMPLE_EVERY {
+            last_sample = std::time::Instant::now();
+            super::recent::record(writer.applied());
+        }
         let (subject, headers) = (msg.subject.as_str(), msg.headers.as_ref());
         match layout::write_for(subject, headers, &msg.payload) {
+            Ok(write)
+                if position <= resume.recheck_through
+                    && !newer(bucket, &write, headers).await? =>
+            {
+                writer.skip(position).await?
+            }
             Ok(write) => send(&mut writer, write, headers, &msg.payload, position).await?,
             Err(skip) => {
                 skipped(skip, subject, &mut warned);
                 writer.skip(position).await?;
             }
         }
+    }
+}
+
+/// The event's seq, from its `Walcast-Seq` header.
+fn seq_of(headers: Option<&async_nats::HeaderMap>) -> u64 {
+    headers
+        .and_then(|h| h.get(layout::SEQ))
+        .and_then(|v| v.as_str().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether the event is newer than what its key holds.
+async fn newer(
+    bucket: &Bucket,
+    write: &Write,
+    event_headers: Option<&async_nats::HeaderMap>,
+) -> Result<bool, String> {
+    let (Write::Put(key) | Write::Delete(key)) = write;
+    let subject = format!("$KV.{}.{key}", bucket.name);
+    match bucket.stream.direct_get_last_for_subject(subject).await {
+        Ok(entry) => {
+            let held = entry
+                .headers
+                .get(layout::SEQ)
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .unwrap_or(0);
+            Ok(seq_of(event_headers) > held)
+        }
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(true),
+        Err(e) => Err(format!("read {key} from the state bucket on NATS: {e}")),
     }
 }
 
@@ -76,10 +170,9 @@ async fn send(
     position: u64,
 ) -> Result<(), String> {
     let header = |name| event_headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-    let seq = header(layout::SEQ)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let mut headers = layout::headers(seq, position);
+    // The position every write before this one has reached: what a restart
+    // may trust (see `Resume`).
+    let mut headers = layout::headers(seq_of(event_headers), writer.applied());
     let (key, body) = match write {
         Write::Put(key) => {
             if let Some(object) = header(layout::OBJECT) {
@@ -106,6 +199,30 @@ fn skipped(skip: Skip, subject: &str, warned: &mut [bool; 2]) {
         tracing::warn!(
             subject,
             "an event's row has no valid state key (its id holds characters a key cannot): it is in the stream, not in the state bucket; counted in walcast_state_skipped_total"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_rechecks_every_write_that_may_have_been_in_flight() {
+        let w = WINDOW as u64;
+        assert_eq!(
+            Resume::from_newest(0),
+            Resume {
+                after: 0,
+                recheck_through: w
+            }
+        );
+        assert_eq!(
+            Resume::from_newest(10),
+            Resume {
+                after: 10,
+                recheck_through: 10 + w
+            }
         );
     }
 }

@@ -13,8 +13,8 @@ use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 
-/// Unacknowledged writes at most.
-const WINDOW: usize = 1024;
+/// Unacknowledged writes (and skipped positions behind them) at most.
+pub const WINDOW: usize = 1024;
 
 struct Pending {
     ack: Option<PublishAckFuture>,
@@ -61,7 +61,7 @@ impl Writer {
             .js
             .publish_with_headers(format!("{}{key}", self.subject_prefix), headers, payload)
             .await
-            .map_err(|e| format!("write {key} to the state bucket: {e}"))?;
+            .map_err(|e| format!("write {key} to the state bucket on NATS: {e}"))?;
         self.pending.push_back(Pending {
             ack: Some(ack),
             position,
@@ -81,6 +81,16 @@ impl Writer {
             position,
         });
         Ok(())
+    }
+
+    /// Every position up to this one is written (or needed no write).
+    pub fn applied(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
+    }
+
+    /// Every write sent so far is acknowledged.
+    pub fn is_settled(&self) -> bool {
+        self.pending.is_empty()
     }
 
     /// Waits for every write sent so far.
@@ -106,7 +116,11 @@ impl Writer {
             match ack.await {
                 Ok(_) => self.written += 1,
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => self.kept_newer += 1,
-                Err(e) => return Err(format!("the state bucket did not acknowledge a write: {e}")),
+                Err(e) => {
+                    return Err(format!(
+                        "NATS did not acknowledge a write to the state bucket: {e}"
+                    ));
+                }
             }
         }
         self.acked.fetch_max(next.position, Ordering::SeqCst);
