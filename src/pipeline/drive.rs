@@ -56,9 +56,9 @@ pub(super) async fn drive(
     let mut reader = Reader {
         assembler: &mut assembler,
         skip: Skip::new(
-            prepared.already,
+            prepared.reconciled.already,
             prepared.checkpoint.stream_seq,
-            prepared.tail_id.clone(),
+            prepared.reconciled.tail_id.clone(),
         ),
         last_boundary: prepared.start.0,
     };
@@ -80,11 +80,12 @@ async fn spawn_stages(
     let Prepared {
         sql,
         source,
+        sink,
         checkpoint,
         owner,
         start,
         last_seq,
-        acked_high,
+        reconciled,
         ..
     } = prepared;
     let s = &ctx.settings;
@@ -102,8 +103,7 @@ async fn spawn_stages(
     // on its own thread and connection until this run ends.
     let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
     let publisher = Publisher {
-        js: ctx.js.clone(),
-        stream: s.stream.clone(),
+        sink,
         max_in_flight: s.max_in_flight,
         oversized: publish::oversized::Oversized::new(
             &s.stream,
@@ -112,7 +112,7 @@ async fn spawn_stages(
         ),
         index,
         acked_high: ctx.acked_high.clone(),
-        republish: publish::republish::Republish::below(acked_high),
+        republish: publish::republish::Republish::below(reconciled.acked_high),
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let checkpointer = checkpoint::Checkpointer {
