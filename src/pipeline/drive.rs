@@ -13,8 +13,8 @@ use super::watchdog::{broker_loss, watch_postgres};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::catchup;
-use crate::checkpoint;
-use crate::events::{EventBuilder, Sequencer};
+use crate::checkpoint::{self, Checkpoint};
+use crate::events::{EventBuilder, Sequencer, Tables};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::publish::{self, PublishError, Publisher};
@@ -39,11 +39,7 @@ pub(super) async fn drive(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let s = &ctx.settings;
-    let builder = EventBuilder::new(
-        s.subject_prefix.clone(),
-        Sequencer::from_checkpoint(prepared.checkpoint.tenants.clone()),
-    );
-    let mut assembler = Assembler::new(s.tables.clone(), builder, prepared.checkpoint.lsn.0)
+    let mut assembler = replayer(&s.subject_prefix, s.tables.clone(), &prepared.checkpoint)
         .with_sources(prepared.sources.clone());
     tracing::info!(
         start = %prepared.start,
@@ -55,11 +51,7 @@ pub(super) async fn drive(
     let _ready = Replicating(&ctx.health);
     let mut reader = Reader {
         assembler: &mut assembler,
-        skip: Skip::new(
-            prepared.reconciled.already,
-            prepared.checkpoint.stream_seq,
-            prepared.reconciled.tail_id.clone(),
-        ),
+        skip: Skip::after(&prepared.checkpoint, &prepared.reconciled),
         last_boundary: prepared.start.0,
     };
     let (mut stages, mut source) = spawn_stages(ctx, prepared).await?;
@@ -69,6 +61,14 @@ pub(super) async fn drive(
         source.close().await;
     }
     result
+}
+
+/// The assembler a run replays the slot with: seqs go on from the
+/// checkpoint's, and transactions the checkpoint counts are skipped.
+pub(super) fn replayer(prefix: &str, tables: Tables, checkpoint: &Checkpoint) -> Assembler {
+    let sequencer = Sequencer::from_checkpoint(checkpoint.tenants.clone());
+    let builder = EventBuilder::new(prefix.to_string(), sequencer);
+    Assembler::new(tables, builder, checkpoint.lsn.0)
 }
 
 /// Starts the catch-up service, the publisher, the checkpointer and the

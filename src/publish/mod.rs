@@ -21,6 +21,8 @@
 //! no longer exists), so the next run publishes at once.
 
 mod acks;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod oversized;
 pub mod republish;
 pub(crate) mod sink;
@@ -358,7 +360,10 @@ impl<S: Sink> Publisher<S> {
         }
         headers.insert(LSN, event.commit_lsn.to_string());
         headers.insert(CONTENT_TYPE, "application/x-protobuf");
-        let payload = self.oversized.fit(&mut self.sink, &event, &mut headers).await?;
+        let payload = self
+            .oversized
+            .fit(&mut self.sink, &event, &mut headers)
+            .await?;
         let subject = std::mem::take(&mut event.subject);
         let send = self.sink.send(subject, headers, payload, reply);
         tokio::pin!(send);
