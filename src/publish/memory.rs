@@ -281,3 +281,68 @@ impl Replies for MemoryReplies {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(id: &str, expected_last: u64) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        h.insert("Nats-Expected-Last-Sequence", expected_last.to_string());
+        h
+    }
+
+    /// Sends `id` expecting `last`, asking for its ack; returns the ack.
+    async fn send(sink: &MemorySink, replies: &mut MemoryReplies, id: &str, last: u64) -> Verdict {
+        let reply = Some(replies.subject(last + 1));
+        let sent = sink.send("s".into(), headers(id, last), Bytes::new(), reply);
+        sent.await.unwrap();
+        replies.next().await.unwrap().1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stores_like_jetstream_and_loses_its_tail() {
+        let broker = MemoryBroker::new(Duration::from_secs(120));
+        let sink = broker.connect(Duration::from_millis(5));
+        let mut replies = sink.replies().await.unwrap();
+        let stored = |seq, duplicate| Verdict::Stored { seq, duplicate };
+        assert_eq!(send(&sink, &mut replies, "a", 0).await, stored(1, false));
+        assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
+        // A duplicate id is answered with the original's sequence, whatever
+        // it expected; a wrong expected last sequence is refused.
+        assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(1, true));
+        let refused = Verdict::Rejected("wrong last sequence: 2 (code 400)".into());
+        assert_eq!(send(&sink, &mut replies, "c", 1).await, refused);
+        assert_eq!(broker.lose_last(1), 1);
+        assert_eq!(sink.last_seq().await.unwrap(), 1);
+        assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
+        assert_eq!(sink.message_id(2).await.as_deref(), Some("b"));
+        // Past the window, an id is new again.
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(3, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_connection_loses_the_message_and_the_acks_in_flight() {
+        let broker = MemoryBroker::new(Duration::from_secs(120));
+        let sink = broker.connect(Duration::from_millis(5));
+        let mut replies = sink.replies().await.unwrap();
+        let reply = Some(replies.subject(1));
+        sink.send("s".into(), headers("a", 0), Bytes::new(), reply)
+            .await
+            .unwrap();
+        broker.disconnect_in(1);
+        let reply = Some(replies.subject(2));
+        sink.send("s".into(), headers("b", 1), Bytes::new(), reply)
+            .await
+            .unwrap();
+        assert_eq!(replies.connects(), 2);
+        assert_eq!(sink.last_seq().await.unwrap(), 1, "b was lost");
+        let next = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
+        assert!(next.is_err(), "a's ack was lost with the connection");
+        broker.fail_in(1);
+        let refused = sink.send("s".into(), headers("c", 1), Bytes::new(), None);
+        assert!(refused.await.is_err());
+    }
+}
