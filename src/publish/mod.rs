@@ -1,4 +1,7 @@
 //! Publisher: JetStream publishes with pipelined, in-order acknowledgements.
+//! It publishes through a `Sink`: `JetStream` in production, the
+//! in-memory twin (`memory`) in the recovery property tests
+//! (`pipeline::tests`).
 //!
 //! Invariants owned here:
 //! - every publish carries `Nats-Expected-Last-Sequence` = the stream
