@@ -331,6 +331,7 @@ impl Index {
     /// What is known about the tenant's event `seq`, if walcast has seen
     /// the tenant (`stream_last`: the stream's last sequence, the bound of a
     /// window when the tenant's own last position is not known).
+    #[cfg(test)] // the service reads both at once: `known_with_next`
     pub fn known(&self, tenant: &str, seq: u64, stream_last: u64) -> Option<Known> {
         self.tenants
             .read()
@@ -340,7 +341,7 @@ impl Index {
             .map(|tail| tail.known(seq, stream_last))
     }
 
-    /// [`Index::known`] and the stream sequence the next event will get, as
+    /// `Index::known` and the stream sequence the next event will get, as
     /// of one moment. The catch-up service runs on its own thread while the
     /// publisher records: read apart, a tenant's new last event with an
     /// older next sequence would make "nothing missed" start before that
@@ -360,6 +361,7 @@ impl Index {
     }
 
     /// Bytes of exact positions held (bounded by [`MAX_EXACT_BYTES`]).
+    #[cfg(test)]
     pub fn exact_bytes(&self) -> usize {
         self.tenants
             .read()
@@ -368,6 +370,7 @@ impl Index {
     }
 
     /// The stream sequence the next event will get.
+    #[cfg(test)]
     pub fn next_stream_seq(&self) -> u64 {
         self.next_stream_seq.load(Ordering::SeqCst)
     }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::store::Store;
+use super::store::{Checkpoint, Store};
 use crate::database::DbError;
 use crate::lsn::Lsn;
 
@@ -31,6 +31,19 @@ impl MemoryStore {
 
     pub fn snapshot(&self) -> Row {
         self.row().clone()
+    }
+
+    /// The checkpoint as `store::load` reads it (of a slot checkpointed for
+    /// `stream`).
+    pub fn checkpoint(&self, stream: &str) -> Checkpoint {
+        let row = self.row();
+        Checkpoint {
+            lsn: row.lsn,
+            stream: stream.to_string(),
+            stream_seq: row.stream_seq,
+            acked_seq: row.acked_seq,
+            tenants: row.tenants.iter().map(|(t, s)| (t.clone(), *s)).collect(),
+        }
     }
 
     fn row(&self) -> std::sync::MutexGuard<'_, Row> {

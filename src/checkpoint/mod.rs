@@ -26,7 +26,7 @@ pub use store::Checkpoint;
 pub(crate) use store::Store;
 
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 #[cfg(test)]
 mod tests;
 

@@ -13,8 +13,8 @@ use super::watchdog::{broker_loss, watch_postgres};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::catchup;
-use crate::checkpoint;
-use crate::events::{EventBuilder, Sequencer};
+use crate::checkpoint::{self, Checkpoint};
+use crate::events::{EventBuilder, Sequencer, Tables};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::publish::{self, PublishError, Publisher};
@@ -42,11 +42,7 @@ pub(super) async fn drive(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), PipelineError> {
     let s = &ctx.settings;
-    let builder = EventBuilder::new(
-        s.subject_prefix.clone(),
-        Sequencer::from_checkpoint(prepared.checkpoint.tenants.clone()),
-    );
-    let mut assembler = Assembler::new(s.tables.clone(), builder, prepared.checkpoint.lsn.0)
+    let mut assembler = replayer(&s.subject_prefix, s.tables.clone(), &prepared.checkpoint)
         .with_sources(prepared.sources.clone());
     tracing::info!(
         start = %prepared.start,
@@ -58,11 +54,7 @@ pub(super) async fn drive(
     let _ready = Replicating(&ctx.health);
     let mut reader = Reader {
         assembler: &mut assembler,
-        skip: Skip::new(
-            prepared.already,
-            prepared.checkpoint.stream_seq,
-            prepared.tail_id.clone(),
-        ),
+        skip: Skip::after(&prepared.checkpoint, &prepared.reconciled),
         last_boundary: prepared.start.0,
     };
     let (mut stages, mut source) = spawn_stages(ctx, prepared).await?;
@@ -74,6 +66,14 @@ pub(super) async fn drive(
     result
 }
 
+/// The assembler a run replays the slot with: seqs go on from the
+/// checkpoint's, and transactions the checkpoint counts are skipped.
+pub(super) fn replayer(prefix: &str, tables: Tables, checkpoint: &Checkpoint) -> Assembler {
+    let sequencer = Sequencer::from_checkpoint(checkpoint.tenants.clone());
+    let builder = EventBuilder::new(prefix.to_string(), sequencer);
+    Assembler::new(tables, builder, checkpoint.lsn.0)
+}
+
 /// Starts the catch-up service, the publisher, the checkpointer and the
 /// watchdog for a run; hands back the replication stream for the reader.
 async fn spawn_stages(
@@ -83,11 +83,12 @@ async fn spawn_stages(
     let Prepared {
         sql,
         source,
+        sink,
         checkpoint,
         owner,
         start,
         last_seq,
-        acked_high,
+        reconciled,
         ..
     } = prepared;
     let s = &ctx.settings;
@@ -107,8 +108,7 @@ async fn spawn_stages(
     // Likewise the state bucket: one writer, the slot's holder.
     let state = state::start(s, &ctx.db, &ctx.health).await?;
     let publisher = Publisher {
-        js: ctx.js.clone(),
-        stream: s.stream.clone(),
+        sink,
         max_in_flight: s.max_in_flight,
         oversized: publish::oversized::Oversized::new(
             &s.stream,
@@ -117,7 +117,7 @@ async fn spawn_stages(
         ),
         index,
         acked_high: ctx.acked_high.clone(),
-        republish: publish::republish::Republish::below(acked_high),
+        republish: publish::republish::Republish::below(reconciled.acked_high),
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let checkpointer = checkpoint::Checkpointer {

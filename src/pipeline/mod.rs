@@ -10,6 +10,8 @@ mod drive;
 mod dry_run;
 mod prepare;
 mod reader;
+#[cfg(test)]
+mod tests;
 mod watchdog;
 
 use std::sync::Arc;

@@ -12,17 +12,14 @@
 //! they are counted but not sent again. If the stream holds fewer than `s`
 //! messages, the broker lost events the slot no longer has: stop, loudly.
 
-use std::sync::atomic::Ordering;
-
-use async_nats::jetstream;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Context, PipelineError};
 use crate::checkpoint::{Checkpoint, store};
-use crate::config::Settings;
 use crate::database::with_timeout;
 use crate::lsn::Lsn;
 use crate::proto::Entity;
-use crate::publish::{self, PublishError};
+use crate::publish::{self, JetStream, Sink};
 use crate::source::preflight::{self, SlotVerdict};
 use crate::source::{Source, slot};
 
@@ -65,6 +62,8 @@ pub(super) struct Prepared {
     pub sql: tokio_postgres::Client,
     pub sources: Vec<(u32, Entity)>,
     pub source: Source,
+    /// Where the publisher sends (the stream reconciled with).
+    pub sink: JetStream,
     pub checkpoint: Checkpoint,
     /// The fencing token this run wrote into the checkpoint row.
     pub owner: String,
@@ -72,12 +71,7 @@ pub(super) struct Prepared {
     pub start: Lsn,
     /// The stream's last sequence when the run started.
     pub last_seq: u64,
-    /// Events already in the stream past the checkpoint (replayed, not sent).
-    pub already: u64,
-    /// The `Nats-Msg-Id` of the stream's last message, if `already > 0`.
-    pub tail_id: Option<String>,
-    /// The highest stream sequence ever acknowledged (this process or the checkpoint).
-    pub acked_high: u64,
+    pub reconciled: Reconciled,
 }
 
 /// Owns the slot, reads the stream's tail, fences the checkpoint and
@@ -85,7 +79,8 @@ pub(super) struct Prepared {
 pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared, PipelineError> {
     let s = &ctx.settings;
     let Checked { sql, sources, .. } = checked;
-    let mut stream = publish::stream::ensure(&ctx.js, s).await?;
+    publish::stream::ensure(&ctx.js, s).await?;
+    let sink = JetStream::new(ctx.js.clone(), &s.stream).await?;
     // Own the slot before reading any state: until START_REPLICATION
     // succeeds, another instance may still advance the slot and the
     // checkpoint. Starting at 0/0 means "at the slot's confirmed position".
@@ -93,12 +88,7 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
     let slot_state = slot::read(&sql, &s.slot)
         .await?
         .ok_or_else(|| preflight::slot_dropped(&s.slot))?;
-    let last_seq = stream
-        .info()
-        .await
-        .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?
-        .state
-        .last_sequence;
+    let last_seq = sink.last_seq().await?;
     let checkpoint = match store::load(&sql, &s.slot).await? {
         Some(c) => c,
         None => {
@@ -115,31 +105,73 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
     // Fence off any earlier holder of the slot from the checkpoint.
     let owner = format!("{:016x}", rand::random::<u64>());
     store::claim(&sql, &s.slot, &owner).await?;
-    let already = reconcile(s, &checkpoint, last_seq)?;
-    let tail_id = match already {
-        0 => None,
-        _ => tail_event_id(&stream, last_seq).await,
+    let names = Names {
+        slot: &s.slot,
+        stream: &s.stream,
     };
-    let acked_high = ctx
-        .acked_high
-        .fetch_max(checkpoint.acked_seq, Ordering::SeqCst)
-        .max(checkpoint.acked_seq);
-    if last_seq < acked_high {
-        tracing::warn!(
-            stream = %s.stream,
-            lost_from = last_seq + 1,
-            lost_to = acked_high,
-            "the broker lost messages it had acknowledged; republishing them from the slot with the same ids and seqs"
-        );
-    }
+    let reconciled = reconcile(&sink, names, &checkpoint, last_seq, &ctx.acked_high).await?;
     Ok(Prepared {
         start: checkpoint.lsn.max(slot_state.confirmed_flush),
         sql,
         sources,
         source,
+        sink,
         checkpoint,
         owner,
         last_seq,
+        reconciled,
+    })
+}
+
+/// The slot and the stream a run works on, for reconciliation's messages.
+#[derive(Clone, Copy)]
+pub(super) struct Names<'a> {
+    pub slot: &'a str,
+    pub stream: &'a str,
+}
+
+/// What reconciling the checkpoint with the stream decided.
+#[derive(Debug)]
+pub(super) struct Reconciled {
+    /// Events already in the stream past the checkpoint (replayed, not sent).
+    pub already: u64,
+    /// The `Nats-Msg-Id` of the stream's last message, if `already > 0`.
+    pub tail_id: Option<String>,
+    /// The highest stream sequence ever acknowledged (this process or the
+    /// checkpoint): below it, sends are republishes of lost messages.
+    pub acked_high: u64,
+}
+
+/// Reconciles the checkpoint with a stream that ends at `last_seq` (see the
+/// module comment): how many events past the checkpoint it already holds,
+/// and the last one's id to check the replay against. An error if the
+/// checkpoint belongs to another stream or the stream lost events the slot
+/// no longer has. `process_high` is the highest sequence this process saw
+/// acknowledged; it is raised to the checkpoint's.
+pub(super) async fn reconcile(
+    sink: &impl Sink,
+    names: Names<'_>,
+    checkpoint: &Checkpoint,
+    last_seq: u64,
+    process_high: &AtomicU64,
+) -> Result<Reconciled, PipelineError> {
+    let already = count_already(names, checkpoint, last_seq)?;
+    let tail_id = match already {
+        0 => None,
+        _ => sink.message_id(last_seq).await,
+    };
+    let acked_high = process_high
+        .fetch_max(checkpoint.acked_seq, Ordering::SeqCst)
+        .max(checkpoint.acked_seq);
+    if last_seq < acked_high {
+        tracing::warn!(
+            stream = %names.stream,
+            lost_from = last_seq + 1,
+            lost_to = acked_high,
+            "the broker lost messages it had acknowledged; republishing them from the slot with the same ids and seqs"
+        );
+    }
+    Ok(Reconciled {
         already,
         tail_id,
         acked_high,
@@ -149,19 +181,23 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
 /// How many events past the checkpoint the stream already holds; an error
 /// if the checkpoint belongs to another stream or the stream lost events the
 /// slot no longer has.
-fn reconcile(s: &Settings, checkpoint: &Checkpoint, last_seq: u64) -> Result<u64, PipelineError> {
-    if checkpoint.stream != s.stream {
+fn count_already(
+    names: Names<'_>,
+    checkpoint: &Checkpoint,
+    last_seq: u64,
+) -> Result<u64, PipelineError> {
+    let Names { slot, stream } = names;
+    if checkpoint.stream != stream {
         return Err(PipelineError::Fatal(format!(
-            "slot {} was checkpointed for stream {} but --stream is {}; use that stream or another slot",
-            s.slot, checkpoint.stream, s.stream
+            "slot {slot} was checkpointed for stream {} but --stream is {stream}; use that stream or another slot",
+            checkpoint.stream
         )));
     }
     if last_seq < checkpoint.stream_seq {
         return Err(PipelineError::Fatal(format!(
-            "stream {} ends at message {} but messages up to {} were published and checkpointed at LSN {}: \
+            "stream {stream} ends at message {} but messages up to {} were published and checkpointed at LSN {}: \
              the broker lost messages {}..={} and the slot no longer holds their WAL. Re-sync consumers and \
              see README \"Broker data loss\"",
-            s.stream,
             last_seq,
             checkpoint.stream_seq,
             checkpoint.lsn,
@@ -177,10 +213,4 @@ fn reconcile(s: &Settings, checkpoint: &Checkpoint, last_seq: u64) -> Result<u64
         );
     }
     Ok(already)
-}
-
-/// The `Nats-Msg-Id` of the stream's last message, if it can still be read.
-async fn tail_event_id(stream: &jetstream::stream::Stream, last_seq: u64) -> Option<String> {
-    let msg = stream.get_raw_message(last_seq).await.ok()?;
-    Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
 }

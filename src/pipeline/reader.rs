@@ -3,8 +3,10 @@
 
 use futures::FutureExt;
 
+use super::prepare::Reconciled;
 use super::{BATCH, PipelineError};
 use crate::assemble::Assembler;
+use crate::checkpoint::Checkpoint;
 use crate::decode;
 use crate::events::Route;
 use crate::handoff::Item;
@@ -42,7 +44,11 @@ pub(super) struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn handle(&mut self, event: SourceEvent, out: &mut Vec<Item>) -> Result<(), PipelineError> {
+    pub(super) fn handle(
+        &mut self,
+        event: SourceEvent,
+        out: &mut Vec<Item>,
+    ) -> Result<(), PipelineError> {
         let from = out.len();
         match &event {
             SourceEvent::Data(bytes) => self.assembler.handle(decode::decode(bytes)?, out)?,
@@ -88,6 +94,15 @@ pub(super) struct Skip {
 }
 
 impl Skip {
+    /// What reconciliation found past the checkpoint.
+    pub(super) fn after(checkpoint: &Checkpoint, reconciled: &Reconciled) -> Self {
+        Skip::new(
+            reconciled.already,
+            checkpoint.stream_seq,
+            reconciled.tail_id.clone(),
+        )
+    }
+
     pub(super) fn new(remaining: u64, checkpoint_stream_seq: u64, tail_id: Option<String>) -> Self {
         Skip {
             remaining,

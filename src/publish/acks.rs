@@ -19,14 +19,16 @@
 //! reconnection (an ack sent to the old connection is lost with it).
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::{Client, Statistics, Subject, Subscriber};
+use async_nats::Subject;
 use serde::Deserialize;
+// The runtime's clock: paused in the in-process tests, the system clock in
+// production.
+use tokio::time::Instant;
 
 use super::PublishError;
+use super::sink::Replies;
 
 /// An ack is requested at least this often (events), so progress, the
 /// in-flight bound and the ack timeout keep moving inside a large batch.
@@ -42,11 +44,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const RECONNECT_GRACE: Duration = Duration::from_secs(2);
 
 /// Outstanding ack requests and the subscription their acks arrive on.
-pub struct Acks {
-    inbox: String,
-    sub: Subscriber,
-    /// The client's statistics: `connects` counts (re)connections.
-    stats: Arc<Statistics>,
+pub struct Acks<R> {
+    replies: R,
     /// The connection count last seen, and since when.
     connection: (u64, Instant),
     /// Stream sequences an ack was requested for, with when and on which
@@ -78,32 +77,24 @@ pub struct Answer {
     pub latency: Duration,
 }
 
-impl Acks {
-    /// Subscribes to a fresh inbox; must run before the first publish.
-    pub async fn subscribe(client: &Client) -> Result<Acks, PublishError> {
-        let inbox = client.new_inbox();
-        let sub = client
-            .subscribe(format!("{inbox}.*"))
-            .await
-            .map_err(|e| PublishError::Nats(format!("subscribe to the ack inbox: {e}")))?;
-        let stats = client.statistics();
-        let connects = stats.connects.load(Ordering::Relaxed);
-        Ok(Acks {
-            inbox,
-            sub,
-            stats,
+impl<R: Replies> Acks<R> {
+    /// Starts on a fresh subscription (opened before the first publish).
+    pub fn new(replies: R) -> Acks<R> {
+        let connects = replies.connects();
+        Acks {
+            replies,
             connection: (connects, Instant::now()),
             requested: VecDeque::new(),
             early: BTreeMap::new(),
-        })
+        }
     }
 
     /// The reply subject for the publish expected at `seq`, and records the
     /// request.
     pub fn request(&mut self, seq: u64) -> Subject {
-        let connects = self.stats.connects.load(Ordering::Relaxed);
+        let connects = self.replies.connects();
         self.requested.push_back((seq, Instant::now(), connects));
-        Subject::from(format!("{}.{seq}", self.inbox))
+        self.replies.subject(seq)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -113,7 +104,6 @@ impl Acks {
     /// The next answer, in request order. Pending forever while nothing is
     /// requested (for `select!`).
     pub async fn next(&mut self) -> Result<Answer, PublishError> {
-        use futures::StreamExt;
         loop {
             let Some(&(front, at, _)) = self.requested.front() else {
                 return std::future::pending().await;
@@ -126,30 +116,23 @@ impl Acks {
                     latency: at.elapsed(),
                 });
             }
-            let msg = self.sub.next().await.ok_or_else(|| {
+            let (seq, verdict) = self.replies.next().await.ok_or_else(|| {
                 PublishError::Nats("the ack subscription ended (connection closed)".into())
             })?;
-            let Some(seq) = msg
-                .subject
-                .rsplit_once('.')
-                .and_then(|(_, t)| t.parse::<u64>().ok())
-            else {
-                continue;
-            };
             let Some(&(_, at, _)) = self.requested.iter().find(|(s, _, _)| *s == seq) else {
                 // A late answer to a request of a failed attempt: not ours.
                 continue;
             };
-            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+            if verdict == Verdict::NoResponders {
                 // Every request before it is as good as unanswered: say so
                 // now rather than after the ack timeout.
                 return Ok(Answer {
                     expected: seq,
-                    verdict: Verdict::NoResponders,
+                    verdict,
                     latency: at.elapsed(),
                 });
             }
-            self.early.insert(seq, parse(&msg.payload));
+            self.early.insert(seq, verdict);
         }
     }
 
@@ -157,7 +140,7 @@ impl Acks {
     /// or was sent before a NATS reconnection more than [`RECONNECT_GRACE`]
     /// ago.
     pub fn check_timeout(&mut self, now: Instant) -> Result<(), PublishError> {
-        let connects = self.stats.connects.load(Ordering::Relaxed);
+        let connects = self.replies.connects();
         if connects != self.connection.0 {
             self.connection = (connects, now);
         }

@@ -1,4 +1,7 @@
 //! Publisher: JetStream publishes with pipelined, in-order acknowledgements.
+//! It publishes through a `Sink`: `JetStream` in production, the
+//! in-memory twin (`memory`) in the recovery property tests
+//! (`pipeline::tests`).
 //!
 //! Invariants owned here:
 //! - every publish carries `Nats-Expected-Last-Sequence` = the stream
@@ -21,22 +24,25 @@
 //! no longer exists), so the next run publishes at once.
 
 mod acks;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod oversized;
 pub mod republish;
+pub(crate) mod sink;
 mod stats;
 pub mod stream;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use async_nats::jetstream;
 use async_nats::{HeaderMap, HeaderName};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
+pub(crate) use sink::{JetStream, Sink};
 
 /// Why publishing stopped.
 #[derive(Debug, thiserror::Error)]
@@ -110,10 +116,9 @@ const REASON: HeaderName = HeaderName::from_static("Walcast-Reason");
 const LSN: HeaderName = HeaderName::from_static("Walcast-Lsn");
 const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
 
-/// Publishes a stream of items.
-pub struct Publisher {
-    pub js: jetstream::Context,
-    pub stream: String,
+/// Publishes a stream of items to a [`Sink`] ([`JetStream`] in production).
+pub(crate) struct Publisher<S> {
+    pub sink: S,
     pub max_in_flight: usize,
     pub oversized: oversized::Oversized,
     /// Where each tenant's events land, for the catch-up service.
@@ -215,7 +220,7 @@ impl Flight {
     }
 }
 
-impl Publisher {
+impl<S: Sink> Publisher<S> {
     /// Runs until `items` closes and every publish is acknowledged. `last_seq`
     /// is the stream's last sequence when this run started.
     ///
@@ -234,40 +239,9 @@ impl Publisher {
     ) -> Result<(), PublishError> {
         match self.publish_all(items, segments, last_seq).await {
             Err(PublishError::NoResponders { event_id }) => {
-                Err(self.no_responders(&event_id).await)
+                Err(self.sink.no_responders(&event_id).await)
             }
             other => other,
-        }
-    }
-
-    /// Why publishes found no responders, once the stream has a leader again
-    /// (or the wait is over).
-    async fn no_responders(&self, event_id: &str) -> PublishError {
-        let started = Instant::now();
-        let name = &self.stream;
-        match stream::lookup(&self.js, name, stream::ELECTION_WAIT).await {
-            Ok(found) if stream::has_leader(found.cached_info()) => {
-                let leader = found
-                    .cached_info()
-                    .cluster
-                    .as_ref()
-                    .and_then(|c| c.leader.clone())
-                    .unwrap_or_else(|| "the same server".into());
-                PublishError::LeaderChange {
-                    stream: name.clone(),
-                    outcome: format!("{leader} leads it after {:.1?}", started.elapsed()),
-                }
-            }
-            Ok(_) => PublishError::LeaderChange {
-                stream: name.clone(),
-                outcome: format!("still no leader after {:.1?}", started.elapsed()),
-            },
-            Err(e) if stream::not_found(&e) => PublishError::StreamGone {
-                stream: name.clone(),
-            },
-            Err(e) => PublishError::Nats(format!(
-                "publish {event_id}: no responders for stream {name}'s subjects, and its stream info failed: {e}"
-            )),
         }
     }
 
@@ -277,8 +251,7 @@ impl Publisher {
         segments: mpsc::Sender<Segment>,
         last_seq: u64,
     ) -> Result<(), PublishError> {
-        let client = self.js.client();
-        let mut acks = acks::Acks::subscribe(&client).await?;
+        let mut acks = acks::Acks::new(self.sink.replies().await?);
         let mut f = Flight {
             pending: VecDeque::new(),
             progress: Progress::new(last_seq, CUT_EVERY),
@@ -295,13 +268,13 @@ impl Publisher {
                 biased;
                 answer = acks.next() => f.answered(answer?, &self.acked_high)?,
                 batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 => match batch {
-                    Some(batch) => self.send_batch(&client, batch, &mut f, &mut acks).await?,
+                    Some(batch) => self.send_batch(batch, &mut f, &mut acks).await?,
                     None => input_open = false,
                 },
                 // Idle (nothing in flight, nothing to cut or flush): no
                 // wake-ups 50 times a second.
                 _ = tick.tick(), if !(acks.is_empty() && !f.progress.has_boundary() && f.stats.is_empty()) => {
-                    acks.check_timeout(Instant::now())?;
+                    acks.check_timeout(tokio::time::Instant::now())?;
                     f.stats.flush();
                     if let Some(seg) = f.progress.cut(tokio::time::Instant::now(), false) {
                         segments.send(seg).await.map_err(|_| PublishError::Downstream)?;
@@ -327,10 +300,9 @@ impl Publisher {
     /// [`acks::ACK_EVERY`] events.
     async fn send_batch(
         &mut self,
-        client: &async_nats::Client,
         batch: Vec<Item>,
         f: &mut Flight,
-        acks: &mut acks::Acks,
+        acks: &mut acks::Acks<S::Replies>,
     ) -> Result<(), PublishError> {
         // Index first: once a message is sent a subscriber may see it and
         // ask the catch-up service about it, which must already know it.
@@ -344,7 +316,7 @@ impl Publisher {
         }) {
             self.index.replayed_through(replayed);
         }
-        self.oversized.refresh(&self.js);
+        self.oversized.refresh(&self.sink);
         let last_event = batch.iter().rposition(|i| matches!(i, Item::Event(_)));
         for (i, item) in batch.into_iter().enumerate() {
             match item {
@@ -356,7 +328,7 @@ impl Publisher {
                             f.requested_seq = seq;
                             acks.request(seq)
                         });
-                    let sent = self.publish(client, event, seq - 1, reply).await?;
+                    let sent = self.publish(event, seq - 1, reply).await?;
                     f.pending.push_back(Pending::Event(sent));
                     crate::failpoint::crash_point("after_publish");
                     f.next_seq += 1;
@@ -374,7 +346,6 @@ impl Publisher {
 
     async fn publish(
         &mut self,
-        client: &async_nats::Client,
         mut event: OutEvent,
         expected_last: u64,
         reply: Option<async_nats::Subject>,
@@ -392,18 +363,12 @@ impl Publisher {
         }
         headers.insert(LSN, event.commit_lsn.to_string());
         headers.insert(CONTENT_TYPE, "application/x-protobuf");
-        let payload = self.oversized.fit(&self.js, &event, &mut headers).await?;
+        let payload = self
+            .oversized
+            .fit(&mut self.sink, &event, &mut headers)
+            .await?;
         let subject = std::mem::take(&mut event.subject);
-        let send = async {
-            match reply {
-                Some(reply) => {
-                    client
-                        .publish_with_reply_and_headers(subject, reply, headers, payload)
-                        .await
-                }
-                None => client.publish_with_headers(subject, headers, payload).await,
-            }
-        };
+        let send = self.sink.send(subject, headers, payload, reply);
         tokio::pin!(send);
         // While NATS is away the client queues publishes until its buffer is
         // full, then a publish waits: for as long as the outage lasts, and

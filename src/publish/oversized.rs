@@ -15,20 +15,17 @@
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, object_store};
 use bytes::Bytes;
 use prost::Message as _;
 
 use super::PublishError;
+use super::sink::{Bucket, Sink};
 use crate::events::OutEvent;
 use crate::proto::ChangeEvent;
 
 /// Decides whether an event fits and stores it aside when it does not.
 pub struct Oversized {
-    pub bucket_name: String,
-    pub max_age: Duration,
-    pub replicas: usize,
-    bucket: Option<object_store::ObjectStore>,
+    pub bucket: Bucket,
     /// The server's `max_payload`, read once per batch ([`Oversized::refresh`]):
     /// reading it clones the client and the whole server info.
     max_payload: usize,
@@ -40,53 +37,44 @@ const MARGIN: usize = 512;
 impl Oversized {
     pub fn new(stream: &str, max_age: Duration, replicas: usize) -> Self {
         Oversized {
-            bucket_name: format!("{stream}_OVERSIZED"),
-            max_age,
-            replicas,
-            bucket: None,
+            bucket: Bucket {
+                name: format!("{stream}_OVERSIZED"),
+                max_age,
+                replicas,
+            },
             max_payload: 0,
         }
     }
 
     /// Reads the connected server's `max_payload` (it may change with a
     /// reconnect to another server).
-    pub fn refresh(&mut self, js: &jetstream::Context) {
-        self.max_payload = js_max_payload(js);
+    pub(crate) fn refresh(&mut self, sink: &impl Sink) {
+        self.max_payload = sink.max_payload();
     }
 
     /// The payload to publish: the event itself when it fits `max_payload`,
     /// else the stripped event (or, when even that does not fit, its key
     /// fields and a `Walcast-Reason`), after the full one is stored.
-    pub async fn fit(
+    pub(crate) async fn fit(
         &mut self,
-        js: &jetstream::Context,
+        sink: &mut impl Sink,
         event: &OutEvent,
         headers: &mut HeaderMap,
     ) -> Result<Bytes, PublishError> {
         if self.max_payload == 0 {
-            self.refresh(js);
+            self.refresh(sink);
         }
         let max_payload = self.max_payload;
         if event.payload.len() + header_len(headers) + MARGIN <= max_payload {
             return Ok(event.payload.clone());
         }
-        let bucket = self.bucket(js).await?;
-        let mut reader: &[u8] = &event.payload;
         // Object store chunks are NATS messages too: they must fit max_payload.
-        let meta = object_store::ObjectMetadata {
-            name: event.event_id.clone(),
-            chunk_size: Some((max_payload.saturating_sub(MARGIN)).clamp(1024, 128 * 1024)),
-            ..Default::default()
-        };
-        bucket.put(meta, &mut reader).await.map_err(|e| {
-            PublishError::Nats(format!(
-                "store oversized event {} in {}: {e}",
-                event.event_id, self.bucket_name
-            ))
-        })?;
+        let chunk_size = (max_payload.saturating_sub(MARGIN)).clamp(1024, 128 * 1024);
+        sink.put_object(&self.bucket, &event.event_id, &event.payload, chunk_size)
+            .await?;
         headers.insert(
             "Walcast-Object",
-            format!("{}/{}", self.bucket_name, event.event_id).as_str(),
+            format!("{}/{}", self.bucket.name, event.event_id).as_str(),
         );
         let mut stub = ChangeEvent::decode(event.payload.clone()).map_err(|e| {
             PublishError::Nats(format!("re-decode oversized event {}: {e}", event.event_id))
@@ -122,31 +110,6 @@ impl Oversized {
             "oversized event: even its stub exceeds max_payload, so the stream message carries only the key fields; the full event is in the object store"
         );
         Ok(Bytes::from(keys.encode_to_vec()))
-    }
-
-    async fn bucket(
-        &mut self,
-        js: &jetstream::Context,
-    ) -> Result<&object_store::ObjectStore, PublishError> {
-        if self.bucket.is_none() {
-            let store = match js.get_object_store(&self.bucket_name).await {
-                Ok(store) => store,
-                Err(_) => js
-                    .create_object_store(object_store::Config {
-                        bucket: self.bucket_name.clone(),
-                        max_age: self.max_age,
-                        num_replicas: self.replicas,
-                        storage: jetstream::stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| {
-                        PublishError::Nats(format!("create object store {}: {e}", self.bucket_name))
-                    })?,
-            };
-            self.bucket = Some(store);
-        }
-        self.bucket.as_ref().ok_or(PublishError::Downstream)
     }
 }
 
@@ -185,10 +148,6 @@ fn key_fields(event: &ChangeEvent) -> ChangeEvent {
         table: bounded(&event.table),
         ..Default::default()
     }
-}
-
-fn js_max_payload(js: &jetstream::Context) -> usize {
-    js.client().server_info().max_payload
 }
 
 /// Bytes the headers take on the wire (`NATS/1.0\r\n`, `k: v\r\n` each, `\r\n`).

@@ -1,0 +1,573 @@
+//! In-process property tests of the one recovery path: the real reader
+//! (assembler, event builder, skip of what the stream holds), publisher,
+//! checkpointer and reconciliation, against the in-memory broker
+//! (`publish::memory`) and checkpoint store (`checkpoint::memory`), on a
+//! paused clock.
+//!
+//! A case is a random multi-tenant WAL and a list of interruptions: a
+//! `kill -9` at a random instant (every task dropped mid-flight), a refused
+//! send or a dropped connection at a random message; after each, sometimes
+//! the broker loses its last acknowledged messages (SPEC §4.7). Only the
+//! durable state survives an interruption: the broker's stream, the
+//! checkpoint and the slot's confirmed LSN. Each run starts like
+//! `prepare` (reconcile the checkpoint with the stream) and replays the
+//! WAL from the slot.
+//!
+//! Checked after every run: the stream is a prefix of the exact stream
+//! (every event once, in commit order, each tenant's seqs 1..n); the
+//! checkpoint counts exactly the events before its LSN, with each tenant's
+//! last seq among them; the slot is never confirmed past the checkpoint.
+//! After the last, uninterrupted run: the stream is the exact stream (so
+//! republished losses carry their first ids and seqs). A run may stop with
+//! the "broker lost checkpointed messages" error only when it did.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proptest::prelude::*;
+use prost::Message as _;
+use tokio::sync::{mpsc, watch};
+
+use super::drive::replayer;
+use super::prepare::{Names, reconcile};
+use super::reader::{Reader, Skip};
+use super::{BATCH, PipelineError};
+use crate::catchup::Index;
+use crate::checkpoint::Checkpointer;
+use crate::checkpoint::memory::MemoryStore;
+use crate::decode::{Begin, Column, Commit, Message, Relation, ReplicaIdentity, Value, encode};
+use crate::events::{Tables, event_id};
+use crate::handoff::Item;
+use crate::lsn::Lsn;
+use crate::proto::ChangeEvent;
+use crate::publish::memory::MemoryBroker;
+use crate::publish::oversized::Oversized;
+use crate::publish::republish::Republish;
+use crate::publish::{PublishError, Publisher, Sink};
+use crate::source::SourceEvent;
+use crate::telemetry::health::Health;
+
+const STREAM: &str = "WALCAST";
+const NAMES: Names<'static> = Names {
+    slot: "walcast",
+    stream: STREAM,
+};
+
+/// One committed transaction of the simulated WAL.
+#[derive(Debug, Clone)]
+struct Tx {
+    /// Virtual milliseconds between the previous commit and this one.
+    gap_ms: u64,
+    /// Each row's tenant; `None` is an invalid tenant id (a dead letter).
+    rows: Vec<Option<u8>>,
+    /// An idle keepalive position follows it.
+    keepalive: bool,
+}
+
+fn commit_lsn(i: usize) -> u64 {
+    0x1000 * (i as u64 + 1)
+}
+
+fn end_lsn(i: usize) -> u64 {
+    commit_lsn(i) + 0x10
+}
+
+/// An event of the exact stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Expected {
+    event_id: String,
+    tenant: Option<String>,
+    seq: Option<u64>,
+    /// The end of its transaction (where a checkpoint may cover it).
+    end_lsn: u64,
+}
+
+/// The exact stream the WAL must produce: every event once, in commit
+/// order, each tenant numbered 1, 2, 3…
+fn exact_stream(wal: &[Tx]) -> Vec<Expected> {
+    let mut seqs: HashMap<String, u64> = HashMap::new();
+    let mut out = Vec::new();
+    for (i, tx) in wal.iter().enumerate() {
+        for (j, row) in tx.rows.iter().enumerate() {
+            let tenant = row.map(|t| format!("t{t}"));
+            let seq = tenant.as_ref().map(|t| {
+                let s = seqs.entry(t.clone()).or_default();
+                *s += 1;
+                *s
+            });
+            out.push(Expected {
+                event_id: event_id(commit_lsn(i), j as u32),
+                tenant,
+                seq,
+                end_lsn: end_lsn(i),
+            });
+        }
+    }
+    out
+}
+
+const TASK_COLUMNS: &[&str] = &["id", "tenant_id", "title", "status", "version"];
+
+fn tasks() -> Relation {
+    Relation {
+        oid: 1,
+        namespace: "public".into(),
+        name: "tasks".into(),
+        replica_identity: ReplicaIdentity::Full,
+        columns: TASK_COLUMNS
+            .iter()
+            .map(|c| Column {
+                name: c.to_string(),
+                type_oid: 25,
+                type_modifier: -1,
+                is_key: *c == "id",
+            })
+            .collect(),
+    }
+}
+
+/// What the walsender sends for transaction `i` (the Relation message
+/// before the first change of a session).
+fn source_events(i: usize, tx: &Tx, relation: bool) -> Vec<SourceEvent> {
+    let (commit, time) = (commit_lsn(i), 1_000_000 * i as i64);
+    let mut out = vec![SourceEvent::Begin(Begin {
+        final_lsn: commit,
+        commit_time: time,
+        xid: i as u32 + 1,
+    })];
+    if relation {
+        let bytes = encode::message(&Message::Relation(tasks()));
+        out.push(SourceEvent::Data(Bytes::from(bytes)));
+    }
+    for (j, row) in tx.rows.iter().enumerate() {
+        let id = format!("r{i}-{j}");
+        let tenant = row.map_or("not a tenant!".to_string(), |t| format!("t{t}"));
+        let values = [
+            Value::Text(id.as_bytes()),
+            Value::Text(tenant.as_bytes()),
+            Value::Text(b"title"),
+            Value::Text(b"todo"),
+            Value::Text(b"1"),
+        ];
+        out.push(SourceEvent::Data(Bytes::from(encode::insert(1, &values))));
+    }
+    out.push(SourceEvent::Commit(Commit {
+        flags: 0,
+        commit_lsn: commit,
+        end_lsn: end_lsn(i),
+        commit_time: time,
+    }));
+    if tx.keepalive {
+        out.push(SourceEvent::KeepAlive(Lsn(end_lsn(i) + 8)));
+    }
+    out
+}
+
+/// How a run (other than the last) ends.
+#[derive(Debug, Clone)]
+enum Stop {
+    /// `kill -9` this many virtual milliseconds into the run.
+    Crash(u64),
+    /// The broker refuses the n-th message of the run.
+    Refuse(u64),
+    /// The connection drops at the n-th message of the run (it and the
+    /// acks in flight are lost).
+    Disconnect(u64),
+}
+
+/// What the broker loses after an interruption (an unclean restart with
+/// fsync lag, SPEC §4.7).
+#[derive(Debug, Clone)]
+enum Loss {
+    None,
+    /// Its last n messages, but none the checkpoint counts: a loss younger
+    /// than the confirm delay, which walcast must repair.
+    Unconfirmed(u64),
+    /// Its last n messages, whatever the checkpoint says: walcast must
+    /// repair it or, if it reaches checkpointed messages, stop.
+    Any(u64),
+}
+
+#[derive(Debug, Clone)]
+struct Interruption {
+    stop: Stop,
+    loss: Loss,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    wal: Vec<Tx>,
+    interruptions: Vec<Interruption>,
+    delay_ms: u64,
+    ack_latency_ms: u64,
+    /// How long a confirmation takes to reach the slot.
+    feedback_ms: u64,
+    max_in_flight: usize,
+}
+
+/// What outlives a run: the broker, the checkpoint, the slot.
+struct World {
+    expected: Vec<Expected>,
+    broker: MemoryBroker,
+    store: MemoryStore,
+    /// The slot's confirmed flush LSN.
+    confirmed: Arc<AtomicU64>,
+    /// The process's highest acknowledged sequence (lost with the process).
+    process_high: Arc<AtomicU64>,
+    runs: u64,
+}
+
+enum Outcome {
+    Clean,
+    Killed,
+    Failed(PipelineError),
+}
+
+impl World {
+    fn new(wal: &[Tx]) -> World {
+        let store = MemoryStore::default();
+        // `store::init` on an empty stream, before the first run.
+        store.claim("init");
+        World {
+            expected: exact_stream(wal),
+            broker: MemoryBroker::new(Duration::from_secs(120)),
+            store,
+            confirmed: Arc::default(),
+            process_high: Arc::default(),
+            runs: 0,
+        }
+    }
+
+    /// The durable state is consistent (see the module comment).
+    fn check(&self) -> Result<(), String> {
+        self.check_stream()?;
+        self.check_checkpoint()
+    }
+
+    /// The stream is a prefix of the exact stream.
+    fn check_stream(&self) -> Result<(), String> {
+        let broker = self.broker.lock();
+        for (i, got) in broker.messages.iter().enumerate() {
+            let want = self.expected.get(i).ok_or(format!(
+                "stream message {} ({}) is past the last event",
+                i + 1,
+                got.msg_id
+            ))?;
+            // The body says the same as the headers (a republish rebuilds it).
+            let body = ChangeEvent::decode(got.payload.clone()).map_err(|e| e.to_string())?;
+            let in_body = (body.event_id == got.msg_id) && (body.seq == got.seq.unwrap_or(0));
+            if !in_body
+                || (&got.msg_id, &got.tenant, got.seq) != (&want.event_id, &want.tenant, want.seq)
+            {
+                return Err(format!(
+                    "stream message {} is {} ({:?} seq {:?}), expected {} ({:?} seq {:?})",
+                    i + 1,
+                    got.msg_id,
+                    got.tenant,
+                    got.seq,
+                    want.event_id,
+                    want.tenant,
+                    want.seq
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The checkpoint counts exactly the events before its LSN, and the
+    /// slot is confirmed past it only over positions without events.
+    fn check_checkpoint(&self) -> Result<(), String> {
+        let row = self.store.snapshot();
+        let covered: Vec<&Expected> = self
+            .expected
+            .iter()
+            .filter(|e| e.end_lsn <= row.lsn.0)
+            .collect();
+        if covered.len() as u64 != row.stream_seq {
+            return Err(format!(
+                "the checkpoint at {} says stream message {}, but {} events committed before it",
+                row.lsn,
+                row.stream_seq,
+                covered.len()
+            ));
+        }
+        let mut last = HashMap::new();
+        for e in &covered {
+            if let (Some(t), Some(s)) = (&e.tenant, e.seq) {
+                last.insert(t.clone(), s);
+            }
+        }
+        if last != row.tenants {
+            return Err(format!(
+                "the checkpoint at {} has tenant seqs {:?}, expected {last:?}",
+                row.lsn, row.tenants
+            ));
+        }
+        // Past the checkpoint, the slot may be confirmed only over positions
+        // without events (keepalives, empty transactions).
+        let confirmed = self.confirmed.load(Ordering::SeqCst);
+        if let Some(e) = self
+            .expected
+            .iter()
+            .find(|e| row.lsn.0 < e.end_lsn && e.end_lsn <= confirmed)
+        {
+            return Err(format!(
+                "the slot was confirmed at {} past event {} (the checkpoint is at {})",
+                Lsn(confirmed),
+                e.event_id,
+                row.lsn
+            ));
+        }
+        Ok(())
+    }
+
+    fn lose(&self, loss: &Loss) {
+        let n = match *loss {
+            Loss::None => 0,
+            Loss::Unconfirmed(n) => {
+                let len = self.broker.lock().messages.len() as u64;
+                n.min(len.saturating_sub(self.store.snapshot().stream_seq))
+            }
+            Loss::Any(n) => n,
+        };
+        self.broker.lose_last(n);
+    }
+
+    /// Whether the broker lost messages the checkpoint counts (the one case
+    /// where stopping is right: the slot no longer has their WAL).
+    fn lost_checkpointed(&self) -> bool {
+        (self.broker.lock().messages.len() as u64) < self.store.snapshot().stream_seq
+    }
+}
+
+/// Feeds the WAL from the slot's confirmed position through the reader, in
+/// batches as `read_batch` would; then stops reading (`last`) or idles
+/// until the publisher stops.
+async fn feed(
+    wal: &[Tx],
+    from: u64,
+    mut reader: Reader<'_>,
+    items: mpsc::Sender<Vec<Item>>,
+    last: bool,
+) -> Result<(), PipelineError> {
+    let mut out = Vec::new();
+    let mut relation = true;
+    for (i, tx) in wal.iter().enumerate() {
+        // The slot decodes only transactions that commit at or after it.
+        if commit_lsn(i) < from {
+            continue;
+        }
+        if tx.gap_ms > 0 || out.len() >= BATCH {
+            if !out.is_empty() && items.send(std::mem::take(&mut out)).await.is_err() {
+                return Ok(()); // the publisher stopped: its error says why
+            }
+            tokio::time::sleep(Duration::from_millis(tx.gap_ms)).await;
+        }
+        for event in source_events(i, tx, relation) {
+            reader.handle(event, &mut out)?;
+        }
+        relation = false;
+    }
+    if !out.is_empty() && items.send(out).await.is_err() {
+        return Ok(());
+    }
+    if !last {
+        items.closed().await;
+    }
+    Ok(())
+}
+
+/// One run, like `prepare` then `drive`; `limit` kills it (virtual time).
+async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
+    w.runs += 1;
+    let sink = w.broker.connect(Duration::from_millis(c.ack_latency_ms));
+    let last_seq = sink.last_seq().await.unwrap_or(0);
+    let checkpoint = w.store.checkpoint(STREAM);
+    let owner = format!("run {}", w.runs);
+    w.store.claim(&owner);
+    let reconciled = match reconcile(&sink, NAMES, &checkpoint, last_seq, &w.process_high).await {
+        Ok(r) => r,
+        Err(e) => return Outcome::Failed(e),
+    };
+    let confirmed = w.confirmed.load(Ordering::SeqCst);
+    let start = checkpoint.lsn.0.max(confirmed);
+    let mut assembler = replayer("walcast", Tables::default(), &checkpoint);
+    let reader = Reader {
+        assembler: &mut assembler,
+        skip: Skip::after(&checkpoint, &reconciled),
+        last_boundary: start,
+    };
+    let publisher = Publisher {
+        sink,
+        max_in_flight: c.max_in_flight,
+        oversized: Oversized::new(STREAM, Duration::from_secs(60), 1),
+        index: Index::default(),
+        acked_high: w.process_high.clone(),
+        republish: Republish::below(reconciled.acked_high),
+    };
+    let checkpointer = Checkpointer {
+        store: w.store.clone(),
+        slot: NAMES.slot.into(),
+        owner,
+        delay: Duration::from_millis(c.delay_ms),
+        health: Arc::new(Health::default()),
+    };
+    let (items_tx, items_rx) = mpsc::channel(64);
+    let (segments_tx, segments_rx) = mpsc::channel(1024);
+    let (confirm_tx, mut confirms) = watch::channel(Lsn(start));
+    let slot = w.confirmed.clone();
+    let feedback = Duration::from_millis(c.feedback_ms);
+    let stages = async {
+        let observe = async {
+            while confirms.changed().await.is_ok() {
+                tokio::time::sleep(feedback).await;
+                slot.store(confirms.borrow_and_update().0, Ordering::SeqCst);
+            }
+        };
+        let (fed, published, checkpointed, ()) = tokio::join!(
+            feed(&c.wal, confirmed, reader, items_tx, last),
+            publisher.run(items_rx, segments_tx, last_seq),
+            checkpointer.run(checkpoint, segments_rx, confirm_tx),
+            observe,
+        );
+        // The root cause first, as `drive::finish` reports it.
+        let downstream = matches!(published, Err(PublishError::Downstream));
+        match (fed, published, checkpointed) {
+            (Err(e), _, _) => Outcome::Failed(e),
+            (_, Err(e), _) if !downstream => Outcome::Failed(e.into()),
+            (_, _, Err(e)) => Outcome::Failed(e.into()),
+            (_, Err(e), _) => Outcome::Failed(e.into()),
+            _ => Outcome::Clean,
+        }
+    };
+    tokio::time::timeout(limit, stages)
+        .await
+        .unwrap_or(Outcome::Killed)
+}
+
+/// Runs a case; returns the first violated property.
+async fn case(c: Case) -> Result<(), String> {
+    let mut w = World::new(&c.wal);
+    for (k, interruption) in c.interruptions.iter().enumerate() {
+        let limit = match interruption.stop {
+            Stop::Crash(ms) => Duration::from_millis(ms),
+            Stop::Refuse(n) => {
+                w.broker.fail_in(n);
+                Duration::from_secs(60)
+            }
+            Stop::Disconnect(n) => {
+                w.broker.disconnect_in(n);
+                Duration::from_secs(60)
+            }
+        };
+        let outcome = run(&mut w, &c, false, limit).await;
+        w.broker.heal();
+        match outcome {
+            // kill -9: the process's memory is gone.
+            Outcome::Killed => w.process_high = Arc::default(),
+            Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
+            Outcome::Failed(_) | Outcome::Clean => {}
+        }
+        w.check()
+            .map_err(|e| format!("after interruption {k}: {e}"))?;
+        w.lose(&interruption.loss);
+    }
+    match run(&mut w, &c, true, Duration::from_secs(3600)).await {
+        Outcome::Clean => {}
+        Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
+        Outcome::Failed(e) => return Err(format!("the last run failed: {e}")),
+        Outcome::Killed => return Err("the last run did not finish".into()),
+    }
+    w.check().map_err(|e| format!("after the last run: {e}"))?;
+    let len = w.broker.lock().messages.len();
+    if len != w.expected.len() {
+        return Err(format!(
+            "the stream ends at message {len}, the WAL has {} events",
+            w.expected.len()
+        ));
+    }
+    Ok(())
+}
+
+fn fatal(e: &PipelineError) -> bool {
+    matches!(e, PipelineError::Fatal(_))
+}
+
+/// A run that stops for good is right only if the broker lost messages
+/// the checkpoint counts.
+fn stopped_rightly(w: &World, e: PipelineError) -> Result<(), String> {
+    if w.lost_checkpointed() {
+        Ok(())
+    } else {
+        Err(format!("stopped, but nothing was lost for good: {e}"))
+    }
+}
+
+fn tx() -> impl Strategy<Value = Tx> {
+    let row = prop::option::weighted(0.95, 0u8..4);
+    (
+        prop_oneof![3 => Just(0u64), 2 => 1u64..60],
+        prop::collection::vec(row, 0..6),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(gap_ms, rows, keepalive)| Tx {
+            gap_ms,
+            rows,
+            keepalive,
+        })
+}
+
+fn interruption() -> impl Strategy<Value = Interruption> {
+    let stop = prop_oneof![
+        3 => (0u64..2_500).prop_map(Stop::Crash),
+        1 => (1u64..60).prop_map(Stop::Refuse),
+        1 => (1u64..60).prop_map(Stop::Disconnect),
+    ];
+    let loss = prop_oneof![
+        3 => Just(Loss::None),
+        3 => (1u64..30).prop_map(Loss::Unconfirmed),
+        1 => (1u64..8).prop_map(Loss::Any),
+    ];
+    (stop, loss).prop_map(|(stop, loss)| Interruption { stop, loss })
+}
+
+fn workload() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec(tx(), 1..40),
+        prop::collection::vec(interruption(), 0..5),
+        prop_oneof![Just(0u64), 1u64..1_500],
+        (0u64..40, prop_oneof![Just(0u64), 1u64..300]),
+        prop_oneof![Just(1usize), 2usize..8, Just(1024)],
+    )
+        .prop_map(
+            |(wal, interruptions, delay_ms, (ack_latency_ms, feedback_ms), max_in_flight)| Case {
+                wal,
+                interruptions,
+                delay_ms,
+                ack_latency_ms,
+                feedback_ms,
+                max_in_flight,
+            },
+        )
+}
+
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a paused runtime")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn crashes_losses_and_restarts_keep_the_exact_stream(c in workload()) {
+        let outcome = paused_runtime().block_on(case(c));
+        prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+    }
+}

@@ -1,0 +1,348 @@
+//! The in-memory twin of the JetStream sink, for in-process tests of the
+//! publisher and of recovery: a `Vec`-backed stream with JetStream's rules
+//! for what it stores (`Nats-Msg-Id` dedup within a window, then
+//! `Nats-Expected-Last-Sequence`), acks delivered after a latency on the
+//! runtime's (pausable) clock, and the faults recovery must survive: losing
+//! its last acknowledged messages (SPEC §4.7), refusing a send, and
+//! dropping the connection (the message and every ack in flight lost).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::{HeaderMap, Subject};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::PublishError;
+use super::acks::Verdict;
+use super::sink::{Bucket, Replies, Sink};
+
+/// One stored message.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub msg_id: String,
+    pub tenant: Option<String>,
+    pub seq: Option<u64>,
+    pub payload: Bytes,
+    pub stored_at: Instant,
+}
+
+/// What the broker holds: it outlives every walcast run.
+#[derive(Debug)]
+pub(crate) struct Broker {
+    /// Message n (stream sequence) is `messages[n - 1]`.
+    pub messages: Vec<Stored>,
+    /// The duplicate window.
+    pub window: Duration,
+    /// Connections so far (a disconnect opens a new one).
+    connects: u64,
+    /// Sends so far, over all runs (faults are placed on this count).
+    sends: u64,
+    /// The send with this number is refused.
+    fail_at: Option<u64>,
+    /// The connection drops at the send with this number: that message and
+    /// every ack in flight are lost.
+    disconnect_at: Option<u64>,
+}
+
+/// A handle on the broker, shared by the test and the runs' sinks.
+#[derive(Debug, Clone)]
+pub(crate) struct MemoryBroker(Arc<Mutex<Broker>>);
+
+impl MemoryBroker {
+    pub fn new(window: Duration) -> Self {
+        MemoryBroker(Arc::new(Mutex::new(Broker {
+            messages: Vec::new(),
+            window,
+            connects: 1,
+            sends: 0,
+            fail_at: None,
+            disconnect_at: None,
+        })))
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Broker> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The broker loses its last `n` (acknowledged) messages, as after an
+    /// unclean restart with fsync lag; returns how many it lost.
+    pub fn lose_last(&self, n: u64) -> u64 {
+        let mut b = self.lock();
+        let keep = b.messages.len().saturating_sub(n as usize);
+        let lost = b.messages.len() - keep;
+        b.messages.truncate(keep);
+        lost as u64
+    }
+
+    /// Refuses the `n`-th send from now.
+    pub fn fail_in(&self, n: u64) {
+        let mut b = self.lock();
+        b.fail_at = Some(b.sends + n.max(1));
+    }
+
+    /// Drops the connection at the `n`-th send from now.
+    pub fn disconnect_in(&self, n: u64) {
+        let mut b = self.lock();
+        b.disconnect_at = Some(b.sends + n.max(1));
+    }
+
+    /// Clears faults not yet reached.
+    pub fn heal(&self) {
+        let mut b = self.lock();
+        b.fail_at = None;
+        b.disconnect_at = None;
+    }
+
+    /// A sink on a new connection, for one run; acks take `latency`.
+    pub fn connect(&self, latency: Duration) -> MemorySink {
+        MemorySink {
+            broker: self.clone(),
+            latency,
+            replies: Mutex::new(None),
+        }
+    }
+}
+
+impl Broker {
+    fn last_seq(&self) -> u64 {
+        self.messages.len() as u64
+    }
+
+    /// JetStream's decision on one message: a duplicate id within the
+    /// window is answered with the original's sequence, then the expected
+    /// last sequence must match, then the message is stored.
+    fn store(&mut self, msg: Stored, expected_last: Option<u64>) -> Verdict {
+        let now = msg.stored_at;
+        if let Some(i) = self
+            .messages
+            .iter()
+            .rposition(|m| m.msg_id == msg.msg_id && m.stored_at + self.window > now)
+        {
+            return Verdict::Stored {
+                seq: i as u64 + 1,
+                duplicate: true,
+            };
+        }
+        let last = self.last_seq();
+        if let Some(expected) = expected_last
+            && expected != last
+        {
+            return Verdict::Rejected(format!("wrong last sequence: {last} (code 400)"));
+        }
+        self.messages.push(msg);
+        Verdict::Stored {
+            seq: last + 1,
+            duplicate: false,
+        }
+    }
+}
+
+/// One run's connection to the broker.
+pub(crate) struct MemorySink {
+    broker: MemoryBroker,
+    latency: Duration,
+    /// Where this run's acks go, once it opened them.
+    replies: Mutex<Option<mpsc::UnboundedSender<Reply>>>,
+}
+
+/// An ack on its way: when it arrives, on which connection, what it says.
+type Reply = (Instant, u64, u64, Verdict);
+
+/// The acks of one run.
+pub(crate) struct MemoryReplies {
+    broker: MemoryBroker,
+    rx: mpsc::UnboundedReceiver<Reply>,
+    due: VecDeque<Reply>,
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.as_str().to_string())
+}
+
+impl MemorySink {
+    /// Records the send and applies a fault that falls on it: `Err` if it
+    /// is refused, `Ok(false)` if the connection dropped with it.
+    fn fault(&self) -> Result<bool, String> {
+        let mut b = self.broker.lock();
+        b.sends += 1;
+        if b.fail_at == Some(b.sends) {
+            return Err("the connection refused the message (test fault)".into());
+        }
+        if b.disconnect_at == Some(b.sends) {
+            b.connects += 1;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+impl Sink for MemorySink {
+    type Replies = MemoryReplies;
+
+    async fn replies(&self) -> Result<MemoryReplies, PublishError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.replies.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        Ok(MemoryReplies {
+            broker: self.broker.clone(),
+            rx,
+            due: VecDeque::new(),
+        })
+    }
+
+    fn max_payload(&self) -> usize {
+        1 << 20
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        reply: Option<Subject>,
+    ) -> Result<(), String> {
+        if !self.fault()? {
+            return Ok(()); // lost with the connection
+        }
+        let _ = subject; // the stream captures every subject walcast sends to
+        let msg = Stored {
+            msg_id: header(&headers, "Nats-Msg-Id").ok_or("no Nats-Msg-Id")?,
+            tenant: header(&headers, "Walcast-Tenant"),
+            seq: header(&headers, "Walcast-Seq").and_then(|s| s.parse().ok()),
+            payload,
+            stored_at: Instant::now(),
+        };
+        let expected = header(&headers, "Nats-Expected-Last-Sequence").and_then(|s| s.parse().ok());
+        let mut broker = self.broker.lock();
+        let verdict = broker.store(msg, expected);
+        let replies = self.replies.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some(reply), Some(tx)) = (reply, replies.as_ref()) {
+            let token = reply.rsplit_once('.').and_then(|(_, t)| t.parse().ok());
+            let at = Instant::now() + self.latency;
+            let _ = tx.send((at, broker.connects, token.unwrap_or(0), verdict));
+        }
+        Ok(())
+    }
+
+    async fn put_object(
+        &mut self,
+        bucket: &Bucket,
+        name: &str,
+        _data: &[u8],
+        _chunk_size: usize,
+    ) -> Result<(), PublishError> {
+        Err(PublishError::Nats(format!(
+            "the memory sink has no object store ({}/{name})",
+            bucket.name
+        )))
+    }
+
+    async fn no_responders(&self, event_id: &str) -> PublishError {
+        PublishError::Nats(format!("no responders for {event_id} (memory sink)"))
+    }
+
+    async fn last_seq(&self) -> Result<u64, PublishError> {
+        Ok(self.broker.lock().last_seq())
+    }
+
+    async fn message_id(&self, seq: u64) -> Option<String> {
+        let b = self.broker.lock();
+        let i = usize::try_from(seq.checked_sub(1)?).ok()?;
+        b.messages.get(i).map(|m| m.msg_id.clone())
+    }
+}
+
+impl Replies for MemoryReplies {
+    fn subject(&self, seq: u64) -> Subject {
+        Subject::from(format!("ack.{seq}"))
+    }
+
+    fn connects(&self) -> u64 {
+        self.broker.lock().connects
+    }
+
+    async fn next(&mut self) -> Option<(u64, Verdict)> {
+        loop {
+            while let Ok(reply) = self.rx.try_recv() {
+                self.due.push_back(reply);
+            }
+            let Some(&(at, _, _, _)) = self.due.front() else {
+                let reply = self.rx.recv().await?;
+                self.due.push_back(reply);
+                continue;
+            };
+            tokio::time::sleep_until(at).await;
+            let (_, on, seq, verdict) = self.due.pop_front()?;
+            if on == self.connects() {
+                return Some((seq, verdict));
+            } // else: lost with the connection it was sent on
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(id: &str, expected_last: u64) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        h.insert("Nats-Expected-Last-Sequence", expected_last.to_string());
+        h
+    }
+
+    /// Sends `id` expecting `last`, asking for its ack; returns the ack.
+    async fn send(sink: &MemorySink, replies: &mut MemoryReplies, id: &str, last: u64) -> Verdict {
+        let reply = Some(replies.subject(last + 1));
+        let sent = sink.send("s".into(), headers(id, last), Bytes::new(), reply);
+        sent.await.unwrap();
+        replies.next().await.unwrap().1
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stores_like_jetstream_and_loses_its_tail() {
+        let broker = MemoryBroker::new(Duration::from_secs(120));
+        let sink = broker.connect(Duration::from_millis(5));
+        let mut replies = sink.replies().await.unwrap();
+        let stored = |seq, duplicate| Verdict::Stored { seq, duplicate };
+        assert_eq!(send(&sink, &mut replies, "a", 0).await, stored(1, false));
+        assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
+        // A duplicate id is answered with the original's sequence, whatever
+        // it expected; a wrong expected last sequence is refused.
+        assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(1, true));
+        let refused = Verdict::Rejected("wrong last sequence: 2 (code 400)".into());
+        assert_eq!(send(&sink, &mut replies, "c", 1).await, refused);
+        assert_eq!(broker.lose_last(1), 1);
+        assert_eq!(sink.last_seq().await.unwrap(), 1);
+        assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
+        assert_eq!(sink.message_id(2).await.as_deref(), Some("b"));
+        // Past the window, an id is new again.
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(3, false));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_connection_loses_the_message_and_the_acks_in_flight() {
+        let broker = MemoryBroker::new(Duration::from_secs(120));
+        let sink = broker.connect(Duration::from_millis(5));
+        let mut replies = sink.replies().await.unwrap();
+        let reply = Some(replies.subject(1));
+        sink.send("s".into(), headers("a", 0), Bytes::new(), reply)
+            .await
+            .unwrap();
+        broker.disconnect_in(1);
+        let reply = Some(replies.subject(2));
+        sink.send("s".into(), headers("b", 1), Bytes::new(), reply)
+            .await
+            .unwrap();
+        assert_eq!(replies.connects(), 2);
+        assert_eq!(sink.last_seq().await.unwrap(), 1, "b was lost");
+        let next = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
+        assert!(next.is_err(), "a's ack was lost with the connection");
+        broker.fail_in(1);
+        let refused = sink.send("s".into(), headers("c", 1), Bytes::new(), None);
+        assert!(refused.await.is_err());
+    }
+}

@@ -1,0 +1,281 @@
+//! The publisher's seam: where its messages go, where their acknowledgements
+//! come from, and what reconciliation reads back from the stream.
+//! [`JetStream`] in production (async-nats), `memory::MemorySink` in tests
+//! (a `Vec`-backed stream with the same ordering and dedup rules).
+//!
+//! Generic, not `dyn`: the production publisher is compiled for
+//! [`JetStream`] alone, so the seam costs nothing per event (no boxed
+//! future, no extra allocation: `send` takes the subject, headers and
+//! payload the publisher built anyway).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, object_store};
+use async_nats::{HeaderMap, Statistics, Subject, Subscriber};
+use bytes::Bytes;
+
+use super::PublishError;
+use super::acks::{Verdict, parse};
+use super::stream;
+
+/// Where the publisher's messages go.
+///
+/// Ordering is the broker's job: every message carries
+/// `Nats-Expected-Last-Sequence` and `Nats-Msg-Id`, and a sink stores a
+/// message only if the stream's last sequence is the expected one (a
+/// duplicate id within the duplicate window is not stored again and is
+/// answered with the original's sequence).
+pub(crate) trait Sink {
+    /// The acknowledgements of one run.
+    type Replies: Replies;
+    /// Opens the channel this run's acks arrive on; before the first send.
+    async fn replies(&self) -> Result<Self::Replies, PublishError>;
+    /// The largest message the broker takes, headers included.
+    fn max_payload(&self) -> usize;
+    /// Hands one message to the broker; `reply` (from
+    /// [`Replies::subject`]) asks for its ack. Whether and where it was
+    /// stored is only known from that ack (or a later message's).
+    async fn send(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        reply: Option<Subject>,
+    ) -> Result<(), String>;
+    /// Stores an oversized event whole under `name`, beside the stream.
+    async fn put_object(
+        &mut self,
+        bucket: &Bucket,
+        name: &str,
+        data: &[u8],
+        chunk_size: usize,
+    ) -> Result<(), PublishError>;
+    /// Why publishes found no responders, once the stream has a leader
+    /// again or the wait is over.
+    async fn no_responders(&self, event_id: &str) -> PublishError;
+    /// The stream's last sequence (0 when empty), as reconciliation reads it.
+    async fn last_seq(&self) -> Result<u64, PublishError>;
+    /// The `Nats-Msg-Id` of the message at `seq`, if it can still be read.
+    async fn message_id(&self, seq: u64) -> Option<String>;
+}
+
+/// The acknowledgements of one run, on one subscription.
+pub(crate) trait Replies {
+    /// The reply subject asking for the ack of the message expected at `seq`.
+    fn subject(&self, seq: u64) -> Subject;
+    /// How many times the connection has (re)connected: an ack requested
+    /// on an earlier connection may be lost with it.
+    fn connects(&self) -> u64;
+    /// The next reply: the stream sequence its message was expected at, and
+    /// the broker's verdict. `None` once the subscription ended.
+    async fn next(&mut self) -> Option<(u64, Verdict)>;
+}
+
+/// The object store bucket oversized events go to (SPEC §3).
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    pub name: String,
+    pub max_age: Duration,
+    pub replicas: usize,
+}
+
+/// The production sink: one JetStream stream.
+pub struct JetStream {
+    js: jetstream::Context,
+    /// The context's client, cloned once (not per message).
+    client: async_nats::Client,
+    stream: jetstream::stream::Stream<()>,
+    name: String,
+    objects: Option<object_store::ObjectStore>,
+}
+
+impl JetStream {
+    /// The sink for stream `name` (no request: the stream was verified by
+    /// `stream::ensure`).
+    pub async fn new(js: jetstream::Context, name: &str) -> Result<Self, PublishError> {
+        let stream = js
+            .get_stream_no_info(name)
+            .await
+            .map_err(|e| PublishError::Nats(format!("stream {name}: {e}")))?;
+        Ok(JetStream {
+            client: js.client(),
+            js,
+            stream,
+            name: name.to_string(),
+            objects: None,
+        })
+    }
+}
+
+/// The ack subscription: `<inbox>.<expected stream seq>`.
+pub struct NatsReplies {
+    inbox: String,
+    sub: Subscriber,
+    stats: Arc<Statistics>,
+}
+
+impl Sink for JetStream {
+    type Replies = NatsReplies;
+
+    async fn replies(&self) -> Result<NatsReplies, PublishError> {
+        let client = &self.client;
+        let inbox = client.new_inbox();
+        let sub = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| PublishError::Nats(format!("subscribe to the ack inbox: {e}")))?;
+        Ok(NatsReplies {
+            inbox,
+            sub,
+            stats: client.statistics(),
+        })
+    }
+
+    fn max_payload(&self) -> usize {
+        // Clones the server info: read once per batch (see `Oversized`).
+        self.client.server_info().max_payload
+    }
+
+    async fn send(
+        &self,
+        subject: String,
+        headers: HeaderMap,
+        payload: Bytes,
+        reply: Option<Subject>,
+    ) -> Result<(), String> {
+        let client = &self.client;
+        match reply {
+            Some(reply) => {
+                client
+                    .publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+            None => client.publish_with_headers(subject, headers, payload).await,
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    async fn put_object(
+        &mut self,
+        bucket: &Bucket,
+        name: &str,
+        data: &[u8],
+        chunk_size: usize,
+    ) -> Result<(), PublishError> {
+        if self.objects.is_none() {
+            self.objects = Some(object_bucket(&self.js, bucket).await?);
+        }
+        let Some(objects) = &self.objects else {
+            return Err(PublishError::Downstream);
+        };
+        let meta = object_store::ObjectMetadata {
+            name: name.to_string(),
+            chunk_size: Some(chunk_size),
+            ..Default::default()
+        };
+        let mut reader = data;
+        objects.put(meta, &mut reader).await.map_err(|e| {
+            PublishError::Nats(format!(
+                "store oversized event {name} in {}: {e}",
+                bucket.name
+            ))
+        })?;
+        Ok(())
+    }
+
+    async fn no_responders(&self, event_id: &str) -> PublishError {
+        no_responders(&self.js, &self.name, event_id).await
+    }
+
+    async fn last_seq(&self) -> Result<u64, PublishError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
+        Ok(info.state.last_sequence)
+    }
+
+    async fn message_id(&self, seq: u64) -> Option<String> {
+        let msg = self.stream.get_raw_message(seq).await.ok()?;
+        Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
+    }
+}
+
+async fn object_bucket(
+    js: &jetstream::Context,
+    bucket: &Bucket,
+) -> Result<object_store::ObjectStore, PublishError> {
+    if let Ok(store) = js.get_object_store(&bucket.name).await {
+        return Ok(store);
+    }
+    js.create_object_store(object_store::Config {
+        bucket: bucket.name.clone(),
+        max_age: bucket.max_age,
+        num_replicas: bucket.replicas,
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| PublishError::Nats(format!("create object store {}: {e}", bucket.name)))
+}
+
+/// Why publishes found no responders, once the stream has a leader again
+/// (or the wait is over): a leader change, or a deleted stream.
+async fn no_responders(js: &jetstream::Context, name: &str, event_id: &str) -> PublishError {
+    let started = std::time::Instant::now();
+    match stream::lookup(js, name, stream::ELECTION_WAIT).await {
+        Ok(found) if stream::has_leader(found.cached_info()) => {
+            let leader = found
+                .cached_info()
+                .cluster
+                .as_ref()
+                .and_then(|c| c.leader.clone())
+                .unwrap_or_else(|| "the same server".into());
+            PublishError::LeaderChange {
+                stream: name.to_string(),
+                outcome: format!("{leader} leads it after {:.1?}", started.elapsed()),
+            }
+        }
+        Ok(_) => PublishError::LeaderChange {
+            stream: name.to_string(),
+            outcome: format!("still no leader after {:.1?}", started.elapsed()),
+        },
+        Err(e) if stream::not_found(&e) => PublishError::StreamGone {
+            stream: name.to_string(),
+        },
+        Err(e) => PublishError::Nats(format!(
+            "publish {event_id}: no responders for stream {name}'s subjects, and its stream info failed: {e}"
+        )),
+    }
+}
+
+impl Replies for NatsReplies {
+    fn subject(&self, seq: u64) -> Subject {
+        Subject::from(format!("{}.{seq}", self.inbox))
+    }
+
+    fn connects(&self) -> u64 {
+        self.stats.connects.load(Ordering::Relaxed)
+    }
+
+    async fn next(&mut self) -> Option<(u64, Verdict)> {
+        use futures::StreamExt;
+        loop {
+            let msg = self.sub.next().await?;
+            let Some(seq) = msg
+                .subject
+                .rsplit_once('.')
+                .and_then(|(_, t)| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Some((seq, Verdict::NoResponders));
+            }
+            return Some((seq, parse(&msg.payload)));
+        }
+    }
+}
