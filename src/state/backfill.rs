@@ -29,6 +29,7 @@ use crate::events::row::{Cell, Image};
 use crate::events::{self, Layout, OutEvent, Route, tenant};
 use crate::lsn::Lsn;
 use crate::publish::oversized::Oversized;
+use crate::publish::sink::JetStream;
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
 
@@ -64,7 +65,10 @@ impl Backfill<'_> {
         bucket::set_marker(self.js, bucket, &running, self.applied()).await?;
         self.flush_marker_through_the_wal().await;
         self.wait_until_applied(lsn).await;
-        let mut copy = Copy::new(self, lsn);
+        let sink = JetStream::new(self.js.clone(), &self.settings.stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut copy = Copy::new(self, lsn, sink);
         let tables = &self.settings.tables;
         for table in [&tables.projects, &tables.tasks, &tables.locks] {
             copy.table(&sql, &tables.schema, table).await?;
@@ -152,6 +156,8 @@ struct Copy<'a> {
     time: Timestamp,
     writer: Writer,
     oversized: Oversized,
+    /// Where an oversized row is stored aside (the stream's object store).
+    sink: JetStream,
     rows: u64,
     began: Instant,
     reported: Instant,
@@ -159,7 +165,7 @@ struct Copy<'a> {
 }
 
 impl<'a> Copy<'a> {
-    fn new(backfill: &'a Backfill<'a>, lsn: Lsn) -> Self {
+    fn new(backfill: &'a Backfill<'a>, lsn: Lsn, sink: JetStream) -> Self {
         let s = backfill.settings;
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -174,6 +180,7 @@ impl<'a> Copy<'a> {
             // Its own position counter: a backfill write completes no stream position.
             writer: Writer::new(backfill.js.clone(), backfill.bucket(), Arc::default()),
             oversized: Oversized::new(&s.stream, s.stream_max_age, s.stream_replicas),
+            sink,
             rows: 0,
             began: Instant::now(),
             reported: Instant::now(),
@@ -253,7 +260,7 @@ impl<'a> Copy<'a> {
         writer::create_only(&mut headers);
         let payload = self
             .oversized
-            .fit(self.backfill.js, &out, &mut headers)
+            .fit(&mut self.sink, &out, &mut headers)
             .await
             .map_err(|e| e.to_string())?;
         self.writer.send(&key, headers, payload, 0).await
