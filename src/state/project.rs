@@ -21,6 +21,10 @@ use super::layout::{self, Skip, Write};
 use super::writer::{WINDOW, Writer};
 use crate::telemetry::metrics as m;
 
+/// The applied-position gauge is set every this many messages (and at
+/// every pause).
+const GAUGE_EVERY: u64 = 256;
+
 /// How often the applied position is sampled (see `recent`).
 const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
@@ -89,6 +93,7 @@ pub async fn run(
                 // A pause: settle what is in flight, so the position moves on.
                 Err(_) => {
                     writer.flush().await?;
+                    metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
                     continue;
                 }
             }
@@ -111,6 +116,9 @@ pub async fn run(
             ));
         }
         expected = Some(position + 1);
+        if position.is_multiple_of(GAUGE_EVERY) {
+            metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
+        }
         if last_sample.elapsed() >= SAMPLE_EVERY {
             last_sample = std::time::Instant::now();
             super::recent::record(writer.applied());

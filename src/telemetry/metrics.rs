@@ -28,6 +28,7 @@ pub const UP: &str = "walcast_up";
 pub const STATE_WRITES: &str = "walcast_state_writes_total";
 pub const STATE_SKIPPED: &str = "walcast_state_skipped_total";
 pub const STATE_LAG_EVENTS: &str = "walcast_state_lag_events";
+pub const STATE_APPLIED: &str = "walcast_state_applied_stream_seq";
 pub const BACKFILL_ROWS: &str = "walcast_state_backfill_rows_total";
 pub const BACKFILL_RUNNING: &str = "walcast_state_backfill_running";
 
@@ -129,6 +130,10 @@ fn describe() {
     describe_gauge!(
         STATE_LAG_EVENTS,
         "Stream messages acknowledged but not yet applied to the state bucket"
+    );
+    describe_gauge!(
+        STATE_APPLIED,
+        "Stream sequence up to which every message is applied to the state bucket"
     );
     describe_counter!(
         BACKFILL_ROWS,
