@@ -7,6 +7,7 @@ import { equals } from "@bufbuild/protobuf";
 
 import { ChangeEventSchema, loadAndFollow, StateNotReadyError } from "../../src/index.js";
 import type { ChangeEvent, LoadItem, LoadOptions, SnapshotItem, Subscription } from "../../src/index.js";
+import { waitFor } from "../support/env.js";
 import { FakeWalcast } from "../support/fake-walcast.js";
 import { NatsServer } from "../support/nats.js";
 import { applyEvent, Model, Rng, stateKey } from "../support/state-model.js";
@@ -234,8 +235,9 @@ describe("loadAndFollow", () => {
     const row = acme.backfilled();
     await fake.putRow(row.key, row.event, 0);
     const seen: string[] = [];
-    let resolveSeen: () => void = () => {};
-    const done = new Promise<void>((resolve) => (resolveSeen = resolve));
+    const arrived = async (count: number): Promise<void> => {
+      await waitFor(`${count} callbacks (have ${seen.join(" ")})`, () => seen.length >= count, PATIENCE_MS);
+    };
     const subscription = loadAndFollow(
       { servers: nats.url, tenant: "acme" },
       {
@@ -244,14 +246,14 @@ describe("loadAndFollow", () => {
         },
         onEvent: (event) => {
           seen.push(`event(${event.seq})`);
-          resolveSeen();
         },
         onError: (err) => seen.push(`error(${err.code})`),
       },
     );
     open.push(subscription);
+    await arrived(1);
     await fake.apply(acme.nextChange(new Rng(1)));
-    await done;
+    await arrived(2);
     assert.deepEqual(seen, ["snapshot(0, 1)", "event(1)"]);
     assert.throws(() => loadAndFollow({ tenant: "*" }), /one tenant/);
     assert.throws(() => loadAndFollow({ tenant: "acme", afterSeq: 3 } as LoadOptions), /no afterSeq/);
