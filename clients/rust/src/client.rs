@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::all::{self, AllFrom};
 use crate::error::Error;
+use crate::load::StateSubscription;
 use crate::options::Options;
 use crate::pump::Ctx;
 use crate::subscription::Subscription;
@@ -55,6 +56,29 @@ impl Client {
         Ok(Subscription::spawn(self.options.buffer, move |tx| {
             tenant::run(Ctx::new(nats, options, tx), tenant, after_seq)
         }))
+    }
+
+    /// The tenant's current rows, then every later event: first one
+    /// [`StateUpdate::Snapshot`](crate::StateUpdate::Snapshot) (its rows
+    /// and the `as_of_seq` they reflect), then the tenant's events with
+    /// `seq > as_of_seq` in order, each once, exactly as
+    /// [`Client::subscribe`] yields them. Applying those events to the
+    /// snapshot gives the tenant's rows at every point, whatever is
+    /// committed during the load: no race between "read the rows" and
+    /// "subscribe" (SPEC §8).
+    ///
+    /// Reads walcast's state bucket ([`Options::state_bucket`]) and the
+    /// stream, never Postgres. Waits up to
+    /// [`Options::state_ready_timeout`] while walcast is still copying the
+    /// tables, then fails with [`Error::StateNotReady`]. Must be called
+    /// inside a tokio runtime; fails at once for an invalid tenant id.
+    pub fn load_and_follow(&self, tenant_id: &str) -> Result<StateSubscription, Error> {
+        validate_tenant(tenant_id)?;
+        Ok(StateSubscription::spawn(
+            self.nats.clone(),
+            self.options.clone(),
+            tenant_id.to_string(),
+        ))
     }
 
     /// Every tenant's events, in order per tenant, each once: for backend

@@ -59,4 +59,23 @@ pub enum Error {
         /// The `Walcast-Object` header: `<bucket>/<event_id>`.
         object: String,
     },
+    /// The state bucket was not ready within
+    /// [`Options::state_ready_timeout`](crate::Options::state_ready_timeout):
+    /// its readiness marker (`_walcast.backfill`) never said `complete`.
+    /// walcast is still copying the tables (first start, purged bucket), is
+    /// not running, or runs with the state turned off. A snapshot is never
+    /// given before it is complete, since it would miss pre-existing rows.
+    #[error(
+        "state bucket {bucket} not ready for tenant {tenant_id} (backfill marker: {})",
+        state.as_deref().unwrap_or("absent")
+    )]
+    StateNotReady {
+        /// The bucket that was read.
+        bucket: String,
+        /// The tenant being loaded.
+        tenant_id: String,
+        /// The marker's last `state` seen (`running`, `requested`), `None`
+        /// when there was no marker (or no bucket).
+        state: Option<String>,
+    },
 }

@@ -53,16 +53,19 @@ mod catchup;
 mod client;
 mod error;
 pub mod json;
+mod load;
 mod options;
 mod order;
 mod pump;
 mod reader;
+mod state;
 mod subscription;
 mod tenant;
 
 pub use all::AllFrom;
 pub use client::Client;
 pub use error::Error;
+pub use load::{Snapshot, StateSubscription, StateUpdate};
 pub use options::{Backoff, Options};
 pub use subscription::{Subscription, Update};
 

@@ -56,6 +56,15 @@ pub struct Options {
     /// Updates buffered between the background task and the application;
     /// when full, reading from NATS pauses (backpressure). Default 256.
     pub buffer: usize,
+    /// walcast's state bucket (`--state-bucket`), read by
+    /// [`Client::load_and_follow`](crate::Client::load_and_follow).
+    /// Default `None`: `<stream>_STATE`, i.e. `WALCAST_STATE`.
+    pub state_bucket: Option<String>,
+    /// How long a load waits for the state to be ready (walcast's backfill
+    /// marker `complete`: a first start or a purged bucket is being
+    /// filled) before it fails with
+    /// [`Error::StateNotReady`](crate::Error::StateNotReady). Default 30 s.
+    pub state_ready_timeout: Duration,
 }
 
 impl Default for Options {
@@ -70,6 +79,8 @@ impl Default for Options {
             ahead_timeout: Duration::from_secs(30),
             dedup_window: 10_000,
             buffer: 256,
+            state_bucket: None,
+            state_ready_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -78,6 +89,13 @@ impl Options {
     /// The catch-up service's request subject.
     pub(crate) fn catchup_subject(&self) -> String {
         format!("{}-api.v1.catchup", self.prefix)
+    }
+
+    /// The state bucket's name: the one set, else `<stream>_STATE`.
+    pub(crate) fn state_bucket(&self) -> String {
+        self.state_bucket
+            .clone()
+            .unwrap_or_else(|| format!("{}_STATE", self.stream))
     }
 }
 

@@ -7,14 +7,17 @@
 //! anything. Only events that will be delivered pay for their body.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, object_store::ObjectStore};
+use async_nats::jetstream::{self, consumer, object_store, object_store::ObjectStore};
 use futures::StreamExt;
 use prost::Message as _;
-use tokio::io::AsyncReadExt;
 
 use crate::error::Error;
 use crate::proto::ChangeEvent;
+
+/// The longest wait for an object's next chunk before the fetch is retried.
+const CHUNK_STALL: Duration = Duration::from_secs(10);
 
 /// Where a consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +26,9 @@ pub enum From {
     Seq(u64),
     /// At the stream's first message.
     First,
+    /// The last message of each subject matching the filter, then what
+    /// follows: a key-value bucket's current keys (the state bucket).
+    LastPerSubject,
 }
 
 /// A message's identity, from its headers.
@@ -62,11 +68,24 @@ impl Reader {
         filter: &str,
         from: From,
     ) -> Result<consumer::pull::Ordered, String> {
+        Ok(self.open_counted(stream, filter, from).await?.0)
+    }
+
+    /// Like [`Reader::open`], plus how many messages the consumer had
+    /// pending when it was created: a reader that must stop once it has
+    /// seen everything (`num_pending` 0) knows at once when there is nothing.
+    pub async fn open_counted(
+        &self,
+        stream: &str,
+        filter: &str,
+        from: From,
+    ) -> Result<(consumer::pull::Ordered, u64), String> {
         let deliver_policy = match from {
             From::Seq(start_sequence) => {
                 consumer::DeliverPolicy::ByStartSequence { start_sequence }
             }
             From::First => consumer::DeliverPolicy::All,
+            From::LastPerSubject => consumer::DeliverPolicy::LastPerSubject,
         };
         let config = consumer::pull::OrderedConfig {
             filter_subject: filter.to_string(),
@@ -78,10 +97,17 @@ impl Reader {
             .create_consumer_on_stream(config, stream)
             .await
             .map_err(|e| format!("create consumer on {stream} ({filter}): {e}"))?;
-        consumer
+        let pending = consumer.cached_info().num_pending;
+        let messages = consumer
             .messages()
             .await
-            .map_err(|e| format!("consume {stream} ({filter}): {e}"))
+            .map_err(|e| format!("consume {stream} ({filter}): {e}"))?;
+        Ok((messages, pending))
+    }
+
+    /// The JetStream context, for reads that need no consumer.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
     }
 
     /// The full event of a message whose [`Meta`] was judged deliverable.
@@ -122,38 +148,84 @@ impl Reader {
     }
 
     /// An oversized event's full body from `<bucket>/<event_id>`.
-    async fn fetch(&mut self, object: &str) -> Result<Vec<u8>, ReadError> {
+    ///
+    /// Reads the object's chunks with an ordered pull consumer like every
+    /// other read here, not with `ObjectStore::get`: that one reads through
+    /// an ordered *push* consumer, and with several subscriptions fetching
+    /// at once on one connection it was seen to hang for good (async-nats
+    /// 0.51) — a subscription stuck forever in the middle of a tenant.
+    pub async fn fetch(&mut self, object: &str) -> Result<Vec<u8>, ReadError> {
         let Some((bucket, name)) = object.split_once('/') else {
             return Err(ReadError::Definite(Error::Malformed {
                 what: "Walcast-Object header".into(),
                 reason: format!("{object:?} is not <bucket>/<event_id>"),
             }));
         };
-        let store = match self.stores.get(bucket) {
-            Some(store) => store.clone(),
-            None => {
-                let store = self
-                    .js
-                    .get_object_store(bucket)
-                    .await
-                    .map_err(|e| ReadError::Transient(format!("object store {bucket}: {e}")))?;
-                self.stores.insert(bucket.to_string(), store.clone());
-                store
-            }
+        let missing = || {
+            ReadError::Definite(Error::ObjectMissing {
+                object: object.to_string(),
+            })
         };
-        let mut reader = store.get(name).await.map_err(|e| match e.kind() {
-            jetstream::object_store::GetErrorKind::NotFound => {
-                ReadError::Definite(Error::ObjectMissing {
-                    object: object.to_string(),
-                })
-            }
-            _ => ReadError::Transient(format!("get object {object}: {e}")),
-        })?;
-        let mut body = Vec::new();
-        reader
-            .read_to_end(&mut body)
+        let info = self
+            .store(bucket)
+            .await?
+            .info(name)
             .await
-            .map_err(|e| ReadError::Transient(format!("read object {object}: {e}")))?;
+            .map_err(|e| match e.kind() {
+                object_store::InfoErrorKind::NotFound => missing(),
+                _ => ReadError::Transient(format!("object info {object}: {e}")),
+            })?;
+        if info.deleted {
+            return Err(missing());
+        }
+        let body = self.chunks(bucket, &info.nuid, info.size).await?;
+        if body.len() != info.size {
+            return Err(ReadError::Transient(format!(
+                "object {object}: read {} of {} bytes",
+                body.len(),
+                info.size
+            )));
+        }
+        Ok(body)
+    }
+
+    /// The object store `bucket`, opened once.
+    async fn store(&mut self, bucket: &str) -> Result<ObjectStore, ReadError> {
+        if let Some(store) = self.stores.get(bucket) {
+            return Ok(store.clone());
+        }
+        let store = self
+            .js
+            .get_object_store(bucket)
+            .await
+            .map_err(|e| ReadError::Transient(format!("object store {bucket}: {e}")))?;
+        self.stores.insert(bucket.to_string(), store.clone());
+        Ok(store)
+    }
+
+    /// An object's chunks (subject `$O.<bucket>.C.<nuid>` of stream
+    /// `OBJ_<bucket>`), concatenated.
+    async fn chunks(&self, bucket: &str, nuid: &str, size: usize) -> Result<Vec<u8>, ReadError> {
+        let (stream, filter) = (format!("OBJ_{bucket}"), format!("$O.{bucket}.C.{nuid}"));
+        let (mut messages, mut pending) = self
+            .open_counted(&stream, &filter, From::First)
+            .await
+            .map_err(ReadError::Transient)?;
+        let mut body = Vec::with_capacity(size);
+        while pending > 0 {
+            let msg = match tokio::time::timeout(CHUNK_STALL, next(&mut messages)).await {
+                Ok(Some(Ok(msg))) => msg,
+                Ok(Some(Err(e))) => return Err(ReadError::Transient(e)),
+                Ok(None) | Err(_) => {
+                    return Err(ReadError::Transient(format!("{filter}: chunks stalled")));
+                }
+            };
+            body.extend_from_slice(&msg.payload);
+            pending = msg
+                .info()
+                .map_err(|e| ReadError::Transient(e.to_string()))?
+                .pending;
+        }
         Ok(body)
     }
 }
@@ -188,7 +260,7 @@ pub async fn next(
     messages.next().await.map(|m| m.map_err(|e| e.to_string()))
 }
 
-fn header(msg: &jetstream::Message, name: &str) -> Option<String> {
+pub fn header(msg: &jetstream::Message, name: &str) -> Option<String> {
     msg.headers
         .as_ref()
         .and_then(|h| h.get(name))

@@ -24,6 +24,8 @@ export type WalcastErrorCode =
   | "decode"
   /** The NATS connection was closed (not by `close()`). */
   | "connection_closed"
+  /** `loadAndFollow()`: the state bucket was not ready in time (see {@link StateNotReadyError}). */
+  | "state_not_ready"
   /** A handler passed to `subscribe(options, handlers)` threw. */
   | "handler"
   /** Anything else (a bug, or a NATS failure this package does not know); see `cause`. */
@@ -101,5 +103,28 @@ export class GapError extends WalcastError {
     this.tenantId = tenantId;
     this.expected = expected;
     this.got = got;
+  }
+}
+
+/**
+ * `loadAndFollow()` waited `stateReadyTimeout` for the state bucket's
+ * readiness marker (`_walcast.backfill`) to say `complete`: walcast is still
+ * copying the tables (first start, purged bucket), is not running, or runs
+ * with the state turned off. A snapshot is never given before the backfill is
+ * complete, since it would miss pre-existing rows. Retry later.
+ */
+export class StateNotReadyError extends WalcastError {
+  /** The bucket that was read. */
+  readonly bucket: string;
+  readonly tenantId: string;
+  /** The marker's last `state` seen (`running`, `requested`); `undefined`: no marker, or no bucket. */
+  readonly state: string | undefined;
+
+  constructor(bucket: string, tenantId: string, state: string | undefined) {
+    super("state_not_ready", `state bucket ${bucket} not ready for tenant ${tenantId} (backfill marker: ${state ?? "absent"})`);
+    this.name = "StateNotReadyError";
+    this.bucket = bucket;
+    this.tenantId = tenantId;
+    this.state = state;
   }
 }

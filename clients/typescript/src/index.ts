@@ -11,12 +11,20 @@
  * @module
  */
 
-export { subscribe } from "./subscribe.js";
-export type { Subscription, SubscriptionHandlers } from "./subscribe.js";
+export { loadAndFollow, subscribe } from "./subscribe.js";
+export type { LoadHandlers, Subscription, SubscriptionHandlers } from "./subscribe.js";
 export { ALL_TENANTS } from "./options.js";
-export type { AfterSeq, Logger, SubscribeOptions } from "./options.js";
-export type { EventItem, LiveItem, ResyncItem, SubscriptionItem, SubscriptionStats } from "./items.js";
-export { CatchupError, GapError, WalcastError } from "./errors.js";
+export type { AfterSeq, LoadOptions, Logger, SubscribeOptions } from "./options.js";
+export type {
+  EventItem,
+  LiveItem,
+  LoadItem,
+  ResyncItem,
+  SnapshotItem,
+  SubscriptionItem,
+  SubscriptionStats,
+} from "./items.js";
+export { CatchupError, GapError, StateNotReadyError, WalcastError } from "./errors.js";
 export type { CatchupRejection, WalcastErrorCode } from "./errors.js";
 export { toJSON } from "./json.js";
 

@@ -51,6 +51,33 @@ export interface LiveItem {
 /** Anything a subscription yields; switch on `type`. */
 export type SubscriptionItem = EventItem | ResyncItem | LiveItem;
 
+/**
+ * `loadAndFollow()`'s first item: the tenant's current rows, read from
+ * walcast's state bucket, consistent with the stream at `asOfSeq`. The
+ * events that follow start at `seq = asOfSeq + 1`; applying them to `rows`
+ * gives the tenant's rows at every point.
+ */
+export interface SnapshotItem {
+  readonly type: "snapshot";
+  readonly tenantId: string;
+  /**
+   * The tenant's last event these rows reflect (0 when none does: an empty
+   * tenant, or only rows copied by walcast's backfill).
+   */
+  readonly asOfSeq: bigint;
+  /**
+   * Every current row, keyed by its state key (`<tenant>.task.<id>`,
+   * `<tenant>.project.<id>`, `<tenant>.lock.<record_type>.<record_id>`). Each
+   * value is the row's latest `ChangeEvent`; its `after` is the row
+   * (oversized rows arrive complete). Rows copied by the backfill and
+   * unchanged since have `seq` 0 and the entity's create action.
+   */
+  readonly rows: ReadonlyMap<string, ChangeEvent>;
+}
+
+/** What `loadAndFollow()` yields: one snapshot first, then subscription items. */
+export type LoadItem = SnapshotItem | SubscriptionItem;
+
 /** Counters of one subscription (read `subscription.stats`). */
 export interface SubscriptionStats {
   /** Events delivered. */

@@ -106,6 +106,28 @@ export interface SubscribeOptions {
   logger?: Logger;
 }
 
+/**
+ * Options of {@link loadAndFollow}: those of a one-tenant subscription (it
+ * starts where the snapshot ends, so no `afterSeq`), plus where the state is.
+ */
+export interface LoadOptions extends Omit<SubscribeOptions, "afterSeq" | "positions"> {
+  /** The tenant id to load and follow (`[A-Za-z0-9_-]{1,128}`; not `"*"`). */
+  tenant: string;
+
+  /**
+   * walcast's state bucket (`--state-bucket`). Default `<stream>_STATE`,
+   * i.e. `"WALCAST_STATE"`.
+   */
+  stateBucket?: string;
+
+  /**
+   * How long to wait, in ms, for the state to be ready (walcast's backfill
+   * marker `complete`: a first start or a purged bucket is being filled)
+   * before failing with a `StateNotReadyError`. Default `30000`.
+   */
+  stateReadyTimeout?: number;
+}
+
 /** {@link SubscribeOptions} after defaults and validation. */
 export interface Settings {
   tenant: string | undefined;
@@ -121,6 +143,8 @@ export interface Settings {
   repairTimeout: number;
   maxBackoff: number;
   logger: Logger;
+  /** Set by {@link resolveLoadOptions}: load the snapshot first. */
+  state: { bucket: string; readyTimeout: number } | undefined;
 }
 
 const SILENT: Logger = { warn() {}, info() {} };
@@ -210,5 +234,30 @@ export function resolveOptions(options: SubscribeOptions): Settings {
     repairTimeout: positiveMs(options.repairTimeout, 15_000, "repairTimeout"),
     maxBackoff: positiveMs(options.maxBackoff, 5_000, "maxBackoff"),
     logger: options.logger ?? SILENT,
+    state: undefined,
+  };
+}
+
+/** {@link resolveOptions} for {@link LoadOptions}. */
+export function resolveLoadOptions(options: LoadOptions): Settings {
+  if (options === null || typeof options !== "object") {
+    throw invalid("loadAndFollow() needs an options object with at least `tenant`");
+  }
+  if (options.tenant === ALL_TENANTS) {
+    throw invalid("loadAndFollow() loads one tenant; `tenant` cannot be \"*\"");
+  }
+  const extra = options as LoadOptions & { afterSeq?: unknown; positions?: unknown };
+  if (extra.afterSeq !== undefined || extra.positions !== undefined) {
+    throw invalid("loadAndFollow() starts where its snapshot ends: no afterSeq or positions");
+  }
+  const { stateBucket, stateReadyTimeout, ...subscribeOptions } = options;
+  const settings = resolveOptions(subscribeOptions);
+  const bucket = stateBucket ?? `${settings.stream}_STATE`;
+  if (!/^[-\w]+$/.test(bucket)) {
+    throw invalid(`stateBucket must be a bucket name ([-A-Za-z0-9_]+), got ${JSON.stringify(bucket)}`);
+  }
+  return {
+    ...settings,
+    state: { bucket, readyTimeout: positiveMs(stateReadyTimeout, 30_000, "stateReadyTimeout") },
   };
 }

@@ -27,21 +27,20 @@
  * @module
  */
 
-import { setTimeout as sleep } from "node:timers/promises";
-
 import type { JetStreamClient } from "@nats-io/jetstream";
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/nats-core";
-import { connect } from "@nats-io/transport-node";
 
 import type { CatchupAnswer, CatchupPlan } from "./catchup.js";
 import { TransientCatchupFailure, catchupSubject, requestCatchup } from "./catchup.js";
 import { GapError, WalcastError } from "./errors.js";
-import type { SubscriptionItem, SubscriptionStats } from "./items.js";
+import type { LoadItem, SnapshotItem, SubscriptionItem, SubscriptionStats } from "./items.js";
 import type { Settings } from "./options.js";
 import { Positions } from "./positions.js";
 import type { ReadFrom, StreamEvent } from "./reader.js";
 import { OversizedEvents, Reader } from "./reader.js";
+import type { StateContext } from "./state.js";
+import { readConsistent, waitUntilComplete } from "./state.js";
 
 /** Thrown inside the pump when `close()` interrupts a wait. */
 const CLOSED = Symbol("closed");
@@ -127,7 +126,7 @@ export class Pump {
   }
 
   /** The items, in order. Ends on `abort()`; throws a `WalcastError` on failure. */
-  async *run(): AsyncGenerator<SubscriptionItem, void, undefined> {
+  async *run(): AsyncGenerator<LoadItem, void, undefined> {
     try {
       const nc = await this.#connect();
       this.#watchReconnects(nc);
@@ -169,10 +168,19 @@ export class Pump {
     return result as T;
   }
 
+  /** Waits `ms`; throws `CLOSED` when `close()` interrupts it. (No Node timers API: browsers too.) */
   async #pause(ms: number): Promise<void> {
-    try {
-      await sleep(ms, undefined, { signal: this.#abort.signal });
-    } catch {
+    const signal = this.#abort.signal;
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      signal.addEventListener("abort", done, { once: true });
+    });
+    if (signal.aborted) {
       throw CLOSED;
     }
   }
@@ -182,6 +190,9 @@ export class Pump {
       this.#nc = this.#settings.connection;
       return this.#nc;
     }
+    // Loaded only here, so a browser that passes its own (WebSocket)
+    // `connection` never needs the Node transport.
+    const { connect } = await import("@nats-io/transport-node");
     // Our own first-connect loop instead of `waitOnFirstConnect`, which
     // cannot be cancelled: close() must stop a subscription whose server
     // never came up. Once connected, the client reconnects by itself.
@@ -296,10 +307,15 @@ export class Pump {
 
   // --- the flow ---------------------------------------------------------------
 
-  async *#main(): AsyncGenerator<SubscriptionItem, void, undefined> {
+  async *#main(): AsyncGenerator<LoadItem, void, undefined> {
     const tenant = this.#settings.tenant;
-    let start: Start =
-      tenant === undefined ? yield* this.#planAll() : yield* this.#planTenant(tenant, this.#settings.afterSeq);
+    let start: Start;
+    if (tenant === undefined) {
+      start = yield* this.#planAll();
+    } else {
+      const afterSeq = this.#settings.state === undefined ? this.#settings.afterSeq : yield* this.#loadState(tenant);
+      start = yield* this.#planTenant(tenant, afterSeq);
+    }
     for (;;) {
       const reader = await this.#open(start.stream, start.filter, start.from);
       try {
@@ -335,6 +351,41 @@ export class Pump {
       await this.#pause(backoff(0, this.#settings.maxBackoff));
       if (tenant !== undefined) {
         start = yield* this.#planTenant(tenant, this.#positions.position(tenant) ?? 0n);
+      }
+    }
+  }
+
+  /**
+   * `loadAndFollow()`: yields the tenant's snapshot from the state bucket
+   * (see `state.ts`) and returns its `asOfSeq`, where the events go on.
+   * Transient failures are retried; the readiness wait has its deadline.
+   */
+  async *#loadState(tenant: string): AsyncGenerator<SnapshotItem, bigint, undefined> {
+    const state = this.#settings.state as NonNullable<Settings["state"]>;
+    const ctx: StateContext = {
+      js: this.#js as JetStreamClient,
+      jsm: await jetstreamManager(this.#nc as NatsConnection, { checkAPI: false }),
+      oversized: this.#oversized as OversizedEvents,
+      bucket: state.bucket,
+      signal: this.#abort.signal,
+      logger: this.#settings.logger,
+    };
+    const deadline = Date.now() + state.readyTimeout;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const revision = await this.#guard(waitUntilComplete(ctx, tenant, deadline));
+        const loaded = await this.#guard(readConsistent(ctx, tenant, revision));
+        this.#positions.skipTo(tenant, loaded.asOfSeq);
+        yield { type: "snapshot", tenantId: tenant, asOfSeq: loaded.asOfSeq, rows: loaded.rows };
+        return loaded.asOfSeq;
+      } catch (err) {
+        if (err === CLOSED || err instanceof WalcastError) {
+          throw err;
+        }
+        this.#checkConnection();
+        const message = err instanceof Error ? err.message : String(err);
+        this.#settings.logger.warn(`walcast: loading ${tenant} from ${state.bucket}: ${message}; retrying`);
+        await this.#pause(backoff(attempt, this.#settings.maxBackoff));
       }
     }
   }

@@ -44,12 +44,25 @@ export const OBJECT_HEADER = "Walcast-Object";
 /** How many messages a reader asks for at a time. */
 const BATCH = 256;
 
-/** Fetches oversized events' full bodies; buckets are opened once. */
+/** The longest wait for an object's next chunk before the fetch fails (and is retried). */
+const CHUNK_STALL_MS = 10_000;
+
+/**
+ * Fetches oversized events' full bodies; buckets are opened once.
+ *
+ * The chunks are read with an ordered pull consumer like every other read
+ * here, not with `ObjectStore.get()`/`getBlob()`: those read through a push
+ * consumer, and with several readers fetching while objects were being
+ * written they were seen to hang for good — a subscription stuck in the
+ * middle of a tenant, and `close()` stuck behind it.
+ */
 export class OversizedEvents {
+  readonly #js: JetStreamClient;
   readonly #objm: Objm;
   readonly #buckets = new Map<string, Promise<ObjectStore>>();
 
   constructor(js: JetStreamClient) {
+    this.#js = js;
     this.#objm = new Objm(js);
   }
 
@@ -61,20 +74,59 @@ export class OversizedEvents {
     }
     const bucket = reference.slice(0, slash);
     const name = reference.slice(slash + 1);
+    const info = await (await this.#store(bucket)).info(name);
+    if (info === null || info.deleted) {
+      throw new WalcastError(
+        "decode",
+        `oversized event ${name} is missing from object store bucket ${bucket} (expired or deleted)`,
+      );
+    }
+    const data = await this.#chunks(bucket, info.nuid, info.size);
+    if (data.length !== info.size) {
+      throw new Error(`object ${reference}: read ${data.length} of ${info.size} bytes`);
+    }
+    return data;
+  }
+
+  #store(bucket: string): Promise<ObjectStore> {
     let store = this.#buckets.get(bucket);
     if (store === undefined) {
       store = this.#objm.open(bucket);
       this.#buckets.set(bucket, store);
       store.catch(() => this.#buckets.delete(bucket));
     }
-    const data = await (await store).getBlob(name);
-    if (data === null) {
-      throw new WalcastError(
-        "decode",
-        `oversized event ${name} is missing from object store bucket ${bucket} (expired or deleted)`,
-      );
+    return store;
+  }
+
+  /** The object's chunks (`$O.<bucket>.C.<nuid>` in `OBJ_<bucket>`), concatenated. */
+  async #chunks(bucket: string, nuid: string, size: number): Promise<Uint8Array> {
+    const data = new Uint8Array(size);
+    if (size === 0) {
+      return data;
     }
-    return data;
+    const consumer = await this.#js.consumers.get(`OBJ_${bucket}`, {
+      filter_subjects: [`$O.${bucket}.C.${nuid}`],
+      deliver_policy: DeliverPolicy.All,
+    });
+    const messages = await consumer.consume({ max_messages: 64 });
+    let timer = setTimeout(() => messages.stop(), CHUNK_STALL_MS);
+    let offset = 0;
+    try {
+      for await (const msg of messages) {
+        clearTimeout(timer);
+        timer = setTimeout(() => messages.stop(), CHUNK_STALL_MS);
+        data.set(msg.data.subarray(0, size - offset), offset);
+        offset += msg.data.length;
+        if (msg.info.pending === 0) {
+          return data.subarray(0, Math.min(offset, size));
+        }
+      }
+      throw new Error(`object chunks of ${bucket}/${nuid} stalled`);
+    } finally {
+      clearTimeout(timer);
+      messages.stop();
+      consumer.delete().catch(() => {});
+    }
   }
 }
 

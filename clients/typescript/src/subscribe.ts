@@ -12,9 +12,17 @@
 
 import { WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
-import type { EventItem, LiveItem, ResyncItem, SubscriptionItem, SubscriptionStats } from "./items.js";
-import type { SubscribeOptions } from "./options.js";
-import { resolveOptions } from "./options.js";
+import type {
+  EventItem,
+  LiveItem,
+  LoadItem,
+  ResyncItem,
+  SnapshotItem,
+  SubscriptionItem,
+  SubscriptionStats,
+} from "./items.js";
+import type { LoadOptions, SubscribeOptions } from "./options.js";
+import { resolveLoadOptions, resolveOptions } from "./options.js";
 import { Pump } from "./pump.js";
 
 /**
@@ -34,8 +42,17 @@ export interface SubscriptionHandlers {
   onError(error: WalcastError): void;
 }
 
-/** A running subscription. Create it with {@link subscribe}. */
-export interface Subscription extends AsyncIterable<SubscriptionItem> {
+/** Callbacks for {@link loadAndFollow}: those of {@link subscribe}, plus the snapshot. */
+export interface LoadHandlers extends SubscriptionHandlers {
+  /** The tenant's rows, first and once; the events that follow apply to them. */
+  onSnapshot(item: SnapshotItem): void | Promise<void>;
+}
+
+/**
+ * A running subscription. Create it with {@link subscribe} (items:
+ * `SubscriptionItem`) or {@link loadAndFollow} (items: `LoadItem`).
+ */
+export interface Subscription<Item extends LoadItem = SubscriptionItem> extends AsyncIterable<Item> {
   /** Counters since the start. */
   readonly stats: Readonly<SubscriptionStats>;
   /**
@@ -51,9 +68,9 @@ export interface Subscription extends AsyncIterable<SubscriptionItem> {
   closed(): Promise<WalcastError | undefined>;
 }
 
-class SubscriptionImpl implements Subscription {
+class SubscriptionImpl<Item extends LoadItem> implements Subscription<Item> {
   readonly #pump: Pump;
-  readonly #generator: AsyncGenerator<SubscriptionItem, void, undefined>;
+  readonly #generator: AsyncGenerator<Item, void, undefined>;
   readonly #ended: Promise<WalcastError | undefined>;
   #end!: (error: WalcastError | undefined) => void;
   #taken = false;
@@ -62,7 +79,8 @@ class SubscriptionImpl implements Subscription {
 
   constructor(pump: Pump) {
     this.#pump = pump;
-    this.#generator = pump.run();
+    // The pump yields a snapshot only in load mode, which only loadAndFollow() sets.
+    this.#generator = pump.run() as AsyncGenerator<Item, void, undefined>;
     this.#ended = new Promise((resolve) => {
       this.#end = resolve;
     });
@@ -90,7 +108,7 @@ class SubscriptionImpl implements Subscription {
   }
 
   /** Pulls the next item, recording how the subscription ended. */
-  async next(): Promise<IteratorResult<SubscriptionItem, undefined>> {
+  async next(): Promise<IteratorResult<Item, undefined>> {
     try {
       const result = await this.#generator.next();
       if (result.done) {
@@ -121,7 +139,7 @@ class SubscriptionImpl implements Subscription {
     this.#taken = true;
   }
 
-  [Symbol.asyncIterator](): AsyncIterator<SubscriptionItem, undefined> {
+  [Symbol.asyncIterator](): AsyncIterator<Item, undefined> {
     this.take();
     return {
       next: () => this.next(),
@@ -134,9 +152,12 @@ class SubscriptionImpl implements Subscription {
 }
 
 /** Runs a subscription in callback mode. */
-async function dispatch(subscription: SubscriptionImpl, handlers: SubscriptionHandlers): Promise<void> {
+async function dispatch(
+  subscription: SubscriptionImpl<LoadItem>,
+  handlers: SubscriptionHandlers & Partial<LoadHandlers>,
+): Promise<void> {
   for (;;) {
-    let result: IteratorResult<SubscriptionItem, undefined>;
+    let result: IteratorResult<LoadItem, undefined>;
     try {
       result = await subscription.next();
     } catch (err) {
@@ -157,6 +178,9 @@ async function dispatch(subscription: SubscriptionImpl, handlers: SubscriptionHa
           break;
         case "live":
           await handlers.onLive?.(item);
+          break;
+        case "snapshot":
+          await handlers.onSnapshot?.(item);
           break;
       }
     } catch (err) {
@@ -196,13 +220,52 @@ async function dispatch(subscription: SubscriptionImpl, handlers: SubscriptionHa
 export function subscribe(options: SubscribeOptions): Subscription;
 export function subscribe(options: SubscribeOptions, handlers: SubscriptionHandlers): Subscription;
 export function subscribe(options: SubscribeOptions, handlers?: SubscriptionHandlers): Subscription {
-  const subscription = new SubscriptionImpl(new Pump(resolveOptions(options)));
+  return start<SubscriptionItem>(new Pump(resolveOptions(options)), handlers, []);
+}
+
+/**
+ * Loads a tenant's current rows, then follows its events (SPEC §8): first one
+ * `snapshot` item (every row, typed, and the `asOfSeq` it reflects), then
+ * exactly what {@link subscribe} would yield with `afterSeq = asOfSeq`:
+ * the tenant's events in `seq` order, each once, with gap repair, `resync`
+ * and `live`. Applying the events to the snapshot gives the tenant's rows at
+ * every point, whatever is committed during the load.
+ *
+ * Reads walcast's state bucket and stream, never Postgres. Waits up to
+ * `stateReadyTimeout` while walcast is still copying the tables, then ends
+ * with a `StateNotReadyError`. Works in browsers with a `connection` from
+ * `wsconnect()` (`@nats-io/nats-core`).
+ *
+ * ```ts
+ * for await (const item of loadAndFollow({ servers, tenant: "acme" })) {
+ *   if (item.type === "snapshot") rows = new Map(item.rows);
+ *   else if (item.type === "event") apply(rows, item.event);
+ * }
+ * ```
+ *
+ * @throws {WalcastError} `invalid_options` at once for invalid options.
+ */
+export function loadAndFollow(options: LoadOptions): Subscription<LoadItem>;
+export function loadAndFollow(options: LoadOptions, handlers: LoadHandlers): Subscription<LoadItem>;
+export function loadAndFollow(options: LoadOptions, handlers?: LoadHandlers): Subscription<LoadItem> {
+  return start<LoadItem>(new Pump(resolveLoadOptions(options)), handlers, ["onSnapshot"]);
+}
+
+/** A subscription over `pump`, in callback mode when `handlers` are given. */
+function start<Item extends LoadItem>(
+  pump: Pump,
+  handlers: SubscriptionHandlers | undefined,
+  alsoRequired: readonly (keyof LoadHandlers)[],
+): Subscription<Item> {
+  const subscription = new SubscriptionImpl<Item>(pump);
   if (handlers !== undefined) {
-    if (typeof handlers.onEvent !== "function" || typeof handlers.onError !== "function") {
-      throw new WalcastError("invalid_options", "handlers need at least onEvent and onError");
+    const required = ["onEvent", "onError", ...alsoRequired] as const;
+    const record = handlers as unknown as Record<string, unknown>;
+    if (required.some((name) => typeof record[name] !== "function")) {
+      throw new WalcastError("invalid_options", `handlers need at least ${required.join(", ")}`);
     }
     subscription.take();
-    void dispatch(subscription, handlers);
+    void dispatch(subscription as unknown as SubscriptionImpl<LoadItem>, handlers);
   }
   return subscription;
 }

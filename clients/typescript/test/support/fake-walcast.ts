@@ -4,19 +4,31 @@
  * (subject, headers, oversized bodies in the object store) and answers the
  * catch-up service (SPEC §7) from what it published. Tests steer it: publish
  * out of order, duplicates, holes; force `too_old`/`ahead`/silence.
+ *
+ * It also writes the state bucket exactly as `docs/STATE.md` lays it out
+ * (values and delete markers with `Walcast-Seq` / `Walcast-Stream-Seq`,
+ * claim checks, the `_walcast.backfill` marker), for `loadAndFollow()`.
  */
 
 import { create, toBinary } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
-import { jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
-import type { Msg, NatsConnection, Subscription } from "@nats-io/nats-core";
+import { DiscardPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
+import type { Msg, MsgHdrs, NatsConnection, Subscription } from "@nats-io/nats-core";
 import { headers as natsHeaders } from "@nats-io/nats-core";
 import { Objm } from "@nats-io/obj";
 import { connect } from "@nats-io/transport-node";
 
 import type { ChangeEvent } from "../../src/gen/walcast/v1/events_pb.js";
 import { Action, ChangeEventSchema, Entity } from "../../src/gen/walcast/v1/events_pb.js";
+import type { Change } from "./state-model.js";
+
+function stateHeaders(seq: bigint, streamSeq: number): MsgHdrs {
+  const h = natsHeaders();
+  h.set("Walcast-Seq", seq.toString());
+  h.set("Walcast-Stream-Seq", String(streamSeq));
+  return h;
+}
 
 export interface PublishOptions {
   /** Default `${tenant}-${seq}`. */
@@ -54,6 +66,8 @@ export class FakeWalcast {
   /** tenant → seq → stream sequences it was stored at (in order). */
   readonly #index = new Map<string, Map<bigint, number[]>>();
   #service: Subscription | undefined;
+  /** Held across a publish and its index update, and while answering. */
+  #lock: Promise<unknown> = Promise.resolve();
 
   private constructor(nc: NatsConnection, jsm: JetStreamManager) {
     this.nc = nc;
@@ -128,33 +142,104 @@ export class FakeWalcast {
   /** Publishes one event; resolves with its stream sequence. */
   async publish(tenant: string, seq: number | bigint, options: PublishOptions = {}): Promise<number> {
     const event = this.event(tenant, seq, options);
+    return this.publishEvent(event, options);
+  }
+
+  /** Publishes `event` as walcast would; resolves with its stream sequence. */
+  async publishEvent(event: ChangeEvent, options: Pick<PublishOptions, "oversized" | "msgId"> = {}): Promise<number> {
     const action = Action[event.action].toLowerCase();
     const entity = Entity[event.entity].toLowerCase();
     const h = natsHeaders();
     h.set("Nats-Msg-Id", options.msgId ?? event.eventId);
-    h.set("Walcast-Tenant", tenant);
+    h.set("Walcast-Tenant", event.tenantId);
     h.set("Walcast-Seq", event.seq.toString());
     h.set("Walcast-Lsn", event.commitLsn.toString());
     h.set("Content-Type", "application/x-protobuf");
-    let body = toBinary(ChangeEventSchema, event);
-    if (options.oversized) {
-      const bucket = `${this.stream}_OVERSIZED`;
-      const store = await new Objm(this.js).create(bucket);
-      await store.putBlob({ name: event.eventId }, body);
-      h.set("Walcast-Object", `${bucket}/${event.eventId}`);
-      const stub = { ...event, after: { case: undefined }, before: { case: undefined }, extra: {} };
-      body = toBinary(ChangeEventSchema, create(ChangeEventSchema, stub as unknown as ChangeEvent));
+    const body = await this.#claimCheck(event, options.oversized === true, h);
+    return this.#locked(async () => {
+      const ack = await this.js.publish(`${this.prefix}.${event.tenantId}.${entity}.${action}`, body, { headers: h });
+      let perSeq = this.#index.get(event.tenantId);
+      if (perSeq === undefined) {
+        perSeq = new Map();
+        this.#index.set(event.tenantId, perSeq);
+      }
+      const at = perSeq.get(event.seq) ?? [];
+      at.push(ack.seq);
+      perSeq.set(event.seq, at);
+      return ack.seq;
+    });
+  }
+
+  /** The body to publish: the event, or its stub after storing it in the object store. */
+  async #claimCheck(event: ChangeEvent, oversized: boolean, h: MsgHdrs): Promise<Uint8Array> {
+    const body = toBinary(ChangeEventSchema, event);
+    if (!oversized) {
+      return body;
     }
-    const ack = await this.js.publish(`${this.prefix}.${tenant}.${entity}.${action}`, body, { headers: h });
-    let perSeq = this.#index.get(tenant);
-    if (perSeq === undefined) {
-      perSeq = new Map();
-      this.#index.set(tenant, perSeq);
+    const bucket = `${this.stream}_OVERSIZED`;
+    const store = await new Objm(this.js).create(bucket);
+    await store.putBlob({ name: event.eventId }, body);
+    h.set("Walcast-Object", `${bucket}/${event.eventId}`);
+    const stub = { ...event, after: { case: undefined }, before: { case: undefined }, extra: {} };
+    return toBinary(ChangeEventSchema, create(ChangeEventSchema, stub as unknown as ChangeEvent));
+  }
+
+  #locked<T>(task: () => Promise<T>): Promise<T> {
+    const result = this.#lock.then(task);
+    this.#lock = result.catch(() => {});
+    return result;
+  }
+
+  // --- the state bucket (docs/STATE.md) ------------------------------------
+
+  readonly bucket = "WALCAST_STATE";
+
+  /** The state bucket as walcast creates it: history 1, direct gets. */
+  async createBucket(): Promise<void> {
+    await this.jsm.streams.add({
+      name: `KV_${this.bucket}`,
+      subjects: [`$KV.${this.bucket}.>`],
+      max_msgs_per_subject: 1,
+      discard: DiscardPolicy.New,
+      allow_rollup_hdrs: true,
+      deny_delete: true,
+      allow_direct: true,
+      storage: StorageType.File,
+    });
+  }
+
+  /** Publishes a change, then writes its key: the daemon's order. */
+  async apply(change: Change, oversized = false): Promise<void> {
+    const streamSeq = await this.publishEvent(change.event, { oversized });
+    if (change.event.after.case === undefined) {
+      await this.deleteRow(change.key, change.event.seq, streamSeq);
+    } else {
+      await this.putRow(change.key, change.event, streamSeq, oversized);
     }
-    const at = perSeq.get(event.seq) ?? [];
-    at.push(ack.seq);
-    perSeq.set(event.seq, at);
-    return ack.seq;
+  }
+
+  /** A row's value (`Walcast-Seq` = the event's seq, 0 for a backfilled row). */
+  async putRow(key: string, event: ChangeEvent, streamSeq: number, oversized = false): Promise<void> {
+    const h = stateHeaders(event.seq, streamSeq);
+    h.set("Content-Type", "application/x-protobuf");
+    await this.#put(key, await this.#claimCheck(event, oversized, h), h);
+  }
+
+  /** A delete marker carrying the delete event's seq. */
+  async deleteRow(key: string, seq: bigint, streamSeq: number): Promise<void> {
+    const h = stateHeaders(seq, streamSeq);
+    h.set("KV-Operation", "DEL");
+    await this.#put(key, new Uint8Array(), h);
+  }
+
+  /** The readiness marker with `state` (`running`, `complete`, ...). */
+  async setMarker(state: string): Promise<void> {
+    const body = { state, snapshot_lsn: "0/1A2B3C4", rows: 0, completed_at: "2025-01-02T03:04:05Z" };
+    await this.#put("_walcast.backfill", new TextEncoder().encode(JSON.stringify(body)), natsHeaders());
+  }
+
+  async #put(key: string, body: Uint8Array, h: MsgHdrs): Promise<void> {
+    await this.js.publish(`$KV.${this.bucket}.${key}`, body, { headers: h });
   }
 
   /** Publishes seqs `from..to` of `tenant`. */
@@ -211,7 +296,7 @@ export class FakeWalcast {
       this.#reply(msg, forced.body, forced.headers ?? {});
       return;
     }
-    void this.#compute(request).then(([body, h]) => this.#reply(msg, body, h));
+    void this.#locked(() => this.#compute(request)).then(([body, h]) => this.#reply(msg, body, h));
   }
 
   async #compute(request: CatchupRequest): Promise<[unknown, Record<string, string>]> {
