@@ -214,3 +214,120 @@ async fn survives_kill9_and_nats_restart_and_backfills_on_demand() {
     let after_purge = assert_converges(&env, &client).await;
     eprintln!("{keys} keys; {after_purge} after a purge and walcast backfill alone");
 }
+
+/// What one loader saw: its replica of the tenant's rows and the last seq
+/// applied.
+#[derive(Default)]
+struct Replica {
+    tables: Tables,
+    as_of: Option<u64>,
+    last_seq: u64,
+}
+
+/// Loads `tenant` with the Rust client and applies everything it yields to
+/// a replica, checking that events follow the snapshot one seq at a time.
+async fn follow(url: String, tenant: String, replica: std::sync::Arc<std::sync::Mutex<Replica>>) {
+    use futures::StreamExt;
+    use walcast_client::{Client, Options, StateUpdate};
+    let client = Client::connect(&url, Options::default())
+        .await
+        .expect("client connects");
+    let mut updates = client.load_and_follow(&tenant).expect("load starts");
+    while let Some(update) = updates.next().await {
+        let mut r = replica.lock().unwrap();
+        match update.expect("no client error") {
+            StateUpdate::Snapshot(snapshot) => {
+                assert!(r.as_of.is_none(), "one snapshot, first");
+                for event in snapshot.rows.values() {
+                    r.tables.apply(event);
+                }
+                r.as_of = Some(snapshot.as_of_seq);
+                r.last_seq = snapshot.as_of_seq;
+            }
+            StateUpdate::Event(event) => {
+                assert!(r.as_of.is_some(), "the snapshot comes first");
+                assert_eq!(
+                    event.seq,
+                    r.last_seq + 1,
+                    "{tenant}: every event once, in order"
+                );
+                r.last_seq = event.seq;
+                r.tables.apply(&event);
+            }
+            StateUpdate::Resync { .. } => panic!("{tenant}: unexpected re-sync"),
+        }
+    }
+}
+
+/// The rows of one tenant.
+fn of_tenant(t: &Tables, tenant: &str) -> Tables {
+    Tables {
+        tasks: t
+            .tasks
+            .iter()
+            .filter(|(_, r)| r.tenant_id == tenant)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        projects: t
+            .projects
+            .iter()
+            .filter(|(_, r)| r.tenant_id == tenant)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        locks: t
+            .locks
+            .iter()
+            .filter(|(_, r)| r.tenant_id == tenant)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    }
+}
+
+/// Loaders (the Rust client against the real daemon) start at random
+/// moments of a workload over pre-existing rows: each one's snapshot plus
+/// the events after its `as_of_seq` ends equal to its tenant's rows — no
+/// event applied twice, none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaders_started_during_a_workload_end_equal_to_the_tables() {
+    use crate::support::chaos::Load;
+    use std::sync::{Arc, Mutex};
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let mut workload = Workload::new(Workload::seed(), 3);
+    preexisting_rows(&env, &mut client, &mut workload, 300).await;
+    let daemon = Daemon::start(env.settings());
+    let load = Load::start(&env, 3, Duration::from_millis(2)).await;
+    let mut loaders = Vec::new();
+    for i in 0..6 {
+        load.wait_transactions(40 + 15 * i as u64, Duration::from_secs(60))
+            .await;
+        let tenant = format!("tenant-{}", i % 3);
+        let replica = Arc::new(Mutex::new(Replica::default()));
+        let task = tokio::spawn(follow(env.nats.url(), tenant.clone(), replica.clone()));
+        loaders.push((tenant, replica, task));
+    }
+    load.wait_transactions(100, Duration::from_secs(60)).await;
+    load.stop().await;
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    let real = Tables::load(&client).await;
+    for (tenant, replica, task) in &loaders {
+        let want = of_tenant(&real, tenant);
+        wait_until(Duration::from_secs(60), || async {
+            replica.lock().unwrap().tables == want
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{tenant}: snapshot + events never equalled the tables: {e}"));
+        assert!(!task.is_finished(), "{tenant}: the loader stopped early");
+        let r = replica.lock().unwrap();
+        eprintln!(
+            "{tenant}: as of {:?}, followed to {}, {} tasks",
+            r.as_of,
+            r.last_seq,
+            want.tasks.len()
+        );
+    }
+    for (_, _, task) in loaders {
+        task.abort();
+    }
+    daemon.stop().await.expect("clean stop");
+}

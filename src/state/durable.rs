@@ -18,9 +18,22 @@ pub async fn load(db: &Database, slot: &str) -> Result<u64, String> {
             "SELECT state_applied FROM walcast.checkpoints WHERE slot = $1",
             &[&slot],
         )
-        .await
-        .map_err(|e| format!("read the state's position from Postgres: {e}"))?;
-    Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64))
+        .await;
+    match row {
+        Ok(row) => Ok(row.map_or(0, |r| r.get::<_, i64>(0).max(0) as u64)),
+        Err(e) if missing_column(&e) => {
+            tracing::warn!(
+                "walcast.checkpoints has no state_applied column: run `walcast migrate` (until then every restart re-checks the whole state bucket)"
+            );
+            Ok(0)
+        }
+        Err(e) => Err(format!("read the state's position from Postgres: {e}")),
+    }
+}
+
+/// 42703 undefined_column: the database predates migration 0006.
+fn missing_column(e: &tokio_postgres::Error) -> bool {
+    e.code().map(|c| c.code()) == Some("42703")
 }
 
 /// Saves the trusted position every few seconds, forever. A failed save
@@ -43,9 +56,13 @@ pub async fn keep_saving(db: &Database, slot: &str, horizon: Duration) -> Result
                 &[&slot, &(position as i64)],
             )
             .await;
-        if let Err(e) = saved {
-            tracing::debug!(error = %e, "the state's position was not saved; retrying");
-            sql = None;
+        match saved {
+            Err(e) if missing_column(&e) => return std::future::pending().await,
+            Err(e) => {
+                tracing::debug!(error = %e, "the state's position was not saved; retrying");
+                sql = None;
+            }
+            Ok(_) => {}
         }
     }
 }
