@@ -417,6 +417,27 @@ async fn nats(s: &Settings, r: &mut Report) {
             ),
         ),
     }
+    state_bucket(&js, s, r).await;
+}
+
+/// The state bucket (SPEC §8): compatible, and whether its backfill is done.
+async fn state_bucket(js: &async_nats::jetstream::Context, s: &Settings, r: &mut Report) {
+    let Some(name) = &s.state_bucket else {
+        return r.pass("the state bucket is turned off (--state-bucket is empty)");
+    };
+    match crate::state::bucket::inspect(js, name).await {
+        Ok(None) => r.pass(format!("state bucket {name} does not exist yet; `walcast run` creates and backfills it")),
+        Ok(Some(Some(marker))) if marker.is_complete() => r.pass(format!(
+            "state bucket {name} is backfilled ({} rows from the snapshot at {})",
+            marker.rows.unwrap_or(0),
+            marker.snapshot_lsn.as_deref().unwrap_or("?")
+        )),
+        Ok(Some(marker)) => r.pass(format!(
+            "state bucket {name} exists; its backfill is {} (clients wait for it)",
+            marker.map_or("not started".to_string(), |m| m.state)
+        )),
+        Err(e) => r.fail(e, format!("delete state bucket {name} (walcast recreates and backfills it) or pick another --state-bucket")),
+    }
 }
 
 fn check_query(source: tokio_postgres::Error) -> DbError {

@@ -331,3 +331,37 @@ async fn loaders_started_during_a_workload_end_equal_to_the_tables() {
     }
     daemon.stop().await.expect("clean stop");
 }
+
+/// A TRUNCATE of a source table removes that table's rows (every tenant's)
+/// from the state; the other tables' rows stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_table_leaves_the_state() {
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let mut workload = Workload::new(Workload::seed(), 3);
+    let daemon = Daemon::start(env.settings());
+    workload.run(&mut client, 300).await;
+    wait_complete(&env.nats.url()).await;
+    assert_converges(&env, &client).await;
+    let before = rows_of(&read_bucket(&env.nats.url(), BUCKET).await);
+    assert!(!before.locks.is_empty(), "the workload took locks");
+    client
+        .batch_execute("TRUNCATE editing_locks")
+        .await
+        .expect("truncate");
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(30), || async {
+        let keys = read_bucket(&url, BUCKET).await;
+        !keys.keys().any(|k| k.contains(".lock."))
+    })
+    .await
+    .expect("the locks leave the state");
+    let after = rows_of(&read_bucket(&url, BUCKET).await);
+    assert_eq!(
+        (after.tasks, after.projects),
+        (before.tasks, before.projects),
+        "the other tables stay"
+    );
+    daemon.stop().await.expect("clean stop");
+}

@@ -44,6 +44,30 @@ pub async fn ensure(
         .get_stream(format!("KV_{name}"))
         .await
         .map_err(|e| format!("open the state bucket {name} on NATS: {e}"))?;
+    compatible(&mut stream, name).await?;
+    Ok(Bucket {
+        name: name.to_string(),
+        store,
+        stream,
+    })
+}
+
+/// What `walcast check` reports: `None` if the bucket does not exist yet,
+/// else its readiness marker (after checking it is compatible).
+pub async fn inspect(js: &jetstream::Context, name: &str) -> Result<Option<Option<Marker>>, String> {
+    let Ok(mut stream) = js.get_stream(format!("KV_{name}")).await else {
+        return Ok(None);
+    };
+    compatible(&mut stream, name).await?;
+    let store = js
+        .get_key_value(name)
+        .await
+        .map_err(|e| format!("open the state bucket {name} on NATS: {e}"))?;
+    Ok(Some(marker(&store).await?))
+}
+
+/// History 1 and no max age: a row's value must never expire.
+async fn compatible(stream: &mut Stream, name: &str) -> Result<(), String> {
     let config = &stream
         .info()
         .await
@@ -55,11 +79,7 @@ pub async fn ensure(
             config.max_messages_per_subject, config.max_age
         ));
     }
-    Ok(Bucket {
-        name: name.to_string(),
-        store,
-        stream,
-    })
+    Ok(())
 }
 
 /// The stream position the bucket's newest entry was written at (0 for an

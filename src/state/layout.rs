@@ -26,6 +26,8 @@ pub enum Write {
     Put(String),
     /// The row is gone: a delete marker.
     Delete(String),
+    /// A TRUNCATE: every row of this entity (`task`, `project`, `lock`) is gone.
+    Truncate(&'static str),
 }
 
 /// Why an event leaves the state alone (a metric label).
@@ -46,9 +48,11 @@ impl Skip {
     }
 }
 
-/// Only the field the key needs: prost skips the rest of the event unread.
+/// Only the fields the key needs: prost skips the rest of the event unread.
 #[derive(Clone, PartialEq, prost::Message)]
-struct EntityIdOnly {
+struct KeyFields {
+    #[prost(int32, tag = "4")]
+    entity: i32,
     #[prost(string, tag = "6")]
     entity_id: String,
 }
@@ -60,6 +64,15 @@ pub fn write_for(
     headers: Option<&HeaderMap>,
     payload: &Bytes,
 ) -> Result<Write, Skip> {
+    if subject.ends_with("._truncated") {
+        let fields =
+            <KeyFields as prost::Message>::decode(payload.clone()).map_err(|_| Skip::NoTenant)?;
+        let entity = crate::proto::Entity::try_from(fields.entity).map_err(|_| Skip::NoTenant)?;
+        return match entity {
+            crate::proto::Entity::Unspecified => Err(Skip::NoTenant),
+            e => Ok(Write::Truncate(crate::events::action::entity_token(e))),
+        };
+    }
     let tenant = headers
         .and_then(|h| h.get("Walcast-Tenant"))
         .map(|v| v.as_str())
@@ -68,7 +81,7 @@ pub fn write_for(
     let (Some(action), Some(entity)) = (tokens.next(), tokens.next()) else {
         return Err(Skip::NoTenant);
     };
-    let entity_id = <EntityIdOnly as prost::Message>::decode(payload.clone())
+    let entity_id = <KeyFields as prost::Message>::decode(payload.clone())
         .map_err(|_| Skip::InvalidKey)?
         .entity_id;
     let key = row_key(tenant, entity, &entity_id).ok_or(Skip::InvalidKey)?;
@@ -173,6 +186,18 @@ mod tests {
         assert_eq!(
             write_for("walcast._deadletter", None, &event("x")),
             Err(Skip::NoTenant)
+        );
+        let truncate = crate::proto::ChangeEvent {
+            entity: crate::proto::Entity::Lock as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            write_for(
+                "walcast._truncated",
+                None,
+                &Bytes::from(truncate.encode_to_vec())
+            ),
+            Ok(Write::Truncate("lock"))
         );
     }
 

@@ -125,6 +125,12 @@ pub async fn run(
         }
         let (subject, headers) = (msg.subject.as_str(), msg.headers.as_ref());
         match layout::write_for(subject, headers, &msg.payload) {
+            Ok(Write::Truncate(entity)) => {
+                // Everything before it lands first; then the entity's keys go.
+                writer.flush().await?;
+                purge(bucket, entity).await?;
+                writer.skip(position).await?
+            }
             Ok(write)
                 if position <= resume.recheck_through
                     && !newer(bucket, &write, headers).await? =>
@@ -138,6 +144,19 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Removes every key of `entity` (all tenants): the table was truncated.
+async fn purge(bucket: &Bucket, entity: &str) -> Result<(), String> {
+    let filter = format!("$KV.{}.*.{entity}.>", bucket.name);
+    bucket.stream.purge().filter(filter).await.map_err(|e| {
+        format!("purge the truncated {entity} rows from the state bucket on NATS: {e}")
+    })?;
+    tracing::info!(
+        entity,
+        "a source table was truncated: its rows are purged from the state bucket"
+    );
+    Ok(())
 }
 
 /// The event's seq, from its `Walcast-Seq` header.
@@ -154,7 +173,9 @@ async fn newer(
     write: &Write,
     event_headers: Option<&async_nats::HeaderMap>,
 ) -> Result<bool, String> {
-    let (Write::Put(key) | Write::Delete(key)) = write;
+    let (Write::Put(key) | Write::Delete(key)) = write else {
+        return Ok(true);
+    };
     let subject = format!("$KV.{}.{key}", bucket.name);
     match bucket.stream.direct_get_last_for_subject(subject).await {
         Ok(entry) => {
@@ -192,6 +213,7 @@ async fn send(
             headers.insert("KV-Operation", "DEL");
             (key, bytes::Bytes::new())
         }
+        Write::Truncate(_) => return Ok(()), // handled by the caller
     };
     writer.send(&key, headers, body, position).await?;
     metrics::counter!(m::STATE_WRITES).increment(1);

@@ -173,20 +173,7 @@ pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
     {
         let msg = msg.expect("stream message");
         let stream_seq = msg.info().expect("message info").stream_sequence;
-        let headers: HashMap<String, String> = msg
-            .headers
-            .as_ref()
-            .map(|h| {
-                h.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            v.first().map(|v| v.to_string()).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = header_map(msg.headers.as_ref());
         let payload = match headers.get("Walcast-Object") {
             Some(object) => fetch_object(&js, object).await,
             None => msg.payload.to_vec(),
@@ -203,6 +190,22 @@ pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
         }
     }
     out
+}
+
+/// A message's headers, first value of each.
+pub fn header_map(headers: Option<&async_nats::HeaderMap>) -> HashMap<String, String> {
+    headers
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        v.first().map(|v| v.to_string()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Reads an oversized event from `<bucket>/<event_id>` (SPEC §3).

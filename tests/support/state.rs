@@ -10,7 +10,7 @@ use prost::Message as _;
 use walcast::proto::ChangeEvent;
 use walcast::proto::change_event::{After, Before};
 
-use super::daemon::{StreamEvent, fetch_object};
+use super::daemon::{StreamEvent, fetch_object, header_map};
 use super::workload::Tables;
 
 /// The newest entry of one key.
@@ -55,20 +55,7 @@ pub async fn read_bucket(nats_url: &str, bucket: &str) -> BTreeMap<String, Entry
     {
         let msg = msg.expect("bucket message");
         let pending = msg.info().expect("message info").pending;
-        let headers: HashMap<String, String> = msg
-            .headers
-            .as_ref()
-            .map(|h| {
-                h.iter()
-                    .map(|(k, v)| {
-                        (
-                            k.to_string(),
-                            v.first().map(|v| v.to_string()).unwrap_or_default(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = header_map(msg.headers.as_ref());
         let key = msg
             .subject
             .as_str()
