@@ -18,8 +18,9 @@ pub struct Config {
     pub tokens: HashMap<String, String>,
     /// How to reach walcast: `prefix` from `GATEWAY_SUBJECT_PREFIX` (walcast's
     /// `--subject-prefix`, default `walcast`), `stream` from `GATEWAY_STREAM`
-    /// (walcast's `--stream`, default `WALCAST`); the rest are the client's
-    /// defaults.
+    /// (walcast's `--stream`, default `WALCAST`), `state_bucket` from
+    /// `GATEWAY_STATE_BUCKET` (walcast's `--state-bucket`, default
+    /// `<stream>_STATE`); the rest are the client's defaults.
     pub walcast: walcast_client::Options,
 }
 
@@ -41,6 +42,9 @@ impl Config {
             walcast: walcast_client::Options {
                 prefix: var("GATEWAY_SUBJECT_PREFIX", "walcast"),
                 stream: var("GATEWAY_STREAM", "WALCAST"),
+                state_bucket: std::env::var("GATEWAY_STATE_BUCKET")
+                    .ok()
+                    .filter(|b| !b.is_empty()),
                 ..Default::default()
             },
         })

@@ -1,22 +1,29 @@
 //! Example realtime gateway: browsers connect over WebSocket with a tenant
-//! token and receive that tenant's walcast events as proto3 JSON, resuming
-//! from their last `seq` after any disconnect.
+//! token and receive that tenant's current rows, loaded from walcast's
+//! state bucket (SPEC §8; never from Postgres), then its walcast events as
+//! proto3 JSON, resuming from their last `seq` after any disconnect.
 //!
 //! The gateway holds no state per browser beyond the open socket: the
 //! browser remembers the last `seq` it applied and sends it when it
 //! reconnects (`/ws?token=…&after_seq=N`); [`walcast_client`] does the
-//! rest (catch-up, dedup, gap repair, re-sync signal). The tenant comes only
-//! from the token (see [`config`]), never from anything the browser sends.
+//! rest (snapshot, catch-up, dedup, gap repair, re-sync signal). The tenant
+//! comes only from the token (see [`config`]), never from anything the
+//! browser sends.
 //!
 //! Wire protocol, one JSON text message each:
 //! - `{"connected":{"tenantId":"acme","afterSeq":"41"}}` first;
+//! - with `after_seq=0` (a fresh page), then
+//!   `{"snapshot":{"tenantId":"acme","asOfSeq":"57","rows":[…]}}`: every
+//!   current row of the tenant, each as its latest `ChangeEvent` (its
+//!   `task`, `project` or `lock` is the row); the events after `asOfSeq`
+//!   follow;
 //! - a `ChangeEvent` in the proto3 JSON mapping (as `walcast tail` prints
 //!   it; 64-bit numbers such as `seq` are strings) per event;
 //! - `{"resync":{"tenantId":"acme","reason":"too_old","oldestSeq":"11","lastSeq":"57"}}`
 //!   when the browser is too far behind (or `"reason":"ahead"`, without
 //!   `oldestSeq`, when its `after_seq` is beyond anything the stream has):
-//!   reload the tenant's data and keep the socket; the events after
-//!   `lastSeq` follow;
+//!   drop the rows and keep the socket; a fresh `snapshot` from the state
+//!   follows, then the events after it;
 //! - `{"error":"…"}` before the gateway closes the socket (code 1011).
 
 #![warn(missing_docs)]
@@ -86,7 +93,7 @@ struct WsQuery {
 }
 
 /// Authenticates, then upgrades. The tenant is the token's; `after_seq`
-/// defaults to 0 (the tenant's whole retained history).
+/// defaults to 0 (a fresh page: the snapshot of the tenant's rows first).
 async fn ws(
     State(state): State<Arc<AppState>>,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,

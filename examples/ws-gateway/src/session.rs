@@ -1,15 +1,50 @@
-//! One browser connection: a walcast subscription forwarded as JSON.
+//! One browser connection: the tenant's rows, then its events, as JSON.
 //!
-//! Invariant: the socket carries the tenant's events in `seq` order, each
-//! once, starting at `after_seq + 1` (or after a re-sync message). The
-//! subscription guarantees it; this loop only translates, and ends the
-//! subscription as soon as the browser is gone.
+//! Invariant: the socket carries either the events after the browser's
+//! `after_seq`, or a snapshot of the tenant's rows (loaded from walcast's
+//! state bucket with [`Client::load_and_follow`], never from Postgres)
+//! followed by the events after its `asOfSeq`; in `seq` order, each once. A
+//! browser too far behind (or from another stream) gets a `resync` and a
+//! fresh snapshot. The client library guarantees the order; this loop only
+//! translates, and ends the subscription as soon as the browser is gone.
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use serde_json::json;
 use tokio::sync::watch;
-use walcast_client::{Client, Error, Update};
+use walcast_client::{Client, Error, Snapshot, StateUpdate};
+
+/// What the socket relays: a snapshot (when loading) then events.
+type Feed = BoxStream<'static, Result<StateUpdate, Error>>;
+
+/// The tenant's rows from the state bucket, then its events.
+fn load(client: &Client, tenant: &str) -> Result<Feed, Error> {
+    Ok(client.load_and_follow(tenant)?.boxed())
+}
+
+/// The tenant's events after `after_seq` (a reconnecting browser).
+fn follow(client: &Client, tenant: &str, after_seq: u64) -> Result<Feed, Error> {
+    Ok(client
+        .subscribe(tenant, after_seq)?
+        .map(|update| update.map(StateUpdate::from))
+        .boxed())
+}
+
+/// `{"snapshot":{"tenantId","asOfSeq","rows":[ChangeEvent JSON…]}}`.
+fn snapshot_json(snapshot: &Snapshot) -> serde_json::Result<String> {
+    let rows = snapshot
+        .rows
+        .values()
+        .map(walcast_client::json::to_value)
+        .collect::<serde_json::Result<Vec<_>>>()?;
+    Ok(json!({"snapshot": {
+        "tenantId": snapshot.tenant_id,
+        "asOfSeq": snapshot.as_of_seq.to_string(),
+        "rows": rows,
+    }})
+    .to_string())
+}
 
 pub async fn run(
     mut socket: WebSocket,
@@ -27,7 +62,13 @@ pub async fn run(
     {
         return;
     }
-    let mut updates = match client.subscribe(&tenant, after_seq) {
+    // A fresh page (after_seq 0) loads the rows; a reconnecting one resumes.
+    let feed = if after_seq == 0 {
+        load(&client, &tenant)
+    } else {
+        follow(&client, &tenant, after_seq)
+    };
+    let mut updates = match feed {
         Ok(updates) => updates,
         Err(e) => return close(socket, &e.to_string()).await,
     };
@@ -44,20 +85,32 @@ pub async fn run(
                 break;
             }
             update = updates.next() => match update {
-                Some(Ok(Update::Event(event))) => match walcast_client::json::to_string(&event) {
+                Some(Ok(StateUpdate::Snapshot(snapshot))) => match snapshot_json(&snapshot) {
+                    Ok(text) => text,
+                    Err(e) => return close(socket, &format!("encode snapshot: {e}")).await,
+                },
+                Some(Ok(StateUpdate::Event(event))) => match walcast_client::json::to_string(&event) {
                     Ok(text) => text,
                     Err(e) => return close(socket, &format!("encode event: {e}")).await,
                 },
-                Some(Ok(Update::Resync { tenant_id, oldest_seq, last_seq })) => json!({"resync": {
-                    "tenantId": tenant_id,
-                    "reason": "too_old",
-                    "oldestSeq": oldest_seq.to_string(),
-                    "lastSeq": last_seq.to_string(),
-                }})
-                .to_string(),
+                // Too far behind: the events are gone, the rows are not.
+                // Reload them from the state; its snapshot follows.
+                Some(Ok(StateUpdate::Resync { tenant_id, oldest_seq, last_seq })) => match load(&client, &tenant) {
+                    Ok(fresh) => {
+                        updates = fresh;
+                        json!({"resync": {
+                            "tenantId": tenant_id,
+                            "reason": "too_old",
+                            "oldestSeq": oldest_seq.to_string(),
+                            "lastSeq": last_seq.to_string(),
+                        }})
+                        .to_string()
+                    }
+                    Err(e) => return close(socket, &e.to_string()).await,
+                },
                 // The browser's seq is not from this stream (e.g. it was
-                // re-created): it must reload too; go on from the stream's tail.
-                Some(Err(Error::Ahead { last_seq, .. })) => match client.subscribe(&tenant, last_seq) {
+                // re-created): it reloads too, from the state.
+                Some(Err(Error::Ahead { last_seq, .. })) => match load(&client, &tenant) {
                     Ok(fresh) => {
                         updates = fresh;
                         json!({"resync": {"tenantId": tenant, "reason": "ahead", "lastSeq": last_seq.to_string()}})

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
-use support::{Env, Writer};
+use support::{Env, Nats, Postgres, Walcast, Writer};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -116,26 +116,87 @@ async fn read_events(
     got
 }
 
+/// Reads a snapshot message: its `asOfSeq` and rows (ChangeEvent JSON).
+async fn read_snapshot(socket: &mut Socket, tenant: &str) -> (u64, Vec<Value>) {
+    let msg = next_json(socket).await.expect("snapshot");
+    let snapshot = &msg["snapshot"];
+    assert_eq!(snapshot["tenantId"], tenant, "{msg}");
+    let as_of = snapshot["asOfSeq"]
+        .as_str()
+        .expect("asOfSeq")
+        .parse()
+        .unwrap();
+    let rows = snapshot["rows"].as_array().expect("rows").clone();
+    for row in &rows {
+        assert_eq!(row["tenantId"], tenant, "{row}");
+    }
+    (as_of, rows)
+}
+
+/// The task titles of snapshot rows.
+fn titles(rows: &[Value]) -> Vec<String> {
+    let mut titles: Vec<String> = rows
+        .iter()
+        .filter_map(|row| row["task"]["title"].as_str().map(str::to_string))
+        .collect();
+    titles.sort();
+    titles
+}
+
+/// Starts Postgres, NATS and walcast with rows that existed before walcast
+/// ran: inserted, then the slot dropped and created again by `walcast
+/// migrate`, so they have no event in the stream and reach a browser only
+/// through walcast's backfill of the state bucket.
+async fn env_with_rows_from_before_walcast() -> Env {
+    let pg = Postgres::start().expect("start postgres");
+    let nats = Nats::start(None).expect("start nats-server");
+    let mut walcast = Walcast::migrated(&pg, &nats).expect("walcast migrate");
+    let w = Writer::new(&pg).await;
+    w.db.batch_execute(
+        "INSERT INTO tasks (id, tenant_id, title) VALUES
+           (gen_random_uuid(), 'acme', 'old acme task'),
+           (gen_random_uuid(), 'globex', 'old globex task');
+         SELECT pg_drop_replication_slot('walcast');",
+    )
+    .await
+    .expect("rows from before walcast");
+    walcast.migrate().expect("walcast migrate again");
+    walcast.start_again().expect("start walcast");
+    Env { walcast, nats, pg }
+}
+
 fn acme(seqs: std::ops::RangeInclusive<u64>) -> Vec<(String, u64)> {
     seqs.map(|s| ("acme".to_string(), s)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browser_resumes_from_its_last_seq_through_disconnects() {
-    let env = Env::start(None);
+    let env = env_with_rows_from_before_walcast().await;
     let mut w = Writer::new(&env.pg).await;
     let gateway = Gateway::start(&env, "127.0.0.1:0".parse().unwrap()).await;
     w.insert("acme", 10).await;
     w.insert("globex", 5).await;
 
     // The tenant comes from the token only: a `tenant` parameter is ignored.
+    // A fresh page gets the tenant's rows first, from the state bucket: the
+    // row from before walcast is in that first message.
     let mut browser = gateway
         .connect("token=tokA&after_seq=0&tenant=globex")
         .await
         .unwrap();
+    let hello = next_json(&mut browser).await.expect("hello");
+    assert_eq!(hello["connected"]["tenantId"], "acme", "{hello}");
+    let (as_of, rows) = read_snapshot(&mut browser, "acme").await;
+    assert!(
+        titles(&rows).contains(&"old acme task".to_string()),
+        "the row from before walcast is in the snapshot: {rows:?}"
+    );
+    assert!(as_of <= 10, "asOfSeq {as_of}");
+    // Rows and the events after them: all 10 inserts, each once.
+    assert_eq!(rows.len() as u64, 1 + as_of, "{rows:?}");
     assert_eq!(
-        read_events(&mut browser, 10, Some(("acme", 0))).await,
-        acme(1..=10)
+        read_events(&mut browser, (10 - as_of) as usize, None).await,
+        acme(as_of + 1..=10)
     );
 
     // The connection drops (no close handshake); events keep coming.
@@ -173,10 +234,22 @@ async fn browser_resumes_from_its_last_seq_through_disconnects() {
 
     // Another token, another tenant; Authorization header works too.
     let mut other = gateway.connect("token=tokB").await.unwrap();
-    let got = read_events(&mut other, 5, Some(("globex", 0))).await;
+    let hello = next_json(&mut other).await.expect("hello");
+    assert_eq!(hello["connected"]["tenantId"], "globex", "{hello}");
+    let (as_of, rows) = read_snapshot(&mut other, "globex").await;
+    assert!(as_of <= 5, "asOfSeq {as_of}");
     assert_eq!(
-        got,
-        (1..=5)
+        titles(&rows)
+            .iter()
+            .filter(|t| *t == "old globex task")
+            .count(),
+        1,
+        "{rows:?}"
+    );
+    assert_eq!(rows.len() as u64, 1 + as_of, "{rows:?}");
+    assert_eq!(
+        read_events(&mut other, (5 - as_of) as usize, None).await,
+        (as_of + 1..=5)
             .map(|s| ("globex".to_string(), s))
             .collect::<Vec<_>>()
     );
@@ -187,10 +260,9 @@ async fn browser_resumes_from_its_last_seq_through_disconnects() {
         .headers_mut()
         .insert("Authorization", "Bearer tokB".parse().unwrap());
     let (mut bearer, _) = tokio_tungstenite::connect_async(request).await.unwrap();
-    assert_eq!(
-        read_events(&mut bearer, 5, Some(("globex", 0))).await.len(),
-        5
-    );
+    next_json(&mut bearer).await.expect("hello");
+    let (as_of, rows) = read_snapshot(&mut bearer, "globex").await;
+    assert_eq!(rows.len() as u64, 1 + as_of);
 
     // Unknown or missing token: refused before the upgrade.
     for query in ["token=nope", "", "token=tokA&after_seq=-1"] {
@@ -210,7 +282,8 @@ async fn browser_resumes_from_its_last_seq_through_disconnects() {
     }
 
     // Too far behind: purge acme's seqs 1..=10, then a browser at seq 3 is
-    // told to re-sync and continues after the tenant's last seq.
+    // told to re-sync, gets the rows again from the state (no database),
+    // and continues after them.
     let nats = async_nats::connect(env.nats.url()).await.unwrap();
     let reply = nats
         .request(
@@ -237,18 +310,35 @@ async fn browser_resumes_from_its_last_seq_through_disconnects() {
     assert_eq!(resync["resync"]["reason"], "too_old", "{resync}");
     assert_eq!(resync["resync"]["oldestSeq"], "11", "{resync}");
     assert_eq!(resync["resync"]["lastSeq"], "26", "{resync}");
+    let (as_of, rows) = read_snapshot(&mut stale, "acme").await;
+    assert!((11..=26).contains(&as_of), "asOfSeq {as_of}");
+    assert_eq!(
+        rows.len() as u64,
+        1 + as_of,
+        "the inserts and the row from before walcast"
+    );
+    assert!(titles(&rows).contains(&"old acme task".to_string()));
     w.insert("acme", 1).await;
-    assert_eq!(read_events(&mut stale, 1, None).await, acme(27..=27));
+    assert_eq!(
+        read_events(&mut stale, (27 - as_of) as usize, None).await,
+        acme(as_of + 1..=27)
+    );
 
     // A seq this stream never had (e.g. from before the stream was
-    // re-created): re-sync too, then live from the tenant's last seq.
+    // re-created): re-sync too, the rows from the state, then live.
     let mut foreign = gateway.connect("token=tokA&after_seq=1000").await.unwrap();
     next_json(&mut foreign).await.expect("hello");
     let resync = next_json(&mut foreign).await.expect("resync");
     assert_eq!(resync["resync"]["reason"], "ahead", "{resync}");
     assert_eq!(resync["resync"]["lastSeq"], "27", "{resync}");
+    let (as_of, rows) = read_snapshot(&mut foreign, "acme").await;
+    assert!((11..=27).contains(&as_of), "asOfSeq {as_of}");
+    assert_eq!(rows.len() as u64, 1 + as_of);
     w.insert("acme", 1).await;
-    assert_eq!(read_events(&mut foreign, 1, None).await, acme(28..=28));
+    assert_eq!(
+        read_events(&mut foreign, (28 - as_of) as usize, None).await,
+        acme(as_of + 1..=28)
+    );
 
     // The demo page.
     let mut http = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -359,6 +359,13 @@ pub struct Walcast {
 impl Walcast {
     /// Runs `walcast migrate`, then starts `walcast run`.
     pub fn start(pg: &Postgres, nats: &Nats) -> anyhow::Result<Walcast> {
+        let mut walcast = Walcast::migrated(pg, nats)?;
+        walcast.start_again()?;
+        Ok(walcast)
+    }
+
+    /// Runs `walcast migrate` (which creates the slot); `start_again` runs it.
+    pub fn migrated(pg: &Postgres, nats: &Nats) -> anyhow::Result<Walcast> {
         let dir = TempDir::new("walcast");
         let env = vec![
             ("WALCAST_DATABASE_URL".to_string(), pg.url()),
@@ -369,23 +376,28 @@ impl Walcast {
                 format!("127.0.0.1:{}", free_port()),
             ),
         ];
+        let walcast = Walcast {
+            proc: Proc(None),
+            env,
+            log: dir.path().join("walcast.log"),
+            _dir: dir,
+        };
+        walcast.migrate()?;
+        Ok(walcast)
+    }
+
+    /// `walcast migrate` again (idempotent; recreates a dropped slot).
+    pub fn migrate(&self) -> anyhow::Result<()> {
         let out = Command::new(walcast_bin())
             .arg("migrate")
-            .envs(env.iter().cloned())
+            .envs(self.env.iter().cloned())
             .output()?;
         anyhow::ensure!(
             out.status.success(),
             "walcast migrate: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut walcast = Walcast {
-            proc: Proc(None),
-            env,
-            log: dir.path().join("walcast.log"),
-            _dir: dir,
-        };
-        walcast.start_again()?;
-        Ok(walcast)
+        Ok(())
     }
 
     pub fn start_again(&mut self) -> anyhow::Result<()> {

@@ -1,8 +1,10 @@
-// Browser end to end: Postgres → walcast run → NATS → the example Socket.IO
-// gateway → headless Chromium showing the board of tenant A.
+// Browser end to end: Postgres → walcast run → NATS (stream and state
+// bucket) → the example Socket.IO gateway → headless Chromium showing the
+// board of tenant A, loaded from the state bucket, then live.
 import assert from "node:assert/strict";
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
+import { randomUUID } from "node:crypto";
 import { after, before, describe, it } from "node:test";
 
 import type pg from "pg";
@@ -34,6 +36,7 @@ let work: Workload;
 let browser: BrowserContext;
 let page: Page;
 const latencies: number[] = [];
+const bTitles: string[] = [];
 
 /** Runs `change`, then waits (at most 1 s from its commit) until `shown` holds on the page. */
 async function expectShown<T>(what: string, change: () => Promise<T>, shown: (arg: T) => string): Promise<T> {
@@ -61,9 +64,29 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
   before(async () => {
     mkdirSync(SHOTS, { recursive: true });
     [postgres, nats] = await Promise.all([PostgresServer.start(), NatsServer.start()]);
-    walcast = await WalcastDaemon.start(postgres.url, nats.url);
+    walcast = await WalcastDaemon.migrated(postgres.url, nats.url);
     db = await postgres.client();
     work = new Workload(db);
+    // Rows from before walcast: inserted, then the slot dropped and created
+    // again by `walcast migrate`, so they have no event in the stream and
+    // reach the board only through walcast's backfill of the state bucket.
+    await db.query("INSERT INTO projects (id, tenant_id, name) VALUES ($1, $2, 'Backlog'), ($3, $4, 'B old project')", [
+      oldProject,
+      A,
+      randomUUID(),
+      B,
+    ]);
+    await db.query(
+      `INSERT INTO tasks (id, tenant_id, project_id, title, priority, created_at)
+       VALUES ($1, $2, $3, 'Old task one', 1, now() - interval '2 days'),
+              ($4, $2, $3, 'Old task two', 2, now() - interval '1 day'),
+              ($5, $6, NULL, 'B old secret', 1, now())`,
+      [oldTasks[0], A, oldProject, oldTasks[1], randomUUID(), B],
+    );
+    bTitles.push("B old project", "B old secret");
+    await db.query("SELECT pg_drop_replication_slot('walcast')");
+    await walcast.migrate();
+    await walcast.start();
     gateway = await Gateway.start({
       NATS_URL: nats.url,
       GATEWAY_TOKENS: `token-a=${A},token-b=${B}`,
@@ -85,6 +108,20 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
       viewport: { width: 1280, height: 800 },
     });
     page = browser.pages()[0] ?? (await browser.newPage());
+    // What the board shows the first time it shows any task.
+    await page.addInitScript(() => {
+      const observer = new MutationObserver(() => {
+        const titles = Array.from(document.querySelectorAll("[data-task-id] .task-title"), (e) => e.textContent);
+        if (titles.length > 0) {
+          (window as unknown as { firstPaint: unknown }).firstPaint = {
+            titles,
+            projects: Array.from(document.querySelectorAll("[data-project-id] h2"), (e) => e.firstChild?.textContent),
+          };
+          observer.disconnect();
+        }
+      });
+      observer.observe(document, { childList: true, subtree: true });
+    });
     page.on("console", (m) => {
       if (m.type() === "warning" || m.type() === "error") console.log(`[page] ${m.text()}`);
     });
@@ -106,10 +143,12 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
 
   let project = "";
   let docs = "";
-  const bTitles: string[] = [];
+  const oldProject = randomUUID();
+  const oldTasks = [randomUUID(), randomUUID()];
 
-  it("shows the tenant's history, then each change within 1 s, never another tenant's", async () => {
-    // History from before the page opened: replayed from seq 0.
+  it("shows the rows from before walcast on first paint, then each change within 1 s, never another tenant's", async () => {
+    // History from before the page opened: in the snapshot with the rows
+    // from before walcast (or, if the state lags, in the events after it).
     project = await work.createProject(A, "Launch");
     docs = await work.createTask(A, project, "Write docs", 2);
     const bProject = await work.createProject(B, "B secret project");
@@ -120,6 +159,31 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
     await page.waitForFunction(`document.getElementById("connection").dataset.state === "live"`, undefined, { timeout: 15_000 });
     await page.waitForFunction(taskTitle(docs, "Write docs"), undefined, { timeout: 5_000 });
     assert.equal(await page.textContent("[data-testid=tenant]"), `· ${A}`);
+    // The rows that existed before walcast ran were on the first paint.
+    const first = (await page.evaluate(() => (window as unknown as { firstPaint?: unknown }).firstPaint)) as
+      | { titles: string[]; projects: string[] }
+      | undefined;
+    assert.ok(first !== undefined, "the board never showed a task");
+    for (const title of ["Old task one", "Old task two"]) {
+      assert.ok(first.titles.includes(title), `first paint lacks "${title}": ${JSON.stringify(first)}`);
+    }
+    assert.ok(first.projects.includes("Backlog"), `first paint lacks the project "Backlog": ${JSON.stringify(first)}`);
+    await page.waitForFunction(`${taskTitle(oldTasks[0] as string, "Old task one")} && ${taskTitle(oldTasks[1] as string, "Old task two")}`, undefined, {
+      timeout: 1_000,
+    });
+    assert.ok(
+      await page.evaluate(
+        (id) => document.querySelector(`[data-project-id="${id}"]`)?.textContent?.includes("Old task two") ?? false,
+        oldProject,
+      ),
+      "the old tasks are in their project's column",
+    );
+    // A row from before walcast changes live too.
+    await expectShown(
+      "update of a row from before walcast",
+      () => work.updateTask(A, oldTasks[0] as string, { title: "Old task one, revived", status: "in_progress" }),
+      () => `${taskTitle(oldTasks[0] as string, "Old task one, revived")} && ${taskSel(oldTasks[0] as string)}.dataset.status === "in_progress"`,
+    );
 
     const ship = await expectShown("insert", () => work.createTask(A, project, "Ship it"), (id) => taskTitle(id, "Ship it"));
     await work.createTask(B, bProject, "B hidden insert");
@@ -169,10 +233,12 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
       undefined,
       { timeout: 5_000 },
     );
-    // Each event applied once: applied count = seq = A's event count.
+    // Each event applied once: seq = A's event count, and the events applied
+    // after the snapshot are exactly those after its asOfSeq (a resume, no reload).
     const n = work.expectedFor(A).length;
     assert.equal(await boardSeq(), n);
-    assert.equal(await page.evaluate(() => Number(document.body.dataset["applied"])), n);
+    const snapshotSeq = await page.evaluate(() => Number(document.body.dataset["snapshotSeq"]));
+    assert.equal(await page.evaluate(() => Number(document.body.dataset["applied"])), n - snapshotSeq);
 
     // And live again afterwards.
     await expectShown("insert after resume", () => work.createTask(A, project, "Back online"), (id) => taskTitle(id, "Back online"));
@@ -191,6 +257,7 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
       let hello = "";
       const s = w.io({ forceNew: true, auth: { token: "token-a", tenant: "globex", tenant_id: "globex", lastSeq: "0" } });
       s.on("hello", (h: { tenant: string }) => (hello = h.tenant));
+      s.on("snapshot", (snap: { rows: { tenantId: string }[] }) => snap.rows.forEach((row) => seen.add(row.tenantId)));
       s.on("change", (e: { tenantId: string }) => seen.add(e.tenantId));
       await new Promise<void>((resolve) => s.on("live", () => resolve()));
       s.close();

@@ -25,6 +25,13 @@ export class WalcastDaemon {
 
   /** Migrates the database and starts `walcast run`. */
   static async start(databaseUrl: string, natsUrl: string): Promise<WalcastDaemon> {
+    const daemon = await WalcastDaemon.migrated(databaseUrl, natsUrl);
+    await daemon.start();
+    return daemon;
+  }
+
+  /** Migrates the database (which creates the slot); `start()` runs it. */
+  static async migrated(databaseUrl: string, natsUrl: string): Promise<WalcastDaemon> {
     const httpPort = await freePort();
     const env = {
       WALCAST_DATABASE_URL: databaseUrl,
@@ -33,14 +40,18 @@ export class WalcastDaemon {
       WALCAST_HTTP_ADDR: `127.0.0.1:${httpPort}`,
     };
     const daemon = new WalcastDaemon(env, makeTempDir("walcast"));
+    await daemon.migrate();
+    return daemon;
+  }
+
+  /** `walcast migrate` (idempotent; creates the slot if it is missing). */
+  async migrate(): Promise<void> {
     try {
-      await execFileAsync(walcastBin(), ["migrate"], { env: { ...process.env, ...env } });
+      await execFileAsync(walcastBin(), ["migrate"], { env: { ...process.env, ...this.env } });
     } catch (err) {
       const e = err as { stderr?: string; message: string };
       throw new Error(`walcast migrate failed: ${e.stderr ?? e.message}`);
     }
-    await daemon.start();
-    return daemon;
   }
 
   get httpAddr(): string {

@@ -1,6 +1,7 @@
-// The live board: state built only from walcast events (proto3 JSON), kept
-// in memory, rendered on each change. Resumes after a reconnect by sending
-// the last applied seq in the Socket.IO handshake.
+// The live board: the tenant's rows as the gateway loaded them from walcast's
+// state bucket (a snapshot with its seq), then walcast events (proto3 JSON)
+// applied to them, kept in memory, rendered on each change. Resumes after a
+// reconnect by sending the last applied seq in the Socket.IO handshake.
 "use strict";
 
 (() => {
@@ -11,7 +12,10 @@
   /** @type {Map<string, any>} */ const tasks = new Map();
   /** Locks by entity id `<record_type>:<record_id>`. @type {Map<string, any>} */ const locks = new Map();
   let lastSeq = 0;
+  /** Events applied since the last snapshot. */
   let applied = 0;
+  /** The asOfSeq of the last snapshot. */
+  let snapshotSeq = 0;
 
   const $ = (id) => document.getElementById(id);
 
@@ -42,6 +46,12 @@
     }
     lastSeq = seq;
     applied++;
+    setRow(event);
+    scheduleRender();
+  }
+
+  /** Puts the row an event leaves (or its absence) into the state. */
+  function setRow(event) {
     const action = event.action;
     switch (event.entity) {
       case "ENTITY_TASK":
@@ -57,14 +67,17 @@
         else if (event.lock) locks.set(event.entityId, event.lock);
         break;
     }
-    scheduleRender();
   }
 
-  function reset(fromSeq) {
+  /** Replaces the state with a snapshot: each row is its latest event. */
+  function load({ asOfSeq, rows }) {
     projects.clear();
     tasks.clear();
     locks.clear();
-    lastSeq = fromSeq;
+    for (const row of rows) setRow(row);
+    lastSeq = Number(asOfSeq);
+    snapshotSeq = lastSeq;
+    applied = 0;
     scheduleRender();
   }
 
@@ -143,6 +156,7 @@
     $("seq").textContent = `seq ${lastSeq}`;
     document.body.dataset.seq = String(lastSeq);
     document.body.dataset.applied = String(applied);
+    document.body.dataset.snapshotSeq = String(snapshotSeq);
   }
 
   // Locks expire on the clock too: re-render when one passes its expiry.
@@ -160,22 +174,22 @@
 
   // `auth` is a function so every reconnect sends the current lastSeq.
   const socket = io({ auth: (cb) => cb({ token, lastSeq: String(lastSeq) }) });
-  window.walcastBoard = { socket, state: () => ({ lastSeq, applied, projects, tasks, locks }) };
+  window.walcastBoard = { socket, state: () => ({ lastSeq, applied, snapshotSeq, projects, tasks, locks }) };
 
   socket.on("connect", () => setConnection("syncing", "syncing…"));
   socket.on("hello", ({ tenant }) => {
     $("tenant").textContent = `· ${tenant}`;
   });
+  socket.on("snapshot", load);
   socket.on("change", apply);
   socket.on("live", () => setConnection("live", "live"));
-  socket.on("resync", ({ reason, oldestSeq }) => {
-    const from = Number(oldestSeq) - 1;
+  // A snapshot follows: the board reloads the rows from walcast's state.
+  socket.on("resync", ({ reason }) => {
     notice(
       reason === "too_old"
-        ? `Events before seq ${oldestSeq} are no longer available: the board restarts from there (a real app reloads from its API).`
-        : "The feed does not know this board's position: starting over.",
+        ? "The changes missed while away are no longer in the stream: reloading the board."
+        : "The feed does not know this board's position: reloading the board.",
     );
-    reset(from);
   });
   socket.on("upstream", ({ state }) => {
     $("upstream").hidden = state === "connected";

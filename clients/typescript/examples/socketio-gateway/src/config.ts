@@ -18,6 +18,8 @@ export interface Config {
    * used. Replace with your session or JWT check.
    */
   tokens: Map<string, string>;
+  /** WALCAST_STATE_BUCKET: walcast's state bucket (default: the client's, WALCAST_STATE). */
+  stateBucket: string | undefined;
   /** HUB_IDLE_MS: keep a tenant's relay this long after its last socket left (default 30000). */
   hubIdleMs: number;
 }
@@ -49,6 +51,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     natsUrl: env["NATS_URL"] ?? "nats://127.0.0.1:4222",
     subjectPrefix: env["WALCAST_SUBJECT_PREFIX"] ?? "walcast",
     tokens,
+    stateBucket: env["WALCAST_STATE_BUCKET"] || undefined,
     hubIdleMs: Number(env["HUB_IDLE_MS"] ?? "30000"),
   };
 }

@@ -1,6 +1,7 @@
 /**
  * Example realtime gateway: Express serves the board page, Socket.IO carries
- * walcast events to browsers, one room per tenant.
+ * each tenant's rows (from walcast's state bucket) and then its walcast
+ * events to browsers, one room per tenant. It never reads Postgres.
  *
  *   GATEWAY_TOKENS=secret-a=acme,secret-b=globex NATS_URL=nats://127.0.0.1:4222 npm start
  *
@@ -69,6 +70,7 @@ function hubFor(tenant: string): TenantHub {
       nc,
       tenant,
       subjectPrefix: config.subjectPrefix,
+      stateBucket: config.stateBucket,
       idleMs: config.hubIdleMs,
       onStop: () => {
         if (hubs.get(tenant) === created) {

@@ -1,20 +1,22 @@
 /**
  * One relay per tenant: a single walcast subscription whose events go to the
- * Socket.IO room `tenant:<id>`, plus the hand-over that lets a reconnecting
- * browser resume from its last `seq` without a gap or a reorder.
+ * Socket.IO room `tenant:<id>`, plus the hand-over that gives a new browser
+ * the tenant's rows (from walcast's state bucket, with `loadAndFollow`) and
+ * lets a reconnecting one resume from its last `seq`, without a gap or a
+ * reorder.
  *
  * Hand-over invariant: a socket joins the room only at a moment when it has
- * been sent every event up to the hub's position. The replay (its own
- * subscription from the browser's `lastSeq`) runs until its events reach
- * what the hub has relayed; the join happens synchronously right then, so
- * the next event the hub relays (in a later tick) reaches the socket too.
- * The replay may run ahead of the hub, so the browser ignores `seq`s it has
- * already applied.
+ * been sent every event up to the hub's position. Its own feed (a
+ * `loadAndFollow` snapshot and the events after it, or a subscription from
+ * the browser's `lastSeq`) runs until it reaches what the hub has relayed;
+ * the join happens synchronously right then, so the next event the hub
+ * relays (in a later tick) reaches the socket too. The feed may run ahead
+ * of the hub, so the browser ignores `seq`s it has already applied.
  */
 
 import type { NatsConnection } from "@nats-io/transport-node";
-import type { Subscription } from "@walcast/client";
-import { subscribe, toJSON } from "@walcast/client";
+import type { LoadItem, Subscription } from "@walcast/client";
+import { loadAndFollow, subscribe, toJSON } from "@walcast/client";
 
 import type { GatewayServer, GatewaySocket } from "./protocol.js";
 
@@ -23,6 +25,8 @@ export interface HubOptions {
   nc: NatsConnection;
   tenant: string;
   subjectPrefix: string;
+  /** walcast's state bucket (`--state-bucket`); the client's default when undefined. */
+  stateBucket: string | undefined;
   idleMs: number;
   /** Called once the hub has stopped (idle or failed); the server forgets it. */
   onStop: () => void;
@@ -62,9 +66,10 @@ export class TenantHub {
           this.#markReady();
         },
         onResync: (item) => {
-          // Only on a repair whose events aged out: tell everyone.
+          // Only on a repair whose events aged out: the room missed them too.
+          // Its pages reconnect and, their events being gone, reload the rows.
           this.#position = item.oldestSeq - 1n;
-          io.to(this.room).emit("resync", { reason: "too_old", oldestSeq: item.oldestSeq.toString() });
+          io.in(this.room).disconnectSockets(true);
         },
         onError: (err) => {
           console.error(`gateway: tenant ${tenant}: relay failed: ${err.message}`);
@@ -77,7 +82,12 @@ export class TenantHub {
     );
   }
 
-  /** Sends `socket` what it missed after `lastSeq`, then joins it to the room. */
+  /**
+   * Brings `socket` up to date, then joins it to the room: a fresh page
+   * (`lastSeq` 0) gets the tenant's rows from walcast's state bucket, a
+   * reconnecting page the events after its `lastSeq`, or the rows again when
+   * those events are gone.
+   */
   async attach(socket: GatewaySocket, lastSeq: bigint): Promise<void> {
     this.#sockets++;
     clearTimeout(this.#idleTimer);
@@ -86,57 +96,101 @@ export class TenantHub {
     if (socket.disconnected) {
       return;
     }
-    let after = lastSeq;
-    if (after > (this.#position as bigint)) {
-      // Not a seq of this stream (database reset, another deployment).
-      socket.emit("resync", { reason: "ahead", oldestSeq: "1" });
-      after = 0n;
-    }
-    if (after === this.#position) {
-      this.#join(socket, after);
+    if (lastSeq === 0n) {
+      await this.#load(socket);
       return;
     }
-    await this.#replay(socket, after);
+    if (lastSeq > (this.#position as bigint)) {
+      // Not a seq of this stream (database reset, another deployment).
+      socket.emit("resync", { reason: "ahead" });
+      await this.#load(socket);
+      return;
+    }
+    if (lastSeq === this.#position) {
+      this.#join(socket, lastSeq);
+      return;
+    }
+    const outcome = await this.#follow(
+      socket,
+      subscribe({
+        connection: this.#options.nc,
+        tenant: this.#options.tenant,
+        afterSeq: lastSeq,
+        subjectPrefix: this.#options.subjectPrefix,
+      }),
+      lastSeq,
+    );
+    if (outcome === "too_old") {
+      // The events the page needs left the stream: its rows come from the state.
+      socket.emit("resync", { reason: "too_old" });
+      await this.#load(socket);
+    }
   }
 
-  async #replay(socket: GatewaySocket, after: bigint): Promise<void> {
-    const replay = subscribe({
-      connection: this.#options.nc,
-      tenant: this.#options.tenant,
-      afterSeq: after,
-      subjectPrefix: this.#options.subjectPrefix,
-    });
-    const stop = (): void => void replay.close();
+  /** Sends `socket` the tenant's rows and the events after them, then joins it. */
+  async #load(socket: GatewaySocket): Promise<void> {
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const load = loadAndFollow({
+        connection: this.#options.nc,
+        tenant: this.#options.tenant,
+        subjectPrefix: this.#options.subjectPrefix,
+        ...(this.#options.stateBucket === undefined ? {} : { stateBucket: this.#options.stateBucket }),
+      });
+      if ((await this.#follow(socket, load, undefined)) !== "too_old") {
+        return;
+      }
+      // Events after the snapshot aged out while it was read: read it again.
+      socket.emit("resync", { reason: "too_old" });
+    }
+    socket.disconnect(true); // the page reconnects and tries again
+  }
+
+  /**
+   * Relays `feed` (a snapshot, then events) to `socket` until it has reached
+   * what the room was sent, then joins the socket to the room. `"too_old"`
+   * when the feed reports events that aged out (nothing joined).
+   */
+  async #follow(
+    socket: GatewaySocket,
+    feed: Subscription<LoadItem>,
+    after: bigint | undefined,
+  ): Promise<"joined" | "too_old" | "ended"> {
+    const stop = (): void => void feed.close();
     socket.once("disconnect", stop);
+    // `undefined` until the snapshot arrived (load) or the starting point (resume).
     let sent = after;
     try {
-      for await (const item of replay) {
+      for await (const item of feed) {
         if (socket.disconnected) {
-          return;
+          return "ended";
         }
         if (this.#stopped) {
           socket.disconnect(true); // the page reconnects to a fresh relay
-          return;
+          return "ended";
         }
-        if (item.type === "event") {
+        if (item.type === "snapshot") {
+          socket.emit("snapshot", { asOfSeq: item.asOfSeq.toString(), rows: [...item.rows.values()].map((row) => toJSON(row)) });
+          sent = item.asOfSeq;
+        } else if (item.type === "event") {
           socket.emit("change", toJSON(item.event));
           sent = item.event.seq;
         } else if (item.type === "resync") {
-          socket.emit("resync", { reason: "too_old", oldestSeq: item.oldestSeq.toString() });
-          sent = item.oldestSeq - 1n;
+          return "too_old";
         }
         // Synchronous check-and-join: no hub event can slip in between.
-        if (sent >= (this.#position as bigint)) {
+        if (sent !== undefined && sent >= (this.#position as bigint)) {
           this.#join(socket, sent);
-          return;
+          return "joined";
         }
       }
+      return "ended";
     } catch (err) {
-      console.error(`gateway: tenant ${this.#options.tenant}: replay after ${after} failed: ${(err as Error).message}`);
+      console.error(`gateway: tenant ${this.#options.tenant}: feed after ${after ?? "snapshot"} failed: ${(err as Error).message}`);
       socket.disconnect(true);
+      return "ended";
     } finally {
       socket.off("disconnect", stop);
-      await replay.close();
+      await feed.close();
     }
   }
 
