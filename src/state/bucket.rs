@@ -54,7 +54,10 @@ pub async fn ensure(
 
 /// What `walcast check` reports: `None` if the bucket does not exist yet,
 /// else its readiness marker (after checking it is compatible).
-pub async fn inspect(js: &jetstream::Context, name: &str) -> Result<Option<Option<Marker>>, String> {
+pub async fn inspect(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<Option<Marker>>, String> {
     let Ok(mut stream) = js.get_stream(format!("KV_{name}")).await else {
         return Ok(None);
     };

@@ -60,59 +60,36 @@ pub async fn run(
     resume: Resume,
     applied: Arc<AtomicU64>,
 ) -> Result<(), String> {
-    let after = resume.after;
     // Pulled in batches: memory stays bounded however far behind the
     // projection is (a pushed consumer would queue up to the client's
     // subscription capacity, 65,536 messages).
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: after + 1,
+                start_sequence: resume.after + 1,
             },
             ..Default::default()
         })
         .await
-        .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?;
+        .map_err(read_err)?;
+    let mut messages = consumer.messages().await.map_err(read_err)?;
     let mut writer = Writer::new(js, &bucket.name, applied);
     let mut warned = [false; 2];
     // The stream only loses messages at its front (max age): after the
     // first one read, positions are consecutive.
     let mut expected: Option<u64> = None;
-    super::recent::record(after);
+    super::recent::record(resume.after);
     let mut last_sample = std::time::Instant::now();
     loop {
-        let next = if writer.is_settled() {
-            messages.next().await
-        } else {
-            match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
-                Ok(next) => next,
-                // A pause: settle what is in flight, so the position moves on.
-                Err(_) => {
-                    writer.flush().await?;
-                    metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
-                    continue;
-                }
-            }
-        };
-        let msg = match next {
-            Some(msg) => msg.map_err(|e| {
-                format!("reading the stream from JetStream for the state bucket: {e}")
-            })?,
-            None => return Err("the state's stream consumer ended".into()),
-        };
+        let msg = next_message(&mut messages, &mut writer).await?;
         let position = msg
             .info()
             .map_err(|e| format!("a stream message without its position: {e}"))?
             .stream_sequence;
-        if expected.is_some_and(|e| position != e) {
+        if let Some(expected) = expected.filter(|e| *e != position) {
             // Never write past a gap: the next run resumes from what is applied.
             return Err(format!(
-                "the state's read of the stream jumped from position {} to {position}; restarting it from the bucket",
-                expected.unwrap_or_default()
+                "the state's read of the stream jumped from position {expected} to {position}; restarting it from the bucket"
             ));
         }
         expected = Some(position + 1);
@@ -123,25 +100,66 @@ pub async fn run(
             last_sample = std::time::Instant::now();
             super::recent::record(writer.applied());
         }
-        let (subject, headers) = (msg.subject.as_str(), msg.headers.as_ref());
-        match layout::write_for(subject, headers, &msg.payload) {
-            Ok(Write::Truncate(entity)) => {
-                // Everything before it lands first; then the entity's keys go.
-                writer.flush().await?;
-                purge(bucket, entity).await?;
-                writer.skip(position).await?
+        apply(&mut writer, bucket, &resume, &msg, position, &mut warned).await?;
+    }
+}
+
+fn read_err(e: impl std::fmt::Display) -> String {
+    format!("reading the stream from JetStream for the state bucket: {e}")
+}
+
+/// The next stream message; while none comes, what is in flight is settled
+/// so the applied position moves on.
+async fn next_message(
+    messages: &mut async_nats::jetstream::consumer::pull::Ordered,
+    writer: &mut Writer,
+) -> Result<async_nats::jetstream::Message, String> {
+    loop {
+        let next = if writer.is_settled() {
+            messages.next().await
+        } else {
+            match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    writer.flush().await?;
+                    metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
+                    continue;
+                }
             }
-            Ok(write)
-                if position <= resume.recheck_through
-                    && !newer(bucket, &write, headers).await? =>
-            {
-                writer.skip(position).await?
-            }
-            Ok(write) => send(&mut writer, write, headers, &msg.payload, position).await?,
-            Err(skip) => {
-                skipped(skip, subject, &mut warned);
-                writer.skip(position).await?;
-            }
+        };
+        return match next {
+            Some(msg) => msg.map_err(read_err),
+            None => Err("the state's stream consumer ended".into()),
+        };
+    }
+}
+
+/// What one stream message does to the bucket.
+async fn apply(
+    writer: &mut Writer,
+    bucket: &Bucket,
+    resume: &Resume,
+    msg: &async_nats::jetstream::Message,
+    position: u64,
+    warned: &mut [bool; 2],
+) -> Result<(), String> {
+    let (subject, headers) = (msg.subject.as_str(), msg.headers.as_ref());
+    match layout::write_for(subject, headers, &msg.payload) {
+        Ok(Write::Truncate(entity)) => {
+            // Everything before it lands first; then the entity's keys go.
+            writer.flush().await?;
+            purge(bucket, entity).await?;
+            writer.skip(position).await
+        }
+        Ok(write)
+            if position <= resume.recheck_through && !newer(bucket, &write, headers).await? =>
+        {
+            writer.skip(position).await
+        }
+        Ok(write) => send(writer, write, headers, &msg.payload, position).await,
+        Err(skip) => {
+            skipped(skip, subject, warned);
+            writer.skip(position).await
         }
     }
 }

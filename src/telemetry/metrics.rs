@@ -119,6 +119,17 @@ fn describe() {
     );
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
+    describe_state();
+    describe_gauge!(
+        CATCHUP_INDEX_BYTES,
+        Unit::Bytes,
+        "Memory of the catch-up index: exact positions of recent events (bounded) and samples"
+    );
+    describe_gauge!(UP, "1 while walcast holds the slot and publishes");
+}
+
+/// The state bucket's metrics (SPEC §8).
+fn describe_state() {
     describe_counter!(
         STATE_WRITES,
         "Row values and delete markers written to the state bucket by the projection"
@@ -140,10 +151,4 @@ fn describe() {
         "Rows the state backfill copied from its snapshot (written, or kept because the bucket held a newer value)"
     );
     describe_gauge!(BACKFILL_RUNNING, "1 while a state backfill copies rows");
-    describe_gauge!(
-        CATCHUP_INDEX_BYTES,
-        Unit::Bytes,
-        "Memory of the catch-up index: exact positions of recent events (bounded) and samples"
-    );
-    describe_gauge!(UP, "1 while walcast holds the slot and publishes");
 }
