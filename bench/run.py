@@ -789,6 +789,49 @@ def scenario_big_tx(ctx):
     return {"rows": n, "wal_bytes": wal, "walcast": res}
 
 
+def scenario_backfill(ctx):
+    """SPEC §8 backfill: rows written before the slot existed, copied into
+    the state bucket; rows/s and walcast's peak RSS (flat in the row count)."""
+    a = ctx.args
+    n = a.backfill_rows
+    log(f"scenario 8: backfill of {n} pre-existing rows")
+    pg = ctx.pg
+    pg.sql(f"INSERT INTO tasks (id, tenant_id, title, description, priority, metadata) "
+           f"SELECT gen_random_uuid(), 'bf' || (g % 1000), 'Old task ' || g, repeat('x', 100), g % 4, "
+           f"'{{\"old\": true}}' FROM generate_series(1, {n}) g",
+           env=dict(os.environ, PGOPTIONS="-c synchronous_commit=off"))
+    total = int(pg.sql("SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM projects) "
+                       "+ (SELECT count(*) FROM editing_locks)"))
+    pg.create_slot("wc_backfill")
+    nats = NatsServer(ctx.work, ctx.nats_bin, "backfill")
+    s = Sampler()
+    s.watch("nats-server", nats.proc.pid)
+    t0 = time.monotonic()
+    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_backfill", name="backfill")
+    s.watch("walcast", wc.pid)
+    done_at = None
+    while time.monotonic() - t0 < a.drain_timeout:
+        m = wc.metrics()
+        if m.get("walcast_state_backfill_rows_total", 0) >= total and m.get("walcast_state_backfill_running") == 0:
+            done_at = time.monotonic()
+            break
+        time.sleep(0.1)
+    s.sample()
+    secs = (done_at or time.monotonic()) - t0
+    cpu = {k: s.cpu(k) for k in ("walcast", "nats-server")}
+    hwm = proc_status_mb(wc.pid, "VmHWM")
+    s.stop()
+    wc.stop()
+    nats.stop()
+    pg.drop_slot("wc_backfill")
+    if done_at is None:
+        raise RuntimeError(f"the backfill did not complete in {a.drain_timeout}s; log {wc.logpath}")
+    res = {"rows": total, "seconds": round(secs, 2), "rows_per_s": round(total / secs), "cpu_s": cpu,
+           "peak_rss_mb": round(hwm, 1) if hwm else None}
+    log(f"    {total} rows in {secs:.1f}s ({res['rows_per_s']} rows/s), peak RSS {res['peak_rss_mb']} MB")
+    return res
+
+
 def scenario_idle(ctx):
     a = ctx.args
     log(f"scenario 5: idle walcast for {a.idle_seconds}s")
@@ -1206,6 +1249,10 @@ def err(run):
 def summary_rows(res):
     rows = []
     sc = res["scenarios"]
+    b = sc.get("backfill")
+    if b and "error" not in b:
+        rows.append(("8 backfill (SPEC §8)", "rows/s; walcast peak RSS MB", b["rows_per_s"], "flat RSS",
+                     "see RSS", f"{b['rows']} rows in {b['seconds']} s, peak RSS {b['peak_rss_mb']} MB"))
     d = sc.get("drain")
     if d and "error" not in d:
         base = d.get("baseline_events_per_s")
@@ -1382,6 +1429,7 @@ def main():
     ap.add_argument("--tenants", type=int, default=1000)
     ap.add_argument("--tenants-large", type=int, default=100_000)
     ap.add_argument("--big-tx-rows", type=int, default=5_000_000)
+    ap.add_argument("--backfill-rows", type=int, default=1_000_000)
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--latency-seconds", type=int, default=60)
     ap.add_argument("--floor-seconds", type=int, default=20)
@@ -1473,7 +1521,7 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "idle", "latency", "catchup", "catchup_flood"]
+        order = ["drain", "tenants", "big_tx", "backfill", "idle", "latency", "catchup", "catchup_flood"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1485,6 +1533,8 @@ def main():
                     r = scenario_tenants(ctx, res["scenarios"].get("drain"))
                 elif name == "big_tx":
                     r = scenario_big_tx(ctx)
+                elif name == "backfill":
+                    r = scenario_backfill(ctx)
                 elif name == "idle":
                     r = scenario_idle(ctx)
                 elif name == "latency":
