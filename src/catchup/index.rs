@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::exact::Exact;
+use crate::position::{StreamSeq, TenantSeq};
 
 /// One sample per this many events of a tenant (until [`MAX_SAMPLES`]).
 pub const SAMPLE_EVERY: u64 = 64;
@@ -257,13 +258,13 @@ impl Index {
     }
 
     /// Seeds last seqs from the checkpoint (stream positions unknown yet).
-    pub fn seed(&self, tenants: &[(String, u64)]) {
+    pub fn seed(&self, tenants: &[(String, TenantSeq)]) {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         *state = Tenants::new(state.max_samples, state.max_exact_bytes);
         for (t, seq) in tenants {
             state
                 .map
-                .insert(Arc::from(t.as_str()), TenantTail::new(*seq));
+                .insert(Arc::from(t.as_str()), TenantTail::new(seq.0));
         }
     }
 
@@ -271,11 +272,12 @@ impl Index {
     /// sequences. The tenants' positions and the next stream sequence change
     /// together, under the lock, so a reader on another thread
     /// ([`Index::known_with_next`]) never sees one without the other.
-    pub fn record(&self, events: &[(Arc<str>, u64, u64)], next_stream_seq: u64) {
+    pub fn record(&self, events: &[(Arc<str>, TenantSeq, StreamSeq)], next_stream_seq: StreamSeq) {
+        let next_stream_seq = next_stream_seq.0;
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         if !events.is_empty() {
             for (tenant, seq, stream_seq) in events {
-                state.push(tenant, *seq, *stream_seq);
+                state.push(tenant, seq.0, stream_seq.0);
             }
             state.bound(next_stream_seq);
             state.report();
@@ -314,13 +316,13 @@ impl Index {
     }
 
     /// The index is complete only once the replay reaches stream message `seq`.
-    pub fn expect_replay_through(&self, seq: u64) {
-        self.replay_to.store(seq, Ordering::SeqCst);
+    pub fn expect_replay_through(&self, seq: StreamSeq) {
+        self.replay_to.store(seq.0, Ordering::SeqCst);
     }
 
     /// Messages up to `seq` already in the stream have been replayed and recorded.
-    pub fn replayed_through(&self, seq: u64) {
-        self.replayed.fetch_max(seq, Ordering::SeqCst);
+    pub fn replayed_through(&self, seq: StreamSeq) {
+        self.replayed.fetch_max(seq.0, Ordering::SeqCst);
     }
 
     /// Whether answers reflect everything the stream holds.
@@ -384,8 +386,10 @@ mod tests {
     fn windows_narrow_to_samples() {
         let index = Index::default();
         let t: Arc<str> = Arc::from("acme");
-        let events: Vec<_> = (1..=200).map(|s| (t.clone(), s, s * 3)).collect();
-        index.record(&events, 601);
+        let events: Vec<_> = (1..=200)
+            .map(|s| (t.clone(), TenantSeq(s), StreamSeq(s * 3)))
+            .collect();
+        index.record(&events, StreamSeq(601));
         let tail = index.tenants.read().unwrap().map["acme"].clone();
         assert_eq!(
             tail.samples,
@@ -409,9 +413,14 @@ mod tests {
         for chunk in (1..=100_000u64).collect::<Vec<_>>().chunks(500) {
             let events: Vec<_> = chunk
                 .iter()
-                .flat_map(|&s| [(a.clone(), s, 2 * s - 1), (b.clone(), s, 2 * s)])
+                .flat_map(|&s| {
+                    [
+                        (a.clone(), TenantSeq(s), StreamSeq(2 * s - 1)),
+                        (b.clone(), TenantSeq(s), StreamSeq(2 * s)),
+                    ]
+                })
                 .collect();
-            index.record(&events, 2 * chunk[chunk.len() - 1] + 1);
+            index.record(&events, StreamSeq(2 * chunk[chunk.len() - 1] + 1));
             high = high.max(index.tenants.read().unwrap().samples);
         }
         let state = index.tenants.read().unwrap();
@@ -440,9 +449,15 @@ mod tests {
         // Thinning never loops on tenants with a single sample each.
         let many = Index::with_bounds(4, MAX_EXACT_BYTES);
         let events: Vec<_> = (0..100u64)
-            .map(|t| (Arc::from(format!("t{t}").as_str()), 1, t + 1))
+            .map(|t| {
+                (
+                    Arc::from(format!("t{t}").as_str()),
+                    TenantSeq(1),
+                    StreamSeq(t + 1),
+                )
+            })
             .collect();
-        many.record(&events, 101);
+        many.record(&events, StreamSeq(101));
         assert_eq!(many.tenants.read().unwrap().samples, 100);
     }
 
@@ -457,11 +472,11 @@ mod tests {
             for &s in chunk {
                 for k in 1..10 {
                     b_seq += 1;
-                    events.push((b.clone(), b_seq, 10 * (s - 1) + k));
+                    events.push((b.clone(), TenantSeq(b_seq), StreamSeq(10 * (s - 1) + k)));
                 }
-                events.push((a.clone(), s, 10 * s));
+                events.push((a.clone(), TenantSeq(s), StreamSeq(10 * s)));
             }
-            index.record(&events, 10 * chunk[chunk.len() - 1] + 1);
+            index.record(&events, StreamSeq(10 * chunk[chunk.len() - 1] + 1));
             assert!(index.exact_bytes() <= 64 << 10, "{}", index.exact_bytes());
         }
         let known = |seq| index.known("a", seq, 500_000).unwrap();
@@ -517,10 +532,10 @@ mod tests {
             let events: Vec<_> = tenants
                 .iter()
                 .enumerate()
-                .map(|(i, t)| (t.clone(), seq, next + i as u64))
+                .map(|(i, t)| (t.clone(), TenantSeq(seq), StreamSeq(next + i as u64)))
                 .collect();
             next += 4;
-            index.record(&events, next);
+            index.record(&events, StreamSeq(next));
         }
         assert!(reader.join().expect("reader thread") > 0);
     }
@@ -528,11 +543,13 @@ mod tests {
     #[test]
     fn rebuilt_positions_go_in_front_of_recorded_ones() {
         let index = Index::default();
-        index.seed(&[("a".to_string(), 100)]);
+        index.seed(&[("a".to_string(), TenantSeq(100))]);
         let a: Arc<str> = Arc::from("a");
         // The new run publishes seqs 101..=200 at 1001..=1100.
-        let live: Vec<_> = (101..=200).map(|s| (a.clone(), s, s + 900)).collect();
-        index.record(&live, 1101);
+        let live: Vec<_> = (101..=200)
+            .map(|s| (a.clone(), TenantSeq(s), StreamSeq(s + 900)))
+            .collect();
+        index.record(&live, StreamSeq(1101));
         assert_eq!(index.known("a", 50, 1100).unwrap().exact, None);
         // Read back newest first: 51..=100 at 951..=1000, then 1..=50 at 2, 4, ...
         for range in [51..=100u64, 1..=50] {

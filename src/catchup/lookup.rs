@@ -202,6 +202,7 @@ fn next_probe(
 mod tests {
     use super::*;
     use crate::catchup::index::{Index, TenantTail};
+    use crate::position::{StreamSeq, TenantSeq};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -298,7 +299,7 @@ mod tests {
                 last[*t as usize] += 1;
                 messages.insert(i as u64 + 1, (*t, last[*t as usize]));
                 if mode > 0 {
-                    index.record(&[(Arc::from(format!("t{t}").as_str()), last[*t as usize], i as u64 + 1)], i as u64 + 2);
+                    index.record(&[(Arc::from(format!("t{t}").as_str()), TenantSeq(last[*t as usize]), StreamSeq(i as u64 + 1))], StreamSeq(i as u64 + 2));
                 }
             }
             let stream_last = tenants.len() as u64;
