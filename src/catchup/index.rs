@@ -42,39 +42,39 @@ pub const MAX_EXACT_BYTES: usize = 24 << 20;
 /// exact positions of its recent events.
 #[derive(Debug, Default, Clone)]
 pub struct TenantTail {
-    pub last_seq: u64,
-    pub last_stream_seq: u64,
+    pub last_seq: TenantSeq,
+    pub last_stream_seq: StreamSeq,
     /// `(seq, stream_seq)`, ascending.
-    pub samples: Vec<(u64, u64)>,
+    pub samples: Vec<(TenantSeq, StreamSeq)>,
     exact: Exact,
 }
 
 /// What the index knows about where one event of a tenant is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Known {
-    pub last_seq: u64,
-    pub last_stream_seq: u64,
+    pub last_seq: TenantSeq,
+    pub last_stream_seq: StreamSeq,
     /// The event's exact stream sequence, if it is among the recent ones.
-    pub exact: Option<u64>,
+    pub exact: Option<StreamSeq>,
     /// Stream sequences the event lies within, if it is in the stream.
     pub window: Window,
     /// For estimates only: a lower bound of the tenant's seq at
     /// `window.from`, and a `(stream_seq, seq)` of the tenant past
     /// `window.to` (or where its next event would be).
-    pub from_seq: u64,
-    pub above: (u64, u64),
+    pub from_seq: TenantSeq,
+    pub above: (StreamSeq, TenantSeq),
 }
 
 /// Bounds for the event with `seq`: stream sequences it lies within.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
-    pub from: u64,
-    pub to: u64,
+    pub from: StreamSeq,
+    pub to: StreamSeq,
 }
 
 impl TenantTail {
     /// A tail that knows only the tenant's last seq (e.g. from a checkpoint).
-    pub fn new(last_seq: u64) -> Self {
+    pub fn new(last_seq: TenantSeq) -> Self {
         TenantTail {
             last_seq,
             ..Default::default()
@@ -82,39 +82,48 @@ impl TenantTail {
     }
 
     /// What is known about the event with `seq`.
-    pub fn known(&self, seq: u64, stream_last: u64) -> Known {
+    pub fn known(&self, seq: TenantSeq, stream_last: StreamSeq) -> Known {
         let window = self.window(seq, stream_last);
         let at = self.samples.partition_point(|(s, _)| *s <= seq);
         Known {
             last_seq: self.last_seq,
             last_stream_seq: self.last_stream_seq,
-            exact: self.exact.find(seq),
+            exact: self.exact.find(seq.0).map(StreamSeq),
             window,
-            from_seq: at.checked_sub(1).map_or(1, |i| self.samples[i].0),
+            from_seq: at
+                .checked_sub(1)
+                .map_or(TenantSeq(1), |i| self.samples[i].0),
             above: self.samples.get(at).map_or(
-                (window.to.saturating_add(1), self.last_seq.saturating_add(1)),
+                (
+                    StreamSeq(window.to.0.saturating_add(1)),
+                    TenantSeq(self.last_seq.0.saturating_add(1)),
+                ),
                 |&(s, q)| (q, s),
             ),
         }
     }
 
     /// The narrowest known window of stream sequences holding `seq`.
-    pub fn window(&self, seq: u64, stream_last: u64) -> Window {
-        if seq == self.last_seq && self.last_stream_seq > 0 {
+    pub fn window(&self, seq: TenantSeq, stream_last: StreamSeq) -> Window {
+        if seq == self.last_seq && self.last_stream_seq > StreamSeq(0) {
             return Window {
                 from: self.last_stream_seq,
                 to: self.last_stream_seq,
             };
         }
         let at = self.samples.partition_point(|(s, _)| *s <= seq);
-        let from = if at > 0 { self.samples[at - 1].1 } else { 1 };
+        let from = if at > 0 {
+            self.samples[at - 1].1
+        } else {
+            StreamSeq(1)
+        };
         let to = self.samples.get(at).map_or(
-            if self.last_stream_seq > 0 {
+            if self.last_stream_seq > StreamSeq(0) {
                 self.last_stream_seq
             } else {
                 stream_last
             },
-            |(_, q)| q.saturating_sub(1).max(from),
+            |(_, q)| StreamSeq(q.0.saturating_sub(1)).max(from),
         );
         Window { from, to }
     }
@@ -135,7 +144,7 @@ struct Tenants {
     exact_bytes: usize,
     max_exact_bytes: usize,
     /// Exact positions before this stream sequence have been dropped.
-    exact_from: u64,
+    exact_from: StreamSeq,
 }
 
 impl Tenants {
@@ -147,24 +156,24 @@ impl Tenants {
             max_samples,
             exact_bytes: 0,
             max_exact_bytes,
-            exact_from: 0,
+            exact_from: StreamSeq(0),
         }
     }
 
     /// Records that the tenant's event `seq` is at `stream_seq` (the
     /// tenant's latest so far); call [`Tenants::bound`] after a batch.
-    fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+    fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
         let tail = match self.map.get_mut(tenant) {
             Some(tail) => tail,
             None => self.map.entry(tenant.clone()).or_default(),
         };
         tail.last_seq = seq;
         tail.last_stream_seq = stream_seq;
-        if seq % self.every == 1 {
+        if seq.0 % self.every == 1 {
             tail.samples.push((seq, stream_seq));
             self.samples += 1;
         }
-        self.exact_bytes += tail.exact.push(seq, stream_seq);
+        self.exact_bytes += tail.exact.push(seq.0, stream_seq.0);
     }
 
     /// Publishes the index's memory as a metric.
@@ -174,7 +183,7 @@ impl Tenants {
     }
 
     /// Keeps samples and exact positions within their bounds.
-    fn bound(&mut self, next_stream_seq: u64) {
+    fn bound(&mut self, next_stream_seq: StreamSeq) {
         if self.samples >= self.max_samples.max(2 * self.map.len()) {
             self.thin();
         }
@@ -183,11 +192,11 @@ impl Tenants {
 
     /// Drops the exact positions of the older half of the stream range they
     /// cover, until they fit the bound again.
-    fn drop_old_exact(&mut self, next_stream_seq: u64) {
+    fn drop_old_exact(&mut self, next_stream_seq: StreamSeq) {
         while self.exact_bytes > self.max_exact_bytes && self.exact_from < next_stream_seq {
             let cutoff = self.exact_from + (next_stream_seq - self.exact_from).div_ceil(2);
             for tail in self.map.values_mut() {
-                self.exact_bytes -= tail.exact.drop_before(cutoff);
+                self.exact_bytes -= tail.exact.drop_before(cutoff.0);
             }
             self.exact_from = cutoff;
         }
@@ -200,7 +209,7 @@ impl Tenants {
         let every = self.every;
         self.samples = 0;
         for tail in self.map.values_mut() {
-            tail.samples.retain(|(seq, _)| seq % every == 1);
+            tail.samples.retain(|(seq, _)| seq.0 % every == 1);
             tail.samples.shrink_to_fit();
             self.samples += tail.samples.len();
         }
@@ -220,12 +229,12 @@ impl Default for Rebuilt {
 
 impl Rebuilt {
     /// Records one message, in stream order.
-    pub fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+    pub fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
         self.0.push(tenant, seq, stream_seq);
     }
 
     /// Keeps the positions within bounds (call every few thousand messages).
-    pub fn bound(&mut self, next_stream_seq: u64) {
+    pub fn bound(&mut self, next_stream_seq: StreamSeq) {
         self.0.bound(next_stream_seq);
     }
 }
@@ -264,7 +273,7 @@ impl Index {
         for (t, seq) in tenants {
             state
                 .map
-                .insert(Arc::from(t.as_str()), TenantTail::new(seq.0));
+                .insert(Arc::from(t.as_str()), TenantTail::new(*seq));
         }
     }
 
@@ -273,17 +282,16 @@ impl Index {
     /// together, under the lock, so a reader on another thread
     /// ([`Index::known_with_next`]) never sees one without the other.
     pub fn record(&self, events: &[(Arc<str>, TenantSeq, StreamSeq)], next_stream_seq: StreamSeq) {
-        let next_stream_seq = next_stream_seq.0;
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         if !events.is_empty() {
             for (tenant, seq, stream_seq) in events {
-                state.push(tenant, seq.0, stream_seq.0);
+                state.push(tenant, *seq, *stream_seq);
             }
             state.bound(next_stream_seq);
             state.report();
         }
         self.next_stream_seq
-            .fetch_max(next_stream_seq, Ordering::SeqCst);
+            .fetch_max(next_stream_seq.0, Ordering::SeqCst);
     }
 
     /// Puts positions read back from the stream (all older than anything
@@ -294,13 +302,13 @@ impl Index {
         let every = state.every;
         for (tenant, mut old) in older.0.map {
             let tail = state.map.entry(tenant).or_default();
-            if tail.last_stream_seq == 0 && tail.last_seq <= old.last_seq {
+            if tail.last_stream_seq == StreamSeq(0) && tail.last_seq <= old.last_seq {
                 tail.last_seq = old.last_seq;
                 tail.last_stream_seq = old.last_stream_seq;
             }
-            let first_new = tail.samples.first().map_or(u64::MAX, |s| s.0);
+            let first_new = tail.samples.first().map_or(TenantSeq(u64::MAX), |s| s.0);
             old.samples
-                .retain(|(seq, _)| seq % every == 1 && *seq < first_new);
+                .retain(|(seq, _)| seq.0 % every == 1 && *seq < first_new);
             let added = old.samples.len();
             old.samples.append(&mut tail.samples);
             tail.samples = old.samples;
@@ -310,7 +318,7 @@ impl Index {
             state.samples += added;
             state.exact_bytes += tail.exact.bytes();
         }
-        let next = self.next_stream_seq.load(Ordering::SeqCst);
+        let next = StreamSeq(self.next_stream_seq.load(Ordering::SeqCst));
         state.bound(next);
         state.report();
     }
@@ -334,7 +342,7 @@ impl Index {
     /// the tenant (`stream_last`: the stream's last sequence, the bound of a
     /// window when the tenant's own last position is not known).
     #[cfg(test)] // the service reads both at once: `known_with_next`
-    pub fn known(&self, tenant: &str, seq: u64, stream_last: u64) -> Option<Known> {
+    pub fn known(&self, tenant: &str, seq: TenantSeq, stream_last: StreamSeq) -> Option<Known> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -351,15 +359,18 @@ impl Index {
     pub fn known_with_next(
         &self,
         tenant: &str,
-        seq: u64,
-        stream_last: u64,
-    ) -> (Option<Known>, u64) {
+        seq: TenantSeq,
+        stream_last: StreamSeq,
+    ) -> (Option<Known>, StreamSeq) {
         let state = self.tenants.read().unwrap_or_else(|p| p.into_inner());
         let known = state
             .map
             .get(tenant)
             .map(|tail| tail.known(seq, stream_last));
-        (known, self.next_stream_seq.load(Ordering::SeqCst))
+        (
+            known,
+            StreamSeq(self.next_stream_seq.load(Ordering::SeqCst)),
+        )
     }
 
     /// Bytes of exact positions held (bounded by [`MAX_EXACT_BYTES`]).
@@ -373,14 +384,25 @@ impl Index {
 
     /// The stream sequence the next event will get.
     #[cfg(test)]
-    pub fn next_stream_seq(&self) -> u64 {
-        self.next_stream_seq.load(Ordering::SeqCst)
+    pub fn next_stream_seq(&self) -> StreamSeq {
+        StreamSeq(self.next_stream_seq.load(Ordering::SeqCst))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn w(from: u64, to: u64) -> Window {
+        Window {
+            from: StreamSeq(from),
+            to: StreamSeq(to),
+        }
+    }
+
+    fn plain(samples: &[(TenantSeq, StreamSeq)]) -> Vec<(u64, u64)> {
+        samples.iter().map(|&(s, q)| (s.0, q.0)).collect()
+    }
 
     #[test]
     fn windows_narrow_to_samples() {
@@ -392,16 +414,17 @@ mod tests {
         index.record(&events, StreamSeq(601));
         let tail = index.tenants.read().unwrap().map["acme"].clone();
         assert_eq!(
-            tail.samples,
+            plain(&tail.samples),
             vec![(1, 3), (65, 195), (129, 387), (193, 579)]
         );
-        assert_eq!(tail.window(200, 600), Window { from: 600, to: 600 });
-        assert_eq!(tail.window(70, 600), Window { from: 195, to: 386 });
-        assert_eq!(tail.window(65, 600), Window { from: 195, to: 386 });
-        assert_eq!(tail.window(199, 600), Window { from: 579, to: 600 });
-        assert_eq!(index.next_stream_seq(), 601);
-        let fresh = TenantTail::new(10);
-        assert_eq!(fresh.window(5, 900), Window { from: 1, to: 900 });
+        let window = |seq, last| tail.window(TenantSeq(seq), StreamSeq(last));
+        assert_eq!(window(200, 600), w(600, 600));
+        assert_eq!(window(70, 600), w(195, 386));
+        assert_eq!(window(65, 600), w(195, 386));
+        assert_eq!(window(199, 600), w(579, 600));
+        assert_eq!(index.next_stream_seq(), StreamSeq(601));
+        let fresh = TenantTail::new(TenantSeq(10));
+        assert_eq!(fresh.window(TenantSeq(5), StreamSeq(900)), w(1, 900));
     }
 
     #[test]
@@ -434,15 +457,15 @@ mod tests {
         drop(state);
         let tail = index.tenants.read().unwrap().map["a"].clone();
         assert!(
-            tail.samples
+            plain(&tail.samples)
                 .iter()
                 .all(|(s, q)| s % 4096 == 1 && *q == 2 * s - 1)
         );
         assert!(tail.samples.windows(2).all(|w| w[0].0 < w[1].0));
         // Windows stay correct, only wider.
         for seq in [1, 2, 4096, 4097, 50_000, 99_999] {
-            let w = tail.window(seq, 200_001);
-            let at = 2 * seq - 1;
+            let w = tail.window(TenantSeq(seq), StreamSeq(200_001));
+            let at = StreamSeq(2 * seq - 1);
             assert!(w.from <= at && at <= w.to, "{seq}: {w:?}");
             assert!(w.to - w.from < 2 * 4096, "{seq}: {w:?}");
         }
@@ -479,19 +502,29 @@ mod tests {
             index.record(&events, StreamSeq(10 * chunk[chunk.len() - 1] + 1));
             assert!(index.exact_bytes() <= 64 << 10, "{}", index.exact_bytes());
         }
-        let known = |seq| index.known("a", seq, 500_000).unwrap();
-        assert_eq!(known(50_000).exact, Some(500_000));
-        assert_eq!(known(49_000).exact, Some(490_000));
+        let known = |seq| {
+            index
+                .known("a", TenantSeq(seq), StreamSeq(500_000))
+                .unwrap()
+        };
+        assert_eq!(known(50_000).exact, Some(StreamSeq(500_000)));
+        assert_eq!(known(49_000).exact, Some(StreamSeq(490_000)));
         // The oldest are no longer exact, but their window still holds them.
         let old = known(10);
         assert_eq!(old.exact, None);
-        assert!(old.window.from <= 100 && 100 <= old.window.to, "{old:?}");
-        assert_eq!(old.last_seq, 50_000);
-        assert_eq!(
-            index.known("b", 450_000, 500_000).unwrap().exact,
-            Some(499_999)
+        assert!(
+            old.window.from <= StreamSeq(100) && StreamSeq(100) <= old.window.to,
+            "{old:?}"
         );
-        assert!(index.known("c", 1, 500_000).is_none());
+        assert_eq!(old.last_seq, TenantSeq(50_000));
+        assert_eq!(
+            index
+                .known("b", TenantSeq(450_000), StreamSeq(500_000))
+                .unwrap()
+                .exact,
+            Some(StreamSeq(499_999))
+        );
+        assert!(index.known("c", TenantSeq(1), StreamSeq(500_000)).is_none());
     }
 
     /// The publisher records on one thread while the catch-up service reads
@@ -509,9 +542,9 @@ mod tests {
             std::thread::spawn(move || {
                 let mut checked = 0u64;
                 loop {
-                    let last_round = index.next_stream_seq() > 200_000;
+                    let last_round = index.next_stream_seq() > StreamSeq(200_000);
                     for t in ["t0", "t1", "t2", "t3"] {
-                        let (known, next) = index.known_with_next(t, 1, 0);
+                        let (known, next) = index.known_with_next(t, TenantSeq(1), StreamSeq(0));
                         if let Some(k) = known {
                             assert!(next > k.last_stream_seq, "{t}: next {next}, {k:?}");
                             // Each tenant's last event is the one before the
@@ -550,27 +583,35 @@ mod tests {
             .map(|s| (a.clone(), TenantSeq(s), StreamSeq(s + 900)))
             .collect();
         index.record(&live, StreamSeq(1101));
-        assert_eq!(index.known("a", 50, 1100).unwrap().exact, None);
+        let known = |s| index.known("a", TenantSeq(s), StreamSeq(1100)).unwrap();
+        assert_eq!(known(50).exact, None);
         // Read back newest first: 51..=100 at 951..=1000, then 1..=50 at 2, 4, ...
         for range in [51..=100u64, 1..=50] {
             let mut rebuilt = Rebuilt::default();
             for s in range {
-                rebuilt.push(&a, s, if s > 50 { s + 900 } else { 2 * s });
+                let at = if s > 50 { s + 900 } else { 2 * s };
+                rebuilt.push(&a, TenantSeq(s), StreamSeq(at));
             }
             index.merge_older(rebuilt);
         }
         for s in 1..=200u64 {
-            let want = if s > 50 { s + 900 } else { 2 * s };
-            let known = index.known("a", s, 1100).unwrap();
+            let want = StreamSeq(if s > 50 { s + 900 } else { 2 * s });
+            let known = known(s);
             assert_eq!(known.exact, Some(want), "seq {s}");
             assert!(
                 known.window.from <= want && want <= known.window.to,
                 "{s}: {known:?}"
             );
-            assert_eq!((known.last_seq, known.last_stream_seq), (200, 1100));
+            assert_eq!(
+                (known.last_seq, known.last_stream_seq),
+                (TenantSeq(200), StreamSeq(1100))
+            );
         }
         let samples = &index.tenants.read().unwrap().map["a"].samples;
-        assert_eq!(samples, &vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]);
+        assert_eq!(
+            plain(samples),
+            vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]
+        );
         assert_eq!(index.tenants.read().unwrap().samples, 4);
     }
 }

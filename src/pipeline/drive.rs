@@ -104,7 +104,7 @@ async fn spawn_stages(
     index.record(&[], last_seq.next());
     // Only the instance holding the slot answers catch-up requests; it runs
     // on its own thread and connection until this run ends.
-    let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq.0).await?;
+    let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
     // Likewise the state bucket: one writer, the slot's holder.
     let state = state::start(s, &ctx.db, &ctx.health).await?;
     let publisher = Publisher {
