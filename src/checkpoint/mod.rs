@@ -98,7 +98,7 @@ async fn run<S: Store>(
                 Some(seg) => {
                     acked_lsn = seg.end_lsn;
                     acked_seq = acked_seq.max(seg.stream_seq);
-                    health.acked(seg.end_lsn.0, acked_seq.0);
+                    health.acked(seg.end_lsn, acked_seq);
                     queue.push(seg);
                 }
                 None => open = false,
