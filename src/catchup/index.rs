@@ -88,7 +88,7 @@ impl TenantTail {
         Known {
             last_seq: self.last_seq,
             last_stream_seq: self.last_stream_seq,
-            exact: self.exact.find(seq.0).map(StreamSeq),
+            exact: self.exact.find(seq),
             window,
             from_seq: at
                 .checked_sub(1)
@@ -173,7 +173,7 @@ impl Tenants {
             tail.samples.push((seq, stream_seq));
             self.samples += 1;
         }
-        self.exact_bytes += tail.exact.push(seq.0, stream_seq.0);
+        self.exact_bytes += tail.exact.push(seq, stream_seq);
     }
 
     /// Publishes the index's memory as a metric.
@@ -196,7 +196,7 @@ impl Tenants {
         while self.exact_bytes > self.max_exact_bytes && self.exact_from < next_stream_seq {
             let cutoff = self.exact_from + (next_stream_seq - self.exact_from).div_ceil(2);
             for tail in self.map.values_mut() {
-                self.exact_bytes -= tail.exact.drop_before(cutoff.0);
+                self.exact_bytes -= tail.exact.drop_before(cutoff);
             }
             self.exact_from = cutoff;
         }
