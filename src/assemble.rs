@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use crate::decode::{Message, Relation, ReplicaIdentity, Truncate};
 use crate::events::{Change, EventBuilder, Layout, Tables, TxContext, actor, timestamp};
 use crate::handoff::Item;
+use crate::lsn::Lsn;
 use crate::proto::Entity;
 
 /// The stream broke the protocol's rules; the pipeline restarts.
@@ -53,11 +54,11 @@ pub struct Assembler {
     sources: HashMap<u32, KnownSource>,
     warned_identity: HashSet<u32>,
     tx: Option<OpenTx>,
-    resume_at: u64,
+    resume_at: Lsn,
 }
 
 impl Assembler {
-    pub fn new(tables: Tables, builder: EventBuilder, resume_at: u64) -> Self {
+    pub fn new(tables: Tables, builder: EventBuilder, resume_at: Lsn) -> Self {
         Assembler {
             tables,
             builder,
@@ -165,20 +166,20 @@ impl Assembler {
             Message::Begin(b) => {
                 self.tx = Some(OpenTx {
                     ctx: TxContext {
-                        commit_lsn: b.final_lsn,
+                        commit_lsn: Lsn(b.final_lsn),
                         commit_time: timestamp::from_pg_micros(b.commit_time),
                         xid: b.xid,
                         actor: None,
                     },
                     next_index: 0,
-                    skip: b.final_lsn < self.resume_at,
+                    skip: Lsn(b.final_lsn) < self.resume_at,
                 });
             }
             Message::Commit(c) => {
                 self.tx
                     .take()
                     .ok_or(AssembleError::OutsideTransaction("Commit"))?;
-                out.push(Item::Boundary(c.end_lsn));
+                out.push(Item::Boundary(Lsn(c.end_lsn)));
             }
             Message::Relation(rel) => self.relation(&rel),
             Message::Message(m) if m.transactional && m.prefix == actor::MESSAGE_PREFIX => {
@@ -352,7 +353,7 @@ mod tests {
         Assembler::new(
             Tables::default(),
             EventBuilder::new("walcast", Sequencer::default()),
-            0,
+            Lsn(0),
         )
     }
 

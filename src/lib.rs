@@ -29,6 +29,7 @@ pub mod handoff;
 pub mod lsn;
 pub mod migrate;
 pub(crate) mod pipeline;
+pub mod position;
 pub mod publish;
 pub mod secrets;
 pub mod service_thread;

@@ -21,6 +21,7 @@ use walcast::assemble::Assembler;
 use walcast::decode::{Column, Message, Relation, ReplicaIdentity, Value, decode};
 use walcast::events::{EventBuilder, Route, Sequencer, Tables, parse_event_id, tenant};
 use walcast::handoff::Item;
+use walcast::lsn::Lsn;
 use walcast::proto::change_event::After;
 use walcast::proto::{Action, ChangeEvent, Entity};
 
@@ -113,7 +114,7 @@ fuzz_target!(|data: &[u8]| {
     let mut assembler = Assembler::new(
         Tables::default(),
         EventBuilder::new("walcast", Sequencer::default()),
-        0,
+        Lsn(0),
     );
     let mut columns: HashMap<u32, Vec<String>> = HashMap::new();
     let mut prelude = Vec::new();
@@ -160,7 +161,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(event.event_id, e.event_id);
             assert_eq!(
                 parse_event_id(&e.event_id),
-                Some((event.commit_lsn, event.tx_index))
+                Some((Lsn(event.commit_lsn), event.tx_index))
             );
             assert_ne!(event.entity(), Entity::Unspecified);
             assert_ne!(event.action(), Action::Unspecified);
@@ -170,8 +171,8 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(event.tenant_id, **t);
                     let last = seqs.entry(t.to_string()).or_default();
                     *last += 1;
-                    assert_eq!(*seq, *last, "seq of tenant {t}");
-                    assert_eq!(event.seq, *seq);
+                    assert_eq!(seq.0, *last, "seq of tenant {t}");
+                    assert_eq!(event.seq, seq.0);
                     assert_eq!(e.subject.split('.').count(), 4, "{}", e.subject);
                     assert!(e.subject.starts_with(&format!("walcast.{t}.")));
                 }

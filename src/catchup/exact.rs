@@ -8,6 +8,8 @@
 //! varint deltas of the stream sequence (a tenant with 10 % of the traffic
 //! needs 1 byte per event, one with 0.1 % needs 2).
 
+use crate::position::{StreamSeq, TenantSeq};
+
 /// Events per run: a lookup decodes at most this many deltas.
 pub const RUN: u32 = 64;
 
@@ -38,7 +40,8 @@ pub struct Exact {
 impl Exact {
     /// Appends the position of `seq`; returns the bytes it added (for the
     /// index's budget). Seqs that do not follow the last one start a new run.
-    pub fn push(&mut self, seq: u64, stream_seq: u64) -> usize {
+    pub fn push(&mut self, seq: TenantSeq, stream_seq: StreamSeq) -> usize {
+        let (seq, stream_seq) = (seq.0, stream_seq.0); // stored as plain varint deltas
         let (last_seq, last_stream) = self.last;
         if !self.marks.is_empty() && (seq <= last_seq || stream_seq <= last_stream) {
             return 0; // out of order: keep the runs sorted, answers search instead
@@ -58,7 +61,8 @@ impl Exact {
     }
 
     /// The stream sequence of `seq`, if it is still held.
-    pub fn find(&self, seq: u64) -> Option<u64> {
+    pub fn find(&self, seq: TenantSeq) -> Option<StreamSeq> {
+        let seq = seq.0;
         let i = self.marks.partition_point(|m| m.seq <= seq);
         let mark = self.marks.get(i.checked_sub(1)?)?;
         let end = self
@@ -75,12 +79,13 @@ impl Exact {
             stream_seq += delta;
             pos += len;
         }
-        Some(stream_seq)
+        Some(StreamSeq(stream_seq))
     }
 
     /// Drops the runs that end before stream sequence `cutoff` (positions
     /// at or after it stay); returns the bytes freed.
-    pub fn drop_before(&mut self, cutoff: u64) -> usize {
+    pub fn drop_before(&mut self, cutoff: StreamSeq) -> usize {
+        let cutoff = cutoff.0;
         let mut n = self
             .marks
             .partition_point(|m| m.stream_seq <= cutoff)
@@ -172,7 +177,7 @@ mod tests {
             for (seq_step, stream_step) in &steps {
                 seq += seq_step; // a step of 2 leaves a seq out (a new run)
                 stream_seq += stream_step;
-                bytes += exact.push(seq, stream_seq);
+                bytes += exact.push(TenantSeq(seq), StreamSeq(stream_seq));
                 recorded.push((seq, stream_seq));
             }
             prop_assert_eq!(bytes, exact.bytes());
@@ -180,6 +185,7 @@ mod tests {
             let split = cut_at.min(recorded.len());
             let (mut front, mut back) = (Exact::default(), Exact::default());
             for (i, &(s, q)) in recorded.iter().enumerate() {
+                let (s, q) = (TenantSeq(s), StreamSeq(q));
                 if i < split { front.push(s, q); } else { back.push(s, q); }
             }
             let back_bytes = back.bytes();
@@ -187,21 +193,21 @@ mod tests {
             front.append(back);
             prop_assert_eq!(front.bytes(), front_bytes + back_bytes);
             for &(s, q) in &recorded {
-                prop_assert_eq!(front.find(s), Some(q));
+                prop_assert_eq!(front.find(TenantSeq(s)), Some(StreamSeq(q)));
             }
             let cutoff = recorded.get(cut_at).map_or(u64::MAX, |r| r.1);
             for pass in 0..2 {
                 for &(s, q) in &recorded {
-                    let got = exact.find(s);
+                    let got = exact.find(TenantSeq(s)).map(|q| q.0);
                     if pass == 0 || q >= cutoff {
                         prop_assert_eq!(got, Some(q), "seq {} pass {}", s, pass);
                     } else {
                         prop_assert!(got.is_none() || got == Some(q), "seq {} pass {}", s, pass);
                     }
-                    prop_assert!(exact.find(s + 1).is_none() || recorded.iter().any(|r| r.0 == s + 1));
+                    prop_assert!(exact.find(TenantSeq(s + 1)).is_none() || recorded.iter().any(|r| r.0 == s + 1));
                 }
-                prop_assert!(exact.find(0).is_none());
-                let freed = exact.drop_before(cutoff);
+                prop_assert!(exact.find(TenantSeq(0)).is_none());
+                let freed = exact.drop_before(StreamSeq(cutoff));
                 bytes -= freed;
                 prop_assert_eq!(bytes, exact.bytes());
             }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::exact::Exact;
+use crate::position::{StreamSeq, TenantSeq};
 
 /// One sample per this many events of a tenant (until [`MAX_SAMPLES`]).
 pub const SAMPLE_EVERY: u64 = 64;
@@ -41,39 +42,39 @@ pub const MAX_EXACT_BYTES: usize = 24 << 20;
 /// exact positions of its recent events.
 #[derive(Debug, Default, Clone)]
 pub struct TenantTail {
-    pub last_seq: u64,
-    pub last_stream_seq: u64,
+    pub last_seq: TenantSeq,
+    pub last_stream_seq: StreamSeq,
     /// `(seq, stream_seq)`, ascending.
-    pub samples: Vec<(u64, u64)>,
+    pub samples: Vec<(TenantSeq, StreamSeq)>,
     exact: Exact,
 }
 
 /// What the index knows about where one event of a tenant is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Known {
-    pub last_seq: u64,
-    pub last_stream_seq: u64,
+    pub last_seq: TenantSeq,
+    pub last_stream_seq: StreamSeq,
     /// The event's exact stream sequence, if it is among the recent ones.
-    pub exact: Option<u64>,
+    pub exact: Option<StreamSeq>,
     /// Stream sequences the event lies within, if it is in the stream.
     pub window: Window,
     /// For estimates only: a lower bound of the tenant's seq at
     /// `window.from`, and a `(stream_seq, seq)` of the tenant past
     /// `window.to` (or where its next event would be).
-    pub from_seq: u64,
-    pub above: (u64, u64),
+    pub from_seq: TenantSeq,
+    pub above: (StreamSeq, TenantSeq),
 }
 
 /// Bounds for the event with `seq`: stream sequences it lies within.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
-    pub from: u64,
-    pub to: u64,
+    pub from: StreamSeq,
+    pub to: StreamSeq,
 }
 
 impl TenantTail {
     /// A tail that knows only the tenant's last seq (e.g. from a checkpoint).
-    pub fn new(last_seq: u64) -> Self {
+    pub fn new(last_seq: TenantSeq) -> Self {
         TenantTail {
             last_seq,
             ..Default::default()
@@ -81,7 +82,7 @@ impl TenantTail {
     }
 
     /// What is known about the event with `seq`.
-    pub fn known(&self, seq: u64, stream_last: u64) -> Known {
+    pub fn known(&self, seq: TenantSeq, stream_last: StreamSeq) -> Known {
         let window = self.window(seq, stream_last);
         let at = self.samples.partition_point(|(s, _)| *s <= seq);
         Known {
@@ -89,31 +90,40 @@ impl TenantTail {
             last_stream_seq: self.last_stream_seq,
             exact: self.exact.find(seq),
             window,
-            from_seq: at.checked_sub(1).map_or(1, |i| self.samples[i].0),
+            from_seq: at
+                .checked_sub(1)
+                .map_or(TenantSeq(1), |i| self.samples[i].0),
             above: self.samples.get(at).map_or(
-                (window.to.saturating_add(1), self.last_seq.saturating_add(1)),
+                (
+                    StreamSeq(window.to.0.saturating_add(1)),
+                    TenantSeq(self.last_seq.0.saturating_add(1)),
+                ),
                 |&(s, q)| (q, s),
             ),
         }
     }
 
     /// The narrowest known window of stream sequences holding `seq`.
-    pub fn window(&self, seq: u64, stream_last: u64) -> Window {
-        if seq == self.last_seq && self.last_stream_seq > 0 {
+    pub fn window(&self, seq: TenantSeq, stream_last: StreamSeq) -> Window {
+        if seq == self.last_seq && self.last_stream_seq > StreamSeq(0) {
             return Window {
                 from: self.last_stream_seq,
                 to: self.last_stream_seq,
             };
         }
         let at = self.samples.partition_point(|(s, _)| *s <= seq);
-        let from = if at > 0 { self.samples[at - 1].1 } else { 1 };
+        let from = if at > 0 {
+            self.samples[at - 1].1
+        } else {
+            StreamSeq(1)
+        };
         let to = self.samples.get(at).map_or(
-            if self.last_stream_seq > 0 {
+            if self.last_stream_seq > StreamSeq(0) {
                 self.last_stream_seq
             } else {
                 stream_last
             },
-            |(_, q)| q.saturating_sub(1).max(from),
+            |(_, q)| StreamSeq(q.0.saturating_sub(1)).max(from),
         );
         Window { from, to }
     }
@@ -134,7 +144,7 @@ struct Tenants {
     exact_bytes: usize,
     max_exact_bytes: usize,
     /// Exact positions before this stream sequence have been dropped.
-    exact_from: u64,
+    exact_from: StreamSeq,
 }
 
 impl Tenants {
@@ -146,20 +156,20 @@ impl Tenants {
             max_samples,
             exact_bytes: 0,
             max_exact_bytes,
-            exact_from: 0,
+            exact_from: StreamSeq(0),
         }
     }
 
     /// Records that the tenant's event `seq` is at `stream_seq` (the
     /// tenant's latest so far); call [`Tenants::bound`] after a batch.
-    fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+    fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
         let tail = match self.map.get_mut(tenant) {
             Some(tail) => tail,
             None => self.map.entry(tenant.clone()).or_default(),
         };
         tail.last_seq = seq;
         tail.last_stream_seq = stream_seq;
-        if seq % self.every == 1 {
+        if seq.0 % self.every == 1 {
             tail.samples.push((seq, stream_seq));
             self.samples += 1;
         }
@@ -173,7 +183,7 @@ impl Tenants {
     }
 
     /// Keeps samples and exact positions within their bounds.
-    fn bound(&mut self, next_stream_seq: u64) {
+    fn bound(&mut self, next_stream_seq: StreamSeq) {
         if self.samples >= self.max_samples.max(2 * self.map.len()) {
             self.thin();
         }
@@ -182,7 +192,7 @@ impl Tenants {
 
     /// Drops the exact positions of the older half of the stream range they
     /// cover, until they fit the bound again.
-    fn drop_old_exact(&mut self, next_stream_seq: u64) {
+    fn drop_old_exact(&mut self, next_stream_seq: StreamSeq) {
         while self.exact_bytes > self.max_exact_bytes && self.exact_from < next_stream_seq {
             let cutoff = self.exact_from + (next_stream_seq - self.exact_from).div_ceil(2);
             for tail in self.map.values_mut() {
@@ -199,7 +209,7 @@ impl Tenants {
         let every = self.every;
         self.samples = 0;
         for tail in self.map.values_mut() {
-            tail.samples.retain(|(seq, _)| seq % every == 1);
+            tail.samples.retain(|(seq, _)| seq.0 % every == 1);
             tail.samples.shrink_to_fit();
             self.samples += tail.samples.len();
         }
@@ -219,12 +229,12 @@ impl Default for Rebuilt {
 
 impl Rebuilt {
     /// Records one message, in stream order.
-    pub fn push(&mut self, tenant: &Arc<str>, seq: u64, stream_seq: u64) {
+    pub fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
         self.0.push(tenant, seq, stream_seq);
     }
 
     /// Keeps the positions within bounds (call every few thousand messages).
-    pub fn bound(&mut self, next_stream_seq: u64) {
+    pub fn bound(&mut self, next_stream_seq: StreamSeq) {
         self.0.bound(next_stream_seq);
     }
 }
@@ -257,7 +267,7 @@ impl Index {
     }
 
     /// Seeds last seqs from the checkpoint (stream positions unknown yet).
-    pub fn seed(&self, tenants: &[(String, u64)]) {
+    pub fn seed(&self, tenants: &[(String, TenantSeq)]) {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         *state = Tenants::new(state.max_samples, state.max_exact_bytes);
         for (t, seq) in tenants {
@@ -271,7 +281,7 @@ impl Index {
     /// sequences. The tenants' positions and the next stream sequence change
     /// together, under the lock, so a reader on another thread
     /// ([`Index::known_with_next`]) never sees one without the other.
-    pub fn record(&self, events: &[(Arc<str>, u64, u64)], next_stream_seq: u64) {
+    pub fn record(&self, events: &[(Arc<str>, TenantSeq, StreamSeq)], next_stream_seq: StreamSeq) {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         if !events.is_empty() {
             for (tenant, seq, stream_seq) in events {
@@ -281,7 +291,7 @@ impl Index {
             state.report();
         }
         self.next_stream_seq
-            .fetch_max(next_stream_seq, Ordering::SeqCst);
+            .fetch_max(next_stream_seq.0, Ordering::SeqCst);
     }
 
     /// Puts positions read back from the stream (all older than anything
@@ -292,13 +302,13 @@ impl Index {
         let every = state.every;
         for (tenant, mut old) in older.0.map {
             let tail = state.map.entry(tenant).or_default();
-            if tail.last_stream_seq == 0 && tail.last_seq <= old.last_seq {
+            if tail.last_stream_seq == StreamSeq(0) && tail.last_seq <= old.last_seq {
                 tail.last_seq = old.last_seq;
                 tail.last_stream_seq = old.last_stream_seq;
             }
-            let first_new = tail.samples.first().map_or(u64::MAX, |s| s.0);
+            let first_new = tail.samples.first().map_or(TenantSeq(u64::MAX), |s| s.0);
             old.samples
-                .retain(|(seq, _)| seq % every == 1 && *seq < first_new);
+                .retain(|(seq, _)| seq.0 % every == 1 && *seq < first_new);
             let added = old.samples.len();
             old.samples.append(&mut tail.samples);
             tail.samples = old.samples;
@@ -308,19 +318,19 @@ impl Index {
             state.samples += added;
             state.exact_bytes += tail.exact.bytes();
         }
-        let next = self.next_stream_seq.load(Ordering::SeqCst);
+        let next = StreamSeq(self.next_stream_seq.load(Ordering::SeqCst));
         state.bound(next);
         state.report();
     }
 
     /// The index is complete only once the replay reaches stream message `seq`.
-    pub fn expect_replay_through(&self, seq: u64) {
-        self.replay_to.store(seq, Ordering::SeqCst);
+    pub fn expect_replay_through(&self, seq: StreamSeq) {
+        self.replay_to.store(seq.0, Ordering::SeqCst);
     }
 
     /// Messages up to `seq` already in the stream have been replayed and recorded.
-    pub fn replayed_through(&self, seq: u64) {
-        self.replayed.fetch_max(seq, Ordering::SeqCst);
+    pub fn replayed_through(&self, seq: StreamSeq) {
+        self.replayed.fetch_max(seq.0, Ordering::SeqCst);
     }
 
     /// Whether answers reflect everything the stream holds.
@@ -332,7 +342,7 @@ impl Index {
     /// the tenant (`stream_last`: the stream's last sequence, the bound of a
     /// window when the tenant's own last position is not known).
     #[cfg(test)] // the service reads both at once: `known_with_next`
-    pub fn known(&self, tenant: &str, seq: u64, stream_last: u64) -> Option<Known> {
+    pub fn known(&self, tenant: &str, seq: TenantSeq, stream_last: StreamSeq) -> Option<Known> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -349,15 +359,18 @@ impl Index {
     pub fn known_with_next(
         &self,
         tenant: &str,
-        seq: u64,
-        stream_last: u64,
-    ) -> (Option<Known>, u64) {
+        seq: TenantSeq,
+        stream_last: StreamSeq,
+    ) -> (Option<Known>, StreamSeq) {
         let state = self.tenants.read().unwrap_or_else(|p| p.into_inner());
         let known = state
             .map
             .get(tenant)
             .map(|tail| tail.known(seq, stream_last));
-        (known, self.next_stream_seq.load(Ordering::SeqCst))
+        (
+            known,
+            StreamSeq(self.next_stream_seq.load(Ordering::SeqCst)),
+        )
     }
 
     /// Bytes of exact positions held (bounded by [`MAX_EXACT_BYTES`]).
@@ -371,8 +384,8 @@ impl Index {
 
     /// The stream sequence the next event will get.
     #[cfg(test)]
-    pub fn next_stream_seq(&self) -> u64 {
-        self.next_stream_seq.load(Ordering::SeqCst)
+    pub fn next_stream_seq(&self) -> StreamSeq {
+        StreamSeq(self.next_stream_seq.load(Ordering::SeqCst))
     }
 }
 
@@ -380,24 +393,38 @@ impl Index {
 mod tests {
     use super::*;
 
+    fn w(from: u64, to: u64) -> Window {
+        Window {
+            from: StreamSeq(from),
+            to: StreamSeq(to),
+        }
+    }
+
+    fn plain(samples: &[(TenantSeq, StreamSeq)]) -> Vec<(u64, u64)> {
+        samples.iter().map(|&(s, q)| (s.0, q.0)).collect()
+    }
+
     #[test]
     fn windows_narrow_to_samples() {
         let index = Index::default();
         let t: Arc<str> = Arc::from("acme");
-        let events: Vec<_> = (1..=200).map(|s| (t.clone(), s, s * 3)).collect();
-        index.record(&events, 601);
+        let events: Vec<_> = (1..=200)
+            .map(|s| (t.clone(), TenantSeq(s), StreamSeq(s * 3)))
+            .collect();
+        index.record(&events, StreamSeq(601));
         let tail = index.tenants.read().unwrap().map["acme"].clone();
         assert_eq!(
-            tail.samples,
+            plain(&tail.samples),
             vec![(1, 3), (65, 195), (129, 387), (193, 579)]
         );
-        assert_eq!(tail.window(200, 600), Window { from: 600, to: 600 });
-        assert_eq!(tail.window(70, 600), Window { from: 195, to: 386 });
-        assert_eq!(tail.window(65, 600), Window { from: 195, to: 386 });
-        assert_eq!(tail.window(199, 600), Window { from: 579, to: 600 });
-        assert_eq!(index.next_stream_seq(), 601);
-        let fresh = TenantTail::new(10);
-        assert_eq!(fresh.window(5, 900), Window { from: 1, to: 900 });
+        let window = |seq, last| tail.window(TenantSeq(seq), StreamSeq(last));
+        assert_eq!(window(200, 600), w(600, 600));
+        assert_eq!(window(70, 600), w(195, 386));
+        assert_eq!(window(65, 600), w(195, 386));
+        assert_eq!(window(199, 600), w(579, 600));
+        assert_eq!(index.next_stream_seq(), StreamSeq(601));
+        let fresh = TenantTail::new(TenantSeq(10));
+        assert_eq!(fresh.window(TenantSeq(5), StreamSeq(900)), w(1, 900));
     }
 
     #[test]
@@ -409,9 +436,14 @@ mod tests {
         for chunk in (1..=100_000u64).collect::<Vec<_>>().chunks(500) {
             let events: Vec<_> = chunk
                 .iter()
-                .flat_map(|&s| [(a.clone(), s, 2 * s - 1), (b.clone(), s, 2 * s)])
+                .flat_map(|&s| {
+                    [
+                        (a.clone(), TenantSeq(s), StreamSeq(2 * s - 1)),
+                        (b.clone(), TenantSeq(s), StreamSeq(2 * s)),
+                    ]
+                })
                 .collect();
-            index.record(&events, 2 * chunk[chunk.len() - 1] + 1);
+            index.record(&events, StreamSeq(2 * chunk[chunk.len() - 1] + 1));
             high = high.max(index.tenants.read().unwrap().samples);
         }
         let state = index.tenants.read().unwrap();
@@ -425,24 +457,30 @@ mod tests {
         drop(state);
         let tail = index.tenants.read().unwrap().map["a"].clone();
         assert!(
-            tail.samples
+            plain(&tail.samples)
                 .iter()
                 .all(|(s, q)| s % 4096 == 1 && *q == 2 * s - 1)
         );
         assert!(tail.samples.windows(2).all(|w| w[0].0 < w[1].0));
         // Windows stay correct, only wider.
         for seq in [1, 2, 4096, 4097, 50_000, 99_999] {
-            let w = tail.window(seq, 200_001);
-            let at = 2 * seq - 1;
+            let w = tail.window(TenantSeq(seq), StreamSeq(200_001));
+            let at = StreamSeq(2 * seq - 1);
             assert!(w.from <= at && at <= w.to, "{seq}: {w:?}");
             assert!(w.to - w.from < 2 * 4096, "{seq}: {w:?}");
         }
         // Thinning never loops on tenants with a single sample each.
         let many = Index::with_bounds(4, MAX_EXACT_BYTES);
         let events: Vec<_> = (0..100u64)
-            .map(|t| (Arc::from(format!("t{t}").as_str()), 1, t + 1))
+            .map(|t| {
+                (
+                    Arc::from(format!("t{t}").as_str()),
+                    TenantSeq(1),
+                    StreamSeq(t + 1),
+                )
+            })
             .collect();
-        many.record(&events, 101);
+        many.record(&events, StreamSeq(101));
         assert_eq!(many.tenants.read().unwrap().samples, 100);
     }
 
@@ -457,26 +495,36 @@ mod tests {
             for &s in chunk {
                 for k in 1..10 {
                     b_seq += 1;
-                    events.push((b.clone(), b_seq, 10 * (s - 1) + k));
+                    events.push((b.clone(), TenantSeq(b_seq), StreamSeq(10 * (s - 1) + k)));
                 }
-                events.push((a.clone(), s, 10 * s));
+                events.push((a.clone(), TenantSeq(s), StreamSeq(10 * s)));
             }
-            index.record(&events, 10 * chunk[chunk.len() - 1] + 1);
+            index.record(&events, StreamSeq(10 * chunk[chunk.len() - 1] + 1));
             assert!(index.exact_bytes() <= 64 << 10, "{}", index.exact_bytes());
         }
-        let known = |seq| index.known("a", seq, 500_000).unwrap();
-        assert_eq!(known(50_000).exact, Some(500_000));
-        assert_eq!(known(49_000).exact, Some(490_000));
+        let known = |seq| {
+            index
+                .known("a", TenantSeq(seq), StreamSeq(500_000))
+                .unwrap()
+        };
+        assert_eq!(known(50_000).exact, Some(StreamSeq(500_000)));
+        assert_eq!(known(49_000).exact, Some(StreamSeq(490_000)));
         // The oldest are no longer exact, but their window still holds them.
         let old = known(10);
         assert_eq!(old.exact, None);
-        assert!(old.window.from <= 100 && 100 <= old.window.to, "{old:?}");
-        assert_eq!(old.last_seq, 50_000);
-        assert_eq!(
-            index.known("b", 450_000, 500_000).unwrap().exact,
-            Some(499_999)
+        assert!(
+            old.window.from <= StreamSeq(100) && StreamSeq(100) <= old.window.to,
+            "{old:?}"
         );
-        assert!(index.known("c", 1, 500_000).is_none());
+        assert_eq!(old.last_seq, TenantSeq(50_000));
+        assert_eq!(
+            index
+                .known("b", TenantSeq(450_000), StreamSeq(500_000))
+                .unwrap()
+                .exact,
+            Some(StreamSeq(499_999))
+        );
+        assert!(index.known("c", TenantSeq(1), StreamSeq(500_000)).is_none());
     }
 
     /// The publisher records on one thread while the catch-up service reads
@@ -494,9 +542,9 @@ mod tests {
             std::thread::spawn(move || {
                 let mut checked = 0u64;
                 loop {
-                    let last_round = index.next_stream_seq() > 200_000;
+                    let last_round = index.next_stream_seq() > StreamSeq(200_000);
                     for t in ["t0", "t1", "t2", "t3"] {
-                        let (known, next) = index.known_with_next(t, 1, 0);
+                        let (known, next) = index.known_with_next(t, TenantSeq(1), StreamSeq(0));
                         if let Some(k) = known {
                             assert!(next > k.last_stream_seq, "{t}: next {next}, {k:?}");
                             // Each tenant's last event is the one before the
@@ -517,10 +565,10 @@ mod tests {
             let events: Vec<_> = tenants
                 .iter()
                 .enumerate()
-                .map(|(i, t)| (t.clone(), seq, next + i as u64))
+                .map(|(i, t)| (t.clone(), TenantSeq(seq), StreamSeq(next + i as u64)))
                 .collect();
             next += 4;
-            index.record(&events, next);
+            index.record(&events, StreamSeq(next));
         }
         assert!(reader.join().expect("reader thread") > 0);
     }
@@ -528,32 +576,42 @@ mod tests {
     #[test]
     fn rebuilt_positions_go_in_front_of_recorded_ones() {
         let index = Index::default();
-        index.seed(&[("a".to_string(), 100)]);
+        index.seed(&[("a".to_string(), TenantSeq(100))]);
         let a: Arc<str> = Arc::from("a");
         // The new run publishes seqs 101..=200 at 1001..=1100.
-        let live: Vec<_> = (101..=200).map(|s| (a.clone(), s, s + 900)).collect();
-        index.record(&live, 1101);
-        assert_eq!(index.known("a", 50, 1100).unwrap().exact, None);
+        let live: Vec<_> = (101..=200)
+            .map(|s| (a.clone(), TenantSeq(s), StreamSeq(s + 900)))
+            .collect();
+        index.record(&live, StreamSeq(1101));
+        let known = |s| index.known("a", TenantSeq(s), StreamSeq(1100)).unwrap();
+        assert_eq!(known(50).exact, None);
         // Read back newest first: 51..=100 at 951..=1000, then 1..=50 at 2, 4, ...
         for range in [51..=100u64, 1..=50] {
             let mut rebuilt = Rebuilt::default();
             for s in range {
-                rebuilt.push(&a, s, if s > 50 { s + 900 } else { 2 * s });
+                let at = if s > 50 { s + 900 } else { 2 * s };
+                rebuilt.push(&a, TenantSeq(s), StreamSeq(at));
             }
             index.merge_older(rebuilt);
         }
         for s in 1..=200u64 {
-            let want = if s > 50 { s + 900 } else { 2 * s };
-            let known = index.known("a", s, 1100).unwrap();
+            let want = StreamSeq(if s > 50 { s + 900 } else { 2 * s });
+            let known = known(s);
             assert_eq!(known.exact, Some(want), "seq {s}");
             assert!(
                 known.window.from <= want && want <= known.window.to,
                 "{s}: {known:?}"
             );
-            assert_eq!((known.last_seq, known.last_stream_seq), (200, 1100));
+            assert_eq!(
+                (known.last_seq, known.last_stream_seq),
+                (TenantSeq(200), StreamSeq(1100))
+            );
         }
         let samples = &index.tenants.read().unwrap().map["a"].samples;
-        assert_eq!(samples, &vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]);
+        assert_eq!(
+            plain(samples),
+            vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]
+        );
         assert_eq!(index.tenants.read().unwrap().samples, 4);
     }
 }

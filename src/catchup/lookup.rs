@@ -12,22 +12,25 @@
 use std::future::Future;
 
 use super::index::Known;
+use crate::position::{StreamSeq, TenantSeq};
 
 /// Reads the stream through the tenant's subject filter.
 pub trait Probe {
     /// The first message of the tenant at stream sequence >= `from`, as
     /// `(stream_seq, tenant seq)`; `None` if there is none.
-    fn next_at(&self, from: u64)
-    -> impl Future<Output = Result<Option<(u64, u64)>, String>> + Send;
+    fn next_at(
+        &self,
+        from: StreamSeq,
+    ) -> impl Future<Output = Result<Option<(StreamSeq, TenantSeq)>, String>> + Send;
 }
 
 /// What the stream looks like right now.
 #[derive(Debug, Clone, Copy)]
 pub struct StreamState {
-    pub first_seq: u64,
-    pub last_seq: u64,
+    pub first_seq: StreamSeq,
+    pub last_seq: StreamSeq,
     /// Where the next published event will land (in-flight publishes included).
-    pub next_seq: u64,
+    pub next_seq: StreamSeq,
     /// No message was removed between `first_seq` and `last_seq` (e.g. by a
     /// filtered purge or a delete): every sequence in between is present.
     pub contiguous: bool,
@@ -37,15 +40,15 @@ pub struct StreamState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Answer {
     Start {
-        start_stream_seq: u64,
-        last_seq: u64,
+        start_stream_seq: StreamSeq,
+        last_seq: TenantSeq,
     },
     TooOld {
-        oldest_seq: u64,
-        last_seq: u64,
+        oldest_seq: TenantSeq,
+        last_seq: TenantSeq,
     },
     Ahead {
-        last_seq: u64,
+        last_seq: TenantSeq,
     },
     /// The event is being published right now; ask again in a moment.
     InFlight,
@@ -55,20 +58,20 @@ pub enum Answer {
 pub async fn answer<P: Probe>(
     probe: &P,
     known: Option<&Known>,
-    after_seq: u64,
+    after_seq: TenantSeq,
     stream: StreamState,
 ) -> Result<Answer, String> {
-    let last_seq = known.map_or(0, |k| k.last_seq);
+    let last_seq = known.map_or(TenantSeq(0), |k| k.last_seq);
     if after_seq > last_seq {
         return Ok(Answer::Ahead { last_seq });
     }
     if after_seq == last_seq {
         return Ok(Answer::Start {
-            start_stream_seq: stream.next_seq.max(stream.last_seq + 1),
+            start_stream_seq: stream.next_seq.max(stream.last_seq.next()),
             last_seq,
         });
     }
-    let target = after_seq + 1;
+    let target = after_seq.next();
     if let Some(at) = known.and_then(|k| k.exact) {
         if at > stream.last_seq {
             return Ok(Answer::InFlight);
@@ -92,7 +95,7 @@ pub async fn answer<P: Probe>(
             let oldest = probe
                 .next_at(stream.first_seq)
                 .await?
-                .map_or(last_seq + 1, |(_, s)| s);
+                .map_or(last_seq.next(), |(_, s)| s);
             Ok(Answer::TooOld {
                 oldest_seq: oldest,
                 last_seq,
@@ -106,10 +109,10 @@ pub async fn answer<P: Probe>(
 async fn search<P: Probe>(
     probe: &P,
     known: Option<&Known>,
-    target: u64,
+    target: TenantSeq,
     stream: StreamState,
-    last_seq: u64,
-) -> Result<Option<(u64, u64)>, String> {
+    last_seq: TenantSeq,
+) -> Result<Option<(StreamSeq, TenantSeq)>, String> {
     let window = known.map(|k| k.window);
     let mut lo = window
         .map_or(stream.first_seq, |w| w.from)
@@ -125,7 +128,7 @@ async fn search<P: Probe>(
     // not halve the range are followed by a bisection, so it is never much
     // worse. `seq_at_lo`: the tenant's next event at or after `lo` has at
     // least this seq; `above`: (stream seq, seq) of its next one past `hi`.
-    let mut seq_at_lo = known.map_or(1, |k| k.from_seq);
+    let mut seq_at_lo = known.map_or(TenantSeq(1), |k| k.from_seq);
     let mut above = known.map(|k| k.above).filter(|(q, _)| *q > hi);
     let mut stalls = 0;
     while lo <= hi {
@@ -145,17 +148,17 @@ async fn search<P: Probe>(
                 if mid == lo {
                     break;
                 }
-                hi = mid - 1;
+                hi = mid.prev();
             }
             Some((q, seq)) => {
-                lo = q + 1;
-                seq_at_lo = seq + 1;
+                lo = q.next();
+                seq_at_lo = seq.next();
             }
             // No message of the tenant at or after `mid`: the target is before it.
             None if mid == lo => break,
             None => {
-                hi = mid - 1;
-                above = Some((mid, last_seq + 1));
+                hi = mid.prev();
+                above = Some((mid, last_seq.next()));
             }
         }
         stalls = if lo <= hi && hi - lo > width / 2 {
@@ -174,22 +177,22 @@ async fn search<P: Probe>(
 /// Where to probe next: interpolated from what the last probes saw while
 /// that keeps halving the range, else the middle (and the stall count reset).
 fn next_probe(
-    lo: u64,
-    hi: u64,
-    seq_at_lo: u64,
-    target: u64,
-    above: Option<(u64, u64)>,
+    lo: StreamSeq,
+    hi: StreamSeq,
+    seq_at_lo: TenantSeq,
+    target: TenantSeq,
+    above: Option<(StreamSeq, TenantSeq)>,
     stalls: &mut u32,
-) -> u64 {
+) -> StreamSeq {
     let width = hi - lo;
     match above {
         Some((q, high)) if *stalls < 2 && width >= 64 && seq_at_lo <= target && target < high => {
             let low = seq_at_lo;
             // Where `target` should be, minus half a gap between the
             // tenant's events: landing just before it finds it too.
-            let gap = (q - lo) as f64 / (high - low) as f64;
-            let at = lo as f64 + gap * ((target - low) as f64 - 0.5);
-            (at.max(0.0) as u64).clamp(lo, hi)
+            let gap = (q - lo) as f64 / (high.0 - low.0) as f64;
+            let at = lo.0 as f64 + gap * ((target.0 - low.0) as f64 - 0.5);
+            StreamSeq((at.max(0.0) as u64).clamp(lo.0, hi.0))
         }
         _ => {
             *stalls = 0;
@@ -202,6 +205,7 @@ fn next_probe(
 mod tests {
     use super::*;
     use crate::catchup::index::{Index, TenantTail};
+    use crate::position::{StreamSeq, TenantSeq};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -213,12 +217,12 @@ mod tests {
     }
 
     impl Probe for Fake {
-        async fn next_at(&self, from: u64) -> Result<Option<(u64, u64)>, String> {
+        async fn next_at(&self, from: StreamSeq) -> Result<Option<(StreamSeq, TenantSeq)>, String> {
             Ok(self
                 .messages
-                .range(from..)
+                .range(from.0..)
                 .find(|(_, (t, _))| *t == self.tenant)
-                .map(|(q, (_, s))| (*q, *s)))
+                .map(|(q, (_, s))| (StreamSeq(*q), TenantSeq(*s))))
         }
     }
 
@@ -226,7 +230,7 @@ mod tests {
     struct Counting<'a>(&'a Fake, std::sync::atomic::AtomicU32);
 
     impl Probe for Counting<'_> {
-        async fn next_at(&self, from: u64) -> Result<Option<(u64, u64)>, String> {
+        async fn next_at(&self, from: StreamSeq) -> Result<Option<(StreamSeq, TenantSeq)>, String> {
             self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.0.next_at(from).await
         }
@@ -252,17 +256,17 @@ mod tests {
             tenant: 1,
         };
         let stream = StreamState {
-            first_seq: 1,
-            last_seq: 200_000,
-            next_seq: 200_001,
+            first_seq: StreamSeq(1),
+            last_seq: StreamSeq(200_000),
+            next_seq: StreamSeq(200_001),
             contiguous: true,
         };
-        let known = TenantTail::new(n).known(1, 200_000);
+        let known = TenantTail::new(TenantSeq(n)).known(TenantSeq(1), StreamSeq(200_000));
         let probe = Counting(&fake, std::sync::atomic::AtomicU32::new(0));
         let count = || probe.1.load(std::sync::atomic::Ordering::Relaxed);
         let (mut worst, requests) = (0, 200);
         for i in 0..requests {
-            let after = rand::Rng::random_range(&mut rng, 0..n);
+            let after = TenantSeq(rand::Rng::random_range(&mut rng, 0..n));
             let before = count();
             let got =
                 futures::executor::block_on(answer(&probe, Some(&known), after, stream)).unwrap();
@@ -298,34 +302,40 @@ mod tests {
                 last[*t as usize] += 1;
                 messages.insert(i as u64 + 1, (*t, last[*t as usize]));
                 if mode > 0 {
-                    index.record(&[(Arc::from(format!("t{t}").as_str()), last[*t as usize], i as u64 + 1)], i as u64 + 2);
+                    index.record(&[(Arc::from(format!("t{t}").as_str()), TenantSeq(last[*t as usize]), StreamSeq(i as u64 + 1))], StreamSeq(i as u64 + 2));
                 }
             }
             let stream_last = tenants.len() as u64;
             let first_seq = (trim + 1).min(stream_last + 1);
             messages.retain(|q, _| *q >= first_seq && !holes.contains(q));
             let contiguous = messages.len() as u64 == stream_last + 1 - first_seq;
-            let stream = StreamState { first_seq, last_seq: stream_last, next_seq: stream_last + 1, contiguous };
+            let stream = StreamState {
+                first_seq: StreamSeq(first_seq),
+                last_seq: StreamSeq(stream_last),
+                next_seq: StreamSeq(stream_last + 1),
+                contiguous,
+            };
             for tenant in 0u8..4 {
                 let fake = Fake { messages: messages.clone(), tenant };
                 let retained: Vec<u64> = messages.values().filter(|(t, _)| *t == tenant).map(|(_, s)| *s).collect();
                 for after in 0..=last[tenant as usize] + 1 {
                     let known = if mode > 0 {
-                        index.known(&format!("t{tenant}"), after + 1, stream_last)
+                        index.known(&format!("t{tenant}"), TenantSeq(after + 1), StreamSeq(stream_last))
                     } else {
-                        Some(TenantTail::new(last[tenant as usize]).known(after + 1, stream_last)).filter(|k| k.last_seq > 0)
+                        Some(TenantTail::new(TenantSeq(last[tenant as usize])).known(TenantSeq(after + 1), StreamSeq(stream_last))).filter(|k| k.last_seq > TenantSeq(0))
                     };
-                    let got = futures::executor::block_on(answer(&fake, known.as_ref(), after, stream)).unwrap();
-                    let n = last[tenant as usize];
-                    let expect = if after > n {
+                    let got = futures::executor::block_on(answer(&fake, known.as_ref(), TenantSeq(after), stream)).unwrap();
+                    let n = TenantSeq(last[tenant as usize]);
+                    let n_plain = n.0;
+                    let expect = if after > n_plain {
                         Answer::Ahead { last_seq: n }
-                    } else if after == n {
-                        Answer::Start { start_stream_seq: stream_last + 1, last_seq: n }
+                    } else if after == n_plain {
+                        Answer::Start { start_stream_seq: StreamSeq(stream_last + 1), last_seq: n }
                     } else if retained.contains(&(after + 1)) {
                         let q = *messages.iter().find(|(_, (t, s))| *t == tenant && *s == after + 1).unwrap().0;
-                        Answer::Start { start_stream_seq: q, last_seq: n }
+                        Answer::Start { start_stream_seq: StreamSeq(q), last_seq: n }
                     } else {
-                        Answer::TooOld { oldest_seq: retained.first().copied().unwrap_or(n + 1), last_seq: n }
+                        Answer::TooOld { oldest_seq: TenantSeq(retained.first().copied().unwrap_or(n_plain + 1)), last_seq: n }
                     };
                     prop_assert_eq!(got, expect, "tenant {} after {}", tenant, after);
                 }

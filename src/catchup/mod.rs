@@ -29,6 +29,7 @@ use lookup::{Answer, Probe, StreamState};
 
 use crate::config::Settings;
 use crate::events::tenant;
+use crate::position::{StreamSeq, TenantSeq};
 use crate::service_thread::{self, Ready, Service, ServiceError, ServiceThread};
 
 /// Requests answered at once; more wait.
@@ -77,7 +78,7 @@ struct Ctx {
 pub async fn start(
     settings: &Settings,
     index: Index,
-    rebuild_through: u64,
+    rebuild_through: StreamSeq,
 ) -> Result<CatchupService, ServiceError> {
     let service = Catchup {
         stream_name: settings.stream.clone(),
@@ -86,7 +87,7 @@ pub async fn start(
     };
     let thread = service_thread::start(settings, service).await?;
     let rebuild = match rebuild_through {
-        0 => None,
+        StreamSeq(0) => None,
         through => rebuild::spawn(settings.clone(), index, through)
             .inspect_err(|e| tracing::warn!(error = %e, "catch-up answers search the stream instead (correct, slower)"))
             .ok(),
@@ -206,10 +207,10 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     };
     let mut answer = Err("not attempted".to_string());
     for _ in 0..20 {
-        let target = request.after_seq.saturating_add(1);
+        let target = TenantSeq(request.after_seq.saturating_add(1));
         answer = match stream_state(ctx, &request.tenant_id, target).await {
             Ok((state, known)) => {
-                lookup::answer(&probe, known.as_ref(), request.after_seq, state).await
+                lookup::answer(&probe, known.as_ref(), TenantSeq(request.after_seq), state).await
             }
             Err(e) => Err(e),
         };
@@ -220,17 +221,22 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     }
     match answer {
         Ok(Answer::Start { start_stream_seq, last_seq }) => {
-            let reply = Reply { stream: &ctx.stream_name, filter_subject, start_stream_seq, last_seq };
+            let reply = Reply {
+                stream: &ctx.stream_name,
+                filter_subject,
+                start_stream_seq: start_stream_seq.0,
+                last_seq: last_seq.0,
+            };
             (serde_json::to_string(&reply).unwrap_or_default(), None)
         }
         Ok(Answer::TooOld { oldest_seq, last_seq }) => (
-            serde_json::json!({"error": "too_old", "oldest_seq": oldest_seq, "last_seq": last_seq,
+            serde_json::json!({"error": "too_old", "oldest_seq": oldest_seq.0, "last_seq": last_seq.0,
                 "message": "events after after_seq are no longer in the stream: re-sync from the database"})
             .to_string(),
             Some((410, "too_old")),
         ),
         Ok(Answer::Ahead { last_seq }) => (
-            serde_json::json!({"error": "ahead", "last_seq": last_seq,
+            serde_json::json!({"error": "ahead", "last_seq": last_seq.0,
                 "message": "after_seq is beyond the tenant's last published seq"})
             .to_string(),
             Some((416, "ahead")),
@@ -250,14 +256,16 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
 async fn stream_state(
     ctx: &Ctx,
     tenant: &str,
-    target: u64,
+    target: TenantSeq,
 ) -> Result<(StreamState, Option<index::Known>), String> {
     let counts = ctx.infos.read().await?;
     let (first_seq, last_seq) = (counts.first_seq.max(1), counts.last_seq);
-    let (known, next_seq) = ctx.index.known_with_next(tenant, target, last_seq);
+    let (known, next_seq) = ctx
+        .index
+        .known_with_next(tenant, target, StreamSeq(last_seq));
     let state = StreamState {
-        first_seq,
-        last_seq,
+        first_seq: StreamSeq(first_seq),
+        last_seq: StreamSeq(last_seq),
         next_seq,
         contiguous: counts.messages == (last_seq + 1).saturating_sub(first_seq),
     };
@@ -271,10 +279,10 @@ struct DirectGet<'a> {
 }
 
 impl Probe for DirectGet<'_> {
-    async fn next_at(&self, from: u64) -> Result<Option<(u64, u64)>, String> {
+    async fn next_at(&self, from: StreamSeq) -> Result<Option<(StreamSeq, TenantSeq)>, String> {
         match self
             .stream
-            .direct_get_next_for_subject(self.filter, Some(from))
+            .direct_get_next_for_subject(self.filter, Some(from.0))
             .await
         {
             Ok(msg) => {
@@ -285,7 +293,7 @@ impl Probe for DirectGet<'_> {
                     .ok_or_else(|| {
                         format!("stream message {} has no Walcast-Seq header", msg.sequence)
                     })?;
-                Ok(Some((msg.sequence, seq)))
+                Ok(Some((StreamSeq(msg.sequence), TenantSeq(seq))))
             }
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("direct get: {e}")),

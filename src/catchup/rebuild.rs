@@ -20,6 +20,7 @@ use futures::StreamExt;
 
 use super::index::{Index, MAX_EXACT_BYTES, Rebuilt};
 use crate::config::Settings;
+use crate::position::{StreamSeq, TenantSeq};
 
 /// Messages read back at most: more than the exact positions can hold
 /// (~2 bytes each within [`MAX_EXACT_BYTES`]) would be read for nothing.
@@ -37,7 +38,7 @@ impl Drop for Rebuild {
 }
 
 /// Starts rebuilding `index` from stream messages up to `through`.
-pub fn spawn(settings: Settings, index: Index, through: u64) -> Result<Rebuild, String> {
+pub fn spawn(settings: Settings, index: Index, through: StreamSeq) -> Result<Rebuild, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
     std::thread::Builder::new()
@@ -86,7 +87,7 @@ async fn rebuild(
     client: &async_nats::Client,
     stream: &Stream,
     index: &Index,
-    through: u64,
+    through: StreamSeq,
     stop: &AtomicBool,
 ) -> Result<u64, String> {
     let began = Instant::now();
@@ -97,7 +98,7 @@ async fn rebuild(
         .map_err(|e| format!("stream info: {e}"))?
         .state;
     // Not past the stream's end: a broker that lost messages may hold fewer.
-    let through = through.min(state.last_sequence);
+    let through = through.0.min(state.last_sequence);
     let from = state
         .first_sequence
         .max(1)
@@ -172,11 +173,11 @@ async fn read_range(
                     .or_insert_with(|| Arc::from(tenant))
                     .clone(),
             };
-            rebuilt.push(&tenant, seq, stream_seq);
+            rebuilt.push(&tenant, TenantSeq(seq), StreamSeq(stream_seq));
         }
         read += 1;
         if read.is_multiple_of(4096) {
-            rebuilt.bound(stream_seq + 1);
+            rebuilt.bound(StreamSeq(stream_seq + 1));
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
             }

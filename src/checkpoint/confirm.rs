@@ -9,6 +9,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::progress::Segment;
+use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 
 /// Segments waiting out the confirm delay, oldest first.
 #[derive(Debug)]
@@ -24,9 +26,9 @@ const KEEPALIVE_BUCKET: Duration = Duration::from_secs(1);
 /// Matured segments merged into one checkpoint step.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Matured {
-    pub end_lsn: u64,
-    pub stream_seq: u64,
-    pub tenants: Vec<(Arc<str>, u64)>,
+    pub end_lsn: Lsn,
+    pub stream_seq: StreamSeq,
+    pub tenants: Vec<(Arc<str>, TenantSeq)>,
 }
 
 impl ConfirmQueue {
@@ -54,7 +56,7 @@ impl ConfirmQueue {
 
     /// Merges every segment acknowledged at least `delay` before `now`.
     pub fn mature(&mut self, now: Instant) -> Option<Matured> {
-        let mut tenants: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut tenants: HashMap<Arc<str>, TenantSeq> = HashMap::new();
         let mut last = None;
         while let Some((_, front)) = self.waiting.front() {
             if now.duration_since(front.acked_at) < self.delay {
@@ -83,10 +85,13 @@ mod tests {
     use super::*;
 
     fn seg(lsn: u64, tenant: Option<(&str, u64)>, at: Instant) -> Segment {
-        let delta = tenant.map(|(t, s)| (Arc::from(t), s)).into_iter().collect();
+        let delta = tenant
+            .map(|(t, s)| (Arc::from(t), TenantSeq(s)))
+            .into_iter()
+            .collect();
         Segment {
-            end_lsn: lsn,
-            stream_seq: lsn / 10,
+            end_lsn: Lsn(lsn),
+            stream_seq: StreamSeq(lsn / 10),
             delta,
             acked_at: at,
         }
@@ -101,8 +106,8 @@ mod tests {
         q.push(seg(300, Some(("b", 1)), t0 + Duration::from_secs(60)));
         assert_eq!(q.mature(t0 + Duration::from_secs(119)), None);
         let m = q.mature(t0 + Duration::from_secs(121)).unwrap();
-        assert_eq!((m.end_lsn, m.stream_seq), (200, 20));
-        assert_eq!(m.tenants, vec![(Arc::from("a"), 2)]);
+        assert_eq!((m.end_lsn, m.stream_seq), (Lsn(200), StreamSeq(20)));
+        assert_eq!(m.tenants, vec![(Arc::from("a"), TenantSeq(2))]);
         assert_eq!(q.next_due(), Some(t0 + Duration::from_secs(180)));
     }
 
@@ -113,6 +118,6 @@ mod tests {
         q.push(seg(10, None, t0));
         q.push(seg(20, None, t0));
         assert_eq!(q.waiting.len(), 1);
-        assert_eq!(q.mature(t0).unwrap().end_lsn, 20);
+        assert_eq!(q.mature(t0).unwrap().end_lsn, Lsn(20));
     }
 }

@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex};
 use super::store::{Checkpoint, Store};
 use crate::database::DbError;
 use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 
-/// What `walcast.checkpoints` + `walcast.tenant_seqs` hold for one slot.
+/// What `walcast.checkpoints` + `walcast.tenant_seqs` hold for one slot, as
+/// the columns hold it (plain numbers).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Row {
     pub owner: String,
@@ -40,9 +42,13 @@ impl MemoryStore {
         Checkpoint {
             lsn: row.lsn,
             stream: stream.to_string(),
-            stream_seq: row.stream_seq,
-            acked_seq: row.acked_seq,
-            tenants: row.tenants.iter().map(|(t, s)| (t.clone(), *s)).collect(),
+            stream_seq: StreamSeq(row.stream_seq),
+            acked_seq: StreamSeq(row.acked_seq),
+            tenants: row
+                .tenants
+                .iter()
+                .map(|(t, s)| (t.clone(), TenantSeq(*s)))
+                .collect(),
         }
     }
 
@@ -66,24 +72,29 @@ impl Store for MemoryStore {
         slot: &str,
         owner: &str,
         lsn: Lsn,
-        stream_seq: u64,
-        tenants: &[(Arc<str>, u64)],
+        stream_seq: StreamSeq,
+        tenants: &[(Arc<str>, TenantSeq)],
     ) -> Result<(), DbError> {
         // A real write takes a round trip: let other tasks run meanwhile, so
         // a confirmation sent before the write completes is observable.
         tokio::task::yield_now().await;
         let mut row = self.owned_by(slot, owner)?;
         for (tenant, seq) in tenants {
-            row.tenants.insert(tenant.to_string(), *seq);
+            row.tenants.insert(tenant.to_string(), seq.0);
         }
         row.lsn = lsn;
-        row.stream_seq = stream_seq;
+        row.stream_seq = stream_seq.0;
         Ok(())
     }
 
-    async fn save_acked(&mut self, slot: &str, owner: &str, acked_seq: u64) -> Result<(), DbError> {
+    async fn save_acked(
+        &mut self,
+        slot: &str,
+        owner: &str,
+        acked_seq: StreamSeq,
+    ) -> Result<(), DbError> {
         let mut row = self.owned_by(slot, owner)?;
-        row.acked_seq = row.acked_seq.max(acked_seq);
+        row.acked_seq = row.acked_seq.max(acked_seq.0);
         Ok(())
     }
 

@@ -96,7 +96,7 @@ async fn run<S: Store>(
         tokio::select! {
             seg = segments.recv() => match seg {
                 Some(seg) => {
-                    acked_lsn = Lsn(seg.end_lsn);
+                    acked_lsn = seg.end_lsn;
                     acked_seq = acked_seq.max(seg.stream_seq);
                     health.acked(seg.end_lsn, acked_seq);
                     queue.push(seg);
@@ -124,15 +124,15 @@ async fn run<S: Store>(
             // Keepalive-only progress changes no tenant and no stream position:
             // confirming it needs no write (the checkpoint stays valid up to it).
             if !m.tenants.is_empty() || m.stream_seq != saved_seq {
-                let save = store.save(&slot, &owner, Lsn(m.end_lsn), m.stream_seq, &m.tenants);
+                let save = store.save(&slot, &owner, m.end_lsn, m.stream_seq, &m.tenants);
                 with_timeout("write the checkpoint", save).await??;
                 crate::failpoint::crash_point("after_checkpoint");
                 health.checkpointed();
                 saved_seq = m.stream_seq;
                 not_before = now + SAVE_EVERY;
             }
-            confirm.send_replace(Lsn(m.end_lsn));
-            metrics::gauge!(m_::CONFIRMED_LSN).set(m.end_lsn as f64);
+            confirm.send_replace(m.end_lsn);
+            metrics::gauge!(m_::CONFIRMED_LSN).set(m.end_lsn.0 as f64);
         }
     }
     Ok(())

@@ -12,15 +12,18 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
+
 /// A run of acknowledged transactions, confirmable as a whole.
 #[derive(Debug, Clone)]
 pub struct Segment {
     /// Confirmable position: the end of the last transaction (or a keepalive).
-    pub end_lsn: u64,
+    pub end_lsn: Lsn,
     /// Stream sequence of the last event before `end_lsn`.
-    pub stream_seq: u64,
+    pub stream_seq: StreamSeq,
     /// Each tenant's last seq in the segment.
-    pub delta: HashMap<Arc<str>, u64>,
+    pub delta: HashMap<Arc<str>, TenantSeq>,
     pub acked_at: Instant,
 }
 
@@ -28,15 +31,15 @@ pub struct Segment {
 #[derive(Debug)]
 pub struct Progress {
     every: Duration,
-    bounded: HashMap<Arc<str>, u64>,
-    open: HashMap<Arc<str>, u64>,
-    boundary: Option<(u64, u64)>,
-    stream_seq: u64,
+    bounded: HashMap<Arc<str>, TenantSeq>,
+    open: HashMap<Arc<str>, TenantSeq>,
+    boundary: Option<(Lsn, StreamSeq)>,
+    stream_seq: StreamSeq,
     last_cut: Instant,
 }
 
 impl Progress {
-    pub fn new(stream_seq: u64, every: Duration) -> Self {
+    pub fn new(stream_seq: StreamSeq, every: Duration) -> Self {
         Progress {
             every,
             bounded: HashMap::new(),
@@ -48,7 +51,7 @@ impl Progress {
     }
 
     /// An event was acknowledged at `stream_seq` (tenant events carry their seq).
-    pub fn acked(&mut self, tenant: Option<(&Arc<str>, u64)>, stream_seq: u64) {
+    pub fn acked(&mut self, tenant: Option<(&Arc<str>, TenantSeq)>, stream_seq: StreamSeq) {
         self.stream_seq = stream_seq;
         if let Some((tenant, seq)) = tenant {
             self.open.insert(tenant.clone(), seq);
@@ -56,7 +59,7 @@ impl Progress {
     }
 
     /// Everything before `lsn` is acknowledged.
-    pub fn boundary(&mut self, lsn: u64) {
+    pub fn boundary(&mut self, lsn: Lsn) {
         if self.bounded.is_empty() {
             std::mem::swap(&mut self.bounded, &mut self.open);
         } else {
@@ -94,28 +97,28 @@ mod tests {
     #[test]
     fn events_after_a_pending_boundary_stay_out_of_its_segment() {
         let t: Arc<str> = Arc::from("acme");
-        let mut p = Progress::new(10, Duration::from_secs(3600));
-        p.acked(Some((&t, 1)), 11);
-        p.boundary(100);
-        p.acked(Some((&t, 2)), 12); // next transaction, not yet committed-and-acked
+        let mut p = Progress::new(StreamSeq(10), Duration::from_secs(3600));
+        p.acked(Some((&t, TenantSeq(1))), StreamSeq(11));
+        p.boundary(Lsn(100));
+        p.acked(Some((&t, TenantSeq(2))), StreamSeq(12)); // next transaction, not yet committed-and-acked
         let seg = p.cut(Instant::now(), true).unwrap();
-        assert_eq!((seg.end_lsn, seg.stream_seq), (100, 11));
-        assert_eq!(seg.delta.get("acme"), Some(&1));
+        assert_eq!((seg.end_lsn, seg.stream_seq), (Lsn(100), StreamSeq(11)));
+        assert_eq!(seg.delta.get("acme"), Some(&TenantSeq(1)));
         assert!(p.cut(Instant::now(), true).is_none(), "no boundary pending");
-        p.boundary(200);
+        p.boundary(Lsn(200));
         let seg = p.cut(Instant::now(), true).unwrap();
         assert_eq!(
             (seg.end_lsn, seg.stream_seq, seg.delta.get("acme")),
-            (200, 12, Some(&2))
+            (Lsn(200), StreamSeq(12), Some(&TenantSeq(2)))
         );
     }
 
     #[test]
     fn cuts_are_rate_limited_unless_forced() {
-        let mut p = Progress::new(0, Duration::from_secs(3600));
-        p.boundary(1);
+        let mut p = Progress::new(StreamSeq(0), Duration::from_secs(3600));
+        p.boundary(Lsn(1));
         assert!(p.cut(Instant::now(), false).is_none());
-        p.boundary(2);
-        assert_eq!(p.cut(Instant::now(), true).unwrap().end_lsn, 2);
+        p.boundary(Lsn(2));
+        assert_eq!(p.cut(Instant::now(), true).unwrap().end_lsn, Lsn(2));
     }
 }

@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 
 use crate::database::{DbError, query_err};
 use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::metrics as m;
 
 /// A checkpoint as stored.
@@ -18,10 +19,10 @@ use crate::telemetry::metrics as m;
 pub struct Checkpoint {
     pub lsn: Lsn,
     pub stream: String,
-    pub stream_seq: u64,
+    pub stream_seq: StreamSeq,
     /// Highest stream sequence seen acknowledged (>= `stream_seq`).
-    pub acked_seq: u64,
-    pub tenants: Vec<(String, u64)>,
+    pub acked_seq: StreamSeq,
+    pub tenants: Vec<(String, TenantSeq)>,
 }
 
 /// Where a run writes its checkpoints: Postgres in production
@@ -35,11 +36,16 @@ pub(crate) trait Store {
         slot: &str,
         owner: &str,
         lsn: Lsn,
-        stream_seq: u64,
-        tenants: &[(Arc<str>, u64)],
+        stream_seq: StreamSeq,
+        tenants: &[(Arc<str>, TenantSeq)],
     ) -> Result<(), DbError>;
     /// Records the highest acknowledged stream sequence (see [`save_acked`]).
-    async fn save_acked(&mut self, slot: &str, owner: &str, acked_seq: u64) -> Result<(), DbError>;
+    async fn save_acked(
+        &mut self,
+        slot: &str,
+        owner: &str,
+        acked_seq: StreamSeq,
+    ) -> Result<(), DbError>;
     /// Updates the slot gauges; a failure only leaves them stale.
     async fn gauges(&mut self, slot: &str, acked: Lsn);
 }
@@ -50,13 +56,18 @@ impl Store for Client {
         slot: &str,
         owner: &str,
         lsn: Lsn,
-        stream_seq: u64,
-        tenants: &[(Arc<str>, u64)],
+        stream_seq: StreamSeq,
+        tenants: &[(Arc<str>, TenantSeq)],
     ) -> Result<(), DbError> {
         save(self, slot, owner, lsn, stream_seq, tenants).await
     }
 
-    async fn save_acked(&mut self, slot: &str, owner: &str, acked_seq: u64) -> Result<(), DbError> {
+    async fn save_acked(
+        &mut self,
+        slot: &str,
+        owner: &str,
+        acked_seq: StreamSeq,
+    ) -> Result<(), DbError> {
         save_acked(self, slot, owner, acked_seq).await
     }
 
@@ -105,13 +116,13 @@ pub async fn load(client: &Client, slot: &str) -> Result<Option<Checkpoint>, DbE
         .await
         .map_err(query_err("read walcast.tenant_seqs"))?
         .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
+        .map(|r| (r.get::<_, String>(0), TenantSeq(r.get::<_, i64>(1) as u64)))
         .collect();
     Ok(Some(Checkpoint {
         lsn: Lsn::parse(row.get::<_, &str>(0)).unwrap_or_default(),
         stream: row.get(1),
-        stream_seq: row.get::<_, i64>(2) as u64,
-        acked_seq: row.get::<_, i64>(3) as u64,
+        stream_seq: StreamSeq(row.get::<_, i64>(2) as u64),
+        acked_seq: StreamSeq(row.get::<_, i64>(3) as u64),
         tenants,
     }))
 }
@@ -149,13 +160,13 @@ pub async fn init(
     slot: &str,
     lsn: Lsn,
     stream: &str,
-    stream_seq: u64,
+    stream_seq: StreamSeq,
 ) -> Result<Checkpoint, DbError> {
     client
         .execute(
             "INSERT INTO walcast.checkpoints (slot, lsn, stream, stream_seq) VALUES ($1, $2::text::pg_lsn, $3, $4)
              ON CONFLICT (slot) DO NOTHING",
-            &[&slot, &lsn.to_string(), &stream, &(stream_seq as i64)],
+            &[&slot, &lsn.to_string(), &stream, &(stream_seq.0 as i64)],
         )
         .await
         .map_err(query_err("create the first checkpoint"))?;
@@ -173,8 +184,8 @@ pub async fn save(
     slot: &str,
     owner: &str,
     lsn: Lsn,
-    stream_seq: u64,
-    tenants: &[(Arc<str>, u64)],
+    stream_seq: StreamSeq,
+    tenants: &[(Arc<str>, TenantSeq)],
 ) -> Result<(), DbError> {
     let tx = client
         .transaction()
@@ -182,7 +193,7 @@ pub async fn save(
         .map_err(query_err("begin checkpoint"))?;
     if !tenants.is_empty() {
         let names: Vec<&str> = tenants.iter().map(|(t, _)| &**t).collect();
-        let seqs: Vec<i64> = tenants.iter().map(|(_, s)| *s as i64).collect();
+        let seqs: Vec<i64> = tenants.iter().map(|(_, s)| s.0 as i64).collect();
         tx.execute(
             "INSERT INTO walcast.tenant_seqs (slot, tenant_id, seq)
              SELECT $1, t, s FROM unnest($2::text[], $3::bigint[]) AS u(t, s)
@@ -196,7 +207,7 @@ pub async fn save(
         .execute(
             "UPDATE walcast.checkpoints SET lsn = $2::text::pg_lsn, stream_seq = $3, updated_at = now()
              WHERE slot = $1 AND owner = $4",
-            &[&slot, &lsn.to_string(), &(stream_seq as i64), &owner],
+            &[&slot, &lsn.to_string(), &(stream_seq.0 as i64), &owner],
         )
         .await
         .map_err(query_err("write walcast.checkpoints"))?;
@@ -211,12 +222,12 @@ pub async fn save_acked(
     client: &Client,
     slot: &str,
     owner: &str,
-    acked_seq: u64,
+    acked_seq: StreamSeq,
 ) -> Result<(), DbError> {
     let updated = client
         .execute(
             "UPDATE walcast.checkpoints SET acked_seq = greatest(acked_seq, $2) WHERE slot = $1 AND owner = $3",
-            &[&slot, &(acked_seq as i64), &owner],
+            &[&slot, &(acked_seq.0 as i64), &owner],
         )
         .await
         .map_err(query_err("write walcast.checkpoints.acked_seq"))?;

@@ -20,6 +20,7 @@ use super::memory::MemoryStore;
 use super::{Checkpoint, Checkpointer, Segment};
 use crate::database::DbError;
 use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::health::Health;
 
 /// One step of a timeline: wait, then hand over a segment.
@@ -145,9 +146,9 @@ async fn timeline(
         };
         judge.sent.lock().unwrap().push(sent.clone());
         let segment = Segment {
-            end_lsn: lsn,
-            stream_seq,
-            delta,
+            end_lsn: Lsn(lsn),
+            stream_seq: StreamSeq(stream_seq),
+            delta: delta.into_iter().map(|(t, s)| (t, TenantSeq(s))).collect(),
             acked_at: sent.acked_at,
         };
         if segments.send(segment).await.is_err() {

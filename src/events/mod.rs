@@ -25,6 +25,8 @@ use pbjson_types::Timestamp;
 use prost::Message as _;
 
 use crate::decode::Tuple;
+use crate::lsn::Lsn;
+use crate::position::TenantSeq;
 use crate::proto::{Action, Actor, ChangeEvent, EditingLock, Entity, Project, Task, change_event};
 pub use action::Kind;
 pub use layout::{Layout, Tables};
@@ -36,7 +38,7 @@ use row::Image;
 /// The transaction an event belongs to.
 #[derive(Debug, Clone)]
 pub struct TxContext {
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     pub commit_time: Timestamp,
     pub xid: u32,
     /// Set by a `walcast.actor` message earlier in the transaction.
@@ -64,7 +66,7 @@ pub enum Change<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// `<prefix>.<tenant>.<entity>.<action>`, numbered.
-    Tenant { tenant: Arc<str>, seq: u64 },
+    Tenant { tenant: Arc<str>, seq: TenantSeq },
     /// `<prefix>._deadletter`: the tenant id is not routable.
     DeadLetter { reason: &'static str },
     /// `<prefix>._truncated`: table-wide events that belong to no tenant.
@@ -77,7 +79,7 @@ pub struct OutEvent {
     pub event_id: String,
     pub subject: String,
     pub route: Route,
-    pub commit_lsn: u64,
+    pub commit_lsn: Lsn,
     /// Commit time, Unix microseconds (for lag metrics).
     pub commit_unix_micros: i64,
     pub entity: Entity,
@@ -87,15 +89,15 @@ pub struct OutEvent {
 
 /// The deterministic id of the event at `tx_index` in the transaction
 /// committed at `commit_lsn`. Fixed width, so ids sort in WAL order.
-pub fn event_id(commit_lsn: u64, tx_index: u32) -> String {
-    format!("{commit_lsn:016x}-{tx_index:08x}")
+pub fn event_id(commit_lsn: Lsn, tx_index: u32) -> String {
+    format!("{:016x}-{tx_index:08x}", commit_lsn.0)
 }
 
 /// Parses an [`event_id`] back into its WAL position.
-pub fn parse_event_id(id: &str) -> Option<(u64, u32)> {
+pub fn parse_event_id(id: &str) -> Option<(Lsn, u32)> {
     let (lsn, index) = id.split_once('-')?;
     Some((
-        u64::from_str_radix(lsn, 16).ok()?,
+        Lsn(u64::from_str_radix(lsn, 16).ok()?),
         u32::from_str_radix(index, 16).ok()?,
     ))
 }
@@ -147,7 +149,7 @@ impl EventBuilder {
             entity: layout.entity as i32,
             action: action as i32,
             entity_id: entity_id(layout, current),
-            commit_lsn: tx.commit_lsn,
+            commit_lsn: tx.commit_lsn.0,
             commit_time: Some(tx.commit_time),
             xid: u64::from(tx.xid),
             tx_index,
@@ -161,7 +163,7 @@ impl EventBuilder {
         let route = match tenant::validate(tenant_text) {
             Ok(tenant) => {
                 let (tenant, seq) = self.sequencer.next(tenant);
-                event.seq = seq;
+                event.seq = seq.0;
                 Route::Tenant { tenant, seq }
             }
             Err(invalid) => Route::DeadLetter {
@@ -177,7 +179,7 @@ impl EventBuilder {
             event_id: event_id(tx.commit_lsn, tx_index),
             entity: layout.entity as i32,
             action: Action::Truncated as i32,
-            commit_lsn: tx.commit_lsn,
+            commit_lsn: tx.commit_lsn.0,
             commit_time: Some(tx.commit_time),
             xid: u64::from(tx.xid),
             tx_index,
@@ -213,7 +215,7 @@ impl EventBuilder {
         OutEvent {
             subject,
             route,
-            commit_lsn: event.commit_lsn,
+            commit_lsn: Lsn(event.commit_lsn),
             commit_unix_micros: event
                 .commit_time
                 .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos / 1000)),

@@ -47,7 +47,7 @@ pub(crate) const LOCK_COLS: &[&str] = &[
 
 fn tx(actor: Option<Actor>) -> TxContext {
     TxContext {
-        commit_lsn: 0x1234,
+        commit_lsn: Lsn(0x1234),
         commit_time: timestamp::parse("2024-01-01 12:00:00+00")
             .unwrap()
             .timestamp,
@@ -120,11 +120,11 @@ fn insert_is_created_routed_numbered_and_typed() {
         out.route,
         Route::Tenant {
             tenant: "acme".into(),
-            seq: 1
+            seq: TenantSeq(1)
         }
     );
     assert_eq!(ev.event_id, "0000000000001234-00000003");
-    assert_eq!(parse_event_id(&ev.event_id), Some((0x1234, 3)));
+    assert_eq!(parse_event_id(&ev.event_id), Some((Lsn(0x1234), 3)));
     assert_eq!(
         (ev.seq, ev.entity_id.as_str(), ev.tx_index, ev.xid),
         (1, "t1", 3, 7)
@@ -161,7 +161,7 @@ fn insert_is_created_routed_numbered_and_typed() {
         .route,
         Route::Tenant {
             tenant: "acme".into(),
-            seq: 2
+            seq: TenantSeq(2)
         }
     );
 }

@@ -46,7 +46,7 @@ pub(super) async fn drive(
         .with_sources(prepared.sources.clone());
     tracing::info!(
         start = %prepared.start,
-        stream_seq = prepared.last_seq,
+        stream_seq = prepared.last_seq.0,
         tenants = prepared.checkpoint.tenants.len(),
         "replicating"
     );
@@ -55,7 +55,7 @@ pub(super) async fn drive(
     let mut reader = Reader {
         assembler: &mut assembler,
         skip: Skip::after(&prepared.checkpoint, &prepared.reconciled),
-        last_boundary: prepared.start.0,
+        last_boundary: prepared.start,
     };
     let (mut stages, mut source) = spawn_stages(ctx, prepared).await?;
     let failure = read_until_stopped(ctx, &mut source, &mut reader, &mut stages, shutdown).await;
@@ -71,7 +71,7 @@ pub(super) async fn drive(
 pub(super) fn replayer(prefix: &str, tables: Tables, checkpoint: &Checkpoint) -> Assembler {
     let sequencer = Sequencer::from_checkpoint(checkpoint.tenants.clone());
     let builder = EventBuilder::new(prefix.to_string(), sequencer);
-    Assembler::new(tables, builder, checkpoint.lsn.0)
+    Assembler::new(tables, builder, checkpoint.lsn)
 }
 
 /// Starts the catch-up service, the publisher, the checkpointer and the
@@ -101,7 +101,7 @@ async fn spawn_stages(
     // behind the stream: the catch-up service answers "unavailable" meanwhile.
     index.expect_replay_through(last_seq);
     index.replayed_through(checkpoint.stream_seq);
-    index.record(&[], last_seq + 1);
+    index.record(&[], last_seq.next());
     // Only the instance holding the slot answers catch-up requests; it runs
     // on its own thread and connection until this run ends.
     let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;

@@ -12,6 +12,7 @@ use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::events::{EventBuilder, Sequencer};
 use crate::handoff::Item;
+use crate::position::StreamSeq;
 use crate::source::Source;
 use crate::source::{preflight, slot};
 use crate::telemetry::metrics as m;
@@ -33,15 +34,15 @@ pub(super) async fn run(
         Sequencer::from_checkpoint(checkpoint.tenants),
     );
     let mut assembler =
-        Assembler::new(s.tables.clone(), builder, checkpoint.lsn.0).with_sources(checked.sources);
+        Assembler::new(s.tables.clone(), builder, checkpoint.lsn).with_sources(checked.sources);
     let mut source = Source::start(&ctx.db, &s.slot, &s.publication, start).await?;
     tracing::warn!(%start, "dry run: events are built but not published, and the slot is not confirmed");
     ctx.health.set_replicating(true);
     let _ready = Replicating(&ctx.health);
     let mut reader = Reader {
         assembler: &mut assembler,
-        skip: Skip::new(0, 0, None),
-        last_boundary: start.0,
+        skip: Skip::new(0, StreamSeq(0), None),
+        last_boundary: start,
     };
     loop {
         tokio::select! {

@@ -18,6 +18,7 @@ use super::{Context, PipelineError};
 use crate::checkpoint::{Checkpoint, store};
 use crate::database::with_timeout;
 use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 use crate::proto::Entity;
 use crate::publish::{self, JetStream, Sink};
 use crate::source::preflight::{self, SlotVerdict};
@@ -70,7 +71,7 @@ pub(super) struct Prepared {
     /// Where reading starts: the checkpoint or the slot, whichever is later.
     pub start: Lsn,
     /// The stream's last sequence when the run started.
-    pub last_seq: u64,
+    pub last_seq: StreamSeq,
     pub reconciled: Reconciled,
 }
 
@@ -139,7 +140,7 @@ pub(super) struct Reconciled {
     pub tail_id: Option<String>,
     /// The highest stream sequence ever acknowledged (this process or the
     /// checkpoint): below it, sends are republishes of lost messages.
-    pub acked_high: u64,
+    pub acked_high: StreamSeq,
 }
 
 /// Reconciles the checkpoint with a stream that ends at `last_seq` (see the
@@ -152,7 +153,7 @@ pub(super) async fn reconcile(
     sink: &impl Sink,
     names: Names<'_>,
     checkpoint: &Checkpoint,
-    last_seq: u64,
+    last_seq: StreamSeq,
     process_high: &AtomicU64,
 ) -> Result<Reconciled, PipelineError> {
     let already = count_already(names, checkpoint, last_seq)?;
@@ -160,14 +161,16 @@ pub(super) async fn reconcile(
         0 => None,
         _ => sink.message_id(last_seq).await,
     };
-    let acked_high = process_high
-        .fetch_max(checkpoint.acked_seq, Ordering::SeqCst)
-        .max(checkpoint.acked_seq);
+    let acked_high = StreamSeq(
+        process_high
+            .fetch_max(checkpoint.acked_seq.0, Ordering::SeqCst)
+            .max(checkpoint.acked_seq.0),
+    );
     if last_seq < acked_high {
         tracing::warn!(
             stream = %names.stream,
-            lost_from = last_seq + 1,
-            lost_to = acked_high,
+            lost_from = last_seq.0 + 1,
+            lost_to = acked_high.0,
             "the broker lost messages it had acknowledged; republishing them from the slot with the same ids and seqs"
         );
     }
@@ -184,7 +187,7 @@ pub(super) async fn reconcile(
 fn count_already(
     names: Names<'_>,
     checkpoint: &Checkpoint,
-    last_seq: u64,
+    last_seq: StreamSeq,
 ) -> Result<u64, PipelineError> {
     let Names { slot, stream } = names;
     if checkpoint.stream != stream {
@@ -201,7 +204,7 @@ fn count_already(
             last_seq,
             checkpoint.stream_seq,
             checkpoint.lsn,
-            last_seq + 1,
+            last_seq.next(),
             checkpoint.stream_seq
         )));
     }

@@ -10,6 +10,8 @@ use crate::checkpoint::Checkpoint;
 use crate::decode;
 use crate::events::Route;
 use crate::handoff::Item;
+use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 use crate::source::{Source, SourceError, SourceEvent};
 
 /// Reads one batch: at least one event (waiting for it), then whatever is
@@ -40,7 +42,7 @@ pub(super) async fn read_batch(
 pub(super) struct Reader<'a> {
     pub(super) assembler: &'a mut Assembler,
     pub(super) skip: Skip,
-    pub(super) last_boundary: u64,
+    pub(super) last_boundary: Lsn,
 }
 
 impl Reader<'_> {
@@ -53,8 +55,8 @@ impl Reader<'_> {
         match &event {
             SourceEvent::Data(bytes) => self.assembler.handle(decode::decode(bytes)?, out)?,
             SourceEvent::KeepAlive(lsn) => {
-                if !self.assembler.in_transaction() && lsn.0 > self.last_boundary {
-                    out.push(Item::Boundary(lsn.0));
+                if !self.assembler.in_transaction() && *lsn > self.last_boundary {
+                    out.push(Item::Boundary(*lsn));
                 }
             }
             other => {
@@ -89,7 +91,7 @@ impl Reader<'_> {
 /// Events a previous run already published, to count but not resend.
 pub(super) struct Skip {
     remaining: u64,
-    next_stream_seq: u64,
+    next_stream_seq: StreamSeq,
     tail_id: Option<String>,
 }
 
@@ -103,10 +105,14 @@ impl Skip {
         )
     }
 
-    pub(super) fn new(remaining: u64, checkpoint_stream_seq: u64, tail_id: Option<String>) -> Self {
+    pub(super) fn new(
+        remaining: u64,
+        checkpoint_stream_seq: StreamSeq,
+        tail_id: Option<String>,
+    ) -> Self {
         Skip {
             remaining,
-            next_stream_seq: checkpoint_stream_seq + 1,
+            next_stream_seq: checkpoint_stream_seq.next(),
             tail_id,
         }
     }
@@ -114,7 +120,7 @@ impl Skip {
     fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {
         self.remaining -= 1;
         let stream_seq = self.next_stream_seq;
-        self.next_stream_seq += 1;
+        self.next_stream_seq = self.next_stream_seq.next();
         if self.remaining == 0
             && let Some(tail) = &self.tail_id
             && *tail != event.event_id

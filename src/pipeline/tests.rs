@@ -99,7 +99,7 @@ fn exact_stream(wal: &[Tx]) -> Vec<Expected> {
                 *s
             });
             out.push(Expected {
-                event_id: event_id(commit_lsn(i), j as u32),
+                event_id: event_id(Lsn(commit_lsn(i)), j as u32),
                 tenant,
                 seq,
                 end_lsn: end_lsn(i),
@@ -384,7 +384,7 @@ async fn feed(
 async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
     w.runs += 1;
     let sink = w.broker.connect(Duration::from_millis(c.ack_latency_ms));
-    let last_seq = sink.last_seq().await.unwrap_or(0);
+    let last_seq = sink.last_seq().await.unwrap_or_default();
     let checkpoint = w.store.checkpoint(STREAM);
     let owner = format!("run {}", w.runs);
     w.store.claim(&owner);
@@ -398,7 +398,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
     let reader = Reader {
         assembler: &mut assembler,
         skip: Skip::after(&checkpoint, &reconciled),
-        last_boundary: start,
+        last_boundary: Lsn(start),
     };
     let publisher = Publisher {
         sink,

@@ -71,13 +71,14 @@ pub(super) async fn broker_loss(
     if !crate::publish::stream::has_leader(info) {
         return None;
     }
+    use crate::position::StreamSeq;
     let last = info.state.last_sequence;
     let high = acked_high.load(Ordering::SeqCst);
     (last < high).then(|| {
         PipelineError::Publish(PublishError::BrokerLoss {
             stream: name.to_string(),
-            last,
-            high,
+            last: StreamSeq(last),
+            high: StreamSeq(high),
         })
     })
 }

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::PublishError;
 use super::sink::Replies;
+use crate::position::StreamSeq;
 
 /// An ack is requested at least this often (events), so progress, the
 /// in-flight bound and the ack timeout keep moving inside a large batch.
@@ -50,17 +51,17 @@ pub struct Acks<R> {
     connection: (u64, Instant),
     /// Stream sequences an ack was requested for, with when and on which
     /// connection (count), in order.
-    requested: VecDeque<(u64, Instant, u64)>,
+    requested: VecDeque<(StreamSeq, Instant, u64)>,
     /// Acks that arrived ahead of an earlier request (JetStream answers in
     /// order, but nothing here relies on it).
-    early: BTreeMap<u64, Verdict>,
+    early: BTreeMap<StreamSeq, Verdict>,
 }
 
 /// What JetStream said about the message expected at a stream sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     /// Stored at this sequence (a duplicate was not stored).
-    Stored { seq: u64, duplicate: bool },
+    Stored { seq: StreamSeq, duplicate: bool },
     /// Rejected, with JetStream's description.
     Rejected(String),
     /// Nothing captures the subject: no stream leader (an election), or no
@@ -71,7 +72,7 @@ pub enum Verdict {
 /// An ack matched to the request it answers.
 pub struct Answer {
     /// The stream sequence the acked message was expected at.
-    pub expected: u64,
+    pub expected: StreamSeq,
     pub verdict: Verdict,
     /// Time since the request.
     pub latency: Duration,
@@ -91,7 +92,7 @@ impl<R: Replies> Acks<R> {
 
     /// The reply subject for the publish expected at `seq`, and records the
     /// request.
-    pub fn request(&mut self, seq: u64) -> Subject {
+    pub fn request(&mut self, seq: StreamSeq) -> Subject {
         let connects = self.replies.connects();
         self.requested.push_back((seq, Instant::now(), connects));
         self.replies.subject(seq)
@@ -186,7 +187,10 @@ pub fn parse(body: &[u8]) -> Verdict {
         Ok(AckBody {
             error: Some(err), ..
         }) => Verdict::Rejected(format!("{} (code {})", err.description, err.code)),
-        Ok(AckBody { seq, duplicate, .. }) if seq > 0 => Verdict::Stored { seq, duplicate },
+        Ok(AckBody { seq, duplicate, .. }) if seq > 0 => Verdict::Stored {
+            seq: StreamSeq(seq),
+            duplicate,
+        },
         Ok(_) => Verdict::Rejected(format!(
             "unexpected ack {}",
             String::from_utf8_lossy(&body[..body.len().min(200)])
@@ -207,14 +211,14 @@ mod tests {
         assert_eq!(
             parse(br#"{"stream":"WALCAST","seq":42}"#),
             Verdict::Stored {
-                seq: 42,
+                seq: StreamSeq(42),
                 duplicate: false
             }
         );
         assert_eq!(
             parse(br#"{"stream":"WALCAST","seq":7,"duplicate":true}"#),
             Verdict::Stored {
-                seq: 7,
+                seq: StreamSeq(7),
                 duplicate: true
             }
         );

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::PublishError;
 use super::acks::Verdict;
 use super::sink::{Bucket, Replies, Sink};
+use crate::position::StreamSeq;
 
 /// One stored message.
 #[derive(Debug, Clone)]
@@ -107,14 +108,14 @@ impl MemoryBroker {
 }
 
 impl Broker {
-    fn last_seq(&self) -> u64 {
-        self.messages.len() as u64
+    fn last_seq(&self) -> StreamSeq {
+        StreamSeq(self.messages.len() as u64)
     }
 
     /// JetStream's decision on one message: a duplicate id within the
     /// window is answered with the original's sequence, then the expected
     /// last sequence must match, then the message is stored.
-    fn store(&mut self, msg: Stored, expected_last: Option<u64>) -> Verdict {
+    fn store(&mut self, msg: Stored, expected_last: Option<StreamSeq>) -> Verdict {
         let now = msg.stored_at;
         if let Some(i) = self
             .messages
@@ -122,7 +123,7 @@ impl Broker {
             .rposition(|m| m.msg_id == msg.msg_id && m.stored_at + self.window > now)
         {
             return Verdict::Stored {
-                seq: i as u64 + 1,
+                seq: StreamSeq(i as u64 + 1),
                 duplicate: true,
             };
         }
@@ -134,7 +135,7 @@ impl Broker {
         }
         self.messages.push(msg);
         Verdict::Stored {
-            seq: last + 1,
+            seq: last.next(),
             duplicate: false,
         }
     }
@@ -214,7 +215,9 @@ impl Sink for MemorySink {
             payload,
             stored_at: Instant::now(),
         };
-        let expected = header(&headers, "Nats-Expected-Last-Sequence").and_then(|s| s.parse().ok());
+        let expected = header(&headers, "Nats-Expected-Last-Sequence")
+            .and_then(|s| s.parse().ok())
+            .map(StreamSeq);
         let mut broker = self.broker.lock();
         let verdict = broker.store(msg, expected);
         let replies = self.replies.lock().unwrap_or_else(|e| e.into_inner());
@@ -243,19 +246,19 @@ impl Sink for MemorySink {
         PublishError::Nats(format!("no responders for {event_id} (memory sink)"))
     }
 
-    async fn last_seq(&self) -> Result<u64, PublishError> {
+    async fn last_seq(&self) -> Result<StreamSeq, PublishError> {
         Ok(self.broker.lock().last_seq())
     }
 
-    async fn message_id(&self, seq: u64) -> Option<String> {
+    async fn message_id(&self, seq: StreamSeq) -> Option<String> {
         let b = self.broker.lock();
-        let i = usize::try_from(seq.checked_sub(1)?).ok()?;
+        let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
         b.messages.get(i).map(|m| m.msg_id.clone())
     }
 }
 
 impl Replies for MemoryReplies {
-    fn subject(&self, seq: u64) -> Subject {
+    fn subject(&self, seq: StreamSeq) -> Subject {
         Subject::from(format!("ack.{seq}"))
     }
 
@@ -263,7 +266,7 @@ impl Replies for MemoryReplies {
         self.broker.lock().connects
     }
 
-    async fn next(&mut self) -> Option<(u64, Verdict)> {
+    async fn next(&mut self) -> Option<(StreamSeq, Verdict)> {
         loop {
             while let Ok(reply) = self.rx.try_recv() {
                 self.due.push_back(reply);
@@ -276,7 +279,7 @@ impl Replies for MemoryReplies {
             tokio::time::sleep_until(at).await;
             let (_, on, seq, verdict) = self.due.pop_front()?;
             if on == self.connects() {
-                return Some((seq, verdict));
+                return Some((StreamSeq(seq), verdict));
             } // else: lost with the connection it was sent on
         }
     }
@@ -295,7 +298,7 @@ mod tests {
 
     /// Sends `id` expecting `last`, asking for its ack; returns the ack.
     async fn send(sink: &MemorySink, replies: &mut MemoryReplies, id: &str, last: u64) -> Verdict {
-        let reply = Some(replies.subject(last + 1));
+        let reply = Some(replies.subject(StreamSeq(last + 1)));
         let sent = sink.send("s".into(), headers(id, last), Bytes::new(), reply);
         sent.await.unwrap();
         replies.next().await.unwrap().1
@@ -306,7 +309,10 @@ mod tests {
         let broker = MemoryBroker::new(Duration::from_secs(120));
         let sink = broker.connect(Duration::from_millis(5));
         let mut replies = sink.replies().await.unwrap();
-        let stored = |seq, duplicate| Verdict::Stored { seq, duplicate };
+        let stored = |seq, duplicate| Verdict::Stored {
+            seq: StreamSeq(seq),
+            duplicate,
+        };
         assert_eq!(send(&sink, &mut replies, "a", 0).await, stored(1, false));
         assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
         // A duplicate id is answered with the original's sequence, whatever
@@ -315,9 +321,9 @@ mod tests {
         let refused = Verdict::Rejected("wrong last sequence: 2 (code 400)".into());
         assert_eq!(send(&sink, &mut replies, "c", 1).await, refused);
         assert_eq!(broker.lose_last(1), 1);
-        assert_eq!(sink.last_seq().await.unwrap(), 1);
+        assert_eq!(sink.last_seq().await.unwrap(), StreamSeq(1));
         assert_eq!(send(&sink, &mut replies, "b", 1).await, stored(2, false));
-        assert_eq!(sink.message_id(2).await.as_deref(), Some("b"));
+        assert_eq!(sink.message_id(StreamSeq(2)).await.as_deref(), Some("b"));
         // Past the window, an id is new again.
         tokio::time::sleep(Duration::from_secs(121)).await;
         assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(3, false));
@@ -328,17 +334,17 @@ mod tests {
         let broker = MemoryBroker::new(Duration::from_secs(120));
         let sink = broker.connect(Duration::from_millis(5));
         let mut replies = sink.replies().await.unwrap();
-        let reply = Some(replies.subject(1));
+        let reply = Some(replies.subject(StreamSeq(1)));
         sink.send("s".into(), headers("a", 0), Bytes::new(), reply)
             .await
             .unwrap();
         broker.disconnect_in(1);
-        let reply = Some(replies.subject(2));
+        let reply = Some(replies.subject(StreamSeq(2)));
         sink.send("s".into(), headers("b", 1), Bytes::new(), reply)
             .await
             .unwrap();
         assert_eq!(replies.connects(), 2);
-        assert_eq!(sink.last_seq().await.unwrap(), 1, "b was lost");
+        assert_eq!(sink.last_seq().await.unwrap(), StreamSeq(1), "b was lost");
         let next = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
         assert!(next.is_err(), "a's ack was lost with the connection");
         broker.fail_in(1);

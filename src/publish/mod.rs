@@ -42,6 +42,8 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
+use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 pub(crate) use sink::{JetStream, Sink};
 
 /// Why publishing stopped.
@@ -60,8 +62,8 @@ pub enum PublishError {
     #[error("stream sequence mismatch: event {event_id} was stored as {got}, expected {expected}")]
     Chain {
         event_id: String,
-        expected: u64,
-        got: u64,
+        expected: StreamSeq,
+        got: StreamSeq,
     },
     #[error("checkpointer stopped")]
     Downstream,
@@ -76,28 +78,28 @@ pub enum PublishError {
         "stream {stream} no longer exists: publishes found no responders and JetStream says it is not found (was it deleted?)"
     )]
     StreamGone { stream: String },
-    #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high - last)]
+    #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high.0 - last.0)]
     BrokerLoss {
         stream: String,
-        last: u64,
-        high: u64,
+        last: StreamSeq,
+        high: StreamSeq,
     },
 }
 
 /// Per-event bookkeeping, in publish order.
 enum Pending {
     Event(Sent),
-    Boundary(u64),
+    Boundary(Lsn),
     Published {
-        tenant: Option<(Arc<str>, u64)>,
-        stream_seq: u64,
+        tenant: Option<(Arc<str>, TenantSeq)>,
+        stream_seq: StreamSeq,
     },
 }
 
 /// What is remembered of a sent event until its ack.
 struct Sent {
     event_id: String,
-    tenant: Option<(Arc<str>, u64)>,
+    tenant: Option<(Arc<str>, TenantSeq)>,
     entity: crate::proto::Entity,
     action: crate::proto::Action,
     bytes: usize,
@@ -135,16 +137,16 @@ struct Flight {
     progress: Progress,
     stats: stats::Stats,
     /// Stream sequence of the next event to send.
-    next_seq: u64,
+    next_seq: StreamSeq,
     /// Highest stream sequence acknowledged (directly or by a later ack).
-    acked_seq: u64,
+    acked_seq: StreamSeq,
     /// Highest stream sequence an ack was requested for.
-    requested_seq: u64,
+    requested_seq: StreamSeq,
 }
 
 impl Flight {
     fn unacked(&self) -> u64 {
-        self.next_seq - 1 - self.acked_seq
+        self.next_seq.prev() - self.acked_seq
     }
 
     /// Applies JetStream's answer for the message expected at `answer.expected`:
@@ -179,11 +181,11 @@ impl Flight {
         }
         crate::failpoint::crash_point("after_ack");
         self.stats.ack_latency(answer.latency);
-        acked_high.fetch_max(expected, std::sync::atomic::Ordering::SeqCst);
+        acked_high.fetch_max(expected.0, std::sync::atomic::Ordering::SeqCst);
         while self.acked_seq < expected {
             match self.pending.pop_front() {
                 Some(Pending::Event(sent)) => {
-                    self.acked_seq += 1;
+                    self.acked_seq = self.acked_seq.next();
                     self.stats.acked(
                         sent.entity,
                         sent.action,
@@ -206,11 +208,11 @@ impl Flight {
     }
 
     /// The id of the unacknowledged event at stream sequence `seq`, for errors.
-    fn event_id_at(&self, seq: u64) -> String {
+    fn event_id_at(&self, seq: StreamSeq) -> String {
         let mut at = self.acked_seq;
         for p in &self.pending {
             if let Pending::Event(sent) = p {
-                at += 1;
+                at = at.next();
                 if at == seq {
                     return sent.event_id.clone();
                 }
@@ -235,7 +237,7 @@ impl<S: Sink> Publisher<S> {
         mut self,
         items: mpsc::Receiver<Vec<Item>>,
         segments: mpsc::Sender<Segment>,
-        last_seq: u64,
+        last_seq: StreamSeq,
     ) -> Result<(), PublishError> {
         match self.publish_all(items, segments, last_seq).await {
             Err(PublishError::NoResponders { event_id }) => {
@@ -249,14 +251,14 @@ impl<S: Sink> Publisher<S> {
         &mut self,
         mut items: mpsc::Receiver<Vec<Item>>,
         segments: mpsc::Sender<Segment>,
-        last_seq: u64,
+        last_seq: StreamSeq,
     ) -> Result<(), PublishError> {
         let mut acks = acks::Acks::new(self.sink.replies().await?);
         let mut f = Flight {
             pending: VecDeque::new(),
             progress: Progress::new(last_seq, CUT_EVERY),
             stats: stats::Stats::default(),
-            next_seq: last_seq + 1,
+            next_seq: last_seq.next(),
             acked_seq: last_seq,
             requested_seq: last_seq,
         };
@@ -328,10 +330,10 @@ impl<S: Sink> Publisher<S> {
                             f.requested_seq = seq;
                             acks.request(seq)
                         });
-                    let sent = self.publish(event, seq - 1, reply).await?;
+                    let sent = self.publish(event, seq.prev(), reply).await?;
                     f.pending.push_back(Pending::Event(sent));
                     crate::failpoint::crash_point("after_publish");
-                    f.next_seq += 1;
+                    f.next_seq = f.next_seq.next();
                 }
                 Item::Boundary(lsn) => f.pending.push_back(Pending::Boundary(lsn)),
                 Item::Published { tenant, stream_seq } => {
@@ -347,7 +349,7 @@ impl<S: Sink> Publisher<S> {
     async fn publish(
         &mut self,
         mut event: OutEvent,
-        expected_last: u64,
+        expected_last: StreamSeq,
         reply: Option<async_nats::Subject>,
     ) -> Result<Sent, PublishError> {
         let mut headers = HeaderMap::new();
@@ -361,7 +363,8 @@ impl<S: Sink> Publisher<S> {
             Route::DeadLetter { reason } => headers.insert(REASON, *reason),
             Route::System => {}
         }
-        headers.insert(LSN, event.commit_lsn.to_string());
+        // The header carries the decimal number (README), not the `X/Y` text.
+        headers.insert(LSN, event.commit_lsn.0.to_string());
         headers.insert(CONTENT_TYPE, "application/x-protobuf");
         let payload = self
             .oversized
@@ -403,7 +406,7 @@ impl<S: Sink> Publisher<S> {
 }
 
 /// The stream sequence every tenant event of `batch` gets (or already has).
-fn positions(batch: &[Item], mut next_seq: u64) -> Vec<(Arc<str>, u64, u64)> {
+fn positions(batch: &[Item], mut next_seq: StreamSeq) -> Vec<(Arc<str>, TenantSeq, StreamSeq)> {
     let mut out = Vec::with_capacity(batch.len());
     for item in batch {
         match item {
@@ -411,7 +414,7 @@ fn positions(batch: &[Item], mut next_seq: u64) -> Vec<(Arc<str>, u64, u64)> {
                 if let Route::Tenant { tenant, seq } = &event.route {
                     out.push((tenant.clone(), *seq, next_seq));
                 }
-                next_seq += 1;
+                next_seq = next_seq.next();
             }
             Item::Published {
                 tenant: Some((tenant, seq)),

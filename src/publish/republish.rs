@@ -6,17 +6,19 @@
 use std::collections::BTreeMap;
 
 use crate::events::{OutEvent, Route};
+use crate::lsn::Lsn;
+use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::metrics as m;
 
 /// Summary of republished events.
 #[derive(Debug, Default)]
 pub struct Republish {
     /// Stream sequences up to this one were acknowledged before.
-    below: u64,
+    below: StreamSeq,
     count: u64,
-    streams: Option<(u64, u64)>,
-    lsns: Option<(u64, u64)>,
-    tenants: BTreeMap<String, (u64, u64)>,
+    streams: Option<(StreamSeq, StreamSeq)>,
+    lsns: Option<(Lsn, Lsn)>,
+    tenants: BTreeMap<String, (TenantSeq, TenantSeq)>,
     reported: bool,
 }
 
@@ -24,7 +26,7 @@ pub struct Republish {
 const TENANTS_LOGGED: usize = 20;
 
 impl Republish {
-    pub fn below(acked_high: u64) -> Self {
+    pub fn below(acked_high: StreamSeq) -> Self {
         Republish {
             below: acked_high,
             ..Default::default()
@@ -32,15 +34,15 @@ impl Republish {
     }
 
     /// An event is being sent at `stream_seq`.
-    pub fn sent(&mut self, stream_seq: u64, event: &OutEvent) {
+    pub fn sent(&mut self, stream_seq: StreamSeq, event: &OutEvent) {
         if stream_seq > self.below {
             self.finish();
             return;
         }
         self.count += 1;
-        let widen = |range: &mut Option<(u64, u64)>, v: u64| {
+        fn widen<T: Ord + Copy>(range: &mut Option<(T, T)>, v: T) {
             *range = Some(range.map_or((v, v), |(a, b)| (a.min(v), b.max(v))));
-        };
+        }
         widen(&mut self.streams, stream_seq);
         widen(&mut self.lsns, event.commit_lsn);
         if let Route::Tenant { tenant, seq } = &event.route {
@@ -76,7 +78,7 @@ impl Republish {
         tracing::warn!(
             events = self.count,
             stream_seqs = %format!("{first}..={last}"),
-            lsns = %format!("{}..={}", crate::lsn::Lsn(lsn_from), crate::lsn::Lsn(lsn_to)),
+            lsns = %format!("{lsn_from}..={lsn_to}"),
             tenants = %tenants.join(", "),
             "republished events the broker had lost"
         );

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use super::PublishError;
 use super::acks::{Verdict, parse};
 use super::stream;
+use crate::position::StreamSeq;
 
 /// Where the publisher's messages go.
 ///
@@ -56,21 +57,21 @@ pub(crate) trait Sink {
     /// again or the wait is over.
     async fn no_responders(&self, event_id: &str) -> PublishError;
     /// The stream's last sequence (0 when empty), as reconciliation reads it.
-    async fn last_seq(&self) -> Result<u64, PublishError>;
+    async fn last_seq(&self) -> Result<StreamSeq, PublishError>;
     /// The `Nats-Msg-Id` of the message at `seq`, if it can still be read.
-    async fn message_id(&self, seq: u64) -> Option<String>;
+    async fn message_id(&self, seq: StreamSeq) -> Option<String>;
 }
 
 /// The acknowledgements of one run, on one subscription.
 pub(crate) trait Replies {
     /// The reply subject asking for the ack of the message expected at `seq`.
-    fn subject(&self, seq: u64) -> Subject;
+    fn subject(&self, seq: StreamSeq) -> Subject;
     /// How many times the connection has (re)connected: an ack requested
     /// on an earlier connection may be lost with it.
     fn connects(&self) -> u64;
     /// The next reply: the stream sequence its message was expected at, and
     /// the broker's verdict. `None` once the subscription ended.
-    async fn next(&mut self) -> Option<(u64, Verdict)>;
+    async fn next(&mut self) -> Option<(StreamSeq, Verdict)>;
 }
 
 /// The object store bucket oversized events go to (SPEC §3).
@@ -189,17 +190,17 @@ impl Sink for JetStream {
         no_responders(&self.js, &self.name, event_id).await
     }
 
-    async fn last_seq(&self) -> Result<u64, PublishError> {
+    async fn last_seq(&self) -> Result<StreamSeq, PublishError> {
         let info = self
             .stream
             .get_info()
             .await
             .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
-        Ok(info.state.last_sequence)
+        Ok(StreamSeq(info.state.last_sequence))
     }
 
-    async fn message_id(&self, seq: u64) -> Option<String> {
-        let msg = self.stream.get_raw_message(seq).await.ok()?;
+    async fn message_id(&self, seq: StreamSeq) -> Option<String> {
+        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
         Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
     }
 }
@@ -253,7 +254,7 @@ async fn no_responders(js: &jetstream::Context, name: &str, event_id: &str) -> P
 }
 
 impl Replies for NatsReplies {
-    fn subject(&self, seq: u64) -> Subject {
+    fn subject(&self, seq: StreamSeq) -> Subject {
         Subject::from(format!("{}.{seq}", self.inbox))
     }
 
@@ -261,7 +262,7 @@ impl Replies for NatsReplies {
         self.stats.connects.load(Ordering::Relaxed)
     }
 
-    async fn next(&mut self) -> Option<(u64, Verdict)> {
+    async fn next(&mut self) -> Option<(StreamSeq, Verdict)> {
         use futures::StreamExt;
         loop {
             let msg = self.sub.next().await?;
@@ -269,6 +270,7 @@ impl Replies for NatsReplies {
                 .subject
                 .rsplit_once('.')
                 .and_then(|(_, t)| t.parse::<u64>().ok())
+                .map(StreamSeq)
             else {
                 continue;
             };

@@ -307,9 +307,9 @@ fn out_event(event: &crate::proto::ChangeEvent, key: &str) -> OutEvent {
         subject: key.to_string(),
         route: Route::Tenant {
             tenant: Arc::from(event.tenant_id.as_str()),
-            seq: 0,
+            seq: crate::position::TenantSeq(0),
         },
-        commit_lsn: event.commit_lsn,
+        commit_lsn: Lsn(event.commit_lsn),
         commit_unix_micros: 0,
         entity: event.entity(),
         action: event.action(),

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::metrics;
+use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 
 /// What the probes report, shared with the pipeline.
 #[derive(Debug, Default)]
@@ -51,14 +53,15 @@ impl Health {
     /// Every event before `lsn` is acknowledged, at `stream_seq` or earlier.
     /// The state backfill waits on it to know when the stream holds every
     /// change its snapshot saw.
-    pub fn acked(&self, lsn: u64, stream_seq: u64) {
+    pub fn acked(&self, lsn: Lsn, stream_seq: StreamSeq) {
         self.acked_stream_seq
-            .fetch_max(stream_seq, Ordering::SeqCst);
-        self.acked_lsn.fetch_max(lsn, Ordering::SeqCst);
+            .fetch_max(stream_seq.0, Ordering::SeqCst);
+        self.acked_lsn.fetch_max(lsn.0, Ordering::SeqCst);
     }
 
     /// `(lsn, stream_seq)` as set by [`Health::acked`]: the stream sequence
-    /// covers at least every event before the LSN.
+    /// covers at least every event before the LSN. Plain numbers: the state
+    /// bucket (`state/`) keeps its positions as `u64`.
     pub fn acked_position(&self) -> (u64, u64) {
         let lsn = self.acked_lsn.load(Ordering::SeqCst);
         (lsn, self.acked_stream_seq.load(Ordering::SeqCst))
