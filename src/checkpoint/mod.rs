@@ -28,7 +28,7 @@ pub(crate) use store::Store;
 #[cfg(test)]
 pub(crate) mod memory;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// At most this often a checkpoint is written while running (always on exit).
 const SAVE_EVERY: Duration = Duration::from_millis(250);

@@ -191,7 +191,9 @@ async fn timeline(
     Ok(())
 }
 
-fn paused_runtime() -> tokio::runtime::Runtime {
+/// A current-thread runtime whose clock only moves when every task waits
+/// (also used by the pipeline's property tests).
+pub(crate) fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)

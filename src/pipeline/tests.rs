@@ -38,7 +38,7 @@ use super::{BATCH, PipelineError};
 use crate::catchup::Index;
 use crate::checkpoint::Checkpointer;
 use crate::checkpoint::memory::MemoryStore;
-use crate::decode::{Begin, Column, Commit, Message, Relation, ReplicaIdentity, Value, encode};
+use crate::decode::{Begin, Commit, Message, Relation, Value, encode};
 use crate::events::{Tables, event_id};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
@@ -112,21 +112,7 @@ fn exact_stream(wal: &[Tx]) -> Vec<Expected> {
 const TASK_COLUMNS: &[&str] = &["id", "tenant_id", "title", "status", "version"];
 
 fn tasks() -> Relation {
-    Relation {
-        oid: 1,
-        namespace: "public".into(),
-        name: "tasks".into(),
-        replica_identity: ReplicaIdentity::Full,
-        columns: TASK_COLUMNS
-            .iter()
-            .map(|c| Column {
-                name: c.to_string(),
-                type_oid: 25,
-                type_modifier: -1,
-                is_key: *c == "id",
-            })
-            .collect(),
-    }
+    crate::events::tests::relation("tasks", TASK_COLUMNS)
 }
 
 /// What the walsender sends for transaction `i` (the Relation message
@@ -554,20 +540,12 @@ fn workload() -> impl Strategy<Value = Case> {
         )
 }
 
-fn paused_runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("a paused runtime")
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
 
     #[test]
     fn crashes_losses_and_restarts_keep_the_exact_stream(c in workload()) {
-        let outcome = paused_runtime().block_on(case(c));
+        let outcome = crate::checkpoint::tests::paused_runtime().block_on(case(c));
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
     }
 }
