@@ -832,6 +832,58 @@ def scenario_backfill(ctx):
     return res
 
 
+def scenario_state_load(ctx):
+    """SPEC §6/§8 initial state: a tenant with 10,000 rows and one with
+    100,000 rows (among 100,000 rows of 1,000 other tenants), backfilled by
+    walcast; the Rust client's load (every row decoded, with its as_of_seq)
+    timed by clients/rust/examples/state_load, p50/p99 of repeated loads."""
+    a = ctx.args
+    loader = ROOT / "target/release/examples/state_load"
+    if not loader.exists():
+        raise RuntimeError(f"no loader at {loader}: cargo build --release -p walcast-client --example state_load")
+    log("scenario 9: load a tenant's state (10,000 and 100,000 rows)")
+    pg = ctx.pg
+    sizes = {"load10k": 10_000, "load100k": 100_000}
+    for tenant, n in sizes.items():
+        pg.sql(f"INSERT INTO tasks (id, tenant_id, title, description, priority, metadata) "
+               f"SELECT gen_random_uuid(), '{tenant}', 'Task ' || g, repeat('x', 100), g % 4, "
+               f"'{{\"board\": 1}}' FROM generate_series(1, {n}) g")
+    pg.sql("INSERT INTO tasks (id, tenant_id, title, priority) "
+           "SELECT gen_random_uuid(), 'other' || (g % 1000), 'Task ' || g, 1 FROM generate_series(1, 100000) g")
+    total = int(pg.sql("SELECT (SELECT count(*) FROM tasks) + (SELECT count(*) FROM projects) "
+                       "+ (SELECT count(*) FROM editing_locks)"))
+    pg.create_slot("wc_state_load")
+    nats = NatsServer(ctx.work, ctx.nats_bin, "state_load")
+    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_state_load", name="state_load")
+    try:
+        deadline = time.monotonic() + a.drain_timeout
+        while True:
+            m = wc.metrics()
+            if m.get("walcast_state_backfill_rows_total", 0) >= total and m.get("walcast_state_backfill_running") == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the backfill did not complete; log {wc.logpath}")
+            time.sleep(0.2)
+        res = {"rows_in_bucket": total}
+        for tenant, n in sizes.items():
+            loads = 30 if n <= 10_000 else 10
+            before = loadavg()
+            out = subprocess.run([str(loader), nats.url, "--no-fill", "--tenant", tenant, "--rows", str(n),
+                                  "--loads", str(loads)], capture_output=True, text=True, timeout=600)
+            if out.returncode != 0:
+                raise RuntimeError(f"loader failed: {out.stderr[-2000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["load_avg_before"] = before
+            res[f"rows_{n}"] = r
+            log(f"    {n} rows: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms over {loads} loads")
+        return res
+    finally:
+        wc.stop()
+        nats.stop()
+        pg.drop_slot("wc_state_load")
+        pg.sql("DELETE FROM tasks WHERE tenant_id IN ('load10k', 'load100k') OR tenant_id LIKE 'other%'")
+
+
 def scenario_idle(ctx):
     a = ctx.args
     log(f"scenario 5: idle walcast for {a.idle_seconds}s")
@@ -1419,7 +1471,7 @@ def main():
     ap.add_argument("--nats-server", default=os.environ.get("WALCAST_NATS_SERVER",
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
-                    help="comma-separated: drain,tenants,latency,big_tx,idle,catchup,catchup_flood "
+                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,idle,catchup,catchup_flood "
                          "(default: all but the catch-up ones)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
@@ -1521,7 +1573,8 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "backfill", "idle", "latency", "catchup", "catchup_flood"]
+        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "idle", "latency", "catchup",
+                 "catchup_flood"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1535,6 +1588,8 @@ def main():
                     r = scenario_big_tx(ctx)
                 elif name == "backfill":
                     r = scenario_backfill(ctx)
+                elif name == "state_load":
+                    r = scenario_state_load(ctx)
                 elif name == "idle":
                     r = scenario_idle(ctx)
                 elif name == "latency":

@@ -24,6 +24,8 @@ if [ -z "${WALCAST_BIN:-}" ]; then
     [ -f Cargo.lock ] && locked=(--locked)
     echo "building walcast (release)..." >&2
     cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast
+    # The state_load scenario's loader (the Rust client).
+    cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast-client --example state_load
     WALCAST_BIN="$PWD/target/release/walcast"
 fi
 

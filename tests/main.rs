@@ -15,5 +15,6 @@ mod pipeline;
 mod schema_changes;
 mod service_thread;
 mod state;
+mod state_oversized;
 mod support;
 mod tls;

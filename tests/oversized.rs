@@ -17,29 +17,21 @@ use crate::support::TempDir;
 use crate::support::chaos::{Load, Walcast, catch_up, verify};
 use crate::support::daemon::{Env, read_stream, stream_last_seq};
 use crate::support::edge::uuid;
-use crate::support::nats::{Nats, NatsOptions};
+use crate::support::nats::NatsOptions;
 use crate::support::oracle::Oracle;
-use crate::support::postgres::Postgres;
 use crate::support::workload::Workload;
 
 /// Postgres + a NATS server with a small `max_payload`, migrated.
-async fn small_payload_env(max_payload: usize) -> Env {
-    crate::support::daemon::init_logging();
-    let pg = Postgres::start().expect("start postgres");
-    let nats = Nats::start_with(NatsOptions {
+pub(crate) async fn small_payload_env(max_payload: usize) -> Env {
+    Env::start_with(NatsOptions {
         max_payload: Some(max_payload as u32),
         ..NatsOptions::default()
     })
-    .expect("start nats");
-    let env = Env { pg, nats };
-    walcast::migrate::run(&env.settings())
-        .await
-        .expect("walcast migrate");
-    env
+    .await
 }
 
 /// Text of exactly `len` bytes that compresses badly (md5 hex).
-fn sql_blob(len: usize) -> String {
+pub(crate) fn sql_blob(len: usize) -> String {
     format!(
         "left(string_agg(md5(i::text), ''), {len}) FROM generate_series(1, {}) i",
         len / 32 + 1

@@ -36,12 +36,17 @@ const MARGIN: usize = 512;
 
 impl Oversized {
     pub fn new(stream: &str, max_age: Duration, replicas: usize) -> Self {
+        Self::to(Bucket {
+            name: format!("{stream}_OVERSIZED"),
+            max_age,
+            replicas,
+        })
+    }
+
+    /// Stores aside into `bucket` (the state's values go to their own).
+    pub fn to(bucket: Bucket) -> Self {
         Oversized {
-            bucket: Bucket {
-                name: format!("{stream}_OVERSIZED"),
-                max_age,
-                replicas,
-            },
+            bucket,
             max_payload: 0,
         }
     }

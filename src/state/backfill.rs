@@ -21,6 +21,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
 
 use super::bucket::{self, Marker};
 use super::layout::{self, Skip};
+use super::objects::Objects;
 use super::writer::{self, Writer};
 use crate::config::Settings;
 use crate::database::{Database, quote_ident};
@@ -48,6 +49,8 @@ pub struct Backfill<'a> {
     pub js: &'a jetstream::Context,
     /// The bucket (to look before storing a large row aside).
     pub store: &'a async_nats::jetstream::kv::Store,
+    /// Where oversized rows are stored aside (the state's own object store).
+    pub objects: &'a super::objects::Objects,
     pub health: &'a Health,
     /// The projection's position (every stream message up to it applied).
     pub applied: &'a Arc<AtomicU64>,
@@ -155,8 +158,8 @@ struct Copy<'a> {
     lsn: Lsn,
     time: Timestamp,
     writer: Writer,
+    /// The claim check, storing aside into the state's object store.
     oversized: Oversized,
-    /// Where an oversized row is stored aside (the stream's object store).
     sink: JetStream,
     rows: u64,
     began: Instant,
@@ -179,7 +182,7 @@ impl<'a> Copy<'a> {
             },
             // Its own position counter: a backfill write completes no stream position.
             writer: Writer::new(backfill.js.clone(), backfill.bucket(), Arc::default()),
-            oversized: Oversized::new(&s.stream, s.stream_max_age, s.stream_replicas),
+            oversized: Oversized::to(backfill.objects.bucket(s.stream_replicas)),
             sink,
             rows: 0,
             began: Instant::now(),
@@ -249,7 +252,10 @@ impl<'a> Copy<'a> {
             }
         };
         event.event_id = format!("backfill-{:016X}-{key}", self.lsn.0);
-        let out = out_event(&event, &key);
+        let mut out = out_event(&event, &key);
+        // Stored aside (if at all) under the state's name for the value.
+        let object = Objects::name_for(&key, 0);
+        out.event_id.clone_from(&object);
         if out.payload.len() > LARGE && self.has_entry(&key).await? {
             // Most rows already have a newer entry; a large one would be
             // stored aside in the object store for nothing.
@@ -263,6 +269,9 @@ impl<'a> Copy<'a> {
             .fit(&mut self.sink, &out, &mut headers)
             .await
             .map_err(|e| e.to_string())?;
+        if headers.get(layout::OBJECT).is_some() {
+            self.backfill.objects.register(&key, &object).await;
+        }
         self.writer.send(&key, headers, payload, 0).await
     }
 

@@ -16,6 +16,7 @@ pub(crate) mod bucket;
 pub mod demand;
 mod durable;
 pub(crate) mod layout;
+mod objects;
 mod project;
 mod recent;
 mod writer;
@@ -85,6 +86,7 @@ impl Service for State {
             .build(client.clone());
         let name = self.settings.state_bucket.clone().unwrap_or_default();
         let bucket = bucket::ensure(&js, &name, self.settings.stream_replicas).await?;
+        let objects = objects::Objects::open(&js, &name, self.settings.stream_replicas).await?;
         let stream = js
             .get_stream(&self.settings.stream)
             .await
@@ -94,8 +96,15 @@ impl Service for State {
         tracing::info!(bucket = %name, after = resume.after, recheck_through = resume.recheck_through, "state projection resumes");
         let applied = Arc::new(AtomicU64::new(resume.after));
         ready.serving();
-        let projection = project::run(js.clone(), &stream, &bucket, resume, applied.clone());
-        let backfills = self.keep_backfilled(&js, &bucket, &applied);
+        let projection = project::run(
+            js.clone(),
+            &stream,
+            &bucket,
+            &objects,
+            resume,
+            applied.clone(),
+        );
+        let backfills = self.keep_backfilled(&js, (&bucket, &objects), &applied);
         let horizon = loss_horizon(&self.settings);
         let saving = durable::keep_saving(&self.db, &self.settings.slot, horizon);
         tokio::select! {
@@ -143,7 +152,7 @@ impl State {
     async fn keep_backfilled(
         &self,
         js: &jetstream::Context,
-        bucket: &bucket::Bucket,
+        (bucket, objects): (&bucket::Bucket, &objects::Objects),
         applied: &Arc<AtomicU64>,
     ) -> Result<(), String> {
         loop {
@@ -154,6 +163,7 @@ impl State {
                     db: &self.db,
                     js,
                     store: &bucket.store,
+                    objects,
                     health: &self.health,
                     applied,
                 };

@@ -18,6 +18,7 @@ use async_nats::jetstream::stream::DirectGetErrorKind;
 
 use super::bucket::Bucket;
 use super::layout::{self, Skip, Write};
+use super::objects::Objects;
 use super::writer::{WINDOW, Writer};
 use crate::telemetry::metrics as m;
 
@@ -57,6 +58,7 @@ pub async fn run(
     js: jetstream::Context,
     stream: &Stream,
     bucket: &Bucket,
+    objects: &Objects,
     resume: Resume,
     applied: Arc<AtomicU64>,
 ) -> Result<(), String> {
@@ -81,7 +83,8 @@ pub async fn run(
     super::recent::record(resume.after);
     let mut last_sample = std::time::Instant::now();
     loop {
-        let msg = next_message(&mut messages, &mut writer).await?;
+        objects.retire_applied(writer.applied()).await?;
+        let msg = next_message(&mut messages, &mut writer, objects).await?;
         let position = msg
             .info()
             .map_err(|e| format!("a stream message without its position: {e}"))?
@@ -100,7 +103,8 @@ pub async fn run(
             last_sample = std::time::Instant::now();
             super::recent::record(writer.applied());
         }
-        apply(&mut writer, bucket, &resume, &msg, position, &mut warned).await?;
+        let target = Target { bucket, objects };
+        apply(&mut writer, target, &resume, &msg, position, &mut warned).await?;
     }
 }
 
@@ -113,6 +117,7 @@ fn read_err(e: impl std::fmt::Display) -> String {
 async fn next_message(
     messages: &mut async_nats::jetstream::consumer::pull::Ordered,
     writer: &mut Writer,
+    objects: &Objects,
 ) -> Result<async_nats::jetstream::Message, String> {
     loop {
         let next = if writer.is_settled() {
@@ -122,6 +127,7 @@ async fn next_message(
                 Ok(next) => next,
                 Err(_) => {
                     writer.flush().await?;
+                    objects.retire_applied(writer.applied()).await?;
                     metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
                     continue;
                 }
@@ -134,10 +140,17 @@ async fn next_message(
     }
 }
 
+/// Where the projection writes: the bucket and its oversized values.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    bucket: &'a Bucket,
+    objects: &'a Objects,
+}
+
 /// What one stream message does to the bucket.
 async fn apply(
     writer: &mut Writer,
-    bucket: &Bucket,
+    Target { bucket, objects }: Target<'_>,
     resume: &Resume,
     msg: &async_nats::jetstream::Message,
     position: u64,
@@ -156,7 +169,7 @@ async fn apply(
         {
             writer.skip(position).await
         }
-        Ok(write) => send(writer, write, headers, &msg.payload, position).await,
+        Ok(write) => send(writer, objects, write, headers, &msg.payload, position).await,
         Err(skip) => {
             skipped(skip, subject, warned);
             writer.skip(position).await
@@ -211,19 +224,23 @@ async fn newer(
 
 async fn send(
     writer: &mut Writer,
+    objects: &Objects,
     write: Write,
     event_headers: Option<&async_nats::HeaderMap>,
     payload: &bytes::Bytes,
     position: u64,
 ) -> Result<(), String> {
     let header = |name| event_headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    let seq = seq_of(event_headers);
     // The position every write before this one has reached: what a restart
     // may trust (see `Resume`).
-    let mut headers = layout::headers(seq_of(event_headers), writer.applied());
+    let mut headers = layout::headers(seq, writer.applied());
     let (key, body) = match write {
         Write::Put(key) => {
             if let Some(object) = header(layout::OBJECT) {
-                headers.insert(layout::OBJECT, object);
+                // The stream's copy expires with the stream: the state's does not.
+                let copy = objects.copy(object, &key, seq).await?;
+                headers.insert(layout::OBJECT, format!("{}/{copy}", objects.name).as_str());
             }
             (key, payload.clone())
         }
@@ -234,6 +251,7 @@ async fn send(
         Write::Truncate(_) => return Ok(()), // handled by the caller
     };
     writer.send(&key, headers, body, position).await?;
+    objects.retire_after(position, &key, seq).await;
     metrics::counter!(m::STATE_WRITES).increment(1);
     Ok(())
 }

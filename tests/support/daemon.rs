@@ -32,9 +32,14 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
+        Env::start_with(super::nats::NatsOptions::default()).await
+    }
+
+    /// Like [`Env::start`], with a nats-server configured by `nats`.
+    pub async fn start_with(nats: super::nats::NatsOptions) -> Env {
         init_logging();
         let pg = Postgres::start().expect("start postgres");
-        let nats = Nats::start().expect("start nats");
+        let nats = Nats::start_with(nats).expect("start nats");
         let env = Env { pg, nats };
         walcast::migrate::run(&env.settings())
             .await
@@ -210,19 +215,30 @@ pub fn header_map(headers: Option<&async_nats::HeaderMap>) -> HashMap<String, St
 
 /// Reads an oversized event from `<bucket>/<event_id>` (SPEC §3).
 pub async fn fetch_object(js: &jetstream::Context, object: &str) -> Vec<u8> {
+    try_fetch_object(js, object)
+        .await
+        .unwrap_or_else(|| panic!("oversized object {object} exists"))
+}
+
+/// An object's body; `None` if it does not exist (any more).
+pub async fn try_fetch_object(js: &jetstream::Context, object: &str) -> Option<Vec<u8>> {
+    use async_nats::jetstream::object_store::GetErrorKind;
     use tokio::io::AsyncReadExt;
     let (bucket, name) = object
         .split_once('/')
-        .expect("Walcast-Object is <bucket>/<event_id>");
+        .expect("Walcast-Object is <bucket>/<name>");
     let store = js
         .get_object_store(bucket)
         .await
         .expect("oversized bucket exists");
-    let mut reader = store.get(name).await.expect("oversized object exists");
+    let mut reader = match store.get(name).await {
+        Err(e) if e.kind() == GetErrorKind::NotFound => return None,
+        result => result.expect("read an oversized object"),
+    };
     let mut out = Vec::new();
     reader
         .read_to_end(&mut out)
         .await
         .expect("read oversized object");
-    out
+    Some(out)
 }

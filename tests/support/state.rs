@@ -10,7 +10,7 @@ use prost::Message as _;
 use walcast::proto::ChangeEvent;
 use walcast::proto::change_event::{After, Before};
 
-use super::daemon::{StreamEvent, fetch_object, header_map};
+use super::daemon::{StreamEvent, header_map, try_fetch_object};
 use super::workload::Tables;
 
 /// The newest entry of one key.
@@ -31,13 +31,25 @@ pub async fn read_bucket(nats_url: &str, bucket: &str) -> BTreeMap<String, Entry
         .await
         .expect("connect to nats");
     let js = jetstream::new(client);
+    for _ in 0..50 {
+        // An oversized value's object goes once its key holds a newer value:
+        // one that vanished during the read is read again.
+        if let Some(out) = read_once(&js, bucket).await {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{bucket}: a key's value names an object that stays missing");
+}
+
+async fn read_once(js: &jetstream::Context, bucket: &str) -> Option<BTreeMap<String, Entry>> {
     let mut stream = js
         .get_stream(format!("KV_{bucket}"))
         .await
         .expect("the state bucket exists");
     let mut out = BTreeMap::new();
     if stream.info().await.expect("bucket info").state.messages == 0 {
-        return out;
+        return Some(out);
     }
     let consumer = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -69,7 +81,7 @@ pub async fn read_bucket(nats_url: &str, bucket: &str) -> BTreeMap<String, Entry
             None
         } else {
             let payload = match headers.get("Walcast-Object") {
-                Some(object) => fetch_object(&js, object).await,
+                Some(object) => try_fetch_object(js, object).await?,
                 None => msg.payload.to_vec(),
             };
             Some(ChangeEvent::decode(payload.as_slice()).expect("a value is a ChangeEvent"))
@@ -92,7 +104,7 @@ pub async fn read_bucket(nats_url: &str, bucket: &str) -> BTreeMap<String, Entry
             break;
         }
     }
-    out
+    Some(out)
 }
 
 /// The readiness marker's `state`, if any.

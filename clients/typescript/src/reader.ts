@@ -38,6 +38,16 @@ export interface StreamEvent {
   readonly pending: number;
 }
 
+/**
+ * The object a `Walcast-Object` header names is gone: an event's expired
+ * with the stream, or a state value's was replaced by the key's next value.
+ */
+export class ObjectMissingError extends WalcastError {
+  constructor(message: string) {
+    super("decode", message);
+  }
+}
+
 /** Header naming the object that holds an oversized event. */
 export const OBJECT_HEADER = "Walcast-Object";
 
@@ -76,8 +86,7 @@ export class OversizedEvents {
     const name = reference.slice(slash + 1);
     const info = await (await this.#store(bucket)).info(name);
     if (info === null || info.deleted) {
-      throw new WalcastError(
-        "decode",
+      throw new ObjectMissingError(
         `oversized event ${name} is missing from object store bucket ${bucket} (expired or deleted)`,
       );
     }

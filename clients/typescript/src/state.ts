@@ -32,7 +32,7 @@ import { StateNotReadyError, WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
 import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
 import type { OversizedEvents } from "./reader.js";
-import { OBJECT_HEADER } from "./reader.js";
+import { OBJECT_HEADER, ObjectMissingError } from "./reader.js";
 
 /** The readiness marker's key: two tokens, never a row key (three or more). */
 const MARKER_KEY = "_walcast.backfill";
@@ -260,7 +260,7 @@ async function decodeRows(ctx: StateContext, tenant: string, latest: Map<string,
     if (data === undefined) {
       continue;
     }
-    const bytes = object === "" ? data : await ctx.oversized.fetch(object);
+    const bytes = object === "" ? data : await fetchValue(ctx, object);
     let event: ChangeEvent;
     try {
       event = fromBinary(ChangeEventSchema, bytes);
@@ -273,6 +273,22 @@ async function decodeRows(ctx: StateContext, tenant: string, latest: Map<string,
     rows.set(key, event);
   }
   return { asOfSeq, rows };
+}
+
+/**
+ * An oversized value's body. walcast deletes a value's object once its key
+ * holds a newer value: gone means the key moved on during the read, and the
+ * load starts over.
+ */
+async function fetchValue(ctx: StateContext, object: string): Promise<Uint8Array> {
+  try {
+    return await ctx.oversized.fetch(object);
+  } catch (err) {
+    if (err instanceof ObjectMissingError) {
+      throw new TransientStateFailure(`${object} was replaced during the read`);
+    }
+    throw err;
+  }
 }
 
 /**

@@ -1,0 +1,158 @@
+//! Benchmark: how long `load_and_follow` takes to yield a tenant's snapshot.
+//!
+//! Times `--loads` loads of `--tenant` (default `big`): from the call to the
+//! snapshot item, every row decoded; checks the snapshot has `--rows` rows.
+//! Prints one JSON line. `bench/run.py --scenarios state_load` runs it
+//! against a bucket a real walcast filled (`--no-fill`); without `--no-fill`
+//! it first fills `WALCAST_STATE` itself the way walcast writes it (one key
+//! per row, a `Walcast-Seq` header, the `_walcast.backfill` marker
+//! `complete`): `--rows` rows of the tenant and `--other-rows` rows of 1,000
+//! other tenants, for profiling the client without Postgres.
+//!
+//! cargo run --release -p walcast-client --example state_load -- \
+//!     nats://127.0.0.1:4222 --rows 10000 --other-rows 100000 --loads 20
+
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use prost::Message as _;
+use walcast_client::proto::{ChangeEvent, Entity, Task, change_event};
+use walcast_client::{Client, Options, StateUpdate};
+
+struct Args {
+    url: String,
+    rows: usize,
+    other_rows: usize,
+    loads: usize,
+    fill: bool,
+    tenant: String,
+}
+
+fn args() -> Args {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        url: "nats://127.0.0.1:4222".into(),
+        rows: 10_000,
+        other_rows: 0,
+        loads: 10,
+        fill: true,
+        tenant: "big".into(),
+    };
+    while let Some(arg) = it.next() {
+        let mut num = || it.next().and_then(|v| v.parse().ok()).expect("a number");
+        match arg.as_str() {
+            "--rows" => a.rows = num(),
+            "--other-rows" => a.other_rows = num(),
+            "--loads" => a.loads = num(),
+            "--no-fill" => a.fill = false,
+            "--tenant" => a.tenant = it.next().expect("a tenant"),
+            url => a.url = url.to_string(),
+        }
+    }
+    a
+}
+
+fn row(tenant: &str, i: usize) -> (String, bytes::Bytes) {
+    let id = format!("00000000-0000-4000-8000-{i:012}");
+    let event = ChangeEvent {
+        event_id: format!("backfill-{tenant}-{i}"),
+        tenant_id: tenant.into(),
+        seq: 0,
+        entity: Entity::Task as i32,
+        entity_id: id.clone(),
+        table: "public.tasks".into(),
+        after: Some(change_event::After::Task(Task {
+            id: id.clone(),
+            tenant_id: tenant.into(),
+            title: format!("task {i} of {tenant} with a realistic title"),
+            description: Some("a description of a few dozen bytes, as dashboards have".into()),
+            status: "todo".into(),
+            version: 1,
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    (format!("{tenant}.task.{id}"), event.encode_to_vec().into())
+}
+
+async fn fill(js: &jetstream::Context, bucket: &str, a: &Args) {
+    let _ = js.delete_key_value(bucket).await;
+    js.create_key_value(kv::Config {
+        bucket: bucket.into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .expect("create bucket");
+    let mut acks = futures::stream::FuturesOrdered::new();
+    let others = (0..a.other_rows).map(|i| (format!("t{}", i % 1000), i));
+    let big = (0..a.rows).map(|i| (a.tenant.clone(), i));
+    for (tenant, i) in others.chain(big) {
+        let (key, value) = row(&tenant, i);
+        let mut headers = HeaderMap::new();
+        headers.insert("Walcast-Seq", "0");
+        headers.insert("Content-Type", "application/protobuf");
+        let ack = js
+            .publish_with_headers(format!("$KV.{bucket}.{key}"), headers, value)
+            .await
+            .expect("publish");
+        acks.push_back(ack.into_future());
+        while acks.len() > 4096 {
+            acks.next().await.unwrap().expect("ack");
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack.expect("ack");
+    }
+    js.publish(
+        format!("$KV.{bucket}._walcast.backfill"),
+        r#"{"state":"complete"}"#.into(),
+    )
+    .await
+    .expect("marker")
+    .await
+    .expect("marker ack");
+}
+
+#[tokio::main]
+async fn main() {
+    let a = args();
+    let nats = async_nats::connect(&a.url).await.expect("connect");
+    let js = jetstream::new(nats.clone());
+    let bucket = "WALCAST_STATE";
+    if a.fill {
+        let t = Instant::now();
+        fill(&js, bucket, &a).await;
+        eprintln!(
+            "filled {} + {} rows in {:?}",
+            a.rows,
+            a.other_rows,
+            t.elapsed()
+        );
+    }
+    let client = Client::new(nats, Options::default());
+    let mut took = Vec::new();
+    for _ in 0..a.loads {
+        let t = Instant::now();
+        let mut sub = client.load_and_follow(&a.tenant).expect("load");
+        match sub.next().await {
+            Some(Ok(StateUpdate::Snapshot(s))) => assert_eq!(s.rows.len(), a.rows),
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        took.push(t.elapsed());
+    }
+    took.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let pct = |p: f64| ms(took[((took.len() as f64 * p).ceil() as usize).clamp(1, took.len()) - 1]);
+    println!(
+        "{{\"rows\":{},\"other_rows\":{},\"loads\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"min_ms\":{:.1}}}",
+        a.rows,
+        a.other_rows,
+        a.loads,
+        pct(0.5),
+        pct(0.99),
+        ms(took[0])
+    );
+}
