@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::database::{Database, DbError, query_err, quote_ident};
 use crate::secrets::redact_url;
 use crate::source::preflight::{self, Checked, SlotVerdict, Violation};
-use crate::source::{publication, slot};
+use crate::source::{publication, slot, writes};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +134,7 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
         Err(violation) => r.violated(violation),
         Ok(_) => publication_extras(c, s, r).await?,
     }
+    application_writes(c, s, r).await?;
     checkpoint_tables(c, &user, r).await?;
     slot_state(c, s, r).await
 }
@@ -332,6 +333,27 @@ async fn publication_extras(c: &Client, s: &Settings, r: &mut Report) -> Result<
             quote_ident(&s.publication)
         ),
     );
+    Ok(())
+}
+
+/// States in which Postgres refuses the application's own UPDATE/DELETE
+/// (see `source::writes`).
+async fn application_writes(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+    let found = writes::inspect(c, s).await?;
+    if found.broken.is_empty() {
+        r.pass(
+            "the publication and the source tables let the application's UPDATE and DELETE through",
+        );
+    }
+    for violation in found.broken {
+        r.violated(violation);
+    }
+    for Violation { problem, fix } in found.warnings {
+        r.add(Status::Warn, problem, Some(fix));
+    }
+    for note in found.notes {
+        r.add(Status::Info, note, None);
+    }
     Ok(())
 }
 

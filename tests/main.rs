@@ -6,6 +6,7 @@ mod data_edges;
 mod demo;
 mod deploy_files;
 mod faults;
+mod generated_columns;
 mod harness;
 mod misconfig;
 mod nats_credentials;

@@ -8,6 +8,7 @@
 pub mod preflight;
 pub mod publication;
 pub mod slot;
+pub mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;

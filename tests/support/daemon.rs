@@ -32,8 +32,13 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
+        Self::start_on(Postgres::start().expect("start postgres")).await
+    }
+
+    /// An environment on a Postgres the test started (another version, other
+    /// settings), migrated like [`Env::start`].
+    pub async fn start_on(pg: Postgres) -> Env {
         init_logging();
-        let pg = Postgres::start().expect("start postgres");
         let nats = Nats::start().expect("start nats");
         let env = Env { pg, nats };
         walcast::migrate::run(&env.settings())

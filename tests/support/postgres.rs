@@ -67,6 +67,25 @@ impl Postgres {
     /// Starts a cluster with `settings` overriding or adding to the defaults,
     /// e.g. `&[("wal_level", "replica")]` for a misconfiguration test.
     pub fn start_with(settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
+        Self::start_bin(pg_bin()?, settings)
+    }
+
+    /// Starts a cluster of the version matrix's PostgreSQL (18, from
+    /// `WALCAST_MATRIX_PG_BIN`), for tests of what only newer servers do;
+    /// `None` (after saying so) when that build is not installed.
+    pub fn start_matrix(settings: &[(&str, &str)]) -> Option<Postgres> {
+        let Some(bin) = matrix_bin() else {
+            eprintln!(
+                "SKIPPED: WALCAST_MATRIX_PG_BIN is not set or has no postgres binaries \
+                 (run scripts/install-deps.sh and source .tools/env)"
+            );
+            return None;
+        };
+        Some(Self::start_bin(&bin, settings).expect("start the matrix's postgres"))
+    }
+
+    /// Starts a cluster from the binaries in `bin`.
+    pub fn start_bin(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
         let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -76,7 +95,7 @@ impl Postgres {
             merged.push((name.to_string(), value.to_string()));
         }
         let mut pg = Postgres {
-            bin: pg_bin()?.to_path_buf(),
+            bin: bin.to_path_buf(),
             port: 0,
             dir: TempDir::new("pg")?,
             settings: merged,
@@ -393,6 +412,15 @@ pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The version matrix's PostgreSQL (`WALCAST_MATRIX_PG_BIN`), if installed.
+pub fn matrix_bin() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("WALCAST_MATRIX_PG_BIN")?);
+    ["initdb", "postgres", "pg_ctl"]
+        .iter()
+        .all(|t| dir.join(t).is_file())
+        .then_some(dir)
 }
 
 /// The directory with initdb/postgres/pg_ctl: `WALCAST_PG_BIN`, else the
