@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::database::{Database, DbError, query_err, quote_ident};
 use crate::secrets::redact_url;
 use crate::source::preflight::{self, Checked, SlotVerdict, Violation};
-use crate::source::{publication, slot, writes};
+use crate::source::{failover, publication, slot, writes};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
             ),
             Ok(client) => {
                 report.pass(format!("Postgres reachable at {}", db.redacted()));
-                if let Err(e) = postgres(&client, settings, &mut report).await {
+                if let Err(e) = postgres(&client, &db, settings, &mut report).await {
                     report.fail(
                         format!("a check query failed: {e}"),
                         "run walcast check with a role that can read pg_catalog",
@@ -126,7 +126,7 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
     report.0
 }
 
-async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+async fn postgres(c: &Client, db: &Database, s: &Settings, r: &mut Report) -> Result<(), DbError> {
     server(c, s, r).await?;
     let user = role(c, r).await?;
     tables(c, s, &user, r).await?;
@@ -136,7 +136,28 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
     }
     application_writes(c, s, r).await?;
     checkpoint_tables(c, &user, r).await?;
-    slot_state(c, s, r).await
+    slot_state(c, s, r).await?;
+    slot_survival(c, db, s, r).await
+}
+
+/// Failover slots, standbys and the idle-slot timeout (see `source::failover`).
+async fn slot_survival(
+    c: &Client,
+    db: &Database,
+    s: &Settings,
+    r: &mut Report,
+) -> Result<(), DbError> {
+    let found = failover::inspect(c, db, s).await?;
+    for pass in found.passes {
+        r.pass(pass);
+    }
+    for Violation { problem, fix } in found.warnings {
+        r.add(Status::Warn, problem, Some(fix));
+    }
+    for note in found.notes {
+        r.add(Status::Info, note, None);
+    }
+    Ok(())
 }
 
 /// Version, wal_level, and room for one more slot and WAL sender.

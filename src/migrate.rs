@@ -60,7 +60,9 @@ pub async fn run(settings: &Settings) -> Result<Report, DbError> {
     report.publication_created = ensure_publication(&client, settings).await?;
     report.generated_columns_published =
         publication::publish_generated_columns(&client, &settings.publication).await?;
-    report.slot_created = slot::ensure(&client, &settings.slot).await?.created;
+    report.slot_created = slot::ensure(&client, &settings.slot, settings.slot_failover)
+        .await?
+        .created;
     Ok(report)
 }
 

@@ -15,6 +15,7 @@ mod oversized;
 mod pipeline;
 mod schema_changes;
 mod service_thread;
+mod slot_survival;
 mod state;
 mod support;
 mod tls;

@@ -51,7 +51,7 @@ pub(super) async fn check_database(ctx: &Context) -> Result<Checked, PipelineErr
     if preflight::judge_slot(&s.slot, state.as_ref(), checkpoint.is_some())? == SlotVerdict::Create
     {
         tracing::info!(slot = %s.slot, "creating replication slot");
-        slot::ensure(&sql, &s.slot).await?;
+        slot::ensure(&sql, &s.slot, s.slot_failover).await?;
     }
     Ok(Checked {
         sql,
