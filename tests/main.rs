@@ -9,6 +9,7 @@ mod faults;
 mod generated_columns;
 mod harness;
 mod misconfig;
+mod monitoring;
 mod nats_credentials;
 mod operator;
 mod oversized;
