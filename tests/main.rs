@@ -5,6 +5,7 @@ mod cluster;
 mod data_edges;
 mod demo;
 mod deploy_files;
+mod failover;
 mod faults;
 mod generated_columns;
 mod harness;
