@@ -8,6 +8,9 @@
 //! transactions (physically replicated, so it is exactly what the new
 //! primary committed), the stream has every change once, per-tenant seqs
 //! stay continuous, and replaying it rebuilds the new primary's tables.
+//! On the way, the promoted standby's inherited `synchronized_standby_slots`
+//! (pg_basebackup copies `postgresql.auto.conf`) holds walcast back until
+//! the fix `walcast check` prints is applied.
 //! Needs the version matrix's PostgreSQL 18 (`WALCAST_MATRIX_PG_BIN`).
 
 use std::collections::BTreeMap;
@@ -23,7 +26,7 @@ use walcast::proto::Entity;
 use crate::support::chaos::{Walcast, catch_up};
 use crate::support::checks::{assert_replays_to_tables, assert_stream_exact};
 use crate::support::daemon::{Env, read_stream};
-use crate::support::edge::run_bounded;
+use crate::support::edge::{run_bounded, with_var};
 use crate::support::oracle::Op;
 use crate::support::postgres::{Postgres, connect};
 use crate::support::workload::Workload;
@@ -168,9 +171,15 @@ async fn walcast_follows_a_promoted_standby_exactly_once() {
     let load = TolerantLoad::start(&env.pg.url(), seed).await;
     load.wait_transactions(50, Duration::from_secs(60)).await;
 
-    // The standby holds a persisted, synced copy of walcast's slot.
+    // The standby holds a persisted, synced copy of walcast's slot. Slot
+    // sync waits until walcast's slot has passed the standby's own horizon;
+    // running-xacts records move it on, and a reload wakes the sync worker
+    // (which naps up to 30 s after a failed attempt).
     let on_standby = standby.client().await;
-    wait_until(Duration::from_secs(60), || async {
+    wait_until(Duration::from_secs(90), || async {
+        let _ = old.batch_execute("SELECT pg_log_standby_snapshot()").await;
+        let _ = on_standby.batch_execute("SELECT pg_reload_conf()").await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         on_standby
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'walcast' AND synced AND NOT temporary AND failover",
@@ -212,6 +221,45 @@ async fn walcast_follows_a_promoted_standby_exactly_once() {
         .get(0);
     assert!(!in_recovery);
 
+    // pg_basebackup copied the old primary's synchronized_standby_slots: on
+    // the new primary it names a slot that does not exist, and Postgres
+    // holds walcast back. walcast check names it and the fix.
+    wait_until(Duration::from_secs(30), || async {
+        standby.log_contents().contains(
+            "replication slot \"standby1\" specified in parameter \"synchronized_standby_slots\" does not exist",
+        )
+    })
+    .await
+    .unwrap_or_else(|e| panic!("Postgres did not hold walcast back: {e}\n{}", standby.log_contents()));
+    let out = run_bounded(
+        &["check"],
+        &with_var(&vars, "WALCAST_DATABASE_URL", &standby.url()),
+        Duration::from_secs(60),
+    );
+    let report = format!("{}{}", out.stdout, out.stderr);
+    let mut lines = report.lines().skip_while(|l| {
+        !l.starts_with(
+            "! synchronized_standby_slots ('standby1') names standby1 which no physical slot",
+        )
+    });
+    assert!(
+        lines.next().is_some(),
+        "check names the inherited setting:\n{report}"
+    );
+    let fix = lines.next().unwrap_or_default().trim().to_string();
+    assert!(
+        fix.starts_with(
+            "fix: ALTER SYSTEM SET synchronized_standby_slots = ''; SELECT pg_reload_conf();"
+        ),
+        "{report}"
+    );
+    for sql in [
+        "ALTER SYSTEM SET synchronized_standby_slots = ''",
+        "SELECT pg_reload_conf()",
+    ] {
+        new.batch_execute(sql).await.unwrap();
+    }
+
     // The application goes on writing to the new primary; walcast follows.
     let load = TolerantLoad::start(&standby.url(), seed ^ 1).await;
     load.wait_transactions(80, Duration::from_secs(60)).await;
@@ -232,7 +280,7 @@ async fn walcast_follows_a_promoted_standby_exactly_once() {
     let mut streamed: BTreeMap<u64, Vec<Change>> = BTreeMap::new();
     for m in &events {
         let e = &m.event;
-        let changes = streamed.entry(u64::from(e.xid)).or_default();
+        let changes = streamed.entry(e.xid).or_default();
         assert_eq!(e.tx_index as usize, changes.len(), "{}", e.event_id);
         changes.push((
             table_of(e.entity()).to_string(),

@@ -175,9 +175,6 @@ async fn synchronized_standby_slots(
     physical: &[String],
     found: &mut Findings,
 ) -> Result<(), DbError> {
-    if physical.is_empty() {
-        return Ok(());
-    }
     let value: String = c
         .query_one(
             "SELECT coalesce(current_setting('synchronized_standby_slots', true), '')",
@@ -191,6 +188,39 @@ async fn synchronized_standby_slots(
         .map(|p| p.trim().trim_matches('"'))
         .filter(|p| !p.is_empty())
         .collect();
+    // A name without a physical slot holds every logical walsender back
+    // for good ("Logical replication is waiting on the standby associated
+    // with ..."): typically on a promoted standby that inherited the old
+    // primary's setting through pg_basebackup's copy of postgresql.auto.conf.
+    let absent: Vec<&str> = listed
+        .iter()
+        .copied()
+        .filter(|name| !physical.iter().any(|p| p == name))
+        .collect();
+    if !absent.is_empty() {
+        let keep: Vec<&str> = listed
+            .iter()
+            .copied()
+            .filter(|n| !absent.contains(n))
+            .collect();
+        found.warnings.push(Violation::new(
+            format!(
+                "synchronized_standby_slots ('{value}') names {} which no physical slot here has: Postgres sends \
+                 walcast nothing until that standby confirms, so walcast stalls (typical on a promoted standby \
+                 that inherited the old primary's setting)",
+                absent.join(", ")
+            ),
+            format!(
+                "ALTER SYSTEM SET synchronized_standby_slots = '{}'; SELECT pg_reload_conf(); (name this server's \
+                 standbys' physical slots, or none)",
+                keep.join(",")
+            ),
+        ));
+        return Ok(());
+    }
+    if physical.is_empty() {
+        return Ok(());
+    }
     let missing: Vec<&str> = physical
         .iter()
         .map(String::as_str)

@@ -311,8 +311,9 @@ impl Postgres {
     /// through the physical slot `slot` (which must exist), then streaming
     /// with `primary_slot_name`, `hot_standby_feedback` and
     /// `sync_replication_slots` on, so it keeps synced copies of failover
-    /// slots (PostgreSQL 17+). `settings` override or add to those. The
-    /// primary's `ALTER SYSTEM` settings are not copied.
+    /// slots (PostgreSQL 17+). `settings` override or add to those. Like any
+    /// pg_basebackup, it copies the primary's `ALTER SYSTEM` settings
+    /// (`postgresql.auto.conf`), which win over `settings`.
     pub fn start_standby(&self, slot: &str, settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
         let conninfo = format!(
             "host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}",
@@ -365,8 +366,6 @@ impl Postgres {
             bail!("pg_basebackup failed: {}", output_text(&out));
         }
         std::fs::write(data.join("standby.signal"), "").context("write standby.signal")?;
-        std::fs::write(data.join("postgresql.auto.conf"), "")
-            .context("reset postgresql.auto.conf")?;
         let mut attempt = 0;
         loop {
             attempt += 1;
