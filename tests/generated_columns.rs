@@ -235,3 +235,47 @@ async fn check_names_states_that_break_the_applications_writes_with_a_working_fi
     let (code, report) = check(&env);
     assert_eq!(code, Some(0), "fixed:\n{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_postgres_18_generated_columns_block_no_write_and_are_not_in_events() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .unwrap()
+        .get(0);
+    if version >= 180000 {
+        eprintln!("SKIPPED: this test is about PostgreSQL < 18 (WALCAST_PG_BIN is {version})");
+        return;
+    }
+    client
+        .batch_execute(
+            "ALTER TABLE tasks ADD COLUMN title_chars int GENERATED ALWAYS AS (char_length(title)) STORED;
+             INSERT INTO tasks (id, tenant_id, title) VALUES (gen_random_uuid(), 'acme', 'seven!!');
+             UPDATE tasks SET title = 'eight!!!';
+             DELETE FROM tasks;",
+        )
+        .await
+        .expect("PostgreSQL < 18 never refuses writes for a generated column");
+    let (code, report) = check(&env);
+    assert_eq!(code, Some(0), "{report}");
+    let note = format!(
+        "i \"public\".\"tasks\" has generated column(s) title_chars: Postgres {} does not publish generated columns",
+        version / 10000
+    );
+    assert!(report.contains(&note), "{report}");
+
+    let dir = TempDir::new("generated-pg15").unwrap();
+    let (mut walcast, _addr) = start_walcast(&env, dir.path(), "walcast", &[]);
+    env.wait_for_messages(3, Duration::from_secs(30)).await;
+    walcast.stop(Duration::from_secs(20)).await;
+    let events = read_stream(&env.nats.url(), "WALCAST").await;
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .iter()
+            .all(|m| !m.event.extra.contains_key("title_chars")),
+        "Postgres < 18 does not send generated columns"
+    );
+}

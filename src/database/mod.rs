@@ -249,7 +249,13 @@ impl Database {
         )
     }
 
+    /// `host:port`, or every host of a multi-host URL.
     fn target(&self) -> String {
+        let hosts = self.hosts();
+        if hosts.len() > 1 {
+            let all: Vec<String> = hosts.iter().map(Database::target).collect();
+            return all.join(",");
+        }
         let (host, port) = self.host_port();
         format!("{host}:{port}")
     }
