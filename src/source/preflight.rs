@@ -165,6 +165,38 @@ mod tests {
     }
 
     #[test]
+    fn an_idle_timeout_invalidation_names_the_setting() {
+        let mut lost = state("pgoutput", "lost");
+        lost.invalidation_reason = Some("idle_timeout".into());
+        let v = judge_slot("w", Some(&lost), true).unwrap_err();
+        assert!(
+            v.problem.contains("invalidation_reason idle_timeout"),
+            "{v}"
+        );
+        assert!(
+            v.problem
+                .contains("longer than idle_replication_slot_timeout"),
+            "{v}"
+        );
+        assert!(v.fix.starts_with(&slot::recovery("w", true)), "{v}");
+        assert!(
+            v.fix
+                .contains("ALTER SYSTEM SET idle_replication_slot_timeout = 0"),
+            "{v}"
+        );
+        let walsender = slot_invalidated(
+            "w",
+            "This replication slot has been invalidated due to \"idle_timeout\".",
+        );
+        assert!(walsender.fix.contains("idle_replication_slot_timeout = 0"));
+        let wal = slot_invalidated("w", "wal_status is lost, invalidation_reason wal_removed");
+        assert!(
+            wal.problem.contains("max_slot_wal_keep_size") && !wal.fix.contains("idle"),
+            "{wal}"
+        );
+    }
+
+    #[test]
     fn lost_and_foreign_slots_are_violations() {
         let lost = judge_slot("w", Some(&state("pgoutput", "lost")), true).unwrap_err();
         assert_eq!(lost.fix, slot::recovery("w", true));
