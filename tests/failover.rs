@@ -201,6 +201,7 @@ async fn walcast_follows_a_promoted_standby_exactly_once() {
         "sync_replication_slots = on",
         "hot_standby_feedback = on",
         "holds a synced copy of the slot",
+        "primary_conninfo names a database (dbname=)",
         "physical slots [standby1 (active)]",
     ] {
         assert!(report.contains(line), "check says {line:?}:\n{report}");

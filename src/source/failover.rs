@@ -277,6 +277,12 @@ async fn standby_settings(host: &Database, s: &Settings, found: &mut Findings) {
     };
     let (standby, sync, feedback, primary_slot, synced): (bool, String, String, String, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    // Superuser-only (it may hold a password): `None` if this role cannot read it.
+    let conninfo: Option<String> = client
+        .query_one("SELECT current_setting('primary_conninfo')", &[])
+        .await
+        .ok()
+        .map(|row| row.get(0));
     if !standby {
         found
             .notes
@@ -312,6 +318,17 @@ async fn standby_settings(host: &Database, s: &Settings, found: &mut Findings) {
         "create a physical slot on the primary (SELECT pg_create_physical_replication_slot('standby1');), then \
          ALTER SYSTEM SET primary_slot_name = 'standby1'; SELECT pg_reload_conf();",
     );
+    match &conninfo {
+        Some(conninfo) => want(
+            conninfo.contains("dbname="),
+            "primary_conninfo names a database (dbname=)",
+            "ALTER SYSTEM SET primary_conninfo = '<as now> dbname=<the database walcast reads>'; SELECT pg_reload_conf();",
+        ),
+        None => found.notes.push(format!(
+            "standby {where_}: cannot read primary_conninfo (needs superuser or pg_read_all_settings); slot sync \
+             needs dbname= in it"
+        )),
+    }
     want(
         synced,
         "holds a synced copy of the slot",
