@@ -1,6 +1,7 @@
 //! What lets the slot outlive its server or a long walcast downtime
-//! (issue 19): on PostgreSQL 17+ the slot is a failover slot unless
-//! `slot_failover` is off, and `walcast check` says so; a slot that
+//! (issue 19): on PostgreSQL 17+ the slot (from `walcast migrate` or
+//! `walcast run`) is a failover slot unless `slot_failover` is off, and
+//! `walcast check` says so; a slot that
 //! PostgreSQL 18 invalidated under `idle_replication_slot_timeout` stops
 //! walcast with the lost-slot error naming the setting and the recovery.
 //! PostgreSQL 18 comes from the version matrix (`WALCAST_MATRIX_PG_BIN`);
@@ -11,7 +12,7 @@ use std::time::Duration;
 use walcast::config::Options;
 
 use crate::support::chaos::catch_up;
-use crate::support::daemon::Env;
+use crate::support::daemon::{Daemon, Env};
 use crate::support::edge::{run_bounded, start_walcast, uuid};
 use crate::support::postgres::Postgres;
 use crate::support::{TempDir, wait_until};
@@ -53,6 +54,32 @@ async fn the_slot_is_a_failover_slot_unless_turned_off() {
         report.contains("i no standby seen from this primary"),
         "{report}"
     );
+
+    // `walcast run` creates a missing slot the same way.
+    let by_run = Options {
+        slot: Some("by_run".into()),
+        ..env.options()
+    }
+    .resolve()
+    .unwrap();
+    let daemon = Daemon::start(by_run);
+    wait_until(Duration::from_secs(30), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'by_run' AND active",
+                &[],
+            )
+            .await
+            .map(|row| row.is_some())
+            .unwrap_or(false)
+    })
+    .await
+    .expect("walcast run creates and streams slot by_run");
+    assert!(
+        failover_flag(&client, "by_run").await,
+        "run creates a failover slot"
+    );
+    daemon.stop().await.expect("clean stop");
 
     let plain = Options {
         slot: Some("plain".into()),
