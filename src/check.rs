@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::database::{Database, DbError, query_err, quote_ident};
 use crate::secrets::redact_url;
 use crate::source::preflight::{self, Checked, SlotVerdict, Violation};
-use crate::source::{publication, slot};
+use crate::source::{failover, publication, slot, writes};
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +104,7 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
             ),
             Ok(client) => {
                 report.pass(format!("Postgres reachable at {}", db.redacted()));
-                if let Err(e) = postgres(&client, settings, &mut report).await {
+                if let Err(e) = postgres(&client, &db, settings, &mut report).await {
                     report.fail(
                         format!("a check query failed: {e}"),
                         "run walcast check with a role that can read pg_catalog",
@@ -126,7 +126,7 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
     report.0
 }
 
-async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+async fn postgres(c: &Client, db: &Database, s: &Settings, r: &mut Report) -> Result<(), DbError> {
     server(c, s, r).await?;
     let user = role(c, r).await?;
     tables(c, s, &user, r).await?;
@@ -134,8 +134,30 @@ async fn postgres(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbErro
         Err(violation) => r.violated(violation),
         Ok(_) => publication_extras(c, s, r).await?,
     }
+    application_writes(c, s, r).await?;
     checkpoint_tables(c, &user, r).await?;
-    slot_state(c, s, r).await
+    slot_state(c, s, r).await?;
+    slot_survival(c, db, s, r).await
+}
+
+/// Failover slots, standbys and the idle-slot timeout (see `source::failover`).
+async fn slot_survival(
+    c: &Client,
+    db: &Database,
+    s: &Settings,
+    r: &mut Report,
+) -> Result<(), DbError> {
+    let found = failover::inspect(c, db, s).await?;
+    for pass in found.passes {
+        r.pass(pass);
+    }
+    for Violation { problem, fix } in found.warnings {
+        r.add(Status::Warn, problem, Some(fix));
+    }
+    for note in found.notes {
+        r.add(Status::Info, note, None);
+    }
+    Ok(())
 }
 
 /// Version, wal_level, and room for one more slot and WAL sender.
@@ -332,6 +354,27 @@ async fn publication_extras(c: &Client, s: &Settings, r: &mut Report) -> Result<
             quote_ident(&s.publication)
         ),
     );
+    Ok(())
+}
+
+/// States in which Postgres refuses the application's own UPDATE/DELETE
+/// (see `source::writes`).
+async fn application_writes(c: &Client, s: &Settings, r: &mut Report) -> Result<(), DbError> {
+    let found = writes::inspect(c, s).await?;
+    if found.broken.is_empty() {
+        r.pass(
+            "the publication and the source tables let the application's UPDATE and DELETE through",
+        );
+    }
+    for violation in found.broken {
+        r.violated(violation);
+    }
+    for Violation { problem, fix } in found.warnings {
+        r.add(Status::Warn, problem, Some(fix));
+    }
+    for note in found.notes {
+        r.add(Status::Info, note, None);
+    }
     Ok(())
 }
 

@@ -48,6 +48,11 @@ pub struct Options {
     /// Logical replication slot (pgoutput) [default: walcast]
     #[arg(long, env = "WALCAST_SLOT")]
     pub slot: Option<String>,
+    /// Create the slot as a failover slot on PostgreSQL 17+ (standbys with
+    /// sync_replication_slots = on keep a copy, so a promoted standby serves
+    /// it; see README "Failover"); false creates a plain slot [default: true]
+    #[arg(long, env = "WALCAST_SLOT_FAILOVER")]
+    pub slot_failover: Option<bool>,
     /// Publication covering the source tables [default: walcast]
     #[arg(long, env = "WALCAST_PUBLICATION")]
     pub publication: Option<String>,
@@ -128,6 +133,8 @@ pub struct Settings {
     pub nats_client_cert: Option<PathBuf>,
     pub nats_client_key: Option<PathBuf>,
     pub slot: String,
+    /// Create the slot with `failover = true` (PostgreSQL 17+).
+    pub slot_failover: bool,
     pub publication: String,
     pub stream: String,
     pub subject_prefix: String,
@@ -184,6 +191,7 @@ impl Options {
             nats_client_cert,
             nats_client_key,
             slot,
+            slot_failover,
             publication,
             stream,
             subject_prefix,
@@ -259,6 +267,7 @@ impl Options {
             nats_client_cert: self.nats_client_cert,
             nats_client_key: self.nats_client_key,
             slot: self.slot.unwrap_or_else(|| "walcast".into()),
+            slot_failover: self.slot_failover.unwrap_or(true),
             publication: self.publication.unwrap_or_else(|| "walcast".into()),
             stream,
             subject_prefix: self.subject_prefix.unwrap_or_else(|| "walcast".into()),

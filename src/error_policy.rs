@@ -57,7 +57,7 @@ pub fn decide(error: &PipelineError, started: bool) -> Decision {
 fn db_may_heal(error: &DbError) -> bool {
     match error {
         DbError::BadUrl { .. } | DbError::Precondition(_) => false,
-        DbError::Timeout { .. } | DbError::Fenced(_) => true,
+        DbError::Timeout { .. } | DbError::Fenced(_) | DbError::NoPrimary(_) => true,
         // A certificate the server presents will not change by retrying.
         DbError::Connect { source, .. }
             if crate::telemetry::error_chain(source).contains("certificate") =>

@@ -47,6 +47,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if report.publication_created {
                 say(format_args!("created publication {}", settings.publication));
             }
+            if report.generated_columns_published {
+                say(format_args!(
+                    "publication {}: publish_generated_columns = stored",
+                    settings.publication
+                ));
+            }
             say(format_args!(
                 "replication slot {}: {}",
                 settings.slot,

@@ -1,12 +1,15 @@
 //! `walcast migrate`: applies `migrations/*.sql` in order, once each, then
 //! makes sure the configured publication and replication slot exist, so
 //! changes made between the migration and the first `walcast run` are kept.
+//! On PostgreSQL 18 and later the publication publishes stored generated
+//! columns (SPEC §1); on 17 and later the slot is a failover slot unless
+//! `slot_failover` is off.
 
 use tokio_postgres::Client;
 
 use crate::config::Settings;
 use crate::database::{Database, DbError, query_err, quote_ident};
-use crate::source::slot;
+use crate::source::{publication, slot};
 
 /// The migration files, embedded so the binary is self-contained.
 pub const MIGRATIONS: &[(&str, &str)] = &[
@@ -41,6 +44,8 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
 pub struct Report {
     pub applied: Vec<&'static str>,
     pub publication_created: bool,
+    /// `publish_generated_columns = stored` was set on the publication.
+    pub generated_columns_published: bool,
     pub slot_created: bool,
 }
 
@@ -53,7 +58,11 @@ pub async fn run(settings: &Settings) -> Result<Report, DbError> {
         ..Default::default()
     };
     report.publication_created = ensure_publication(&client, settings).await?;
-    report.slot_created = slot::ensure(&client, &settings.slot).await?.created;
+    report.generated_columns_published =
+        publication::publish_generated_columns(&client, &settings.publication).await?;
+    report.slot_created = slot::ensure(&client, &settings.slot, settings.slot_failover)
+        .await?
+        .created;
     Ok(report)
 }
 

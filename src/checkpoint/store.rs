@@ -81,7 +81,8 @@ async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
     let row = client
         .query_opt(
             "WITH cur AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END AS lsn)
-             SELECT (cur.lsn - s.restart_lsn)::float8, (cur.lsn - $2::text::pg_lsn)::float8
+             SELECT (cur.lsn - s.restart_lsn)::float8, (cur.lsn - $2::text::pg_lsn)::float8,
+                    (cur.lsn - s.confirmed_flush_lsn)::float8
              FROM pg_replication_slots s, cur WHERE s.slot_name = $1",
             &[&slot, &acked.to_string()],
         )
@@ -92,6 +93,9 @@ async fn slot_gauges(client: &Client, slot: &str, acked: Lsn) {
         }
         if let Ok(Some(lag)) = row.try_get::<_, Option<f64>>(1) {
             metrics::gauge!(m::REPLICATION_LAG_BYTES).set(lag.max(0.0));
+        }
+        if let Ok(Some(lag)) = row.try_get::<_, Option<f64>>(2) {
+            metrics::gauge!(m::SLOT_CONFIRM_LAG_BYTES).set(lag.max(0.0));
         }
     }
 }

@@ -48,6 +48,9 @@ pub enum DbError {
     /// Postgres did not answer in time (a stalled server or a dead network).
     #[error("Postgres did not answer within {seconds} s ({what})")]
     Timeout { what: &'static str, seconds: u64 },
+    /// Every host of a multi-host URL is a standby (a failover under way).
+    #[error("every host of {0} is in recovery (a standby); waiting for one to be promoted")]
+    NoPrimary(String),
     /// Another run took over the slot and its checkpoint.
     #[error(
         "another walcast took over slot {0} and its checkpoint; this one stops publishing and waits as a standby"
@@ -116,6 +119,11 @@ impl Database {
                 reason: "no user name (postgres://USER@host/db)".into(),
             });
         }
+        if config.get_hosts().len() > 1 {
+            // walcast writes its checkpoint: with several hosts (a primary
+            // and its standbys) only the primary will do.
+            config.target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+        }
         config.application_name("walcast");
         config.connect_timeout(Duration::from_secs(10));
         // A dead network fails a socket in ~30 s instead of the kernel's ~15 min.
@@ -132,6 +140,95 @@ impl Database {
             tls,
             redacted,
         })
+    }
+
+    /// One `Database` per host of a multi-host URL (libpq's
+    /// `host1:port1,host2:port2`), in the URL's order; itself for one host.
+    pub fn hosts(&self) -> Vec<Database> {
+        let hosts = self.config.get_hosts();
+        if hosts.len() <= 1 {
+            return vec![self.clone()];
+        }
+        let ports = self.config.get_ports();
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                // libpq: one port for all hosts, or one per host.
+                let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+                self.single_host(host, port)
+            })
+            .collect()
+    }
+
+    /// This database's settings with only `host:port`.
+    fn single_host(&self, host: &Host, port: u16) -> Database {
+        let from = &self.config;
+        let mut config = tokio_postgres::Config::new();
+        if let Some(user) = from.get_user() {
+            config.user(user);
+        }
+        if let Some(password) = from.get_password() {
+            config.password(password);
+        }
+        if let Some(dbname) = from.get_dbname() {
+            config.dbname(dbname);
+        }
+        if let Some(options) = from.get_options() {
+            config.options(options);
+        }
+        match host {
+            Host::Tcp(h) => config.host(h),
+            #[cfg(unix)]
+            Host::Unix(p) => config.host_path(p),
+        };
+        config
+            .port(port)
+            .application_name(from.get_application_name().unwrap_or("walcast"))
+            .connect_timeout(Duration::from_secs(10))
+            .keepalives(true)
+            .keepalives_idle(from.get_keepalives_idle())
+            .tcp_user_timeout(IO_TIMEOUT)
+            .ssl_mode(from.get_ssl_mode())
+            .channel_binding(from.get_channel_binding());
+        let (name, port_text) = match host {
+            Host::Tcp(h) => (h.clone(), port.to_string()),
+            #[cfg(unix)]
+            Host::Unix(p) => (p.display().to_string(), port.to_string()),
+        };
+        Database {
+            config,
+            tls: self.tls.clone(),
+            redacted: format!("{} (host {name}:{port_text})", self.redacted),
+        }
+    }
+
+    /// The host to stream from: for a multi-host URL the first host that is
+    /// not in recovery (a primary; a standby cannot serve the slot until it
+    /// is promoted), so walcast follows a failover like libpq's
+    /// `target_session_attrs=read-write` does for the SQL connection.
+    pub async fn primary(&self) -> Result<Database, DbError> {
+        let hosts = self.hosts();
+        if hosts.len() == 1 {
+            return Ok(self.clone());
+        }
+        let mut last = None;
+        for host in hosts {
+            let in_recovery = async {
+                let client = host.connect().await?;
+                client
+                    .query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .map(|row| row.get::<_, bool>(0))
+                    .map_err(query_err("SELECT pg_is_in_recovery()"))
+            };
+            match in_recovery.await {
+                Ok(false) => return Ok(host),
+                Ok(true) => {}
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| DbError::NoPrimary(self.redacted.clone())))
     }
 
     /// The URL with its password masked, for logs.
@@ -152,7 +249,13 @@ impl Database {
         )
     }
 
+    /// `host:port`, or every host of a multi-host URL.
     fn target(&self) -> String {
+        let hosts = self.hosts();
+        if hosts.len() > 1 {
+            let all: Vec<String> = hosts.iter().map(Database::target).collect();
+            return all.join(",");
+        }
         let (host, port) = self.host_port();
         format!("{host}:{port}")
     }

@@ -22,7 +22,7 @@ use crate::position::StreamSeq;
 use crate::proto::Entity;
 use crate::publish::{self, JetStream, Sink};
 use crate::source::preflight::{self, SlotVerdict};
-use crate::source::{Source, slot};
+use crate::source::{Source, slot, writes};
 
 /// What the database preconditions leave a run with.
 pub(super) struct Checked {
@@ -43,12 +43,15 @@ pub(super) async fn check_database(ctx: &Context) -> Result<Checked, PipelineErr
         crate::source::publication::verify(&sql, s),
     )
     .await???;
+    // The stream is right either way; the application's writes are not.
+    let writes = with_timeout("check the application's writes", writes::inspect(&sql, s)).await??;
+    writes::log(&writes);
     let checkpoint = with_timeout("read the checkpoint", store::load(&sql, &s.slot)).await??;
     let state = slot::read(&sql, &s.slot).await?;
     if preflight::judge_slot(&s.slot, state.as_ref(), checkpoint.is_some())? == SlotVerdict::Create
     {
         tracing::info!(slot = %s.slot, "creating replication slot");
-        slot::ensure(&sql, &s.slot).await?;
+        slot::ensure(&sql, &s.slot, s.slot_failover).await?;
     }
     Ok(Checked {
         sql,

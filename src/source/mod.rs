@@ -5,9 +5,11 @@
 //! the checkpointer has made durable. Keepalives are answered by the library,
 //! which reports the last confirmed position, never more.
 
+pub mod failover;
 pub mod preflight;
 pub mod publication;
 pub mod slot;
+pub mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -167,6 +169,11 @@ impl Source {
             let reported = reported.clone();
             FeedbackObserver::new(move |_| reported.notify_waiters())
         };
+        // A multi-host URL streams from the host that is the primary now.
+        let db = db
+            .primary()
+            .await
+            .map_err(|e| SourceError::Replication(e.to_string()))?;
         let config = db
             .replication_config(slot, publication)
             .with_start_lsn(start.into())

@@ -76,7 +76,11 @@ pub fn judge_slot(
         };
     };
     if state.is_lost() {
-        return Err(slot_invalidated(name, "wal_status is lost"));
+        let reason = match &state.invalidation_reason {
+            Some(why) => format!("wal_status is lost, invalidation_reason {why}"),
+            None => "wal_status is lost".to_string(),
+        };
+        return Err(slot_invalidated(name, &reason));
     }
     if state.plugin.as_deref() != Some("pgoutput") {
         let plugin = state.plugin.as_deref().unwrap_or("none");
@@ -102,15 +106,34 @@ pub fn slot_dropped(name: &str) -> Violation {
     )
 }
 
-/// Postgres invalidated the slot (e.g. `max_slot_wal_keep_size`).
+/// Postgres invalidated the slot. `reason` is what Postgres said (the
+/// walsender's error or `pg_replication_slots`); the message names the
+/// setting behind it and how to keep it from happening again.
 pub fn slot_invalidated(name: &str, reason: &str) -> Violation {
+    let idle = reason.contains("idle_timeout");
+    let cause = if idle {
+        "it was idle (no walcast connected) longer than idle_replication_slot_timeout, and a checkpoint \
+         invalidated it"
+    } else if reason.contains("rows_removed") || reason.contains("wal_level_insufficient") {
+        "the catalog rows or the wal_level it needs are gone"
+    } else {
+        "e.g. by max_slot_wal_keep_size"
+    };
+    let mut fix = slot::recovery(name, true);
+    if idle {
+        fix.push_str(
+            "; to keep it from happening again, set idle_replication_slot_timeout longer than any walcast \
+             downtime, or 0 to turn it off: ALTER SYSTEM SET idle_replication_slot_timeout = 0; SELECT \
+             pg_reload_conf();",
+        );
+    }
     Violation::new(
         format!(
-            "replication slot {name} was invalidated ({reason}; e.g. by max_slot_wal_keep_size): Postgres removed \
-             WAL it still needed, so changes since its last confirmation may be missing from the stream, and \
+            "replication slot {name} was invalidated ({reason}; {cause}): Postgres no longer \
+             keeps the WAL it needed, so changes since its last confirmation may be missing from the stream, and \
              walcast will not silently recreate the slot"
         ),
-        slot::recovery(name, true),
+        fix,
     )
 }
 
@@ -126,6 +149,9 @@ mod tests {
             confirmed_flush: Lsn(0),
             active_pid: None,
             wal_status: Some(wal_status.into()),
+            invalidation_reason: None,
+            failover: None,
+            synced: None,
             created: false,
         }
     }
@@ -136,6 +162,38 @@ mod tests {
         assert_eq!(judge_slot("w", None, true), Err(slot_dropped("w")));
         let dropped = slot_dropped("w").to_string();
         assert!(dropped.contains("is gone") && dropped.ends_with(&slot::recovery("w", false)));
+    }
+
+    #[test]
+    fn an_idle_timeout_invalidation_names_the_setting() {
+        let mut lost = state("pgoutput", "lost");
+        lost.invalidation_reason = Some("idle_timeout".into());
+        let v = judge_slot("w", Some(&lost), true).unwrap_err();
+        assert!(
+            v.problem.contains("invalidation_reason idle_timeout"),
+            "{v}"
+        );
+        assert!(
+            v.problem
+                .contains("longer than idle_replication_slot_timeout"),
+            "{v}"
+        );
+        assert!(v.fix.starts_with(&slot::recovery("w", true)), "{v}");
+        assert!(
+            v.fix
+                .contains("ALTER SYSTEM SET idle_replication_slot_timeout = 0"),
+            "{v}"
+        );
+        let walsender = slot_invalidated(
+            "w",
+            "This replication slot has been invalidated due to \"idle_timeout\".",
+        );
+        assert!(walsender.fix.contains("idle_replication_slot_timeout = 0"));
+        let wal = slot_invalidated("w", "wal_status is lost, invalidation_reason wal_removed");
+        assert!(
+            wal.problem.contains("max_slot_wal_keep_size") && !wal.fix.contains("idle"),
+            "{wal}"
+        );
     }
 
     #[test]

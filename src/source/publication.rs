@@ -1,5 +1,8 @@
 //! The publication: checked before every run to cover every source table,
-//! because pgoutput silently sends nothing for a table outside it.
+//! because pgoutput silently sends nothing for a table outside it; and, on
+//! PostgreSQL 18 and later, made to publish stored generated columns (SPEC
+//! §1), without which Postgres refuses the application's UPDATE and DELETE
+//! on a REPLICA IDENTITY FULL table that has one (see `writes`).
 
 use tokio_postgres::Client;
 
@@ -90,4 +93,48 @@ pub async fn verify(client: &Client, s: &Settings) -> Result<Checked<Vec<(u32, E
         )));
     }
     Ok(Ok(sources))
+}
+
+/// The first server version whose publications can publish generated
+/// columns (`publish_generated_columns`).
+pub const GENERATED_COLUMNS_SINCE: i32 = 180000;
+
+/// The server's `server_version_num`.
+pub async fn server_version(client: &Client) -> Result<i32, DbError> {
+    Ok(client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(query_err("read server_version_num"))?
+        .get(0))
+}
+
+/// On PostgreSQL 18 and later, sets `publish_generated_columns = stored` on
+/// the publication unless it is set; returns whether it changed anything
+/// (idempotent; a no-op before 18 and for a missing publication).
+pub async fn publish_generated_columns(
+    client: &Client,
+    publication: &str,
+) -> Result<bool, DbError> {
+    if server_version(client).await? < GENERATED_COLUMNS_SINCE {
+        return Ok(false);
+    }
+    let current: Option<String> = client
+        .query_opt(
+            "SELECT pubgencols::text FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(query_err("read pg_publication.pubgencols"))?
+        .map(|row| row.get(0));
+    if current.as_deref() != Some("n") {
+        return Ok(false);
+    }
+    let sql = format!(
+        "ALTER PUBLICATION {} SET (publish_generated_columns = stored)",
+        quote_ident(publication)
+    );
+    client.batch_execute(&sql).await.map_err(query_err(
+        "set publish_generated_columns on the publication",
+    ))?;
+    Ok(true)
 }

@@ -1,4 +1,7 @@
-//! The replication slot: created when missing, checked when present.
+//! The replication slot: created when missing, checked when present. On
+//! PostgreSQL 17 and later it is created as a failover slot (unless
+//! `slot_failover` is off), so a standby with `sync_replication_slots = on`
+//! keeps a copy that a promoted standby serves from (README "Failover").
 
 use tokio_postgres::Client;
 
@@ -31,6 +34,12 @@ pub struct SlotState {
     pub active_pid: Option<i32>,
     /// `pg_replication_slots.wal_status`; `lost` means invalidated.
     pub wal_status: Option<String>,
+    /// Why Postgres invalidated it (`wal_removed`, `idle_timeout`, ...; 17+).
+    pub invalidation_reason: Option<String>,
+    /// Whether standbys synchronize it (17+; `None` before).
+    pub failover: Option<bool>,
+    /// Whether this is a standby's copy of a primary's failover slot (17+).
+    pub synced: Option<bool>,
     pub created: bool,
 }
 
@@ -38,9 +47,11 @@ pub struct SlotState {
 pub async fn read(client: &Client, slot: &str) -> Result<Option<SlotState>, DbError> {
     let row = client
         .query_opt(
+            // `to_jsonb` reads the columns newer servers have without a version switch.
             "SELECT plugin::text, database::text, coalesce(confirmed_flush_lsn, '0/0')::text, active_pid,
-                    wal_status::text
-             FROM pg_replication_slots WHERE slot_name = $1",
+                    wal_status::text, to_jsonb(s)->>'invalidation_reason', (to_jsonb(s)->>'failover')::bool,
+                    (to_jsonb(s)->>'synced')::bool
+             FROM pg_replication_slots s WHERE slot_name = $1",
             &[&slot],
         )
         .await
@@ -51,6 +62,9 @@ pub async fn read(client: &Client, slot: &str) -> Result<Option<SlotState>, DbEr
         confirmed_flush: Lsn::parse(r.get::<_, &str>(2)).unwrap_or_default(),
         active_pid: r.get(3),
         wal_status: r.get(4),
+        invalidation_reason: r.get(5),
+        failover: r.get(6),
+        synced: r.get(7),
         created: false,
     }))
 }
@@ -62,17 +76,31 @@ impl SlotState {
     }
 }
 
-/// Creates the slot with pgoutput if it does not exist.
-pub async fn ensure(client: &Client, slot: &str) -> Result<SlotState, DbError> {
+/// The first server version with failover slots.
+pub const FAILOVER_SINCE: i32 = 170000;
+
+/// Creates the slot with pgoutput if it does not exist; on PostgreSQL 17
+/// and later as a failover slot when `failover` is set.
+pub async fn ensure(client: &Client, slot: &str, failover: bool) -> Result<SlotState, DbError> {
     if let Some(state) = read(client, slot).await? {
         return Ok(state);
     }
-    let created = client
-        .execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await;
+    let failover = failover && super::publication::server_version(client).await? >= FAILOVER_SINCE;
+    let created = if failover {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                &[&slot],
+            )
+            .await
+    } else {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&slot],
+            )
+            .await
+    };
     if let Err(e) = created {
         // 42710: another process created it meanwhile; anything else is real.
         if e.code().map(|c| c.code()) != Some("42710") {

@@ -14,6 +14,7 @@ pub const PUBLISH_ACK_SECONDS: &str = "walcast_publish_ack_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
 pub const SLOT_RETAINED_WAL_BYTES: &str = "walcast_slot_retained_wal_bytes";
+pub const SLOT_CONFIRM_LAG_BYTES: &str = "walcast_slot_confirm_lag_bytes";
 pub const CHECKPOINT_AGE_SECONDS: &str = "walcast_checkpoint_age_seconds";
 pub const LAST_CHECKPOINT_TIMESTAMP: &str = "walcast_last_checkpoint_timestamp_seconds";
 pub const CONFIRMED_LSN: &str = "walcast_confirmed_lsn";
@@ -95,6 +96,11 @@ fn describe() {
         SLOT_RETAINED_WAL_BYTES,
         Unit::Bytes,
         "WAL the replication slot keeps (current WAL LSN - restart_lsn)"
+    );
+    describe_gauge!(
+        SLOT_CONFIRM_LAG_BYTES,
+        Unit::Bytes,
+        "WAL past the slot's confirmed flush LSN (current WAL LSN - confirmed_flush_lsn): what Postgres resends after a restart; about the confirm delay's worth when healthy"
     );
     describe_gauge!(
         CHECKPOINT_AGE_SECONDS,

@@ -32,13 +32,23 @@ pub struct Env {
 
 impl Env {
     pub async fn start() -> Env {
-        Env::start_with(super::nats::NatsOptions::default()).await
+        Self::start_on(
+            Postgres::start().expect("start postgres"),
+            super::nats::NatsOptions::default(),
+        )
+        .await
     }
 
     /// Like [`Env::start`], with a nats-server configured by `nats`.
     pub async fn start_with(nats: super::nats::NatsOptions) -> Env {
+        Self::start_on(Postgres::start().expect("start postgres"), nats).await
+    }
+
+    /// An environment on a Postgres the test started (another version, other
+    /// settings) and a nats-server configured by `nats`, migrated like
+    /// [`Env::start`].
+    pub async fn start_on(pg: Postgres, nats: super::nats::NatsOptions) -> Env {
         init_logging();
-        let pg = Postgres::start().expect("start postgres");
         let nats = Nats::start_with(nats).expect("start nats");
         let env = Env { pg, nats };
         walcast::migrate::run(&env.settings())

@@ -67,6 +67,25 @@ impl Postgres {
     /// Starts a cluster with `settings` overriding or adding to the defaults,
     /// e.g. `&[("wal_level", "replica")]` for a misconfiguration test.
     pub fn start_with(settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
+        Self::start_bin(pg_bin()?, settings)
+    }
+
+    /// Starts a cluster of the version matrix's PostgreSQL (18, from
+    /// `WALCAST_MATRIX_PG_BIN`), for tests of what only newer servers do;
+    /// `None` (after saying so) when that build is not installed.
+    pub fn start_matrix(settings: &[(&str, &str)]) -> Option<Postgres> {
+        let Some(bin) = matrix_bin() else {
+            eprintln!(
+                "SKIPPED: WALCAST_MATRIX_PG_BIN is not set or has no postgres binaries \
+                 (run scripts/install-deps.sh and source .tools/env)"
+            );
+            return None;
+        };
+        Some(Self::start_bin(&bin, settings).expect("start the matrix's postgres"))
+    }
+
+    /// Starts a cluster from the binaries in `bin`.
+    pub fn start_bin(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
         let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -76,7 +95,7 @@ impl Postgres {
             merged.push((name.to_string(), value.to_string()));
         }
         let mut pg = Postgres {
-            bin: pg_bin()?.to_path_buf(),
+            bin: bin.to_path_buf(),
             port: 0,
             dir: TempDir::new("pg")?,
             settings: merged,
@@ -288,6 +307,124 @@ impl Postgres {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// Starts a physical standby of this (running) server: `pg_basebackup`
+    /// through the physical slot `slot` (which must exist), then streaming
+    /// with `primary_slot_name`, `hot_standby_feedback` and
+    /// `sync_replication_slots` on, so it keeps synced copies of failover
+    /// slots (PostgreSQL 17+). `settings` override or add to those. Like any
+    /// pg_basebackup, it copies the primary's `ALTER SYSTEM` settings
+    /// (`postgresql.auto.conf`), which win over `settings`.
+    pub fn start_standby(&self, slot: &str, settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
+        let conninfo = format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres application_name={slot}",
+            self.port
+        );
+        let mut all: Vec<(&str, &str)> = vec![
+            ("primary_conninfo", conninfo.as_str()),
+            ("primary_slot_name", slot),
+            ("hot_standby_feedback", "on"),
+            ("sync_replication_slots", "on"),
+        ];
+        all.extend_from_slice(settings);
+        let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (name, value) in all {
+            merged.retain(|(k, _)| k != name);
+            merged.push((name.to_string(), value.to_string()));
+        }
+        let mut standby = Postgres {
+            bin: self.bin.clone(),
+            port: 0,
+            dir: TempDir::new("pg-standby")?,
+            settings: merged,
+            child: Mutex::new(None),
+        };
+        standby.give_to_server_user()?;
+        let data = standby.data_dir();
+        let port = self.port.to_string();
+        let args = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "postgres",
+            "-D",
+            path_str(&data)?,
+            "-X",
+            "stream",
+            "-S",
+            slot,
+            "-c",
+            "fast",
+            "--no-sync",
+        ];
+        let out = standby.run("pg_basebackup", &args, true)?;
+        if !out.status.success() {
+            bail!("pg_basebackup failed: {}", output_text(&out));
+        }
+        std::fs::write(data.join("standby.signal"), "").context("write standby.signal")?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            standby.port = free_port();
+            standby.write_settings()?;
+            match standby.start_again() {
+                Ok(()) => return Ok(standby),
+                Err(e) if attempt < 5 && standby.log_contents().contains("could not bind") => {
+                    eprintln!(
+                        "postgres standby: port {} taken, retrying: {e:#}",
+                        standby.port
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Promotes this standby (`pg_ctl promote -w`): it leaves recovery and
+    /// accepts writes.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        let timeout = SERVER_TIMEOUT.as_secs().to_string();
+        let out = self.run(
+            "pg_ctl",
+            &["-D", path_str(&data)?, "-w", "-t", &timeout, "promote"],
+            true,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl promote failed: {}\n--- log ---\n{}",
+                output_text(&out),
+                self.log_contents()
+            );
+        }
+        Ok(())
+    }
+
+    /// Hands the temp dir to the `postgres` user when we are root (Postgres
+    /// refuses to run as root).
+    fn give_to_server_user(&self) -> anyhow::Result<()> {
+        if !running_as_root() {
+            return Ok(());
+        }
+        let out = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(self.dir.path())
+            .output()
+            .context("run chown")?;
+        if !out.status.success() {
+            bail!(
+                "chown postgres {}: {}",
+                self.dir.path().display(),
+                output_text(&out)
+            );
+        }
+        Ok(())
+    }
+
     fn initdb(&self) -> anyhow::Result<()> {
         if running_as_root() {
             // Postgres refuses to run as root: hand the dir to `postgres`.
@@ -393,6 +530,15 @@ pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
         let _ = connection.await;
     });
     Ok(client)
+}
+
+/// The version matrix's PostgreSQL (`WALCAST_MATRIX_PG_BIN`), if installed.
+pub fn matrix_bin() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("WALCAST_MATRIX_PG_BIN")?);
+    ["initdb", "postgres", "pg_ctl"]
+        .iter()
+        .all(|t| dir.join(t).is_file())
+        .then_some(dir)
 }
 
 /// The directory with initdb/postgres/pg_ctl: `WALCAST_PG_BIN`, else the
