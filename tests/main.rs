@@ -1,3 +1,4 @@
+mod auth;
 mod big_transactions;
 mod broker_loss;
 mod catchup;

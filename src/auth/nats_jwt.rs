@@ -1,4 +1,4 @@
-//! NATS JWTs (`alg: ed25519-nats`), as nats-server reads and writes them:
+//! NATS JWTs (`alg: ed25519-nkey`), as nats-server reads and writes them:
 //! `base64url(header).base64url(claims).base64url(signature)`, unpadded,
 //! the signature an ed25519 signature by the `iss` nkey over the first two
 //! parts. The signing and verifying are nkeys' (ed25519-dalek); this file
@@ -19,7 +19,7 @@ pub enum JwtError {
     Shape,
     #[error("JWT {0} is not valid JSON: {1}")]
     Json(&'static str, serde_json::Error),
-    #[error("JWT algorithm {0:?} is not ed25519-nats")]
+    #[error("JWT algorithm {0:?} is not ed25519-nkey")]
     Algorithm(String),
     #[error("JWT issuer is not an nkey: {0}")]
     Issuer(String),
@@ -29,7 +29,7 @@ pub enum JwtError {
     Sign(String),
 }
 
-const HEADER: &str = r#"{"typ":"JWT","alg":"ed25519-nats"}"#;
+const HEADER: &str = r#"{"typ":"JWT","alg":"ed25519-nkey"}"#;
 
 /// A unique `jti`: base32 of 20 random bytes.
 pub fn new_jti() -> String {
@@ -69,8 +69,8 @@ pub fn decode<C: DeserializeOwned>(token: &str) -> Result<C, JwtError> {
     let head: serde_json::Value =
         serde_json::from_slice(&bytes(header)?).map_err(|e| JwtError::Json("header", e))?;
     let alg = head.get("alg").and_then(|a| a.as_str()).unwrap_or("");
-    // nats-server still accepts the v1 name `ed25519`; so do we.
-    if alg != "ed25519-nats" && alg != "ed25519" {
+    // nats-io/jwt v2 writes `ed25519-nkey` and still reads v1's `ed25519`.
+    if alg != "ed25519-nkey" && alg != "ed25519" {
         return Err(JwtError::Algorithm(alg.to_string()));
     }
     let body_bytes = bytes(body)?;
