@@ -5,6 +5,7 @@ mod catchup;
 mod cluster;
 mod data_edges;
 mod demo;
+mod deploy_callout;
 mod deploy_files;
 mod faults;
 mod harness;
