@@ -17,6 +17,7 @@ use crate::support::callout::{
 };
 use crate::support::chaos::Walcast;
 use crate::support::daemon::{Daemon, Env, init_logging};
+use crate::support::edge::run_bounded;
 use crate::support::postgres::Postgres;
 use crate::support::{TempDir, free_port, wait_for, wait_until};
 
@@ -352,4 +353,50 @@ async fn bad_tokens_are_refused_with_a_reason_and_a_callout_outage_spares_open_c
         error.to_string().to_lowercase().contains("authorization"),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn walcast_check_tests_the_callout_wiring_and_names_the_fix() {
+    let check = |callout: &Callout, nats: &crate::support::nats::Nats| {
+        let mut vars = callout.env_vars();
+        vars.push(("WALCAST_NATS_URL".into(), walcast_url(nats)));
+        vars.push((
+            "WALCAST_DATABASE_URL".into(),
+            "postgres://walcast@127.0.0.1:1/app".into(),
+        ));
+        let out = run_bounded(&["check"], &vars, BOUND);
+        assert_ne!(out.code, Some(101), "check panicked:\n{}", out.stderr);
+        out.stdout
+    };
+    let encrypted = Callout::new(true);
+    let nats = encrypted.start_nats();
+    let good = check(&encrypted, &nats);
+    let issuer = encrypted.issuer.public_key();
+    assert!(
+        good.contains(&format!("✓ auth callout keys load: issuer {issuer}")),
+        "{good}"
+    );
+    assert!(
+        good.contains("✓ auth callout: a test token for tenant walcast-check logs in, confined"),
+        "{good}"
+    );
+    // walcast's keys are not the ones the server names.
+    let stranger = Callout::new(true);
+    let wrong_xkey = check(&stranger, &nats);
+    assert!(
+        wrong_xkey.contains("✗ auth callout: walcast could not read the server's request")
+            && wrong_xkey.contains("auth_callout { xkey }"),
+        "{wrong_xkey}"
+    );
+    let plain = Callout::new(false);
+    let plain_nats = plain.start_nats();
+    let wrong_issuer = check(&Callout::new(false), &plain_nats);
+    assert!(
+        wrong_issuer.contains("✗ auth callout: walcast issued a user but the server refused it")
+            && wrong_issuer.contains("auth_callout { issuer }"),
+        "{wrong_issuer}"
+    );
+    for out in [&good, &wrong_xkey, &wrong_issuer] {
+        assert!(!out.contains(SECRET), "{out}");
+    }
 }

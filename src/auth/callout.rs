@@ -19,7 +19,7 @@ use super::permissions::{self, Scope};
 use super::token::{Refusal, Verifier};
 
 /// What became of a request, for the log and the metrics.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Allowed {
         tenant: String,

@@ -22,6 +22,7 @@ mod nats_jwt;
 pub mod permissions;
 mod settings;
 mod token;
+pub mod wiring;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -137,7 +138,11 @@ pub async fn start(settings: &Settings) -> Result<ServiceThread, AuthError> {
         encrypted = callout.xkey.is_some(),
         "auth callout answering {CALLOUT_SUBJECT}"
     );
-    Ok(service_thread::start(settings, AuthService { callout }).await?)
+    let service = AuthService {
+        callout,
+        observer: None,
+    };
+    Ok(service_thread::start(settings, service).await?)
 }
 
 /// Checks the key files now (for `walcast run` before it connects).
@@ -216,6 +221,8 @@ pub async fn supervise(
 /// The callout as it runs on its thread.
 struct AuthService {
     callout: Arc<Callout>,
+    /// Told every outcome (for `walcast check`); full: not told.
+    observer: Option<tokio::sync::mpsc::Sender<Outcome>>,
 }
 
 impl Service for AuthService {
@@ -243,6 +250,9 @@ impl Service for AuthService {
                 .callout
                 .answer(&request.payload, xkey.as_deref(), unix_now());
             record(&answer.outcome, &answer.client, began);
+            if let Some(observer) = &self.observer {
+                let _ = observer.try_send(answer.outcome);
+            }
             if let (Some(reply), Some(response)) = (request.reply, answer.response)
                 && let Err(e) = client.publish(reply, response.into()).await
             {
