@@ -291,6 +291,41 @@ mod tests {
         }
     }
 
+    /// An Ed25519 public key verifies EdDSA tokens only: an HS256 token
+    /// "signed" with the public key's bytes (algorithm confusion) is refused.
+    #[test]
+    fn a_public_key_accepts_only_its_own_algorithm() {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let dir = std::env::temp_dir().join(format!("walcast-ed-{:x}", rand::random::<u64>()));
+        std::fs::create_dir(&dir).unwrap();
+        let public = dir.join("public.pem");
+        std::fs::write(&public, pair.public_key_pem()).unwrap();
+        let settings = AuthSettings {
+            issuer_seed_file: "/unused".into(),
+            xkey_seed_file: None,
+            token_key: TokenKey::PublicKeyFile(public),
+            tenant_claim: "org".into(),
+            account: "APP".into(),
+            token_audience: None,
+            token_issuer: None,
+        };
+        let verifier = Verifier::load(&settings).unwrap();
+        let claims = json!({"org": "acme", "exp": now() + 600});
+        let signed = encode(
+            &Header::new(Algorithm::EdDSA),
+            &claims,
+            &EncodingKey::from_ed_pem(pair.serialize_pem().as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(verifier.verify(Some(&signed)).unwrap().tenant, "acme");
+        let confused = token(claims, pair.public_key_pem().as_bytes());
+        assert_eq!(
+            verifier.verify(Some(&confused)).unwrap_err().reason(),
+            "wrong_algorithm"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn the_audience_is_checked_when_configured() {
         let exp = now() + 600;
