@@ -105,7 +105,7 @@ export class OversizedEvents {
       return data;
     }
     const consumer = await this.#js.consumers.get(`OBJ_${bucket}`, {
-      filter_subjects: [`$O.${bucket}.C.${nuid}`],
+      filter_subjects: `$O.${bucket}.C.${nuid}`,
       deliver_policy: DeliverPolicy.All,
     });
     const messages = await consumer.consume({ max_messages: 64 });
@@ -185,7 +185,11 @@ export class Reader {
       start = from;
     }
     const consumer = await js.consumers.get(stream, {
-      filter_subjects: [filter],
+      // A string, not an array: nats.js then creates the consumer on
+      // `$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`, the subject form a
+      // broker permission can confine to one tenant (walcast's auth callout,
+      // SPEC §9). With an array the filter is only in the request body.
+      filter_subjects: filter,
       deliver_policy: DeliverPolicy.StartSequence,
       opt_start_seq: start,
     });

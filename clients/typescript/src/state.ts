@@ -149,7 +149,7 @@ async function watchMarker(
   seen: (state: string | undefined) => void,
 ): Promise<number | undefined> {
   const consumer = await ctx.js.consumers.get(kvStream(ctx.bucket), {
-    filter_subjects: [kvSubject(ctx.bucket, MARKER_KEY)],
+    filter_subjects: kvSubject(ctx.bucket, MARKER_KEY), // a string: see reader.ts
     deliver_policy: DeliverPolicy.LastPerSubject,
   });
   const messages = await consumer.consume({ max_messages: 16 });
@@ -207,7 +207,7 @@ function latestOf(key: string, msg: JsMsg): Latest {
  */
 async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string, Latest>> {
   const consumer = await ctx.js.consumers.get(kvStream(ctx.bucket), {
-    filter_subjects: [kvSubject(ctx.bucket, `${tenant}.>`)],
+    filter_subjects: kvSubject(ctx.bucket, `${tenant}.>`), // a string: see reader.ts
     deliver_policy: DeliverPolicy.LastPerSubject,
   });
   const latest = new Map<string, Latest>();
