@@ -131,12 +131,12 @@ pub struct Options {
     /// Auth callout: the token claim holding the tenant id [default: tenant_id]
     #[arg(long, env = "WALCAST_AUTH_TENANT_CLAIM")]
     pub auth_tenant_claim: Option<String>,
-    /// Auth callout: the NATS account the issued tenant users join (an
-    /// account of the server config, not the auth users' one) [default: none]
+    /// Auth callout: the NATS account the issued tenant users join, the one
+    /// holding the stream (the user JWT's `aud`) [default: none]
     #[arg(long, env = "WALCAST_AUTH_ACCOUNT")]
     pub auth_account: Option<String>,
-    /// Auth callout: when set, a token's `aud` must be this value [default:
-    /// not checked]
+    /// Auth callout: when set, a token's `aud` must contain this value
+    /// [default: not checked]
     #[arg(long, env = "WALCAST_AUTH_TOKEN_AUDIENCE")]
     pub auth_token_audience: Option<String>,
     /// Auth callout: when set, a token's `iss` must be this value [default:
