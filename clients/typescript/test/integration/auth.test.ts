@@ -60,7 +60,7 @@ describe("@walcast/client as a tenant user of walcast's auth callout", { timeout
     [postgres, nats] = await Promise.all([
       PostgresServer.start(),
       NatsServer.startWithConfig(config, {
-        NATS_WALCAST_PASSWORD: PASSWORD,
+        NATS_PASSWORD_FOR_WALCAST: PASSWORD,
         NATS_AUTH_ISSUER: "AB55UPPUI64SJ7EKPGEIWITLFL6XPGFRCQHSAHYDHN7DWGYHLRJSPPWH",
         NATS_AUTH_XKEY: "XDXRJIZ3PITAXQGY53FYD6CZOFWM7AVUVHPMMS2KEQVWR2JMBDYTK5FW",
       }),
