@@ -536,7 +536,7 @@ export class Pump {
       }
       const reader = await this.#open(plan.stream, plan.filterSubject, plan.startStreamSeq);
       let timedOut = false;
-      const arm = (): NodeJS.Timeout =>
+      const arm = (): ReturnType<typeof setTimeout> =>
         setTimeout(() => {
           timedOut = true;
           reader.stop();

@@ -9,26 +9,21 @@
 // tenant user may not: with `subjects_filter` it lists every tenant's
 // subjects), unlike nats.js' ordered consumers (src/reader.ts).
 import assert from "node:assert/strict";
-import { createHmac } from "node:crypto";
-import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import type pg from "pg";
 
 import { loadAndFollow, subscribe } from "../../src/index.js";
 import type { LoadItem, Subscription } from "../../src/index.js";
+import { calloutEnv, startCalloutNats, token } from "../support/callout.js";
 import { Collector } from "../support/collect.js";
-import { freePort } from "../support/env.js";
-import { NatsServer } from "../support/nats.js";
+import type { NatsServer } from "../support/nats.js";
 import { PostgresServer } from "../support/postgres.js";
 import { WalcastDaemon } from "../support/walcast.js";
 import { Workload } from "../support/workload.js";
 
-const ROOT = join(import.meta.dirname ?? __dirname, "../../../../..");
 const A = "acme";
 const B = "globex";
-const PASSWORD = "walcast-nats-demo-password";
 
 let postgres: PostgresServer;
 let nats: NatsServer;
@@ -37,41 +32,15 @@ let db: pg.Client;
 let workload: Workload;
 const open: Subscription<LoadItem>[] = [];
 
-const base64url = (data: string | Buffer) => Buffer.from(data).toString("base64url");
-
-/** An application token for `tenant`, signed with the demo secret (HS256). */
-function token(tenant: string): string {
-  const secret = readFileSync(join(ROOT, "deploy/compose/demo-app-jwt-secret"), "utf8").trimEnd();
-  const head = base64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
-  const body = base64url(JSON.stringify({ tenant_id: tenant, exp: Math.floor(Date.now() / 1000) + 600 }));
-  const signature = createHmac("sha256", secret).update(`${head}.${body}`).digest();
-  return `${head}.${body}.${base64url(signature)}`;
-}
-
 /** What a browser of `tenant` would pass: its token and inbox prefix. */
 const asTenant = (tenant: string) => ({ token: token(tenant), inboxPrefix: `_INBOX_${tenant}` });
 
 describe("@walcast/client as a tenant user of walcast's auth callout", { timeout: 120_000 }, () => {
   before(async () => {
-    const config = readFileSync(join(ROOT, "deploy/nats/auth-callout.conf"), "utf8").replace(
-      "port: 8080",
-      `port: ${await freePort()}`,
-    );
-    [postgres, nats] = await Promise.all([
-      PostgresServer.start(),
-      NatsServer.startWithConfig(config, {
-        NATS_PASSWORD_FOR_WALCAST: PASSWORD,
-        NATS_AUTH_ISSUER: "AB55UPPUI64SJ7EKPGEIWITLFL6XPGFRCQHSAHYDHN7DWGYHLRJSPPWH",
-        NATS_AUTH_XKEY: "XDXRJIZ3PITAXQGY53FYD6CZOFWM7AVUVHPMMS2KEQVWR2JMBDYTK5FW",
-      }),
-    ]);
-    walcast = await WalcastDaemon.migrated(postgres.url, `nats://walcast:${PASSWORD}@127.0.0.1:${nats.port}`);
-    Object.assign(walcast.env, {
-      WALCAST_AUTH_ISSUER_SEED_FILE: join(ROOT, "deploy/compose/demo-auth-issuer.nk"),
-      WALCAST_AUTH_XKEY_SEED_FILE: join(ROOT, "deploy/compose/demo-auth-xkey.xk"),
-      WALCAST_AUTH_TOKEN_SECRET_FILE: join(ROOT, "deploy/compose/demo-app-jwt-secret"),
-      WALCAST_AUTH_ACCOUNT: "APP",
-    });
+    let walcastUrl: string;
+    [postgres, { nats, walcastUrl }] = await Promise.all([PostgresServer.start(), startCalloutNats()]);
+    walcast = await WalcastDaemon.migrated(postgres.url, walcastUrl);
+    Object.assign(walcast.env, calloutEnv());
     await walcast.start();
     db = await postgres.client();
     workload = new Workload(db);
