@@ -17,7 +17,7 @@ use crate::support::callout::{
 };
 use crate::support::chaos::Walcast;
 use crate::support::daemon::{Daemon, Env, init_logging};
-use crate::support::edge::run_bounded;
+use crate::support::edge::{run_bounded, wait_metric};
 use crate::support::postgres::Postgres;
 use crate::support::{TempDir, free_port, wait_for, wait_until};
 
@@ -266,10 +266,8 @@ async fn bad_tokens_are_refused_with_a_reason_and_a_callout_outage_spares_open_c
     let dir = TempDir::new("auth-callout").unwrap();
     let mut vars = callout.env_vars();
     vars.push(("WALCAST_NATS_URL".into(), walcast_url(&nats)));
-    vars.push((
-        "WALCAST_HTTP_ADDR".into(),
-        format!("127.0.0.1:{}", free_port()),
-    ));
+    let http_addr = format!("127.0.0.1:{}", free_port());
+    vars.push(("WALCAST_HTTP_ADDR".into(), http_addr.clone()));
     let mut auth = Walcast::start_command("auth", "auth", dir.path(), &vars, &[]);
     auth.wait_log("auth callout answering", BOUND).await;
 
@@ -329,6 +327,17 @@ async fn bad_tokens_are_refused_with_a_reason_and_a_callout_outage_spares_open_c
         );
     }
     assert!(!log.contains(SECRET), "the secret is in the log");
+    // Counted: one login allowed, each refusal by its reason, and timed.
+    let metrics = [
+        ("walcast_auth_allowed_total", 1.0),
+        ("walcast_auth_refused_total{reason=\"expired\"}", 1.0),
+        ("walcast_auth_refused_total{reason=\"invalid_tenant\"}", 3.0),
+        ("walcast_auth_seconds_count", bad.len() as f64 + 1.0),
+    ];
+    for (name, want) in metrics {
+        let seen = wait_metric(&http_addr, name, want, BOUND).await;
+        assert_eq!(seen, Some(want), "{name}");
+    }
     assert!(
         !log.contains(&callout.issuer.seed().unwrap()),
         "the seed is in the log"
