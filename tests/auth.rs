@@ -409,3 +409,83 @@ async fn walcast_check_tests_the_callout_wiring_and_names_the_fix() {
         assert!(!out.contains(SECRET), "{out}");
     }
 }
+
+/// Over a randomized workload of five tenants, a tenant user's connection
+/// (a live subscription and a client subscription from seq 0) receives
+/// exactly its tenant's events and none of the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_a_workload_a_tenant_receives_only_its_own_events() {
+    init_logging();
+    let callout = Callout::new(false);
+    let env = Env {
+        pg: Postgres::start().expect("start postgres"),
+        nats: callout.start_nats(),
+    };
+    walcast::migrate::run(&env.settings())
+        .await
+        .expect("migrate");
+    let options = callout.apply(Options {
+        nats_url: Some(walcast_url(&env.nats)),
+        ..env.options()
+    });
+    let daemon = Daemon::start(options.resolve().expect("valid settings"));
+    let tenant = "tenant-0";
+    let conn = connect_tenant(&env.nats.url(), tenant).await;
+    let mut live = conn.client.subscribe("walcast.>").await.unwrap();
+    // That subscription is refused; its own tenant's is not.
+    assert_denied(&conn, "walcast.>").await;
+    let mut own = conn
+        .client
+        .subscribe(format!("walcast.{tenant}.>"))
+        .await
+        .unwrap();
+    let client = walcast_client::Client::new(conn.client.clone(), Default::default());
+    let mut history = client.subscribe(tenant, 0).expect("subscribe");
+
+    let mut pg = env.pg.client().await;
+    let mut workload =
+        crate::support::workload::Workload::new(crate::support::workload::Workload::seed(), 5);
+    workload.run(&mut pg, 300).await;
+    env.wait_caught_up(&pg, Duration::from_secs(60)).await;
+    let operator = jetstream::new(admin(&env.nats).await);
+    let mut stream = operator.get_stream("WALCAST").await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    // The tenant's events, counted from the stream as an operator sees it.
+    let mut expected = 0u64;
+    for seq in 1..=last {
+        let msg = stream.get_raw_message(seq).await.unwrap();
+        if msg.subject.starts_with(&format!("walcast.{tenant}.")) {
+            expected += 1;
+        }
+    }
+    assert!(expected > 0, "the workload never touched {tenant}");
+    let mut seen = 0u64;
+    while seen < expected {
+        let msg = tokio::time::timeout(BOUND, own.next())
+            .await
+            .expect("the tenant's live events arrive")
+            .unwrap();
+        assert!(
+            msg.subject.starts_with(&format!("walcast.{tenant}.")),
+            "{}",
+            msg.subject
+        );
+        seen += 1;
+    }
+    for seq in 1..=expected {
+        match tokio::time::timeout(BOUND, history.next()).await {
+            Ok(Some(Ok(Update::Event(e)))) => {
+                assert_eq!((e.tenant_id.as_str(), e.seq), (tenant, seq))
+            }
+            other => panic!("expected {tenant}'s event {seq}, got {other:?}"),
+        }
+    }
+    // The refused subscription delivered nothing: anything sent to it would
+    // have been dispatched before the tenant's last event, read above.
+    assert!(
+        futures::FutureExt::now_or_never(live.next()).is_none(),
+        "the refused walcast.> subscription delivered a message"
+    );
+    drop(history);
+    daemon.stop().await.expect("clean stop");
+}
