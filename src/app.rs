@@ -29,6 +29,8 @@ pub enum AppError {
     Broker(#[from] crate::broker::BrokerError),
     #[error(transparent)]
     Db(#[from] crate::database::DbError),
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthError),
     #[error("state bucket: {0}")]
     State(String),
     #[error("cannot serve metrics on --http-addr {addr}: {reason} (is another process using it?)")]
@@ -43,13 +45,30 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
+    if settings.auth.is_some() {
+        crate::auth::validate(&settings)?;
+    }
     let ctx = connect(settings).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    supervise(&ctx.0, stop_rx).await
+    // The auth callout (SPEC §9) runs beside the pipeline for the daemon's
+    // whole life, standby or not: logins need it, the slot does not.
+    let auth = ctx.0.settings.auth.is_some().then(|| {
+        tokio::spawn(crate::auth::supervise(
+            ctx.0.settings.clone(),
+            None,
+            stop_rx.clone(),
+        ))
+    });
+    let result = supervise(&ctx.0, stop_rx).await;
+    if let Some(auth) = auth {
+        auth.abort();
+        let _ = auth.await;
+    }
+    result
 }
 
 /// Everything a run needs that outlives runs: settings, the database

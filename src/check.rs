@@ -114,6 +114,7 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
         },
     }
     nats(settings, &mut report).await;
+    report.0.extend(crate::auth::wiring::check(settings).await);
     report.add(
         Status::Info,
         format!("confirm delay is {}: the slot keeps that much WAL behind acknowledged events", humantime::format_duration(settings.confirm_delay)),

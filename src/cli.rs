@@ -1,4 +1,4 @@
-//! Command line: `walcast run | migrate | check | tail`, `--version`.
+//! Command line: `walcast run | migrate | check | backfill | auth | tail`, `--version`.
 
 use std::path::PathBuf;
 
@@ -41,6 +41,10 @@ pub enum Command {
     /// running `walcast run` does it, else this process runs the pipeline
     /// until the backfill is complete
     Backfill(Common),
+    /// Answer the NATS auth callout only (SPEC §9): verify the application's
+    /// token and issue a user confined to its tenant (`walcast run` does it
+    /// too when the --auth-* settings are given)
+    Auth(Common),
     /// Print a tenant's events from the stream as JSON, one per line
     Tail {
         #[command(flatten)]
@@ -66,7 +70,8 @@ impl Command {
             Command::Run(common)
             | Command::Migrate(common)
             | Command::Check(common)
-            | Command::Backfill(common) => common,
+            | Command::Backfill(common)
+            | Command::Auth(common) => common,
             Command::Tail { common, .. } => common,
         }
     }

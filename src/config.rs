@@ -114,6 +114,40 @@ pub struct Options {
     /// empty name turns the state off [default: <stream>_STATE]
     #[arg(long, env = "WALCAST_STATE_BUCKET")]
     pub state_bucket: Option<String>,
+    /// Auth callout (SPEC §9): nkey seed file (SA…) of the issuer named in
+    /// the server's `auth_callout { issuer }`; setting it (with
+    /// --auth-account and a token key) makes `walcast run` answer the callout
+    /// [default: none, the callout is off]
+    #[arg(long, env = "WALCAST_AUTH_ISSUER_SEED_FILE")]
+    pub auth_issuer_seed_file: Option<PathBuf>,
+    /// Auth callout: curve (xkey) seed file (SX…) whose public key is the
+    /// server's `auth_callout { xkey }`, for an encrypted callout [default: none]
+    #[arg(long, env = "WALCAST_AUTH_XKEY_SEED_FILE")]
+    pub auth_xkey_seed_file: Option<PathBuf>,
+    /// Auth callout: file holding the HS256 secret that signs the
+    /// application's tokens (trailing whitespace ignored); or
+    /// --auth-token-public-key-file [default: none]
+    #[arg(long, env = "WALCAST_AUTH_TOKEN_SECRET_FILE")]
+    pub auth_token_secret_file: Option<PathBuf>,
+    /// Auth callout: PEM public key (RSA → RS256, Ed25519 → EdDSA) that
+    /// verifies the application's tokens; or --auth-token-secret-file [default: none]
+    #[arg(long, env = "WALCAST_AUTH_TOKEN_PUBLIC_KEY_FILE")]
+    pub auth_token_public_key_file: Option<PathBuf>,
+    /// Auth callout: the token claim holding the tenant id [default: tenant_id]
+    #[arg(long, env = "WALCAST_AUTH_TENANT_CLAIM")]
+    pub auth_tenant_claim: Option<String>,
+    /// Auth callout: the NATS account the issued tenant users join, the one
+    /// holding the stream (the user JWT's `aud`) [default: none]
+    #[arg(long, env = "WALCAST_AUTH_ACCOUNT")]
+    pub auth_account: Option<String>,
+    /// Auth callout: when set, a token's `aud` must contain this value
+    /// [default: not checked]
+    #[arg(long, env = "WALCAST_AUTH_TOKEN_AUDIENCE")]
+    pub auth_token_audience: Option<String>,
+    /// Auth callout: when set, a token's `iss` must be this value [default:
+    /// not checked]
+    #[arg(long, env = "WALCAST_AUTH_TOKEN_ISSUER")]
+    pub auth_token_issuer: Option<String>,
 }
 
 macro_rules! merge_fields {
@@ -151,6 +185,8 @@ pub struct Settings {
     pub log_json: bool,
     /// The state bucket (SPEC §8); `None` when turned off.
     pub state_bucket: Option<String>,
+    /// The auth callout (SPEC §9); `None` when not configured.
+    pub auth: Option<crate::auth::AuthSettings>,
 }
 
 /// A setting that cannot be used; the message names it and says what is expected.
@@ -210,6 +246,14 @@ impl Options {
             dry_run,
             log_format,
             state_bucket,
+            auth_issuer_seed_file,
+            auth_xkey_seed_file,
+            auth_token_secret_file,
+            auth_token_public_key_file,
+            auth_tenant_claim,
+            auth_account,
+            auth_token_audience,
+            auth_token_issuer,
         );
         Options {
             database_url,
@@ -258,6 +302,16 @@ impl Options {
             Some(name) if name.is_empty() => None,
             Some(name) => Some(name),
         };
+        let auth = crate::auth::AuthSettings::resolve(crate::auth::AuthOptions {
+            issuer_seed_file: self.auth_issuer_seed_file,
+            xkey_seed_file: self.auth_xkey_seed_file,
+            token_secret_file: self.auth_token_secret_file,
+            token_public_key_file: self.auth_token_public_key_file,
+            tenant_claim: self.auth_tenant_claim,
+            account: self.auth_account,
+            token_audience: self.auth_token_audience,
+            token_issuer: self.auth_token_issuer,
+        })?;
         let settings = Settings {
             database_url,
             nats_url,
@@ -296,6 +350,7 @@ impl Options {
                 }
             },
             state_bucket,
+            auth,
         };
         settings.validate()?;
         Ok(settings)

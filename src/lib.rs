@@ -6,7 +6,8 @@
 //! seq) → [`publish`] (JetStream, acks) → `checkpoint` (durable progress, LSN confirm).
 //! [`config`], [`cli`], [`telemetry`] and [`migrate`] sit at the edges; `pipeline`
 //! runs the stages once and [`app`] supervises runs. `catchup` answers requests
-//! beside the pipeline, on a thread of its own ([`service_thread`]). See docs/ARCHITECTURE.md.
+//! beside the pipeline, on a thread of its own ([`service_thread`]); so does
+//! [`auth`], the NATS auth callout that confines clients to one tenant. See docs/ARCHITECTURE.md.
 
 /// The event contract (`proto/walcast/v1/events.proto`), generated once in
 /// the client crate so the daemon and its clients share one set of types.
@@ -14,6 +15,7 @@ pub use walcast_client::proto;
 
 pub mod app;
 pub mod assemble;
+pub mod auth;
 pub(crate) mod broker;
 pub(crate) mod catchup;
 pub mod check;

@@ -88,6 +88,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 marker.snapshot_lsn.as_deref().unwrap_or("?")
             ));
         }
+        Command::Auth(common) => {
+            let settings = common.nats_settings()?;
+            telemetry::init_logging(settings.log_json);
+            walcast::auth::run(settings, shutdown_signal()).await?;
+        }
         Command::Tail { tail, common } => {
             let settings = common.nats_settings()?;
             telemetry::init_logging(settings.log_json);

@@ -18,8 +18,12 @@ use crate::support::workload::Workload;
 use crate::support::{TempDir, wait_for, wait_until};
 
 async fn ask(client: &async_nats::Client, body: &str) -> (Option<String>, Value) {
+    ask_on(client, "walcast-api.v1.catchup", body).await
+}
+
+async fn ask_on(client: &async_nats::Client, subject: &str, body: &str) -> (Option<String>, Value) {
     let reply = client
-        .request("walcast-api.v1.catchup", body.to_string().into())
+        .request(subject.to_string(), body.to_string().into())
         .await
         .expect("catch-up request answered");
     let code = reply
@@ -147,6 +151,23 @@ async fn catchup_answers_as_the_spec_says() {
         reply["start_stream_seq"].as_u64(),
         Some(events.len() as u64 + 1)
     );
+    // The tenant-scoped subject answers like the shared one for its own
+    // tenant, and refuses a body naming another tenant.
+    for (tenant, &n) in &last {
+        let body = format!(r#"{{"tenant_id":"{tenant}","after_seq":{}}}"#, n / 2);
+        let scoped = format!("walcast-api.v1.catchup.{tenant}");
+        let (code, reply) = ask_on(&nats, &scoped, &body).await;
+        assert_eq!(code, None, "{reply}");
+        assert_eq!((code, reply), ask(&nats, &body).await);
+        let other = r#"{"tenant_id":"someone-else","after_seq":0}"#;
+        let (code, reply) = ask_on(&nats, &scoped, other).await;
+        assert_eq!(code.as_deref(), Some("400"), "{reply}");
+        assert_eq!(reply["error"], "bad_request");
+        assert!(
+            reply["message"].as_str().unwrap().contains("subject"),
+            "{reply}"
+        );
+    }
     // Malformed requests.
     for bad in [
         "not json",

@@ -335,13 +335,13 @@ fn normalize(path: &Path) -> PathBuf {
 // ----------------------------------------------------------------------------
 // docker-compose.yml
 
-fn compose() -> Yaml {
+pub(crate) fn compose() -> Yaml {
     let mut docs = load_yaml(COMPOSE);
     assert_eq!(docs.len(), 1, "{COMPOSE} must be one YAML document");
     docs.remove(0)
 }
 
-fn services(compose: &Yaml) -> Vec<(String, &Yaml)> {
+pub(crate) fn services(compose: &Yaml) -> Vec<(String, &Yaml)> {
     compose["services"]
         .as_hash()
         .unwrap_or_else(|| panic!("{COMPOSE} has no `services:` mapping"))
@@ -351,7 +351,7 @@ fn services(compose: &Yaml) -> Vec<(String, &Yaml)> {
 }
 
 /// A service's environment, in either the mapping or the `KEY=value` list form.
-fn compose_env(service: &Yaml) -> Vec<(String, String)> {
+pub(crate) fn compose_env(service: &Yaml) -> Vec<(String, String)> {
     let env = &service["environment"];
     if let Some(map) = env.as_hash() {
         map.iter()
@@ -401,7 +401,7 @@ fn compose_ports(service: &Yaml) -> Vec<u16> {
 }
 
 /// Bind mounts of a service: (host path, container path, read-only).
-fn bind_mounts(service: &Yaml) -> Vec<(String, String, bool)> {
+pub(crate) fn bind_mounts(service: &Yaml) -> Vec<(String, String, bool)> {
     let mut mounts = Vec::new();
     for v in service["volumes"].as_vec().into_iter().flatten() {
         if let Some(short) = v.as_str() {

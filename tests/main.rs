@@ -1,9 +1,11 @@
+mod auth;
 mod big_transactions;
 mod broker_loss;
 mod catchup;
 mod cluster;
 mod data_edges;
 mod demo;
+mod deploy_callout;
 mod deploy_files;
 mod failover;
 mod faults;

@@ -1,6 +1,8 @@
 //! Catch-up service (SPEC §7): "tenant T after seq N" → where to start a
 //! filtered JetStream consumer, answered inside `walcast run` as the NATS
-//! micro service `walcast` on `<prefix>-api.v1.catchup`.
+//! micro service `walcast` on `<prefix>-api.v1.catchup` and on the
+//! tenant-scoped `<prefix>-api.v1.catchup.<tenant>` (the body's tenant must
+//! be the subject's).
 //!
 //! It runs only while this instance is the active replicator (started by the
 //! pipeline once it holds the slot), so a standby never answers from stale
@@ -124,11 +126,20 @@ impl Service for Catchup {
             .start("walcast", env!("CARGO_PKG_VERSION"))
             .await
             .map_err(|e| format!("register the catch-up service: {e}"))?;
-        let mut endpoint = service
-            .group(format!("{}-api.v1", self.prefix))
+        let group = service.group(format!("{}-api.v1", self.prefix));
+        let shared = group
             .endpoint("catchup")
             .await
             .map_err(|e| format!("add the catch-up endpoint: {e}"))?;
+        // SPEC §7: the tenant-scoped subject, so a broker permission can
+        // confine a connection to its own tenant (§9).
+        let scoped = group
+            .endpoint_builder()
+            .name("catchup-tenant")
+            .add("catchup.*")
+            .await
+            .map_err(|e| format!("add the tenant-scoped catch-up endpoint: {e}"))?;
+        let mut endpoint = futures::stream::select(shared, scoped);
         ready.serving();
         let ctx = Arc::new(Ctx {
             infos: info::Infos::spawn(stream.clone()),
@@ -157,7 +168,8 @@ impl Service for Catchup {
 /// Answers one request, with the micro error headers for errors.
 async fn respond(ctx: &Ctx, request: async_nats::service::Request) {
     let began = std::time::Instant::now();
-    let (body, error) = handle(ctx, &request.message.payload).await;
+    let scoped = subject_tenant(&ctx.prefix, &request.message.subject);
+    let (body, error) = handle(ctx, scoped, &request.message.payload).await;
     let code = error.map_or("200", |(_, name)| name);
     metrics::counter!(crate::telemetry::metrics::CATCHUP_REQUESTS, "code" => code).increment(1);
     metrics::histogram!(crate::telemetry::metrics::CATCHUP_SECONDS)
@@ -173,8 +185,22 @@ async fn respond(ctx: &Ctx, request: async_nats::service::Request) {
     }
 }
 
+/// The tenant of a request on `<prefix>-api.v1.catchup.<tenant>`; `None`
+/// on the shared subject.
+fn subject_tenant<'a>(prefix: &str, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix(prefix)?
+        .strip_prefix("-api.v1.catchup.")
+}
+
 /// The JSON reply body and, for errors, `(code, name)` for the micro headers.
-async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str)>) {
+/// `scoped`: the tenant named by a tenant-scoped subject, which the body's
+/// must match.
+async fn handle(
+    ctx: &Ctx,
+    scoped: Option<&str>,
+    payload: &[u8],
+) -> (String, Option<(u16, &'static str)>) {
     let bad = |message: String| {
         (
             serde_json::json!({"error": "bad_request", "message": message}).to_string(),
@@ -191,6 +217,12 @@ async fn handle(ctx: &Ctx, payload: &[u8]) -> (String, Option<(u16, &'static str
     };
     if let Err(invalid) = tenant::validate(Some(&request.tenant_id)) {
         return bad(invalid.reason().to_string());
+    }
+    if let Some(subject_tenant) = scoped.filter(|t| *t != request.tenant_id) {
+        return bad(format!(
+            "tenant_id {:?} is not the subject's tenant {subject_tenant:?}",
+            request.tenant_id
+        ));
     }
     if !ctx.index.is_ready() {
         return (

@@ -32,6 +32,9 @@ pub const STATE_LAG_EVENTS: &str = "walcast_state_lag_events";
 pub const STATE_APPLIED: &str = "walcast_state_applied_stream_seq";
 pub const BACKFILL_ROWS: &str = "walcast_state_backfill_rows_total";
 pub const BACKFILL_RUNNING: &str = "walcast_state_backfill_running";
+pub const AUTH_ALLOWED: &str = "walcast_auth_allowed_total";
+pub const AUTH_REFUSED: &str = "walcast_auth_refused_total";
+pub const AUTH_SECONDS: &str = "walcast_auth_seconds";
 
 /// Installs the process-wide recorder once and returns its handle.
 pub fn install() -> &'static PrometheusHandle {
@@ -126,6 +129,19 @@ fn describe() {
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
     describe_state();
+    describe_counter!(
+        AUTH_ALLOWED,
+        "Auth callout logins allowed (a tenant user issued)"
+    );
+    describe_counter!(
+        AUTH_REFUSED,
+        "Auth callout logins refused, by reason (expired, bad_signature, no_tenant, invalid_tenant, ...)"
+    );
+    describe_histogram!(
+        AUTH_SECONDS,
+        Unit::Seconds,
+        "Time to answer one auth callout request"
+    );
     describe_gauge!(
         CATCHUP_INDEX_BYTES,
         Unit::Bytes,

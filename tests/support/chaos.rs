@@ -45,11 +45,22 @@ impl Walcast {
         env: &[(String, String)],
         extra: &[(&str, &str)],
     ) -> Walcast {
+        Walcast::start_command("run", name, dir, env, extra)
+    }
+
+    /// Like [`Walcast::start`], for another long-running command (`auth`).
+    pub fn start_command(
+        command: &str,
+        name: &str,
+        dir: &Path,
+        env: &[(String, String)],
+        extra: &[(&str, &str)],
+    ) -> Walcast {
         let log = dir.join(format!("{name}.log"));
         let out = File::create(&log).expect("create walcast log");
         let err = out.try_clone().expect("clone walcast log handle");
         let child = Command::new(super::walcast_bin())
-            .arg("run")
+            .arg(command)
             // The default log level; a test's own RUST_LOG wins.
             .env("RUST_LOG", "walcast=info")
             .envs(env.iter().cloned())

@@ -124,6 +124,7 @@ pub(crate) fn read_log(path: &Path) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+pub mod callout;
 pub mod chaos;
 pub mod checks;
 pub mod cluster;

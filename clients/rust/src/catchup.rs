@@ -1,7 +1,7 @@
 //! Asking walcast's catch-up service (SPEC §7) where a tenant's events after
 //! a `seq` start in the stream.
 //!
-//! Request `{"tenant_id","after_seq"}` on `<prefix>-api.v1.catchup`; the
+//! Request `{"tenant_id","after_seq"}` on `<prefix>-api.v1.catchup.<tenant>`; the
 //! answer is a start position, or an error in the NATS micro headers
 //! (`Nats-Service-Error-Code`). This module turns both into [`Answer`] or
 //! [`AskError`], and decides in one place what is transient: no responders

@@ -20,7 +20,7 @@ use std::time::Duration;
 pub struct Options {
     /// walcast's subject prefix (`--subject-prefix`). Events are on
     /// `<prefix>.<tenant>.<entity>.<action>` and the catch-up service answers
-    /// on `<prefix>-api.v1.catchup`. Default `walcast`.
+    /// on `<prefix>-api.v1.catchup.<tenant>`. Default `walcast`.
     pub prefix: String,
     /// walcast's JetStream stream (`--stream`). Only needed when the catch-up
     /// service cannot be asked (fallback, all-tenant subscriptions); a
@@ -86,9 +86,10 @@ impl Default for Options {
 }
 
 impl Options {
-    /// The catch-up service's request subject.
-    pub(crate) fn catchup_subject(&self) -> String {
-        format!("{}-api.v1.catchup", self.prefix)
+    /// The catch-up service's tenant-scoped request subject (SPEC §7), the
+    /// one a tenant user of walcast's auth callout may request (§9).
+    pub(crate) fn catchup_subject(&self, tenant: &str) -> String {
+        format!("{}-api.v1.catchup.{tenant}", self.prefix)
     }
 
     /// The state bucket's name: the one set, else `<stream>_STATE`.

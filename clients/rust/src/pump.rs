@@ -102,7 +102,7 @@ impl Ctx {
 
     /// Asks the catch-up service once.
     pub async fn ask(&self, tenant: &str, after_seq: u64) -> Result<Answer, AskError> {
-        let subject = self.options.catchup_subject();
+        let subject = self.options.catchup_subject(tenant);
         let ask = catchup::ask(
             &self.client,
             &subject,

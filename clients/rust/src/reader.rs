@@ -19,6 +19,17 @@ use crate::proto::ChangeEvent;
 /// The longest wait for an object's next chunk before the fetch is retried.
 const CHUNK_STALL: Duration = Duration::from_secs(10);
 
+/// A random consumer name (22 characters of `[A-Za-z0-9]`, like a NUID):
+/// unguessable, since a tenant user may pull from any consumer it can name.
+fn consumer_name() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(22)
+        .map(char::from)
+        .collect()
+}
+
 /// Where a consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum From {
@@ -88,6 +99,11 @@ impl Reader {
             From::LastPerSubject => consumer::DeliverPolicy::LastPerSubject,
         };
         let config = consumer::pull::OrderedConfig {
+            // Named, so the create request goes to the API subject that
+            // carries the filter (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`):
+            // the only form a broker permission can confine to one tenant
+            // (SPEC §9). Unnamed, it goes to `...CREATE.<stream>`.
+            name: Some(consumer_name()),
             filter_subject: filter.to_string(),
             deliver_policy,
             ..Default::default()

@@ -41,9 +41,12 @@ export class TransientCatchupFailure extends Error {
 
 const textDecoder = new TextDecoder();
 
-/** `<prefix>-api.v1.catchup`. */
-export function catchupSubject(subjectPrefix: string): string {
-  return `${subjectPrefix}-api.v1.catchup`;
+/**
+ * `<prefix>-api.v1.catchup.<tenant>`: the tenant-scoped subject (SPEC §7),
+ * the one a tenant user issued by walcast's auth callout may request (§9).
+ */
+export function catchupSubject(subjectPrefix: string, tenant: string): string {
+  return `${subjectPrefix}-api.v1.catchup.${tenant}`;
 }
 
 /**

@@ -253,7 +253,7 @@ export class Pump {
 
   /** One catch-up answer; retries transient failures until closed. */
   async #catchup(tenant: string, afterSeq: bigint): Promise<CatchupAnswer> {
-    const subject = catchupSubject(this.#settings.subjectPrefix);
+    const subject = catchupSubject(this.#settings.subjectPrefix, tenant);
     for (let attempt = 0; ; attempt++) {
       try {
         const nc = this.#nc as NatsConnection;
@@ -536,7 +536,7 @@ export class Pump {
       }
       const reader = await this.#open(plan.stream, plan.filterSubject, plan.startStreamSeq);
       let timedOut = false;
-      const arm = (): NodeJS.Timeout =>
+      const arm = (): ReturnType<typeof setTimeout> =>
         setTimeout(() => {
           timedOut = true;
           reader.stop();

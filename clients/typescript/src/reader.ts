@@ -1,12 +1,13 @@
 /**
- * Reading the stream: a JetStream *ordered* consumer on one filter subject
- * from one stream sequence, yielding decoded `ChangeEvent`s.
+ * Reading the stream: an ephemeral pull consumer on one filter subject from
+ * one stream sequence, yielding decoded `ChangeEvent`s.
  *
- * The ordered consumer is ephemeral, needs no acks, and recreates itself
- * right after the last message it delivered when the connection drops, the
- * server restarts or a delivery is skipped; so a reader survives NATS
- * restarts on its own. What it cannot know is the tenant `seq`: that check
- * lives in `positions.ts`.
+ * The consumer ({@link filteredConsumer}) needs no acks and no stream info,
+ * so a tenant user of walcast's auth callout may create it (SPEC §9). It
+ * does not heal itself: when the server loses it (a restart) its messages
+ * end with an error, and the pump reopens a reader after the last event it
+ * delivered, as for any other trouble. What a reader cannot know is the
+ * tenant `seq`: that check lives in `positions.ts`.
  *
  * Oversized events (SPEC §3): the message carries `Walcast-Object:
  * <bucket>/<event_id>` and a body without row images; the full event is read
@@ -16,8 +17,9 @@
  */
 
 import { fromBinary } from "@bufbuild/protobuf";
-import type { Consumer, ConsumerMessages, JetStreamClient, JsMsg } from "@nats-io/jetstream";
-import { DeliverPolicy } from "@nats-io/jetstream";
+import type { Consumer, ConsumerConfig, ConsumerMessages, JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import { AckPolicy, DeliverPolicy } from "@nats-io/jetstream";
+import { nanos, nuid } from "@nats-io/nats-core";
 import type { ObjectStore } from "@nats-io/obj";
 import { Objm } from "@nats-io/obj";
 
@@ -114,7 +116,7 @@ export class OversizedEvents {
       return data;
     }
     const consumer = await this.#js.consumers.get(`OBJ_${bucket}`, {
-      filter_subjects: [`$O.${bucket}.C.${nuid}`],
+      filter_subjects: `$O.${bucket}.C.${nuid}`,
       deliver_policy: DeliverPolicy.All,
     });
     const messages = await consumer.consume({ max_messages: 64 });
@@ -156,7 +158,38 @@ export async function decodeMessage(msg: JsMsg, oversized: OversizedEvents): Pro
   return { event, subject: msg.subject, streamSeq: msg.info.streamSequence, pending: msg.info.pending };
 }
 
-/** An open ordered consumer. Iterate it once; `stop()` ends the iteration. */
+/**
+ * An ephemeral, unacknowledged pull consumer on `filter`, and how many
+ * messages it had pending when created.
+ *
+ * Created with a random name on the API subject that carries the filter
+ * (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) and bound from the
+ * creation's answer: no `STREAM.INFO`, no `CONSUMER.INFO`. That is exactly
+ * what walcast's auth callout lets a tenant user do (SPEC §9); nats.js'
+ * ordered consumers read `STREAM.INFO` first, which it may not. Consume it
+ * with `abort_on_missing_resource`, so a consumer the server lost ends the
+ * iteration with an error instead of waiting forever.
+ */
+export async function filteredConsumer(
+  js: JetStreamClient,
+  stream: string,
+  filter: string,
+  start: Pick<ConsumerConfig, "deliver_policy" | "opt_start_seq">,
+): Promise<{ consumer: Consumer; numPending: number }> {
+  const jsm = await js.jetstreamManager(false);
+  const info = await jsm.consumers.add(stream, {
+    name: `wc_${nuid.next()}`,
+    filter_subject: filter,
+    ...start,
+    ack_policy: AckPolicy.None,
+    inactive_threshold: nanos(5 * 60 * 1000),
+    num_replicas: 1,
+    mem_storage: true,
+  });
+  return { consumer: js.consumers.getConsumerFromInfo(info), numPending: info.num_pending };
+}
+
+/** An open consumer. Iterate it once; `stop()` ends the iteration. */
 export class Reader {
   readonly #consumer: Consumer;
   readonly #messages: ConsumerMessages;
@@ -181,9 +214,7 @@ export class Reader {
     from: ReadFrom,
     logger: Logger,
   ): Promise<Reader> {
-    // Always a start sequence: the ordered consumer recreates itself from
-    // "last delivered + 1", which with DeliverPolicy.New and nothing
-    // delivered yet would mean the stream's first message.
+    // Always a start sequence, so a reopened reader knows where it starts.
     let start: number;
     if (from === "first") {
       start = 1;
@@ -193,13 +224,11 @@ export class Reader {
     } else {
       start = from;
     }
-    const consumer = await js.consumers.get(stream, {
-      filter_subjects: [filter],
+    const { consumer, numPending } = await filteredConsumer(js, stream, filter, {
       deliver_policy: DeliverPolicy.StartSequence,
       opt_start_seq: start,
     });
-    const messages = await consumer.consume({ max_messages: BATCH });
-    const info = await consumer.info(true);
+    const messages = await consumer.consume({ max_messages: BATCH, abort_on_missing_resource: true });
     void (async () => {
       for await (const status of messages.status()) {
         switch (status.type) {
@@ -214,7 +243,7 @@ export class Reader {
         }
       }
     })().catch(() => {});
-    return new Reader(consumer, messages, oversized, info.num_pending);
+    return new Reader(consumer, messages, oversized, numPending);
   }
 
   /** True once `interrupt()` was called: resume after the last message seen. */

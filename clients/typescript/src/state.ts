@@ -32,7 +32,7 @@ import { StateNotReadyError, WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
 import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
 import type { OversizedEvents } from "./reader.js";
-import { OBJECT_HEADER, ObjectMissingError } from "./reader.js";
+import { filteredConsumer, OBJECT_HEADER, ObjectMissingError } from "./reader.js";
 
 /** The readiness marker's key: two tokens, never a row key (three or more). */
 const MARKER_KEY = "_walcast.backfill";
@@ -148,11 +148,10 @@ async function watchMarker(
   deadline: number,
   seen: (state: string | undefined) => void,
 ): Promise<number | undefined> {
-  const consumer = await ctx.js.consumers.get(kvStream(ctx.bucket), {
-    filter_subjects: [kvSubject(ctx.bucket, MARKER_KEY)],
+  const { consumer } = await filteredConsumer(ctx.js, kvStream(ctx.bucket), kvSubject(ctx.bucket, MARKER_KEY), {
     deliver_policy: DeliverPolicy.LastPerSubject,
   });
-  const messages = await consumer.consume({ max_messages: 16 });
+  const messages = await consumer.consume({ max_messages: 16, abort_on_missing_resource: true });
   const stop = (): void => messages.stop();
   const timer = setTimeout(stop, Math.max(0, deadline - Date.now()));
   ctx.signal.addEventListener("abort", stop, { once: true });
@@ -206,15 +205,17 @@ function latestOf(key: string, msg: JsMsg): Latest {
  * `WalcastError` for a malformed value.
  */
 async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string, Latest>> {
-  const consumer = await ctx.js.consumers.get(kvStream(ctx.bucket), {
-    filter_subjects: [kvSubject(ctx.bucket, `${tenant}.>`)],
-    deliver_policy: DeliverPolicy.LastPerSubject,
-  });
+  const { consumer, numPending } = await filteredConsumer(
+    ctx.js,
+    kvStream(ctx.bucket),
+    kvSubject(ctx.bucket, `${tenant}.>`),
+    { deliver_policy: DeliverPolicy.LastPerSubject },
+  );
   const latest = new Map<string, Latest>();
   let messages: ConsumerMessages | undefined;
   try {
-    messages = await consumer.consume({ max_messages: 512 });
-    if ((await consumer.info(true)).num_pending === 0) {
+    messages = await consumer.consume({ max_messages: 512, abort_on_missing_resource: true });
+    if (numPending === 0) {
       return latest;
     }
     const stalled = stallGuard(messages);

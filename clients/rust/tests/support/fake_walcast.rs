@@ -244,7 +244,10 @@ async fn start_catchup_service(
     nats: async_nats::Client,
     index: Arc<Mutex<Index>>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let mut requests = nats.subscribe("walcast-api.v1.catchup").await?;
+    // The shared subject and the tenant-scoped one the client uses (SPEC §7).
+    let shared = nats.subscribe("walcast-api.v1.catchup").await?;
+    let scoped = nats.subscribe("walcast-api.v1.catchup.*").await?;
+    let mut requests = futures::stream::select(shared, scoped);
     nats.flush().await?;
     Ok(tokio::spawn(async move {
         while let Some(request) = requests.next().await {

@@ -92,9 +92,9 @@ export class FakeWalcast {
     return fake;
   }
 
-  /** Starts answering `walcast-api.v1.catchup` (again). */
+  /** Starts answering `walcast-api.v1.catchup.<tenant>` (again), the subject the client uses. */
   startService(): void {
-    this.#service = this.nc.subscribe(`${this.prefix}-api.v1.catchup`, {
+    this.#service = this.nc.subscribe(`${this.prefix}-api.v1.catchup.*`, {
       callback: (err, msg) => {
         if (err === null) {
           this.#answer(msg);

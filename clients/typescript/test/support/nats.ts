@@ -4,7 +4,7 @@
  */
 
 import type { ChildProcess } from "node:child_process";
-import { createWriteStream, readFileSync } from "node:fs";
+import { createWriteStream, readFileSync, writeFileSync } from "node:fs";
 import { connect as tcpConnect } from "node:net";
 import { join } from "node:path";
 
@@ -13,6 +13,8 @@ import { freePort, makeTempDir, natsServerBin, removeTempDir, spawnTracked, stop
 export class NatsServer {
   readonly port: number;
   readonly dir: string;
+  /** A config file (`-c`) and the environment it reads, if any. */
+  #config: { path: string; env: Record<string, string> } | undefined;
   #child: ChildProcess | undefined;
 
   private constructor(port: number, dir: string) {
@@ -22,6 +24,16 @@ export class NatsServer {
 
   static async start(): Promise<NatsServer> {
     const server = new NatsServer(await freePort(), makeTempDir("nats"));
+    await server.start();
+    return server;
+  }
+
+  /** Starts a server with `config` as its config file (`-c`) and `env` for its `$VAR`s. */
+  static async startWithConfig(config: string, env: Record<string, string>): Promise<NatsServer> {
+    const server = new NatsServer(await freePort(), makeTempDir("nats"));
+    const path = join(server.dir, "nats.conf");
+    writeFileSync(path, config);
+    server.#config = { path, env };
     await server.start();
     return server;
   }
@@ -48,10 +60,11 @@ export class NatsServer {
       throw new Error("nats-server already running");
     }
     const log = createWriteStream(this.logPath, { flags: "a" });
+    const config = this.#config === undefined ? [] : ["-c", this.#config.path];
     const child = spawnTracked(
       natsServerBin(),
-      ["-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", join(this.dir, "store"), "--no_advertise"],
-      { stdio: ["ignore", "pipe", "pipe"] },
+      [...config, "-js", "-a", "127.0.0.1", "-p", String(this.port), "-sd", join(this.dir, "store"), "--no_advertise"],
+      { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...this.#config?.env } },
     );
     child.stdout?.pipe(log);
     child.stderr?.pipe(log);
