@@ -132,17 +132,25 @@ fn seed_error(what: &'static str, path: &std::path::Path, e: impl std::fmt::Disp
 /// the returned thread is dropped.
 pub async fn start(settings: &Settings) -> Result<ServiceThread, AuthError> {
     let callout = Arc::new(load(settings)?);
-    tracing::info!(
-        issuer = %callout.issuer.public_key(),
-        account = %callout.account,
-        encrypted = callout.xkey.is_some(),
-        "auth callout answering {CALLOUT_SUBJECT}"
+    let (issuer, account, encrypted) = (
+        callout.issuer.public_key(),
+        callout.account.clone(),
+        callout.xkey.is_some(),
     );
     let service = AuthService {
         callout,
         observer: None,
     };
-    Ok(service_thread::start(settings, service).await?)
+    let thread = service_thread::start(settings, service).await?;
+    // Only now: the subscription is live at the server (a login attempted
+    // on seeing this line used to race it and be refused).
+    tracing::info!(
+        %issuer,
+        %account,
+        encrypted,
+        "auth callout answering {CALLOUT_SUBJECT}"
+    );
+    Ok(thread)
 }
 
 /// Checks the key files now (for `walcast run` before it connects).

@@ -10,6 +10,8 @@ import { after, before, describe, it } from "node:test";
 import type pg from "pg";
 import type { BrowserContext, Page } from "playwright-core";
 import { chromium } from "playwright-core";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
 
 import { OUTPUT_DIR, makeTempDir } from "../support/env.js";
 import { Gateway } from "../support/gateway.js";
@@ -243,6 +245,41 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
     // And live again afterwards.
     await expectShown("insert after resume", () => work.createTask(A, project, "Back online"), (id) => taskTitle(id, "Back online"));
     await page.screenshot({ path: join(SHOTS, "board-after-resume.png"), fullPage: true });
+  });
+
+  it("a page too far behind reloads its rows from the state, not the database", async () => {
+    await proxy.cut();
+    await page.waitForFunction(`document.getElementById("connection").dataset.state !== "live"`, undefined, {
+      timeout: 5_000,
+    });
+    const before = await boardSeq();
+    const gone = await work.createTask(A, project, "Made while far behind");
+    await work.updateTask(A, gone, { title: "Made while far behind, edited" });
+    await work.lock(A, "task", gone, "eve");
+    // The events the page needs leave the stream (as with max age): only
+    // A's newest event stays, so resuming after `before` is impossible.
+    const nc = await connect({ servers: nats.url });
+    try {
+      const jsm = await jetstreamManager(nc);
+      await jsm.streams.purge("WALCAST", { filter: `walcast.${A}.>`, keep: 1 });
+    } finally {
+      await nc.close();
+    }
+    await proxy.restore();
+    await page.waitForFunction(`document.getElementById("connection").dataset.state === "live"`, undefined, { timeout: 15_000 });
+    await page.waitForFunction(
+      `${taskTitle(gone, "Made while far behind, edited")} && ${taskLock(gone)} === "editing by eve"`,
+      undefined,
+      { timeout: 5_000 },
+    );
+    // A reload (a new snapshot past the page's position), told to the user.
+    const n = work.expectedFor(A).length;
+    assert.equal(await boardSeq(), n);
+    assert.ok((await page.evaluate(() => Number(document.body.dataset["snapshotSeq"]))) > before, "a new snapshot");
+    assert.match((await page.textContent("#notice")) ?? "", /no longer in the stream/);
+    // Every row still on the board, the old ones too, and live afterwards.
+    await page.waitForFunction(taskTitle(oldTasks[1] as string, "Old task two"), undefined, { timeout: 1_000 });
+    await expectShown("insert after the reload", () => work.createTask(A, project, "After the reload"), (id) => taskTitle(id, "After the reload"));
   });
 
   it("tenant B's changes never appear, whatever the browser claims", async () => {
