@@ -1305,6 +1305,14 @@ def summary_rows(res):
     if b and "error" not in b:
         rows.append(("8 backfill (SPEC §8)", "rows/s; walcast peak RSS MB", b["rows_per_s"], "flat RSS",
                      "see RSS", f"{b['rows']} rows in {b['seconds']} s, peak RSS {b['peak_rss_mb']} MB"))
+    sl = sc.get("state_load")
+    if sl and "error" not in sl:
+        for n, bound in ((10_000, 100), (100_000, 1000)):
+            r = sl.get(f"rows_{n}")
+            if r:
+                rows.append((f"9 load a {n}-row tenant (SPEC §8)", "p99 ms (Rust client)", r["p99_ms"],
+                             f"<= {bound}", met(r["p99_ms"], bound, higher_is_better=False),
+                             f"p50 {r['p50_ms']} ms over {r['loads']} loads; load avg before {r['load_avg_before']}"))
     d = sc.get("drain")
     if d and "error" not in d:
         base = d.get("baseline_events_per_s")
