@@ -57,10 +57,11 @@ async fn assert_denied(conn: &TenantConnection, subject: &str) {
         });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_token_reaches_its_own_tenant_and_nothing_else() {
+/// A migrated Postgres and a nats-server whose auth callout is walcast's
+/// (encrypted with an xkey when `encrypted`).
+async fn migrated_env(encrypted: bool) -> (Callout, Env) {
     init_logging();
-    let callout = Callout::new(true);
+    let callout = Callout::new(encrypted);
     let env = Env {
         pg: Postgres::start().expect("start postgres"),
         nats: callout.start_nats(),
@@ -68,6 +69,12 @@ async fn a_tenant_token_reaches_its_own_tenant_and_nothing_else() {
     walcast::migrate::run(&env.settings())
         .await
         .expect("migrate");
+    (callout, env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_token_reaches_its_own_tenant_and_nothing_else() {
+    let (callout, env) = migrated_env(true).await;
     let admin_url = walcast_url(&env.nats);
     let options = callout.apply(Options {
         nats_url: Some(admin_url.clone()),
@@ -415,15 +422,7 @@ async fn walcast_check_tests_the_callout_wiring_and_names_the_fix() {
 /// exactly its tenant's events and none of the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_a_workload_a_tenant_receives_only_its_own_events() {
-    init_logging();
-    let callout = Callout::new(false);
-    let env = Env {
-        pg: Postgres::start().expect("start postgres"),
-        nats: callout.start_nats(),
-    };
-    walcast::migrate::run(&env.settings())
-        .await
-        .expect("migrate");
+    let (callout, env) = migrated_env(false).await;
     let options = callout.apply(Options {
         nats_url: Some(walcast_url(&env.nats)),
         ..env.options()

@@ -426,21 +426,7 @@ impl Postgres {
     }
 
     fn initdb(&self) -> anyhow::Result<()> {
-        if running_as_root() {
-            // Postgres refuses to run as root: hand the dir to `postgres`.
-            let out = Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(self.dir.path())
-                .output()
-                .context("run chown")?;
-            if !out.status.success() {
-                bail!(
-                    "chown postgres {}: {}",
-                    self.dir.path().display(),
-                    output_text(&out)
-                );
-            }
-        }
+        self.give_to_server_user()?;
         let data = self.data_dir();
         let args = [
             "-D",
