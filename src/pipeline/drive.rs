@@ -32,6 +32,8 @@ struct Stages {
     catchup: catchup::CatchupService,
     /// `None` when the state bucket is turned off.
     state: Option<state::StateService>,
+    /// Messages missing from the middle of the stream when the run started.
+    missing: u64,
 }
 
 /// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
@@ -139,6 +141,7 @@ async fn spawn_stages(
         dog,
         catchup,
         state,
+        missing: reconciled.missing,
     };
     Ok((stages, source))
 }
@@ -178,10 +181,11 @@ async fn read_until_stopped(
             }
             // SPEC §4.7: on every reconnection, compare the stream's tail with
             // what this process saw acknowledged; a shorter stream means loss,
-            // and the restart from the checkpoint republishes it.
+            // and the restart from the checkpoint republishes it. New holes
+            // in its middle restart the run too, which names them.
             Ok(()) = connects.changed(), if reading => {
                 connects.borrow_and_update();
-                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high).await {
+                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high, stages.missing).await {
                     failure = Some(loss);
                     stages.items = None;
                 }

@@ -42,6 +42,7 @@ use crate::decode::{Begin, Commit, Message, Relation, Value, encode};
 use crate::events::{Tables, event_id};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 use crate::proto::ChangeEvent;
 use crate::publish::memory::MemoryBroker;
 use crate::publish::oversized::Oversized;
@@ -204,6 +205,8 @@ struct World {
     /// The process's highest acknowledged sequence (lost with the process).
     process_high: Arc<AtomicU64>,
     runs: u64,
+    /// `--accept-holes-through`.
+    accept_holes_through: u64,
 }
 
 enum Outcome {
@@ -224,6 +227,7 @@ impl World {
             confirmed: Arc::default(),
             process_high: Arc::default(),
             runs: 0,
+            accept_holes_through: 0,
         }
     }
 
@@ -374,7 +378,16 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
     let checkpoint = w.store.checkpoint(STREAM);
     let owner = format!("run {}", w.runs);
     w.store.claim(&owner);
-    let reconciled = match reconcile(&sink, NAMES, &checkpoint, last_seq, &w.process_high).await {
+    let reconciled = match reconcile(
+        &sink,
+        NAMES,
+        &checkpoint,
+        last_seq,
+        &w.process_high,
+        StreamSeq(w.accept_holes_through),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(e),
     };
@@ -548,4 +561,79 @@ proptest! {
         let outcome = crate::checkpoint::tests::paused_runtime().block_on(case(c));
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
     }
+}
+
+/// Two tenants' rows per transaction: message 2i+1 is tenant `t{i%2}`,
+/// message 2i+2 tenant `t2`.
+fn two_rows_each(n: usize) -> Case {
+    Case {
+        wal: (0..n)
+            .map(|i| Tx {
+                gap_ms: 1,
+                rows: vec![Some((i % 2) as u8), Some(2)],
+                keepalive: false,
+            })
+            .collect(),
+        interruptions: Vec::new(),
+        delay_ms: 0,
+        ack_latency_ms: 1,
+        feedback_ms: 0,
+        max_in_flight: 1024,
+    }
+}
+
+/// Issue 19 item 4: messages deleted from the middle of the stream past
+/// the checkpoint (the slot still holds them). The next run names the lost
+/// events' tenants and seqs and stops, publishing nothing; accepted
+/// (`--accept-holes-through`), it goes on.
+#[test]
+fn a_hole_past_the_checkpoint_stops_naming_tenants_and_seqs() {
+    crate::checkpoint::tests::paused_runtime().block_on(async {
+        let mut c = two_rows_each(6);
+        c.delay_ms = 3_600_000; // nothing is checkpointed: all within the window
+        let mut w = World::new(&c.wal);
+        let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(first, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 12);
+        w.broker.delete(4); // t2 seq 2
+        w.broker.delete(5); // t0 seq 2
+        let Outcome::Failed(e) = run(&mut w, &c, true, Duration::from_secs(60)).await else {
+            panic!("a run past a hole must stop");
+        };
+        let text = e.to_string();
+        assert!(fatal(&e), "{text}");
+        assert!(text.contains("missing messages 4..=5"), "{text}");
+        assert!(
+            text.contains("2 events, tenant t0 seq 2..=2, tenant t2 seq 2..=2"),
+            "{text}"
+        );
+        assert!(text.contains("--accept-holes-through 5"), "{text}");
+        assert_eq!(w.broker.lock().messages.len(), 12, "nothing published");
+
+        w.accept_holes_through = 5;
+        let accepted = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(accepted, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 12, "nothing republished");
+    });
+}
+
+/// A hole before the checkpoint (the slot no longer holds it) is reported,
+/// and the run goes on.
+#[test]
+fn a_hole_before_the_checkpoint_does_not_stop_the_run() {
+    crate::checkpoint::tests::paused_runtime().block_on(async {
+        let mut c = two_rows_each(6);
+        let mut w = World::new(&c.wal);
+        assert!(matches!(
+            run(&mut w, &c, true, Duration::from_secs(60)).await,
+            Outcome::Clean
+        ));
+        assert_eq!(w.store.checkpoint(STREAM).stream_seq, StreamSeq(12));
+        w.broker.delete(4);
+        c.wal.extend(two_rows_each(2).wal);
+        w.expected = exact_stream(&c.wal);
+        let again = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(again, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 16, "new events published");
+    });
 }

@@ -57,12 +57,15 @@ async fn probe(sql: &tokio_postgres::Client, slot: &str) -> Option<PipelineError
 }
 
 /// The error to restart with if the stream now ends before what was
-/// acknowledged. Only its leader's word counts (a replica may lag): after a
-/// reconnection the stream may be electing one.
+/// acknowledged, or misses more messages from its middle than the `known`
+/// ones the run started with (the next run names them). Only its leader's
+/// word counts (a replica may lag): after a reconnection the stream may be
+/// electing one.
 pub(super) async fn broker_loss(
     js: &jetstream::Context,
     name: &str,
     acked_high: &AtomicU64,
+    known: u64,
 ) -> Option<PipelineError> {
     let found = crate::publish::stream::lookup(js, name, WATCHDOG_TIMEOUT)
         .await
@@ -74,6 +77,14 @@ pub(super) async fn broker_loss(
     use crate::position::StreamSeq;
     let last = info.state.last_sequence;
     let high = acked_high.load(Ordering::SeqCst);
+    let missing = info.state.deleted_count.unwrap_or(0);
+    if missing > known && last >= high {
+        return Some(PipelineError::Publish(PublishError::StreamHoles {
+            stream: name.to_string(),
+            missing,
+            known,
+        }));
+    }
     (last < high).then(|| {
         PipelineError::Publish(PublishError::BrokerLoss {
             stream: name.to_string(),
