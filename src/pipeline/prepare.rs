@@ -229,7 +229,7 @@ async fn report_beyond(sink: &impl Sink, names: Names<'_>, checkpoint: &Checkpoi
     tracing::error!(
         stream = %names.stream,
         missing = %hole,
-        messages = hole.len(),
+        messages = hole.messages(),
         before = %before,
         after = %after,
         checkpoint_stream_seq = %checkpoint.stream_seq,

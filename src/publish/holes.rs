@@ -34,7 +34,7 @@ pub struct Hole {
 }
 
 impl Hole {
-    pub fn len(&self) -> u64 {
+    pub fn messages(&self) -> u64 {
         self.last.0 - self.first.0 + 1
     }
 
@@ -89,7 +89,7 @@ impl fmt::Display for Message {
 
 /// Total messages missing.
 pub fn missing(holes: &[Hole]) -> u64 {
-    holes.iter().map(Hole::len).sum()
+    holes.iter().map(Hole::messages).sum()
 }
 
 /// Holes split at the checkpoint's stream sequence: those past it are
