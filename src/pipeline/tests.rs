@@ -176,6 +176,9 @@ enum Loss {
     /// Its last n messages, whatever the checkpoint says: walcast must
     /// repair it or, if it reaches checkpointed messages, stop.
     Any(u64),
+    /// One message from the middle, the k-th (modulo the stream's length):
+    /// past the checkpoint walcast must stop (naming it), before it go on.
+    Hole(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -322,8 +325,23 @@ impl World {
                 n.min(len.saturating_sub(self.store.snapshot().stream_seq))
             }
             Loss::Any(n) => n,
+            Loss::Hole(k) => {
+                let len = self.broker.lock().messages.len() as u64;
+                if len > 0 {
+                    self.broker.delete(k % len + 1);
+                }
+                0
+            }
         };
         self.broker.lose_last(n);
+    }
+
+    /// Whether a message is missing from the middle of the stream past the
+    /// checkpoint: the slot still holds it, but it cannot go back in place,
+    /// so the next run must stop.
+    fn hole_past_checkpoint(&self) -> bool {
+        let checkpoint = self.store.snapshot().stream_seq;
+        self.broker.lock().deleted.iter().any(|s| *s > checkpoint)
     }
 
     /// Whether the broker lost messages the checkpoint counts (the one case
@@ -462,8 +480,15 @@ async fn case(c: Case) -> Result<(), String> {
                 Duration::from_secs(60)
             }
         };
+        let must_stop = w.hole_past_checkpoint();
         let outcome = run(&mut w, &c, false, limit).await;
         w.broker.heal();
+        if must_stop && matches!(outcome, Outcome::Clean | Outcome::Failed(_)) {
+            return match outcome {
+                Outcome::Failed(e) if fatal(&e) => stopped_rightly(&w, e),
+                _ => Err(format!("run {k} went on past a hole the slot still holds")),
+            };
+        }
         match outcome {
             // kill -9: the process's memory is gone.
             Outcome::Killed => w.process_high = Arc::default(),
@@ -474,7 +499,11 @@ async fn case(c: Case) -> Result<(), String> {
             .map_err(|e| format!("after interruption {k}: {e}"))?;
         w.lose(&interruption.loss);
     }
+    let must_stop = w.hole_past_checkpoint();
     match run(&mut w, &c, true, Duration::from_secs(3600)).await {
+        Outcome::Clean if must_stop => {
+            return Err("the last run went on past a hole the slot still holds".into());
+        }
         Outcome::Clean => {}
         Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
         Outcome::Failed(e) => return Err(format!("the last run failed: {e}")),
@@ -496,9 +525,19 @@ fn fatal(e: &PipelineError) -> bool {
 }
 
 /// A run that stops for good is right only if the broker lost messages
-/// the checkpoint counts.
+/// the checkpoint counts, or a message is missing from the middle past the
+/// checkpoint (and the error names it).
 fn stopped_rightly(w: &World, e: PipelineError) -> Result<(), String> {
-    if w.lost_checkpointed() {
+    let names_hole = || {
+        let deleted = w.broker.lock().deleted.clone();
+        let text = e.to_string();
+        text.contains("from its middle")
+            && deleted
+                .iter()
+                .filter(|s| **s > w.store.snapshot().stream_seq)
+                .all(|s| text.contains(&s.to_string()))
+    };
+    if w.lost_checkpointed() || (w.hole_past_checkpoint() && names_hole()) {
         Ok(())
     } else {
         Err(format!("stopped, but nothing was lost for good: {e}"))
@@ -529,6 +568,7 @@ fn interruption() -> impl Strategy<Value = Interruption> {
         3 => Just(Loss::None),
         3 => (1u64..30).prop_map(Loss::Unconfirmed),
         1 => (1u64..8).prop_map(Loss::Any),
+        1 => (0u64..1_000).prop_map(Loss::Hole),
     ];
     (stop, loss).prop_map(|(stop, loss)| Interruption { stop, loss })
 }
