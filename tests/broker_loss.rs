@@ -493,3 +493,54 @@ async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
     assert!(more > last, "walcast goes on publishing");
     walcast.stop(Duration::from_secs(10)).await;
 }
+
+/// A hole made while walcast runs is found at the next NATS reconnection:
+/// the run restarts, replays the slot, names the lost events and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_is_found_on_reconnect() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole-reconnect").unwrap();
+    // No state bucket: its service would restart the run on the dropped
+    // connection by itself; here the reconnection check must.
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[
+            ("WALCAST_CONFIRM_DELAY", "10m"),
+            ("WALCAST_STATE_BUCKET", ""),
+        ],
+    );
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    let (from, to) = (last / 2, last / 2 + 1);
+    let lost = delete_middle(&env.nats.url(), from, to).await;
+    assert!(
+        walcast.exited().is_none(),
+        "nothing noticed before a reconnect"
+    );
+    env.nats.stop().unwrap();
+    env.nats.start_again().unwrap();
+    let status = walcast.wait(Duration::from_secs(90)).await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains(&format!("missing messages {from}..={to} from its middle"))
+            && log.contains(&format!("2 events, {lost} (commit LSNs ")),
+        "the error names the range and every lost event ({lost}):\n{}",
+        walcast.log_tail(20)
+    );
+    let retries = walcast.retry_lines();
+    assert!(
+        retries
+            .iter()
+            .any(|l| l.contains("now misses 2 messages from its middle")),
+        "the reconnection check restarts the run: {retries:#?}"
+    );
+    assert_eq!(
+        stream_state(&env.nats.url()).await.0,
+        last,
+        "nothing is published past the hole"
+    );
+}
