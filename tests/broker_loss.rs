@@ -309,6 +309,11 @@ async fn publish_workload(
 /// returns what the lost events were, as walcast names them: `tenant T seq
 /// A..=B` per tenant (sorted), then the dead letters.
 async fn delete_middle(nats_url: &str, from: u64, to: u64) -> String {
+    delete_middle_events(nats_url, from, to).await.0
+}
+
+/// Like [`delete_middle`], also returning each lost tenant's first lost seq.
+async fn delete_middle_events(nats_url: &str, from: u64, to: u64) -> (String, Vec<(String, u64)>) {
     let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
     let stream = js.get_stream("WALCAST").await.unwrap();
     let mut tenants: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
@@ -342,7 +347,36 @@ async fn delete_middle(nats_url: &str, from: u64, to: u64) -> String {
         Some(to - from + 1),
         "JetStream counts the hole"
     );
-    parts.join(", ")
+    let firsts = tenants.iter().map(|(t, (a, _))| (t.clone(), *a)).collect();
+    (parts.join(", "), firsts)
+}
+
+/// The catch-up service's error code for `tenant` after `after_seq`, once
+/// it answers (it says "unavailable" until the restarted run has replayed
+/// what the stream holds).
+async fn catch_up_code(nats_url: &str, tenant: &str, after_seq: u64) -> Option<String> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let body = format!(r#"{{"tenant_id":"{tenant}","after_seq":{after_seq}}}"#);
+    let mut last = None;
+    for _ in 0..300 {
+        if let Ok(reply) = client
+            .request("walcast-api.v1.catchup", body.clone().into())
+            .await
+        {
+            last = Some(
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error-Code"))
+                    .map(|v| v.to_string()),
+            );
+            if last != Some(Some("503".to_string())) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last.expect("the catch-up service answers")
 }
 
 /// Issue 19 item 4, within the repair window: messages deleted from the
@@ -458,7 +492,7 @@ async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
     .expect("the checkpoint covers the whole stream");
     walcast.stop(Duration::from_secs(10)).await;
     let (from, to) = (last / 2, last / 2 + 1);
-    delete_middle(&env.nats.url(), from, to).await;
+    let (_, lost) = delete_middle_events(&env.nats.url(), from, to).await;
 
     let mut walcast = Walcast::start("second", dir.path(), &vars, &[]);
     walcast
@@ -489,6 +523,18 @@ async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
     )
     .await;
     assert_eq!(missing, Some(2.0), "the gauge counts the hole");
+    // A consumer that asks to catch up across the hole is told to re-sync,
+    // never handed a start that skips the lost event.
+    assert!(!lost.is_empty(), "the workload has no dead letters");
+    for (tenant, seq) in &lost {
+        let code = catch_up_code(&env.nats.url(), tenant, seq - 1).await;
+        assert_eq!(
+            code.as_deref(),
+            Some("410"),
+            "too_old for {tenant} after {}",
+            seq - 1
+        );
+    }
     let more = publish_workload(&env, &oracle, &client, &walcast).await;
     assert!(more > last, "walcast goes on publishing");
     walcast.stop(Duration::from_secs(10)).await;
