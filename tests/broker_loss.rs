@@ -493,6 +493,21 @@ async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
     walcast.stop(Duration::from_secs(10)).await;
     let (from, to) = (last / 2, last / 2 + 1);
     let (_, lost) = delete_middle_events(&env.nats.url(), from, to).await;
+    // `walcast check` sees the hole too, and names the nats-server version
+    // `--confirm-delay 0` needs (the test server is older).
+    let check = crate::support::edge::run_bounded(&["check"], &vars, Duration::from_secs(60));
+    assert!(
+        check
+            .stdout
+            .contains("! stream WALCAST misses 2 messages from its middle")
+            && check
+                .stdout
+                .contains("! --confirm-delay 0 with NATS server 2.")
+            && check.stdout.contains("v2.14.6 or newer"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
 
     let mut walcast = Walcast::start("second", dir.path(), &vars, &[]);
     walcast
