@@ -102,6 +102,8 @@ pub(super) struct Skip {
     next_stream_seq: StreamSeq,
     tail_id: Option<String>,
     holes: Vec<Hole>,
+    /// The first of `holes` not yet behind the replay.
+    hole_at: usize,
     accept_through: StreamSeq,
     lost: Lost,
     stream: String,
@@ -131,6 +133,7 @@ impl Skip {
             next_stream_seq: checkpoint_stream_seq.next(),
             tail_id,
             holes: Vec::new(),
+            hole_at: 0,
             accept_through: StreamSeq(0),
             lost: Lost::default(),
             stream: String::new(),
@@ -147,7 +150,16 @@ impl Skip {
         let Some(end) = self.holes.last().map(|h| h.last) else {
             return Ok(());
         };
-        if self.holes.iter().any(|h| h.contains(stream_seq)) {
+        // The replay's positions only grow: holes behind it are done with
+        // (O(events + holes), however many holes a broker made).
+        while self.hole_at < self.holes.len() && self.holes[self.hole_at].last < stream_seq {
+            self.hole_at += 1;
+        }
+        if self
+            .holes
+            .get(self.hole_at)
+            .is_some_and(|h| h.contains(stream_seq))
+        {
             let tenant = match &event.route {
                 Route::Tenant { tenant, seq } => Some((&**tenant, *seq)),
                 _ => None,
