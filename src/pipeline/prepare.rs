@@ -186,8 +186,18 @@ pub(super) async fn reconcile(
     let missing = holes::missing(&all);
     holes::gauge(missing);
     let (within, beyond) = holes::split(&all, checkpoint.stream_seq);
-    for hole in &beyond {
+    for hole in beyond.iter().take(holes::HOLES_NAMED) {
         report_beyond(sink, names, checkpoint, hole).await;
+    }
+    if let Some(rest) = beyond.get(holes::HOLES_NAMED..).filter(|r| !r.is_empty()) {
+        tracing::error!(
+            stream = %names.stream,
+            holes = rest.len(),
+            messages = holes::missing(rest),
+            from = %rest[0].first,
+            to = %rest[rest.len() - 1].last,
+            "more holes in the middle of the stream before the checkpoint (see the ERRORs above)"
+        );
     }
     let tail_id = match already {
         0 => None,

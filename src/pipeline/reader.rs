@@ -169,8 +169,7 @@ impl Skip {
         if stream_seq < end {
             return Ok(());
         }
-        let holes: Vec<String> = self.holes.iter().map(ToString::to_string).collect();
-        let holes = holes.join(", ");
+        let holes = crate::publish::holes::describe(&self.holes);
         self.holes.clear();
         let lost = std::mem::take(&mut self.lost);
         let lsns = lost

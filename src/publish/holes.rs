@@ -87,6 +87,27 @@ impl fmt::Display for Message {
     }
 }
 
+/// Holes named in a message at most; the rest are summed up.
+pub const HOLES_NAMED: usize = 20;
+
+/// `3..=5, 9..=10` — the first [`HOLES_NAMED`], then how many more.
+pub fn describe(holes: &[Hole]) -> String {
+    let mut parts: Vec<String> = holes
+        .iter()
+        .take(HOLES_NAMED)
+        .map(ToString::to_string)
+        .collect();
+    if let Some(rest) = holes.get(HOLES_NAMED..).filter(|r| !r.is_empty()) {
+        parts.push(format!(
+            "and {} more holes ({} messages) up to {}",
+            rest.len(),
+            missing(rest),
+            rest[rest.len() - 1].last
+        ));
+    }
+    parts.join(", ")
+}
+
 /// Total messages missing.
 pub fn missing(holes: &[Hole]) -> u64 {
     holes.iter().map(Hole::messages).sum()
@@ -192,6 +213,17 @@ mod tests {
         assert_eq!(shown, ["3..=5", "9..=10", "12..=12"]);
         assert_eq!(missing(&holes), 6);
         assert!(holes[0].contains(StreamSeq(4)) && !holes[0].contains(StreamSeq(6)));
+    }
+
+    #[test]
+    fn many_holes_are_summed_up() {
+        let holes = ranges((1..=50).map(|i| i * 2).collect());
+        let text = describe(&holes);
+        assert!(text.starts_with("2..=2, 4..=4, "), "{text}");
+        assert!(
+            text.ends_with("40..=40, and 30 more holes (30 messages) up to 100"),
+            "{text}"
+        );
     }
 
     #[test]
