@@ -117,7 +117,11 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
     report.0.extend(crate::auth::wiring::check(settings).await);
     report.add(
         Status::Info,
-        format!("confirm delay is {}: the slot keeps that much WAL behind acknowledged events", humantime::format_duration(settings.confirm_delay)),
+        format!(
+            "confirm delay is {}: the slot keeps that much WAL behind acknowledged events \
+             (0 only for nats-server v2.14.6 or newer with sync_interval: always)",
+            humantime::format_duration(settings.confirm_delay)
+        ),
         (settings.confirm_delay.is_zero()).then(|| {
             "with 0, a NATS crash before its fsync (sync_interval, 2m by default) can lose acknowledged events for good; \
              use 0 only if every NATS server is v2.14.6 or newer and runs with `jetstream { sync_interval: always }`"
