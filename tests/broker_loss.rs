@@ -605,3 +605,85 @@ async fn middle_hole_is_found_on_reconnect() {
         "nothing is published past the hole"
     );
 }
+
+/// A hole made while walcast runs and stays connected is found within
+/// seconds (a stream info request every 10 s), while the slot still holds
+/// it: walcast stops naming the lost events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_made_while_connected_is_found_within_seconds() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole-connected").unwrap();
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "10m")],
+    );
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    let (from, to) = (last / 3, last / 3);
+    let lost = delete_middle(&env.nats.url(), from, to).await;
+    let status = walcast.wait(Duration::from_secs(60)).await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains("now misses 1 messages from its middle")
+            && log.contains(&format!("missing messages {from}..={to} from its middle"))
+            && log.contains(&format!("1 events, {lost} (commit LSNs ")),
+        "found while connected, the error names the lost event ({lost}):\n{}",
+        walcast.log_tail(20)
+    );
+    assert_eq!(stream_state(&env.nats.url()).await.0, last);
+}
+
+/// A hole made while walcast runs, before the checkpoint (a purge of old
+/// events, say): an ERROR and the gauge, and the run goes on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_hole_made_while_connected_is_reported_without_a_restart() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("old-hole-connected").unwrap();
+    let vars = env.env_vars();
+    let http = vars
+        .iter()
+        .find(|(k, _)| k == "WALCAST_HTTP_ADDR")
+        .unwrap()
+        .1
+        .clone();
+    let walcast = Walcast::start("walcast", dir.path(), &vars, &[]);
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    wait_until(Duration::from_secs(30), || async {
+        crate::support::chaos::checkpoint_stream_seq(&client).await >= last
+    })
+    .await
+    .expect("the checkpoint covers the whole stream");
+    let (from, to) = (last / 2, last / 2 + 2);
+    delete_middle(&env.nats.url(), from, to).await;
+    walcast
+        .wait_log("went missing from the middle", Duration::from_secs(30))
+        .await;
+    let error = walcast
+        .log()
+        .lines()
+        .find(|l| l.contains(" ERROR ") && l.contains("went missing from the middle"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(error.contains(&format!("missing={from}..={to}")), "{error}");
+    let missing = crate::support::edge::wait_metric(
+        &http,
+        "walcast_stream_missing_messages",
+        3.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(missing, Some(3.0), "the gauge counts the hole");
+    let more = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(more > last, "walcast goes on publishing");
+    assert!(
+        walcast.retry_lines().is_empty(),
+        "no restart: {:#?}",
+        walcast.retry_lines()
+    );
+}

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::prepare::Prepared;
 use super::reader::{Reader, Skip, read_batch};
-use super::watchdog::{broker_loss, watch_postgres};
+use super::watchdog::{broker_loss, watch_holes, watch_postgres};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::catchup;
@@ -29,6 +29,9 @@ struct Stages {
     checkpointing: JoinHandle<Result<(), crate::database::DbError>>,
     watchdog: JoinHandle<()>,
     dog: oneshot::Receiver<PipelineError>,
+    /// Watches for new holes in the stream while the run goes on.
+    hole_watch: JoinHandle<()>,
+    holes: oneshot::Receiver<PipelineError>,
     catchup: catchup::CatchupService,
     /// `None` when the state bucket is turned off.
     state: Option<state::StateService>,
@@ -129,9 +132,19 @@ async fn spawn_stages(
         delay: s.confirm_delay,
         health: ctx.health.clone(),
     };
+    let checkpointed = checkpoint.stream_seq;
     let checkpointing = tokio::spawn(checkpointer.run(checkpoint, segments_rx, confirm_tx));
     let (dog_tx, dog) = oneshot::channel();
     let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
+    let (holes_tx, holes) = oneshot::channel();
+    let hole_watch = tokio::spawn(watch_holes(
+        ctx.js.clone(),
+        s.stream.clone(),
+        reconciled.missing,
+        checkpointed,
+        ctx.health.clone(),
+        holes_tx,
+    ));
     let stages = Stages {
         items: Some(items_tx),
         confirms,
@@ -139,6 +152,8 @@ async fn spawn_stages(
         checkpointing,
         watchdog,
         dog,
+        hole_watch,
+        holes,
         catchup,
         state,
         missing: reconciled.missing,
@@ -165,6 +180,11 @@ async fn read_until_stopped(
             biased;
             // A dead Postgres connection can be silent for minutes while idle.
             Ok(error) = &mut stages.dog, if reading => {
+                failure = Some(error);
+                stages.items = None;
+            }
+            // Messages deleted from the middle while connected.
+            Ok(error) = &mut stages.holes, if reading => {
                 failure = Some(error);
                 stages.items = None;
             }
@@ -244,6 +264,7 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
 async fn finish(failure: Option<PipelineError>, stages: Stages) -> Result<(), PipelineError> {
     drop(stages.items);
     stages.watchdog.abort();
+    stages.hole_watch.abort();
     let published = joined("publisher", stages.publishing.await);
     let checkpointed = joined("checkpointer", stages.checkpointing.await);
     let downstream =
