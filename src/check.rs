@@ -117,10 +117,14 @@ pub async fn run(settings: &Settings) -> Vec<Line> {
     report.0.extend(crate::auth::wiring::check(settings).await);
     report.add(
         Status::Info,
-        format!("confirm delay is {}: the slot keeps that much WAL behind acknowledged events", humantime::format_duration(settings.confirm_delay)),
+        format!(
+            "confirm delay is {}: the slot keeps that much WAL behind acknowledged events \
+             (0 only for nats-server v2.14.6 or newer with sync_interval: always)",
+            humantime::format_duration(settings.confirm_delay)
+        ),
         (settings.confirm_delay.is_zero()).then(|| {
             "with 0, a NATS crash before its fsync (sync_interval, 2m by default) can lose acknowledged events for good; \
-             use 0 only if every NATS server runs with `jetstream { sync_interval: always }`"
+             use 0 only if every NATS server is v2.14.6 or newer and runs with `jetstream { sync_interval: always }`"
                 .to_string()
         }),
     );
@@ -400,6 +404,10 @@ async fn has_checkpoint(c: &Client, slot: &str) -> Result<bool, tokio_postgres::
     .is_some())
 }
 
+/// The first nats-server release whose `sync_interval: always` survives a
+/// power loss during block compaction (#8456, #8475, merged after v2.14.5).
+const SYNC_ALWAYS_SAFE: [u32; 3] = [2, 14, 6];
+
 async fn nats(s: &Settings, r: &mut Report) {
     let url = redact_url(&s.nats_url);
     let connect = crate::broker::connect_once(s, "walcast-check");
@@ -437,6 +445,21 @@ async fn nats(s: &Settings, r: &mut Report) {
         format!("NATS server {} is too old", info.version),
         "upgrade nats-server to 2.10 or newer",
     );
+    if s.confirm_delay.is_zero() && version.as_slice() < SYNC_ALWAYS_SAFE.as_slice() {
+        r.add(
+            Status::Warn,
+            format!(
+                "--confirm-delay 0 with NATS server {}: before v2.14.6, block compaction could lose acknowledged \
+                 messages on a power loss even with `sync_interval: always` (nats-server #8456, #8475)",
+                info.version
+            ),
+            Some(
+                "upgrade every NATS server to v2.14.6 or newer (with `jetstream { sync_interval: always }`), \
+                 or keep --confirm-delay at its default 2m"
+                    .into(),
+            ),
+        );
+    }
     let js = async_nats::jetstream::new(client);
     match js.query_account().await {
         Ok(_) => r.pass("JetStream is enabled"),
@@ -448,7 +471,24 @@ async fn nats(s: &Settings, r: &mut Report) {
         }
     }
     match crate::publish::stream::verify_existing(&js, s).await {
-        Ok(Some(_)) => r.pass(format!("stream {} exists and is compatible", s.stream)),
+        Ok(Some(stream)) => {
+            r.pass(format!("stream {} exists and is compatible", s.stream));
+            let missing = stream.cached_info().state.deleted_count.unwrap_or(0);
+            if missing > 0 {
+                r.add(
+                    Status::Warn,
+                    format!(
+                        "stream {} misses {missing} messages from its middle (deleted, or lost by the broker)",
+                        s.stream
+                    ),
+                    Some(
+                        "`walcast run` names them (README \"Broker data loss\"): it stops at a hole the slot still \
+                         holds, and reports older ones"
+                            .into(),
+                    ),
+                );
+            }
+        }
         Ok(None) => r.pass(format!(
             "stream {} does not exist yet; `walcast run` creates it",
             s.stream

@@ -70,6 +70,12 @@ pub struct Options {
     /// sync_interval: always; 0 to 7d [default: 2m]
     #[arg(long, env = "WALCAST_CONFIRM_DELAY")]
     pub confirm_delay: Option<String>,
+    /// Go on past messages missing from the middle of the stream up to this
+    /// stream sequence although the slot still holds them (walcast stops at
+    /// such a hole and names its tenants and seqs; set this once their
+    /// consumers are re-synced). 0 accepts none [default: 0]
+    #[arg(long, env = "WALCAST_ACCEPT_HOLES_THROUGH")]
+    pub accept_holes_through: Option<u64>,
     /// Schema of the source tables [default: public]
     #[arg(long, env = "WALCAST_SCHEMA")]
     pub schema: Option<String>,
@@ -174,6 +180,9 @@ pub struct Settings {
     pub subject_prefix: String,
     pub http_addr: String,
     pub confirm_delay: Duration,
+    /// Holes in the stream up to this stream sequence were accepted by the
+    /// operator (`publish::holes`).
+    pub accept_holes_through: u64,
     pub tables: Tables,
     pub stream_replicas: usize,
     pub stream_max_age: Duration,
@@ -233,6 +242,7 @@ impl Options {
             subject_prefix,
             http_addr,
             confirm_delay,
+            accept_holes_through,
             schema,
             tasks_table,
             projects_table,
@@ -327,6 +337,7 @@ impl Options {
             subject_prefix: self.subject_prefix.unwrap_or_else(|| "walcast".into()),
             http_addr: self.http_addr.unwrap_or_else(|| "127.0.0.1:9187".into()),
             confirm_delay: CONFIRM_DELAY.parse(self.confirm_delay.as_deref())?,
+            accept_holes_through: self.accept_holes_through.unwrap_or(0),
             tables: Tables {
                 schema: self.schema.unwrap_or_else(|| "public".into()),
                 tasks: self.tasks_table.unwrap_or_else(|| "tasks".into()),

@@ -91,7 +91,8 @@ fn publish_may_heal(error: &PublishError, started: bool) -> bool {
         | PublishError::Downstream
         | PublishError::NoResponders { .. }
         | PublishError::LeaderChange { .. }
-        | PublishError::BrokerLoss { .. } => true,
+        | PublishError::BrokerLoss { .. }
+        | PublishError::StreamHoles { .. } => true,
     }
 }
 

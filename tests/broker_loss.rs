@@ -277,3 +277,413 @@ async fn idle_wal_is_released_after_the_confirm_delay() {
     });
     walcast.stop(Duration::from_secs(10)).await;
 }
+
+/// The tenant and seq the message at stream sequence `seq` carries (`None`
+/// for a dead letter), read before it is deleted.
+async fn tenant_seq_at(
+    stream: &async_nats::jetstream::stream::Stream,
+    seq: u64,
+) -> Option<(String, u64)> {
+    let msg = stream.get_raw_message(seq).await.expect("read a message");
+    let tenant = msg.headers.get("Walcast-Tenant")?.as_str().to_string();
+    let s = msg.headers.get("Walcast-Seq")?.as_str().parse().ok()?;
+    Some((tenant, s))
+}
+
+/// Runs a small workload through `walcast` until the stream holds every
+/// change; returns the stream's last sequence.
+async fn publish_workload(
+    env: &Env,
+    oracle: &Oracle,
+    client: &tokio_postgres::Client,
+    walcast: &Walcast,
+) -> u64 {
+    let load = Load::start(env, 3, Duration::from_millis(2)).await;
+    load.wait_transactions(40, Duration::from_secs(60)).await;
+    load.stop().await;
+    wait_complete(env, oracle, client, walcast).await;
+    stream_state(&env.nats.url()).await.0
+}
+
+/// Deletes stream messages `from..=to` (`$JS.API.STREAM.MSG.DELETE`) and
+/// returns what the lost events were, as walcast names them: `tenant T seq
+/// A..=B` per tenant (sorted), then the dead letters.
+async fn delete_middle(nats_url: &str, from: u64, to: u64) -> String {
+    delete_middle_events(nats_url, from, to).await.0
+}
+
+/// Like [`delete_middle`], also returning each lost tenant's first lost seq.
+async fn delete_middle_events(nats_url: &str, from: u64, to: u64) -> (String, Vec<(String, u64)>) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+    let stream = js.get_stream("WALCAST").await.unwrap();
+    let mut tenants: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    let mut dead = 0;
+    for seq in from..=to {
+        match tenant_seq_at(&stream, seq).await {
+            Some((t, s)) => {
+                let e = tenants.entry(t).or_insert((s, s));
+                e.0 = e.0.min(s);
+                e.1 = e.1.max(s);
+            }
+            None => dead += 1,
+        }
+        assert!(stream.delete_message(seq).await.expect("delete a message"));
+    }
+    let mut parts: Vec<String> = tenants
+        .iter()
+        .map(|(t, (a, b))| format!("tenant {t} seq {a}..={b}"))
+        .collect();
+    if dead > 0 {
+        parts.push(format!("{dead} dead letters"));
+    }
+    let info = js
+        .get_stream("WALCAST")
+        .await
+        .unwrap()
+        .cached_info()
+        .clone();
+    assert_eq!(
+        info.state.deleted_count,
+        Some(to - from + 1),
+        "JetStream counts the hole"
+    );
+    let firsts = tenants.iter().map(|(t, (a, _))| (t.clone(), *a)).collect();
+    (parts.join(", "), firsts)
+}
+
+/// The catch-up service's error code for `tenant` after `after_seq`, once
+/// it answers (it says "unavailable" until the restarted run has replayed
+/// what the stream holds).
+async fn catch_up_code(nats_url: &str, tenant: &str, after_seq: u64) -> Option<String> {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let body = format!(r#"{{"tenant_id":"{tenant}","after_seq":{after_seq}}}"#);
+    let mut last = None;
+    for _ in 0..300 {
+        if let Ok(reply) = client
+            .request("walcast-api.v1.catchup", body.clone().into())
+            .await
+        {
+            last = Some(
+                reply
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Service-Error-Code"))
+                    .map(|v| v.to_string()),
+            );
+            if last != Some(Some("503".to_string())) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last.expect("the catch-up service answers")
+}
+
+/// Issue 19 item 4, within the repair window: messages deleted from the
+/// middle of the stream while the slot still holds them (confirm delay
+/// 10m). JetStream cannot take them back in place, so the restarted walcast
+/// stops with an error naming the stream range and each lost event's tenant
+/// and seq, and publishes nothing past the hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_within_the_window_stops_naming_tenants_and_seqs() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole").unwrap();
+    let delay = [("WALCAST_CONFIRM_DELAY", "10m")];
+    let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &delay);
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(last >= 20, "a workload of {last} events");
+    walcast.stop(Duration::from_secs(10)).await;
+    assert!(
+        crate::support::chaos::checkpoint_stream_seq(&client).await < last / 2,
+        "the hole is past the checkpoint (within the window)"
+    );
+    let (from, to) = (last / 2, last / 2 + 2);
+    let lost = delete_middle(&env.nats.url(), from, to).await;
+
+    let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
+    let status = walcast.wait(Duration::from_secs(90)).await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains(&format!("missing messages {from}..={to} from its middle"))
+            && log.contains(&format!("3 events, {lost} (commit LSNs ")),
+        "the error names the range and every lost event ({lost}):\n{}",
+        walcast.log_tail(20)
+    );
+    assert!(
+        log.contains(&format!("--accept-holes-through {to}")),
+        "the error says how to go on:\n{}",
+        walcast.log_tail(20)
+    );
+    assert_eq!(
+        stream_state(&env.nats.url()).await.0,
+        last,
+        "nothing is published past the hole"
+    );
+    eprintln!("[middle hole, within the window] {}", walcast.log_tail(1));
+
+    // Accepted by the operator, walcast goes on (ERROR, gauge) and
+    // publishes new changes after the hole.
+    let accept = to.to_string();
+    let http = env
+        .env_vars()
+        .into_iter()
+        .find(|(k, _)| k == "WALCAST_HTTP_ADDR")
+        .unwrap()
+        .1;
+    let mut vars = env.env_vars();
+    vars.retain(|(k, _)| k != "WALCAST_HTTP_ADDR");
+    vars.push(("WALCAST_HTTP_ADDR".into(), http.clone()));
+    let mut walcast = Walcast::start(
+        "accepted",
+        dir.path(),
+        &vars,
+        &[
+            ("WALCAST_CONFIRM_DELAY", "10m"),
+            ("WALCAST_ACCEPT_HOLES_THROUGH", &accept),
+        ],
+    );
+    walcast
+        .wait_log(
+            "--accept-holes-through accepts them",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(walcast.log().contains(&lost), "{}", walcast.log_tail(20));
+    let missing = crate::support::edge::wait_metric(
+        &http,
+        "walcast_stream_missing_messages",
+        3.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(missing, Some(3.0), "the gauge counts the hole");
+    let more = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(more > last, "new changes are published after the hole");
+    walcast.stop(Duration::from_secs(10)).await;
+}
+
+/// Issue 19 item 4, beyond the repair window: messages deleted from the
+/// middle of the stream after the checkpoint passed them (confirm delay 0:
+/// the slot no longer holds them). The restarted walcast logs an ERROR
+/// naming the range and its neighbouring events, sets the gauge, and goes
+/// on publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole-beyond").unwrap();
+    let vars = env.env_vars();
+    let http = vars
+        .iter()
+        .find(|(k, _)| k == "WALCAST_HTTP_ADDR")
+        .unwrap()
+        .1
+        .clone();
+    let mut walcast = Walcast::start("first", dir.path(), &vars, &[]);
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    wait_until(Duration::from_secs(30), || async {
+        crate::support::chaos::checkpoint_stream_seq(&client).await >= last
+    })
+    .await
+    .expect("the checkpoint covers the whole stream");
+    walcast.stop(Duration::from_secs(10)).await;
+    let (from, to) = (last / 2, last / 2 + 1);
+    let (_, lost) = delete_middle_events(&env.nats.url(), from, to).await;
+    // `walcast check` sees the hole too, and names the nats-server version
+    // `--confirm-delay 0` needs (the test server is older).
+    let check = crate::support::edge::run_bounded(&["check"], &vars, Duration::from_secs(60));
+    assert!(
+        check
+            .stdout
+            .contains("! stream WALCAST misses 2 messages from its middle")
+            && check
+                .stdout
+                .contains("! --confirm-delay 0 with NATS server 2.")
+            && check.stdout.contains("v2.14.6 or newer"),
+        "{}{}",
+        check.stdout,
+        check.stderr
+    );
+
+    let mut walcast = Walcast::start("second", dir.path(), &vars, &[]);
+    walcast
+        .wait_log(
+            "missing from the middle of the stream",
+            Duration::from_secs(60),
+        )
+        .await;
+    let error = walcast
+        .log()
+        .lines()
+        .find(|l| l.contains(" ERROR ") && l.contains("missing from the middle"))
+        .map(str::to_string)
+        .unwrap_or_else(|| panic!("an ERROR line:\n{}", walcast.log_tail(20)));
+    assert!(
+        error.contains(&format!("missing={from}..={to}"))
+            && error.contains("messages=2")
+            && error.contains("before=event ")
+            && error.contains("after=event "),
+        "the ERROR names the range and its neighbours: {error}"
+    );
+    eprintln!("[middle hole, beyond the window] {error}");
+    let missing = crate::support::edge::wait_metric(
+        &http,
+        "walcast_stream_missing_messages",
+        2.0,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(missing, Some(2.0), "the gauge counts the hole");
+    // A consumer that asks to catch up across the hole is told to re-sync,
+    // never handed a start that skips the lost event.
+    assert!(!lost.is_empty(), "the workload has no dead letters");
+    for (tenant, seq) in &lost {
+        let code = catch_up_code(&env.nats.url(), tenant, seq - 1).await;
+        assert_eq!(
+            code.as_deref(),
+            Some("410"),
+            "too_old for {tenant} after {}",
+            seq - 1
+        );
+    }
+    let more = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(more > last, "walcast goes on publishing");
+    walcast.stop(Duration::from_secs(10)).await;
+}
+
+/// A hole made while walcast runs is found at the next NATS reconnection:
+/// the run restarts, replays the slot, names the lost events and stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_is_found_on_reconnect() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole-reconnect").unwrap();
+    // No state bucket: its service would restart the run on the dropped
+    // connection by itself; here the reconnection check must.
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[
+            ("WALCAST_CONFIRM_DELAY", "10m"),
+            ("WALCAST_STATE_BUCKET", ""),
+        ],
+    );
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    let (from, to) = (last / 2, last / 2 + 1);
+    let lost = delete_middle(&env.nats.url(), from, to).await;
+    assert!(
+        walcast.exited().is_none(),
+        "nothing noticed before a reconnect"
+    );
+    env.nats.stop().unwrap();
+    env.nats.start_again().unwrap();
+    let status = walcast.wait(Duration::from_secs(90)).await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains(&format!("missing messages {from}..={to} from its middle"))
+            && log.contains(&format!("2 events, {lost} (commit LSNs ")),
+        "the error names the range and every lost event ({lost}):\n{}",
+        walcast.log_tail(20)
+    );
+    let retries = walcast.retry_lines();
+    assert!(
+        retries
+            .iter()
+            .any(|l| l.contains("now misses 2 messages from its middle")),
+        "the reconnection check restarts the run: {retries:#?}"
+    );
+    assert_eq!(
+        stream_state(&env.nats.url()).await.0,
+        last,
+        "nothing is published past the hole"
+    );
+}
+
+/// A hole made while walcast runs and stays connected is found within
+/// seconds (a stream info request every 10 s), while the slot still holds
+/// it: walcast stops naming the lost events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn middle_hole_made_while_connected_is_found_within_seconds() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("middle-hole-connected").unwrap();
+    let mut walcast = Walcast::start(
+        "walcast",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "10m")],
+    );
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    let (from, to) = (last / 3, last / 3);
+    let lost = delete_middle(&env.nats.url(), from, to).await;
+    let status = walcast.wait(Duration::from_secs(60)).await;
+    assert_ne!(status.code(), Some(0), "walcast must stop with an error");
+    let log = walcast.log();
+    assert!(
+        log.contains("now misses 1 messages from its middle")
+            && log.contains(&format!("missing messages {from}..={to} from its middle"))
+            && log.contains(&format!("1 events, {lost} (commit LSNs ")),
+        "found while connected, the error names the lost event ({lost}):\n{}",
+        walcast.log_tail(20)
+    );
+    assert_eq!(stream_state(&env.nats.url()).await.0, last);
+}
+
+/// A hole made while walcast runs, before the checkpoint (a purge of old
+/// events, say): an ERROR and the gauge, and the run goes on undisturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_hole_made_while_connected_is_reported_without_a_restart() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("old-hole-connected").unwrap();
+    let vars = env.env_vars();
+    let http = vars
+        .iter()
+        .find(|(k, _)| k == "WALCAST_HTTP_ADDR")
+        .unwrap()
+        .1
+        .clone();
+    let walcast = Walcast::start("walcast", dir.path(), &vars, &[]);
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+    wait_until(Duration::from_secs(30), || async {
+        crate::support::chaos::checkpoint_stream_seq(&client).await >= last
+    })
+    .await
+    .expect("the checkpoint covers the whole stream");
+    let (from, to) = (last / 2, last / 2 + 2);
+    delete_middle(&env.nats.url(), from, to).await;
+    walcast
+        .wait_log("went missing from the middle", Duration::from_secs(30))
+        .await;
+    let error = walcast
+        .log()
+        .lines()
+        .find(|l| l.contains(" ERROR ") && l.contains("went missing from the middle"))
+        .map(str::to_string)
+        .unwrap();
+    assert!(error.contains(&format!("missing={from}..={to}")), "{error}");
+    let missing = crate::support::edge::wait_metric(
+        &http,
+        "walcast_stream_missing_messages",
+        3.0,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(missing, Some(3.0), "the gauge counts the hole");
+    let more = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(more > last, "walcast goes on publishing");
+    assert!(
+        walcast.retry_lines().is_empty(),
+        "no restart: {:#?}",
+        walcast.retry_lines()
+    );
+}

@@ -9,7 +9,7 @@ use tokio::task::JoinHandle;
 
 use super::prepare::Prepared;
 use super::reader::{Reader, Skip, read_batch};
-use super::watchdog::{broker_loss, watch_postgres};
+use super::watchdog::{broker_loss, watch_holes, watch_postgres};
 use super::{Context, PipelineError, Replicating};
 use crate::assemble::Assembler;
 use crate::catchup;
@@ -29,9 +29,14 @@ struct Stages {
     checkpointing: JoinHandle<Result<(), crate::database::DbError>>,
     watchdog: JoinHandle<()>,
     dog: oneshot::Receiver<PipelineError>,
+    /// Watches for new holes in the stream while the run goes on.
+    hole_watch: JoinHandle<()>,
+    holes: oneshot::Receiver<PipelineError>,
     catchup: catchup::CatchupService,
     /// `None` when the state bucket is turned off.
     state: Option<state::StateService>,
+    /// Messages missing from the middle of the stream when the run started.
+    missing: u64,
 }
 
 /// Runs until `shutdown` flips to true (clean stop: drain, checkpoint,
@@ -127,9 +132,19 @@ async fn spawn_stages(
         delay: s.confirm_delay,
         health: ctx.health.clone(),
     };
+    let checkpointed = checkpoint.stream_seq;
     let checkpointing = tokio::spawn(checkpointer.run(checkpoint, segments_rx, confirm_tx));
     let (dog_tx, dog) = oneshot::channel();
     let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
+    let (holes_tx, holes) = oneshot::channel();
+    let hole_watch = tokio::spawn(watch_holes(
+        ctx.js.clone(),
+        s.stream.clone(),
+        reconciled.missing,
+        checkpointed,
+        ctx.health.clone(),
+        holes_tx,
+    ));
     let stages = Stages {
         items: Some(items_tx),
         confirms,
@@ -137,8 +152,11 @@ async fn spawn_stages(
         checkpointing,
         watchdog,
         dog,
+        hole_watch,
+        holes,
         catchup,
         state,
+        missing: reconciled.missing,
     };
     Ok((stages, source))
 }
@@ -165,6 +183,11 @@ async fn read_until_stopped(
                 failure = Some(error);
                 stages.items = None;
             }
+            // Messages deleted from the middle while connected.
+            Ok(error) = &mut stages.holes, if reading => {
+                failure = Some(error);
+                stages.items = None;
+            }
             // A service that stops on its own fails the run: the next run
             // starts a new one (a standby never answers, nor may the active
             // instance stop answering).
@@ -178,10 +201,11 @@ async fn read_until_stopped(
             }
             // SPEC §4.7: on every reconnection, compare the stream's tail with
             // what this process saw acknowledged; a shorter stream means loss,
-            // and the restart from the checkpoint republishes it.
+            // and the restart from the checkpoint republishes it. New holes
+            // in its middle restart the run too, which names them.
             Ok(()) = connects.changed(), if reading => {
                 connects.borrow_and_update();
-                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high).await {
+                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high, stages.missing).await {
                     failure = Some(loss);
                     stages.items = None;
                 }
@@ -240,6 +264,7 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
 async fn finish(failure: Option<PipelineError>, stages: Stages) -> Result<(), PipelineError> {
     drop(stages.items);
     stages.watchdog.abort();
+    stages.hole_watch.abort();
     let published = joined("publisher", stages.publishing.await);
     let checkpointed = joined("checkpointer", stages.checkpointing.await);
     let downstream =

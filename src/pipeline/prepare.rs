@@ -11,6 +11,11 @@
 //! first `last_seq - s` of them are exactly the ones already in the stream:
 //! they are counted but not sent again. If the stream holds fewer than `s`
 //! messages, the broker lost events the slot no longer has: stop, loudly.
+//!
+//! Messages missing from the middle of the stream (`publish::holes`) are
+//! found here too, from one stream info request: past the checkpoint the
+//! replay names the lost events and stops (`reader::Skip`); before it,
+//! an ERROR names the range and the run goes on.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,6 +25,7 @@ use crate::database::with_timeout;
 use crate::lsn::Lsn;
 use crate::position::StreamSeq;
 use crate::proto::Entity;
+use crate::publish::holes::{self, Hole};
 use crate::publish::{self, JetStream, Sink};
 use crate::source::preflight::{self, SlotVerdict};
 use crate::source::{Source, slot, writes};
@@ -113,7 +119,15 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         slot: &s.slot,
         stream: &s.stream,
     };
-    let reconciled = reconcile(&sink, names, &checkpoint, last_seq, &ctx.acked_high).await?;
+    let reconciled = reconcile(
+        &sink,
+        names,
+        &checkpoint,
+        last_seq,
+        &ctx.acked_high,
+        StreamSeq(s.accept_holes_through),
+    )
+    .await?;
     Ok(Prepared {
         start: checkpoint.lsn.max(slot_state.confirmed_flush),
         sql,
@@ -144,6 +158,12 @@ pub(super) struct Reconciled {
     /// The highest stream sequence ever acknowledged (this process or the
     /// checkpoint): below it, sends are republishes of lost messages.
     pub acked_high: StreamSeq,
+    /// Holes past the checkpoint: the replay names what they lost.
+    pub holes: Vec<Hole>,
+    /// Holes up to here were accepted by the operator (reported, not fatal).
+    pub accept_through: StreamSeq,
+    /// Messages missing from the middle of the stream in all.
+    pub missing: u64,
 }
 
 /// Reconciles the checkpoint with a stream that ends at `last_seq` (see the
@@ -151,15 +171,34 @@ pub(super) struct Reconciled {
 /// and the last one's id to check the replay against. An error if the
 /// checkpoint belongs to another stream or the stream lost events the slot
 /// no longer has. `process_high` is the highest sequence this process saw
-/// acknowledged; it is raised to the checkpoint's.
+/// acknowledged; it is raised to the checkpoint's. Holes up to
+/// `accept_through` do not stop the run.
 pub(super) async fn reconcile(
     sink: &impl Sink,
     names: Names<'_>,
     checkpoint: &Checkpoint,
     last_seq: StreamSeq,
     process_high: &AtomicU64,
+    accept_through: StreamSeq,
 ) -> Result<Reconciled, PipelineError> {
     let already = count_already(names, checkpoint, last_seq)?;
+    let all = sink.holes().await?;
+    let missing = holes::missing(&all);
+    holes::gauge(missing);
+    let (within, beyond) = holes::split(&all, checkpoint.stream_seq);
+    for hole in beyond.iter().take(holes::HOLES_NAMED) {
+        report_beyond(sink, names, checkpoint, hole).await;
+    }
+    if let Some(rest) = beyond.get(holes::HOLES_NAMED..).filter(|r| !r.is_empty()) {
+        tracing::error!(
+            stream = %names.stream,
+            holes = rest.len(),
+            messages = holes::missing(rest),
+            from = %rest[0].first,
+            to = %rest[rest.len() - 1].last,
+            "more holes in the middle of the stream before the checkpoint (see the ERRORs above)"
+        );
+    }
     let tail_id = match already {
         0 => None,
         _ => sink.message_id(last_seq).await,
@@ -181,7 +220,34 @@ pub(super) async fn reconcile(
         already,
         tail_id,
         acked_high,
+        holes: within,
+        accept_through,
+        missing,
     })
+}
+
+/// The ERROR for a hole the slot can no longer fill: the range, and the
+/// events on either side of it (their LSNs bound what was lost).
+async fn report_beyond(sink: &impl Sink, names: Names<'_>, checkpoint: &Checkpoint, hole: &Hole) {
+    let neighbour =
+        |m: Option<holes::Message>| m.map_or_else(|| "none".to_string(), |m| m.to_string());
+    let before = neighbour(match hole.first.prev() {
+        StreamSeq(0) => None,
+        seq => sink.message(seq).await,
+    });
+    let after = neighbour(sink.message(hole.last.next()).await);
+    tracing::error!(
+        stream = %names.stream,
+        missing = %hole,
+        messages = hole.messages(),
+        before = %before,
+        after = %after,
+        checkpoint_stream_seq = %checkpoint.stream_seq,
+        checkpoint_lsn = %checkpoint.lsn,
+        "stream messages are missing from the middle of the stream (deleted, or lost by the broker) before the checkpoint: \
+         the slot no longer holds them, so they cannot be republished; consumers of the tenants committed between \
+         the two neighbouring events see a seq gap and must re-sync them from the database (README \"Broker data loss\")"
+    );
 }
 
 /// How many events past the checkpoint the stream already holds; an error

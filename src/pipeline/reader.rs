@@ -8,10 +8,11 @@ use super::{BATCH, PipelineError};
 use crate::assemble::Assembler;
 use crate::checkpoint::Checkpoint;
 use crate::decode;
-use crate::events::Route;
+use crate::events::{Route, parse_event_id};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::position::StreamSeq;
+use crate::publish::holes::{Hole, Lost};
 use crate::source::{Source, SourceError, SourceEvent};
 
 /// Reads one batch: at least one event (waiting for it), then whatever is
@@ -89,20 +90,37 @@ impl Reader<'_> {
 }
 
 /// Events a previous run already published, to count but not resend.
+///
+/// Some of their positions may be holes (`publish::holes`): the events the
+/// replay puts there are the lost ones. Once the replay is past the last
+/// hole it names them all (tenant and seq) and stops the run — JetStream
+/// cannot take them back in place — unless the operator accepted those
+/// holes (`--accept-holes-through`): then an ERROR names them and the run
+/// goes on.
 pub(super) struct Skip {
     remaining: u64,
     next_stream_seq: StreamSeq,
     tail_id: Option<String>,
+    holes: Vec<Hole>,
+    /// The first of `holes` not yet behind the replay.
+    hole_at: usize,
+    accept_through: StreamSeq,
+    lost: Lost,
+    stream: String,
 }
 
 impl Skip {
     /// What reconciliation found past the checkpoint.
     pub(super) fn after(checkpoint: &Checkpoint, reconciled: &Reconciled) -> Self {
-        Skip::new(
+        let mut skip = Skip::new(
             reconciled.already,
             checkpoint.stream_seq,
             reconciled.tail_id.clone(),
-        )
+        );
+        skip.holes = reconciled.holes.clone();
+        skip.accept_through = reconciled.accept_through;
+        skip.stream = checkpoint.stream.clone();
+        skip
     }
 
     pub(super) fn new(
@@ -114,13 +132,83 @@ impl Skip {
             remaining,
             next_stream_seq: checkpoint_stream_seq.next(),
             tail_id,
+            holes: Vec::new(),
+            hole_at: 0,
+            accept_through: StreamSeq(0),
+            lost: Lost::default(),
+            stream: String::new(),
         }
+    }
+
+    /// Notes the event the replay puts at `stream_seq` if that position is
+    /// a hole; past the last hole, stops the run or reports (see [`Skip`]).
+    fn check_hole(
+        &mut self,
+        stream_seq: StreamSeq,
+        event: &crate::events::OutEvent,
+    ) -> Result<(), PipelineError> {
+        let Some(end) = self.holes.last().map(|h| h.last) else {
+            return Ok(());
+        };
+        // The replay's positions only grow: holes behind it are done with
+        // (O(events + holes), however many holes a broker made).
+        while self.hole_at < self.holes.len() && self.holes[self.hole_at].last < stream_seq {
+            self.hole_at += 1;
+        }
+        if self
+            .holes
+            .get(self.hole_at)
+            .is_some_and(|h| h.contains(stream_seq))
+        {
+            let tenant = match &event.route {
+                Route::Tenant { tenant, seq } => Some((&**tenant, *seq)),
+                _ => None,
+            };
+            self.lost.record(&event.event_id, tenant);
+        }
+        if stream_seq < end {
+            return Ok(());
+        }
+        let holes = crate::publish::holes::describe(&self.holes);
+        self.holes.clear();
+        let lost = std::mem::take(&mut self.lost);
+        let lsns = lost
+            .ids
+            .as_ref()
+            .and_then(|(a, b)| Some((parse_event_id(a)?.0, parse_event_id(b)?.0)))
+            .map(|(a, b)| format!("{a}..={b}"))
+            .unwrap_or_default();
+        let stream = &self.stream;
+        if end <= self.accept_through {
+            tracing::error!(
+                stream = %stream,
+                missing = %holes,
+                events = lost.events,
+                lost = %lost.describe(),
+                lsns = %lsns,
+                accepted_through = %self.accept_through,
+                "stream messages are missing from the middle of the stream; --accept-holes-through accepts them, \
+                 so walcast goes on without them: consumers of the named tenants must re-sync from the database"
+            );
+            return Ok(());
+        }
+        Err(PipelineError::Fatal(format!(
+            "stream {stream} is missing messages {holes} from its middle (deleted, or lost by the broker): {} events, \
+             {} (commit LSNs {lsns}). The slot still holds them, but JetStream cannot put a message back at its old \
+             position and appending them would break each tenant's stream order, so walcast stops rather than go on \
+             past the hole. Re-sync those tenants' consumers from the database, then restart with \
+             --accept-holes-through {end} (WALCAST_ACCEPT_HOLES_THROUGH) to go on without them; see README \
+             \"Broker data loss\"",
+            lost.events,
+            lost.describe(),
+        )))
     }
 
     fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {
         self.remaining -= 1;
         let stream_seq = self.next_stream_seq;
         self.next_stream_seq = self.next_stream_seq.next();
+        self.check_hole(stream_seq, event)?;
         if self.remaining == 0
             && let Some(tail) = &self.tail_id
             && *tail != event.event_id

@@ -42,6 +42,7 @@ use crate::decode::{Begin, Commit, Message, Relation, Value, encode};
 use crate::events::{Tables, event_id};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 use crate::proto::ChangeEvent;
 use crate::publish::memory::MemoryBroker;
 use crate::publish::oversized::Oversized;
@@ -175,6 +176,9 @@ enum Loss {
     /// Its last n messages, whatever the checkpoint says: walcast must
     /// repair it or, if it reaches checkpointed messages, stop.
     Any(u64),
+    /// One message from the middle, the k-th (modulo the stream's length):
+    /// past the checkpoint walcast must stop (naming it), before it go on.
+    Hole(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +208,8 @@ struct World {
     /// The process's highest acknowledged sequence (lost with the process).
     process_high: Arc<AtomicU64>,
     runs: u64,
+    /// `--accept-holes-through`.
+    accept_holes_through: u64,
 }
 
 enum Outcome {
@@ -224,6 +230,7 @@ impl World {
             confirmed: Arc::default(),
             process_high: Arc::default(),
             runs: 0,
+            accept_holes_through: 0,
         }
     }
 
@@ -318,8 +325,23 @@ impl World {
                 n.min(len.saturating_sub(self.store.snapshot().stream_seq))
             }
             Loss::Any(n) => n,
+            Loss::Hole(k) => {
+                let len = self.broker.lock().messages.len() as u64;
+                if len > 0 {
+                    self.broker.delete(k % len + 1);
+                }
+                0
+            }
         };
         self.broker.lose_last(n);
+    }
+
+    /// Whether a message is missing from the middle of the stream past the
+    /// checkpoint: the slot still holds it, but it cannot go back in place,
+    /// so the next run must stop.
+    fn hole_past_checkpoint(&self) -> bool {
+        let checkpoint = self.store.snapshot().stream_seq;
+        self.broker.lock().deleted.iter().any(|s| *s > checkpoint)
     }
 
     /// Whether the broker lost messages the checkpoint counts (the one case
@@ -374,7 +396,16 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
     let checkpoint = w.store.checkpoint(STREAM);
     let owner = format!("run {}", w.runs);
     w.store.claim(&owner);
-    let reconciled = match reconcile(&sink, NAMES, &checkpoint, last_seq, &w.process_high).await {
+    let reconciled = match reconcile(
+        &sink,
+        NAMES,
+        &checkpoint,
+        last_seq,
+        &w.process_high,
+        StreamSeq(w.accept_holes_through),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(e),
     };
@@ -449,8 +480,15 @@ async fn case(c: Case) -> Result<(), String> {
                 Duration::from_secs(60)
             }
         };
+        let must_stop = w.hole_past_checkpoint();
         let outcome = run(&mut w, &c, false, limit).await;
         w.broker.heal();
+        if must_stop && matches!(outcome, Outcome::Clean | Outcome::Failed(_)) {
+            return match outcome {
+                Outcome::Failed(e) if fatal(&e) => stopped_rightly(&w, e),
+                _ => Err(format!("run {k} went on past a hole the slot still holds")),
+            };
+        }
         match outcome {
             // kill -9: the process's memory is gone.
             Outcome::Killed => w.process_high = Arc::default(),
@@ -461,7 +499,11 @@ async fn case(c: Case) -> Result<(), String> {
             .map_err(|e| format!("after interruption {k}: {e}"))?;
         w.lose(&interruption.loss);
     }
+    let must_stop = w.hole_past_checkpoint();
     match run(&mut w, &c, true, Duration::from_secs(3600)).await {
+        Outcome::Clean if must_stop => {
+            return Err("the last run went on past a hole the slot still holds".into());
+        }
         Outcome::Clean => {}
         Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
         Outcome::Failed(e) => return Err(format!("the last run failed: {e}")),
@@ -483,9 +525,19 @@ fn fatal(e: &PipelineError) -> bool {
 }
 
 /// A run that stops for good is right only if the broker lost messages
-/// the checkpoint counts.
+/// the checkpoint counts, or a message is missing from the middle past the
+/// checkpoint (and the error names it).
 fn stopped_rightly(w: &World, e: PipelineError) -> Result<(), String> {
-    if w.lost_checkpointed() {
+    let names_hole = || {
+        let deleted = w.broker.lock().deleted.clone();
+        let text = e.to_string();
+        text.contains("from its middle")
+            && deleted
+                .iter()
+                .filter(|s| **s > w.store.snapshot().stream_seq)
+                .all(|s| text.contains(&s.to_string()))
+    };
+    if w.lost_checkpointed() || (w.hole_past_checkpoint() && names_hole()) {
         Ok(())
     } else {
         Err(format!("stopped, but nothing was lost for good: {e}"))
@@ -516,6 +568,7 @@ fn interruption() -> impl Strategy<Value = Interruption> {
         3 => Just(Loss::None),
         3 => (1u64..30).prop_map(Loss::Unconfirmed),
         1 => (1u64..8).prop_map(Loss::Any),
+        1 => (0u64..1_000).prop_map(Loss::Hole),
     ];
     (stop, loss).prop_map(|(stop, loss)| Interruption { stop, loss })
 }
@@ -548,4 +601,80 @@ proptest! {
         let outcome = crate::checkpoint::tests::paused_runtime().block_on(case(c));
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
     }
+}
+
+/// Two tenants' rows per transaction: message 2i+1 is tenant `t{i%2}`,
+/// message 2i+2 tenant `t2`.
+fn two_rows_each(n: usize) -> Case {
+    Case {
+        wal: (0..n)
+            .map(|i| Tx {
+                gap_ms: 1,
+                rows: vec![Some((i % 2) as u8), Some(2)],
+                keepalive: false,
+            })
+            .collect(),
+        interruptions: Vec::new(),
+        delay_ms: 0,
+        ack_latency_ms: 1,
+        feedback_ms: 0,
+        max_in_flight: 1024,
+    }
+}
+
+/// Issue 19 item 4: messages deleted from the middle of the stream past
+/// the checkpoint (the slot still holds them). The next run names the lost
+/// events' tenants and seqs and stops, publishing nothing; accepted
+/// (`--accept-holes-through`), it goes on.
+#[test]
+fn a_hole_past_the_checkpoint_stops_naming_tenants_and_seqs() {
+    crate::checkpoint::tests::paused_runtime().block_on(async {
+        let mut c = two_rows_each(6);
+        c.delay_ms = 3_600_000; // nothing is checkpointed: all within the window
+        let mut w = World::new(&c.wal);
+        let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(first, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 12);
+        w.broker.delete(2); // t2 seq 1
+        w.broker.delete(4); // t2 seq 2
+        w.broker.delete(5); // t0 seq 2
+        let Outcome::Failed(e) = run(&mut w, &c, true, Duration::from_secs(60)).await else {
+            panic!("a run past a hole must stop");
+        };
+        let text = e.to_string();
+        assert!(fatal(&e), "{text}");
+        assert!(text.contains("missing messages 2..=2, 4..=5"), "{text}");
+        assert!(
+            text.contains("3 events, tenant t0 seq 2..=2, tenant t2 seq 1..=2"),
+            "{text}"
+        );
+        assert!(text.contains("--accept-holes-through 5"), "{text}");
+        assert_eq!(w.broker.lock().messages.len(), 12, "nothing published");
+
+        w.accept_holes_through = 5;
+        let accepted = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(accepted, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 12, "nothing republished");
+    });
+}
+
+/// A hole before the checkpoint (the slot no longer holds it) is reported,
+/// and the run goes on.
+#[test]
+fn a_hole_before_the_checkpoint_does_not_stop_the_run() {
+    crate::checkpoint::tests::paused_runtime().block_on(async {
+        let mut c = two_rows_each(6);
+        let mut w = World::new(&c.wal);
+        assert!(matches!(
+            run(&mut w, &c, true, Duration::from_secs(60)).await,
+            Outcome::Clean
+        ));
+        assert_eq!(w.store.checkpoint(STREAM).stream_seq, StreamSeq(12));
+        w.broker.delete(4);
+        c.wal.extend(two_rows_each(2).wal);
+        w.expected = exact_stream(&c.wal);
+        let again = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(again, Outcome::Clean));
+        assert_eq!(w.broker.lock().messages.len(), 16, "new events published");
+    });
 }

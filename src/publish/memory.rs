@@ -37,6 +37,8 @@ pub(crate) struct Broker {
     pub messages: Vec<Stored>,
     /// The duplicate window.
     pub window: Duration,
+    /// Stream sequences deleted from the middle (still counted in `messages`).
+    pub deleted: std::collections::BTreeSet<u64>,
     /// Connections so far (a disconnect opens a new one).
     connects: u64,
     /// Sends so far, over all runs (faults are placed on this count).
@@ -57,6 +59,7 @@ impl MemoryBroker {
         MemoryBroker(Arc::new(Mutex::new(Broker {
             messages: Vec::new(),
             window,
+            deleted: Default::default(),
             connects: 1,
             sends: 0,
             fail_at: None,
@@ -75,7 +78,14 @@ impl MemoryBroker {
         let keep = b.messages.len().saturating_sub(n as usize);
         let lost = b.messages.len() - keep;
         b.messages.truncate(keep);
+        b.deleted.retain(|s| *s <= keep as u64);
         lost as u64
+    }
+
+    /// Deletes message `seq` from the middle of the stream, as
+    /// `$JS.API.STREAM.MSG.DELETE` does: its position stays taken.
+    pub fn delete(&self, seq: u64) {
+        self.lock().deleted.insert(seq);
     }
 
     /// Refuses the `n`-th send from now.
@@ -251,9 +261,28 @@ impl Sink for MemorySink {
     }
 
     async fn message_id(&self, seq: StreamSeq) -> Option<String> {
+        self.message(seq).await.map(|m| m.event_id)
+    }
+
+    async fn message(&self, seq: StreamSeq) -> Option<super::holes::Message> {
         let b = self.broker.lock();
+        if b.deleted.contains(&seq.0) {
+            return None;
+        }
         let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
-        b.messages.get(i).map(|m| m.msg_id.clone())
+        b.messages.get(i).map(|m| super::holes::Message {
+            event_id: m.msg_id.clone(),
+            tenant: m.tenant.clone(),
+            seq: m.seq,
+        })
+    }
+
+    async fn holes(&self) -> Result<Vec<super::holes::Hole>, PublishError> {
+        let b = self.broker.lock();
+        let last = b.messages.len() as u64;
+        Ok(super::holes::ranges(
+            b.deleted.iter().copied().filter(|s| *s <= last).collect(),
+        ))
     }
 }
 

@@ -24,6 +24,7 @@
 //! no longer exists), so the next run publishes at once.
 
 mod acks;
+pub mod holes;
 #[cfg(test)]
 pub(crate) mod memory;
 pub mod oversized;
@@ -78,6 +79,14 @@ pub enum PublishError {
         "stream {stream} no longer exists: publishes found no responders and JetStream says it is not found (was it deleted?)"
     )]
     StreamGone { stream: String },
+    #[error(
+        "stream {stream} now misses {missing} messages from its middle (it missed {known} when this run started): checking them from the checkpoint"
+    )]
+    StreamHoles {
+        stream: String,
+        missing: u64,
+        known: u64,
+    },
     #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high.0 - last.0)]
     BrokerLoss {
         stream: String,

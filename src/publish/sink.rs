@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use super::PublishError;
 use super::acks::{Verdict, parse};
+use super::holes::{Hole, Message, ranges};
 use super::stream;
 use crate::position::StreamSeq;
 
@@ -60,6 +61,12 @@ pub(crate) trait Sink {
     async fn last_seq(&self) -> Result<StreamSeq, PublishError>;
     /// The `Nats-Msg-Id` of the message at `seq`, if it can still be read.
     async fn message_id(&self, seq: StreamSeq) -> Option<String>;
+    /// The event, tenant and seq of the message at `seq`, if it can be read.
+    async fn message(&self, seq: StreamSeq) -> Option<Message>;
+    /// The runs of stream positions missing between the stream's first and
+    /// last message (see [`holes`](super::holes)): one stream info request,
+    /// a second one listing them only if any are missing.
+    async fn holes(&self) -> Result<Vec<Hole>, PublishError>;
 }
 
 /// The acknowledgements of one run, on one subscription.
@@ -202,6 +209,35 @@ impl Sink for JetStream {
     async fn message_id(&self, seq: StreamSeq) -> Option<String> {
         let msg = self.stream.get_raw_message(seq.0).await.ok()?;
         Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
+    }
+
+    async fn message(&self, seq: StreamSeq) -> Option<Message> {
+        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
+        let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_string());
+        Some(Message {
+            event_id: header("Nats-Msg-Id")?,
+            tenant: header("Walcast-Tenant"),
+            seq: header("Walcast-Seq").and_then(|s| s.parse().ok()),
+        })
+    }
+
+    async fn holes(&self) -> Result<Vec<Hole>, PublishError> {
+        let info = self
+            .stream
+            .get_info()
+            .await
+            .map_err(|e| PublishError::Nats(format!("read stream info: {e}")))?;
+        if info.state.deleted_count.unwrap_or(0) == 0 {
+            return Ok(Vec::new());
+        }
+        let detailed = self
+            .stream
+            .info_builder()
+            .with_deleted(true)
+            .fetch()
+            .await
+            .map_err(|e| PublishError::Nats(format!("list the stream's deleted messages: {e}")))?;
+        Ok(ranges(detailed.info.state.deleted.unwrap_or_default()))
     }
 }
 

@@ -22,6 +22,7 @@ pub const PIPELINE_RESTARTS: &str = "walcast_pipeline_restarts_total";
 pub const NATS_RECONNECTS: &str = "walcast_nats_reconnects_total";
 pub const ERRORS: &str = "walcast_errors_total";
 pub const REPUBLISHED_EVENTS: &str = "walcast_republished_events_total";
+pub const STREAM_MISSING_MESSAGES: &str = "walcast_stream_missing_messages";
 pub const CATCHUP_REQUESTS: &str = "walcast_catchup_requests_total";
 pub const CATCHUP_SECONDS: &str = "walcast_catchup_seconds";
 pub const CATCHUP_INDEX_BYTES: &str = "walcast_catchup_index_bytes";
@@ -125,6 +126,10 @@ fn describe() {
     describe_counter!(
         REPUBLISHED_EVENTS,
         "Events republished because the broker lost them (SPEC §4.7)"
+    );
+    describe_gauge!(
+        STREAM_MISSING_MESSAGES,
+        "Messages missing from the middle of the stream (deleted or lost by the broker), as of the last (re)connect"
     );
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
