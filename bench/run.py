@@ -884,6 +884,65 @@ def scenario_state_load(ctx):
         pg.sql("DELETE FROM tasks WHERE tenant_id IN ('load10k', 'load100k') OR tenant_id LIKE 'other%'")
 
 
+def scenario_auth_logins(ctx):
+    """Issue 20 / SPEC §9: `walcast auth` answering the callout of a
+    nats-server configured like deploy/nats/auth-callout.conf (the compose
+    file's demo keys); 1,000 NATS clients log in at once with HS256 tokens of
+    10 tenants (bench/logins.py), three rounds. Logins/s, latency from TCP
+    connect to PONG, CPU of walcast and nats-server."""
+    import asyncio
+    import re
+    import logins
+    a = ctx.args
+    log(f"scenario 10: {a.logins} concurrent auth callout logins, 3 rounds")
+    compose = (ROOT / "docker-compose.yml").read_text()
+    env_of = lambda k: re.search(rf"{k}: (\S+)", compose).group(1)
+    nats_env = {k: env_of(k) for k in ("NATS_PASSWORD_FOR_WALCAST", "NATS_AUTH_ISSUER", "NATS_AUTH_XKEY")}
+    d = ctx.work / "nats-auth"
+    d.mkdir()
+    conf = (ROOT / "deploy/nats/auth-callout.conf").read_text().replace("port: 8080", f"port: {free_port()}")
+    (d / "nats.conf").write_text(conf)
+    port = free_port()
+    nlog = open(d / "nats.log", "wb")
+    nats = subprocess.Popen([ctx.nats_bin, "-c", str(d / "nats.conf"), "-js", "-sd", str(d / "js"),
+                             "-a", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **nats_env),
+                            stdout=nlog, stderr=subprocess.STDOUT)
+    STARTED.append(("proc", nats))
+    wait_port(port)
+    demo = ROOT / "deploy/compose"
+    wlog_path = ctx.work / "walcast-auth.log"
+    wlog = open(wlog_path, "wb")
+    wenv = dict(os.environ, WALCAST_NATS_URL=f"nats://walcast:{nats_env['NATS_PASSWORD_FOR_WALCAST']}@127.0.0.1:{port}",
+                WALCAST_HTTP_ADDR=f"127.0.0.1:{free_port()}", WALCAST_AUTH_ACCOUNT="APP",
+                WALCAST_AUTH_ISSUER_SEED_FILE=str(demo / "demo-auth-issuer.nk"),
+                WALCAST_AUTH_XKEY_SEED_FILE=str(demo / "demo-auth-xkey.xk"),
+                WALCAST_AUTH_TOKEN_SECRET_FILE=str(demo / "demo-app-jwt-secret"))
+    auth = subprocess.Popen([ctx.walcast_bin, "auth"], env=wenv, stdout=wlog, stderr=subprocess.STDOUT)
+    STARTED.append(("proc", auth))
+    try:
+        deadline = time.monotonic() + 30
+        while b"auth callout answering" not in wlog_path.read_bytes():
+            if time.monotonic() > deadline or auth.poll() is not None:
+                raise RuntimeError(f"walcast auth did not start; log {wlog_path}")
+            time.sleep(0.1)
+        secret = (demo / "demo-app-jwt-secret").read_bytes().rstrip()
+        rounds = []
+        for _ in range(3):
+            c0 = {"walcast": proc_cpu(auth.pid), "nats-server": proc_cpu(nats.pid)}
+            r = asyncio.run(logins.run("127.0.0.1", port, secret, a.logins, a.logins))
+            r["cpu_s"] = {k: round(proc_cpu(p) - c0[k], 2) for k, p in (("walcast", auth.pid), ("nats-server", nats.pid))}
+            r["load_avg_after"] = loadavg()
+            rounds.append(r)
+            log(f"    {r['logins']} logins in {r['seconds']} s ({r['logins_per_s']}/s), p50 {r['p50_ms']} ms, "
+                f"p99 {r['p99_ms']} ms, failed {r['refused_or_failed']}, cpu {r['cpu_s']}")
+        return {"rounds": rounds, "best": min(rounds, key=lambda r: r["p99_ms"] or 1e9)}
+    finally:
+        stop_proc(auth)
+        stop_proc(nats)
+        wlog.close()
+        nlog.close()
+
+
 def scenario_idle(ctx):
     a = ctx.args
     log(f"scenario 5: idle walcast for {a.idle_seconds}s")
@@ -1305,6 +1364,12 @@ def summary_rows(res):
     if b and "error" not in b:
         rows.append(("8 backfill (SPEC §8)", "rows/s; walcast peak RSS MB", b["rows_per_s"], "flat RSS",
                      "see RSS", f"{b['rows']} rows in {b['seconds']} s, peak RSS {b['peak_rss_mb']} MB"))
+    al = sc.get("auth_logins")
+    if al and "error" not in al:
+        b = al["best"]
+        rows.append((f"10 auth callout, {b['concurrency']} logins at once (SPEC §9)", "p99 ms", b["p99_ms"], "—", None,
+                     f"{b['logins_per_s']} logins/s, p50 {b['p50_ms']} ms, failed {sum(b['refused_or_failed'].values())}, "
+                     f"CPU s walcast {b['cpu_s']['walcast']} nats-server {b['cpu_s']['nats-server']}"))
     sl = sc.get("state_load")
     if sl and "error" not in sl:
         for n, bound in ((10_000, 100), (100_000, 1000)):
@@ -1479,7 +1544,7 @@ def main():
     ap.add_argument("--nats-server", default=os.environ.get("WALCAST_NATS_SERVER",
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
-                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,idle,catchup,catchup_flood "
+                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood "
                          "(default: all but the catch-up ones)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
@@ -1490,6 +1555,7 @@ def main():
     ap.add_argument("--tenants-large", type=int, default=100_000)
     ap.add_argument("--big-tx-rows", type=int, default=5_000_000)
     ap.add_argument("--backfill-rows", type=int, default=1_000_000)
+    ap.add_argument("--logins", type=int, default=1000, help="auth_logins: concurrent logins per round")
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--latency-seconds", type=int, default=60)
     ap.add_argument("--floor-seconds", type=int, default=20)
@@ -1581,8 +1647,8 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "idle", "latency", "catchup",
-                 "catchup_flood"]
+        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency",
+                 "catchup", "catchup_flood"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1598,6 +1664,8 @@ def main():
                     r = scenario_backfill(ctx)
                 elif name == "state_load":
                     r = scenario_state_load(ctx)
+                elif name == "auth_logins":
+                    r = scenario_auth_logins(ctx)
                 elif name == "idle":
                     r = scenario_idle(ctx)
                 elif name == "latency":
