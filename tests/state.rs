@@ -365,3 +365,52 @@ async fn a_truncated_table_leaves_the_state() {
     );
     daemon.stop().await.expect("clean stop");
 }
+
+/// Messages removed from the middle of the stream (a purge by subject while
+/// walcast was down) do not stall the state: replaying the stream into a
+/// new bucket, the projection reports the hole and goes on, and the
+/// backfill completes with the tables' rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
+    use crate::support::chaos::Walcast;
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let url = env.nats.url();
+    let dir = crate::support::TempDir::new("state-hole").unwrap();
+    let vars = env.env_vars();
+    let mut first = Walcast::start("first", dir.path(), &vars, &[]);
+    let mut workload = Workload::new(Workload::seed(), 3);
+    workload.run(&mut client, 300).await;
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    first.stop(Duration::from_secs(15)).await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let mut stream = js.get_stream("WALCAST").await.expect("the stream");
+    let purged = stream
+        .purge()
+        .filter("walcast.tenant-1.>")
+        .keep(1)
+        .await
+        .expect("purge tenant-1 but its last event");
+    assert!(purged.purged > 10, "{} messages purged", purged.purged);
+    js.delete_key_value(BUCKET)
+        .await
+        .expect("delete the state bucket");
+
+    let mut second = Walcast::start("second", dir.path(), &vars, &[]);
+    second
+        .wait_log(
+            "the state's read of the stream found positions",
+            Duration::from_secs(60),
+        )
+        .await;
+    wait_complete(&url).await;
+    let real = Tables::load(&client).await;
+    wait_until(Duration::from_secs(60), || {
+        let (url, real) = (url.clone(), &real);
+        async move { rows_of(&read_bucket(&url, BUCKET).await) == *real }
+    })
+    .await
+    .expect("the bucket holds the tables' rows");
+    second.stop(Duration::from_secs(15)).await;
+}

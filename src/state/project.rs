@@ -77,8 +77,8 @@ pub async fn run(
     let mut messages = consumer.messages().await.map_err(read_err)?;
     let mut writer = Writer::new(js, &bucket.name, applied);
     let mut warned = [false; 2];
-    // The stream only loses messages at its front (max age): after the
-    // first one read, positions are consecutive.
+    // After the first one read, positions are consecutive unless messages
+    // were removed from the middle (see `missing`).
     let mut expected: Option<u64> = None;
     super::recent::record(resume.after);
     let mut last_sample = std::time::Instant::now();
@@ -89,11 +89,16 @@ pub async fn run(
             .info()
             .map_err(|e| format!("a stream message without its position: {e}"))?
             .stream_sequence;
-        if let Some(expected) = expected.filter(|e| *e != position) {
-            // Never write past a gap: the next run resumes from what is applied.
-            return Err(format!(
-                "the state's read of the stream jumped from position {expected} to {position}; restarting it from the bucket"
-            ));
+        match expected {
+            Some(expected) if expected < position => missing(expected, position - 1),
+            Some(expected) if expected > position => {
+                // The stream went back (it lost its tail and was written
+                // again): restart from what the bucket has applied.
+                return Err(format!(
+                    "the state's read of the stream went back from position {expected} to {position}; restarting it from the bucket"
+                ));
+            }
+            _ => {}
         }
         expected = Some(position + 1);
         if position.is_multiple_of(GAUGE_EVERY) {
@@ -106,6 +111,23 @@ pub async fn run(
         let target = Target { bucket, objects };
         apply(&mut writer, target, &resume, &msg, position, &mut warned).await?;
     }
+}
+
+/// Positions `from..=through` are not in the stream: removed from its middle
+/// (a purge by subject, a delete, a broker that lost them — see
+/// `publish::holes`, which stops the pipeline on a hole it can still name).
+/// An ordered consumer only jumps over messages that are gone, so waiting
+/// or re-reading cannot bring them back; stopping here would stall the
+/// state (and every load) for good. The state goes on, like any consumer of
+/// the stream, and says what it could not apply.
+fn missing(from: u64, through: u64) {
+    metrics::counter!(m::STATE_SKIPPED, "reason" => "missing_from_stream")
+        .increment(through - from + 1);
+    tracing::error!(
+        from,
+        through,
+        "the state's read of the stream found positions {from}..={through} missing (removed from the stream): their events are not applied, so rows they changed may be stale in the state bucket until they change again; purge the bucket (nats kv del) to have walcast backfill it exactly"
+    );
 }
 
 fn read_err(e: impl std::fmt::Display) -> String {

@@ -163,7 +163,7 @@ fn describe_state() {
     );
     describe_counter!(
         STATE_SKIPPED,
-        "Events and rows left out of the state bucket, by reason (no_tenant, invalid_key)"
+        "Events and rows left out of the state bucket, by reason (no_tenant, invalid_key, missing_from_stream)"
     );
     describe_gauge!(
         STATE_LAG_EVENTS,
