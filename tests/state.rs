@@ -385,7 +385,7 @@ async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
     first.stop(Duration::from_secs(15)).await;
 
     let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
-    let mut stream = js.get_stream("WALCAST").await.expect("the stream");
+    let stream = js.get_stream("WALCAST").await.expect("the stream");
     let purged = stream
         .purge()
         .filter("walcast.tenant-1.>")
