@@ -63,27 +63,70 @@ pub async fn inspect(c: &Client, s: &Settings) -> Result<Findings, DbError> {
     else {
         return Ok(Findings::default());
     };
-    let (checks_identity, gencols): (bool, Option<String>) =
-        (publication.get(0), publication.get(1));
+    let gencols: Option<String> = publication.get(1);
+    let scope = Scope {
+        settings: s,
+        version,
+        checks_identity: publication.get(0),
+        generated_published: gencols.as_deref() == Some("s"),
+    };
     let tables = read_tables(c, s).await?;
     let mut found = Findings::default();
-    let generated_published = gencols.as_deref() == Some("s");
-    let quoted = |name: &str| format!("{}.{}", quote_ident(&s.tables.schema), quote_ident(name));
-    let publication_name = quote_ident(&s.publication);
-    let set_stored =
-        format!("ALTER PUBLICATION {publication_name} SET (publish_generated_columns = stored);");
-    let mut any_stored = false;
     for t in &tables {
-        let table = quoted(&t.name);
-        let stored: Vec<&str> = t
-            .generated
-            .iter()
-            .filter(|g| g.1 == "s")
-            .map(|g| g.0.as_str())
-            .collect();
-        any_stored |= !stored.is_empty();
-        let full = t.identity == "f";
-        if checks_identity && (t.identity == "n" || (t.identity == "d" && !t.has_pk)) {
+        scope.identity(t, &mut found);
+        scope.generated(t, &mut found);
+    }
+    let any_stored = tables
+        .iter()
+        .any(|t| t.generated.iter().any(|g| g.1 == "s"));
+    if version >= GENERATED_COLUMNS_SINCE
+        && !scope.generated_published
+        && !any_stored
+        && scope.checks_identity
+    {
+        found.warnings.push(Violation::new(
+            format!(
+                "publication {} does not publish generated columns: one ALTER TABLE ... ADD COLUMN ... \
+                 GENERATED ALWAYS AS (...) STORED on a REPLICA IDENTITY FULL source table would make Postgres \
+                 refuse every UPDATE and DELETE on it",
+                s.publication
+            ),
+            format!("{} (or run `walcast migrate`)", scope.set_stored()),
+        ));
+    }
+    Ok(found)
+}
+
+/// What every table is checked against.
+struct Scope<'a> {
+    settings: &'a Settings,
+    version: i32,
+    /// The publication publishes updates or deletes: Postgres checks each
+    /// table's replica identity on those.
+    checks_identity: bool,
+    generated_published: bool,
+}
+
+impl Scope<'_> {
+    fn quoted(&self, name: &str) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.settings.tables.schema),
+            quote_ident(name)
+        )
+    }
+
+    fn set_stored(&self) -> String {
+        format!(
+            "ALTER PUBLICATION {} SET (publish_generated_columns = stored);",
+            quote_ident(&self.settings.publication)
+        )
+    }
+
+    /// No replica identity, or a column list that cannot cover FULL.
+    fn identity(&self, t: &Table, found: &mut Findings) {
+        let (s, table) = (self.settings, self.quoted(&t.name));
+        if self.checks_identity && (t.identity == "n" || (t.identity == "d" && !t.has_pk)) {
             found.broken.push(Violation::new(
                 format!(
                     "Postgres refuses every UPDATE and DELETE on {table}: it has no replica identity \
@@ -94,9 +137,9 @@ pub async fn inspect(c: &Client, s: &Settings) -> Result<Findings, DbError> {
                 format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
             ));
         }
-        if checks_identity && full && t.column_list {
+        if self.checks_identity && t.identity == "f" && t.column_list {
             let all = [&s.tables.tasks, &s.tables.projects, &s.tables.locks]
-                .map(|name| quoted(name))
+                .map(|name| self.quoted(name))
                 .join(", ");
             found.broken.push(Violation::new(
                 format!(
@@ -104,22 +147,37 @@ pub async fn inspect(c: &Client, s: &Settings) -> Result<Findings, DbError> {
                      for it, which cannot cover its REPLICA IDENTITY FULL",
                     s.publication
                 ),
-                format!("ALTER PUBLICATION {publication_name} SET TABLE {all};"),
+                format!("ALTER PUBLICATION {} SET TABLE {all};", quote_ident(&s.publication)),
             ));
         }
-        if version < GENERATED_COLUMNS_SINCE {
+    }
+
+    /// Generated columns: unpublished ones in a FULL identity break writes
+    /// (PostgreSQL 18+); before 18 they are never published (a note).
+    fn generated(&self, t: &Table, found: &mut Findings) {
+        let (s, table) = (self.settings, self.quoted(&t.name));
+        if self.version < GENERATED_COLUMNS_SINCE {
             if !t.generated.is_empty() {
                 let names: Vec<&str> = t.generated.iter().map(|g| g.0.as_str()).collect();
                 found.notes.push(format!(
                     "{table} has generated column(s) {}: Postgres {} does not publish generated columns, so \
                      their values are not in events (PostgreSQL 18 with publish_generated_columns = stored does)",
                     names.join(", "),
-                    version / 10000
+                    self.version / 10000
                 ));
             }
-            continue;
+            return;
         }
-        if checks_identity && full && !stored.is_empty() && !generated_published {
+        if !(self.checks_identity && t.identity == "f") {
+            return;
+        }
+        let stored: Vec<&str> = t
+            .generated
+            .iter()
+            .filter(|g| g.1 == "s")
+            .map(|g| g.0.as_str())
+            .collect();
+        if !stored.is_empty() && !self.generated_published {
             found.broken.push(Violation::new(
                 format!(
                     "Postgres refuses every UPDATE and DELETE on {table} (\"Replica identity must not contain \
@@ -128,13 +186,10 @@ pub async fn inspect(c: &Client, s: &Settings) -> Result<Findings, DbError> {
                     stored.join(", "),
                     s.publication
                 ),
-                format!("{set_stored} (or run `walcast migrate`)"),
+                format!("{} (or run `walcast migrate`)", self.set_stored()),
             ));
         }
-        for (column, kind, ty, expr) in &t.generated {
-            if kind != "v" || !(checks_identity && full) {
-                continue;
-            }
+        for (column, _, ty, expr) in t.generated.iter().filter(|g| g.1 == "v") {
             let column = quote_ident(column);
             found.broken.push(Violation::new(
                 format!(
@@ -149,19 +204,6 @@ pub async fn inspect(c: &Client, s: &Settings) -> Result<Findings, DbError> {
             ));
         }
     }
-    if version >= GENERATED_COLUMNS_SINCE && !generated_published && !any_stored && checks_identity
-    {
-        found.warnings.push(Violation::new(
-            format!(
-                "publication {} does not publish generated columns: one ALTER TABLE ... ADD COLUMN ... \
-                 GENERATED ALWAYS AS (...) STORED on a REPLICA IDENTITY FULL source table would make Postgres \
-                 refuse every UPDATE and DELETE on it",
-                s.publication
-            ),
-            format!("{set_stored} (or run `walcast migrate`)"),
-        ));
-    }
-    Ok(found)
 }
 
 /// The configured source tables that exist and are in the publication.
