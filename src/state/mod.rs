@@ -87,6 +87,7 @@ impl Service for State {
         let name = self.settings.state_bucket.clone().unwrap_or_default();
         let bucket = bucket::ensure(&js, &name, self.settings.stream_replicas).await?;
         let objects = objects::Objects::open(&js, &name, self.settings.stream_replicas).await?;
+        objects.index_existing();
         let stream = js
             .get_stream(&self.settings.stream)
             .await

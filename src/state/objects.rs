@@ -51,7 +51,7 @@ pub fn store_name(state_bucket: &str) -> String {
 }
 
 impl Objects {
-    /// Opens (or creates) the store and reads which objects it holds.
+    /// Opens (or creates) the store; see [`Objects::index_existing`].
     pub async fn open(
         js: &jetstream::Context,
         state_bucket: &str,
@@ -71,26 +71,52 @@ impl Objects {
                 .await
                 .map_err(|e| format!("create the object store {name} on NATS: {e}"))?,
         };
-        let mut index = Index::default();
-        let mut list = store
-            .list()
-            .await
-            .map_err(|e| format!("list the object store {name} on NATS: {e}"))?;
-        while let Some(info) = list.next().await {
-            let info = info.map_err(|e| format!("list the object store {name} on NATS: {e}"))?;
-            if let Some((key, _seq)) = info.name.rsplit_once('.') {
-                let names = index.by_key.entry(key.to_string()).or_default();
-                names.push(info.name.clone());
-            }
-        }
         let max_payload = js.client().server_info().max_payload;
         Ok(Objects {
             js: js.clone(),
             name,
             store,
             chunk_size: max_payload.saturating_sub(512).clamp(1024, 128 * 1024),
-            index: Arc::new(Mutex::new(index)),
+            index: Arc::default(),
         })
+    }
+
+    /// Reads which objects the store already holds (values written before
+    /// this start), in the background: the index only serves deleting
+    /// replaced values, so the state must not wait for it — listing creates
+    /// a consumer, which times out while a cluster elects the store's
+    /// leader. An object a key's write retired before the listing found it
+    /// stays until that key's next write.
+    pub fn index_existing(&self) {
+        let objects = self.clone();
+        tokio::spawn(async move {
+            for attempt in 0u32..10 {
+                match objects.list().await {
+                    Ok(()) => return,
+                    Err(e) if attempt == 0 => {
+                        tracing::warn!(error = %e, "listing the state's oversized values failed; retrying (only their clean-up waits)")
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt.min(5))).await;
+            }
+        });
+    }
+
+    async fn list(&self) -> Result<(), String> {
+        let failed =
+            |e: &dyn std::fmt::Display| format!("list the object store {} on NATS: {e}", self.name);
+        let mut list = self.store.list().await.map_err(|e| failed(&e))?;
+        let mut names = Vec::new();
+        while let Some(info) = list.next().await {
+            names.push(info.map_err(|e| failed(&e))?.name);
+        }
+        for name in names {
+            if let Some((key, _seq)) = name.rsplit_once('.') {
+                self.register(key, &name).await;
+            }
+        }
+        Ok(())
     }
 
     /// The object store bucket oversized backfilled rows go to (through
