@@ -86,14 +86,7 @@ impl Postgres {
 
     /// Starts a cluster from the binaries in `bin`.
     pub fn start_bin(bin: &Path, settings: &[(&str, &str)]) -> anyhow::Result<Postgres> {
-        let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        for (name, value) in settings {
-            merged.retain(|(k, _)| k != name);
-            merged.push((name.to_string(), value.to_string()));
-        }
+        let merged = with_defaults(settings);
         let mut pg = Postgres {
             bin: bin.to_path_buf(),
             port: 0,
@@ -326,14 +319,7 @@ impl Postgres {
             ("sync_replication_slots", "on"),
         ];
         all.extend_from_slice(settings);
-        let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        for (name, value) in all {
-            merged.retain(|(k, _)| k != name);
-            merged.push((name.to_string(), value.to_string()));
-        }
+        let merged = with_defaults(&all);
         let mut standby = Postgres {
             bin: self.bin.clone(),
             port: 0,
@@ -652,4 +638,18 @@ fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// `DEFAULT_SETTINGS`, each overridden by the same name in `settings`
+/// (later ones win), in `postgresql.conf` order.
+fn with_defaults(settings: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut merged: Vec<(String, String)> = DEFAULT_SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (name, value) in settings {
+        merged.retain(|(k, _)| k != name);
+        merged.push((name.to_string(), value.to_string()));
+    }
+    merged
 }
