@@ -1,5 +1,5 @@
-//! A NATS request/reply service (catch-up now; the state bucket reader and
-//! the auth callout later) on its own OS thread, with its own current-thread
+//! A NATS service (the catch-up answers, the state bucket's writer, the
+//! auth callout) on its own OS thread, with its own current-thread
 //! Tokio runtime and its own NATS connection.
 //!
 //! Why: the pipeline runs on one thread (see `main.rs`), and the NATS client
@@ -16,19 +16,22 @@
 //! returns (bounded by [`STOP_WAIT`]), so a new pipeline run never overlaps
 //! an old run's service. A service that stops on its own — an error or a
 //! panic — is reported by [`ServiceThread::failed`] as a [`ServiceError`],
-//! and logged; a panic never crosses into the pipeline's thread.
+//! and logged; a panic never crosses into the pipeline's thread. A service
+//! started with [`start_restarting`] is instead served again on the same
+//! thread after a backoff, so its outage never stops the pipeline and the
+//! invariant above still holds.
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
-
-use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, oneshot};
 
 use crate::config::Settings;
+use crate::telemetry::metrics as m;
 
 /// How long dropping a [`ServiceThread`] waits for the thread to end.
 pub const STOP_WAIT: Duration = Duration::from_secs(2);
@@ -119,39 +122,8 @@ pub async fn start<S: Service>(
     service: S,
 ) -> Result<ServiceThread, ServiceError> {
     let (ready_tx, ready) = oneshot::channel();
-    let (stop, stop_rx) = oneshot::channel();
-    let (exit_tx, exit) = oneshot::channel();
-    let (finished_tx, finished) = mpsc::channel::<()>();
     let settings = settings.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("walcast-{}", S::NAME))
-        .spawn(move || {
-            let _finished = finished_tx;
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                run(&settings, service, Ready(ready_tx), stop_rx)
-            }))
-            .unwrap_or_else(|panic| {
-                Err(ServiceError::Panicked {
-                    service: S::NAME,
-                    message: panic_message(panic.as_ref()),
-                })
-            });
-            if let Err(e) = &outcome {
-                tracing::error!(service = S::NAME, error = %e, "service thread ended");
-            }
-            let _ = exit_tx.send(outcome);
-        })
-        .map_err(|e| ServiceError::Start {
-            service: S::NAME,
-            reason: format!("cannot start its thread: {e}"),
-        })?;
-    let mut handle = ServiceThread {
-        service: S::NAME,
-        stop: Some(stop),
-        exit: Some(exit),
-        finished,
-        thread: Some(thread),
-    };
+    let mut handle = spawn::<S>(move |stop| run(&settings, service, Ready(ready_tx), stop))?;
     match ready.await {
         Ok(()) => Ok(handle),
         // The thread ended before it was ready: say why.
@@ -162,6 +134,56 @@ pub async fn start<S: Service>(
     }
 }
 
+/// Starts `service` on a new thread that serves until the handle is
+/// dropped, starting it again (new connection, backoff) whenever it stops
+/// or cannot start: for a service nothing else waits for, whose outage must
+/// not stop the pipeline. Returns at once; [`ServiceThread::failed`]
+/// reports only a panic.
+pub fn start_restarting<S: Service + Clone>(
+    settings: &Settings,
+    service: S,
+) -> Result<ServiceThread, ServiceError> {
+    let settings = settings.clone();
+    spawn::<S>(move |stop| run_restarting(&settings, service, stop))
+}
+
+/// Runs `body` on a new thread named after the service; a panic in it is
+/// caught and reported as the thread's outcome.
+fn spawn<S: Service>(
+    body: impl FnOnce(oneshot::Receiver<()>) -> Result<(), ServiceError> + Send + 'static,
+) -> Result<ServiceThread, ServiceError> {
+    let (stop, stop_rx) = oneshot::channel();
+    let (exit_tx, exit) = oneshot::channel();
+    let (finished_tx, finished) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name(format!("walcast-{}", S::NAME))
+        .spawn(move || {
+            let _finished = finished_tx;
+            let outcome =
+                catch_unwind(AssertUnwindSafe(|| body(stop_rx))).unwrap_or_else(|panic| {
+                    Err(ServiceError::Panicked {
+                        service: S::NAME,
+                        message: panic_message(panic.as_ref()),
+                    })
+                });
+            if let Err(e) = &outcome {
+                tracing::error!(service = S::NAME, error = %e, "service thread ended");
+            }
+            let _ = exit_tx.send(outcome);
+        })
+        .map_err(|e| ServiceError::Start {
+            service: S::NAME,
+            reason: format!("cannot start its thread: {e}"),
+        })?;
+    Ok(ServiceThread {
+        service: S::NAME,
+        stop: Some(stop),
+        exit: Some(exit),
+        finished,
+        thread: Some(thread),
+    })
+}
+
 /// The thread's body: its runtime, its connection, the service until stopped.
 fn run<S: Service>(
     settings: &Settings,
@@ -169,36 +191,92 @@ fn run<S: Service>(
     ready: Ready,
     stop: oneshot::Receiver<()>,
 ) -> Result<(), ServiceError> {
-    if S::NICE > 0 {
-        lower_priority(S::NICE);
-    }
-    let start_error = |reason: String| ServiceError::Start {
-        service: S::NAME,
-        reason,
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| start_error(format!("no async runtime: {e}")))?;
+    let runtime = thread_runtime::<S>()?;
     // Dropping the runtime on return cancels the service's tasks and closes
     // its connection: nothing of it outlives the thread.
     runtime.block_on(async {
-        let dropped = Arc::new(Notify::new());
-        let watch = S::FAIL_ON_DISCONNECT.then(|| dropped.clone());
-        let client = connect(settings, S::NAME, watch).await.map_err(start_error)?;
         tokio::select! {
-            _ = dropped.notified() => Err(ServiceError::Stopped {
-                service: S::NAME,
-                reason: "its NATS connection dropped; it starts again from what the broker holds".into(),
-            }),
-            served = service.serve(client, ready) => Err(ServiceError::Stopped {
-                service: S::NAME,
-                reason: served.err().unwrap_or_else(|| "it returned".into()),
-            }),
+            failure = serve_once(settings, service, ready) => Err(failure),
             // Sent or dropped: either way the holder let go.
             _ = stop => Ok(()),
         }
     })
+}
+
+/// The body of a restarting service's thread: serves, and after each
+/// failure logs it, counts it, waits a backoff and serves again on a new
+/// connection, until stopped.
+fn run_restarting<S: Service + Clone>(
+    settings: &Settings,
+    service: S,
+    mut stop: oneshot::Receiver<()>,
+) -> Result<(), ServiceError> {
+    let runtime = thread_runtime::<S>()?;
+    runtime.block_on(async {
+        let mut attempt = 0u32;
+        loop {
+            let began = Instant::now();
+            let (ready, _) = oneshot::channel(); // nobody waits for a restart
+            let failure = tokio::select! {
+                failure = serve_once(settings, service.clone(), Ready(ready)) => failure,
+                _ = &mut stop => return Ok(()),
+            };
+            if began.elapsed() > RESTART_RESET {
+                attempt = 0;
+            }
+            let wait = crate::error_policy::run_backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            metrics::counter!(m::ERRORS, "stage" => S::NAME).increment(1);
+            tracing::warn!(service = S::NAME, error = %failure, retry_in = ?wait, "service stopped; it starts again");
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut stop => return Ok(()),
+            }
+        }
+    })
+}
+
+/// A restarting service that served this long starts its backoff over.
+const RESTART_RESET: Duration = Duration::from_secs(60);
+
+/// The thread's own runtime (and priority).
+fn thread_runtime<S: Service>() -> Result<tokio::runtime::Runtime, ServiceError> {
+    if S::NICE > 0 {
+        lower_priority(S::NICE);
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ServiceError::Start {
+            service: S::NAME,
+            reason: format!("no async runtime: {e}"),
+        })
+}
+
+/// Connects and serves once; completes only with why it stopped (a failed
+/// connect before it answered is a `Start` error).
+async fn serve_once<S: Service>(settings: &Settings, service: S, ready: Ready) -> ServiceError {
+    let dropped = Arc::new(Notify::new());
+    let watch = S::FAIL_ON_DISCONNECT.then(|| dropped.clone());
+    let client = match connect(settings, S::NAME, watch).await {
+        Ok(client) => client,
+        Err(reason) => {
+            return ServiceError::Start {
+                service: S::NAME,
+                reason,
+            };
+        }
+    };
+    tokio::select! {
+        _ = dropped.notified() => ServiceError::Stopped {
+            service: S::NAME,
+            reason: "its NATS connection dropped; it starts again from what the broker holds".into(),
+        },
+        served = service.serve(client, ready) => ServiceError::Stopped {
+            service: S::NAME,
+            reason: served.err().unwrap_or_else(|| "it returned".into()),
+        },
+    }
 }
 
 /// The service's own NATS connection: one attempt (the pipeline's

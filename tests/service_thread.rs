@@ -152,3 +152,80 @@ async fn a_failing_service_is_a_typed_error_not_a_panic() {
         other => panic!("expected a panic report, got {other}"),
     }
 }
+
+/// Fails its first `failing` starts at setup, then answers like [`Echo`];
+/// counts its starts. A copy serves each start.
+#[derive(Clone)]
+struct Flaky {
+    subject: String,
+    failing: u32,
+    starts: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Service for Flaky {
+    const NAME: &'static str = "flaky";
+    const FAIL_ON_DISCONNECT: bool = true;
+
+    async fn serve(self, client: async_nats::Client, ready: Ready) -> Result<(), String> {
+        let start = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
+        if start <= self.failing {
+            return Err(format!("start {start} fails"));
+        }
+        let (echo, _) = echo(&self.subject, None);
+        echo.serve(client, ready).await
+    }
+}
+
+/// A restarting service is served again after each failure — a setup that
+/// fails, its connection dropped by a nats-server restart — without its
+/// holder seeing a failure, and still stops with its handle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_service_comes_back_after_failures_and_a_dropped_connection() {
+    let nats = Nats::start().expect("start nats");
+    let starts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let service = Flaky {
+        subject: "echo.flaky".into(),
+        failing: 2,
+        starts: starts.clone(),
+    };
+    let mut handle =
+        service_thread::start_restarting(&settings(&nats), service).expect("the thread starts");
+    let answers = |url: String| async move {
+        let Ok(client) = async_nats::connect(url).await else {
+            return false;
+        };
+        let asked = client.request("echo.flaky", "ping".into());
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), asked).await,
+            Ok(Ok(reply)) if &reply.payload[..] == b"pong"
+        )
+    };
+    wait_until(Duration::from_secs(30), || answers(nats.url()))
+        .await
+        .expect("the service answers after two failed starts");
+    assert_eq!(starts.load(Ordering::SeqCst), 3);
+
+    tokio::task::block_in_place(|| nats.stop()).expect("stop nats");
+    tokio::task::block_in_place(|| nats.start_again()).expect("start nats");
+    wait_until(Duration::from_secs(30), || answers(nats.url()))
+        .await
+        .expect("the service answers again after the nats-server restart");
+    assert_eq!(
+        starts.load(Ordering::SeqCst),
+        4,
+        "the dropped connection starts the service once more"
+    );
+    let failed = tokio::time::timeout(Duration::from_millis(500), handle.failed()).await;
+    assert!(
+        failed.is_err(),
+        "a restarting service's holder sees no failure"
+    );
+
+    drop(handle);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    wait_until(Duration::from_secs(30), || {
+        no_responders(&client, "echo.flaky")
+    })
+    .await
+    .expect("nothing answers once the handle is dropped");
+}

@@ -110,8 +110,9 @@ async fn spawn_stages(
     // Only the instance holding the slot answers catch-up requests; it runs
     // on its own thread and connection until this run ends.
     let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
-    // Likewise the state bucket: one writer, the slot's holder.
-    let state = state::start(s, &ctx.db, &ctx.health).await?;
+    // Likewise the state bucket: one writer, the slot's holder; it starts
+    // (and restarts) on its own thread without holding up the run.
+    let state = state::start(s, &ctx.db, &ctx.health)?;
     let publisher = Publisher {
         sink,
         max_in_flight: s.max_in_flight,
@@ -188,9 +189,10 @@ async fn read_until_stopped(
                 failure = Some(error);
                 stages.items = None;
             }
-            // A service that stops on its own fails the run: the next run
-            // starts a new one (a standby never answers, nor may the active
-            // instance stop answering).
+            // A catch-up service that stops on its own fails the run: the
+            // next run starts a new one (a standby never answers, nor may the
+            // active instance stop answering). The state service restarts
+            // itself; only its thread's end (a panic) gets here.
             error = stages.catchup.failed(), if reading => {
                 failure = Some(error.into());
                 stages.items = None;

@@ -42,14 +42,20 @@ pub struct StateService {
 }
 
 impl StateService {
-    /// Completes only if the service stops on its own.
+    /// Completes only if the service's thread ends on its own (a panic):
+    /// other failures restart it in place.
     pub async fn failed(&mut self) -> ServiceError {
         self.thread.failed().await
     }
 }
 
-/// Starts the state service, unless the state is turned off.
-pub async fn start(
+/// Starts the state service, unless the state is turned off. Returns at
+/// once: the pipeline never waits for the state, and a state service that
+/// stops (its connection dropped, a cluster electing the bucket's leader,
+/// a bucket it cannot use) starts again on its thread after a backoff,
+/// logged, counted in `walcast_errors_total{stage="state"}`, while the
+/// stream goes on.
+pub fn start(
     settings: &Settings,
     db: &Database,
     health: &Arc<Health>,
@@ -62,11 +68,12 @@ pub async fn start(
         db: db.clone(),
         health: health.clone(),
     };
-    let thread = service_thread::start(settings, service).await?;
+    let thread = service_thread::start_restarting(settings, service)?;
     Ok(Some(StateService { thread }))
 }
 
-/// The service as it runs on its thread.
+/// The service as it runs on its thread (a copy for each start).
+#[derive(Clone)]
 struct State {
     settings: Settings,
     db: Database,
