@@ -504,7 +504,8 @@ def drain_recvlogical(ctx, slot, endpos, events, wal):
     }
 
 
-def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, name=None, perf=None, state=True):
+def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, name=None, perf=None, state=True,
+                  binary=None):
     """Starts walcast on `slot` (fresh nats-server) and times it until the
     stream holds `events` messages and, with the state bucket on (SPEC §8),
     the bucket has applied them all (dry run: until it built them)."""
@@ -514,7 +515,7 @@ def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, nam
     s.watch("nats-server", nats.proc.pid)
     stop = threading.Event()
     t0 = time.monotonic()
-    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, slot, confirm_delay=confirm_delay, dry_run=dry_run,
+    wc = Walcast(binary or ctx.walcast_bin, ctx.work, pg, nats, slot, confirm_delay=confirm_delay, dry_run=dry_run,
                  name=name, extra_env=None if state else {"WALCAST_STATE_BUCKET": ""})
     s.watch("walcast", wc.pid)
     finder = find_walsender(pg, slot, s, stop)
@@ -678,6 +679,10 @@ def scenario_drain(ctx):
     log(f"scenario 1: backlog drain, {n} row changes, {a.tenants} tenants, {a.repeat} round(s)")
     kinds = [("default", {}), ("no_state", {"state": False}), ("dry_run", {"dry_run": True}),
              ("confirm_delay_0", {"confirm_delay": "0"})]
+    if a.compare_bin:
+        # An A/B of two builds on the same backlog, interleaved with the rest.
+        kinds += [("compare", {"binary": a.compare_bin}),
+                  ("compare_no_state", {"binary": a.compare_bin, "state": False})]
     runs, slots = drain_rounds(ctx, "d1", kinds)
     if a.profile:
         ctx.pg.create_slot("wc_perf")
@@ -1577,6 +1582,8 @@ def main():
     ap.add_argument("--stall-timeout", type=int, default=60,
                     help="fail a drain whose event count has not moved for this long")
     ap.add_argument("--profile", action="store_true", help="perf record one extra (untimed) drain of walcast")
+    ap.add_argument("--compare-bin", help="drain: also run this walcast binary (kinds compare, compare_no_state) "
+                                          "on the same backlog, interleaved: an A/B of two builds")
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. what the binary is)")
     ap.add_argument("--out", default=str(HERE / "results"))

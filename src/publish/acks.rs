@@ -64,6 +64,11 @@ pub enum Verdict {
     Stored { seq: StreamSeq, duplicate: bool },
     /// Rejected, with JetStream's description.
     Rejected(String),
+    /// Rejected because the stream (or, for `Nats-Expected-Last-Subject-Sequence`,
+    /// the subject) did not end where the message expected it to (JetStream
+    /// error 10071): a broken publish chain, or a create-only write of a key
+    /// that exists.
+    WrongLast(String),
     /// Nothing captures the subject: no stream leader (an election), or no
     /// stream.
     NoResponders,
@@ -177,16 +182,28 @@ struct AckBody<'a> {
 struct ApiError<'a> {
     #[serde(default)]
     code: u16,
+    #[serde(default)]
+    err_code: u32,
     #[serde(default, borrow)]
     description: std::borrow::Cow<'a, str>,
 }
+
+/// JetStream's error code for a wrong expected last (subject) sequence.
+const WRONG_LAST_SEQUENCE: u32 = 10071;
 
 /// Reads a JetStream publish ack (`{"stream":..,"seq":..}` or `{"error":..}`).
 pub fn parse(body: &[u8]) -> Verdict {
     match serde_json::from_slice::<AckBody<'_>>(body) {
         Ok(AckBody {
             error: Some(err), ..
-        }) => Verdict::Rejected(format!("{} (code {})", err.description, err.code)),
+        }) => {
+            let reason = format!("{} (code {})", err.description, err.code);
+            if err.err_code == WRONG_LAST_SEQUENCE {
+                Verdict::WrongLast(reason)
+            } else {
+                Verdict::Rejected(reason)
+            }
+        }
         Ok(AckBody { seq, duplicate, .. }) if seq > 0 => Verdict::Stored {
             seq: StreamSeq(seq),
             duplicate,
@@ -226,7 +243,7 @@ mod tests {
             parse(
                 br#"{"error":{"code":400,"err_code":10071,"description":"wrong last sequence: 4"},"stream":"WALCAST","seq":0}"#
             ),
-            Verdict::Rejected("wrong last sequence: 4 (code 400)".into())
+            Verdict::WrongLast("wrong last sequence: 4 (code 400)".into())
         );
         assert!(matches!(parse(b"garbage"), Verdict::Rejected(r) if r.contains("unreadable")));
         assert!(matches!(parse(b"{}"), Verdict::Rejected(r) if r.contains("unexpected")));

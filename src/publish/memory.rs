@@ -141,7 +141,7 @@ impl Broker {
         if let Some(expected) = expected_last
             && expected != last
         {
-            return Verdict::Rejected(format!("wrong last sequence: {last} (code 400)"));
+            return Verdict::WrongLast(format!("wrong last sequence: {last} (code 400)"));
         }
         self.messages.push(msg);
         Verdict::Stored {
@@ -347,7 +347,7 @@ mod tests {
         // A duplicate id is answered with the original's sequence, whatever
         // it expected; a wrong expected last sequence is refused.
         assert_eq!(send(&sink, &mut replies, "a", 2).await, stored(1, true));
-        let refused = Verdict::Rejected("wrong last sequence: 2 (code 400)".into());
+        let refused = Verdict::WrongLast("wrong last sequence: 2 (code 400)".into());
         assert_eq!(send(&sink, &mut replies, "c", 1).await, refused);
         assert_eq!(broker.lose_last(1), 1);
         assert_eq!(sink.last_seq().await.unwrap(), StreamSeq(1));

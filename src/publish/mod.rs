@@ -23,7 +23,7 @@
 //! once a new leader answers (or [`PublishError::StreamGone`] if the stream
 //! no longer exists), so the next run publishes at once.
 
-mod acks;
+pub(crate) mod acks;
 pub mod holes;
 #[cfg(test)]
 pub(crate) mod memory;
@@ -168,7 +168,7 @@ impl Flight {
         let expected = answer.expected;
         let event_id = || self.event_id_at(expected);
         match answer.verdict {
-            acks::Verdict::Rejected(reason) => {
+            acks::Verdict::Rejected(reason) | acks::Verdict::WrongLast(reason) => {
                 return Err(PublishError::Ack {
                     event_id: event_id(),
                     reason,

@@ -128,17 +128,9 @@ impl Sink for JetStream {
     type Replies = NatsReplies;
 
     async fn replies(&self) -> Result<NatsReplies, PublishError> {
-        let client = &self.client;
-        let inbox = client.new_inbox();
-        let sub = client
-            .subscribe(format!("{inbox}.*"))
+        NatsReplies::subscribe(&self.client)
             .await
-            .map_err(|e| PublishError::Nats(format!("subscribe to the ack inbox: {e}")))?;
-        Ok(NatsReplies {
-            inbox,
-            sub,
-            stats: client.statistics(),
-        })
+            .map_err(PublishError::Nats)
     }
 
     fn max_payload(&self) -> usize {
@@ -289,9 +281,52 @@ async fn no_responders(js: &jetstream::Context, name: &str, event_id: &str) -> P
     }
 }
 
+impl NatsReplies {
+    /// Subscribes to a new inbox for JetStream acks on `client`.
+    pub(crate) async fn subscribe(client: &async_nats::Client) -> Result<NatsReplies, String> {
+        let inbox = client.new_inbox();
+        let sub = client
+            .subscribe(format!("{inbox}.*"))
+            .await
+            .map_err(|e| format!("subscribe to the ack inbox: {e}"))?;
+        Ok(NatsReplies {
+            inbox,
+            sub,
+            stats: client.statistics(),
+        })
+    }
+
+    /// The reply subject whose ack [`NatsReplies::next_token`] returns with `token`.
+    pub(crate) fn subject_for(&self, token: u64) -> Subject {
+        Subject::from(format!("{}.{token}", self.inbox))
+    }
+
+    /// The next ack: the token its reply subject named, and the verdict.
+    /// `None` once the subscription ended.
+    pub(crate) async fn next_token(&mut self) -> Option<(u64, Verdict)> {
+        use futures::StreamExt;
+        loop {
+            let msg = self.sub.next().await?;
+            let Some(token) = msg
+                .subject
+                .rsplit_once('.')
+                .and_then(|(_, t)| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+                return Some((token, Verdict::NoResponders));
+            }
+            return Some((token, parse(&msg.payload)));
+        }
+    }
+}
+
+/// The publisher's acks: the token is the stream sequence a message was
+/// expected at.
 impl Replies for NatsReplies {
     fn subject(&self, seq: StreamSeq) -> Subject {
-        Subject::from(format!("{}.{seq}", self.inbox))
+        self.subject_for(seq.0)
     }
 
     fn connects(&self) -> u64 {
@@ -299,21 +334,7 @@ impl Replies for NatsReplies {
     }
 
     async fn next(&mut self) -> Option<(StreamSeq, Verdict)> {
-        use futures::StreamExt;
-        loop {
-            let msg = self.sub.next().await?;
-            let Some(seq) = msg
-                .subject
-                .rsplit_once('.')
-                .and_then(|(_, t)| t.parse::<u64>().ok())
-                .map(StreamSeq)
-            else {
-                continue;
-            };
-            if msg.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
-                return Some((seq, Verdict::NoResponders));
-            }
-            return Some((seq, parse(&msg.payload)));
-        }
+        let (token, verdict) = self.next_token().await?;
+        Some((StreamSeq(token), verdict))
     }
 }

@@ -71,7 +71,7 @@ impl Backfill<'_> {
         let sink = JetStream::new(self.js.clone(), &self.settings.stream)
             .await
             .map_err(|e| e.to_string())?;
-        let mut copy = Copy::new(self, lsn, sink);
+        let mut copy = Copy::new(self, lsn, sink).await?;
         let tables = &self.settings.tables;
         for table in [&tables.projects, &tables.tasks, &tables.locks] {
             copy.table(&sql, &tables.schema, table).await?;
@@ -168,12 +168,12 @@ struct Copy<'a> {
 }
 
 impl<'a> Copy<'a> {
-    fn new(backfill: &'a Backfill<'a>, lsn: Lsn, sink: JetStream) -> Self {
+    async fn new(backfill: &'a Backfill<'a>, lsn: Lsn, sink: JetStream) -> Result<Self, String> {
         let s = backfill.settings;
         let since_epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        Copy {
+        Ok(Copy {
             backfill,
             lsn,
             time: Timestamp {
@@ -181,14 +181,14 @@ impl<'a> Copy<'a> {
                 nanos: since_epoch.subsec_nanos() as i32,
             },
             // Its own position counter: a backfill write completes no stream position.
-            writer: Writer::new(backfill.js.clone(), backfill.bucket(), Arc::default()),
+            writer: Writer::new(backfill.js, backfill.bucket(), Arc::default()).await?,
             oversized: Oversized::to(backfill.objects.bucket(s.stream_replicas)),
             sink,
             rows: 0,
             began: Instant::now(),
             reported: Instant::now(),
             warned: false,
-        }
+        })
     }
 
     /// Copies one table through a cursor, a page at a time (bounded memory).

@@ -75,13 +75,14 @@ pub async fn run(
         .await
         .map_err(read_err)?;
     let mut messages = consumer.messages().await.map_err(read_err)?;
-    let mut writer = Writer::new(js, &bucket.name, applied);
+    let mut writer = Writer::new(&js, &bucket.name, applied).await?;
     let mut warned = [false; 2];
     // After the first one read, positions are consecutive unless messages
     // were removed from the middle (see `missing`).
     let mut expected: Option<u64> = None;
     super::recent::record(resume.after);
     let mut last_sample = std::time::Instant::now();
+    let writes = metrics::counter!(m::STATE_WRITES);
     loop {
         objects.retire_applied(writer.applied()).await?;
         let msg = next_message(&mut messages, &mut writer, objects).await?;
@@ -108,7 +109,11 @@ pub async fn run(
             last_sample = std::time::Instant::now();
             super::recent::record(writer.applied());
         }
-        let target = Target { bucket, objects };
+        let target = Target {
+            bucket,
+            objects,
+            writes: &writes,
+        };
         apply(&mut writer, target, &resume, &msg, position, &mut warned).await?;
     }
 }
@@ -162,17 +167,23 @@ async fn next_message(
     }
 }
 
-/// Where the projection writes: the bucket and its oversized values.
+/// Where the projection writes: the bucket and its oversized values, and
+/// the count of writes (a handle: no registry lookup per write).
 #[derive(Clone, Copy)]
 struct Target<'a> {
     bucket: &'a Bucket,
     objects: &'a Objects,
+    writes: &'a metrics::Counter,
 }
 
 /// What one stream message does to the bucket.
 async fn apply(
     writer: &mut Writer,
-    Target { bucket, objects }: Target<'_>,
+    Target {
+        bucket,
+        objects,
+        writes,
+    }: Target<'_>,
     resume: &Resume,
     msg: &async_nats::jetstream::Message,
     position: u64,
@@ -191,7 +202,11 @@ async fn apply(
         {
             writer.skip(position).await
         }
-        Ok(write) => send(writer, objects, write, headers, &msg.payload, position).await,
+        Ok(write) => {
+            send(writer, objects, write, headers, &msg.payload, position).await?;
+            writes.increment(1);
+            Ok(())
+        }
         Err(skip) => {
             skipped(skip, subject, warned);
             writer.skip(position).await
@@ -274,7 +289,6 @@ async fn send(
     };
     writer.send(&key, headers, body, position).await?;
     objects.retire_after(position, &key, seq).await;
-    metrics::counter!(m::STATE_WRITES).increment(1);
     Ok(())
 }
 

@@ -4,30 +4,50 @@
 //! receives them, so a window of unacknowledged writes keeps the bucket in
 //! stream order while the writer never waits a round trip per row.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
-use async_nats::jetstream::{self};
+use async_nats::jetstream;
 use bytes::Bytes;
+
+use crate::publish::acks::Verdict;
+use crate::publish::sink::NatsReplies;
 
 /// Unacknowledged writes (and skipped positions behind them) at most.
 pub const WINDOW: usize = 1024;
 
+/// An ack not received this long after its write fails the service (it
+/// starts again from the bucket).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
 struct Pending {
-    ack: Option<PublishAckFuture>,
+    /// The token of the write's ack; `None` for a skipped position.
+    ack: Option<u64>,
     /// The stream position this write (or skipped event) completes.
     position: u64,
 }
 
 /// Writes of one task, in order.
+///
+/// Every write is acknowledged on its own (a key's write cannot stand for
+/// another's), but through one ack subscription with a token per write —
+/// not async-nats' request per publish (an inbox, a oneshot, a permit and a
+/// timer each, and a JSON parse through an untagged enum): measured, that
+/// was most of the state service's CPU per write.
 pub struct Writer {
-    js: jetstream::Context,
+    client: async_nats::Client,
+    replies: NatsReplies,
     /// `$KV.<bucket>.`
     subject_prefix: String,
     pending: VecDeque<Pending>,
+    /// The next write's ack token.
+    token: u64,
+    /// Acks that arrived ahead of an earlier write's (JetStream answers in
+    /// order; nothing here relies on it).
+    early: BTreeMap<u64, Verdict>,
     /// Every position up to this one is written (or needed no write).
     acked: Arc<AtomicU64>,
     pub written: u64,
@@ -37,15 +57,26 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(js: jetstream::Context, bucket: &str, acked: Arc<AtomicU64>) -> Self {
-        Writer {
-            js,
+    pub async fn new(
+        js: &jetstream::Context,
+        bucket: &str,
+        acked: Arc<AtomicU64>,
+    ) -> Result<Self, String> {
+        let client = js.client();
+        let replies = NatsReplies::subscribe(&client)
+            .await
+            .map_err(|e| format!("state bucket {bucket}: {e}"))?;
+        Ok(Writer {
+            client,
+            replies,
             subject_prefix: format!("$KV.{bucket}."),
             pending: VecDeque::new(),
+            token: 0,
+            early: BTreeMap::new(),
             acked,
             written: 0,
             kept_newer: 0,
-        }
+        })
     }
 
     /// Sends a write of `key`, completing `position` once acknowledged.
@@ -57,13 +88,15 @@ impl Writer {
         position: u64,
     ) -> Result<(), String> {
         self.make_room().await?;
-        let ack = self
-            .js
-            .publish_with_headers(format!("{}{key}", self.subject_prefix), headers, payload)
+        self.token += 1;
+        let subject = format!("{}{key}", self.subject_prefix);
+        let reply = self.replies.subject_for(self.token);
+        self.client
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
             .await
             .map_err(|e| format!("write {key} to the state bucket on NATS: {e}"))?;
         self.pending.push_back(Pending {
-            ack: Some(ack),
+            ack: Some(self.token),
             position,
         });
         Ok(())
@@ -112,19 +145,53 @@ impl Writer {
         let Some(next) = self.pending.pop_front() else {
             return Ok(());
         };
-        if let Some(ack) = next.ack {
-            match ack.await {
-                Ok(_) => self.written += 1,
-                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => self.kept_newer += 1,
-                Err(e) => {
+        if let Some(token) = next.ack {
+            match self.ack(token).await? {
+                Verdict::Stored { .. } => self.written += 1,
+                Verdict::WrongLast(_) => self.kept_newer += 1,
+                Verdict::Rejected(reason) => {
                     return Err(format!(
-                        "NATS did not acknowledge a write to the state bucket: {e}"
+                        "NATS refused a write to the state bucket: {reason}"
                     ));
+                }
+                Verdict::NoResponders => {
+                    return Err(
+                        "NATS did not acknowledge a write to the state bucket: no responders (the bucket's stream has no leader, or is gone)".into(),
+                    );
                 }
             }
         }
         self.acked.fetch_max(next.position, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// The ack of write `token` (a timer only when it is not in yet).
+    async fn ack(&mut self, token: u64) -> Result<Verdict, String> {
+        loop {
+            if let Some(verdict) = self.early.remove(&token) {
+                return Ok(verdict);
+            }
+            let next = self.replies.next_token();
+            tokio::pin!(next);
+            let got = match futures::poll!(&mut next) {
+                std::task::Poll::Ready(got) => got,
+                std::task::Poll::Pending => tokio::time::timeout(ACK_WAIT, next)
+                    .await
+                    .map_err(|_| {
+                        format!("NATS did not acknowledge a write to the state bucket within {ACK_WAIT:?}")
+                    })?,
+            };
+            match got {
+                Some((got, verdict)) if got == token => return Ok(verdict),
+                // An ack of a write this writer gave up on cannot come; one
+                // ahead of `token` waits for its turn.
+                Some((got, verdict)) if got > token => {
+                    self.early.insert(got, verdict);
+                }
+                Some(_) => {}
+                None => return Err("the state bucket's ack subscription ended".into()),
+            }
+        }
     }
 }
 
