@@ -409,57 +409,10 @@ async fn has_checkpoint(c: &Client, slot: &str) -> Result<bool, tokio_postgres::
 const SYNC_ALWAYS_SAFE: [u32; 3] = [2, 14, 6];
 
 async fn nats(s: &Settings, r: &mut Report) {
-    let url = redact_url(&s.nats_url);
-    let connect = crate::broker::connect_once(s, "walcast-check");
-    let client = match tokio::time::timeout(Duration::from_secs(10), connect).await {
-        Ok(Ok(client)) => client,
-        Ok(Err(BrokerError::Refused { url, reason, fix })) => {
-            return r.fail(format!("NATS at {url} refused walcast: {reason}"), fix);
-        }
-        Ok(Err(BrokerError::Setup(reason))) => {
-            return r.fail(reason, "fix --nats-creds / --nats-nkey / --nats-ca");
-        }
-        Ok(Err(BrokerError::Unreachable { reason, .. })) => {
-            return r.fail(
-                format!("NATS unreachable at {url}: {reason}"),
-                "check that nats-server runs and that --nats-url is right",
-            );
-        }
-        Err(_) => {
-            return r.fail(
-                format!("NATS at {url} did not answer within 10 s"),
-                "check --nats-url and firewalls",
-            );
-        }
+    let Some(client) = nats_client(s, r).await else {
+        return;
     };
-    let info = client.server_info();
-    r.pass(format!("NATS reachable at {url} (server {})", info.version));
-    let version: Vec<u32> = info
-        .version
-        .split('.')
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    r.check(
-        version.as_slice() >= [2, 10].as_slice(),
-        format!("NATS server {} is supported", info.version),
-        format!("NATS server {} is too old", info.version),
-        "upgrade nats-server to 2.10 or newer",
-    );
-    if s.confirm_delay.is_zero() && version.as_slice() < SYNC_ALWAYS_SAFE.as_slice() {
-        r.add(
-            Status::Warn,
-            format!(
-                "--confirm-delay 0 with NATS server {}: before v2.14.6, block compaction could lose acknowledged \
-                 messages on a power loss even with `sync_interval: always` (nats-server #8456, #8475)",
-                info.version
-            ),
-            Some(
-                "upgrade every NATS server to v2.14.6 or newer (with `jetstream { sync_interval: always }`), \
-                 or keep --confirm-delay at its default 2m"
-                    .into(),
-            ),
-        );
-    }
+    nats_version(s, &client.server_info().version, r);
     let js = async_nats::jetstream::new(client);
     match js.query_account().await {
         Ok(_) => r.pass("JetStream is enabled"),
@@ -470,7 +423,71 @@ async fn nats(s: &Settings, r: &mut Report) {
             );
         }
     }
-    match crate::publish::stream::verify_existing(&js, s).await {
+    stream(&js, s, r).await;
+    state_bucket(&js, s, r).await;
+}
+
+/// Connects as `walcast run` would, or says why it cannot.
+async fn nats_client(s: &Settings, r: &mut Report) -> Option<async_nats::Client> {
+    let url = redact_url(&s.nats_url);
+    let connect = crate::broker::connect_once(s, "walcast-check");
+    let (problem, fix): (String, &str) =
+        match tokio::time::timeout(Duration::from_secs(10), connect).await {
+            Ok(Ok(client)) => {
+                r.pass(format!(
+                    "NATS reachable at {url} (server {})",
+                    client.server_info().version
+                ));
+                return Some(client);
+            }
+            Ok(Err(BrokerError::Refused { url, reason, fix })) => {
+                r.fail(format!("NATS at {url} refused walcast: {reason}"), fix);
+                return None;
+            }
+            Ok(Err(BrokerError::Setup(reason))) => {
+                (reason, "fix --nats-creds / --nats-nkey / --nats-ca")
+            }
+            Ok(Err(BrokerError::Unreachable { reason, .. })) => (
+                format!("NATS unreachable at {url}: {reason}"),
+                "check that nats-server runs and that --nats-url is right",
+            ),
+            Err(_) => (
+                format!("NATS at {url} did not answer within 10 s"),
+                "check --nats-url and firewalls",
+            ),
+        };
+    r.fail(problem, fix);
+    None
+}
+
+/// The server's version: supported, and safe with the confirm delay.
+fn nats_version(s: &Settings, server: &str, r: &mut Report) {
+    let version: Vec<u32> = server.split('.').filter_map(|p| p.parse().ok()).collect();
+    r.check(
+        version.as_slice() >= [2, 10].as_slice(),
+        format!("NATS server {server} is supported"),
+        format!("NATS server {server} is too old"),
+        "upgrade nats-server to 2.10 or newer",
+    );
+    if s.confirm_delay.is_zero() && version.as_slice() < SYNC_ALWAYS_SAFE.as_slice() {
+        r.add(
+            Status::Warn,
+            format!(
+                "--confirm-delay 0 with NATS server {server}: before v2.14.6, block compaction could lose acknowledged \
+                 messages on a power loss even with `sync_interval: always` (nats-server #8456, #8475)"
+            ),
+            Some(
+                "upgrade every NATS server to v2.14.6 or newer (with `jetstream { sync_interval: always }`), \
+                 or keep --confirm-delay at its default 2m"
+                    .into(),
+            ),
+        );
+    }
+}
+
+/// The stream: compatible (or to be created), and whole.
+async fn stream(js: &async_nats::jetstream::Context, s: &Settings, r: &mut Report) {
+    match crate::publish::stream::verify_existing(js, s).await {
         Ok(Some(stream)) => {
             r.pass(format!("stream {} exists and is compatible", s.stream));
             let missing = stream.cached_info().state.deleted_count.unwrap_or(0);
@@ -501,7 +518,6 @@ async fn nats(s: &Settings, r: &mut Report) {
             ),
         ),
     }
-    state_bucket(&js, s, r).await;
 }
 
 /// The state bucket (SPEC §8): compatible, and whether its backfill is done.

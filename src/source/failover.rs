@@ -251,44 +251,15 @@ async fn synchronized_standby_slots(
 /// A standby of a multi-host URL: the settings slot synchronization needs.
 async fn standby_settings(host: &Database, s: &Settings, found: &mut Findings) {
     let where_ = host.redacted().to_string();
-    let client = match host.connect().await {
-        Ok(client) => client,
-        Err(e) => {
-            found.notes.push(format!("cannot check {where_}: {e}"));
-            return;
+    let standby = match read_standby(host, &s.slot).await {
+        Ok(Some(standby)) => standby,
+        Ok(None) => {
+            return found
+                .notes
+                .push(format!("{where_} is not in recovery (not a standby)"));
         }
+        Err(e) => return found.notes.push(format!("cannot check {where_}: {e}")),
     };
-    let row = client
-        .query_one(
-            "SELECT pg_is_in_recovery(),
-                    coalesce(current_setting('sync_replication_slots', true), ''),
-                    coalesce(current_setting('hot_standby_feedback', true), ''),
-                    coalesce(current_setting('primary_slot_name', true), ''),
-                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND (to_jsonb(pg_replication_slots)->>'synced')::bool)",
-            &[&s.slot],
-        )
-        .await;
-    let row = match row {
-        Ok(row) => row,
-        Err(e) => {
-            found.notes.push(format!("cannot check {where_}: {e}"));
-            return;
-        }
-    };
-    let (standby, sync, feedback, primary_slot, synced): (bool, String, String, String, bool) =
-        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-    // Superuser-only (it may hold a password): `None` if this role cannot read it.
-    let conninfo: Option<String> = client
-        .query_one("SELECT current_setting('primary_conninfo')", &[])
-        .await
-        .ok()
-        .map(|row| row.get(0));
-    if !standby {
-        found
-            .notes
-            .push(format!("{where_} is not in recovery (not a standby)"));
-        return;
-    }
     let mut want = |ok: bool, what: &str, fix: &str| {
         if ok {
             found.passes.push(format!("standby {where_}: {what}"));
@@ -303,22 +274,22 @@ async fn standby_settings(host: &Database, s: &Settings, found: &mut Findings) {
         }
     };
     want(
-        sync == "on",
+        standby.sync == "on",
         "sync_replication_slots = on",
         "ALTER SYSTEM SET sync_replication_slots = on; SELECT pg_reload_conf();",
     );
     want(
-        feedback == "on",
+        standby.feedback == "on",
         "hot_standby_feedback = on",
         "ALTER SYSTEM SET hot_standby_feedback = on; SELECT pg_reload_conf();",
     );
     want(
-        !primary_slot.is_empty(),
+        !standby.primary_slot.is_empty(),
         "primary_slot_name is set",
         "create a physical slot on the primary (SELECT pg_create_physical_replication_slot('standby1');), then \
          ALTER SYSTEM SET primary_slot_name = 'standby1'; SELECT pg_reload_conf();",
     );
-    match &conninfo {
+    match &standby.conninfo {
         Some(conninfo) => want(
             conninfo.contains("dbname="),
             "primary_conninfo names a database (dbname=)",
@@ -330,8 +301,50 @@ async fn standby_settings(host: &Database, s: &Settings, found: &mut Findings) {
         )),
     }
     want(
-        synced,
+        standby.synced,
         "holds a synced copy of the slot",
         "check the standby's log for slot sync errors (primary_conninfo needs dbname=...)",
     );
+}
+
+/// A standby's slot-sync settings, as it reports them.
+struct Standby {
+    sync: String,
+    feedback: String,
+    primary_slot: String,
+    /// Superuser-only (it may hold a password): `None` if this role cannot read it.
+    conninfo: Option<String>,
+    /// It holds a synced copy of the slot.
+    synced: bool,
+}
+
+/// Reads `host`'s slot-sync settings; `None` if it is not in recovery.
+async fn read_standby(host: &Database, slot: &str) -> Result<Option<Standby>, String> {
+    let client = host.connect().await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "SELECT pg_is_in_recovery(),
+                    coalesce(current_setting('sync_replication_slots', true), ''),
+                    coalesce(current_setting('hot_standby_feedback', true), ''),
+                    coalesce(current_setting('primary_slot_name', true), ''),
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND (to_jsonb(pg_replication_slots)->>'synced')::bool)",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if !row.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let conninfo = client
+        .query_one("SELECT current_setting('primary_conninfo')", &[])
+        .await
+        .ok()
+        .map(|row| row.get(0));
+    Ok(Some(Standby {
+        sync: row.get(1),
+        feedback: row.get(2),
+        primary_slot: row.get(3),
+        conninfo,
+        synced: row.get(4),
+    }))
 }
