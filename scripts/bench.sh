@@ -28,5 +28,10 @@ if [ -z "${WALCAST_BIN:-}" ]; then
     cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast-client --example state_load
     WALCAST_BIN="$PWD/target/release/walcast"
 fi
+# The state_load scenario's TypeScript loader (the client, built).
+if command -v npm >/dev/null 2>&1; then
+    echo "building the TypeScript client..." >&2
+    (cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent build) >&2
+fi
 
 exec python3 bench/run.py --walcast-bin "$WALCAST_BIN" "$@"
