@@ -884,6 +884,48 @@ def scenario_state_load(ctx):
         pg.sql("DELETE FROM tasks WHERE tenant_id IN ('load10k', 'load100k') OR tenant_id LIKE 'other%'")
 
 
+DEMO_KEYS = ROOT / "deploy/compose"
+
+
+def callout_nats(ctx, name):
+    """A nats-server configured as deploy/nats/auth-callout.conf with the
+    compose file's demo keys, JetStream on, its client and WebSocket ports
+    free. Returns (process, client port, WebSocket port, walcast's NATS URL)."""
+    import re
+    compose = (ROOT / "docker-compose.yml").read_text()
+    nats_env = {k: re.search(rf"{k}: (\S+)", compose).group(1)
+                for k in ("NATS_PASSWORD_FOR_WALCAST", "NATS_AUTH_ISSUER", "NATS_AUTH_XKEY")}
+    d = ctx.work / name
+    d.mkdir()
+    port, ws_port = free_port(), free_port()
+    conf = (ROOT / "deploy/nats/auth-callout.conf").read_text().replace("port: 8080", f"port: {ws_port}")
+    (d / "nats.conf").write_text(conf)
+    with open(d / "nats.log", "wb") as nlog:
+        nats = subprocess.Popen([ctx.nats_bin, "-c", str(d / "nats.conf"), "-js", "-sd", str(d / "js"),
+                                 "-a", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **nats_env),
+                                stdout=nlog, stderr=subprocess.STDOUT)
+    STARTED.append(("proc", nats))
+    wait_port(port)
+    return nats, port, ws_port, f"nats://walcast:{nats_env['NATS_PASSWORD_FOR_WALCAST']}@127.0.0.1:{port}"
+
+
+def wait_log(path, needle, proc, timeout=30):
+    """Waits until the log at `path` (of `proc`) contains `needle`."""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in path.read_bytes():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"no {needle!r} in {path} after {timeout}s (exit code {proc.poll()})")
+        time.sleep(0.1)
+
+
+def callout_env(nats_url):
+    """walcast's settings to answer the callout of callout_nats' server."""
+    return dict(WALCAST_NATS_URL=nats_url, WALCAST_AUTH_ACCOUNT="APP",
+                WALCAST_AUTH_ISSUER_SEED_FILE=str(DEMO_KEYS / "demo-auth-issuer.nk"),
+                WALCAST_AUTH_XKEY_SEED_FILE=str(DEMO_KEYS / "demo-auth-xkey.xk"),
+                WALCAST_AUTH_TOKEN_SECRET_FILE=str(DEMO_KEYS / "demo-app-jwt-secret"))
+
+
 def scenario_auth_logins(ctx):
     """Issue 20 / SPEC §9: `walcast auth` answering the callout of a
     nats-server configured like deploy/nats/auth-callout.conf (the compose
@@ -891,41 +933,18 @@ def scenario_auth_logins(ctx):
     10 tenants (bench/logins.py), three rounds. Logins/s, latency from TCP
     connect to PONG, CPU of walcast and nats-server."""
     import asyncio
-    import re
     import logins
     a = ctx.args
     log(f"scenario 10: {a.logins} concurrent auth callout logins, 3 rounds")
-    compose = (ROOT / "docker-compose.yml").read_text()
-    env_of = lambda k: re.search(rf"{k}: (\S+)", compose).group(1)
-    nats_env = {k: env_of(k) for k in ("NATS_PASSWORD_FOR_WALCAST", "NATS_AUTH_ISSUER", "NATS_AUTH_XKEY")}
-    d = ctx.work / "nats-auth"
-    d.mkdir()
-    conf = (ROOT / "deploy/nats/auth-callout.conf").read_text().replace("port: 8080", f"port: {free_port()}")
-    (d / "nats.conf").write_text(conf)
-    port = free_port()
-    nlog = open(d / "nats.log", "wb")
-    nats = subprocess.Popen([ctx.nats_bin, "-c", str(d / "nats.conf"), "-js", "-sd", str(d / "js"),
-                             "-a", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **nats_env),
-                            stdout=nlog, stderr=subprocess.STDOUT)
-    STARTED.append(("proc", nats))
-    wait_port(port)
-    demo = ROOT / "deploy/compose"
+    nats, port, _, nats_url = callout_nats(ctx, "nats-auth")
     wlog_path = ctx.work / "walcast-auth.log"
     wlog = open(wlog_path, "wb")
-    wenv = dict(os.environ, WALCAST_NATS_URL=f"nats://walcast:{nats_env['NATS_PASSWORD_FOR_WALCAST']}@127.0.0.1:{port}",
-                WALCAST_HTTP_ADDR=f"127.0.0.1:{free_port()}", WALCAST_AUTH_ACCOUNT="APP",
-                WALCAST_AUTH_ISSUER_SEED_FILE=str(demo / "demo-auth-issuer.nk"),
-                WALCAST_AUTH_XKEY_SEED_FILE=str(demo / "demo-auth-xkey.xk"),
-                WALCAST_AUTH_TOKEN_SECRET_FILE=str(demo / "demo-app-jwt-secret"))
+    wenv = dict(os.environ, WALCAST_HTTP_ADDR=f"127.0.0.1:{free_port()}", **callout_env(nats_url))
     auth = subprocess.Popen([ctx.walcast_bin, "auth"], env=wenv, stdout=wlog, stderr=subprocess.STDOUT)
     STARTED.append(("proc", auth))
     try:
-        deadline = time.monotonic() + 30
-        while b"auth callout answering" not in wlog_path.read_bytes():
-            if time.monotonic() > deadline or auth.poll() is not None:
-                raise RuntimeError(f"walcast auth did not start; log {wlog_path}")
-            time.sleep(0.1)
-        secret = (demo / "demo-app-jwt-secret").read_bytes().rstrip()
+        wait_log(wlog_path, "auth callout answering", auth)
+        secret = (DEMO_KEYS / "demo-app-jwt-secret").read_bytes().rstrip()
         rounds = []
         for _ in range(3):
             c0 = {"walcast": proc_cpu(auth.pid), "nats-server": proc_cpu(nats.pid)}
@@ -940,7 +959,6 @@ def scenario_auth_logins(ctx):
         stop_proc(auth)
         stop_proc(nats)
         wlog.close()
-        nlog.close()
 
 
 def scenario_idle(ctx):
@@ -980,9 +998,9 @@ INSERT INTO tasks (id, tenant_id, title, priority) VALUES (gen_random_uuid(), 'l
 """
 
 
-def run_pgbench(ctx, rate, secs):
+def run_pgbench(ctx, rate, secs, sql=PGBENCH_SCRIPT):
     script = ctx.work / "latency.sql"
-    script.write_text(PGBENCH_SCRIPT)
+    script.write_text(sql)
     clients = 4 if rate <= 2000 else 16
     logdir = Path(tempfile.mkdtemp(prefix="pgbench.", dir=ctx.work))
     out = subprocess.run([str(ctx.pg.bin / "pgbench"), "-n", "-c", str(clients), "-j", "2", "-T", str(secs),
