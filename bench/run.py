@@ -41,6 +41,10 @@ import latency as lat  # noqa: E402
 import wire  # noqa: E402
 from natsproto import Nats, stream_info  # noqa: E402
 
+# Run as a script, this module is __main__; scenario modules (fanout.py)
+# `import run` for its helpers and must get this module, STARTED included.
+sys.modules.setdefault("run", sys.modules[__name__])
+
 ROOT = HERE.parent
 CLK = os.sysconf("SC_CLK_TCK")
 IS_ROOT = os.geteuid() == 0
@@ -1475,6 +1479,8 @@ def summary_rows(res):
                 note += f"; catch-up answered {g(r, 'flood', 'answered')} ({g(r, 'flood', 'answered_per_s')}/s)"
             rows.append((f"7 latency {fl['rate']:,}/s, {phase} (issue 16)", "p99 ms (raw)", v, "<= 5",
                          met(v, 5, False), note))
+    import fanout
+    rows += fanout.summary_rows(sc)
     for name, r in sc.items():
         if isinstance(r, dict) and "error" in r:
             rows.append((name, "scenario", None, "", False, err(r)))
@@ -1533,6 +1539,8 @@ def markdown(res):
                            f"{raw.get('p90_ms')} / {cor.get('p90_ms')} | {raw.get('p99_ms')} / {cor.get('p99_ms')} | "
                            f"{raw.get('max_ms')} | {fs.get('p50_ms')} / {fs.get('p99_ms')} / {fs.get('max_ms')} | "
                            f"{pb.get('tps')} | {pb.get('schedule_lag_avg_ms')}/{pb.get('schedule_lag_max_ms')} |")
+    import fanout
+    out += fanout.markdown(res)
     prof = g(res["scenarios"], "drain", "profile")
     if prof and "top" in prof:
         out += ["", f"walcast CPU profile during the drain (perf, self time; full report `{prof['file']}`):", "",
@@ -1556,13 +1564,15 @@ def init_db(a, pg):
 
 
 def main():
+    import fanout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--walcast-bin", default=str(ROOT / "target/release/walcast"))
     ap.add_argument("--pg-bin", default=os.environ.get("WALCAST_PG_BIN", "/usr/lib/postgresql/15/bin"))
     ap.add_argument("--nats-server", default=os.environ.get("WALCAST_NATS_SERVER",
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
-                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood "
+                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood,"
+                         "ws_fanout,gateway_fanout "
                          "(default: all but the catch-up ones)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
@@ -1599,6 +1609,7 @@ def main():
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. what the binary is)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    fanout.add_arguments(ap)
     a = ap.parse_args()
     if a.quick:
         a.rows, a.tenants_large, a.big_tx_rows = 100_000, 10_000, 500_000
@@ -1666,7 +1677,7 @@ def main():
         init_db(a, pg)
 
         order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency",
-                 "catchup", "catchup_flood"]
+                 "catchup", "catchup_flood", "ws_fanout", "gateway_fanout"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1690,6 +1701,8 @@ def main():
                     r = scenario_latency(ctx)
                 elif name == "catchup_flood":
                     r = scenario_catchup_flood(ctx)
+                elif name in ("ws_fanout", "gateway_fanout"):
+                    r = getattr(fanout, f"scenario_{name}")(ctx)
                 else:
                     r = scenario_catchup(ctx)
             except Exception as e:  # keep the other scenarios' results
