@@ -50,6 +50,9 @@ def add_arguments(ap):
     ap.add_argument("--fanout-seconds", type=int, default=60, help="fan-out: seconds of writes per client count")
     ap.add_argument("--fanout-rate", type=int, default=100, help="fan-out: commits/s of the writer")
     ap.add_argument("--fanout-workers", type=int, default=2, help="fan-out: Node load generator processes")
+    ap.add_argument("--fanout-ws-client", choices=("ts", "raw"), default="ts",
+                    help="ws_fanout: @walcast/client's loadAndFollow like the browser example (ts), or a core NATS "
+                         "subscription per client (raw, bench/fanout/nats-raw.mjs: a generator that keeps up)")
     ap.add_argument("--fanout-concurrency", type=int, default=200,
                     help="fan-out: client connects in flight at once (over all workers)")
 
@@ -139,7 +142,7 @@ class Workers:
             try:
                 w, obj = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
-                raise RuntimeError(f"load generator: no {kind!r} from {len(self.procs) - len(got)} worker(s) "
+                raise TimeoutError(f"load generator: no {kind!r} from {len(self.procs) - len(got)} worker(s) "
                                    f"in {timeout}s") from None
             if obj is None:
                 raise RuntimeError(f"load generator worker {w} exited ({self.procs[w].wait()}); see its log")
@@ -170,31 +173,37 @@ def expected_receives(pg, prefix, connected_per_tenant):
     return total
 
 
-def wait_received(workers, expected, timeout=30.0):
-    """Polls the workers' counts until every expected event is in (or `timeout`)."""
+def wait_received(workers, expected, timeout=60.0):
+    """Polls the workers' counts until every expected event is in, or for
+    `timeout` (a saturated worker answers late, or not in time)."""
     deadline = time.monotonic() + timeout
     received = 0
     while time.monotonic() < deadline:
         workers.send("count")
-        received = sum(c["received"] for c in workers.collect("count", 30))
+        try:
+            received = sum(c["received"] for c in workers.collect("count", max(1.0, deadline - time.monotonic())))
+        except TimeoutError:
+            break
         if received >= expected:
             break
         time.sleep(0.5)
     return received
 
 
+def merged(counts):
+    """Sum of {key: count} dicts."""
+    out = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def connect_summary(ready):
     ms = [v * 1000 for r in ready for v in r["connect_ms"]]  # summarize_raw takes µs
-    errors = {}
-    for r in ready:
-        for k, v in r["errors"].items():
-            errors[k] = errors.get(k, 0) + v
-    per_tenant = {}
-    for r in ready:
-        for k, v in r["per_tenant"].items():
-            per_tenant[k] = per_tenant.get(k, 0) + v
+    per_tenant = merged(r["per_tenant"] for r in ready)
     s = lat.summarize_raw(ms)
-    return {"connected": len(ms), "failed": errors, "ramp_seconds": max(r["ramp_seconds"] for r in ready),
+    return {"connected": len(ms), "failed": merged(r["errors"] for r in ready), "ramp_seconds": max(r["ramp_seconds"] for r in ready),
             "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "per_tenant": per_tenant}
 
 
@@ -207,7 +216,7 @@ def client_summary(done, sampler):
             "loop_delay_p99_ms": max(d["loop_delay_ms"]["p99"] for d in done),
             "loop_delay_max_ms": max(d["loop_delay_ms"]["max"] for d in done),
             "rss_mb": [d["rss_mb"] for d in done], "workers": len(done),
-            "disconnects": sum(d["disconnects"] for d in done)}
+            "disconnects": merged(d["disconnects"] for d in done)}
 
 
 def measure(ctx, workers, prefix, connected_per_tenant):
@@ -217,9 +226,10 @@ def measure(ctx, workers, prefix, connected_per_tenant):
     pb = h.run_pgbench(ctx, a.fanout_rate, a.fanout_seconds, WRITER_SQL.format(prefix=prefix))
     pb.pop("_schedule", None)
     expected = expected_receives(ctx.pg, prefix, connected_per_tenant)
-    received = wait_received(workers, expected)
+    wait_received(workers, expected)
     workers.send("stop")
-    return pb, expected, received, workers.collect("done", 60)
+    done = workers.collect("done", 600)  # a saturated worker works through its backlog first
+    return pb, expected, sum(d["received"] for d in done), done
 
 
 def fanout_round(ctx, prefix, n, server, watch, script, url, tokens, extra=None):
@@ -252,10 +262,12 @@ def fanout_round(ctx, prefix, n, server, watch, script, url, tokens, extra=None)
          "server": server_name, "server_rss_mb": {"before": rss_before, "with_clients": rss_with,
                                                    "peak_during_writes": s.rss_peak.get(server_name)},
          "server_rss_mb_per_1000_clients": round(per_1000, 1) if per_1000 is not None else None,
-         "cpu_s": cpu, "clients_cpu": client_summary(done, s), "machine": s.machine(cpu)}
+         "cpu_s": cpu, "clients_cpu": client_summary(done, s), "machine": s.machine(cpu),
+         "server_cpu_us_per_delivery": round(cpu[server_name] / received * 1e6, 1) if received else None}
     l_, c_ = r["latency"], r["clients_cpu"]
     h.log(f"    commit→receive p50 {l_['p50_ms']} p99 {l_['p99_ms']} max {l_['max_ms']} ms ({received}/{expected}); "
-          f"{server_name} RSS +{r['server_rss_mb_per_1000_clients']} MB per 1,000; clients CPU "
+          f"{server_name} RSS +{r['server_rss_mb_per_1000_clients']} MB per 1,000, "
+          f"{r['server_cpu_us_per_delivery']} CPU-µs per delivery; clients CPU "
           f"{c_['cpu_percent_of_one_core']} % of a core, loop delay p99 {c_['loop_delay_p99_ms']} ms; cpu {cpu}")
     return r
 
@@ -286,7 +298,8 @@ def ws_round(ctx, n):
         exp = int(time.time()) + 3600
         prefix = f"ws{n}t"
         tokens = tenant_tokens(prefix, lambda t: logins.hs256_token(secret, {"tenant_id": t, "exp": exp}))
-        return fanout_round(ctx, prefix, n, ("nats-server", nats.pid), {"walcast": wc.pid}, "nats-ws.mjs",
+        script = {"ts": "nats-ws.mjs", "raw": "nats-raw.mjs"}[ctx.args.fanout_ws_client]
+        return fanout_round(ctx, prefix, n, ("nats-server", nats.pid), {"walcast": wc.pid}, script,
                             f"ws://127.0.0.1:{ws_port}", tokens, {"clientDir": str(CLIENT)})
     finally:
         wc.stop()
@@ -334,6 +347,7 @@ def scenario(ctx, label, round_fn):
     h.log(f"{label}: {counts} clients over {TENANTS} tenants, {a.fanout_rate} commits/s for {a.fanout_seconds}s")
     prepare_node()
     out = {"open_file_limit": raise_nofile(), "rate": a.fanout_rate, "seconds": a.fanout_seconds,
+           "ws_client": a.fanout_ws_client,
            "workers": a.fanout_workers, "concurrency": a.fanout_concurrency}
     for n in counts:
         h.log(f"  {n} clients")
@@ -360,6 +374,8 @@ TITLES = {"ws_fanout": "11 WebSocket fan-out on NATS", "gateway_fanout": "12 Soc
 
 def rounds(sc):
     for key, title in TITLES.items():
+        if key == "ws_fanout" and key in sc:
+            title += f" ({sc[key].get('ws_client')} client)"
         for n, r in (sc.get(key) or {}).items():
             if isinstance(r, dict) and n.isdigit():
                 yield title, int(n), r

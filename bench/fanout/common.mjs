@@ -60,12 +60,17 @@ export class Recorder {
   recording = false;
   received = 0;
   perTenant = {};
-  disconnects = 0;
+  disconnects = {};
+
+  /** A client's connection ended, for `reason`. */
+  disconnected(reason) {
+    this.disconnects[reason] = (this.disconnects[reason] ?? 0) + 1;
+  }
 
   /** One event received by one client: `commitUs` from the event, received now. */
   event(tenant, commitUs) {
     const now = nowUs();
-    if (!this.recording) {
+    if (!this.recording || !Number.isFinite(commitUs)) {
       return;
     }
     this.received++;

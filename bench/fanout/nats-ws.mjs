@@ -45,7 +45,7 @@ async function connectOne(i) {
     maxReconnectAttempts: 0,
   });
   open.push(nc);
-  void nc.closed().then(() => recorder.disconnects++);
+  void nc.closed().then((err) => recorder.disconnected(err ? String(err.message).slice(0, 80) : "closed"));
   let live;
   const isLive = new Promise((resolve, reject) => {
     live = { resolve, reject };

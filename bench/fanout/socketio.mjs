@@ -39,7 +39,7 @@ function connectOne(i) {
     socket.once("connect_error", reject);
     socket.once("disconnect", (reason) => reject(new Error(`disconnected: ${reason}`)));
   });
-  socket.on("disconnect", () => recorder.disconnects++);
+  socket.on("disconnect", (reason) => recorder.disconnected(reason));
   return withTimeout(live, spec.connectTimeoutMs, "socket.io live");
 }
 
