@@ -145,6 +145,8 @@ class Workers:
                 raise TimeoutError(f"load generator: no {kind!r} from {len(self.procs) - len(got)} worker(s) "
                                    f"in {timeout}s") from None
             if obj is None:
+                if w in got:  # it answered, then exited (after `stop`)
+                    continue
                 raise RuntimeError(f"load generator worker {w} exited ({self.procs[w].wait()}); see its log")
             if obj["type"] == kind:
                 got[w] = obj
