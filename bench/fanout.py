@@ -205,7 +205,11 @@ def connect_summary(ready):
     ms = [v * 1000 for r in ready for v in r["connect_ms"]]  # summarize_raw takes µs
     per_tenant = merged(r["per_tenant"] for r in ready)
     s = lat.summarize_raw(ms)
-    return {"connected": len(ms), "failed": merged(r["errors"] for r in ready), "ramp_seconds": max(r["ramp_seconds"] for r in ready),
+    phases = {}
+    for name in {k for r in ready for k in r.get("phases_ms", {})}:
+        p = lat.summarize_raw([v * 1000 for r in ready for v in r["phases_ms"].get(name, [])])
+        phases[name] = {"p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"]}
+    return {"connected": len(ms), "failed": merged(r["errors"] for r in ready), "phases": phases, "ramp_seconds": max(r["ramp_seconds"] for r in ready),
             "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "per_tenant": per_tenant}
 
 
@@ -245,7 +249,7 @@ def fanout_round(ctx, prefix, n, server, watch, script, url, tokens, extra=None)
     try:
         conn = connect_summary(workers.collect("ready", 600))
         h.log(f"    {conn['connected']}/{n} connected in {conn['ramp_seconds']} s, connect p50 {conn['p50_ms']} "
-              f"p99 {conn['p99_ms']} ms, failed {conn['failed']}")
+              f"p99 {conn['p99_ms']} ms (phases {conn['phases']}), failed {conn['failed']}")
         time.sleep(2)
         rss_with = round(h.proc_status_mb(server_pid, "VmRSS"), 1)
         s = h.Sampler(interval=0.25)
@@ -392,7 +396,9 @@ def summary_rows(sc):
             continue
         c, l_ = r["connect"], r["latency"]
         rows.append((label, "connect p99 ms", c["p99_ms"], "< 2000", h.met(c["p99_ms"], 2000, False),
-                     f"{c['connected']}/{n} connected in {c['ramp_seconds']} s; p50 {c['p50_ms']} ms"))
+                     f"{c['connected']}/{n} connected in {c['ramp_seconds']} s; p50 {c['p50_ms']} ms"
+                     + "".join(f"; {k} alone p50 {v['p50_ms']} / p99 {v['p99_ms']} ms"
+                               for k, v in c.get("phases", {}).items())))
         drops = r["clients_cpu"]["disconnects"]
         all_in = r["received"] >= r["expected"] * 0.999
         rows.append((label, "commit → receive p99 ms", l_["p99_ms"], "< 100",

@@ -61,6 +61,12 @@ export class Recorder {
   received = 0;
   perTenant = {};
   disconnects = {};
+  /** Connect phases' durations in ms by name (e.g. the login alone). */
+  phases = {};
+
+  phase(name, ms) {
+    (this.phases[name] ??= []).push(Math.round(ms * 10) / 10);
+  }
 
   /** A client's connection ended, for `reason`. */
   disconnected(reason) {
@@ -147,6 +153,7 @@ export async function runWorker(spec, recorder, connectOne, close) {
     per_tenant: perTenant,
     errors,
     connect_ms: connectMs.map((v) => Math.round(v * 10) / 10),
+    phases_ms: recorder.phases,
     ramp_seconds: Math.round(performance.now() - t0) / 1000,
   });
   const loop = monitorEventLoopDelay({ resolution: 10 });

@@ -17,6 +17,7 @@
 
 import { createRequire } from "node:module";
 import { join } from "node:path";
+import { performance } from "node:perf_hooks";
 import { pathToFileURL } from "node:url";
 
 import WebSocket from "ws";
@@ -37,6 +38,7 @@ async function wsFactory(url) {
 
 async function connectOne(i) {
   const tenant = tenantOf(spec, i);
+  const t0 = performance.now();
   const nc = await wsconnect({
     servers: spec.url,
     token: spec.tenants[tenant],
@@ -45,6 +47,7 @@ async function connectOne(i) {
     maxReconnectAttempts: 0,
   });
   open.push(nc);
+  recorder.phase("login", performance.now() - t0);
   void nc.closed().then((err) => recorder.disconnected(err ? String(err.message).slice(0, 80) : "closed"));
   let live;
   const isLive = new Promise((resolve, reject) => {
