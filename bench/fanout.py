@@ -202,18 +202,21 @@ def merged(counts):
 
 
 def connect_summary(ready):
-    ms = [v * 1000 for r in ready for v in r["connect_ms"]]  # summarize_raw takes µs
-    per_tenant = merged(r["per_tenant"] for r in ready)
-    s = lat.summarize_raw(ms)
-    phases = {}
-    for name in {k for r in ready for k in r.get("phases_ms", {})}:
-        p = lat.summarize_raw([v * 1000 for r in ready for v in r["phases_ms"].get(name, [])])
-        phases[name] = {"p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"]}
-    return {"connected": len(ms), "failed": merged(r["errors"] for r in ready), "phases": phases, "ramp_seconds": max(r["ramp_seconds"] for r in ready),
-            "p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "per_tenant": per_tenant}
+    """Connect times (and the timed phases of a connect) over every worker's `ready` line."""
+    def pcts(values_ms):
+        p = lat.summarize_raw([v * 1000 for v in values_ms])  # summarize_raw takes µs
+        return {"p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "max_ms": p["max_ms"]}
+
+    names = {k for r in ready for k in r.get("phases_ms", {})}
+    phases = {k: pcts([v for r in ready for v in r["phases_ms"].get(k, [])]) for k in names}
+    return dict(pcts([v for r in ready for v in r["connect_ms"]]),
+                connected=sum(r["connected"] for r in ready), failed=merged(r["errors"] for r in ready),
+                phases=phases, ramp_seconds=max(r["ramp_seconds"] for r in ready),
+                per_tenant=merged(r["per_tenant"] for r in ready))
 
 
-def client_summary(done, sampler):
+def client_summary(done):
+    """The load generator's own figures over the write window: is it the bottleneck?"""
     wall = max(d["wall_s"] for d in done)
     cpu = sum(d["cpu_s"] for d in done)
     received = sum(d["received"] for d in done)
@@ -235,7 +238,12 @@ def measure(ctx, workers, prefix, connected_per_tenant):
     wait_received(workers, expected)
     workers.send("stop")
     done = workers.collect("done", 600)  # a saturated worker works through its backlog first
-    return pb, expected, sum(d["received"] for d in done), done
+    return {"pgbench": pb, "expected": expected, "received": sum(d["received"] for d in done),
+            "clients_cpu": client_summary(done)}
+
+
+def rss_mb(pid):
+    return round(h.proc_status_mb(pid, "VmRSS"), 1)
 
 
 def fanout_round(ctx, prefix, n, server, watch, script, url, tokens, extra=None):
@@ -244,37 +252,40 @@ def fanout_round(ctx, prefix, n, server, watch, script, url, tokens, extra=None)
     `watch`: {name: pid} of the other processes timed."""
     time.sleep(2)  # the server settles after its start
     server_name, server_pid = server
-    rss_before = round(h.proc_status_mb(server_pid, "VmRSS"), 1)
+    rss = {"before": rss_mb(server_pid)}
     workers = Workers(ctx, script, n, url, tokens, extra or {}, prefix)
     try:
         conn = connect_summary(workers.collect("ready", 600))
         h.log(f"    {conn['connected']}/{n} connected in {conn['ramp_seconds']} s, connect p50 {conn['p50_ms']} "
               f"p99 {conn['p99_ms']} ms (phases {conn['phases']}), failed {conn['failed']}")
         time.sleep(2)
-        rss_with = round(h.proc_status_mb(server_pid, "VmRSS"), 1)
+        rss["with_clients"] = rss_mb(server_pid)
         s = h.Sampler(interval=0.25)
         for k, pid in {server_name: server_pid, **watch, **workers.pids}.items():
             s.watch(k, pid, from_zero=False)
-        load_before = h.loadavg()
-        pb, expected, received, done = measure(ctx, workers, prefix, conn["per_tenant"])
+        r = dict(clients=n, connect=conn, load_avg_before=h.loadavg(), server=server_name, server_rss_mb=rss)
+        r.update(measure(ctx, workers, prefix, conn["per_tenant"]))
         s.stop()
-        samples = workers.latencies_us()
+        r["latency"] = lat.summarize_raw(workers.latencies_us())
     finally:
         workers.stop()
-    cpu = {k: s.cpu(k) for k in (server_name, *watch, *workers.pids)}
-    per_1000 = (rss_with - rss_before) / (conn["connected"] / 1000) if conn["connected"] else None
-    r = {"clients": n, "connect": conn, "latency": lat.summarize_raw(samples), "expected": expected,
-         "received": received, "pgbench": pb, "load_avg_before": load_before,
-         "server": server_name, "server_rss_mb": {"before": rss_before, "with_clients": rss_with,
-                                                   "peak_during_writes": s.rss_peak.get(server_name)},
-         "server_rss_mb_per_1000_clients": round(per_1000, 1) if per_1000 is not None else None,
-         "cpu_s": cpu, "clients_cpu": client_summary(done, s), "machine": s.machine(cpu),
-         "server_cpu_us_per_delivery": round(cpu[server_name] / received * 1e6, 1) if received else None}
+    return round_result(r, s, [server_name, *watch, *workers.pids])
+
+
+def round_result(r, sampler, names):
+    """Adds the CPU, the RSS per 1,000 clients and the machine's load to round `r`, and logs it."""
+    cpu = r["cpu_s"] = {k: sampler.cpu(k) for k in names}
+    server, rss, received = r["server"], r["server_rss_mb"], r["received"]
+    rss["peak_during_writes"] = sampler.rss_peak.get(server)
+    n = r["connect"]["connected"]
+    r["server_rss_mb_per_1000_clients"] = round((rss["with_clients"] - rss["before"]) / (n / 1000), 1) if n else None
+    r["server_cpu_us_per_delivery"] = round(cpu[server] / received * 1e6, 1) if received else None
+    r["machine"] = sampler.machine(cpu)
     l_, c_ = r["latency"], r["clients_cpu"]
-    h.log(f"    commit→receive p50 {l_['p50_ms']} p99 {l_['p99_ms']} max {l_['max_ms']} ms ({received}/{expected}); "
-          f"{server_name} RSS +{r['server_rss_mb_per_1000_clients']} MB per 1,000, "
-          f"{r['server_cpu_us_per_delivery']} CPU-µs per delivery; clients CPU "
-          f"{c_['cpu_percent_of_one_core']} % of a core, loop delay p99 {c_['loop_delay_p99_ms']} ms; cpu {cpu}")
+    h.log(f"    commit→receive p50 {l_['p50_ms']} p99 {l_['p99_ms']} max {l_['max_ms']} ms ({received}/"
+          f"{r['expected']}); {server} RSS +{r['server_rss_mb_per_1000_clients']} MB per 1,000, "
+          f"{r['server_cpu_us_per_delivery']} CPU-µs per delivery; clients CPU {c_['cpu_percent_of_one_core']} % "
+          f"of a core, loop delay p99 {c_['loop_delay_p99_ms']} ms; cpu {cpu}")
     return r
 
 
