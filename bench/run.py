@@ -41,6 +41,10 @@ import latency as lat  # noqa: E402
 import wire  # noqa: E402
 from natsproto import Nats, stream_info  # noqa: E402
 
+# Run as a script, this module is __main__; scenario modules (fanout.py)
+# `import run` for its helpers and must get this module, STARTED included.
+sys.modules.setdefault("run", sys.modules[__name__])
+
 ROOT = HERE.parent
 CLK = os.sysconf("SC_CLK_TCK")
 IS_ROOT = os.geteuid() == 0
@@ -907,6 +911,48 @@ def ts_state_load(url, tenant, rows, loads):
     return r
 
 
+DEMO_KEYS = ROOT / "deploy/compose"
+
+
+def callout_nats(ctx, name):
+    """A nats-server configured as deploy/nats/auth-callout.conf with the
+    compose file's demo keys, JetStream on, its client and WebSocket ports
+    free. Returns (process, client port, WebSocket port, walcast's NATS URL)."""
+    import re
+    compose = (ROOT / "docker-compose.yml").read_text()
+    nats_env = {k: re.search(rf"{k}: (\S+)", compose).group(1)
+                for k in ("NATS_PASSWORD_FOR_WALCAST", "NATS_AUTH_ISSUER", "NATS_AUTH_XKEY")}
+    d = ctx.work / name
+    d.mkdir()
+    port, ws_port = free_port(), free_port()
+    conf = (ROOT / "deploy/nats/auth-callout.conf").read_text().replace("port: 8080", f"port: {ws_port}")
+    (d / "nats.conf").write_text(conf)
+    with open(d / "nats.log", "wb") as nlog:
+        nats = subprocess.Popen([ctx.nats_bin, "-c", str(d / "nats.conf"), "-js", "-sd", str(d / "js"),
+                                 "-a", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **nats_env),
+                                stdout=nlog, stderr=subprocess.STDOUT)
+    STARTED.append(("proc", nats))
+    wait_port(port)
+    return nats, port, ws_port, f"nats://walcast:{nats_env['NATS_PASSWORD_FOR_WALCAST']}@127.0.0.1:{port}"
+
+
+def wait_log(path, needle, proc, timeout=30):
+    """Waits until the log at `path` (of `proc`) contains `needle`."""
+    deadline = time.monotonic() + timeout
+    while needle.encode() not in path.read_bytes():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"no {needle!r} in {path} after {timeout}s (exit code {proc.poll()})")
+        time.sleep(0.1)
+
+
+def callout_env(nats_url):
+    """walcast's settings to answer the callout of callout_nats' server."""
+    return dict(WALCAST_NATS_URL=nats_url, WALCAST_AUTH_ACCOUNT="APP",
+                WALCAST_AUTH_ISSUER_SEED_FILE=str(DEMO_KEYS / "demo-auth-issuer.nk"),
+                WALCAST_AUTH_XKEY_SEED_FILE=str(DEMO_KEYS / "demo-auth-xkey.xk"),
+                WALCAST_AUTH_TOKEN_SECRET_FILE=str(DEMO_KEYS / "demo-app-jwt-secret"))
+
+
 def scenario_auth_logins(ctx):
     """Issue 20 / SPEC §9: `walcast auth` answering the callout of a
     nats-server configured like deploy/nats/auth-callout.conf (the compose
@@ -914,41 +960,18 @@ def scenario_auth_logins(ctx):
     10 tenants (bench/logins.py), three rounds. Logins/s, latency from TCP
     connect to PONG, CPU of walcast and nats-server."""
     import asyncio
-    import re
     import logins
     a = ctx.args
     log(f"scenario 10: {a.logins} concurrent auth callout logins, 3 rounds")
-    compose = (ROOT / "docker-compose.yml").read_text()
-    env_of = lambda k: re.search(rf"{k}: (\S+)", compose).group(1)
-    nats_env = {k: env_of(k) for k in ("NATS_PASSWORD_FOR_WALCAST", "NATS_AUTH_ISSUER", "NATS_AUTH_XKEY")}
-    d = ctx.work / "nats-auth"
-    d.mkdir()
-    conf = (ROOT / "deploy/nats/auth-callout.conf").read_text().replace("port: 8080", f"port: {free_port()}")
-    (d / "nats.conf").write_text(conf)
-    port = free_port()
-    nlog = open(d / "nats.log", "wb")
-    nats = subprocess.Popen([ctx.nats_bin, "-c", str(d / "nats.conf"), "-js", "-sd", str(d / "js"),
-                             "-a", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **nats_env),
-                            stdout=nlog, stderr=subprocess.STDOUT)
-    STARTED.append(("proc", nats))
-    wait_port(port)
-    demo = ROOT / "deploy/compose"
+    nats, port, _, nats_url = callout_nats(ctx, "nats-auth")
     wlog_path = ctx.work / "walcast-auth.log"
     wlog = open(wlog_path, "wb")
-    wenv = dict(os.environ, WALCAST_NATS_URL=f"nats://walcast:{nats_env['NATS_PASSWORD_FOR_WALCAST']}@127.0.0.1:{port}",
-                WALCAST_HTTP_ADDR=f"127.0.0.1:{free_port()}", WALCAST_AUTH_ACCOUNT="APP",
-                WALCAST_AUTH_ISSUER_SEED_FILE=str(demo / "demo-auth-issuer.nk"),
-                WALCAST_AUTH_XKEY_SEED_FILE=str(demo / "demo-auth-xkey.xk"),
-                WALCAST_AUTH_TOKEN_SECRET_FILE=str(demo / "demo-app-jwt-secret"))
+    wenv = dict(os.environ, WALCAST_HTTP_ADDR=f"127.0.0.1:{free_port()}", **callout_env(nats_url))
     auth = subprocess.Popen([ctx.walcast_bin, "auth"], env=wenv, stdout=wlog, stderr=subprocess.STDOUT)
     STARTED.append(("proc", auth))
     try:
-        deadline = time.monotonic() + 30
-        while b"auth callout answering" not in wlog_path.read_bytes():
-            if time.monotonic() > deadline or auth.poll() is not None:
-                raise RuntimeError(f"walcast auth did not start; log {wlog_path}")
-            time.sleep(0.1)
-        secret = (demo / "demo-app-jwt-secret").read_bytes().rstrip()
+        wait_log(wlog_path, "auth callout answering", auth)
+        secret = (DEMO_KEYS / "demo-app-jwt-secret").read_bytes().rstrip()
         rounds = []
         for _ in range(3):
             c0 = {"walcast": proc_cpu(auth.pid), "nats-server": proc_cpu(nats.pid)}
@@ -963,7 +986,6 @@ def scenario_auth_logins(ctx):
         stop_proc(auth)
         stop_proc(nats)
         wlog.close()
-        nlog.close()
 
 
 def scenario_idle(ctx):
@@ -1003,9 +1025,9 @@ INSERT INTO tasks (id, tenant_id, title, priority) VALUES (gen_random_uuid(), 'l
 """
 
 
-def run_pgbench(ctx, rate, secs):
+def run_pgbench(ctx, rate, secs, sql=PGBENCH_SCRIPT):
     script = ctx.work / "latency.sql"
-    script.write_text(PGBENCH_SCRIPT)
+    script.write_text(sql)
     clients = 4 if rate <= 2000 else 16
     logdir = Path(tempfile.mkdtemp(prefix="pgbench.", dir=ctx.work))
     out = subprocess.run([str(ctx.pg.bin / "pgbench"), "-n", "-c", str(clients), "-j", "2", "-T", str(secs),
@@ -1482,6 +1504,8 @@ def summary_rows(res):
                 note += f"; catch-up answered {g(r, 'flood', 'answered')} ({g(r, 'flood', 'answered_per_s')}/s)"
             rows.append((f"7 latency {fl['rate']:,}/s, {phase} (issue 16)", "p99 ms (raw)", v, "<= 5",
                          met(v, 5, False), note))
+    import fanout
+    rows += fanout.summary_rows(sc)
     for name, r in sc.items():
         if isinstance(r, dict) and "error" in r:
             rows.append((name, "scenario", None, "", False, err(r)))
@@ -1540,6 +1564,8 @@ def markdown(res):
                            f"{raw.get('p90_ms')} / {cor.get('p90_ms')} | {raw.get('p99_ms')} / {cor.get('p99_ms')} | "
                            f"{raw.get('max_ms')} | {fs.get('p50_ms')} / {fs.get('p99_ms')} / {fs.get('max_ms')} | "
                            f"{pb.get('tps')} | {pb.get('schedule_lag_avg_ms')}/{pb.get('schedule_lag_max_ms')} |")
+    import fanout
+    out += fanout.markdown(res)
     prof = g(res["scenarios"], "drain", "profile")
     if prof and "top" in prof:
         out += ["", f"walcast CPU profile during the drain (perf, self time; full report `{prof['file']}`):", "",
@@ -1563,13 +1589,15 @@ def init_db(a, pg):
 
 
 def main():
+    import fanout
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--walcast-bin", default=str(ROOT / "target/release/walcast"))
     ap.add_argument("--pg-bin", default=os.environ.get("WALCAST_PG_BIN", "/usr/lib/postgresql/15/bin"))
     ap.add_argument("--nats-server", default=os.environ.get("WALCAST_NATS_SERVER",
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
-                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood "
+                    help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood,"
+                         "ws_fanout,gateway_fanout "
                          "(default: all but the catch-up ones)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
@@ -1608,6 +1636,7 @@ def main():
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. what the binary is)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
+    fanout.add_arguments(ap)
     a = ap.parse_args()
     if a.quick:
         a.rows, a.tenants_large, a.big_tx_rows = 100_000, 10_000, 500_000
@@ -1675,7 +1704,7 @@ def main():
         init_db(a, pg)
 
         order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency",
-                 "catchup", "catchup_flood"]
+                 "catchup", "catchup_flood", "ws_fanout", "gateway_fanout"]
         for name in order:
             if name not in scenarios:
                 continue
@@ -1699,6 +1728,8 @@ def main():
                     r = scenario_latency(ctx)
                 elif name == "catchup_flood":
                     r = scenario_catchup_flood(ctx)
+                elif name in ("ws_fanout", "gateway_fanout"):
+                    r = getattr(fanout, f"scenario_{name}")(ctx)
                 else:
                     r = scenario_catchup(ctx)
             except Exception as e:  # keep the other scenarios' results

@@ -7,6 +7,8 @@
 #   scripts/bench.sh                 # default scenarios, 2 interleaved rounds per drain (~15 min on 2 cores)
 #   scripts/bench.sh --quick         # smoke test of the harness (~3 min)
 #   scripts/bench.sh --catchup       # also the catch-up scenario (issue 9)
+#   scripts/bench.sh --scenarios ws_fanout,gateway_fanout --fanout-clients 1000,5000
+#                                    # live clients on NATS WebSocket / the Socket.IO gateway (Node >= 20, npm)
 #   scripts/bench.sh --help          # every option (sizes, --scale, --repeat, --scenarios, --profile)
 #
 # Method, results and what limits each figure: docs/BENCHMARKS.md.
