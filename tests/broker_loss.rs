@@ -2,7 +2,7 @@
 //! The NATS store directory is rolled back to a copy taken seconds earlier
 //! (stop, restore, start): what an OS crash before fsync does.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -41,6 +41,31 @@ fn restore(env: &Env, from: &Path) {
     copy_dir(from, &env.nats.store_dir());
 }
 
+/// walcast (`--confirm-delay 30s`) streaming a load, a copy of the broker's
+/// store taken, and more than 100 events acknowledged since: what a broker
+/// rolled back to the copy (returned) loses. Returns the stream's last seq
+/// at the copy.
+async fn run_past_a_snapshot(env: &Env, dir: &Path) -> (Walcast, Load, u64, PathBuf) {
+    let saved = dir.join("store-copy");
+    let walcast = Walcast::start(
+        "first",
+        dir,
+        &env.env_vars(),
+        &[("WALCAST_CONFIRM_DELAY", "30s")],
+    );
+    let load = Load::start(env, 5, Duration::from_millis(5)).await;
+    load.wait_transactions(150, Duration::from_secs(60)).await;
+    let at_snapshot = snapshot(env, &saved).await;
+    let url = env.nats.url();
+    wait_until(Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { stream_state(&url).await.0 > at_snapshot + 100 }
+    })
+    .await
+    .expect("events acknowledged after the snapshot");
+    (walcast, load, at_snapshot, saved)
+}
+
 /// Waits until the stream holds one message per committed change.
 async fn wait_complete(
     env: &Env,
@@ -69,25 +94,7 @@ async fn rolled_back_broker_is_repaired_from_the_slot() {
     let client = env.pg.client().await;
     let oracle = Oracle::create(&client).await;
     let dir = TempDir::new("broker-loss").unwrap();
-    let saved = dir.path().join("store-copy");
-    let mut walcast = Walcast::start(
-        "walcast",
-        dir.path(),
-        &env.env_vars(),
-        &[("WALCAST_CONFIRM_DELAY", "30s")],
-    );
-    let load = Load::start(&env, 5, Duration::from_millis(5)).await;
-    load.wait_transactions(150, Duration::from_secs(60)).await;
-
-    let at_snapshot = snapshot(&env, &saved).await;
-    // More events are acknowledged after the copy, then lost with the rollback.
-    let url = env.nats.url();
-    wait_until(Duration::from_secs(60), || {
-        let url = url.clone();
-        async move { stream_state(&url).await.0 > at_snapshot + 100 }
-    })
-    .await
-    .expect("events acknowledged after the snapshot");
+    let (mut walcast, load, at_snapshot, saved) = run_past_a_snapshot(&env, dir.path()).await;
     restore(&env, &saved);
     env.nats.start_again().unwrap();
     assert!(
@@ -118,23 +125,7 @@ async fn rolled_back_broker_and_kill9_while_it_is_down() {
     let client = env.pg.client().await;
     let oracle = Oracle::create(&client).await;
     let dir = TempDir::new("broker-loss-kill").unwrap();
-    let saved = dir.path().join("store-copy");
-    let mut walcast = Walcast::start(
-        "first",
-        dir.path(),
-        &env.env_vars(),
-        &[("WALCAST_CONFIRM_DELAY", "30s")],
-    );
-    let load = Load::start(&env, 5, Duration::from_millis(5)).await;
-    load.wait_transactions(150, Duration::from_secs(60)).await;
-    let at_snapshot = snapshot(&env, &saved).await;
-    let url = env.nats.url();
-    wait_until(Duration::from_secs(60), || {
-        let url = url.clone();
-        async move { stream_state(&url).await.0 > at_snapshot + 100 }
-    })
-    .await
-    .expect("events acknowledged after the snapshot");
+    let (mut walcast, load, at_snapshot, saved) = run_past_a_snapshot(&env, dir.path()).await;
     // The acknowledged high is recorded about once a second: wait until it
     // covers what the restored broker is about to lose.
     let client = env.pg.client().await;
