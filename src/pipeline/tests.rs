@@ -422,6 +422,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         max_in_flight: c.max_in_flight,
         oversized: Oversized::new(STREAM, Duration::from_secs(60), 1),
         index: Index::default(),
+        journal: None,
         acked_high: w.process_high.clone(),
         republish: Republish::below(reconciled.acked_high),
     };
