@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
+use crate::broker_loss::{restore, snapshot, wait_complete};
 use crate::catchup::{ask, replays_from};
-use crate::support::TempDir;
-use crate::support::chaos::Walcast;
+use crate::support::chaos::{Load, Walcast};
 use crate::support::daemon::{Env, StreamEvent};
+use crate::support::oracle::Oracle;
 use crate::support::workload::Workload;
+use crate::support::{TempDir, wait_until};
 
 const LOADED: &str = "catch-up index loaded from saved segments";
 const REBUILT: &str = "catch-up index rebuilt from the stream";
@@ -296,4 +298,99 @@ async fn without_the_table_walcast_warns_and_reads_the_stream_back() {
     assert!(field(&fields(&walcast, REBUILT), "messages") > 0);
     answers_are_exact(&env).await;
     walcast.stop(Duration::from_secs(20)).await;
+}
+
+/// Waits until the checkpoint (held back by the confirm delay) reaches `seq`.
+async fn checkpoint_reaches(client: &tokio_postgres::Client, seq: u64) {
+    wait_until(Duration::from_secs(120), || async move {
+        let row = client
+            .query_opt("SELECT stream_seq FROM walcast.checkpoints", &[])
+            .await
+            .unwrap();
+        row.is_some_and(|r| r.get::<_, i64>(0) as u64 >= seq)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("the checkpoint never reached stream sequence {seq}: {e}"));
+}
+
+/// SPEC §4.7: the broker loses acknowledged messages whose positions were
+/// already saved, walcast is killed meanwhile and republishes them; every
+/// answer stays exact, in that run (which loads the positions saved before
+/// the loss) and in the next one (which loads those saved after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_broker_loss_and_republish_answers_stay_exact() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("catchup-broker-loss").unwrap();
+    let store_copy = dir.path().join("store-copy");
+    let delay = [("WALCAST_CONFIRM_DELAY", "30s")];
+    let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &delay);
+    let load = Load::start(&env, 5, Duration::from_millis(5)).await;
+    // A checkpoint (30 s behind), so the next run has positions to load.
+    checkpoint_reaches(&client, 1).await;
+    let at_snapshot = snapshot(&env, &store_copy).await;
+    // Positions past the snapshot are saved, then lost by the broker.
+    wait_until(Duration::from_secs(60), || {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT coalesce(max(last_seq), 0) FROM walcast.catchup_segments",
+                    &[],
+                )
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) as u64 > at_snapshot + 100
+        }
+    })
+    .await
+    .expect("segments saved past the snapshot");
+    wait_until(Duration::from_secs(30), || {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one("SELECT acked_seq FROM walcast.checkpoints", &[])
+                .await
+                .unwrap();
+            row.get::<_, i64>(0) as u64 > at_snapshot + 100
+        }
+    })
+    .await
+    .expect("the acknowledged high is recorded");
+    restore(&env, &store_copy);
+    walcast.kill9().await; // while NATS is down
+    env.nats.start_again().unwrap();
+    let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
+    walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
+    let before_loss = fields(&walcast, LOADED);
+    assert!(
+        field(&before_loss, "through") <= at_snapshot,
+        "{before_loss:?}"
+    );
+    load.wait_transactions(100, Duration::from_secs(60)).await;
+    load.stop().await;
+    wait_complete(&env, &oracle, &client, &walcast).await;
+    let first = answers_are_exact(&env).await;
+    let warns = walcast.warn_lines().join("\n");
+    assert!(
+        warns.contains("the broker lost messages it had acknowledged"),
+        "a loss happened:\n{warns}"
+    );
+    let stream_last = env.stream_events().await.len() as u64;
+    checkpoint_reaches(&client, stream_last).await;
+    walcast.stop(Duration::from_secs(20)).await;
+
+    let mut walcast = Walcast::start("third", dir.path(), &env.env_vars(), &delay);
+    walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
+    let after_loss = fields(&walcast, LOADED);
+    assert!(
+        field(&after_loss, "positions") + field(&after_loss, "read_back") >= stream_last,
+        "{after_loss:?}"
+    );
+    let second = answers_are_exact(&env).await;
+    walcast.stop(Duration::from_secs(20)).await;
+    eprintln!(
+        "[catch-up broker loss] {first} + {second} answers exact; loaded {before_loss:?} then {after_loss:?}"
+    );
 }
