@@ -124,10 +124,12 @@ async fn spawn_stages(
     };
     let (loaded_tx, loaded_rx) = oneshot::channel();
     let (saved_tx, saved_rx) = mpsc::channel(catchup::saved::WRITER_QUEUE);
+    // Not past the stream's tail at start: after a broker loss this run
+    // republishes there, and old segments may say otherwise.
     let catchup = catchup::start(
         s,
         index.clone(),
-        checkpoint.stream_seq,
+        through,
         Some(place.clone()),
         loaded_tx,
     )
