@@ -267,6 +267,20 @@ async fn without_the_table_walcast_warns_and_reads_the_stream_back() {
         .batch_execute("DROP TABLE walcast.catchup_segments")
         .await
         .unwrap();
+    // `walcast check` says so, with the fix.
+    let check = std::process::Command::new(crate::support::walcast_bin())
+        .arg("check")
+        .envs(env.env_vars())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("walcast check");
+    let said = String::from_utf8_lossy(&check.stdout).to_string()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(
+        said.contains("walcast.catchup_segments is missing")
+            && said.contains("run `walcast migrate`"),
+        "{said}"
+    );
     let dir = TempDir::new("catchup-no-table").unwrap();
     let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &[]);
     let mut workload = Workload::new(Workload::seed(), 3);
