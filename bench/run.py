@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -1280,7 +1281,8 @@ def scenario_catchup(ctx):
         raise RuntimeError(f"walcast did not rebuild its catch-up index; see {wc.logpath}")
     r["index_loaded_seconds_from_start"] = seen.get("loaded")
     r["rebuild_seconds_from_start"] = seen["rebuilt"]
-    loaded_line = next((ln for ln in run_log().splitlines() if "catch-up index loaded" in ln), "")
+    loaded_line = next((re.sub(r"\x1b\[[0-9;]*m", "", ln) for ln in run_log().splitlines()
+                        if "catch-up index loaded" in ln), "")
     r["index_loaded"] = {k: v for k, v in (w.split("=", 1) for w in loaded_line.split() if "=" in w)}
     r["load_avg_before_restart"] = load_before
     log(f"    index loaded {seen.get('loaded')} s after process start (ready {r['ready_seconds_from_start']} s, "
