@@ -33,6 +33,8 @@ pub struct Journal {
     /// Cut, waiting for their last position to be acknowledged.
     cut: VecDeque<Segment>,
     writer: mpsc::Sender<Segment>,
+    /// [`MAX_POSITIONS`] (smaller in tests, to cut mid-flight).
+    max_positions: u64,
 }
 
 impl Journal {
@@ -45,7 +47,16 @@ impl Journal {
             opened: None,
             cut: VecDeque::new(),
             writer,
+            max_positions: MAX_POSITIONS,
         }
+    }
+
+    /// Cuts every `n` positions (tests: segments cut while publishes are
+    /// in flight).
+    #[cfg(test)]
+    pub fn cutting_every(mut self, n: u64) -> Self {
+        self.max_positions = n;
+        self
     }
 
     /// Records positions sent (or found already published), in stream order.
@@ -57,7 +68,7 @@ impl Journal {
             self.open.push(tenant, *seq, *stream_seq);
         }
         self.opened.get_or_insert(now);
-        if self.open.positions() >= MAX_POSITIONS {
+        if self.open.positions() >= self.max_positions {
             self.cut_open();
         }
     }

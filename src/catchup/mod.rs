@@ -25,7 +25,7 @@ mod journal;
 pub mod lookup;
 mod rebuild;
 pub mod saved;
-mod segment;
+pub(crate) mod segment;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -126,14 +126,7 @@ async fn spawn_stages(
     let (saved_tx, saved_rx) = mpsc::channel(catchup::saved::WRITER_QUEUE);
     // Not past the stream's tail at start: after a broker loss this run
     // republishes there, and old segments may say otherwise.
-    let catchup = catchup::start(
-        s,
-        index.clone(),
-        through,
-        Some(place.clone()),
-        loaded_tx,
-    )
-    .await?;
+    let catchup = catchup::start(s, index.clone(), through, Some(place.clone()), loaded_tx).await?;
     let saving = tokio::spawn(catchup::saved::write(
         place,
         through.next(),
