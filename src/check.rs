@@ -274,6 +274,30 @@ async fn checkpoint_tables(c: &Client, user: &str, r: &mut Report) -> Result<(),
         ),
         None => r.fail("checkpoint tables are missing", "run `walcast migrate`"),
     }
+    // Saved catch-up positions: without them `walcast run` still works, but
+    // every restart reads the stream back (minutes on a large stream).
+    let saved = c
+        .query_opt(
+            "SELECT has_table_privilege('walcast.catchup_segments', 'INSERT')
+                AND has_table_privilege('walcast.catchup_segments', 'DELETE')
+             WHERE to_regclass('walcast.catchup_segments') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(check_query)?;
+    match saved.map(|row| row.get::<_, bool>(0)) {
+        Some(true) => r.pass("walcast.catchup_segments is writable (restarts load the catch-up index from it)"),
+        Some(false) => r.add(
+            Status::Warn,
+            "walcast.catchup_segments is not writable by this role: restarts read the stream back to rebuild the catch-up index",
+            Some(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.catchup_segments TO {};", quote_ident(user))),
+        ),
+        None => r.add(
+            Status::Warn,
+            "walcast.catchup_segments is missing: restarts read the stream back to rebuild the catch-up index",
+            Some("run `walcast migrate` (migration 0007)".into()),
+        ),
+    }
     Ok(())
 }
 

@@ -37,6 +37,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0006_state_applied.sql",
         include_str!("../migrations/0006_state_applied.sql"),
     ),
+    (
+        "0007_catchup_segments.sql",
+        include_str!("../migrations/0007_catchup_segments.sql"),
+    ),
 ];
 
 /// What a migration run did.

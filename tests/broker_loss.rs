@@ -28,7 +28,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Stops NATS, copies its store, starts it again; returns the stream's last seq.
-async fn snapshot(env: &Env, to: &Path) -> u64 {
+pub(crate) async fn snapshot(env: &Env, to: &Path) -> u64 {
     env.nats.stop().unwrap();
     copy_dir(&env.nats.store_dir(), to);
     env.nats.start_again().unwrap();
@@ -36,7 +36,7 @@ async fn snapshot(env: &Env, to: &Path) -> u64 {
 }
 
 /// Stops NATS and puts the snapshot back in place of its store.
-fn restore(env: &Env, from: &Path) {
+pub(crate) fn restore(env: &Env, from: &Path) {
     env.nats.stop().unwrap();
     copy_dir(from, &env.nats.store_dir());
 }
@@ -67,7 +67,7 @@ async fn run_past_a_snapshot(env: &Env, dir: &Path) -> (Walcast, Load, u64, Path
 }
 
 /// Waits until the stream holds one message per committed change.
-async fn wait_complete(
+pub(crate) async fn wait_complete(
     env: &Env,
     oracle: &Oracle,
     client: &tokio_postgres::Client,

@@ -17,7 +17,7 @@ use crate::support::oracle::{Oracle, assert_matches_oracle};
 use crate::support::workload::Workload;
 use crate::support::{TempDir, wait_for, wait_until};
 
-async fn ask(client: &async_nats::Client, body: &str) -> (Option<String>, Value) {
+pub(crate) async fn ask(client: &async_nats::Client, body: &str) -> (Option<String>, Value) {
     ask_on(client, "walcast-api.v1.catchup", body).await
 }
 
@@ -76,7 +76,7 @@ async fn consume(js: &jetstream::Context, reply: &Value, n: usize) -> Vec<u64> {
 /// Asks for `tenant` after `after` (its last seq is `n`) and checks that a
 /// consumer built only from the answer delivers `after + 1, ...` (the first
 /// `take` of them).
-async fn replays_from(
+pub(crate) async fn replays_from(
     nats: &async_nats::Client,
     js: &jetstream::Context,
     tenant: &str,

@@ -2,6 +2,7 @@ mod auth;
 mod big_transactions;
 mod broker_loss;
 mod catchup;
+mod catchup_restart;
 mod cluster;
 mod data_edges;
 mod demo;

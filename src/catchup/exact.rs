@@ -129,13 +129,31 @@ impl Exact {
         self.run = later.run;
     }
 
+    /// The runs held, oldest first: each run's first `(seq, stream_seq)` and
+    /// the varint deltas of the stream sequences of `seq + 1, seq + 2, ...`
+    /// (what a saved segment stores, see `segment`).
+    pub fn runs(&self) -> impl Iterator<Item = (TenantSeq, StreamSeq, &[u8])> {
+        self.marks.iter().enumerate().map(|(i, m)| {
+            let from = (m.at - self.dropped) as usize;
+            let to = self
+                .marks
+                .get(i + 1)
+                .map_or(self.deltas.len(), |next| (next.at - self.dropped) as usize);
+            (
+                TenantSeq(m.seq),
+                StreamSeq(m.stream_seq),
+                &self.deltas[from..to],
+            )
+        })
+    }
+
     /// Bytes accounted for this tenant.
     pub fn bytes(&self) -> usize {
         self.deltas.len() + self.marks.len() * MARK_BYTES
     }
 }
 
-fn push_varint(out: &mut Vec<u8>, mut v: u64) -> usize {
+pub fn push_varint(out: &mut Vec<u8>, mut v: u64) -> usize {
     let mut n = 0;
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -146,7 +164,7 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) -> usize {
     n + 1
 }
 
-fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
     let mut v = 0u64;
     for (i, b) in bytes.iter().enumerate().take(10) {
         v |= u64::from(b & 0x7f) << (7 * i);

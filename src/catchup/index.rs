@@ -17,6 +17,10 @@
 //! stream at all. Those are bounded by [`MAX_EXACT_BYTES`] over all tenants:
 //! past it, the older half (by stream sequence) is dropped and requests for
 //! it fall back to samples and probes.
+//!
+//! The index lives in memory only; a restart gets its exact positions back
+//! from the segments the publisher's `journal` saved (`saved`, `rebuild`),
+//! merged in front of what the new run records ([`Index::merge_older`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,12 +9,23 @@
 //! state, and on its own thread and NATS connection (`service_thread`), so
 //! a flood of requests never queues ahead of the pipeline's work. See `index` for how positions are known without scanning a
 //! tenant's history, and `lookup` for the answer's invariant.
+//!
+//! Restart: the publisher also hands the positions it records to a
+//! `journal`, cut about once a second into `segment`s that a writer task
+//! saves in Postgres (`saved`, `walcast.catchup_segments`) once they are
+//! acknowledged; a restart loads them, reads back from the stream only the
+//! short stretches they do not cover, and checks them against the stream
+//! (`rebuild`). Nothing waits on a segment, and no answer depends on one
+//! being written: without them the restart reads the stream back.
 
 mod exact;
 pub mod index;
 mod info;
+mod journal;
 pub mod lookup;
 mod rebuild;
+pub mod saved;
+pub(crate) mod segment;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +38,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 pub use index::Index;
+pub use journal::Journal;
 use lookup::{Answer, Probe, StreamState};
+pub use saved::Place;
 
 use crate::config::Settings;
 use crate::events::tenant;
@@ -76,11 +89,15 @@ struct Ctx {
 /// Registers the service on its own thread and connection (see
 /// `service_thread` for why) and answers requests there. Stream messages up
 /// to `rebuild_through` were published by an earlier run: their positions
-/// are read back into the index in the background.
+/// are loaded from the segments saved at `saved` and read back into the
+/// index in the background; `loaded` is sent (or dropped) once the saved
+/// segments are read.
 pub async fn start(
     settings: &Settings,
     index: Index,
     rebuild_through: StreamSeq,
+    saved: Option<Place>,
+    loaded: tokio::sync::oneshot::Sender<()>,
 ) -> Result<CatchupService, ServiceError> {
     let service = Catchup {
         stream_name: settings.stream.clone(),
@@ -90,7 +107,7 @@ pub async fn start(
     let thread = service_thread::start(settings, service).await?;
     let rebuild = match rebuild_through {
         StreamSeq(0) => None,
-        through => rebuild::spawn(settings.clone(), index, through)
+        through => rebuild::spawn(settings.clone(), index, through, saved, loaded)
             .inspect_err(|e| tracing::warn!(error = %e, "catch-up answers search the stream instead (correct, slower)"))
             .ok(),
     };

@@ -21,6 +21,9 @@ use crate::publish::{self, PublishError, Publisher};
 use crate::source::Source;
 use crate::state;
 
+/// How long a stopping run waits for its last catch-up segments to be saved.
+const SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The tasks beside the reader, and what the reader talks to them through.
 struct Stages {
     items: Option<mpsc::Sender<Vec<Item>>>,
@@ -33,6 +36,8 @@ struct Stages {
     hole_watch: JoinHandle<()>,
     holes: oneshot::Receiver<PipelineError>,
     catchup: catchup::CatchupService,
+    /// Saves the catch-up index's positions (ends after the publisher).
+    saving: JoinHandle<()>,
     /// `None` when the state bucket is turned off.
     state: Option<state::StateService>,
     /// Messages missing from the middle of the stream when the run started.
@@ -108,8 +113,26 @@ async fn spawn_stages(
     index.replayed_through(checkpoint.stream_seq);
     index.record(&[], last_seq.next());
     // Only the instance holding the slot answers catch-up requests; it runs
-    // on its own thread and connection until this run ends.
-    let catchup = catchup::start(s, index.clone(), checkpoint.stream_seq).await?;
+    // on its own thread and connection until this run ends. Positions up to
+    // `through` come from the segments earlier runs saved (and the stream);
+    // this run records and saves the ones after it.
+    let through = checkpoint.stream_seq.min(last_seq);
+    let place = catchup::Place {
+        db: ctx.db.clone(),
+        slot: s.slot.clone(),
+        stream: s.stream.clone(),
+    };
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let (saved_tx, saved_rx) = mpsc::channel(catchup::saved::WRITER_QUEUE);
+    // Not past the stream's tail at start: after a broker loss this run
+    // republishes there, and old segments may say otherwise.
+    let catchup = catchup::start(s, index.clone(), through, Some(place.clone()), loaded_tx).await?;
+    let saving = tokio::spawn(catchup::saved::write(
+        place,
+        through.next(),
+        loaded_rx,
+        saved_rx,
+    ));
     // Likewise the state bucket: one writer, the slot's holder; it starts
     // (and restarts) on its own thread without holding up the run.
     let state = state::start(s, &ctx.db, &ctx.health)?;
@@ -122,6 +145,7 @@ async fn spawn_stages(
             s.stream_replicas,
         ),
         index,
+        journal: Some(catchup::Journal::new(through.next(), saved_tx)),
         acked_high: ctx.acked_high.clone(),
         republish: publish::republish::Republish::below(reconciled.acked_high),
     };
@@ -156,6 +180,7 @@ async fn spawn_stages(
         hole_watch,
         holes,
         catchup,
+        saving,
         state,
         missing: reconciled.missing,
     };
@@ -263,12 +288,16 @@ async fn closed<T>(tx: &Option<mpsc::Sender<T>>) {
 /// the reader's failure first, then the publisher's, then the
 /// checkpointer's; the publisher's "checkpointer stopped" only if nothing
 /// else explains it.
-async fn finish(failure: Option<PipelineError>, stages: Stages) -> Result<(), PipelineError> {
+async fn finish(failure: Option<PipelineError>, mut stages: Stages) -> Result<(), PipelineError> {
     drop(stages.items);
     stages.watchdog.abort();
     stages.hole_watch.abort();
     let published = joined("publisher", stages.publishing.await);
     let checkpointed = joined("checkpointer", stages.checkpointing.await);
+    // The last segments (the publisher is done: nothing more comes), so the
+    // next start reads back as little as possible; never for long.
+    let _ = tokio::time::timeout(SAVE_WAIT, &mut stages.saving).await;
+    stages.saving.abort();
     let downstream =
         |e: &PipelineError| matches!(e, PipelineError::Publish(PublishError::Downstream));
     let (published, publish_downstream) = match published {

@@ -35,7 +35,8 @@ use super::drive::replayer;
 use super::prepare::{Names, reconcile};
 use super::reader::{Reader, Skip};
 use super::{BATCH, PipelineError};
-use crate::catchup::Index;
+use crate::catchup::segment::decode;
+use crate::catchup::{Index, Journal};
 use crate::checkpoint::Checkpointer;
 use crate::checkpoint::memory::MemoryStore;
 use crate::decode::{Begin, Commit, Message, Relation, Value, encode};
@@ -210,6 +211,9 @@ struct World {
     runs: u64,
     /// `--accept-holes-through`.
     accept_holes_through: u64,
+    /// Saved catch-up positions that disagreed with the stream when handed
+    /// over (they must hold only acknowledged, exact positions).
+    saved_wrong: Vec<String>,
 }
 
 enum Outcome {
@@ -231,11 +235,15 @@ impl World {
             process_high: Arc::default(),
             runs: 0,
             accept_holes_through: 0,
+            saved_wrong: Vec::new(),
         }
     }
 
     /// The durable state is consistent (see the module comment).
     fn check(&self) -> Result<(), String> {
+        if let Some(wrong) = self.saved_wrong.first() {
+            return Err(wrong.clone());
+        }
         self.check_stream()?;
         self.check_checkpoint()
     }
@@ -417,11 +425,15 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         skip: Skip::after(&checkpoint, &reconciled),
         last_boundary: Lsn(start),
     };
+    let (saved_tx, mut saved_rx) = mpsc::channel(1024);
     let publisher = Publisher {
         sink,
         max_in_flight: c.max_in_flight,
         oversized: Oversized::new(STREAM, Duration::from_secs(60), 1),
         index: Index::default(),
+        journal: Some(
+            Journal::new(checkpoint.stream_seq.min(last_seq).next(), saved_tx).cutting_every(3),
+        ),
         acked_high: w.process_high.clone(),
         republish: Republish::below(reconciled.acked_high),
     };
@@ -460,9 +472,28 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
             _ => Outcome::Clean,
         }
     };
-    tokio::time::timeout(limit, stages)
+    let outcome = tokio::time::timeout(limit, stages)
         .await
-        .unwrap_or(Outcome::Killed)
+        .unwrap_or(Outcome::Killed);
+    // Every position handed over to be saved is in the stream as said.
+    let broker = w.broker.lock();
+    while let Ok(segment) = saved_rx.try_recv() {
+        let decoded = decode(&segment.data, |tenant, seq, at| {
+            let stored = broker.messages.get(at.0 as usize - 1);
+            if stored.is_none_or(|m| m.tenant.as_deref() != Some(tenant) || m.seq != Some(seq.0)) {
+                w.saved_wrong.push(format!(
+                    "run {}: a saved segment says {tenant} seq {seq} is at {at}, the stream holds {:?}",
+                    w.runs,
+                    stored.map(|m| (&m.tenant, m.seq))
+                ));
+            }
+        });
+        if let Err(e) = decoded {
+            w.saved_wrong.push(format!("run {}: {e}", w.runs));
+        }
+    }
+    drop(broker);
+    outcome
 }
 
 /// Runs a case; returns the first violated property.

@@ -134,6 +134,8 @@ pub(crate) struct Publisher<S> {
     pub oversized: oversized::Oversized,
     /// Where each tenant's events land, for the catch-up service.
     pub index: crate::catchup::Index,
+    /// The same positions, to be saved once acknowledged (`None`: not saved).
+    pub journal: Option<crate::catchup::Journal>,
     /// Highest acknowledged stream sequence in this process (see `pipeline`).
     pub acked_high: Arc<std::sync::atomic::AtomicU64>,
     /// Tracks events republished because the broker lost them.
@@ -277,16 +279,20 @@ impl<S: Sink> Publisher<S> {
         loop {
             tokio::select! {
                 biased;
-                answer = acks.next() => f.answered(answer?, &self.acked_high)?,
+                answer = acks.next() => {
+                    f.answered(answer?, &self.acked_high)?;
+                    self.journal_acked(&f, false);
+                }
                 batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 => match batch {
                     Some(batch) => self.send_batch(batch, &mut f, &mut acks).await?,
                     None => input_open = false,
                 },
                 // Idle (nothing in flight, nothing to cut or flush): no
                 // wake-ups 50 times a second.
-                _ = tick.tick(), if !(acks.is_empty() && !f.progress.has_boundary() && f.stats.is_empty()) => {
+                _ = tick.tick(), if !acks.is_empty() || f.progress.has_boundary() || !f.stats.is_empty() || self.journal_pending() => {
                     acks.check_timeout(tokio::time::Instant::now())?;
                     f.stats.flush();
+                    self.journal_acked(&f, false);
                     if let Some(seg) = f.progress.cut(tokio::time::Instant::now(), false) {
                         segments.send(seg).await.map_err(|_| PublishError::Downstream)?;
                     }
@@ -295,6 +301,7 @@ impl<S: Sink> Publisher<S> {
             if !input_open && acks.is_empty() {
                 self.republish.finish();
                 f.stats.flush();
+                self.journal_acked(&f, true);
                 drain_ready(&mut f.pending, &mut f.progress);
                 if let Some(seg) = f.progress.cut(tokio::time::Instant::now(), true) {
                     segments
@@ -307,6 +314,18 @@ impl<S: Sink> Publisher<S> {
         }
     }
 
+    /// Hands the journal's acknowledged segments to their writer (`all`:
+    /// the open one too).
+    fn journal_acked(&mut self, f: &Flight, all: bool) {
+        if let Some(journal) = &mut self.journal {
+            journal.acked(f.acked_seq, std::time::Instant::now(), all);
+        }
+    }
+
+    fn journal_pending(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| j.is_pending())
+    }
+
     /// Sends one batch; asks for an ack on its last event and every
     /// [`acks::ACK_EVERY`] events.
     async fn send_batch(
@@ -317,10 +336,12 @@ impl<S: Sink> Publisher<S> {
     ) -> Result<(), PublishError> {
         // Index first: once a message is sent a subscriber may see it and
         // ask the catch-up service about it, which must already know it.
-        self.index.record(
-            &positions(&batch, f.next_seq),
-            f.next_seq + events_in(&batch),
-        );
+        let positions = positions(&batch, f.next_seq);
+        self.index
+            .record(&positions, f.next_seq + events_in(&batch));
+        if let Some(journal) = &mut self.journal {
+            journal.record(&positions, std::time::Instant::now());
+        }
         if let Some(replayed) = batch.iter().rev().find_map(|i| match i {
             Item::Published { stream_seq, .. } => Some(*stream_seq),
             _ => None,

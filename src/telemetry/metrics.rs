@@ -26,6 +26,11 @@ pub const STREAM_MISSING_MESSAGES: &str = "walcast_stream_missing_messages";
 pub const CATCHUP_REQUESTS: &str = "walcast_catchup_requests_total";
 pub const CATCHUP_SECONDS: &str = "walcast_catchup_seconds";
 pub const CATCHUP_INDEX_BYTES: &str = "walcast_catchup_index_bytes";
+pub const CATCHUP_INDEX_LOADED_POSITIONS: &str = "walcast_catchup_index_loaded_positions";
+pub const CATCHUP_INDEX_READ_BACK_MESSAGES: &str = "walcast_catchup_index_read_back_messages";
+pub const CATCHUP_INDEX_LOAD_SECONDS: &str = "walcast_catchup_index_load_seconds";
+pub const CATCHUP_SEGMENTS_SAVED: &str = "walcast_catchup_segments_saved_total";
+pub const CATCHUP_SEGMENTS_DROPPED: &str = "walcast_catchup_segments_dropped_total";
 pub const UP: &str = "walcast_up";
 pub const STATE_WRITES: &str = "walcast_state_writes_total";
 pub const STATE_SKIPPED: &str = "walcast_state_skipped_total";
@@ -151,6 +156,27 @@ fn describe() {
         CATCHUP_INDEX_BYTES,
         Unit::Bytes,
         "Memory of the catch-up index: exact positions of recent events (bounded) and samples"
+    );
+    describe_gauge!(
+        CATCHUP_INDEX_LOADED_POSITIONS,
+        "Exact positions the catch-up index loaded from saved segments when this run started"
+    );
+    describe_gauge!(
+        CATCHUP_INDEX_READ_BACK_MESSAGES,
+        "Stream messages read back (not covered by saved segments) before the catch-up index was loaded"
+    );
+    describe_gauge!(
+        CATCHUP_INDEX_LOAD_SECONDS,
+        Unit::Seconds,
+        "Time this run took to load the catch-up index from saved segments"
+    );
+    describe_counter!(
+        CATCHUP_SEGMENTS_SAVED,
+        "Segments of exact catch-up positions saved to walcast.catchup_segments"
+    );
+    describe_counter!(
+        CATCHUP_SEGMENTS_DROPPED,
+        "Segments of exact catch-up positions not saved because the writer was behind (a restart reads their range back)"
     );
     describe_gauge!(UP, "1 while walcast holds the slot and publishes");
 }
