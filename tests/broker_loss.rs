@@ -66,6 +66,19 @@ async fn run_past_a_snapshot(env: &Env, dir: &Path) -> (Walcast, Load, u64, Path
     (walcast, load, at_snapshot, saved)
 }
 
+/// Waits until the checkpoint's recorded acknowledged high is past `seq`.
+pub(crate) async fn wait_acked_high_past(client: &tokio_postgres::Client, seq: u64) {
+    wait_until(Duration::from_secs(30), || async move {
+        let row = client
+            .query_one("SELECT acked_seq FROM walcast.checkpoints", &[])
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) as u64 > seq
+    })
+    .await
+    .expect("the acknowledged high is recorded");
+}
+
 /// Waits until the stream holds one message per committed change.
 pub(crate) async fn wait_complete(
     env: &Env,
@@ -129,18 +142,7 @@ async fn rolled_back_broker_and_kill9_while_it_is_down() {
     // The acknowledged high is recorded about once a second: wait until it
     // covers what the restored broker is about to lose.
     let client = env.pg.client().await;
-    wait_until(Duration::from_secs(30), || {
-        let client = &client;
-        async move {
-            let row = client
-                .query_one("SELECT acked_seq FROM walcast.checkpoints", &[])
-                .await
-                .unwrap();
-            row.get::<_, i64>(0) as u64 > at_snapshot + 100
-        }
-    })
-    .await
-    .expect("the acknowledged high is recorded");
+    wait_acked_high_past(&client, at_snapshot + 100).await;
     restore(&env, &saved);
     walcast.kill9().await; // while NATS is down
     env.nats.start_again().unwrap();

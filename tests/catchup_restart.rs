@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 
-use crate::broker_loss::{restore, snapshot, wait_complete};
+use crate::broker_loss::{restore, snapshot, wait_acked_high_past, wait_complete};
 use crate::catchup::{ask, replays_from};
 use crate::support::chaos::{Load, Walcast};
 use crate::support::daemon::{Env, StreamEvent};
@@ -360,18 +360,7 @@ async fn after_a_broker_loss_and_republish_answers_stay_exact() {
     })
     .await
     .expect("segments saved past the snapshot");
-    wait_until(Duration::from_secs(30), || {
-        let client = &client;
-        async move {
-            let row = client
-                .query_one("SELECT acked_seq FROM walcast.checkpoints", &[])
-                .await
-                .unwrap();
-            row.get::<_, i64>(0) as u64 > at_snapshot + 100
-        }
-    })
-    .await
-    .expect("the acknowledged high is recorded");
+    wait_acked_high_past(&client, at_snapshot + 100).await;
     restore(&env, &store_copy);
     walcast.kill9().await; // while NATS is down
     env.nats.start_again().unwrap();
