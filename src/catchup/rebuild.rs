@@ -138,8 +138,11 @@ async fn load(
     through: StreamSeq,
     stop: &AtomicBool,
 ) -> Result<Option<StreamSeq>, String> {
-    let mut loaded = Loaded {
-        began: Some(Instant::now()),
+    let mut g = Gathered {
+        loaded: Loaded {
+            began: Some(Instant::now()),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let db = place.db.connect().await.map_err(unusable)?;
@@ -161,71 +164,113 @@ async fn load(
         );
         return Ok(None);
     }
-    let mut rebuilt = Rebuilt::default();
-    let mut tenants = Tenants::default();
-    // The newest and the oldest position loaded from segments, checked
-    // against the stream before any is trusted.
-    let mut newest: Option<(Arc<str>, TenantSeq, StreamSeq)> = None;
-    let mut oldest: Option<(Arc<str>, TenantSeq, StreamSeq)> = None;
     for part in &plan.parts {
         match *part {
             Part::Saved { first, last } => {
                 let data = saved::fetch(&db, place, first).await.map_err(unusable)?;
-                let from = first.max(first_seq);
-                let mut n = 0;
-                let decoded = segment::decode(&data, |tenant, seq, at| {
-                    if from <= at && at <= last {
-                        let tenant = tenants.get(tenant);
-                        if newest.as_ref().is_none_or(|p| p.2 < at) {
-                            newest = Some((tenant.clone(), seq, at));
-                        }
-                        if oldest.as_ref().is_none_or(|p| p.2 > at) {
-                            oldest = Some((tenant.clone(), seq, at));
-                        }
-                        rebuilt.push(&tenant, seq, at);
-                        n += 1;
-                    }
-                });
-                match decoded {
-                    Ok(_) => {
-                        loaded.segments += 1;
-                        loaded.positions += n;
-                    }
-                    Err(e) => tracing::warn!(first = first.0, "{e}"),
-                }
-                rebuilt.bound(last.next());
+                g.take_segment(&data, first, first.max(first_seq), last);
             }
             Part::ReadBack { from, to } => {
-                match read_range(
+                let read = read_range(
                     client,
                     stream,
                     from.0,
                     to.0,
                     stop,
-                    &mut rebuilt,
-                    &mut tenants,
-                )
-                .await?
-                {
-                    Some(n) => loaded.read_back += n,
+                    &mut g.rebuilt,
+                    &mut g.tenants,
+                );
+                match read.await? {
+                    Some(n) => g.loaded.read_back += n,
                     None => return Ok(None), // the run ended
                 }
             }
         }
     }
-    for (tenant, seq, at) in newest.iter().chain(oldest.iter()) {
+    if !trusted(stream, &db, place, [&g.newest, &g.oldest]).await {
+        return Ok(None);
+    }
+    index.merge_older(g.rebuilt);
+    report(&g.loaded, plan.from, through);
+    Ok(Some(plan.from))
+}
+
+/// A loaded position: tenant, seq, stream sequence.
+type Position = (Arc<str>, TenantSeq, StreamSeq);
+
+/// What a load has gathered, not trusted yet.
+#[derive(Default)]
+struct Gathered {
+    rebuilt: Rebuilt,
+    tenants: Tenants,
+    /// The newest and the oldest position taken from segments, checked
+    /// against the stream before any is trusted.
+    newest: Option<Position>,
+    oldest: Option<Position>,
+    loaded: Loaded,
+}
+
+impl Gathered {
+    /// Takes segment `first`'s positions within `from..=last`; a damaged
+    /// segment is skipped with a warning (its range stays unknown).
+    fn take_segment(&mut self, data: &[u8], first: StreamSeq, from: StreamSeq, last: StreamSeq) {
+        let mut n = 0;
+        let Gathered {
+            rebuilt,
+            tenants,
+            newest,
+            oldest,
+            ..
+        } = self;
+        let decoded = segment::decode(data, |tenant, seq, at| {
+            if from <= at && at <= last {
+                let tenant = tenants.get(tenant);
+                if newest.as_ref().is_none_or(|p| p.2 < at) {
+                    *newest = Some((tenant.clone(), seq, at));
+                }
+                if oldest.as_ref().is_none_or(|p| p.2 > at) {
+                    *oldest = Some((tenant.clone(), seq, at));
+                }
+                rebuilt.push(&tenant, seq, at);
+                n += 1;
+            }
+        });
+        match decoded {
+            Ok(_) => {
+                self.loaded.segments += 1;
+                self.loaded.positions += n;
+            }
+            Err(e) => tracing::warn!(first = first.0, "{e}"),
+        }
+        self.rebuilt.bound(last.next());
+    }
+}
+
+/// Whether the loaded ends agree with the stream; if not, the saved
+/// segments are deleted (and the stream is read back instead).
+async fn trusted(
+    stream: &Stream,
+    db: &tokio_postgres::Client,
+    place: &Place,
+    ends: [&Option<Position>; 2],
+) -> bool {
+    for (tenant, seq, at) in ends.into_iter().flatten() {
         if let Err(why) = check(stream, tenant, *seq, *at).await {
             tracing::warn!(
                 stream_seq = at.0,
                 "saved catch-up positions disagree with the stream ({why}): ignored and deleted, reading the stream back instead"
             );
-            if let Err(e) = saved::forget(&db, place).await {
+            if let Err(e) = saved::forget(db, place).await {
                 tracing::warn!(error = %e, "could not delete the saved catch-up positions");
             }
-            return Ok(None);
+            return false;
         }
     }
-    index.merge_older(rebuilt);
+    true
+}
+
+/// The load's figures, in the log and in metrics.
+fn report(loaded: &Loaded, from: StreamSeq, through: StreamSeq) {
     let seconds = loaded.began.map_or(0.0, |b| b.elapsed().as_secs_f64());
     metrics::gauge!(m::CATCHUP_INDEX_LOADED_POSITIONS).set(loaded.positions as f64);
     metrics::gauge!(m::CATCHUP_INDEX_READ_BACK_MESSAGES).set(loaded.read_back as f64);
@@ -234,12 +279,11 @@ async fn load(
         segments = loaded.segments,
         positions = loaded.positions,
         read_back = loaded.read_back,
-        from = plan.from.0,
+        from = from.0,
         through = through.0,
         seconds,
         "catch-up index loaded from saved segments"
     );
-    Ok(Some(plan.from))
 }
 
 /// What the operator reads when the saved segments cannot be read.

@@ -17,6 +17,7 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::events::{EventBuilder, Sequencer, Tables};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
+use crate::position::StreamSeq;
 use crate::publish::{self, PublishError, Publisher};
 use crate::source::Source;
 use crate::state;
@@ -106,33 +107,7 @@ async fn spawn_stages(
     let (segments_tx, segments_rx) = mpsc::channel(1024);
     let (confirm_tx, confirms) = watch::channel(start);
     let index = catchup::Index::default();
-    index.seed(&checkpoint.tenants);
-    // Until the events already in the stream are replayed, the index is
-    // behind the stream: the catch-up service answers "unavailable" meanwhile.
-    index.expect_replay_through(last_seq);
-    index.replayed_through(checkpoint.stream_seq);
-    index.record(&[], last_seq.next());
-    // Only the instance holding the slot answers catch-up requests; it runs
-    // on its own thread and connection until this run ends. Positions up to
-    // `through` come from the segments earlier runs saved (and the stream);
-    // this run records and saves the ones after it.
-    let through = checkpoint.stream_seq.min(last_seq);
-    let place = catchup::Place {
-        db: ctx.db.clone(),
-        slot: s.slot.clone(),
-        stream: s.stream.clone(),
-    };
-    let (loaded_tx, loaded_rx) = oneshot::channel();
-    let (saved_tx, saved_rx) = mpsc::channel(catchup::saved::WRITER_QUEUE);
-    // Not past the stream's tail at start: after a broker loss this run
-    // republishes there, and old segments may say otherwise.
-    let catchup = catchup::start(s, index.clone(), through, Some(place.clone()), loaded_tx).await?;
-    let saving = tokio::spawn(catchup::saved::write(
-        place,
-        through.next(),
-        loaded_rx,
-        saved_rx,
-    ));
+    let (catchup, saving, journal) = start_catchup(ctx, &index, &checkpoint, last_seq).await?;
     // Likewise the state bucket: one writer, the slot's holder; it starts
     // (and restarts) on its own thread without holding up the run.
     let state = state::start(s, &ctx.db, &ctx.health)?;
@@ -145,7 +120,7 @@ async fn spawn_stages(
             s.stream_replicas,
         ),
         index,
-        journal: Some(catchup::Journal::new(through.next(), saved_tx)),
+        journal: Some(journal),
         acked_high: ctx.acked_high.clone(),
         republish: publish::republish::Republish::below(reconciled.acked_high),
     };
@@ -185,6 +160,49 @@ async fn spawn_stages(
         missing: reconciled.missing,
     };
     Ok((stages, source))
+}
+
+/// The catch-up side of a run: the service answering from `index` (on its
+/// own thread and connection until the run ends: only the slot's holder
+/// answers), the task saving its positions, and the journal the publisher
+/// hands them to.
+async fn start_catchup(
+    ctx: &Context,
+    index: &catchup::Index,
+    checkpoint: &Checkpoint,
+    last_seq: StreamSeq,
+) -> Result<(catchup::CatchupService, JoinHandle<()>, catchup::Journal), PipelineError> {
+    let s = &ctx.settings;
+    index.seed(&checkpoint.tenants);
+    // Until the events already in the stream are replayed, the index is
+    // behind the stream: the catch-up service answers "unavailable" meanwhile.
+    index.expect_replay_through(last_seq);
+    index.replayed_through(checkpoint.stream_seq);
+    index.record(&[], last_seq.next());
+    // Positions up to `through` come from the segments earlier runs saved
+    // (and the stream); this run records and saves the ones after it. Not
+    // past the stream's tail at start: after a broker loss this run
+    // republishes there, and old segments may say otherwise.
+    let through = checkpoint.stream_seq.min(last_seq);
+    let place = catchup::Place {
+        db: ctx.db.clone(),
+        slot: s.slot.clone(),
+        stream: s.stream.clone(),
+    };
+    let (loaded_tx, loaded_rx) = oneshot::channel();
+    let (saved_tx, saved_rx) = mpsc::channel(catchup::saved::WRITER_QUEUE);
+    let catchup = catchup::start(s, index.clone(), through, Some(place.clone()), loaded_tx).await?;
+    let saving = tokio::spawn(catchup::saved::write(
+        place,
+        through.next(),
+        loaded_rx,
+        saved_rx,
+    ));
+    Ok((
+        catchup,
+        saving,
+        catchup::Journal::new(through.next(), saved_tx),
+    ))
 }
 
 /// Reads until shutdown or an error, passing confirmations through; returns

@@ -136,22 +136,16 @@ fn describe() {
         STREAM_MISSING_MESSAGES,
         "Messages missing from the middle of the stream (deleted or lost by the broker), as of the last (re)connect"
     );
+    describe_catchup();
+    describe_state();
+    describe_auth();
+    describe_gauge!(UP, "1 while walcast holds the slot and publishes");
+}
+
+/// The catch-up service's and its index's metrics (SPEC §7).
+fn describe_catchup() {
     describe_counter!(CATCHUP_REQUESTS, "Catch-up requests, by result code");
     describe_histogram!(CATCHUP_SECONDS, Unit::Seconds, "Catch-up request latency");
-    describe_state();
-    describe_counter!(
-        AUTH_ALLOWED,
-        "Auth callout logins allowed (a tenant user issued)"
-    );
-    describe_counter!(
-        AUTH_REFUSED,
-        "Auth callout logins refused, by reason (expired, bad_signature, no_tenant, invalid_tenant, ...)"
-    );
-    describe_histogram!(
-        AUTH_SECONDS,
-        Unit::Seconds,
-        "Time to answer one auth callout request"
-    );
     describe_gauge!(
         CATCHUP_INDEX_BYTES,
         Unit::Bytes,
@@ -178,7 +172,23 @@ fn describe() {
         CATCHUP_SEGMENTS_DROPPED,
         "Segments of exact catch-up positions not saved because the writer was behind (a restart reads their range back)"
     );
-    describe_gauge!(UP, "1 while walcast holds the slot and publishes");
+}
+
+/// The auth callout's metrics (SPEC §9).
+fn describe_auth() {
+    describe_counter!(
+        AUTH_ALLOWED,
+        "Auth callout logins allowed (a tenant user issued)"
+    );
+    describe_counter!(
+        AUTH_REFUSED,
+        "Auth callout logins refused, by reason (expired, bad_signature, no_tenant, invalid_tenant, ...)"
+    );
+    describe_histogram!(
+        AUTH_SECONDS,
+        Unit::Seconds,
+        "Time to answer one auth callout request"
+    );
 }
 
 /// The state bucket's metrics (SPEC §8).
