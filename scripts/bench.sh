@@ -26,8 +26,8 @@ if [ -z "${WALCAST_BIN:-}" ]; then
     [ -f Cargo.lock ] && locked=(--locked)
     echo "building walcast (release)..." >&2
     cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast
-    # The state_load scenario's loader (the Rust client).
-    cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast-client --example state_load
+    # The state_load scenario's loader and the latency scenario's receiver (the Rust client).
+    cargo build --quiet ${locked[@]+"${locked[@]}"} --release -p walcast-client --example state_load --example latency_probe
     WALCAST_BIN="$PWD/target/release/walcast"
 fi
 # The state_load scenario's TypeScript loader (the client, built).
