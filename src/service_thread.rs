@@ -213,19 +213,15 @@ fn run_restarting<S: Service + Clone>(
 ) -> Result<(), ServiceError> {
     let runtime = thread_runtime::<S>()?;
     runtime.block_on(async {
-        let mut attempt = 0u32;
+        let mut backoff = RestartBackoff::default();
         loop {
-            let began = Instant::now();
+            backoff.starting();
             let (ready, _) = oneshot::channel(); // nobody waits for a restart
             let failure = tokio::select! {
                 failure = serve_once(settings, service.clone(), Ready(ready)) => failure,
                 _ = &mut stop => return Ok(()),
             };
-            if began.elapsed() > RESTART_RESET {
-                attempt = 0;
-            }
-            let wait = crate::error_policy::run_backoff(attempt);
-            attempt = attempt.saturating_add(1);
+            let wait = backoff.stopped();
             metrics::counter!(m::ERRORS, "stage" => S::NAME).increment(1);
             tracing::warn!(service = S::NAME, error = %failure, retry_in = ?wait, "service stopped; it starts again");
             tokio::select! {
@@ -234,6 +230,41 @@ fn run_restarting<S: Service + Clone>(
             }
         }
     })
+}
+
+/// The wait between a service's restarts: the run backoff, started over
+/// once the service had served for [`RESTART_RESET`] (a service that fails
+/// once a day waits 200 ms, one that fails at once waits longer each time).
+#[derive(Debug)]
+pub struct RestartBackoff {
+    attempt: u32,
+    began: Instant,
+}
+
+impl Default for RestartBackoff {
+    fn default() -> Self {
+        RestartBackoff {
+            attempt: 0,
+            began: Instant::now(),
+        }
+    }
+}
+
+impl RestartBackoff {
+    /// A start begins now.
+    pub fn starting(&mut self) {
+        self.began = Instant::now();
+    }
+
+    /// The service stopped (or could not start): how long to wait.
+    pub fn stopped(&mut self) -> Duration {
+        if self.began.elapsed() > RESTART_RESET {
+            self.attempt = 0;
+        }
+        let wait = crate::error_policy::run_backoff(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        wait
+    }
 }
 
 /// A restarting service that served this long starts its backoff over.
@@ -354,4 +385,36 @@ pub(crate) fn lower_priority(nice: i32) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = nice;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attempt a (jittered: half to all of 200 ms × 2^n) wait belongs to.
+    fn attempt_of(wait: Duration) -> u32 {
+        (0..8)
+            .find(|n| {
+                wait <= Duration::from_millis(200 << n) && wait >= Duration::from_millis(100 << n)
+            })
+            .expect("a run backoff")
+    }
+
+    #[test]
+    fn restarts_back_off_and_start_over_after_a_long_service() {
+        let mut backoff = RestartBackoff::default();
+        let attempts: Vec<_> = (0..3)
+            .map(|_| {
+                backoff.starting();
+                attempt_of(backoff.stopped())
+            })
+            .collect();
+        assert_eq!(attempts, [0, 1, 2]);
+        // This start served longer than RESTART_RESET: the wait is the first one again.
+        backoff.starting();
+        backoff.began -= RESTART_RESET + Duration::from_secs(1);
+        assert_eq!(attempt_of(backoff.stopped()), 0);
+        backoff.starting();
+        assert_eq!(attempt_of(backoff.stopped()), 1);
+    }
 }

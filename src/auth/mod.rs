@@ -25,7 +25,7 @@ mod token;
 pub mod wiring;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
 use nkeys::{KeyPair, XKey};
@@ -34,7 +34,7 @@ use tokio::sync::watch;
 pub use settings::{AuthOptions, AuthSettings, TokenKey};
 
 use crate::config::Settings;
-use crate::service_thread::{self, Ready, Service, ServiceError, ServiceThread};
+use crate::service_thread::{self, Ready, RestartBackoff, Service, ServiceError, ServiceThread};
 use crate::telemetry::metrics as m;
 use callout::{Callout, Outcome};
 use permissions::Scope;
@@ -196,9 +196,9 @@ pub async fn supervise(
     mut first: Option<ServiceThread>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut attempt = 0u32;
+    let mut backoff = RestartBackoff::default();
     loop {
-        let began = Instant::now();
+        backoff.starting();
         let started = match first.take() {
             Some(thread) => Ok(thread),
             None => start(&settings).await,
@@ -213,11 +213,7 @@ pub async fn supervise(
             Err(e) => e.to_string(),
         };
         metrics::counter!(m::ERRORS, "stage" => "auth").increment(1);
-        if began.elapsed() > Duration::from_secs(60) {
-            attempt = 0;
-        }
-        let wait = crate::error_policy::run_backoff(attempt);
-        attempt = attempt.saturating_add(1);
+        let wait = backoff.stopped();
         tracing::error!(error = %error, retry_in = ?wait, "auth callout down: new NATS logins fail until it is back");
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
