@@ -218,29 +218,13 @@ async fn handle(
     scoped: Option<&str>,
     payload: &[u8],
 ) -> (String, Option<(u16, &'static str)>) {
-    let bad = |message: String| {
-        (
-            serde_json::json!({"error": "bad_request", "message": message}).to_string(),
-            Some((400, "bad_request")),
-        )
-    };
-    let request: Request = match serde_json::from_slice(payload) {
-        Ok(r) => r,
-        Err(e) => {
-            return bad(format!(
-                "expected {{\"tenant_id\": string, \"after_seq\": number}}: {e}"
-            ));
+    let request = match parse(scoped, payload) {
+        Ok(request) => request,
+        Err(message) => {
+            let body = serde_json::json!({"error": "bad_request", "message": message});
+            return (body.to_string(), Some((400, "bad_request")));
         }
     };
-    if let Err(invalid) = tenant::validate(Some(&request.tenant_id)) {
-        return bad(invalid.reason().to_string());
-    }
-    if let Some(subject_tenant) = scoped.filter(|t| *t != request.tenant_id) {
-        return bad(format!(
-            "tenant_id {:?} is not the subject's tenant {subject_tenant:?}",
-            request.tenant_id
-        ));
-    }
     if !ctx.index.is_ready() {
         return (
             serde_json::json!({"error": "unavailable",
@@ -250,9 +234,33 @@ async fn handle(
         );
     }
     let filter_subject = format!("{}.{}.>", ctx.prefix, request.tenant_id);
+    let answer = search(ctx, &request, &filter_subject).await;
+    render(ctx, filter_subject, answer)
+}
+
+/// The request, if it is well formed, names a valid tenant and, on a
+/// tenant-scoped subject, the subject's tenant; else why not.
+fn parse(scoped: Option<&str>, payload: &[u8]) -> Result<Request, String> {
+    let request: Request = serde_json::from_slice(payload)
+        .map_err(|e| format!("expected {{\"tenant_id\": string, \"after_seq\": number}}: {e}"))?;
+    if let Err(invalid) = tenant::validate(Some(&request.tenant_id)) {
+        return Err(invalid.reason().to_string());
+    }
+    if let Some(subject_tenant) = scoped.filter(|t| *t != request.tenant_id) {
+        return Err(format!(
+            "tenant_id {:?} is not the subject's tenant {subject_tenant:?}",
+            request.tenant_id
+        ));
+    }
+    Ok(request)
+}
+
+/// Where the tenant's events after `after_seq` start; an event still in
+/// flight (sent, not yet in the stream) is waited for, up to ~0.5 s.
+async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<Answer, String> {
     let probe = DirectGet {
         stream: &ctx.stream,
-        filter: &filter_subject,
+        filter: filter_subject,
     };
     let mut answer = Err("not attempted".to_string());
     for _ in 0..20 {
@@ -268,6 +276,15 @@ async fn handle(
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    answer
+}
+
+/// The reply's body and, for an error, its status code and name.
+fn render(
+    ctx: &Ctx,
+    filter_subject: String,
+    answer: Result<Answer, String>,
+) -> (String, Option<(u16, &'static str)>) {
     match answer {
         Ok(Answer::Start { start_stream_seq, last_seq }) => {
             let reply = Reply {

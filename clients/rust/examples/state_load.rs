@@ -162,16 +162,18 @@ async fn main() {
         took.push(t.elapsed()); // before the snapshot is dropped: that is the caller's time
         assert_eq!(snapshot.rows.len(), a.rows);
     }
-    took.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let in_order: Vec<String> = took.iter().map(|d| format!("{:.1}", ms(*d))).collect();
+    took.sort();
     let pct = |p: f64| ms(took[((took.len() as f64 * p).ceil() as usize).clamp(1, took.len()) - 1]);
     println!(
-        "{{\"rows\":{},\"other_rows\":{},\"loads\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"min_ms\":{:.1}}}",
+        "{{\"rows\":{},\"other_rows\":{},\"loads\":{},\"p50_ms\":{:.1},\"p99_ms\":{:.1},\"min_ms\":{:.1},\"each_ms\":[{}]}}",
         a.rows,
         a.other_rows,
         a.loads,
         pct(0.5),
         pct(0.99),
-        ms(took[0])
+        ms(took[0]),
+        in_order.join(",")
     );
 }
