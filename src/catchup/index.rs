@@ -174,6 +174,9 @@ impl Tenants {
         tail.last_seq = seq;
         tail.last_stream_seq = stream_seq;
         if seq.0 % self.every == 1 {
+            if tail.samples.is_empty() {
+                tail.samples.reserve_exact(1); // most tenants have one sample: not four
+            }
             tail.samples.push((seq, stream_seq));
             self.samples += 1;
         }
