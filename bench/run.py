@@ -701,7 +701,7 @@ def scenario_drain(ctx):
         log("  walcast under perf record (not timed)")
         perf_data = ctx.work / "perf.data"
         try:
-            drain_walcast(ctx, "wc_perf", ev, wal, perf=perf_data)
+            drain_walcast(ctx, "wc_perf", ev, wal, perf=perf_data, state=not a.profile_no_state)
             r["profile"] = perf_report(perf_data, ctx.results_dir / "profile-drain.txt")
         except Exception as e:  # noqa: BLE001
             r["profile"] = {"error": str(e)}
@@ -1782,6 +1782,8 @@ def main():
     ap.add_argument("--stall-timeout", type=int, default=60,
                     help="fail a drain whose event count has not moved for this long")
     ap.add_argument("--profile", action="store_true", help="perf record one extra (untimed) drain of walcast")
+    ap.add_argument("--profile-no-state", action="store_true",
+                    help="with --profile: the profiled drain runs without the state bucket")
     ap.add_argument("--compare-bin", help="drain: also run this walcast binary (kinds compare, compare_no_state) "
                                           "on the same backlog, interleaved: an A/B of two builds")
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")
