@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::chaos::{Load, Walcast, slot_lag, stream_state, verify};
+use crate::support::chaos::{
+    Load, Walcast, slot_lag, stream_last_seq_or_zero, stream_state, verify,
+};
 use crate::support::daemon::Env;
 use crate::support::oracle::Oracle;
 use crate::support::{TempDir, wait_until};
@@ -90,7 +92,8 @@ pub(crate) async fn wait_complete(
     let url = env.nats.url();
     wait_until(Duration::from_secs(120), || {
         let url = url.clone();
-        async move { stream_state(&url).await.0 >= want }
+        // Under load walcast may not have created the stream yet.
+        async move { stream_last_seq_or_zero(&url).await >= want }
     })
     .await
     .unwrap_or_else(|e| {

@@ -373,6 +373,31 @@ pub async fn catch_up_while_alive(
     }
 }
 
+/// The stream's last sequence, 0 while walcast has not created it yet
+/// (for waits that may start before walcast is up).
+pub async fn stream_last_seq_or_zero(nats_url: &str) -> u64 {
+    let client = async_nats::connect(nats_url)
+        .await
+        .expect("connect to nats");
+    match jetstream::new(client).get_stream("WALCAST").await {
+        Ok(mut stream) => {
+            stream
+                .info()
+                .await
+                .expect("stream info")
+                .state
+                .last_sequence
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(js)
+                if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            0
+        }
+        Err(e) => panic!("stream WALCAST: {e}"),
+    }
+}
+
 /// The stream's last sequence and duplicate window.
 pub async fn stream_state(nats_url: &str) -> (u64, Duration) {
     let client = async_nats::connect(nats_url)
