@@ -1086,9 +1086,11 @@ class WalsenderLag:
         self.stop_flag = threading.Event()
         self.proc = subprocess.Popen([str(pg.bin / "psql"), "-XAtq", "-d", pg.url], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
-        self.query = ("SELECT pg_current_wal_flush_lsn() - r.sent_lsn, pg_current_wal_flush_lsn() - '0/0' "
-                      "FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid "
-                      f"WHERE s.slot_name = '{slot}';\n")
+        # Always exactly one row (psql prints nothing for none, and the
+        # reader waits for a line): behind is empty while no walsender runs.
+        self.query = ("SELECT (SELECT pg_current_wal_flush_lsn() - r.sent_lsn FROM pg_stat_replication r "
+                      f"JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = '{slot}'), "
+                      "pg_current_wal_flush_lsn() - '0/0';\n")
         self.interval = interval
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -1101,13 +1103,9 @@ class WalsenderLag:
                 line = self.proc.stdout.readline().strip()
             except (BrokenPipeError, ValueError):
                 return
-            if "|" in line:
-                behind, flushed = line.split("|")
+            behind, _, flushed = line.partition("|")
+            if behind and flushed:
                 self.samples.append((time.monotonic(), int(behind), int(flushed)))
-            elif not line:
-                self.proc.stdin.write("SELECT '';\n")  # no walsender yet: keep the session in step
-                self.proc.stdin.flush()
-                self.proc.stdout.readline()
             time.sleep(self.interval)
 
     def stop(self):
