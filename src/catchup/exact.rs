@@ -8,6 +8,8 @@
 //! varint deltas of the stream sequence (a tenant with 10 % of the traffic
 //! needs 1 byte per event, one with 0.1 % needs 2).
 
+use smallvec::SmallVec;
+
 use crate::position::{StreamSeq, TenantSeq};
 
 /// Events per run: a lookup decodes at most this many deltas.
@@ -25,11 +27,17 @@ struct Mark {
 /// Heap bytes accounted per mark.
 pub const MARK_BYTES: usize = std::mem::size_of::<Mark>();
 
+/// Delta bytes held inline: a tenant with a few events needs no allocation.
+const INLINE_DELTAS: usize = 24;
+
 /// One tenant's exact positions, oldest first; old runs can be dropped.
+/// A tenant's first run and its first [`INLINE_DELTAS`] bytes live inline
+/// (a fleet of 100,000 mostly quiet tenants then makes no allocation per
+/// tenant here).
 #[derive(Debug, Default, Clone)]
 pub struct Exact {
-    marks: Vec<Mark>,
-    deltas: Vec<u8>,
+    marks: SmallVec<[Mark; 1]>,
+    deltas: SmallVec<[u8; INLINE_DELTAS]>,
     /// Absolute offset of `deltas[0]` (bytes dropped from the front so far).
     dropped: u64,
     /// The last recorded `(seq, stream_seq)` and the events in its run.
@@ -49,12 +57,9 @@ impl Exact {
         self.last = (seq, stream_seq);
         if !self.marks.is_empty() && seq == last_seq + 1 && self.run < RUN {
             self.run += 1;
-            return push_varint(&mut self.deltas, stream_seq - last_stream);
-        }
-        if self.marks.is_empty() {
-            // Most tenants of a large fleet have a run or two: room for one,
-            // not the four a first push reserves (100,000 tenants: -7 MB).
-            self.marks.reserve_exact(1);
+            let (bytes, len) = varint(stream_seq - last_stream);
+            self.deltas.extend_from_slice(&bytes[..len]);
+            return len;
         }
         self.marks.push(Mark {
             seq,
@@ -158,15 +163,23 @@ impl Exact {
     }
 }
 
-pub fn push_varint(out: &mut Vec<u8>, mut v: u64) -> usize {
+pub fn push_varint(out: &mut Vec<u8>, v: u64) -> usize {
+    let (bytes, len) = varint(v);
+    out.extend_from_slice(&bytes[..len]);
+    len
+}
+
+/// `v` as a LEB128 varint: the bytes and how many of them are used.
+fn varint(mut v: u64) -> ([u8; 10], usize) {
+    let mut bytes = [0; 10];
     let mut n = 0;
     while v >= 0x80 {
-        out.push((v as u8) | 0x80);
+        bytes[n] = (v as u8) | 0x80;
         v >>= 7;
         n += 1;
     }
-    out.push(v as u8);
-    n + 1
+    bytes[n] = v as u8;
+    (bytes, n + 1)
 }
 
 pub fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {

@@ -22,11 +22,13 @@
 //! from the segments the publisher's `journal` saved (`saved`, `rebuild`),
 //! merged in front of what the new run records ([`Index::merge_older`]).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use smallvec::SmallVec;
+
 use super::exact::Exact;
+use super::tails::ByTenant;
 use crate::position::{StreamSeq, TenantSeq};
 
 /// One sample per this many events of a tenant (until [`MAX_SAMPLES`]).
@@ -48,8 +50,8 @@ pub const MAX_EXACT_BYTES: usize = 24 << 20;
 pub struct TenantTail {
     pub last_seq: TenantSeq,
     pub last_stream_seq: StreamSeq,
-    /// `(seq, stream_seq)`, ascending.
-    pub samples: Vec<(TenantSeq, StreamSeq)>,
+    /// `(seq, stream_seq)`, ascending (most tenants hold one: inline).
+    pub samples: SmallVec<[(TenantSeq, StreamSeq); 1]>,
     exact: Exact,
 }
 
@@ -136,7 +138,7 @@ impl TenantTail {
 /// Every tenant's tail, and the sampling state.
 #[derive(Debug)]
 struct Tenants {
-    map: HashMap<Arc<str>, TenantTail>,
+    map: ByTenant<TenantTail>,
     /// Current sampling interval: [`SAMPLE_EVERY`] times a power of two.
     every: u64,
     /// Samples held over all tenants.
@@ -154,7 +156,7 @@ struct Tenants {
 impl Tenants {
     fn new(max_samples: usize, max_exact_bytes: usize) -> Self {
         Tenants {
-            map: HashMap::new(),
+            map: ByTenant::default(),
             every: SAMPLE_EVERY,
             samples: 0,
             max_samples,
@@ -167,16 +169,10 @@ impl Tenants {
     /// Records that the tenant's event `seq` is at `stream_seq` (the
     /// tenant's latest so far); call [`Tenants::bound`] after a batch.
     fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
-        let tail = match self.map.get_mut(tenant) {
-            Some(tail) => tail,
-            None => self.map.entry(tenant.clone()).or_default(),
-        };
+        let tail = self.map.get_or_default(tenant);
         tail.last_seq = seq;
         tail.last_stream_seq = stream_seq;
         if seq.0 % self.every == 1 {
-            if tail.samples.is_empty() {
-                tail.samples.reserve_exact(1); // most tenants have one sample: not four
-            }
             tail.samples.push((seq, stream_seq));
             self.samples += 1;
         }
@@ -278,9 +274,7 @@ impl Index {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         *state = Tenants::new(state.max_samples, state.max_exact_bytes);
         for (t, seq) in tenants {
-            state
-                .map
-                .insert(Arc::from(t.as_str()), TenantTail::new(*seq));
+            *state.map.get_or_default(&Arc::from(t.as_str())) = TenantTail::new(*seq);
         }
     }
 
@@ -307,8 +301,8 @@ impl Index {
         let mut state = self.tenants.write().unwrap_or_else(|p| p.into_inner());
         let state = &mut *state;
         let every = state.every;
-        for (tenant, mut old) in older.0.map {
-            let tail = state.map.entry(tenant).or_default();
+        for (tenant, mut old) in older.0.map.into_entries() {
+            let tail = state.map.get_or_default(&tenant);
             if tail.last_stream_seq == StreamSeq(0) && tail.last_seq <= old.last_seq {
                 tail.last_seq = old.last_seq;
                 tail.last_stream_seq = old.last_stream_seq;
@@ -419,7 +413,14 @@ mod tests {
             .map(|s| (t.clone(), TenantSeq(s), StreamSeq(s * 3)))
             .collect();
         index.record(&events, StreamSeq(601));
-        let tail = index.tenants.read().unwrap().map["acme"].clone();
+        let tail = index
+            .tenants
+            .read()
+            .unwrap()
+            .map
+            .get("acme")
+            .unwrap()
+            .clone();
         assert_eq!(
             plain(&tail.samples),
             vec![(1, 3), (65, 195), (129, 387), (193, 579)]
@@ -462,7 +463,7 @@ mod tests {
         );
         assert_eq!(state.every, 4096);
         drop(state);
-        let tail = index.tenants.read().unwrap().map["a"].clone();
+        let tail = index.tenants.read().unwrap().map.get("a").unwrap().clone();
         assert!(
             plain(&tail.samples)
                 .iter()
@@ -614,7 +615,8 @@ mod tests {
                 (TenantSeq(200), StreamSeq(1100))
             );
         }
-        let samples = &index.tenants.read().unwrap().map["a"].samples;
+        let tenants = index.tenants.read().unwrap();
+        let samples = &tenants.map.get("a").unwrap().samples;
         assert_eq!(
             plain(samples),
             vec![(1, 2), (65, 965), (129, 1029), (193, 1093)]

@@ -26,6 +26,7 @@ pub mod lookup;
 mod rebuild;
 pub mod saved;
 pub(crate) mod segment;
+mod tails;
 
 use std::sync::Arc;
 use std::time::Duration;
