@@ -12,16 +12,42 @@ use super::progress::Segment;
 use crate::lsn::Lsn;
 use crate::position::{StreamSeq, TenantSeq};
 
-/// Segments waiting out the confirm delay, oldest first.
+/// Segments waiting out the confirm delay, merged into buckets, oldest first.
 #[derive(Debug)]
 pub struct ConfirmQueue {
     delay: Duration,
-    /// Each segment with the time its bucket opened (see [`ConfirmQueue::push`]).
-    waiting: VecDeque<(Instant, Segment)>,
+    /// Segments acknowledged within this long of a bucket's first one join it.
+    width: Duration,
+    waiting: VecDeque<Bucket>,
 }
 
-/// Tenant-less segments (keepalive positions) within this window share one entry.
-const KEEPALIVE_BUCKET: Duration = Duration::from_secs(1);
+/// Buckets are this fraction of the delay wide (at least [`MIN_BUCKET`]).
+///
+/// Why buckets: the publisher cuts a segment every 20 ms, so two minutes of
+/// delay would hold ~6,000 of them, each listing the tenants it touched:
+/// memory growing with the events of the whole delay (a 100,000-tenant
+/// drain held tens of MB). A bucket holds each tenant once, and about nine
+/// buckets wait at a time. The price: a segment may wait up to one bucket
+/// longer than the delay (never less: a bucket matures with its newest
+/// segment).
+const BUCKETS_PER_DELAY: u32 = 8;
+const MIN_BUCKET: Duration = Duration::from_secs(1);
+
+/// How long after its bucket opened a segment still joins it.
+pub(crate) fn bucket_width(delay: Duration) -> Duration {
+    (delay / BUCKETS_PER_DELAY).max(MIN_BUCKET)
+}
+
+/// Merged segments: each tenant's last seq, up to the newest segment's end.
+#[derive(Debug)]
+struct Bucket {
+    opened: Instant,
+    end_lsn: Lsn,
+    stream_seq: StreamSeq,
+    /// The newest segment's acknowledgement: the bucket matures `delay` after it.
+    acked_at: Instant,
+    tenants: HashMap<Arc<str>, TenantSeq>,
+}
 
 /// Matured segments merged into one checkpoint step.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -35,36 +61,45 @@ impl ConfirmQueue {
     pub fn new(delay: Duration) -> Self {
         ConfirmQueue {
             delay,
+            width: bucket_width(delay),
             waiting: VecDeque::new(),
         }
     }
 
     pub fn push(&mut self, segment: Segment) {
-        // A tenant-less segment right behind another one, in the same bucket,
-        // replaces it: memory stays bounded however often keepalives come, and
-        // the newest position still waits the full delay from its own ack.
-        if segment.delta.is_empty()
-            && let Some((opened, last)) = self.waiting.back_mut()
-            && last.delta.is_empty()
-            && segment.acked_at.duration_since(*opened) < KEEPALIVE_BUCKET
+        if let Some(last) = self.waiting.back_mut()
+            && segment.acked_at.duration_since(last.opened) < self.width
         {
-            *last = segment;
+            last.end_lsn = segment.end_lsn;
+            last.stream_seq = segment.stream_seq;
+            last.acked_at = segment.acked_at;
+            last.tenants.extend(segment.delta);
             return;
         }
-        self.waiting.push_back((segment.acked_at, segment));
+        self.waiting.push_back(Bucket {
+            opened: segment.acked_at,
+            end_lsn: segment.end_lsn,
+            stream_seq: segment.stream_seq,
+            acked_at: segment.acked_at,
+            tenants: segment.delta.into_iter().collect(),
+        });
     }
 
-    /// Merges every segment acknowledged at least `delay` before `now`.
+    /// Merges every bucket acknowledged at least `delay` before `now`.
     pub fn mature(&mut self, now: Instant) -> Option<Matured> {
         let mut tenants: HashMap<Arc<str>, TenantSeq> = HashMap::new();
         let mut last = None;
-        while let Some((_, front)) = self.waiting.front() {
+        while let Some(front) = self.waiting.front() {
             if now.duration_since(front.acked_at) < self.delay {
                 break;
             }
-            let (_, seg) = self.waiting.pop_front()?;
-            tenants.extend(seg.delta);
-            last = Some((seg.end_lsn, seg.stream_seq));
+            let bucket = self.waiting.pop_front()?;
+            if tenants.is_empty() {
+                tenants = bucket.tenants;
+            } else {
+                tenants.extend(bucket.tenants);
+            }
+            last = Some((bucket.end_lsn, bucket.stream_seq));
         }
         let (end_lsn, stream_seq) = last?;
         Some(Matured {
@@ -74,9 +109,9 @@ impl ConfirmQueue {
         })
     }
 
-    /// When the oldest waiting segment matures.
+    /// When the oldest waiting bucket matures.
     pub fn next_due(&self) -> Option<Instant> {
-        self.waiting.front().map(|(_, s)| s.acked_at + self.delay)
+        self.waiting.front().map(|b| b.acked_at + self.delay)
     }
 }
 
@@ -109,6 +144,36 @@ mod tests {
         assert_eq!((m.end_lsn, m.stream_seq), (Lsn(200), StreamSeq(20)));
         assert_eq!(m.tenants, vec![(Arc::from("a"), TenantSeq(2))]);
         assert_eq!(q.next_due(), Some(t0 + Duration::from_secs(180)));
+    }
+
+    #[test]
+    fn segments_merge_into_buckets_that_mature_with_their_newest() {
+        let t0 = Instant::now();
+        let mut q = ConfirmQueue::new(Duration::from_secs(80)); // buckets of 10 s
+        for i in 0..600u64 {
+            // 20 ms apart for 12 s: two buckets ([0, 10 s) and [10 s, 12 s)).
+            let tenant = if i % 2 == 0 { "a" } else { "b" };
+            q.push(seg(
+                10 * (i + 1),
+                Some((tenant, i / 2 + 1)),
+                t0 + Duration::from_millis(20 * i),
+            ));
+        }
+        assert_eq!(q.waiting.len(), 2);
+        let first_newest = t0 + Duration::from_millis(20 * 499);
+        assert_eq!(q.next_due(), Some(first_newest + Duration::from_secs(80)));
+        assert_eq!(q.mature(first_newest + Duration::from_secs(79)), None);
+        let m = q.mature(first_newest + Duration::from_secs(80)).unwrap();
+        assert_eq!((m.end_lsn, m.stream_seq), (Lsn(5000), StreamSeq(500)));
+        let mut tenants = m.tenants;
+        tenants.sort();
+        assert_eq!(
+            tenants,
+            vec![
+                (Arc::from("a"), TenantSeq(250)),
+                (Arc::from("b"), TenantSeq(250))
+            ]
+        );
     }
 
     #[test]

@@ -174,12 +174,13 @@ async fn timeline(
         (None, Err(e)) => return Err(format!("run failed: {e}")),
         (None, Ok(())) => {
             let sent = judge.sent.lock().unwrap();
-            // Keepalive positions within a second replace each other in the
-            // confirm queue (bounded memory), so only positions that carry
-            // events are owed at once.
+            // Segments share buckets in the confirm queue (bounded memory),
+            // so a position is owed once its bucket's newest ack, at most one
+            // bucket later than its own, has waited the delay.
+            let owed_after = delay + super::confirm::bucket_width(delay);
             let matured = sent
                 .iter()
-                .filter(|s| !s.tenants.is_empty() && s.acked_at + delay <= closed_at)
+                .filter(|s| s.acked_at + owed_after <= closed_at)
                 .map(|s| s.end_lsn)
                 .max()
                 .unwrap_or(0);
