@@ -281,7 +281,10 @@ mod tests {
         let (len, cap) = (exact.deltas.len(), exact.deltas.capacity());
         assert!(cap <= len + len / 4 + 16, "deltas: {len} bytes in {cap}");
         let (len, cap) = (exact.marks.len(), exact.marks.capacity());
-        assert!(len > GENTLE_FROM && cap <= len + len / 4 + 1, "marks: {len} in {cap}");
+        assert!(
+            len > GENTLE_FROM && cap <= len + len / 4 + 1,
+            "marks: {len} in {cap}"
+        );
     }
 
     #[test]

@@ -61,7 +61,7 @@ impl<T: Default> ByTenant<T> {
 
     fn add(&mut self, tenant: Arc<str>) -> u32 {
         let slot = self.slots.len();
-        if slot % CHUNK == 0 {
+        if slot.is_multiple_of(CHUNK) {
             self.chunks.push(Vec::with_capacity(CHUNK));
         }
         if let Some(chunk) = self.chunks.last_mut() {
