@@ -22,9 +22,8 @@ pub struct Segment {
     pub end_lsn: Lsn,
     /// Stream sequence of the last event before `end_lsn`.
     pub stream_seq: StreamSeq,
-    /// Each tenant's last seq in the segment, once each (a list, not a
-    /// map: segments wait out the confirm delay, two minutes of them, and
-    /// with 100,000 tenants a map's buckets held twice the memory).
+    /// Each tenant's last seq in the segment, once each (a list: the
+    /// confirm queue only merges it into its bucket's map).
     pub delta: Vec<(Arc<str>, TenantSeq)>,
     pub acked_at: Instant,
 }
