@@ -81,7 +81,7 @@ impl ConfirmQueue {
             end_lsn: segment.end_lsn,
             stream_seq: segment.stream_seq,
             acked_at: segment.acked_at,
-            tenants: segment.delta.into_iter().collect(),
+            tenants: segment.delta,
         });
     }
 

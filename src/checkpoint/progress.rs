@@ -22,9 +22,8 @@ pub struct Segment {
     pub end_lsn: Lsn,
     /// Stream sequence of the last event before `end_lsn`.
     pub stream_seq: StreamSeq,
-    /// Each tenant's last seq in the segment, once each (a list: the
-    /// confirm queue only merges it into its bucket's map).
-    pub delta: Vec<(Arc<str>, TenantSeq)>,
+    /// Each tenant's last seq in the segment.
+    pub delta: HashMap<Arc<str>, TenantSeq>,
     pub acked_at: Instant,
 }
 
@@ -85,7 +84,7 @@ impl Progress {
         Some(Segment {
             end_lsn,
             stream_seq,
-            delta: std::mem::take(&mut self.bounded).into_iter().collect(),
+            delta: std::mem::take(&mut self.bounded),
             acked_at: now,
         })
     }
@@ -104,13 +103,13 @@ mod tests {
         p.acked(Some((&t, TenantSeq(2))), StreamSeq(12)); // next transaction, not yet committed-and-acked
         let seg = p.cut(Instant::now(), true).unwrap();
         assert_eq!((seg.end_lsn, seg.stream_seq), (Lsn(100), StreamSeq(11)));
-        assert_eq!(seg.delta, vec![(t.clone(), TenantSeq(1))]);
+        assert_eq!(seg.delta.get("acme"), Some(&TenantSeq(1)));
         assert!(p.cut(Instant::now(), true).is_none(), "no boundary pending");
         p.boundary(Lsn(200));
         let seg = p.cut(Instant::now(), true).unwrap();
         assert_eq!(
-            (seg.end_lsn, seg.stream_seq, seg.delta),
-            (Lsn(200), StreamSeq(12), vec![(t, TenantSeq(2))])
+            (seg.end_lsn, seg.stream_seq, seg.delta.get("acme")),
+            (Lsn(200), StreamSeq(12), Some(&TenantSeq(2)))
         );
     }
 

@@ -61,7 +61,9 @@ pub enum DbError {
 /// How long any single exchange with Postgres may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Replication messages the reader may buffer ahead of the pipeline.
+/// Replication messages the reader may buffer ahead of the pipeline: ~20 ms
+/// of a fast drain (~1 MB of typical rows). 16,384 held ~8 MB in a drain,
+/// where the pipeline is always the slower side, for no measured gain.
 pub const REPLICATION_READ_AHEAD: usize = 2048;
 
 /// Bounds `future` by [`IO_TIMEOUT`].
@@ -321,9 +323,6 @@ impl Database {
             .with_application_name("walcast")
             .with_status_interval(Duration::from_millis(200))
             .with_wakeup_interval(Duration::from_secs(5))
-            // Messages read ahead of the pipeline: ~20 ms of a fast drain
-            // (~1 MB of typical rows). 16,384 held ~8 MB in a drain, where the
-            // pipeline is always the slower side, for no measured gain.
             .with_buffer_size(REPLICATION_READ_AHEAD)
     }
 }
