@@ -213,8 +213,8 @@ async fn huge_transaction_memory_is_bounded() {
 /// multi-thread runtime) was mostly glibc: one heap arena per runtime
 /// thread, each keeping its own peak resident, while the live heap grew
 /// 0.4 bytes per event. Since then the catch-up index keeps the exact
-/// position of recent events (~2.4 bytes per event here, by design, up to
-/// `catchup::index::MAX_EXACT_BYTES`, 24 MiB: ~10M events), so its own
+/// position of recent events (~1–2.4 bytes per event here, by design, up to
+/// `catchup::index::MAX_EXACT_BYTES`, 16 MiB: ~11M events), so its own
 /// gauge's growth is taken off the peak's growth before the bound that
 /// catches the bug. `/metrics` is read once after each drain, after
 /// `VmHWM`: it is not a scrape during the drain.

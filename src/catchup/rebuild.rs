@@ -40,8 +40,8 @@ use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::metrics as m;
 
 /// Messages read back at most: more than the exact positions can hold
-/// (~2 bytes each within [`MAX_EXACT_BYTES`]) would be read for nothing.
-pub const MAX_MESSAGES: u64 = (MAX_EXACT_BYTES / 2) as u64;
+/// (~1.5 bytes each within [`MAX_EXACT_BYTES`]) would be read for nothing.
+pub const MAX_MESSAGES: u64 = (MAX_EXACT_BYTES / 3 * 2) as u64;
 
 /// Messages the load step reads back at most (between and after saved
 /// segments); beyond, older segments are left out and read back later.

@@ -41,8 +41,11 @@ use crate::database::{Database, DbError, query_err, with_timeout};
 use crate::position::StreamSeq;
 use crate::telemetry::metrics as m;
 
-/// Payload bytes of saved segments kept per slot: about what the index holds.
-pub const MAX_SAVED_BYTES: i64 = MAX_EXACT_BYTES as i64;
+/// Payload bytes of saved segments kept per slot: a little more than the
+/// index holds (segments store varints, ~2 bytes per event, the index's
+/// Rice codes ~1.5: [`MAX_EXACT_BYTES`] × 1.5 ≈ 12M events at 1,000
+/// tenants).
+pub const MAX_SAVED_BYTES: i64 = (MAX_EXACT_BYTES + MAX_EXACT_BYTES / 2) as i64;
 
 /// Segments waiting for the writer; more are dropped (see `journal`).
 pub const WRITER_QUEUE: usize = 16;

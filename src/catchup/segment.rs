@@ -7,7 +7,8 @@
 //! `version: u8, first, last, positions, tenants`, then per tenant
 //! `name length, name, runs` and per run (`exact.rs`'s runs of consecutive
 //! seqs) `seq, stream_seq - first, delta bytes, deltas...`: ~2 bytes per
-//! event, like the index itself. Decoding checks everything (seqs and
+//! event (the index's Rice codes are denser, but a segment is written
+//! once and this format is what version 1 stores). Decoding checks everything (seqs and
 //! stream sequences strictly increasing per tenant, inside `[first, last]`,
 //! valid tenant ids, the position count, no trailing bytes): a segment that
 //! fails is skipped, never trusted.
@@ -52,7 +53,7 @@ impl Builder {
             Some(exact) => exact,
             None => self.tenants.entry(tenant.clone()).or_default(),
         };
-        if exact.push(seq, stream_seq) > 0 {
+        if exact.push(seq, stream_seq).is_some() {
             self.positions += 1;
             self.last = self.last.max(stream_seq);
         }
@@ -80,15 +81,20 @@ impl Builder {
         push_varint(&mut data, last.0);
         push_varint(&mut data, positions);
         push_varint(&mut data, tenants.len() as u64);
+        let mut deltas = Vec::new();
         for (tenant, exact) in &tenants {
             push_varint(&mut data, tenant.len() as u64);
             data.extend_from_slice(tenant.as_bytes());
             push_varint(&mut data, exact.runs().count() as u64);
-            for (seq, stream_seq, deltas) in exact.runs() {
+            for (seq, stream_seq, steps) in exact.runs() {
+                deltas.clear();
+                for step in steps {
+                    push_varint(&mut deltas, step);
+                }
                 push_varint(&mut data, seq.0);
                 push_varint(&mut data, stream_seq.0.saturating_sub(first.0));
                 push_varint(&mut data, deltas.len() as u64);
-                data.extend_from_slice(deltas);
+                data.extend_from_slice(&deltas);
             }
         }
         Segment {
