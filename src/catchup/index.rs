@@ -172,7 +172,13 @@ impl Tenants {
     /// Records that the tenant's event `seq` is at `stream_seq` (the
     /// tenant's latest so far); call [`Tenants::bound`] after a batch.
     fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
-        let tail = self.map.get_or_default(tenant);
+        let slot = self.map.slot(tenant);
+        self.push_at(slot, seq, stream_seq);
+    }
+
+    /// [`Tenants::push`] to a tenant's slot.
+    fn push_at(&mut self, slot: u32, seq: TenantSeq, stream_seq: StreamSeq) {
+        let tail = self.map.at_mut(slot);
         tail.last_seq = seq;
         tail.last_stream_seq = stream_seq;
         if seq.0 % self.every == 1 {
@@ -238,6 +244,19 @@ impl Rebuilt {
     /// Records one message, in stream order.
     pub fn push(&mut self, tenant: &Arc<str>, seq: TenantSeq, stream_seq: StreamSeq) {
         self.0.push(tenant, seq, stream_seq);
+    }
+
+    /// The tenant's slot, for [`Rebuilt::push_at`]: a saved segment lists a
+    /// tenant's positions together, so a load looks each tenant up once a
+    /// segment instead of once a position (the lookups were half of a 10M
+    /// position load).
+    pub fn slot(&mut self, tenant: &Arc<str>) -> u32 {
+        self.0.map.slot(tenant)
+    }
+
+    /// Records one message of the tenant in `slot`, in stream order.
+    pub fn push_at(&mut self, slot: u32, seq: TenantSeq, stream_seq: StreamSeq) {
+        self.0.push_at(slot, seq, stream_seq);
     }
 
     /// Keeps the positions within bounds (call every few thousand messages).

@@ -222,16 +222,26 @@ impl Gathered {
             oldest,
             ..
         } = self;
+        // The tenant of the positions being handed over, and its slot.
+        let mut current: Option<(Arc<str>, u32)> = None;
         let decoded = segment::decode(data, |tenant, seq, at| {
             if from <= at && at <= last {
-                let tenant = tenants.get(tenant);
+                let (name, slot) = match current.take() {
+                    Some((name, slot)) if *name == *tenant => (name, slot),
+                    _ => {
+                        let name = tenants.get(tenant);
+                        let slot = rebuilt.slot(&name);
+                        (name, slot)
+                    }
+                };
                 if newest.as_ref().is_none_or(|p| p.2 < at) {
-                    *newest = Some((tenant.clone(), seq, at));
+                    *newest = Some((name.clone(), seq, at));
                 }
                 if oldest.as_ref().is_none_or(|p| p.2 > at) {
-                    *oldest = Some((tenant.clone(), seq, at));
+                    *oldest = Some((name.clone(), seq, at));
                 }
-                rebuilt.push(&tenant, seq, at);
+                rebuilt.push_at(slot, seq, at);
+                current = Some((name, slot));
                 n += 1;
             }
         });

@@ -40,11 +40,17 @@ impl<T: Default> ByTenant<T> {
 
     /// The tenant's value, a default one if the tenant is new.
     pub fn get_or_default(&mut self, tenant: &Arc<str>) -> &mut T {
-        let slot = match self.slots.get(tenant) {
+        let slot = self.slot(tenant);
+        self.at_mut(slot)
+    }
+
+    /// The tenant's slot (added with a default value if new): a caller
+    /// with many values of one tenant in a row looks it up once.
+    pub fn slot(&mut self, tenant: &Arc<str>) -> u32 {
+        match self.slots.get(tenant) {
             Some(&slot) => slot,
             None => self.add(tenant.clone()),
-        };
-        self.at_mut(slot)
+        }
     }
 
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
@@ -78,7 +84,8 @@ impl<T: Default> ByTenant<T> {
         &self.chunks[slot / CHUNK][slot % CHUNK]
     }
 
-    fn at_mut(&mut self, slot: u32) -> &mut T {
+    /// The value in `slot` (from [`ByTenant::slot`]).
+    pub fn at_mut(&mut self, slot: u32) -> &mut T {
         let slot = slot as usize;
         &mut self.chunks[slot / CHUNK][slot % CHUNK]
     }
