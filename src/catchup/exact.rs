@@ -426,8 +426,16 @@ mod tests {
         /// not, before and after old runs are dropped.
         #[test]
         fn finds_what_was_recorded(
-            steps in proptest::collection::vec((1u64..3, 1u64..400_000), 1..600),
-            cut_at in 0usize..600,
+            // Mostly steps of 1-3 (flagged ones), or any size (plain codes
+            // and steps too large for a run's code).
+            steps in prop_oneof![
+                proptest::collection::vec(
+                    (prop_oneof![15 => Just(1u64), 1 => Just(2)], prop_oneof![4 => 1u64..4, 1 => 1u64..400_000]),
+                    1..1200,
+                ),
+                proptest::collection::vec((1u64..3, 1u64..400_000), 1..600),
+            ],
+            cut_at in 0usize..1200,
         ) {
             let mut exact = Exact::default();
             let (mut seq, mut stream_seq) = (0u64, 0u64);
