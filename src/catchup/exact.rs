@@ -1,4 +1,4 @@
-//! Exact stream positions of one tenant's recent events, ~1–1.7 bytes each.
+//! Exact stream positions of one tenant's recent events, ~0.5–1.7 bytes each.
 //!
 //! Why: a catch-up answer found by searching the stream costs at least one
 //! message-block load in the nats-server (8 MB, ~5 ms, tens of ms at the
