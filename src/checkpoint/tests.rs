@@ -83,6 +83,23 @@ impl Judge {
                 }
             }
         }
+        // Each tenant's seq is the one at the checkpoint's position, never a
+        // later one (a restart from it would number replayed events again).
+        for (tenant, saved) in &row.tenants {
+            let at_position = sent
+                .iter()
+                .filter(|s| s.stream_seq <= row.stream_seq)
+                .filter_map(|s| s.tenants.get(tenant))
+                .max()
+                .copied()
+                .unwrap_or(0);
+            if *saved != at_position {
+                return Err(format!(
+                    "checkpoint at stream {} holds {tenant} seq {saved}, not {at_position}",
+                    row.stream_seq
+                ));
+            }
+        }
         Ok(())
     }
 }
