@@ -13,10 +13,12 @@
 /// the client crate so the daemon and its clients share one set of types.
 pub use walcast_client::proto;
 
+pub mod allocator;
 pub mod app;
 pub mod assemble;
 pub mod auth;
 pub(crate) mod broker;
+pub(crate) mod by_tenant;
 pub(crate) mod catchup;
 pub mod check;
 pub(crate) mod checkpoint;

@@ -4,10 +4,11 @@
 use std::process::ExitCode;
 
 use walcast::cli::{Cli, Command};
-use walcast::{app, check, migrate, secrets, tail, telemetry};
+use walcast::{allocator, app, check, migrate, secrets, tail, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
+    allocator::tune();
     // One thread: the pipeline is a chain of tasks handing batches to each
     // other, and on one thread those hand-offs are plain function calls
     // instead of cross-thread wakeups, and memory is freed by the thread that
@@ -32,6 +33,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Run(common) => {
             let settings = common.settings()?;
             telemetry::init_logging(settings.log_json);
+            allocator::spawn_trimmer();
             app::run(settings, shutdown_signal()).await?;
         }
         Command::Migrate(common) => {

@@ -60,7 +60,7 @@ impl Code {
 struct Mark {
     seq: u64,
     stream_seq: u64,
-    /// Absolute bit offset of the run's first code in the tenant's bits,
+    /// Bit offset of the run's first code in the tenant's bits (as they are now),
     /// shifted left by 7; the run's [`Code`] in the low 7 (`k`, then `ones`).
     at_code: u64,
 }
@@ -97,8 +97,6 @@ pub struct Exact {
     marks: SmallVec<[Mark; 1]>,
     /// The codes, least significant bit first.
     bits: SmallVec<[u8; INLINE_BYTES]>,
-    /// Bytes dropped from the front of `bits` so far.
-    dropped: u64,
     /// The last recorded `(seq, stream_seq)`, the events in its run and
     /// how many of its steps were 1.
     last: (u64, u64),
@@ -185,14 +183,14 @@ impl Exact {
         }
     }
 
-    /// Absolute bit offset just past the last code.
+    /// Bit offset just past the last code.
     fn end_bit(&self) -> u64 {
         let unused = if self.fill == 0 {
             0
         } else {
             8 - u64::from(self.fill)
         };
-        (self.dropped + self.bits.len() as u64) * 8 - unused
+        self.bits.len() as u64 * 8 - unused
     }
 
     /// Appends the low `n` (≤ 57) bits of `value`, least significant first.
@@ -214,9 +212,8 @@ impl Exact {
 
     /// Where run `i`'s codes are, as bit offsets into `bits`.
     fn run_bits(&self, i: usize) -> (usize, usize) {
-        let base = self.dropped * 8;
-        let from = self.marks[i].at() - base;
-        let to = self.marks.get(i + 1).map_or(self.end_bit(), Mark::at) - base;
+        let from = self.marks[i].at();
+        let to = self.marks.get(i + 1).map_or(self.end_bit(), Mark::at);
         (from as usize, to as usize)
     }
 
@@ -252,10 +249,14 @@ impl Exact {
             return 0;
         }
         let keep_from = self.marks.get(n).map_or(self.end_bit(), Mark::at);
-        let cut = (keep_from / 8 - self.dropped) as usize;
+        let cut = (keep_from / 8) as usize;
         self.bits.drain(..cut);
-        self.dropped += cut as u64;
         self.marks.drain(..n);
+        // Offsets are into `bits` as it is now (no count of dropped bytes
+        // to keep: 8 bytes less per tenant).
+        for mark in &mut self.marks {
+            mark.at_code = Mark::with_at(mark.at() - cut as u64 * 8, mark.code());
+        }
         self.bits.shrink_to_fit();
         self.marks.shrink_to_fit();
         cut + n * MARK_BYTES
@@ -272,10 +273,7 @@ impl Exact {
             return;
         }
         let shift = self.end_bit();
-        let (from, to) = (
-            first.at() - later.dropped * 8,
-            later.end_bit() - later.dropped * 8,
-        );
+        let (from, to) = (first.at(), later.end_bit());
         self.marks.extend(later.marks.iter().map(|m| Mark {
             at_code: Mark::with_at(m.at() - first.at() + shift, m.code()),
             ..*m

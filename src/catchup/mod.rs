@@ -26,7 +26,6 @@ pub mod lookup;
 mod rebuild;
 pub mod saved;
 pub(crate) mod segment;
-mod tails;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -5,40 +5,39 @@
 //! restored from the checkpoint, so a restart continues each tenant exactly
 //! where the durable checkpoint left it and replays assign the same numbers.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::by_tenant::ByTenant;
 use crate::position::TenantSeq;
 
 /// Tenant → last assigned `seq`. Tenant ids are shared `Arc<str>` so events
-/// and checkpoint deltas carry them without copying.
+/// and checkpoint deltas carry them without copying. Kept `ByTenant` (not a
+/// `HashMap<Arc<str>, _>`): a fleet of 100,000 tenants grows a table of 5
+/// bytes a bucket instead of 25 (and holds the old one while it doubles).
 #[derive(Debug, Default, Clone)]
 pub struct Sequencer {
-    last: HashMap<Arc<str>, TenantSeq>,
+    last: ByTenant<TenantSeq>,
 }
 
 impl Sequencer {
     /// Starts from a checkpoint's `(tenant, last seq)` pairs.
     pub fn from_checkpoint(entries: impl IntoIterator<Item = (String, TenantSeq)>) -> Self {
-        Sequencer {
-            last: entries
-                .into_iter()
-                .map(|(t, s)| (Arc::from(t), s))
-                .collect(),
+        let mut last = ByTenant::default();
+        for (tenant, seq) in entries {
+            *last.get_or_default(&Arc::from(tenant)) = seq;
         }
+        Sequencer { last }
     }
 
     /// The next `seq` of `tenant`, and the shared tenant id.
     pub fn next(&mut self, tenant: &str) -> (Arc<str>, TenantSeq) {
-        if let Some(seq) = self.last.get_mut(tenant) {
-            *seq = seq.next();
-            let seq = *seq;
-            let key = self.last.get_key_value(tenant).map(|(k, _)| k.clone());
-            return (key.unwrap_or_else(|| Arc::from(tenant)), seq);
-        }
-        let key: Arc<str> = Arc::from(tenant);
-        self.last.insert(key.clone(), TenantSeq(1));
-        (key, TenantSeq(1))
+        let slot = match self.last.find(tenant) {
+            Some(slot) => slot,
+            None => self.last.add(Arc::from(tenant)),
+        };
+        let (name, seq) = self.last.entry_mut(slot);
+        *seq = seq.next();
+        (name.clone(), *seq)
     }
 
     /// The last `seq` handed out for `tenant` (0 if never seen).
@@ -56,6 +55,7 @@ impl Sequencer {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashMap;
 
     #[test]
     fn restores_and_continues() {
