@@ -989,6 +989,61 @@ def scenario_auth_logins(ctx):
         wlog.close()
 
 
+def wait_backfill(wc):
+    """Waits until walcast's state backfill (SPEC §8) of rows earlier
+    scenarios left is done: not running, and no row copied for 2 s (it may
+    not have begun). Returns (seconds waited, rows copied)."""
+    t0, last, still = time.monotonic(), None, 0
+    while time.monotonic() - t0 < 1800 and wc.proc.poll() is None and still < 4:
+        m = wc.metrics()
+        rows = m.get("walcast_state_backfill_rows_total", 0)
+        still = still + 1 if rows == last and m.get("walcast_state_backfill_running", 0) == 0 else 0
+        last = rows
+        time.sleep(0.5)
+    waited = round(time.monotonic() - t0, 1)
+    if last:
+        log(f"    waited {waited}s for the state backfill of {int(last)} rows left by earlier scenarios")
+    return waited, int(last or 0)
+
+
+STEADY_SCRIPT = """\\set t random(1, {tenants})
+INSERT INTO tasks (id, tenant_id, title, priority) VALUES (gen_random_uuid(), 'st' || :t, 'c' || :client_id, 1);
+"""
+
+
+def scenario_steady(ctx):
+    """SPEC §6 "RSS <= 50 MB steady state" with every one of --tenants-large
+    tenants active: single-row commits at --steady-rate for --steady-seconds,
+    longer than the confirm delay plus a bucket (2m30s at the default), so
+    the confirm queue holds as many buckets as it ever will."""
+    a = ctx.args
+    log(f"scenario 13: steady load, {a.steady_rate}/s over {a.tenants_large} tenants for {a.steady_seconds}s")
+    pg = ctx.pg
+    pg.create_slot("wc_steady")
+    nats = NatsServer(ctx.work, ctx.nats_bin, "steady")
+    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_steady")
+    wc.wait_ready()
+    backfill_s, _ = wait_backfill(wc)
+    s = Sampler(interval=1.0)
+    s.watch("walcast", wc.pid)
+    pgb = run_pgbench(ctx, a.steady_rate, a.steady_seconds, sql=STEADY_SCRIPT.format(tenants=a.tenants_large))
+    pgb.pop("_schedule", None)
+    s.stop()
+    m = wc.metrics()
+    res = {"rate": a.steady_rate, "seconds": a.steady_seconds, "tenants": a.tenants_large,
+           "backfill_wait_s": backfill_s, "pgbench": pgb,
+           "peak_rss_mb": round(proc_status_mb(wc.pid, "VmHWM") or 0, 1),
+           "rss_mb": round(proc_status_mb(wc.pid, "VmRSS") or 0, 1),
+           "rss_series_mb": s.rss_series.get("walcast", [])[::10],
+           "index_mb": round(m.get("walcast_catchup_index_bytes", 0.0) / 1e6, 1)}
+    wc.stop()
+    nats.stop()
+    pg.drop_slot("wc_steady")
+    log(f"    walcast peak RSS {res['peak_rss_mb']} MB, now {res['rss_mb']} MB "
+        f"({pgb.get('tps')} tps, catch-up index {res['index_mb']} MB)")
+    return res
+
+
 def scenario_idle(ctx):
     a = ctx.args
     log(f"scenario 5: idle walcast for {a.idle_seconds}s")
@@ -999,17 +1054,7 @@ def scenario_idle(ctx):
     wc.wait_ready()
     # Rows left by earlier scenarios (big_tx: 5M) are backfilled into the
     # state bucket first (SPEC §8): that is work, not idling.
-    # Done: not running, and no row copied for 2 s (it may not have begun).
-    t0, last, still = time.monotonic(), None, 0
-    while time.monotonic() - t0 < 1800 and wc.proc.poll() is None and still < 4:
-        m = wc.metrics()
-        rows = m.get("walcast_state_backfill_rows_total", 0)
-        still = still + 1 if rows == last and m.get("walcast_state_backfill_running", 0) == 0 else 0
-        last = rows
-        time.sleep(0.5)
-    backfill_s = round(time.monotonic() - t0, 1)
-    if last:
-        log(f"    waited {backfill_s}s for the state backfill of {int(last)} rows left by earlier scenarios")
+    backfill_s, _ = wait_backfill(wc)
     s = Sampler(interval=0.5)
     s.watch("walcast", wc.pid, from_zero=False)
     s.watch("nats-server", nats.proc.pid, from_zero=False)
@@ -1816,8 +1861,8 @@ def main():
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
                     help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood,"
-                         "ws_fanout,gateway_fanout "
-                         "(default: all but the catch-up ones)")
+                         "ws_fanout,gateway_fanout,steady "
+                         "(default: all but the catch-up ones and steady)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke-test sizes: 100k-row drains, 10k tenants, 500k-row tx, 10 s latency/idle")
@@ -1837,6 +1882,8 @@ def main():
                     help="latency: walcast with the state bucket kept (on), without it (off), or both runs")
     ap.add_argument("--floor-seconds", type=int, default=20)
     ap.add_argument("--idle-seconds", type=int, default=60)
+    ap.add_argument("--steady-rate", type=int, default=3000, help="steady: single-row commits/s over --tenants-large tenants")
+    ap.add_argument("--steady-seconds", type=int, default=200, help="steady: how long (past the confirm delay's buckets)")
     ap.add_argument("--catchup-stream", type=int, default=1_000_000,
                     help="events in the catch-up stream (the issue's size: 10,000,000)")
     ap.add_argument("--catchup-tenant", type=int, default=100_000,
@@ -1934,7 +1981,7 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency",
+        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency", "steady",
                  "catchup", "catchup_flood", "ws_fanout", "gateway_fanout"]
         for name in order:
             if name not in scenarios:
@@ -1957,6 +2004,8 @@ def main():
                     r = scenario_idle(ctx)
                 elif name == "latency":
                     r = scenario_latency(ctx)
+                elif name == "steady":
+                    r = scenario_steady(ctx)
                 elif name == "catchup_flood":
                     r = scenario_catchup_flood(ctx)
                 elif name in ("ws_fanout", "gateway_fanout"):
