@@ -1011,6 +1011,25 @@ INSERT INTO tasks (id, tenant_id, title, priority) VALUES (gen_random_uuid(), 's
 """
 
 
+def settled_walcast(ctx, name):
+    """A walcast on a fresh slot `wc_<name>` and nats-server, ready and done
+    with the state backfill of the rows earlier scenarios left (big_tx: 5M):
+    that backfill is work, not what scenarios `idle` and `steady` measure.
+    Returns (nats, wc, seconds waited for the backfill)."""
+    ctx.pg.create_slot(f"wc_{name}")
+    nats = NatsServer(ctx.work, ctx.nats_bin, name)
+    wc = Walcast(ctx.walcast_bin, ctx.work, ctx.pg, nats, f"wc_{name}")
+    wc.wait_ready()
+    backfill_s, _ = wait_backfill(wc)
+    return nats, wc, backfill_s
+
+
+def stop_settled(ctx, name, nats, wc):
+    wc.stop()
+    nats.stop()
+    ctx.pg.drop_slot(f"wc_{name}")
+
+
 def scenario_steady(ctx):
     """SPEC §6 "RSS <= 50 MB steady state" with every one of --tenants-large
     tenants active: single-row commits at --steady-rate for --steady-seconds,
@@ -1018,12 +1037,7 @@ def scenario_steady(ctx):
     the confirm queue holds as many buckets as it ever will."""
     a = ctx.args
     log(f"scenario 13: steady load, {a.steady_rate}/s over {a.tenants_large} tenants for {a.steady_seconds}s")
-    pg = ctx.pg
-    pg.create_slot("wc_steady")
-    nats = NatsServer(ctx.work, ctx.nats_bin, "steady")
-    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_steady")
-    wc.wait_ready()
-    backfill_s, _ = wait_backfill(wc)
+    nats, wc, backfill_s = settled_walcast(ctx, "steady")
     s = Sampler(interval=1.0)
     s.watch("walcast", wc.pid)
     pgb = run_pgbench(ctx, a.steady_rate, a.steady_seconds, sql=STEADY_SCRIPT.format(tenants=a.tenants_large))
@@ -1036,9 +1050,7 @@ def scenario_steady(ctx):
            "rss_mb": round(proc_status_mb(wc.pid, "VmRSS") or 0, 1),
            "rss_series_mb": s.rss_series.get("walcast", [])[::10],
            "index_mb": round(m.get("walcast_catchup_index_bytes", 0.0) / 1e6, 1)}
-    wc.stop()
-    nats.stop()
-    pg.drop_slot("wc_steady")
+    stop_settled(ctx, "steady", nats, wc)
     log(f"    walcast peak RSS {res['peak_rss_mb']} MB, now {res['rss_mb']} MB "
         f"({pgb.get('tps')} tps, catch-up index {res['index_mb']} MB)")
     return res
@@ -1047,27 +1059,18 @@ def scenario_steady(ctx):
 def scenario_idle(ctx):
     a = ctx.args
     log(f"scenario 5: idle walcast for {a.idle_seconds}s")
-    pg = ctx.pg
-    pg.create_slot("wc_idle")
-    nats = NatsServer(ctx.work, ctx.nats_bin, "idle")
-    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, "wc_idle")
-    wc.wait_ready()
-    # Rows left by earlier scenarios (big_tx: 5M) are backfilled into the
-    # state bucket first (SPEC §8): that is work, not idling.
-    backfill_s, _ = wait_backfill(wc)
+    nats, wc, backfill_s = settled_walcast(ctx, "idle")
     s = Sampler(interval=0.5)
     s.watch("walcast", wc.pid, from_zero=False)
     s.watch("nats-server", nats.proc.pid, from_zero=False)
-    ws = pg.slot_pid("wc_idle")
+    ws = ctx.pg.slot_pid("wc_idle")
     if ws:
         s.watch("walsender", ws, from_zero=False)
     time.sleep(a.idle_seconds)
     s.stop()
     cpu = {k: s.cpu(k) for k in ("walcast", "nats-server", "walsender")}
     rss = proc_status_mb(wc.pid, "VmRSS")
-    wc.stop()
-    nats.stop()
-    pg.drop_slot("wc_idle")
+    stop_settled(ctx, "idle", nats, wc)
     secs = a.idle_seconds
     log(f"    walcast {cpu['walcast']} CPU s in {secs}s")
     return {"seconds": secs, "cpu_s": cpu, "backfill_wait_s": backfill_s,
