@@ -33,6 +33,8 @@ pub struct ConfirmQueue {
 /// segment), so the slot retains up to a quarter more WAL than the delay
 /// alone would (2m30s instead of 2m at the default). Eight buckets per
 /// delay held ~30 MB at 100,000 busy tenants for 15 s less retention.
+/// Only the newest bucket is a map; the others are sealed into exact lists
+/// (see [`Tenants`]).
 const BUCKETS_PER_DELAY: u32 = 4;
 const MIN_BUCKET: Duration = Duration::from_secs(1);
 
@@ -49,7 +51,34 @@ struct Bucket {
     stream_seq: StreamSeq,
     /// The newest segment's acknowledgement: the bucket matures `delay` after it.
     acked_at: Instant,
-    tenants: HashMap<Arc<str>, TenantSeq>,
+    tenants: Tenants,
+}
+
+/// A bucket's tenants with their last seq: a map while segments join the
+/// bucket, an exact list once a newer bucket has opened. A map holds 25
+/// bytes a slot at up to 7/8 load (29 to 57 bytes a tenant); the list 24.
+/// With every one of 100,000 tenants busy, four sealed buckets of ~60,000
+/// tenants each take ~6 MB instead of ~13.
+#[derive(Debug)]
+enum Tenants {
+    Open(HashMap<Arc<str>, TenantSeq>),
+    Sealed(Vec<(Arc<str>, TenantSeq)>),
+}
+
+impl Tenants {
+    fn seal(&mut self) {
+        if let Tenants::Open(map) = self {
+            // An exact-size iterator: the list is allocated once, at its size.
+            *self = Tenants::Sealed(std::mem::take(map).into_iter().collect());
+        }
+    }
+
+    fn into_list(self) -> Vec<(Arc<str>, TenantSeq)> {
+        match self {
+            Tenants::Open(map) => map.into_iter().collect(),
+            Tenants::Sealed(list) => list,
+        }
+    }
 }
 
 /// Matured segments merged into one checkpoint step.
@@ -76,39 +105,50 @@ impl ConfirmQueue {
             last.end_lsn = segment.end_lsn;
             last.stream_seq = segment.stream_seq;
             last.acked_at = segment.acked_at;
-            last.tenants.extend(segment.delta);
+            match &mut last.tenants {
+                Tenants::Open(map) => map.extend(segment.delta),
+                Tenants::Sealed(_) => unreachable!("only the newest bucket is open"),
+            }
             return;
+        }
+        if let Some(last) = self.waiting.back_mut() {
+            last.tenants.seal();
         }
         self.waiting.push_back(Bucket {
             opened: segment.acked_at,
             end_lsn: segment.end_lsn,
             stream_seq: segment.stream_seq,
             acked_at: segment.acked_at,
-            tenants: segment.delta,
+            tenants: Tenants::Open(segment.delta),
         });
     }
 
     /// Merges every bucket acknowledged at least `delay` before `now`.
     pub fn mature(&mut self, now: Instant) -> Option<Matured> {
-        let mut tenants: HashMap<Arc<str>, TenantSeq> = HashMap::new();
-        let mut last = None;
+        let mut matured: Vec<Bucket> = Vec::new();
         while let Some(front) = self.waiting.front() {
             if now.duration_since(front.acked_at) < self.delay {
                 break;
             }
-            let bucket = self.waiting.pop_front()?;
-            if tenants.is_empty() {
-                tenants = bucket.tenants;
-            } else {
-                tenants.extend(bucket.tenants);
-            }
-            last = Some((bucket.end_lsn, bucket.stream_seq));
+            matured.extend(self.waiting.pop_front());
         }
-        let (end_lsn, stream_seq) = last?;
+        let last = matured.last()?;
+        let (end_lsn, stream_seq) = (last.end_lsn, last.stream_seq);
+        let tenants = if matured.len() == 1 {
+            matured.pop()?.tenants.into_list()
+        } else {
+            // Several at once (the checkpointer was held up): newer buckets'
+            // seqs replace older ones.
+            let mut merged: HashMap<Arc<str>, TenantSeq> = HashMap::new();
+            for bucket in matured {
+                merged.extend(bucket.tenants.into_list());
+            }
+            merged.into_iter().collect()
+        };
         Some(Matured {
             end_lsn,
             stream_seq,
-            tenants: tenants.into_iter().collect(),
+            tenants,
         })
     }
 
@@ -177,6 +217,35 @@ mod tests {
                 (Arc::from("b"), TenantSeq(250))
             ]
         );
+    }
+
+    #[test]
+    fn older_buckets_are_sealed_and_several_maturing_keep_the_newest_seqs() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut q = ConfirmQueue::new(Duration::from_secs(40)); // buckets of 10 s
+        q.push(seg(10, Some(("a", 1)), at(0)));
+        q.push(seg(20, Some(("b", 1)), at(1)));
+        q.push(seg(30, Some(("a", 2)), at(10))); // second bucket
+        q.push(seg(40, Some(("c", 1)), at(20))); // third
+        q.push(seg(50, Some(("a", 3)), at(21)));
+        let sealed: Vec<bool> = q
+            .waiting
+            .iter()
+            .map(|b| matches!(b.tenants, Tenants::Sealed(_)))
+            .collect();
+        assert_eq!(sealed, [true, true, false]);
+        // Held up past all three: one step, each tenant at its newest seq.
+        let m = q.mature(at(100)).unwrap();
+        assert_eq!((m.end_lsn, m.stream_seq), (Lsn(50), StreamSeq(5)));
+        let mut tenants = m.tenants;
+        tenants.sort();
+        let expected: Vec<(Arc<str>, TenantSeq)> = [("a", 3), ("b", 1), ("c", 1)]
+            .into_iter()
+            .map(|(t, s)| (Arc::from(t), TenantSeq(s)))
+            .collect();
+        assert_eq!(tenants, expected);
+        assert_eq!(q.next_due(), None);
     }
 
     #[test]

@@ -181,6 +181,11 @@ pub async fn init(
     })
 }
 
+/// Tenants written per statement of a checkpoint: one statement for all of
+/// them (60,000 when every one of 100,000 tenants is busy) encoded its
+/// arrays at once, ~4 MB of the process's peak memory.
+const TENANTS_PER_STATEMENT: usize = 4096;
+
 /// Advances the checkpoint atomically: the tenants' new last seqs and the
 /// position they are valid at.
 pub async fn save(
@@ -196,16 +201,24 @@ pub async fn save(
         .await
         .map_err(query_err("begin checkpoint"))?;
     if !tenants.is_empty() {
-        let names: Vec<&str> = tenants.iter().map(|(t, _)| &**t).collect();
-        let seqs: Vec<i64> = tenants.iter().map(|(_, s)| s.0 as i64).collect();
-        tx.execute(
-            "INSERT INTO walcast.tenant_seqs (slot, tenant_id, seq)
-             SELECT $1, t, s FROM unnest($2::text[], $3::bigint[]) AS u(t, s)
-             ON CONFLICT (slot, tenant_id) DO UPDATE SET seq = EXCLUDED.seq",
-            &[&slot, &names, &seqs],
-        )
-        .await
-        .map_err(query_err("write walcast.tenant_seqs"))?;
+        let upsert = tx
+            .prepare(
+                "INSERT INTO walcast.tenant_seqs (slot, tenant_id, seq)
+                 SELECT $1, t, s FROM unnest($2::text[], $3::bigint[]) AS u(t, s)
+                 ON CONFLICT (slot, tenant_id) DO UPDATE SET seq = EXCLUDED.seq",
+            )
+            .await
+            .map_err(query_err("write walcast.tenant_seqs"))?;
+        let (mut names, mut seqs) = (Vec::new(), Vec::new());
+        for chunk in tenants.chunks(TENANTS_PER_STATEMENT) {
+            names.clear();
+            seqs.clear();
+            names.extend(chunk.iter().map(|(t, _)| &**t));
+            seqs.extend(chunk.iter().map(|(_, s)| s.0 as i64));
+            tx.execute(&upsert, &[&slot, &names, &seqs])
+                .await
+                .map_err(query_err("write walcast.tenant_seqs"))?;
+        }
     }
     let updated = tx
         .execute(
