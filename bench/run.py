@@ -1034,7 +1034,9 @@ def scenario_steady(ctx):
     """SPEC §6 "RSS <= 50 MB steady state" with every one of --tenants-large
     tenants active: single-row commits at --steady-rate for --steady-seconds,
     longer than the confirm delay plus a bucket (2m30s at the default), so
-    the confirm queue holds as many buckets as it ever will."""
+    the confirm queue holds as many buckets as it ever will, and (600 s by
+    default) long enough for the catch-up index to fill its exact-position
+    budget (~1M events with 100,000 tenants)."""
     a = ctx.args
     log(f"scenario 13: steady load, {a.steady_rate}/s over {a.tenants_large} tenants for {a.steady_seconds}s")
     nats, wc, backfill_s = settled_walcast(ctx, "steady")
@@ -1886,7 +1888,7 @@ def main():
     ap.add_argument("--floor-seconds", type=int, default=20)
     ap.add_argument("--idle-seconds", type=int, default=60)
     ap.add_argument("--steady-rate", type=int, default=3000, help="steady: single-row commits/s over --tenants-large tenants")
-    ap.add_argument("--steady-seconds", type=int, default=200, help="steady: how long (past the confirm delay's buckets)")
+    ap.add_argument("--steady-seconds", type=int, default=600, help="steady: how long (past the confirm delay's buckets and the catch-up index's exact-position budget at 100,000 tenants)")
     ap.add_argument("--catchup-stream", type=int, default=1_000_000,
                     help="events in the catch-up stream (the issue's size: 10,000,000)")
     ap.add_argument("--catchup-tenant", type=int, default=100_000,

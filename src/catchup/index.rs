@@ -46,6 +46,28 @@ pub const MAX_SAMPLES: usize = 1 << 18;
 /// evenly busy tenants more: ~2.3).
 pub const MAX_EXACT_BYTES: usize = 16 << 20;
 
+/// What holding a tenant costs the index before any exact position: its
+/// tail and shared name, in `ByTenant`'s chunks (144 bytes).
+const TAIL_BYTES: usize = std::mem::size_of::<(Arc<str>, TenantTail)>();
+
+/// Exact positions kept however many tenants there are (~450,000 events).
+const MIN_EXACT_BYTES: usize = 1 << 20;
+
+/// The bytes of exact positions kept with `tenants` tenants: the tails
+/// count against [`MAX_EXACT_BYTES`] too, so the index's memory stays
+/// bounded however many tenants there are. 1,000 tenants leave 15.9 MiB
+/// (SPEC §6's 10,000,000-event stream still all exact); 100,000 leave
+/// ~2 MiB, the newest ~1M events. Without it, 100,000 busy tenants each
+/// grew a small heap block of positions, and walcast's RSS passed 50 MB
+/// after seven minutes at 3,000 commits/s, still climbing toward the
+/// bound. Older positions are answered by searching the stream, as after a
+/// drop.
+fn exact_budget(max_exact_bytes: usize, tenants: usize) -> usize {
+    max_exact_bytes
+        .saturating_sub(tenants.saturating_mul(TAIL_BYTES))
+        .max(MIN_EXACT_BYTES.min(max_exact_bytes))
+}
+
 /// A tenant's position: last seq and its stream sequence (0 = not known in
 /// this process, e.g. right after a restart), plus sparse samples and the
 /// exact positions of its recent events.
@@ -206,7 +228,8 @@ impl Tenants {
     /// they cover, until they fit the bound again (a quarter, not a half:
     /// the index stays at 75–100 % of its bound, not 50–100 %).
     fn drop_old_exact(&mut self, next_stream_seq: StreamSeq) {
-        while self.exact_bytes > self.max_exact_bytes && self.exact_from < next_stream_seq {
+        let budget = exact_budget(self.max_exact_bytes, self.map.len());
+        while self.exact_bytes > budget && self.exact_from < next_stream_seq {
             let cutoff = self.exact_from + (next_stream_seq - self.exact_from).div_ceil(4);
             for tail in self.map.values_mut() {
                 self.exact_bytes -= tail.exact.drop_before(cutoff);
@@ -567,6 +590,62 @@ mod tests {
             Some(StreamSeq(499_999))
         );
         assert!(index.known("c", TenantSeq(1), StreamSeq(500_000)).is_none());
+    }
+
+    #[test]
+    fn many_tenants_leave_less_room_for_exact_positions() {
+        assert_eq!(TAIL_BYTES, 144);
+        let mib = 1 << 20;
+        assert_eq!(exact_budget(16 * mib, 1_000), 16 * mib - 144_000);
+        assert_eq!(exact_budget(16 * mib, 100_000), 16 * mib - 14_400_000);
+        assert_eq!(
+            exact_budget(16 * mib, 1_000_000),
+            mib,
+            "never below the floor"
+        );
+        assert_eq!(
+            exact_budget(64 << 10, 1_000),
+            64 << 10,
+            "nor above the bound"
+        );
+
+        // 20,000 tenants of one event each, then a busy one: its positions
+        // stay within what the tails leave of a 4 MiB bound.
+        let index = Index::with_bounds(MAX_SAMPLES, 4 * mib);
+        let quiet: Vec<_> = (0..20_000u64)
+            .map(|i| (Arc::from(format!("q{i}")), TenantSeq(1), StreamSeq(i + 1)))
+            .collect();
+        index.record(&quiet, StreamSeq(20_001));
+        let budget = exact_budget(4 * mib, 20_001);
+        let busy: Arc<str> = Arc::from("busy");
+        let (mut stream_seq, mut most) = (20_000u64, 0);
+        for batch in 0..500u64 {
+            let events: Vec<_> = (1..=1_000u64)
+                .map(|i| {
+                    stream_seq += 99_991; // ~18 bits a position
+                    (
+                        busy.clone(),
+                        TenantSeq(batch * 1_000 + i),
+                        StreamSeq(stream_seq),
+                    )
+                })
+                .collect();
+            index.record(&events, StreamSeq(stream_seq + 1));
+            most = most.max(index.exact_bytes());
+            assert!(
+                index.exact_bytes() <= budget,
+                "{} > {budget}",
+                index.exact_bytes()
+            );
+        }
+        assert!(
+            most > budget * 3 / 4,
+            "the budget was used: {most} of {budget}"
+        );
+        let newest = index
+            .known("busy", TenantSeq(500_000), StreamSeq(stream_seq + 1))
+            .unwrap();
+        assert_eq!(newest.exact, Some(StreamSeq(stream_seq)));
     }
 
     /// The publisher records on one thread while the catch-up service reads
