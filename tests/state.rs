@@ -414,3 +414,51 @@ async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
     .expect("the bucket holds the tables' rows");
     second.stop(Duration::from_secs(15)).await;
 }
+
+/// A state service that cannot run (the bucket is incompatible: history 5)
+/// starts again and again on its thread while the stream goes on, and
+/// `walcast_state_lag_events` counts the events it has not applied — the
+/// gauge an operator's alert watches (it used to stay unset, or frozen at
+/// its last value, while the service was down).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_gauge_counts_while_the_state_cannot_run() {
+    use crate::support::edge::{start_walcast, wait_metric};
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await.unwrap());
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: BUCKET.into(),
+        history: 5,
+        ..Default::default()
+    })
+    .await
+    .expect("an incompatible state bucket");
+    let dir = crate::support::TempDir::new("state-lag").unwrap();
+    let (mut walcast, addr) = start_walcast(&env, dir.path(), "walcast", &[]);
+    client
+        .execute(
+            "INSERT INTO tasks (id, tenant_id, title)
+             SELECT md5('lag' || i)::uuid, 'tenant-' || (i % 3), 'row ' || i
+             FROM generate_series(1, 20) i",
+            &[],
+        )
+        .await
+        .expect("insert 20 tasks");
+    let lag = wait_metric(
+        &addr,
+        "walcast_state_lag_events",
+        20.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        lag,
+        Some(20.0),
+        "lag gauge with the state down\n{}",
+        walcast.log_tail(20)
+    );
+    walcast
+        .wait_log("is incompatible", Duration::from_secs(10))
+        .await;
+    walcast.stop(Duration::from_secs(15)).await;
+}

@@ -39,6 +39,13 @@ const MARKER_POLL: Duration = Duration::from_secs(1);
 /// A running state service; stopped when dropped.
 pub struct StateService {
     thread: ServiceThread,
+    lag: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StateService {
+    fn drop(&mut self) {
+        self.lag.abort();
+    }
 }
 
 impl StateService {
@@ -69,7 +76,27 @@ pub fn start(
         health: health.clone(),
     };
     let thread = service_thread::start_restarting(settings, service)?;
-    Ok(Some(StateService { thread }))
+    let lag = tokio::spawn(report_lag(health.clone()));
+    Ok(Some(StateService { thread, lag }))
+}
+
+/// How often `walcast_state_lag_events` is set.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+/// Sets `walcast_state_lag_events` (events acknowledged in the stream and
+/// not yet applied to the bucket) from the pipeline's runtime, not from the
+/// state's thread: while that thread is down (restarting after a dropped
+/// connection, a bucket it cannot use), which is when an alert on the lag
+/// matters, the gauge keeps counting.
+async fn report_lag(health: Arc<Health>) {
+    let gauge = metrics::gauge!(m::STATE_LAG_EVENTS);
+    let mut tick = tokio::time::interval(LAG_EVERY);
+    loop {
+        tick.tick().await;
+        let (_, acked) = health.acked_position();
+        let applied = health.state_applied().load(Ordering::SeqCst);
+        gauge.set(acked.saturating_sub(applied) as f64);
+    }
 }
 
 /// The service as it runs on its thread (a copy for each start).
@@ -102,7 +129,8 @@ impl Service for State {
         let resume = resume_point(&bucket, stream.clone()).await?;
         let resume = self.recheck_recent(resume).await?;
         tracing::info!(bucket = %name, after = resume.after, recheck_through = resume.recheck_through, "state projection resumes");
-        let applied = Arc::new(AtomicU64::new(resume.after));
+        let applied = self.health.state_applied().clone();
+        applied.store(resume.after, Ordering::SeqCst);
         ready.serving();
         let projection = project::run(
             js.clone(),
@@ -177,10 +205,6 @@ impl State {
                 };
                 backfill.run().await?;
             }
-            let (_, acked) = self.health.acked_position();
-            let applied = applied.load(Ordering::SeqCst);
-            let lag = acked.saturating_sub(applied);
-            metrics::gauge!(m::STATE_LAG_EVENTS).set(lag as f64);
             tokio::time::sleep(MARKER_POLL).await;
         }
     }

@@ -1,6 +1,7 @@
 //! Readiness and liveness state: what `/readyz` and the supervisor read,
 //! written by the pipeline and the checkpointer.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,6 +22,10 @@ pub struct Health {
     acked_stream_seq: AtomicU64,
     /// The stream sequence the last durable checkpoint counts up to.
     checkpointed_stream_seq: AtomicU64,
+    /// The state bucket has applied the stream up to here: written by its
+    /// service, which restarts on its own thread; read for the lag gauge
+    /// also while that thread is down (`state::report_lag`).
+    state_applied: Arc<AtomicU64>,
 }
 
 impl Health {
@@ -59,6 +64,11 @@ impl Health {
         self.acked_stream_seq
             .fetch_max(stream_seq.0, Ordering::SeqCst);
         self.acked_lsn.fetch_max(lsn.0, Ordering::SeqCst);
+    }
+
+    /// The state bucket's applied stream position, shared with its writer.
+    pub fn state_applied(&self) -> &Arc<AtomicU64> {
+        &self.state_applied
     }
 
     /// `(lsn, stream_seq)` as set by [`Health::acked`]: the stream sequence
