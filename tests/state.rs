@@ -419,7 +419,8 @@ async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
 /// starts again and again on its thread while the stream goes on, and
 /// `walcast_state_lag_events` counts the events it has not applied — the
 /// gauge an operator's alert watches (it used to stay unset, or frozen at
-/// its last value, while the service was down).
+/// its last value, while the service was down); after a restart it counts
+/// from the position saved in Postgres.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lag_gauge_counts_while_the_state_cannot_run() {
     use crate::support::edge::{start_walcast, wait_metric};
@@ -460,5 +461,28 @@ async fn the_lag_gauge_counts_while_the_state_cannot_run() {
     walcast
         .wait_log("is incompatible", Duration::from_secs(10))
         .await;
+    walcast.stop(Duration::from_secs(15)).await;
+
+    // A new process counts from the position saved in Postgres until its
+    // state service has read its own (here: never), not from 0, which
+    // reported the whole stream as lag.
+    client
+        .execute("UPDATE walcast.checkpoints SET state_applied = 15", &[])
+        .await
+        .expect("a saved state position");
+    let (mut walcast, addr) = start_walcast(&env, dir.path(), "walcast-2", &[]);
+    let lag = wait_metric(
+        &addr,
+        "walcast_state_lag_events",
+        5.0,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        lag,
+        Some(5.0),
+        "lag gauge after a restart, 15 of 20 applied as saved\n{}",
+        walcast.log_tail(20)
+    );
     walcast.stop(Duration::from_secs(15)).await;
 }

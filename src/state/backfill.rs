@@ -10,7 +10,7 @@
 //! to what the projection has applied — its `Walcast-Seq: 0` is true.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_nats::jetstream;
@@ -51,9 +51,8 @@ pub struct Backfill<'a> {
     pub store: &'a async_nats::jetstream::kv::Store,
     /// Where oversized rows are stored aside (the state's own object store).
     pub objects: &'a super::objects::Objects,
+    /// Also holds the projection's position (every stream message up to it applied).
     pub health: &'a Health,
-    /// The projection's position (every stream message up to it applied).
-    pub applied: &'a Arc<AtomicU64>,
 }
 
 impl Backfill<'_> {
@@ -99,7 +98,7 @@ impl Backfill<'_> {
     }
 
     fn applied(&self) -> u64 {
-        self.applied.load(Ordering::SeqCst)
+        self.health.state_applied().load(Ordering::SeqCst)
     }
 
     /// A commit after the snapshot's LSN, so the pipeline's acknowledged

@@ -22,7 +22,7 @@ mod recent;
 mod writer;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -76,7 +76,11 @@ pub fn start(
         health: health.clone(),
     };
     let thread = service_thread::start_restarting(settings, service)?;
-    let lag = tokio::spawn(report_lag(health.clone()));
+    let lag = tokio::spawn(report_lag(
+        health.clone(),
+        db.clone(),
+        settings.slot.clone(),
+    ));
     Ok(Some(StateService { thread, lag }))
 }
 
@@ -87,15 +91,24 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 /// not yet applied to the bucket) from the pipeline's runtime, not from the
 /// state's thread: while that thread is down (restarting after a dropped
 /// connection, a bucket it cannot use), which is when an alert on the lag
-/// matters, the gauge keeps counting.
-async fn report_lag(health: Arc<Health>) {
+/// matters, the gauge keeps counting. Until the service has read where it
+/// resumes, the lag counts from the position last saved in Postgres (a
+/// little behind, never ahead), not from 0: a fresh process would otherwise
+/// report the whole stream for its first second.
+async fn report_lag(health: Arc<Health>, db: Database, slot: String) {
+    let applied = health.state_applied();
+    if applied.load(Ordering::SeqCst) == 0 {
+        if let Ok(saved) = durable::load(&db, &slot).await {
+            // Only if the service has not stored its own position meanwhile.
+            let _ = applied.compare_exchange(0, saved, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
     let gauge = metrics::gauge!(m::STATE_LAG_EVENTS);
     let mut tick = tokio::time::interval(LAG_EVERY);
     loop {
         tick.tick().await;
         let (_, acked) = health.acked_position();
-        let applied = health.state_applied().load(Ordering::SeqCst);
-        gauge.set(acked.saturating_sub(applied) as f64);
+        gauge.set(acked.saturating_sub(applied.load(Ordering::SeqCst)) as f64);
     }
 }
 
@@ -140,7 +153,7 @@ impl Service for State {
             resume,
             applied.clone(),
         );
-        let backfills = self.keep_backfilled(&js, (&bucket, &objects), &applied);
+        let backfills = self.keep_backfilled(&js, (&bucket, &objects));
         let horizon = loss_horizon(&self.settings);
         let saving = durable::keep_saving(&self.db, &self.settings.slot, horizon);
         tokio::select! {
@@ -189,7 +202,6 @@ impl State {
         &self,
         js: &jetstream::Context,
         (bucket, objects): (&bucket::Bucket, &objects::Objects),
-        applied: &Arc<AtomicU64>,
     ) -> Result<(), String> {
         loop {
             let marker = bucket::marker(&bucket.store).await?;
@@ -201,7 +213,6 @@ impl State {
                     store: &bucket.store,
                     objects,
                     health: &self.health,
-                    applied,
                 };
                 backfill.run().await?;
             }
