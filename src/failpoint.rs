@@ -8,12 +8,26 @@
 //! the publisher), `after_publish` (a publish was sent, its ack not yet
 //! read), `after_ack` (an ack was read, not yet checkpointed),
 //! `after_checkpoint` (checkpoint committed, LSN not yet confirmed).
+//!
+//! `WALCAST_HOLD_AT=<name>:<file>` makes a task wait at the point `<name>`
+//! while `<file>` exists, so a test can look at the process mid-way and
+//! then let it go on. Point: `index_load` (a restart's catch-up index
+//! load, once answers may use the saved segments, before it reads them).
 
 /// Aborts the process here if `WALCAST_CRASH_AT` names this point and hit count.
 #[inline(always)]
 pub fn crash_point(name: &str) {
     #[cfg(feature = "failpoints")]
     imp::hit(name);
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
+/// Waits here while the file `WALCAST_HOLD_AT` names for this point exists.
+#[inline(always)]
+pub async fn hold_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    imp::hold(name).await;
     #[cfg(not(feature = "failpoints"))]
     let _ = name;
 }
@@ -38,6 +52,20 @@ mod imp {
         {
             eprintln!("walcast: crash point {name} reached (hit {n}), aborting");
             std::process::abort();
+        }
+    }
+
+    pub async fn hold(name: &str) {
+        let Some(file) = std::env::var("WALCAST_HOLD_AT").ok().and_then(|spec| {
+            Some(spec.split_once(':')?)
+                .filter(|(p, _)| *p == name)
+                .map(|(_, f)| f.to_string())
+        }) else {
+            return;
+        };
+        eprintln!("walcast: holding at {name} while {file} exists");
+        while std::path::Path::new(&file).exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 }

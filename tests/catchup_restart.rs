@@ -154,6 +154,60 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
     eprintln!("[catch-up restart] {checked} answers exact from saved positions; {loaded:?}");
 }
 
+/// While a restart loads the saved positions (held here mid-way), answers
+/// find their events in the saved segments instead of searching the
+/// stream, and are exact; after the load the index answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_use_the_saved_segments_while_they_load() {
+    use crate::support::edge::{http_get, metric, start_walcast};
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let dir = TempDir::new("catchup-loading").unwrap();
+    let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &[]);
+    let mut workload = Workload::new(Workload::seed(), 4);
+    // Idle past a cut after each round: several segments to choose from.
+    for _ in 0..4 {
+        workload.run(&mut client, 150).await;
+        env.wait_caught_up(&client, Duration::from_secs(60)).await;
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    walcast.stop(Duration::from_secs(20)).await;
+    let (segments, _) = saved_positions(&client).await;
+    assert!(segments >= 4, "{segments} segments");
+
+    workload.run(&mut client, 50).await;
+    let hold = dir.path().join("hold-index-load");
+    std::fs::write(&hold, b"").unwrap();
+    let hold_at = format!("index_load:{}", hold.display());
+    let (mut walcast, addr) =
+        start_walcast(&env, dir.path(), "second", &[("WALCAST_HOLD_AT", &hold_at)]);
+    walcast
+        .wait_log(
+            "catch-up answers use the saved segments while they load",
+            Duration::from_secs(60),
+        )
+        .await;
+    env.wait_caught_up(&client, Duration::from_secs(60)).await;
+    let checked = answers_are_exact(&env).await;
+    assert!(!walcast.log().contains(LOADED), "the load was held");
+    let from_saved = http_get(&addr, "/metrics")
+        .await
+        .and_then(|(_, body)| metric(&body, "walcast_catchup_answers_from_saved_total"));
+    assert!(
+        from_saved.is_some_and(|n| n >= (checked / 2) as f64),
+        "{from_saved:?} of {checked} answers from the saved segments\n{}",
+        walcast.log_tail(20)
+    );
+
+    std::fs::remove_file(&hold).unwrap();
+    walcast.wait_log(LOADED, Duration::from_secs(60)).await;
+    answers_are_exact(&env).await;
+    walcast.stop(Duration::from_secs(20)).await;
+    eprintln!(
+        "[catch-up restart] {from_saved:?} of {checked} answers from saved segments while loading"
+    );
+}
+
 /// Appends `v` as a LEB128 varint (the segment encoding).
 fn varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {

@@ -22,6 +22,7 @@ mod exact;
 pub mod index;
 mod info;
 mod journal;
+mod loading;
 pub mod lookup;
 mod rebuild;
 pub mod saved;
@@ -84,6 +85,7 @@ struct Ctx {
     stream_name: String,
     prefix: String,
     index: Index,
+    loading: loading::Shared,
 }
 
 /// Registers the service on its own thread and connection (see
@@ -99,15 +101,17 @@ pub async fn start(
     saved: Option<Place>,
     loaded: tokio::sync::oneshot::Sender<()>,
 ) -> Result<CatchupService, ServiceError> {
+    let loading = loading::Shared::default();
     let service = Catchup {
         stream_name: settings.stream.clone(),
         prefix: settings.subject_prefix.clone(),
         index: index.clone(),
+        loading: loading.clone(),
     };
     let thread = service_thread::start(settings, service).await?;
     let rebuild = match rebuild_through {
         StreamSeq(0) => None,
-        through => rebuild::spawn(settings.clone(), index, through, saved, loaded)
+        through => rebuild::spawn(settings.clone(), index, through, saved, loaded, loading)
             .inspect_err(|e| tracing::warn!(error = %e, "catch-up answers search the stream instead (correct, slower)"))
             .ok(),
     };
@@ -123,6 +127,8 @@ struct Catchup {
     prefix: String,
     /// Written by the publisher on the pipeline's thread, read here.
     index: Index,
+    /// The saved segments while a restart loads them.
+    loading: loading::Shared,
 }
 
 impl Service for Catchup {
@@ -164,6 +170,7 @@ impl Service for Catchup {
             stream_name: self.stream_name,
             prefix: self.prefix,
             index: self.index,
+            loading: self.loading,
         });
         let permits = Arc::new(Semaphore::new(CONCURRENCY));
         while let Some(request) = endpoint.next().await {
@@ -266,7 +273,10 @@ async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<An
     for _ in 0..20 {
         let target = TenantSeq(request.after_seq.saturating_add(1));
         answer = match stream_state(ctx, &request.tenant_id, target).await {
-            Ok((state, known)) => {
+            Ok((state, mut known)) => {
+                if let Some(known) = known.as_mut() {
+                    find_saved(ctx, &request.tenant_id, target, known).await;
+                }
                 lookup::answer(&probe, known.as_ref(), TenantSeq(request.after_seq), state).await
             }
             Err(e) => Err(e),
@@ -277,6 +287,19 @@ async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<An
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     answer
+}
+
+/// While a restart loads the saved segments, an event the index does not
+/// know exactly yet may be found in them (`loading`): faster than
+/// searching the stream.
+async fn find_saved(ctx: &Ctx, tenant: &str, target: TenantSeq, known: &mut index::Known) {
+    if known.exact.is_some() || target > known.last_seq {
+        return;
+    }
+    if let Some(loading) = ctx.loading.current() {
+        let last = (known.last_stream_seq, known.last_seq);
+        known.exact = loading.find(tenant, target, last).await;
+    }
 }
 
 /// The reply's body and, for an error, its status code and name.

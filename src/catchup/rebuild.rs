@@ -33,6 +33,7 @@ use futures::StreamExt;
 use tokio::sync::oneshot;
 
 use super::index::{Index, MAX_EXACT_BYTES, Rebuilt};
+use super::loading::{self, Loading};
 use super::saved::{self, Loaded, Part, Place};
 use super::segment;
 use crate::config::Settings;
@@ -67,6 +68,7 @@ pub fn spawn(
     through: StreamSeq,
     saved: Option<Place>,
     loaded: oneshot::Sender<()>,
+    loading: loading::Shared,
 ) -> Result<Rebuild, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
@@ -98,7 +100,7 @@ pub fn spawn(
                 let through = StreamSeq(through.0.min(state.last_sequence));
                 let first_seq = StreamSeq(state.first_sequence.max(1));
                 let loaded_from = match saved {
-                    Some(place) => load(&client, &stream, &index, &place, first_seq, through, &stopped)
+                    Some(place) => load(&client, &stream, (&index, &loading), &place, (first_seq, through), &stopped)
                         .await
                         .unwrap_or_else(|e| {
                             tracing::warn!("{e}");
@@ -132,10 +134,9 @@ pub fn spawn(
 async fn load(
     client: &async_nats::Client,
     stream: &Stream,
-    index: &Index,
+    (index, loading): (&Index, &loading::Shared),
     place: &Place,
-    first_seq: StreamSeq,
-    through: StreamSeq,
+    (first_seq, through): (StreamSeq, StreamSeq),
     stop: &AtomicBool,
 ) -> Result<Option<StreamSeq>, String> {
     let mut g = Gathered {
@@ -164,6 +165,12 @@ async fn load(
         );
         return Ok(None);
     }
+    // Answers may use the segments while they load, once their ends agree
+    // with the stream; withdrawn when this returns.
+    let _published = publish(stream, &db, Loading::new(place.clone(), &plan, first_seq))
+        .await
+        .map(|l| loading.publish(l));
+    crate::failpoint::hold_point("index_load").await;
     for part in &plan.parts {
         match *part {
             Part::Saved { first, last } => {
@@ -277,6 +284,33 @@ async fn trusted(
         }
     }
     true
+}
+
+/// `loading`, if the oldest and newest position it holds are in the stream
+/// as it says (else the load's own check will refuse the segments too).
+async fn publish(
+    stream: &Stream,
+    db: &tokio_postgres::Client,
+    loading: Loading,
+) -> Option<Loading> {
+    let ends = match loading.ends(db).await {
+        Ok(ends) => ends,
+        Err(e) => {
+            tracing::debug!(error = %e, "catch-up answers search the stream until the index is loaded");
+            return None;
+        }
+    };
+    for (tenant, seq, at) in &ends {
+        if let Err(why) = check(stream, tenant, *seq, *at).await {
+            tracing::debug!(
+                why,
+                "catch-up answers search the stream until the index is loaded"
+            );
+            return None;
+        }
+    }
+    tracing::info!("catch-up answers use the saved segments while they load");
+    Some(loading)
 }
 
 /// The load's figures, in the log and in metrics.

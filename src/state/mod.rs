@@ -97,11 +97,11 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 /// report the whole stream for its first second.
 async fn report_lag(health: Arc<Health>, db: Database, slot: String) {
     let applied = health.state_applied();
-    if applied.load(Ordering::SeqCst) == 0 {
-        if let Ok(saved) = durable::load(&db, &slot).await {
-            // Only if the service has not stored its own position meanwhile.
-            let _ = applied.compare_exchange(0, saved, Ordering::SeqCst, Ordering::SeqCst);
-        }
+    if applied.load(Ordering::SeqCst) == 0
+        && let Ok(saved) = durable::load(&db, &slot).await
+    {
+        // Only if the service has not stored its own position meanwhile.
+        let _ = applied.compare_exchange(0, saved, Ordering::SeqCst, Ordering::SeqCst);
     }
     let gauge = metrics::gauge!(m::STATE_LAG_EVENTS);
     let mut tick = tokio::time::interval(LAG_EVERY);

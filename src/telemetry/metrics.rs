@@ -29,6 +29,7 @@ pub const CATCHUP_INDEX_BYTES: &str = "walcast_catchup_index_bytes";
 pub const CATCHUP_INDEX_LOADED_POSITIONS: &str = "walcast_catchup_index_loaded_positions";
 pub const CATCHUP_INDEX_READ_BACK_MESSAGES: &str = "walcast_catchup_index_read_back_messages";
 pub const CATCHUP_INDEX_LOAD_SECONDS: &str = "walcast_catchup_index_load_seconds";
+pub const CATCHUP_ANSWERS_FROM_SAVED: &str = "walcast_catchup_answers_from_saved_total";
 pub const CATCHUP_SEGMENTS_SAVED: &str = "walcast_catchup_segments_saved_total";
 pub const CATCHUP_SEGMENTS_DROPPED: &str = "walcast_catchup_segments_dropped_total";
 pub const UP: &str = "walcast_up";
@@ -163,6 +164,10 @@ fn describe_catchup() {
         CATCHUP_INDEX_LOAD_SECONDS,
         Unit::Seconds,
         "Time this run took to load the catch-up index from saved segments"
+    );
+    describe_counter!(
+        CATCHUP_ANSWERS_FROM_SAVED,
+        "Catch-up answers found in the saved segments while a restart was loading them"
     );
     describe_counter!(
         CATCHUP_SEGMENTS_SAVED,
