@@ -1531,6 +1531,8 @@ def scenario_catchup(ctx):
     r["ready_seconds_from_start"] = round(time.monotonic() - started, 2)
     # Until the index is loaded (or read back from the stream), answers search the stream.
     r["during_rebuild"] = measure("after a restart, while the index is loaded", max(50, a.catchup_requests // 5))
+    # Of those, answered from the saved segments while they loaded (the rest: from the stream or the index).
+    r["during_rebuild"]["answers_from_saved"] = int(wc.metrics().get("walcast_catchup_answers_from_saved_total", 0))
     watcher.join(timeout=1800)
     if "rebuilt" not in seen:
         raise RuntimeError(f"walcast did not rebuild its catch-up index; see {wc.logpath}")

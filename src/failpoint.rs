@@ -11,8 +11,9 @@
 //!
 //! `WALCAST_HOLD_AT=<name>:<file>` makes a task wait at the point `<name>`
 //! while `<file>` exists, so a test can look at the process mid-way and
-//! then let it go on. Point: `index_load` (a restart's catch-up index
-//! load, once answers may use the saved segments, before it reads them).
+//! then let it go on. Points: `index_trust` (a restart's catch-up index
+//! load, its saved segments published to answers, not yet checked against
+//! the stream) and `index_load` (checked, before the load reads them).
 
 /// Aborts the process here if `WALCAST_CRASH_AT` names this point and hit count.
 #[inline(always)]

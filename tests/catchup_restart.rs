@@ -156,7 +156,8 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
 
 /// While a restart loads the saved positions (held here mid-way), answers
 /// find their events in the saved segments instead of searching the
-/// stream, and are exact; after the load the index answers.
+/// stream, and are exact, also before the segments' ends are checked
+/// (each answer read back); after the load the index answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_use_the_saved_segments_while_they_load() {
     use crate::support::edge::{http_get, metric, start_walcast};
@@ -203,8 +204,31 @@ async fn answers_use_the_saved_segments_while_they_load() {
     walcast.wait_log(LOADED, Duration::from_secs(60)).await;
     answers_are_exact(&env).await;
     walcast.stop(Duration::from_secs(20)).await;
+
+    // Before the segments' ends are checked, each answer found in them is
+    // read back from the stream first: still exact.
+    std::fs::write(&hold, b"").unwrap();
+    let hold_at = format!("index_trust:{}", hold.display());
+    let (mut walcast, addr) =
+        start_walcast(&env, dir.path(), "third", &[("WALCAST_HOLD_AT", &hold_at)]);
+    walcast
+        .wait_log("holding at index_trust", Duration::from_secs(60))
+        .await;
+    let unchecked = answers_are_exact(&env).await;
+    let from_unchecked = http_get(&addr, "/metrics")
+        .await
+        .and_then(|(_, body)| metric(&body, "walcast_catchup_answers_from_saved_total"));
+    assert!(
+        from_unchecked.is_some_and(|n| n >= (unchecked / 2) as f64),
+        "{from_unchecked:?} of {unchecked} answers from unchecked segments\n{}",
+        walcast.log_tail(20)
+    );
+    assert!(!walcast.log().contains(LOADED), "the load was held");
+    std::fs::remove_file(&hold).unwrap();
+    walcast.wait_log(LOADED, Duration::from_secs(60)).await;
+    walcast.stop(Duration::from_secs(20)).await;
     eprintln!(
-        "[catch-up restart] {from_saved:?} of {checked} answers from saved segments while loading"
+        "[catch-up restart] {from_saved:?} of {checked} answers from saved segments while loading, {from_unchecked:?} of {unchecked} before their check"
     );
 }
 
@@ -275,22 +299,38 @@ async fn a_segment_that_disagrees_with_the_stream_is_never_used() {
         .await
         .unwrap();
 
-    let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &[]);
-    walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
-    // Answered right: `tenant` after `seq - 1` starts at its real position,
-    // not at the stream's last message; the stream was read back instead.
-    let nats = async_nats::connect(env.nats.url()).await.unwrap();
-    let (code, reply) = ask(
-        &nats,
-        &format!(r#"{{"tenant_id":"{tenant}","after_seq":{}}}"#, seq - 1),
-    )
-    .await;
-    assert_eq!(code, None, "{reply}");
-    assert_eq!(
-        reply["start_stream_seq"].as_u64(),
-        Some(victim.stream_seq),
-        "{reply}"
+    // Held while the segment is published to answers, not yet checked.
+    let hold = dir.path().join("hold-index-trust");
+    std::fs::write(&hold, b"").unwrap();
+    let hold_at = format!("index_trust:{}", hold.display());
+    let mut walcast = Walcast::start(
+        "second",
+        dir.path(),
+        &env.env_vars(),
+        &[("WALCAST_HOLD_AT", &hold_at)],
     );
+    walcast
+        .wait_log("holding at index_trust", Duration::from_secs(60))
+        .await;
+    // Answered right, before and after the check: `tenant` after `seq - 1`
+    // starts at its real position, not at the stream's last message (the
+    // answer found in the segment is read back and refused; then the
+    // segments are refused whole and the stream read back instead).
+    let nats = async_nats::connect(env.nats.url()).await.unwrap();
+    let question = format!(r#"{{"tenant_id":"{tenant}","after_seq":{}}}"#, seq - 1);
+    for held in [true, false] {
+        if !held {
+            std::fs::remove_file(&hold).unwrap();
+            walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
+        }
+        let (code, reply) = ask(&nats, &question).await;
+        assert_eq!(code, None, "held {held}: {reply}");
+        assert_eq!(
+            reply["start_stream_seq"].as_u64(),
+            Some(victim.stream_seq),
+            "held {held}: {reply}"
+        );
+    }
     let warns = walcast.warn_lines().join("\n");
     assert!(
         warns.contains("saved catch-up positions disagree with the stream"),

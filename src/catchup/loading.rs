@@ -17,6 +17,7 @@
 //! stream as before.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::OnceCell;
@@ -42,12 +43,21 @@ impl Shared {
     }
 
     /// Lets answers use `loading` until the returned guard is dropped (the
-    /// load merged its positions into the index, or gave up).
-    pub fn publish(&self, loading: Loading) -> Published {
+    /// load merged its positions into the index, or gave up). Until
+    /// [`Loading::trust`], each answer found in it is read back first.
+    pub fn publish(&self, loading: Loading) -> (Arc<Loading>, Published) {
+        let loading = Arc::new(loading);
         if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(Arc::new(loading));
+            *slot = Some(loading.clone());
         }
-        Published(self.clone())
+        (loading, Published(self.clone()))
+    }
+
+    /// Answers stop using the published segments.
+    pub fn withdraw(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = None;
+        }
     }
 }
 
@@ -56,9 +66,7 @@ pub struct Published(Shared);
 
 impl Drop for Published {
     fn drop(&mut self) {
-        if let Ok(mut slot) = self.0.0.lock() {
-            *slot = None;
-        }
+        self.0.withdraw();
     }
 }
 
@@ -75,6 +83,8 @@ struct Range {
 pub struct Loading {
     place: Place,
     ranges: Vec<Range>,
+    /// The saved range's ends were checked against the stream.
+    trusted: AtomicBool,
     /// The service's own connection, opened on its runtime at first use and
     /// closed with the last answer after the load ends.
     client: OnceCell<Client>,
@@ -112,6 +122,7 @@ impl Loading {
         Loading {
             place,
             ranges,
+            trusted: AtomicBool::new(false),
             client: OnceCell::new(),
         }
     }
@@ -145,6 +156,17 @@ impl Loading {
             [Some(oldest), Some(newest)] => Ok([oldest, newest]),
             _ => Err("a saved segment holds no position in its range".into()),
         }
+    }
+
+    /// The saved range's ends agree with the stream: positions found here
+    /// are as good as the index's.
+    pub fn trust(&self) {
+        self.trusted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Loading::trust`] was called.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted.load(Ordering::SeqCst)
     }
 
     /// The stream position of `tenant`'s event `target`, if the saved

@@ -291,14 +291,25 @@ async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<An
 
 /// While a restart loads the saved segments, an event the index does not
 /// know exactly yet may be found in them (`loading`): faster than
-/// searching the stream.
+/// searching the stream, even when the position must be read back.
 async fn find_saved(ctx: &Ctx, tenant: &str, target: TenantSeq, known: &mut index::Known) {
     if known.exact.is_some() || target > known.last_seq {
         return;
     }
-    if let Some(loading) = ctx.loading.current() {
-        let last = (known.last_stream_seq, known.last_seq);
-        known.exact = loading.find(tenant, target, last).await;
+    let Some(loading) = ctx.loading.current() else {
+        return;
+    };
+    let last = (known.last_stream_seq, known.last_seq);
+    let Some(at) = loading.find(tenant, target, last).await else {
+        return;
+    };
+    // Until the segments' ends are checked, this answer is read back.
+    if loading.is_trusted()
+        || rebuild::check(&ctx.stream, tenant, target, at)
+            .await
+            .is_ok()
+    {
+        known.exact = Some(at);
     }
 }
 

@@ -165,11 +165,16 @@ async fn load(
         );
         return Ok(None);
     }
-    // Answers may use the segments while they load, once their ends agree
-    // with the stream; withdrawn when this returns.
-    let _published = publish(stream, &db, Loading::new(place.clone(), &plan, first_seq))
-        .await
-        .map(|l| loading.publish(l));
+    // Answers may use the segments while they load (each read back until
+    // the segments' ends agree with the stream); withdrawn when this returns.
+    let (published, _withdrawn_on_return) =
+        loading.publish(Loading::new(place.clone(), &plan, first_seq));
+    crate::failpoint::hold_point("index_trust").await;
+    if trust(stream, &db, &published).await {
+        published.trust();
+    } else {
+        loading.withdraw();
+    }
     crate::failpoint::hold_point("index_load").await;
     for part in &plan.parts {
         match *part {
@@ -286,18 +291,14 @@ async fn trusted(
     true
 }
 
-/// `loading`, if the oldest and newest position it holds are in the stream
-/// as it says (else the load's own check will refuse the segments too).
-async fn publish(
-    stream: &Stream,
-    db: &tokio_postgres::Client,
-    loading: Loading,
-) -> Option<Loading> {
+/// Whether the oldest and newest position `loading` holds are in the
+/// stream as it says (if not, the load's own check refuses them too).
+async fn trust(stream: &Stream, db: &tokio_postgres::Client, loading: &Loading) -> bool {
     let ends = match loading.ends(db).await {
         Ok(ends) => ends,
         Err(e) => {
             tracing::debug!(error = %e, "catch-up answers search the stream until the index is loaded");
-            return None;
+            return false;
         }
     };
     for (tenant, seq, at) in &ends {
@@ -306,11 +307,11 @@ async fn publish(
                 why,
                 "catch-up answers search the stream until the index is loaded"
             );
-            return None;
+            return false;
         }
     }
     tracing::info!("catch-up answers use the saved segments while they load");
-    Some(loading)
+    true
 }
 
 /// The load's figures, in the log and in metrics.
@@ -341,7 +342,12 @@ fn unusable(e: crate::database::DbError) -> String {
 }
 
 /// Whether the stream holds the tenant's event `seq` at `at`.
-async fn check(stream: &Stream, tenant: &str, seq: TenantSeq, at: StreamSeq) -> Result<(), String> {
+pub(super) async fn check(
+    stream: &Stream,
+    tenant: &str,
+    seq: TenantSeq,
+    at: StreamSeq,
+) -> Result<(), String> {
     let msg = stream
         .direct_get(at.0)
         .await
