@@ -23,13 +23,20 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::OnceCell;
 use tokio_postgres::Client;
 
-use super::saved::{self, Part, Place, Plan};
+use super::saved::{self, Listed, Part, Place, Plan};
 use super::segment;
 use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::metrics as m;
 
-/// Segments read for one answer at most; then the stream is searched.
+/// Reads for one answer at most; then the stream is searched.
 const MAX_PROBES: usize = 12;
+
+/// Adjacent segments smaller than this are read together: a drain writes
+/// segments of 65,536 positions (~130 KB), a quiet stream one a second of
+/// a few KB, where a tenant with a small share of the traffic is often
+/// absent from any single one (and an absent tenant says nothing about
+/// which way its event lies).
+const GROUP_BYTES: u64 = 64 * 1024;
 
 /// The loading segments, while there are any; shared by the load and the
 /// catch-up service.
@@ -79,10 +86,19 @@ struct Range {
     last: StreamSeq,
 }
 
+/// Adjacent ranges read together, `from..=last` in all.
+#[derive(Debug, Clone)]
+struct Group {
+    from: StreamSeq,
+    last: StreamSeq,
+    ranges: Vec<Range>,
+}
+
 /// The saved segments a load is reading.
 pub struct Loading {
     place: Place,
     ranges: Vec<Range>,
+    groups: Vec<Group>,
     /// The saved range's ends were checked against the stream.
     trusted: AtomicBool,
     /// The service's own connection, opened on its runtime at first use and
@@ -105,9 +121,10 @@ enum Seen {
 }
 
 impl Loading {
-    /// The saved parts of `plan` (positions from `first_seq` on).
-    pub fn new(place: Place, plan: &Plan, first_seq: StreamSeq) -> Self {
-        let ranges = plan
+    /// The saved parts of `plan` (positions from `first_seq` on); `listed`
+    /// gives their sizes.
+    pub fn new(place: Place, plan: &Plan, listed: &[Listed], first_seq: StreamSeq) -> Self {
+        let ranges: Vec<Range> = plan
             .parts
             .iter()
             .filter_map(|part| match *part {
@@ -119,8 +136,15 @@ impl Loading {
                 Part::ReadBack { .. } => None,
             })
             .collect();
+        let bytes = |key| {
+            listed
+                .iter()
+                .find(|l| l.first == key)
+                .map_or(GROUP_BYTES, |l| l.bytes)
+        };
         Loading {
             place,
+            groups: group(&ranges, bytes),
             ranges,
             trusted: AtomicBool::new(false),
             client: OnceCell::new(),
@@ -178,47 +202,79 @@ impl Loading {
         target: TenantSeq,
         last: (StreamSeq, TenantSeq),
     ) -> Option<StreamSeq> {
-        let probe = |range| self.probe(range, tenant, target);
-        let found = search(&self.ranges, target, last, probe).await;
+        let probe = |group| self.probe(group, tenant, target);
+        let found = search(&self.groups, target, last, probe).await;
         if found.is_some() {
             metrics::counter!(m::CATCHUP_ANSWERS_FROM_SAVED).increment(1);
         }
         found
     }
 
-    /// Reads one range's segment and looks for the event in it.
-    async fn probe(&self, range: Range, tenant: &str, target: TenantSeq) -> Seen {
+    /// Reads one group's segments and looks for the event in them.
+    async fn probe(&self, group: &Group, tenant: &str, target: TenantSeq) -> Seen {
         let client = self
             .client
             .get_or_try_init(|| async { self.place.db.connect().await })
             .await;
-        let data = match client {
-            Ok(c) => saved::fetch(c, &self.place, range.key).await,
+        let keys: Vec<StreamSeq> = group.ranges.iter().map(|r| r.key).collect();
+        let read = match client {
+            Ok(c) => saved::fetch_many(c, &self.place, &keys).await,
             Err(e) => Err(e),
         };
-        let data = match data {
-            Ok(data) => data,
+        let segments = match read {
+            Ok(segments) => segments,
             Err(e) => {
-                tracing::debug!(error = %e, "a saved catch-up segment could not be read: searching the stream");
+                tracing::debug!(error = %e, "saved catch-up segments could not be read: searching the stream");
                 return Seen::Unknown;
             }
         };
-        look(&data, range, tenant, target)
+        // A segment deleted meanwhile is simply not looked at: the answer
+        // then searches the stream.
+        let found = segments.iter().filter_map(|(key, data)| {
+            let range = group.ranges.iter().find(|r| r.key == *key)?;
+            Some((*range, data.as_slice()))
+        });
+        look(found, tenant, target)
     }
 }
 
-/// Where the tenant's event `target` is, reading `ranges` with `probe`
+/// Consecutive `ranges` gathered into groups of at least [`GROUP_BYTES`]
+/// (by `bytes`, each range's segment size), or what is left at the end.
+fn group(ranges: &[Range], bytes: impl Fn(StreamSeq) -> u64) -> Vec<Group> {
+    let mut groups: Vec<Group> = Vec::new();
+    let mut size = 0; // of the last group
+    for range in ranges {
+        match groups.last_mut() {
+            Some(g) if size < GROUP_BYTES => {
+                g.ranges.push(*range);
+                g.last = range.last;
+                size += bytes(range.key);
+            }
+            _ => {
+                groups.push(Group {
+                    from: range.from,
+                    last: range.last,
+                    ranges: vec![*range],
+                });
+                size = bytes(range.key);
+            }
+        }
+    }
+    groups
+}
+
+/// Where the tenant's event `target` is, reading `groups` with `probe`
 /// (see [`Loading::find`]).
-async fn search<F: Future<Output = Seen>>(
-    ranges: &[Range],
+async fn search<'g, F: Future<Output = Seen>>(
+    groups: &'g [Group],
     target: TenantSeq,
     last: (StreamSeq, TenantSeq),
-    probe: impl Fn(Range) -> F,
+    probe: impl Fn(&'g Group) -> F,
 ) -> Option<StreamSeq> {
-    // Candidates: ranges[lo..hi]. `below`: a position of the tenant
+    // Candidates: groups[lo..hi]. `below`: a position of the tenant
     // before the event; `above`: one at or after it.
-    let (mut lo, mut hi) = (0, ranges.len());
-    let end = ranges.last()?.last;
+    let (mut lo, mut hi) = (0, groups.len());
+    let end = groups.last()?.last;
     // A tenant with no event in this run yet: its last is at most
     // where the saved positions end.
     let above = if last.0 == StreamSeq(0) {
@@ -228,7 +284,7 @@ async fn search<F: Future<Output = Seen>>(
     };
     // Until a probe shows one, the tenant's events are taken to start
     // where the saved positions do.
-    let mut below = (ranges[0].from, TenantSeq(0));
+    let mut below = (groups[0].from, TenantSeq(0));
     let mut above = above;
     // Probes in a row that did not halve the candidates: then bisect.
     let mut stalls = 0;
@@ -240,9 +296,9 @@ async fn search<F: Future<Output = Seen>>(
         let i = if stalls >= 2 {
             lo + width / 2
         } else {
-            pick(ranges, lo, hi, below, above, target)
+            pick(groups, lo, hi, below, above, target)
         };
-        match probe(ranges[i]).await {
+        match probe(&groups[i]).await {
             Seen::At(at) => return Some(at),
             Seen::Before(newest) => {
                 below = newest;
@@ -259,12 +315,12 @@ async fn search<F: Future<Output = Seen>>(
     None
 }
 
-/// The candidate range to read next: where the event should be,
+/// The candidate group to read next: where the event should be,
 /// interpolated between a position of the tenant below it and one above
 /// (a tenant's events are spread fairly evenly over the stream); the
 /// middle when those say nothing.
 fn pick(
-    ranges: &[Range],
+    groups: &[Group],
     lo: usize,
     hi: usize,
     (q1, s1): (StreamSeq, TenantSeq),
@@ -276,26 +332,36 @@ fn pick(
     }
     let share = (target.0 - s1.0) as f64 / (s2.0 - s1.0) as f64;
     let at = q1.0 + ((q2.0 - q1.0) as f64 * share.min(1.0)) as u64;
-    let i = ranges.partition_point(|r| r.from.0 <= at).saturating_sub(1);
+    let i = groups.partition_point(|g| g.from.0 <= at).saturating_sub(1);
     i.clamp(lo, hi - 1)
 }
 
-/// What segment `data` says about `tenant`'s event `target` within `range`.
-fn look(data: &[u8], range: Range, tenant: &str, target: TenantSeq) -> Seen {
+/// What `segments` (in stream order, each with its range) say about
+/// `tenant`'s event `target`.
+fn look<'a>(
+    segments: impl IntoIterator<Item = (Range, &'a [u8])>,
+    tenant: &str,
+    target: TenantSeq,
+) -> Seen {
     let (mut oldest, mut newest, mut at) = (None, None, None);
-    let decoded = segment::decode(data, |t, seq, q| {
-        if t == tenant && range.from <= q && q <= range.last {
-            oldest = oldest.or(Some((q, seq)));
-            newest = Some((q, seq));
-            if seq == target {
-                at = Some(q);
+    for (range, data) in segments {
+        let decoded = segment::decode(data, |t, seq, q| {
+            if t == tenant && range.from <= q && q <= range.last {
+                oldest = oldest.or(Some((q, seq)));
+                newest = Some((q, seq));
+                if seq == target {
+                    at = Some(q);
+                }
             }
+        });
+        if decoded.is_err() {
+            return Seen::Unknown;
         }
-    });
-    match (decoded, oldest, newest, at) {
-        (Ok(_), _, _, Some(q)) => Seen::At(q),
-        (Ok(_), _, Some(n), None) if n.1 < target => Seen::Before(n),
-        (Ok(_), Some(o), _, None) if o.1 > target => Seen::After(o),
+    }
+    match (oldest, newest, at) {
+        (_, _, Some(q)) => Seen::At(q),
+        (_, Some(n), None) if n.1 < target => Seen::Before(n),
+        (Some(o), _, None) if o.1 > target => Seen::After(o),
         _ => Seen::Unknown,
     }
 }
@@ -326,18 +392,18 @@ mod tests {
             last: StreamSeq(19),
         };
         assert_eq!(
-            look(&data, range, "a", TenantSeq(6)),
+            look([(range, &data[..])], "a", TenantSeq(6)),
             Seen::At(StreamSeq(13))
         );
         assert_eq!(
-            look(&data, range, "a", TenantSeq(9)),
+            look([(range, &data[..])], "a", TenantSeq(9)),
             Seen::Before((StreamSeq(15), TenantSeq(7)))
         );
         assert_eq!(
-            look(&data, range, "a", TenantSeq(2)),
+            look([(range, &data[..])], "a", TenantSeq(2)),
             Seen::After((StreamSeq(11), TenantSeq(5)))
         );
-        assert_eq!(look(&data, range, "c", TenantSeq(1)), Seen::Unknown);
+        assert_eq!(look([(range, &data[..])], "c", TenantSeq(1)), Seen::Unknown);
         // Only positions within the range count (a cut segment's tail belongs
         // to the next one).
         let cut = Range {
@@ -345,37 +411,66 @@ mod tests {
             ..range
         };
         assert_eq!(
-            look(&data, cut, "a", TenantSeq(7)),
+            look([(cut, &data[..])], "a", TenantSeq(7)),
             Seen::Before((StreamSeq(13), TenantSeq(6)))
         );
         // A damaged segment says nothing.
         assert_eq!(
-            look(&data[..data.len() - 1], range, "a", TenantSeq(6)),
+            look([(range, &data[..data.len() - 1])], "a", TenantSeq(6)),
             Seen::Unknown
         );
     }
 
-    #[test]
-    fn picks_interpolate_between_known_positions() {
-        let ranges: Vec<Range> = (0..100u64)
+    /// `n` segments of 1,000 stream sequences each, from 1 on.
+    fn ranges(n: u64) -> Vec<Range> {
+        (0..n)
             .map(|i| Range {
                 key: StreamSeq(i * 1000 + 1),
                 from: StreamSeq(i * 1000 + 1),
                 last: StreamSeq(i * 1000 + 1000),
             })
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn small_segments_are_read_together() {
+        let ranges = ranges(10);
+        // 20 KB each: groups of four (the last one what is left).
+        let groups = group(&ranges, |_| 20 * 1024);
+        let sizes: Vec<usize> = groups.iter().map(|g| g.ranges.len()).collect();
+        assert_eq!(sizes, [4, 4, 2]);
+        assert_eq!(
+            (groups[1].from, groups[1].last),
+            (StreamSeq(4001), StreamSeq(8000))
+        );
+        // A drain's large segments: one each.
+        assert_eq!(group(&ranges, |_| 130 * 1024).len(), 10);
+        // A tenant found across a group's segments.
+        let a = segment(&[("a", 1, 1500)], 1001, 2000);
+        let b = segment(&[("a", 2, 2500), ("a", 3, 2600)], 2001, 3000);
+        let both = [(ranges[1], &a[..]), (ranges[2], &b[..])];
+        assert_eq!(look(both, "a", TenantSeq(3)), Seen::At(StreamSeq(2600)));
+        assert_eq!(
+            look(both, "a", TenantSeq(4)),
+            Seen::Before((StreamSeq(2600), TenantSeq(3)))
+        );
+    }
+
+    #[test]
+    fn picks_interpolate_between_known_positions() {
+        let groups = group(&ranges(100), |_| GROUP_BYTES);
         let last = (StreamSeq(100_000), TenantSeq(10_000));
         // From the start: seq 7,000 of 10,000 near 70,000, in the range
         // 69,001..=70,000.
         let start = (StreamSeq(1), TenantSeq(0));
-        assert_eq!(pick(&ranges, 0, 100, start, last, TenantSeq(7_000)), 69);
+        assert_eq!(pick(&groups, 0, 100, start, last, TenantSeq(7_000)), 69);
         // Seq 5,000 at 50,000 and 10,000 at 100,000: seq 6,000 near 60,000.
         let below = (StreamSeq(50_000), TenantSeq(5_000));
-        assert_eq!(pick(&ranges, 51, 100, below, last, TenantSeq(6_000)), 59);
+        assert_eq!(pick(&groups, 51, 100, below, last, TenantSeq(6_000)), 59);
         // Always within the candidates.
-        assert_eq!(pick(&ranges, 51, 58, below, last, TenantSeq(9_900)), 57);
+        assert_eq!(pick(&groups, 51, 58, below, last, TenantSeq(9_900)), 57);
         // Anchors that say nothing: the middle.
-        assert_eq!(pick(&ranges, 10, 20, last, below, TenantSeq(6_000)), 15);
+        assert_eq!(pick(&groups, 10, 20, last, below, TenantSeq(6_000)), 15);
     }
 
     /// What a segment holding `positions` within `r` says (as `look`).
@@ -407,21 +502,15 @@ mod tests {
                 positions.push((StreamSeq(q), TenantSeq(seq)));
             }
         }
-        let ranges: Vec<Range> = (0..150u64)
-            .map(|i| Range {
-                key: StreamSeq(i * 1000 + 1),
-                from: StreamSeq(i * 1000 + 1),
-                last: StreamSeq(i * 1000 + 1000),
-            })
-            .collect();
+        let groups = group(&ranges(150), |_| GROUP_BYTES);
         let reads = std::cell::Cell::new(0u32);
         let run = |target: TenantSeq, last: TenantSeq| {
-            let probe = |r: Range| {
+            let probe = |g: &Group| {
                 reads.set(reads.get() + 1);
-                std::future::ready(seen(&positions, r, target))
+                std::future::ready(seen(&positions, g.ranges[0], target))
             };
             let last = (StreamSeq(0), last);
-            futures::executor::block_on(search(&ranges, target, last, probe))
+            futures::executor::block_on(search(&groups, target, last, probe))
         };
         let (mut worst, requests) = (0, 300);
         for _ in 0..requests {

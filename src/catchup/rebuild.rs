@@ -168,7 +168,7 @@ async fn load(
     // Answers may use the segments while they load (each read back until
     // the segments' ends agree with the stream); withdrawn when this returns.
     let (published, _withdrawn_on_return) =
-        loading.publish(Loading::new(place.clone(), &plan, first_seq));
+        loading.publish(Loading::new(place.clone(), &plan, &listed, first_seq));
     crate::failpoint::hold_point("index_trust").await;
     if trust(stream, &db, &published).await {
         published.trust();

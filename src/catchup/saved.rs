@@ -225,6 +225,28 @@ pub async fn fetch(client: &Client, place: &Place, first: StreamSeq) -> Result<V
     Ok(row.map(|r| r.get(0)).unwrap_or_default())
 }
 
+/// The payloads of the segments stored at `keys` that still exist, in
+/// stream order.
+pub async fn fetch_many(
+    client: &Client,
+    place: &Place,
+    keys: &[StreamSeq],
+) -> Result<Vec<(StreamSeq, Vec<u8>)>, DbError> {
+    let keys: Vec<i64> = keys.iter().map(|k| k.0 as i64).collect();
+    let rows = client
+        .query(
+            "SELECT first_seq, data FROM walcast.catchup_segments
+             WHERE slot = $1 AND first_seq = ANY($2) ORDER BY first_seq",
+            &[&place.slot, &keys],
+        )
+        .await
+        .map_err(failed("read catch-up segments"))?;
+    Ok(rows
+        .iter()
+        .map(|r| (StreamSeq(r.get::<_, i64>(0).max(0) as u64), r.get(1)))
+        .collect())
+}
+
 /// Deletes every segment of the slot (they disagreed with the stream).
 pub async fn forget(client: &Client, place: &Place) -> Result<u64, DbError> {
     client
