@@ -97,7 +97,6 @@ struct Group {
 /// The saved segments a load is reading.
 pub struct Loading {
     place: Place,
-    ranges: Vec<Range>,
     groups: Vec<Group>,
     /// The saved range's ends were checked against the stream.
     trusted: AtomicBool,
@@ -145,7 +144,6 @@ impl Loading {
         Loading {
             place,
             groups: group(&ranges, bytes),
-            ranges,
             trusted: AtomicBool::new(false),
             client: OnceCell::new(),
         }
@@ -155,7 +153,9 @@ impl Loading {
     /// last, as `(tenant, seq, stream seq)`: what the load checks against
     /// the stream before anything saved is used.
     pub async fn ends(&self, db: &Client) -> Result<[(String, TenantSeq, StreamSeq); 2], String> {
-        let (Some(first), Some(last)) = (self.ranges.first(), self.ranges.last()) else {
+        let first = self.groups.first().and_then(|g| g.ranges.first());
+        let last = self.groups.last().and_then(|g| g.ranges.last());
+        let (Some(first), Some(last)) = (first, last) else {
             return Err("no saved segment".into());
         };
         let mut ends = [None, None];
