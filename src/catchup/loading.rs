@@ -345,7 +345,8 @@ fn look<'a>(
 ) -> Seen {
     let (mut oldest, mut newest, mut at) = (None, None, None);
     for (range, data) in segments {
-        let decoded = segment::decode(data, |t, seq, q| {
+        // What a damaged segment handed over is dropped below.
+        let decoded = segment::scan(data, |t, seq, q| {
             if t == tenant && range.from <= q && q <= range.last {
                 oldest = oldest.or(Some((q, seq)));
                 newest = Some((q, seq));

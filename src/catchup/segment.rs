@@ -125,6 +125,16 @@ pub fn decode(
     Ok(header)
 }
 
+/// Hands every position to `each` while checking `data`, in one pass: a
+/// caller that gets an error must discard what it was handed (cheaper
+/// than [`decode`] where the positions are only looked at).
+pub fn scan(
+    data: &[u8],
+    mut each: impl FnMut(&str, TenantSeq, StreamSeq),
+) -> Result<Header, Corrupt> {
+    walk(data, &mut each)
+}
+
 /// Reads varints off the front of a slice.
 struct Reader<'a>(&'a [u8]);
 
