@@ -4,17 +4,18 @@
 //! Loading 10M saved positions into the index takes about a second. Until
 //! it is done an answer would search the stream, and on a long stream every
 //! probe costs a block load in the nats-server (~70 ms an answer at 10M
-//! events). Instead, once the load has checked the saved range's oldest
-//! and newest positions against the stream (as it does before trusting
-//! anything it loads), the catch-up service finds the event in the saved
-//! segments themselves: a few segments read from Postgres by primary key
-//! and decoded, picked by interpolating between what the previous ones
-//! held, each a millisecond or two. A position found so is exactly what
-//! the load will put in the index a moment later, so the answer keeps
-//! `lookup`'s invariant the same way (known exactly, proven present by the
-//! stream's state). Anything not found so (an event no segment holds, a
-//! tenant absent from a segment probed, a read that failed) searches the
-//! stream as before.
+//! events). Instead the catch-up service finds the event in the saved
+//! segments themselves, published by the load as soon as it has its plan:
+//! a few segments read from Postgres by primary key and decoded, picked by
+//! interpolating between what the previous ones held, each a millisecond
+//! or two. Until the load has checked the saved range's oldest and newest
+//! positions against the stream (as it does before trusting anything it
+//! loads), each position found so is read back before it is used; after
+//! that it is exactly what the load will put in the index a moment later,
+//! so the answer keeps `lookup`'s invariant the same way (read back and
+//! checked, or known exactly and proven present by the stream's state).
+//! Anything not found so (an event no segment holds, a tenant absent from
+//! a group probed, a read that failed) searches the stream as before.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,11 +136,12 @@ impl Loading {
                 Part::ReadBack { .. } => None,
             })
             .collect();
-        let bytes = |key| {
+        // `listed` is newest first: a binary search, not a scan per range
+        // (a quiet stream keeps ~12,000 segments).
+        let bytes = |key: StreamSeq| {
             listed
-                .iter()
-                .find(|l| l.first == key)
-                .map_or(GROUP_BYTES, |l| l.bytes)
+                .binary_search_by(|l| key.cmp(&l.first))
+                .map_or(GROUP_BYTES, |i| listed[i].bytes)
         };
         Loading {
             place,
@@ -277,7 +279,7 @@ async fn search<'g, F: Future<Output = Seen>>(
     let end = groups.last()?.last;
     // A tenant with no event in this run yet: its last is at most
     // where the saved positions end.
-    let above = if last.0 == StreamSeq(0) {
+    let mut above = if last.0 == StreamSeq(0) {
         (end, last.1)
     } else {
         last
@@ -285,7 +287,6 @@ async fn search<'g, F: Future<Output = Seen>>(
     // Until a probe shows one, the tenant's events are taken to start
     // where the saved positions do.
     let mut below = (groups[0].from, TenantSeq(0));
-    let mut above = above;
     // Probes in a row that did not halve the candidates: then bisect.
     let mut stalls = 0;
     for _ in 0..MAX_PROBES {
@@ -455,6 +456,45 @@ mod tests {
             look(both, "a", TenantSeq(4)),
             Seen::Before((StreamSeq(2600), TenantSeq(3)))
         );
+    }
+
+    /// The segments' sizes come from the listing (newest first), by key.
+    #[test]
+    fn a_plan_is_grouped_by_the_listed_sizes() {
+        let ranges = ranges(6);
+        let plan = Plan {
+            parts: ranges
+                .iter()
+                .map(|r| Part::Saved {
+                    first: r.key,
+                    last: r.last,
+                })
+                .collect(),
+            from: StreamSeq(1),
+        };
+        // Newest first, as `saved::list` returns them: the two oldest are
+        // large, the others small.
+        let listed: Vec<Listed> = ranges
+            .iter()
+            .rev()
+            .map(|r| Listed {
+                first: r.key,
+                last: r.last,
+                bytes: if r.key.0 < 2000 {
+                    100 * 1024
+                } else {
+                    20 * 1024
+                },
+            })
+            .collect();
+        let place = Place {
+            db: crate::database::Database::parse("postgres://walcast@localhost/db").unwrap(),
+            slot: "s".into(),
+            stream: "S".into(),
+        };
+        let loading = Loading::new(place, &plan, &listed, StreamSeq(1));
+        let sizes: Vec<usize> = loading.groups.iter().map(|g| g.ranges.len()).collect();
+        assert_eq!(sizes, [1, 1, 4]);
     }
 
     #[test]
