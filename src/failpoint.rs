@@ -13,7 +13,8 @@
 //! while `<file>` exists, so a test can look at the process mid-way and
 //! then let it go on. Points: `index_trust` (a restart's catch-up index
 //! load, its saved segments published to answers, not yet checked against
-//! the stream) and `index_load` (checked, before the load reads them).
+//! the stream), `index_load` (checked, before the load reads them) and
+//! `state_apply` (the state projection, before it applies an event).
 
 /// Aborts the process here if `WALCAST_CRASH_AT` names this point and hit count.
 #[inline(always)]
@@ -56,16 +57,24 @@ mod imp {
         }
     }
 
+    /// `WALCAST_HOLD_AT`, read once: a point may be reached per event.
+    static HOLD: OnceLock<Option<(String, String)>> = OnceLock::new();
+
     pub async fn hold(name: &str) {
-        let Some(file) = std::env::var("WALCAST_HOLD_AT").ok().and_then(|spec| {
-            Some(spec.split_once(':')?)
-                .filter(|(p, _)| *p == name)
-                .map(|(_, f)| f.to_string())
-        }) else {
+        let hold = HOLD.get_or_init(|| {
+            let spec = std::env::var("WALCAST_HOLD_AT").ok()?;
+            let (point, file) = spec.split_once(':')?;
+            Some((point.to_string(), file.to_string()))
+        });
+        let Some((point, file)) = hold else {
             return;
         };
-        eprintln!("walcast: holding at {name} while {file} exists");
-        while std::path::Path::new(&file).exists() {
+        let file = std::path::Path::new(file);
+        if point != name || !file.exists() {
+            return;
+        }
+        eprintln!("walcast: holding at {name} while {} exists", file.display());
+        while file.exists() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }

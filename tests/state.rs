@@ -486,3 +486,77 @@ async fn the_lag_gauge_counts_while_the_state_cannot_run() {
     );
     walcast.stop(Duration::from_secs(15)).await;
 }
+
+/// The state reads what this process publishes from the publisher (the
+/// feed) while it keeps up. Held back past what the feed holds, it reads
+/// the stream instead, then returns to the feed; the bucket is exact
+/// throughout (each key against the stream, the rows against the tables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
+    use crate::support::TempDir;
+    use crate::support::edge::{http_get, metric, start_walcast};
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let mut workload = Workload::new(Workload::seed(), 3);
+    let dir = TempDir::new("state-feed").unwrap();
+    let hold = dir.path().join("hold-state");
+    let hold_at = format!("state_apply:{}", hold.display());
+    let (mut walcast, addr) = start_walcast(
+        &env,
+        dir.path(),
+        "walcast",
+        &[("WALCAST_HOLD_AT", &hold_at)],
+    );
+    let read = |source: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let body = http_get(&addr, "/metrics").await.map(|(_, b)| b);
+            let name = format!("walcast_state_events_read_total{{source=\"{source}\"}}");
+            body.and_then(|b| metric(&b, &name)).unwrap_or(0.0)
+        }
+    };
+    workload.run(&mut client, 200).await;
+    wait_complete(&env.nats.url()).await;
+    assert_converges(&env, &client).await;
+    let (fed, streamed) = (read("feed").await, read("stream").await);
+    assert!(
+        fed > 0.0,
+        "kept up: reads the feed ({fed} fed, {streamed} streamed)"
+    );
+
+    // Held: the publisher goes on past what the feed holds.
+    std::fs::write(&hold, b"").unwrap();
+    workload.run(&mut client, 20).await;
+    walcast
+        .wait_log("holding at state_apply", Duration::from_secs(60))
+        .await;
+    client
+        .execute(
+            "INSERT INTO tasks (id, tenant_id, title, status)
+             SELECT gen_random_uuid(), 'tenant-' || (i % 3), 'burst #' || i, 'todo'
+             FROM generate_series(1, 6000) AS i",
+            &[],
+        )
+        .await
+        .expect("burst");
+    workload.run(&mut client, 100).await;
+    env.wait_caught_up(&client, Duration::from_secs(90)).await;
+    std::fs::remove_file(&hold).unwrap();
+    assert_converges(&env, &client).await;
+    let behind = read("stream").await;
+    assert!(
+        behind >= streamed + 6000.0 - walcast::state::feed::CAPACITY as f64,
+        "behind the feed: read back from the stream ({streamed} -> {behind})"
+    );
+
+    // Caught up again: back on the feed.
+    let fed = read("feed").await;
+    workload.run(&mut client, 100).await;
+    assert_converges(&env, &client).await;
+    let (fed_after, streamed_after) = (read("feed").await, read("stream").await);
+    assert!(
+        fed_after > fed && streamed_after == behind,
+        "back on the feed: fed {fed} -> {fed_after}, streamed {behind} -> {streamed_after}"
+    );
+    walcast.stop(Duration::from_secs(20)).await;
+}

@@ -110,7 +110,12 @@ async fn spawn_stages(
     let (catchup, saving, journal) = start_catchup(ctx, &index, &checkpoint, last_seq).await?;
     // Likewise the state bucket: one writer, the slot's holder; it starts
     // (and restarts) on its own thread without holding up the run.
-    let state = state::start(s, &ctx.db, &ctx.health)?;
+    // It reads what this run publishes from the publisher, once acknowledged.
+    let feed = s
+        .state_bucket
+        .is_some()
+        .then(|| state::feed::Feed::new(last_seq.next().0));
+    let state = state::start(s, &ctx.db, &ctx.health, feed.clone())?;
     let publisher = Publisher {
         sink,
         max_in_flight: s.max_in_flight,
@@ -123,6 +128,7 @@ async fn spawn_stages(
         journal: Some(journal),
         acked_high: ctx.acked_high.clone(),
         republish: publish::republish::Republish::below(reconciled.acked_high),
+        feed,
     };
     let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
     let checkpointer = checkpoint::Checkpointer {

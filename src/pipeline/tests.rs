@@ -435,6 +435,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
             Journal::new(checkpoint.stream_seq.min(last_seq).next(), saved_tx).cutting_every(3),
         ),
         acked_high: w.process_high.clone(),
+        feed: None,
         republish: Republish::below(reconciled.acked_high),
     };
     let checkpointer = Checkpointer {

@@ -209,7 +209,7 @@ impl Sink for MemorySink {
 
     async fn send(
         &self,
-        subject: String,
+        subject: Subject,
         headers: HeaderMap,
         payload: Bytes,
         reply: Option<Subject>,

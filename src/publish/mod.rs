@@ -37,7 +37,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{HeaderMap, HeaderName};
+use async_nats::{HeaderMap, HeaderName, Subject};
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Progress, Segment};
@@ -45,6 +45,7 @@ use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::position::{StreamSeq, TenantSeq};
+use crate::state::feed::{Feed, Input};
 pub(crate) use sink::{JetStream, Sink};
 
 /// Why publishing stopped.
@@ -114,6 +115,8 @@ struct Sent {
     bytes: usize,
     dead_letter: bool,
     commit_micros: i64,
+    /// What the state service reads once it is acknowledged (with a feed).
+    fed: Option<Input>,
 }
 
 /// How often progress is cut into segments for the checkpointer.
@@ -140,6 +143,8 @@ pub(crate) struct Publisher<S> {
     pub acked_high: Arc<std::sync::atomic::AtomicU64>,
     /// Tracks events republished because the broker lost them.
     pub republish: republish::Republish,
+    /// Where acknowledged events go for the state service (`None`: no state).
+    pub feed: Option<Arc<Feed>>,
 }
 
 /// The publisher's running state: what is sent and what is acknowledged.
@@ -166,6 +171,7 @@ impl Flight {
         &mut self,
         answer: acks::Answer,
         acked_high: &std::sync::atomic::AtomicU64,
+        feed: Option<&Feed>,
     ) -> Result<(), PublishError> {
         let expected = answer.expected;
         let event_id = || self.event_id_at(expected);
@@ -193,10 +199,12 @@ impl Flight {
         crate::failpoint::crash_point("after_ack");
         self.stats.ack_latency(answer.latency);
         acked_high.fetch_max(expected.0, std::sync::atomic::Ordering::SeqCst);
+        let mut fed = Vec::new();
         while self.acked_seq < expected {
             match self.pending.pop_front() {
-                Some(Pending::Event(sent)) => {
+                Some(Pending::Event(mut sent)) => {
                     self.acked_seq = self.acked_seq.next();
+                    fed.extend(sent.fed.take());
                     self.stats.acked(
                         sent.entity,
                         sent.action,
@@ -213,6 +221,9 @@ impl Flight {
                     .acked(tenant.as_ref().map(|(t, s)| (t, *s)), stream_seq),
                 None => unreachable!("an ack was requested only for a sent event"),
             }
+        }
+        if let Some(feed) = feed {
+            feed.push(fed);
         }
         drain_ready(&mut self.pending, &mut self.progress);
         Ok(())
@@ -280,7 +291,7 @@ impl<S: Sink> Publisher<S> {
             tokio::select! {
                 biased;
                 answer = acks.next() => {
-                    f.answered(answer?, &self.acked_high)?;
+                    f.answered(answer?, &self.acked_high, self.feed.as_deref())?;
                     self.journal_acked(&f, false);
                 }
                 batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 => match batch {
@@ -400,7 +411,11 @@ impl<S: Sink> Publisher<S> {
             .oversized
             .fit(&mut self.sink, &event, &mut headers)
             .await?;
-        let subject = std::mem::take(&mut event.subject);
+        let subject = Subject::from(std::mem::take(&mut event.subject));
+        let fed = self
+            .feed
+            .is_some()
+            .then(|| fed(&event, expected_last.next(), &subject, &headers, &payload));
         let send = self.sink.send(subject, headers, payload, reply);
         tokio::pin!(send);
         // While NATS is away the client queues publishes until its buffer is
@@ -431,7 +446,33 @@ impl<S: Sink> Publisher<S> {
             dead_letter: matches!(event.route, Route::DeadLetter { .. }),
             commit_micros: event.commit_unix_micros,
             event_id: event.event_id,
+            fed,
         })
+    }
+}
+
+/// What the state service reads of an event sent at stream sequence `at`
+/// (the same as a read of the stream would give it).
+fn fed(
+    event: &OutEvent,
+    at: StreamSeq,
+    subject: &Subject,
+    headers: &HeaderMap,
+    payload: &bytes::Bytes,
+) -> Input {
+    let (tenant, seq) = match &event.route {
+        Route::Tenant { tenant, seq } => (Some(tenant.clone()), seq.0),
+        _ => (None, 0),
+    };
+    Input {
+        position: at.0,
+        subject: subject.clone(),
+        tenant,
+        seq,
+        object: headers
+            .get(crate::state::layout::OBJECT)
+            .map(|v| v.as_str().to_string()),
+        payload: payload.clone(),
     }
 }
 

@@ -41,7 +41,7 @@ pub(crate) trait Sink {
     /// stored is only known from that ack (or a later message's).
     async fn send(
         &self,
-        subject: String,
+        subject: Subject,
         headers: HeaderMap,
         payload: Bytes,
         reply: Option<Subject>,
@@ -140,7 +140,7 @@ impl Sink for JetStream {
 
     async fn send(
         &self,
-        subject: String,
+        subject: Subject,
         headers: HeaderMap,
         payload: Bytes,
         reply: Option<Subject>,

@@ -14,6 +14,8 @@ pub const MARKER_KEY: &str = "_walcast.backfill";
 /// stream position up to it was acknowledged in the bucket by then.
 pub const STREAM_SEQ: &str = "Walcast-Stream-Seq";
 pub const SEQ: &str = "Walcast-Seq";
+/// The stream event's tenant.
+pub const TENANT: &str = "Walcast-Tenant";
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const PROTOBUF: &str = "application/x-protobuf";
 /// The claim check of SPEC §3.
@@ -59,11 +61,7 @@ struct KeyFields {
 
 /// The write a stream message makes: `<prefix>.<tenant>.<entity>.<action>`
 /// with its `Walcast-Tenant` header and a `ChangeEvent` body.
-pub fn write_for(
-    subject: &str,
-    headers: Option<&HeaderMap>,
-    payload: &Bytes,
-) -> Result<Write, Skip> {
+pub fn write_for(subject: &str, tenant: Option<&str>, payload: &Bytes) -> Result<Write, Skip> {
     if subject.ends_with("._truncated") {
         let fields =
             <KeyFields as prost::Message>::decode(payload.clone()).map_err(|_| Skip::NoTenant)?;
@@ -73,10 +71,7 @@ pub fn write_for(
             e => Ok(Write::Truncate(crate::events::action::entity_token(e))),
         };
     }
-    let tenant = headers
-        .and_then(|h| h.get("Walcast-Tenant"))
-        .map(|v| v.as_str())
-        .ok_or(Skip::NoTenant)?;
+    let tenant = tenant.ok_or(Skip::NoTenant)?;
     let mut tokens = subject.rsplit('.');
     let (Some(action), Some(entity)) = (tokens.next(), tokens.next()) else {
         return Err(Skip::NoTenant);
@@ -145,12 +140,6 @@ mod tests {
         Bytes::from(event.encode_to_vec())
     }
 
-    fn tenant(t: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("Walcast-Tenant", t);
-        h
-    }
-
     #[test]
     fn keys_follow_the_spec() {
         let id = "0b5e8c9e-1f1a-4c55-9d7e-7c1b2a3d4e5f";
@@ -180,7 +169,7 @@ mod tests {
             ("walcast.acme.task.updated", "a.b", Err(Skip::InvalidKey)),
         ];
         for (subject, entity_id, want) in cases {
-            let got = write_for(subject, Some(&tenant("acme")), &event(entity_id));
+            let got = write_for(subject, Some("acme"), &event(entity_id));
             assert_eq!(got, want, "{subject} {entity_id:?}");
         }
         assert_eq!(

@@ -5,7 +5,9 @@
 //!
 //! A service beside the pipeline, not a stage of it: it reads the stream
 //! (so a key is written only after its event is in the stream, in stream
-//! order) on its own thread and NATS connection (`service_thread`), and runs
+//! order) — handed over by the run's publisher as JetStream acknowledges it
+//! (`feed`) while it keeps up, read back from JetStream otherwise — on its
+//! own thread and NATS connection (`service_thread`), and runs
 //! only while this instance holds the slot, so the bucket has one writer.
 //! Its progress is the bucket's own newest entry (`project`), and a bucket
 //! without a complete readiness marker is backfilled from a snapshot
@@ -15,10 +17,12 @@ mod backfill;
 pub(crate) mod bucket;
 pub mod demand;
 mod durable;
+pub mod feed;
 pub(crate) mod layout;
 mod objects;
 mod project;
 mod recent;
+mod source;
 mod writer;
 
 use std::sync::Arc;
@@ -62,10 +66,14 @@ impl StateService {
 /// a bucket it cannot use) starts again on its thread after a backoff,
 /// logged, counted in `walcast_errors_total{stage="state"}`, while the
 /// stream goes on.
+///
+/// `feed` is this run's: the publisher fills it with the events JetStream
+/// acknowledged.
 pub fn start(
     settings: &Settings,
     db: &Database,
     health: &Arc<Health>,
+    feed: Option<Arc<feed::Feed>>,
 ) -> Result<Option<StateService>, ServiceError> {
     if settings.state_bucket.is_none() {
         return Ok(None);
@@ -74,6 +82,7 @@ pub fn start(
         settings: settings.clone(),
         db: db.clone(),
         health: health.clone(),
+        feed,
     };
     let thread = service_thread::start_restarting(settings, service)?;
     let lag = tokio::spawn(report_lag(
@@ -118,6 +127,7 @@ struct State {
     settings: Settings,
     db: Database,
     health: Arc<Health>,
+    feed: Option<Arc<feed::Feed>>,
 }
 
 impl Service for State {
@@ -147,7 +157,7 @@ impl Service for State {
         ready.serving();
         let projection = project::run(
             js.clone(),
-            &stream,
+            (&stream, self.feed.clone()),
             &bucket,
             &objects,
             resume,

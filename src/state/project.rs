@@ -10,15 +10,15 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use async_nats::jetstream::{self, stream::Stream};
-use futures::StreamExt;
 
 use async_nats::jetstream::stream::DirectGetErrorKind;
 
 use super::bucket::Bucket;
+use super::feed::{Feed, Input};
 use super::layout::{self, Skip, Write};
 use super::objects::Objects;
+use super::source::Source;
 use super::writer::{WINDOW, Writer};
 use crate::telemetry::metrics as m;
 
@@ -53,28 +53,18 @@ impl Resume {
     }
 }
 
-/// Projects the stream from `resume.after + 1` on, forever (returning is failing).
+/// Projects the stream from `resume.after + 1` on, forever (returning is
+/// failing): from the run's feed while it holds the next position, else
+/// from the stream (`source`).
 pub async fn run(
     js: jetstream::Context,
-    stream: &Stream,
+    (stream, feed): (&Stream, Option<Arc<Feed>>),
     bucket: &Bucket,
     objects: &Objects,
     resume: Resume,
     applied: Arc<AtomicU64>,
 ) -> Result<(), String> {
-    // Pulled in batches: memory stays bounded however far behind the
-    // projection is (a pushed consumer would queue up to the client's
-    // subscription capacity, 65,536 messages).
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: resume.after + 1,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(read_err)?;
-    let mut messages = consumer.messages().await.map_err(read_err)?;
+    let mut source = Source::new(stream, feed, resume.after);
     let mut writer = Writer::new(&js, &bucket.name, applied).await?;
     let mut warned = [false; 2];
     // After the first one read, positions are consecutive unless messages
@@ -85,11 +75,8 @@ pub async fn run(
     let writes = metrics::counter!(m::STATE_WRITES);
     loop {
         objects.retire_applied(writer.applied()).await?;
-        let msg = next_message(&mut messages, &mut writer, objects).await?;
-        let position = msg
-            .info()
-            .map_err(|e| format!("a stream message without its position: {e}"))?
-            .stream_sequence;
+        let input = next_input(&mut source, &mut writer, objects).await?;
+        let position = input.position;
         match expected {
             Some(expected) if expected < position => missing(expected, position - 1),
             Some(expected) if expected > position => {
@@ -114,7 +101,8 @@ pub async fn run(
             objects,
             writes: &writes,
         };
-        apply(&mut writer, target, &resume, &msg, position, &mut warned).await?;
+        crate::failpoint::hold_point("state_apply").await;
+        apply(&mut writer, target, &resume, input, &mut warned).await?;
     }
 }
 
@@ -135,35 +123,21 @@ fn missing(from: u64, through: u64) {
     );
 }
 
-fn read_err(e: impl std::fmt::Display) -> String {
-    format!("reading the stream from JetStream for the state bucket: {e}")
-}
-
-/// The next stream message; while none comes, what is in flight is settled
-/// so the applied position moves on.
-async fn next_message(
-    messages: &mut async_nats::jetstream::consumer::pull::Ordered,
+/// The next event; while none comes, what is in flight is settled so the
+/// applied position moves on.
+async fn next_input(
+    source: &mut Source<'_>,
     writer: &mut Writer,
     objects: &Objects,
-) -> Result<async_nats::jetstream::Message, String> {
+) -> Result<Input, String> {
     loop {
-        let next = if writer.is_settled() {
-            messages.next().await
-        } else {
-            match tokio::time::timeout(Duration::from_millis(50), messages.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    writer.flush().await?;
-                    objects.retire_applied(writer.applied()).await?;
-                    metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
-                    continue;
-                }
-            }
-        };
-        return match next {
-            Some(msg) => msg.map_err(read_err),
-            None => Err("the state's stream consumer ended".into()),
-        };
+        let wait = (!writer.is_settled()).then_some(Duration::from_millis(50));
+        if let Some(input) = source.next(wait).await? {
+            return Ok(input);
+        }
+        writer.flush().await?;
+        objects.retire_applied(writer.applied()).await?;
+        metrics::gauge!(m::STATE_APPLIED).set(writer.applied() as f64);
     }
 }
 
@@ -185,12 +159,11 @@ async fn apply(
         writes,
     }: Target<'_>,
     resume: &Resume,
-    msg: &async_nats::jetstream::Message,
-    position: u64,
+    input: Input,
     warned: &mut [bool; 2],
 ) -> Result<(), String> {
-    let (subject, headers) = (msg.subject.as_str(), msg.headers.as_ref());
-    match layout::write_for(subject, headers, &msg.payload) {
+    let position = input.position;
+    match layout::write_for(&input.subject, input.tenant.as_deref(), &input.payload) {
         Ok(Write::Truncate(entity)) => {
             // Everything before it lands first; then the entity's keys go.
             writer.flush().await?;
@@ -198,17 +171,17 @@ async fn apply(
             writer.skip(position).await
         }
         Ok(write)
-            if position <= resume.recheck_through && !newer(bucket, &write, headers).await? =>
+            if position <= resume.recheck_through && !newer(bucket, &write, input.seq).await? =>
         {
             writer.skip(position).await
         }
         Ok(write) => {
-            send(writer, objects, write, headers, &msg.payload, position).await?;
+            send(writer, objects, write, input).await?;
             writes.increment(1);
             Ok(())
         }
         Err(skip) => {
-            skipped(skip, subject, warned);
+            skipped(skip, &input.subject, warned);
             writer.skip(position).await
         }
     }
@@ -227,20 +200,8 @@ async fn purge(bucket: &Bucket, entity: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The event's seq, from its `Walcast-Seq` header.
-fn seq_of(headers: Option<&async_nats::HeaderMap>) -> u64 {
-    headers
-        .and_then(|h| h.get(layout::SEQ))
-        .and_then(|v| v.as_str().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Whether the event is newer than what its key holds.
-async fn newer(
-    bucket: &Bucket,
-    write: &Write,
-    event_headers: Option<&async_nats::HeaderMap>,
-) -> Result<bool, String> {
+async fn newer(bucket: &Bucket, write: &Write, seq: u64) -> Result<bool, String> {
     let (Write::Put(key) | Write::Delete(key)) = write else {
         return Ok(true);
     };
@@ -252,7 +213,7 @@ async fn newer(
                 .get(layout::SEQ)
                 .and_then(|v| v.as_str().parse::<u64>().ok())
                 .unwrap_or(0);
-            Ok(seq_of(event_headers) > held)
+            Ok(seq > held)
         }
         Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(true),
         Err(e) => Err(format!("read {key} from the state bucket on NATS: {e}")),
@@ -263,23 +224,26 @@ async fn send(
     writer: &mut Writer,
     objects: &Objects,
     write: Write,
-    event_headers: Option<&async_nats::HeaderMap>,
-    payload: &bytes::Bytes,
-    position: u64,
+    input: Input,
 ) -> Result<(), String> {
-    let header = |name| event_headers.and_then(|h| h.get(name)).map(|v| v.as_str());
-    let seq = seq_of(event_headers);
+    let Input {
+        seq,
+        position,
+        object,
+        payload,
+        ..
+    } = input;
     // The position every write before this one has reached: what a restart
     // may trust (see `Resume`).
     let mut headers = layout::headers(seq, writer.applied());
     let (key, body) = match write {
         Write::Put(key) => {
-            if let Some(object) = header(layout::OBJECT) {
+            if let Some(object) = object {
                 // The stream's copy expires with the stream: the state's does not.
-                let copy = objects.copy(object, &key, seq).await?;
+                let copy = objects.copy(&object, &key, seq).await?;
                 headers.insert(layout::OBJECT, format!("{}/{copy}", objects.name).as_str());
             }
-            (key, payload.clone())
+            (key, payload)
         }
         Write::Delete(key) => {
             headers.insert("KV-Operation", "DEL");

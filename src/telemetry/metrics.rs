@@ -37,6 +37,7 @@ pub const STATE_WRITES: &str = "walcast_state_writes_total";
 pub const STATE_SKIPPED: &str = "walcast_state_skipped_total";
 pub const STATE_LAG_EVENTS: &str = "walcast_state_lag_events";
 pub const STATE_APPLIED: &str = "walcast_state_applied_stream_seq";
+pub const STATE_READ: &str = "walcast_state_events_read_total";
 pub const BACKFILL_ROWS: &str = "walcast_state_backfill_rows_total";
 pub const BACKFILL_RUNNING: &str = "walcast_state_backfill_running";
 pub const AUTH_ALLOWED: &str = "walcast_auth_allowed_total";
@@ -209,6 +210,10 @@ fn describe_state() {
     describe_gauge!(
         STATE_LAG_EVENTS,
         "Stream messages acknowledged but not yet applied to the state bucket"
+    );
+    describe_counter!(
+        STATE_READ,
+        "Stream messages the state projection read, by source: feed (handed over by the publisher once acknowledged) or stream (read back from JetStream: after a restart, or while the state is behind)"
     );
     describe_gauge!(
         STATE_APPLIED,
