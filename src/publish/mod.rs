@@ -223,7 +223,7 @@ impl Flight {
             }
         }
         if let Some(feed) = feed {
-            feed.push(fed);
+            feed.push(fed, self.acked_seq.0);
         }
         drain_ready(&mut self.pending, &mut self.progress);
         Ok(())
@@ -412,10 +412,10 @@ impl<S: Sink> Publisher<S> {
             .fit(&mut self.sink, &event, &mut headers)
             .await?;
         let subject = Subject::from(std::mem::take(&mut event.subject));
-        let fed = self
-            .feed
-            .is_some()
-            .then(|| fed(&event, expected_last.next(), &subject, &headers, &payload));
+        let at = expected_last.next();
+        let fed = (self.feed.as_ref())
+            .is_some_and(|feed| feed.wants(at.0))
+            .then(|| fed(&event, at, &subject, &headers, &payload));
         let send = self.sink.send(subject, headers, payload, reply);
         tokio::pin!(send);
         // While NATS is away the client queues publishes until its buffer is

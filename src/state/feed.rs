@@ -9,9 +9,12 @@
 //! position. It keeps the newest [`CAPACITY`] events (at most
 //! [`MAX_BYTES`] of payloads) and drops older ones, so the publisher never
 //! waits for the state; a projection behind what it holds reads the stream
-//! instead (`source`).
+//! instead (`source`). While the projection is further behind than the
+//! feed could hold (a drain, a restart), the publisher hands nothing over
+//! ([`Feed::wants`]): it would only be dropped.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::Subject;
@@ -56,6 +59,8 @@ pub enum Take {
 pub struct Feed {
     ring: Mutex<Ring>,
     arrived: Notify,
+    /// The position the projection asked for last.
+    reader: AtomicU64,
 }
 
 struct Ring {
@@ -75,17 +80,25 @@ impl Feed {
                 bytes: 0,
             }),
             arrived: Notify::new(),
+            reader: AtomicU64::new(first),
         })
+    }
+
+    /// Whether the event at `position` is worth handing over: the
+    /// projection is close enough to reach it before it is dropped.
+    pub fn wants(&self, position: u64) -> bool {
+        position < self.reader.load(Ordering::Relaxed) + CAPACITY as u64
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends acknowledged events, in stream order. An event that does
-    /// not follow the newest one (which the publisher's chained acks rule
-    /// out) starts the feed over from it, so what it holds stays consecutive.
-    pub fn push(&self, events: impl IntoIterator<Item = Input>) {
+    /// Appends acknowledged events, in stream order: every position up to
+    /// `through` is acknowledged, `events` are those handed over. An event
+    /// that does not follow the newest one, or positions acknowledged
+    /// without one, start the feed over, so what it holds stays consecutive.
+    pub fn push(&self, events: impl IntoIterator<Item = Input>, through: u64) {
         let mut ring = self.ring();
         let mut any = false;
         for event in events {
@@ -102,6 +115,11 @@ impl Feed {
             }
             any = true;
         }
+        if ring.end != through + 1 {
+            ring.events.clear();
+            ring.bytes = 0;
+            ring.end = through + 1;
+        }
         drop(ring);
         if any {
             self.arrived.notify_one();
@@ -111,6 +129,7 @@ impl Feed {
     /// Moves up to `max` events from position `from` on into `out`; events
     /// before `from` are dropped (already applied).
     pub fn take(&self, from: u64, max: usize, out: &mut VecDeque<Input>) -> Take {
+        self.reader.store(from, Ordering::Relaxed);
         let mut guard = self.ring();
         let ring = &mut *guard;
         let oldest = ring.end - ring.events.len() as u64;
@@ -167,7 +186,7 @@ mod tests {
         let mut out = VecDeque::new();
         assert_eq!(feed.take(10, 8, &mut out), Take::AtEnd);
         assert_eq!(feed.take(9, 8, &mut out), Take::Behind);
-        feed.push((10..15).map(|p| input(p, 1)));
+        feed.push((10..15).map(|p| input(p, 1)), 14);
         assert_eq!(feed.take(16, 8, &mut out), Take::Ahead);
         assert_eq!(feed.take(12, 2, &mut out), Take::Taken);
         assert_eq!(positions(&out), [12, 13]);
@@ -182,13 +201,17 @@ mod tests {
     #[test]
     fn keeps_only_the_newest_events_within_its_bounds() {
         let feed = Feed::new(1);
-        feed.push((1..=CAPACITY as u64 + 10).map(|p| input(p, 1)));
+        let last = CAPACITY as u64 + 10;
+        feed.push((1..=last).map(|p| input(p, 1)), last);
         let mut out = VecDeque::new();
         assert_eq!(feed.take(10, 1, &mut out), Take::Behind);
         assert_eq!(feed.take(11, 1, &mut out), Take::Taken);
         // Bytes bound: two large events leave room for one.
         let feed = Feed::new(1);
-        feed.push([input(1, MAX_BYTES / 2 + 1), input(2, MAX_BYTES / 2 + 1)]);
+        feed.push(
+            [input(1, MAX_BYTES / 2 + 1), input(2, MAX_BYTES / 2 + 1)],
+            2,
+        );
         assert_eq!(feed.take(1, 8, &mut out), Take::Behind);
         out.clear();
         assert_eq!(feed.take(2, 8, &mut out), Take::Taken);
@@ -198,18 +221,32 @@ mod tests {
     #[test]
     fn an_event_out_of_sequence_starts_the_feed_over() {
         let feed = Feed::new(1);
-        feed.push((1..=3).map(|p| input(p, 1)));
-        feed.push([input(7, 1)]);
+        feed.push((1..=3).map(|p| input(p, 1)), 3);
+        feed.push([input(7, 1)], 7);
         let mut out = VecDeque::new();
         assert_eq!(feed.take(3, 8, &mut out), Take::Behind);
         assert_eq!(feed.take(7, 8, &mut out), Take::Taken);
         assert_eq!(positions(&out), [7]);
+        // Positions acknowledged without their events: nothing held.
+        feed.push([input(8, 1)], 9);
+        assert_eq!(feed.take(8, 8, &mut out), Take::Behind);
+        assert_eq!(feed.take(10, 8, &mut out), Take::AtEnd);
+    }
+
+    #[test]
+    fn wants_only_what_the_reader_can_reach() {
+        let feed = Feed::new(100);
+        assert!(feed.wants(100 + CAPACITY as u64 - 1));
+        assert!(!feed.wants(100 + CAPACITY as u64));
+        let mut out = VecDeque::new();
+        assert_eq!(feed.take(50, 8, &mut out), Take::Behind);
+        assert!(!feed.wants(50 + CAPACITY as u64));
     }
 
     #[tokio::test]
     async fn a_push_wakes_the_reader_even_if_it_was_not_waiting_yet() {
         let feed = Feed::new(1);
-        feed.push([input(1, 1)]);
+        feed.push([input(1, 1)], 1);
         tokio::time::timeout(std::time::Duration::from_secs(5), feed.arrived())
             .await
             .expect("the permit of the earlier push");
