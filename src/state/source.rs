@@ -19,6 +19,10 @@ use crate::telemetry::metrics as m;
 /// Events moved out of the feed at once.
 const TAKE: usize = 256;
 
+/// How long the projection, caught up, lets events gather in the feed
+/// after the first arrives.
+const GATHER: Duration = Duration::from_millis(2);
+
 /// How long a read of the stream ahead of the feed waits before it looks
 /// at the feed again.
 const AHEAD_WAIT: Duration = Duration::from_millis(50);
@@ -67,6 +71,8 @@ impl<'a> Source<'a> {
                         if within(wait, feed.arrived()).await.is_none() {
                             return Ok(None);
                         }
+                        // Let more acks come: one wake-up for several.
+                        tokio::time::sleep(GATHER).await;
                         continue;
                     }
                     Take::Behind => {}
@@ -136,7 +142,7 @@ async fn open(stream: &Stream, start: u64) -> Result<Ordered, String> {
     consumer.messages().await.map_err(read_err)
 }
 
-pub fn read_err(e: impl std::fmt::Display) -> String {
+fn read_err(e: impl std::fmt::Display) -> String {
     format!("reading the stream from JetStream for the state bucket: {e}")
 }
 
