@@ -541,7 +541,26 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
         .expect("burst");
     workload.run(&mut client, 100).await;
     env.wait_caught_up(&client, Duration::from_secs(90)).await;
+    // Read the bucket once the state is level again, not while it writes
+    // the backlog (a bucket read racing ~6,000 writes can stall).
+    let lag = || {
+        let addr = addr.clone();
+        async move {
+            let body = http_get(&addr, "/metrics").await.map(|(_, b)| b);
+            body.and_then(|b| metric(&b, "walcast_state_lag_events"))
+        }
+    };
+    wait_until(Duration::from_secs(60), || async {
+        lag().await.is_some_and(|n| n > 6000.0)
+    })
+    .await
+    .expect("the held state lags the burst");
     std::fs::remove_file(&hold).unwrap();
+    wait_until(Duration::from_secs(90), || async {
+        lag().await == Some(0.0)
+    })
+    .await
+    .expect("the state catches up");
     assert_converges(&env, &client).await;
     let behind = read("stream").await;
     assert!(

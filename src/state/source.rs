@@ -60,28 +60,29 @@ impl<'a> Source<'a> {
                 self.read[0].increment(1);
                 return Ok(Some(self.advance(input)));
             }
-            if let Some(feed) = self.feed.clone() {
-                match feed.take(self.next, TAKE, &mut self.ready) {
-                    Take::Taken => {
-                        self.switch_to_feed();
-                        continue;
-                    }
-                    Take::AtEnd => {
-                        self.switch_to_feed();
-                        if within(wait, feed.arrived()).await.is_none() {
-                            return Ok(None);
-                        }
-                        // Let more acks come: one wake-up for several.
-                        tokio::time::sleep(GATHER).await;
-                        continue;
-                    }
-                    Take::Behind => {}
-                    // Its ack is on the way: look at the feed again soon.
-                    Take::Ahead => {
-                        let wait = wait.map_or(AHEAD_WAIT, |w| w.min(AHEAD_WAIT));
-                        return self.read_stream(Some(wait)).await;
-                    }
+            let take = (self.feed.as_ref()).map(|feed| feed.take(self.next, TAKE, &mut self.ready));
+            match take {
+                Some(Take::Taken) => {
+                    self.switch_to_feed();
+                    continue;
                 }
+                Some(Take::AtEnd) => {
+                    self.switch_to_feed();
+                    if let Some(feed) = &self.feed
+                        && within(wait, feed.arrived()).await.is_none()
+                    {
+                        return Ok(None);
+                    }
+                    // Let more acks come: one wake-up for several.
+                    tokio::time::sleep(GATHER).await;
+                    continue;
+                }
+                // Its ack is on the way: look at the feed again soon.
+                Some(Take::Ahead) => {
+                    let wait = wait.map_or(AHEAD_WAIT, |w| w.min(AHEAD_WAIT));
+                    return self.read_stream(Some(wait)).await;
+                }
+                Some(Take::Behind) | None => {}
             }
             return self.read_stream(wait).await;
         }
