@@ -20,7 +20,10 @@ use crate::telemetry::metrics as m;
 const TAKE: usize = 256;
 
 /// How long the projection, caught up, lets events gather in the feed
-/// after the first arrives.
+/// after the first arrives, so one wake-up takes several acks' events: a
+/// wake-up per ack ran the state thread right behind the pipeline, where
+/// the walsender needs the CPU next, and the 5,000 commits/s tail grew
+/// (docs/BENCHMARKS.md, session 14).
 const GATHER: Duration = Duration::from_millis(2);
 
 /// How long a read of the stream ahead of the feed waits before it looks
