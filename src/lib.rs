@@ -30,6 +30,7 @@ pub(crate) mod error_policy;
 pub mod events;
 pub(crate) mod failpoint;
 pub mod handoff;
+pub mod headers;
 pub mod lsn;
 pub mod migrate;
 pub(crate) mod pipeline;

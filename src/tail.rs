@@ -202,7 +202,11 @@ async fn event(
     seq: u64,
 ) -> Result<ChangeEvent, TailError> {
     let bad = |reason: String| TailError::Event { seq, reason };
-    let body = match msg.headers.as_ref().and_then(|h| h.get("Walcast-Object")) {
+    let body = match msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(crate::headers::OBJECT))
+    {
         Some(object) => fetch_object(js, object.as_str()).await.map_err(bad)?,
         None => msg.payload.to_vec(),
     };

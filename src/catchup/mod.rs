@@ -388,7 +388,7 @@ impl Probe for DirectGet<'_> {
             Ok(msg) => {
                 let seq = msg
                     .headers
-                    .get("Walcast-Seq")
+                    .get(crate::headers::SEQ)
                     .and_then(|v| v.as_str().parse().ok())
                     .ok_or_else(|| {
                         format!("stream message {} has no Walcast-Seq header", msg.sequence)

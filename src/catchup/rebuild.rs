@@ -496,7 +496,7 @@ async fn read_range(
 /// A tenant message's `(tenant, seq)` from its headers.
 fn position(headers: Option<&async_nats::HeaderMap>) -> Option<(&str, u64)> {
     let headers = headers?;
-    let tenant = headers.get("Walcast-Tenant")?.as_str();
-    let seq = headers.get("Walcast-Seq")?.as_str().parse().ok()?;
+    let tenant = headers.get(crate::headers::TENANT)?.as_str();
+    let seq = headers.get(crate::headers::SEQ)?.as_str().parse().ok()?;
     Some((tenant, seq))
 }

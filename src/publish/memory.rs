@@ -219,13 +219,13 @@ impl Sink for MemorySink {
         }
         let _ = subject; // the stream captures every subject walcast sends to
         let msg = Stored {
-            msg_id: header(&headers, "Nats-Msg-Id").ok_or("no Nats-Msg-Id")?,
-            tenant: header(&headers, "Walcast-Tenant"),
-            seq: header(&headers, "Walcast-Seq").and_then(|s| s.parse().ok()),
+            msg_id: header(&headers, crate::headers::MSG_ID).ok_or("no Nats-Msg-Id")?,
+            tenant: header(&headers, crate::headers::TENANT),
+            seq: header(&headers, crate::headers::SEQ).and_then(|s| s.parse().ok()),
             payload,
             stored_at: Instant::now(),
         };
-        let expected = header(&headers, "Nats-Expected-Last-Sequence")
+        let expected = header(&headers, crate::headers::EXPECTED_LAST_SEQUENCE)
             .and_then(|s| s.parse().ok())
             .map(StreamSeq);
         let mut broker = self.broker.lock();

@@ -122,13 +122,13 @@ struct Sent {
 /// How often progress is cut into segments for the checkpointer.
 const CUT_EVERY: Duration = Duration::from_millis(20);
 
-const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
-const EXPECTED_LAST: HeaderName = HeaderName::from_static("Nats-Expected-Last-Sequence");
-const TENANT: HeaderName = HeaderName::from_static("Walcast-Tenant");
-const SEQ: HeaderName = HeaderName::from_static("Walcast-Seq");
-const REASON: HeaderName = HeaderName::from_static("Walcast-Reason");
-const LSN: HeaderName = HeaderName::from_static("Walcast-Lsn");
-const CONTENT_TYPE: HeaderName = HeaderName::from_static("Content-Type");
+const MSG_ID: HeaderName = HeaderName::from_static(crate::headers::MSG_ID);
+const EXPECTED_LAST: HeaderName = HeaderName::from_static(crate::headers::EXPECTED_LAST_SEQUENCE);
+const TENANT: HeaderName = HeaderName::from_static(crate::headers::TENANT);
+const SEQ: HeaderName = HeaderName::from_static(crate::headers::SEQ);
+const REASON: HeaderName = HeaderName::from_static(crate::headers::REASON);
+const LSN: HeaderName = HeaderName::from_static(crate::headers::LSN);
+const CONTENT_TYPE: HeaderName = HeaderName::from_static(crate::headers::CONTENT_TYPE);
 
 /// Publishes a stream of items to a [`Sink`] ([`JetStream`] in production).
 pub(crate) struct Publisher<S> {
@@ -406,7 +406,7 @@ impl<S: Sink> Publisher<S> {
         }
         // The header carries the decimal number (README), not the `X/Y` text.
         headers.insert(LSN, event.commit_lsn.0.to_string());
-        headers.insert(CONTENT_TYPE, "application/x-protobuf");
+        headers.insert(CONTENT_TYPE, crate::headers::PROTOBUF);
         let payload = self
             .oversized
             .fit(&mut self.sink, &event, &mut headers)
@@ -470,7 +470,7 @@ fn fed(
         tenant,
         seq,
         object: headers
-            .get(crate::state::layout::OBJECT)
+            .get(crate::headers::OBJECT)
             .map(|v| v.as_str().to_string()),
         payload: payload.clone(),
     }

@@ -78,7 +78,7 @@ impl Oversized {
         sink.put_object(&self.bucket, &event.event_id, &event.payload, chunk_size)
             .await?;
         headers.insert(
-            "Walcast-Object",
+            crate::headers::OBJECT,
             format!("{}/{}", self.bucket.name, event.event_id).as_str(),
         );
         let mut stub = ChangeEvent::decode(event.payload.clone()).map_err(|e| {
@@ -91,11 +91,11 @@ impl Oversized {
             return Ok(Bytes::from(stub.encode_to_vec()));
         }
         // Even without row images the event does not fit: key fields only.
-        let reason = match headers.get("Walcast-Reason") {
+        let reason = match headers.get(crate::headers::REASON) {
             Some(dead_letter) => format!("{}; {KEY_FIELDS_ONLY}", dead_letter.as_str()),
             None => KEY_FIELDS_ONLY.to_string(),
         };
-        headers.insert("Walcast-Reason", reason.as_str());
+        headers.insert(crate::headers::REASON, reason.as_str());
         let keys = key_fields(&stub);
         let needed = keys.encoded_len() + header_len(headers) + MARGIN;
         if needed > max_payload {

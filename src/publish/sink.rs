@@ -200,16 +200,21 @@ impl Sink for JetStream {
 
     async fn message_id(&self, seq: StreamSeq) -> Option<String> {
         let msg = self.stream.get_raw_message(seq.0).await.ok()?;
-        Some(msg.headers.get("Nats-Msg-Id")?.as_str().to_string())
+        Some(
+            msg.headers
+                .get(crate::headers::MSG_ID)?
+                .as_str()
+                .to_string(),
+        )
     }
 
     async fn message(&self, seq: StreamSeq) -> Option<Message> {
         let msg = self.stream.get_raw_message(seq.0).await.ok()?;
         let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_string());
         Some(Message {
-            event_id: header("Nats-Msg-Id")?,
-            tenant: header("Walcast-Tenant"),
-            seq: header("Walcast-Seq").and_then(|s| s.parse().ok()),
+            event_id: header(crate::headers::MSG_ID)?,
+            tenant: header(crate::headers::TENANT),
+            seq: header(crate::headers::SEQ).and_then(|s| s.parse().ok()),
         })
     }
 

@@ -27,7 +27,7 @@ pub const CAPACITY: usize = 4096;
 pub const MAX_BYTES: usize = 4 << 20;
 
 /// One stream message as the state reads it (from the feed or the stream).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Input {
     /// Its stream sequence.
     pub position: u64,

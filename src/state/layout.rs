@@ -10,16 +10,7 @@ use bytes::Bytes;
 
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
-/// How far the writer had applied the stream when it sent this entry: every
-/// stream position up to it was acknowledged in the bucket by then.
-pub const STREAM_SEQ: &str = "Walcast-Stream-Seq";
-pub const SEQ: &str = "Walcast-Seq";
-/// The stream event's tenant.
-pub const TENANT: &str = "Walcast-Tenant";
-pub const CONTENT_TYPE: &str = "Content-Type";
-pub const PROTOBUF: &str = "application/x-protobuf";
-/// The claim check of SPEC §3.
-pub const OBJECT: &str = "Walcast-Object";
+pub use crate::headers::{CONTENT_TYPE, OBJECT, PROTOBUF, SEQ, STREAM_SEQ, TENANT};
 
 /// What one stream event does to the state.
 #[derive(Debug, PartialEq, Eq)]
