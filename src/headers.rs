@@ -11,7 +11,7 @@ pub const TENANT: &str = "Walcast-Tenant";
 pub const SEQ: &str = "Walcast-Seq";
 /// Why an event is a dead letter, or was cut to its key fields.
 pub const REASON: &str = "Walcast-Reason";
-/// The commit LSN of a dead letter's transaction.
+/// The commit LSN of the event's transaction, as a decimal number.
 pub const LSN: &str = "Walcast-Lsn";
 /// The claim check of SPEC §3: `<object bucket>/<event_id>`.
 pub const OBJECT: &str = "Walcast-Object";

@@ -268,7 +268,7 @@ impl<'a> Copy<'a> {
             .fit(&mut self.sink, &out, &mut headers)
             .await
             .map_err(|e| e.to_string())?;
-        if headers.get(layout::OBJECT).is_some() {
+        if headers.get(crate::headers::OBJECT).is_some() {
             self.backfill.objects.register(&key, &object).await;
         }
         self.writer.send(&key, headers, payload, 0).await

@@ -149,8 +149,8 @@ pub async fn set_marker(
     applied: u64,
 ) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert(layout::STREAM_SEQ, applied.to_string().as_str());
-    headers.insert(layout::CONTENT_TYPE, "application/json");
+    headers.insert(crate::headers::STREAM_SEQ, applied.to_string().as_str());
+    headers.insert(crate::headers::CONTENT_TYPE, "application/json");
     let body = Bytes::from(serde_json::to_vec(marker).unwrap_or_default());
     js.publish_with_headers(format!("$KV.{bucket}.{MARKER_KEY}"), headers, body)
         .await

@@ -8,9 +8,10 @@
 use async_nats::HeaderMap;
 use bytes::Bytes;
 
+use crate::headers::{CONTENT_TYPE, PROTOBUF, SEQ, STREAM_SEQ};
+
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
-pub use crate::headers::{CONTENT_TYPE, OBJECT, PROTOBUF, SEQ, STREAM_SEQ, TENANT};
 
 /// What one stream event does to the state.
 #[derive(Debug, PartialEq, Eq)]

@@ -210,7 +210,7 @@ async fn newer(bucket: &Bucket, write: &Write, seq: u64) -> Result<bool, String>
         Ok(entry) => {
             let held = entry
                 .headers
-                .get(layout::SEQ)
+                .get(crate::headers::SEQ)
                 .and_then(|v| v.as_str().parse::<u64>().ok())
                 .unwrap_or(0);
             Ok(seq > held)
@@ -241,7 +241,10 @@ async fn send(
             if let Some(object) = object {
                 // The stream's copy expires with the stream: the state's does not.
                 let copy = objects.copy(&object, &key, seq).await?;
-                headers.insert(layout::OBJECT, format!("{}/{copy}", objects.name).as_str());
+                headers.insert(
+                    crate::headers::OBJECT,
+                    format!("{}/{copy}", objects.name).as_str(),
+                );
             }
             (key, payload)
         }

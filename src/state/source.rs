@@ -13,7 +13,6 @@ use async_nats::jetstream::stream::Stream;
 use futures::StreamExt;
 
 use super::feed::{Feed, Input, Take};
-use super::layout;
 use crate::telemetry::metrics as m;
 
 /// Events moved out of the feed at once.
@@ -164,11 +163,11 @@ fn from_message(msg: async_nats::jetstream::Message) -> Result<Input, String> {
     };
     Ok(Input {
         position,
-        tenant: header(layout::TENANT).map(Arc::from),
-        seq: header(layout::SEQ)
+        tenant: header(crate::headers::TENANT).map(Arc::from),
+        seq: header(crate::headers::SEQ)
             .and_then(|v| v.parse().ok())
             .unwrap_or(0),
-        object: header(layout::OBJECT).map(String::from),
+        object: header(crate::headers::OBJECT).map(String::from),
         subject: msg.subject.clone(),
         payload: msg.payload.clone(),
     })
