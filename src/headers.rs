@@ -20,3 +20,6 @@ pub const OBJECT: &str = "Walcast-Object";
 pub const STREAM_SEQ: &str = "Walcast-Stream-Seq";
 pub const CONTENT_TYPE: &str = "Content-Type";
 pub const PROTOBUF: &str = "application/x-protobuf";
+/// NATS KV's operation header: `DEL` or `PURGE` on a delete marker, absent
+/// on a value.
+pub const KV_OPERATION: &str = "KV-Operation";

@@ -176,7 +176,7 @@ async fn state_rows(
         let deleted = msg
             .headers
             .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
+            .and_then(|h| h.get(crate::headers::KV_OPERATION))
             .is_some();
         if !deleted {
             let event = event(js, &msg, seq).await?;

@@ -4,6 +4,7 @@ mod broker_loss;
 mod catchup;
 mod catchup_restart;
 mod cluster;
+mod cluster_state;
 mod data_edges;
 mod demo;
 mod deploy_callout;

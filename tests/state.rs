@@ -218,15 +218,19 @@ async fn survives_kill9_and_nats_restart_and_backfills_on_demand() {
 /// What one loader saw: its replica of the tenant's rows and the last seq
 /// applied.
 #[derive(Default)]
-struct Replica {
-    tables: Tables,
-    as_of: Option<u64>,
-    last_seq: u64,
+pub struct Replica {
+    pub tables: Tables,
+    pub as_of: Option<u64>,
+    pub last_seq: u64,
 }
 
 /// Loads `tenant` with the Rust client and applies everything it yields to
 /// a replica, checking that events follow the snapshot one seq at a time.
-async fn follow(url: String, tenant: String, replica: std::sync::Arc<std::sync::Mutex<Replica>>) {
+pub async fn follow(
+    url: String,
+    tenant: String,
+    replica: std::sync::Arc<std::sync::Mutex<Replica>>,
+) {
     use futures::StreamExt;
     use walcast_client::{Client, Options, StateUpdate};
     let client = Client::connect(&url, Options::default())
@@ -260,7 +264,7 @@ async fn follow(url: String, tenant: String, replica: std::sync::Arc<std::sync::
 }
 
 /// The rows of one tenant.
-fn of_tenant(t: &Tables, tenant: &str) -> Tables {
+pub fn of_tenant(t: &Tables, tenant: &str) -> Tables {
     Tables {
         tasks: t
             .tasks

@@ -104,6 +104,25 @@ pub async fn answer<P: Probe>(
     }
 }
 
+/// [`answer`] from probes that a nearby replica answers (fast, but on a
+/// clustered stream it may lag: it can miss the newest messages, never show
+/// wrong ones), with a `TooOld` asked again of the stream leader (`leader`):
+/// a lagging replica must not send a client back to its database. Every
+/// other answer stands: a `Start` is a message that was read, the rest come
+/// from the index and the leader's stream state.
+pub async fn answer_confirmed<P: Probe, L: Probe>(
+    nearby: &P,
+    leader: &L,
+    known: Option<&Known>,
+    after_seq: TenantSeq,
+    stream: StreamState,
+) -> Result<Answer, String> {
+    match answer(nearby, known, after_seq, stream).await? {
+        Answer::TooOld { .. } => answer(leader, known, after_seq, stream).await,
+        answered => Ok(answered),
+    }
+}
+
 /// The tenant's first message whose seq is >= `target`, as `(stream seq,
 /// seq)`, searched within the index's window (or the whole stream).
 async fn search<P: Probe>(
@@ -292,6 +311,7 @@ mod tests {
             trim in 0u64..120,
             holes in proptest::collection::vec(1u64..400, 0..3),
             mode in 0u8..3,
+            lag in 0u64..40,
         ) {
             let mut messages = BTreeMap::new();
             let mut last: [u64; 4] = [0; 4];
@@ -317,6 +337,8 @@ mod tests {
             };
             for tenant in 0u8..4 {
                 let fake = Fake { messages: messages.clone(), tenant };
+                // A replica that has not applied the newest `lag` messages yet.
+                let lagging = Fake { messages: messages.range(..=stream_last.saturating_sub(lag)).map(|(q, m)| (*q, *m)).collect(), tenant };
                 let retained: Vec<u64> = messages.values().filter(|(t, _)| *t == tenant).map(|(_, s)| *s).collect();
                 for after in 0..=last[tenant as usize] + 1 {
                     let known = if mode > 0 {
@@ -338,6 +360,8 @@ mod tests {
                         Answer::TooOld { oldest_seq: TenantSeq(retained.first().copied().unwrap_or(n_plain + 1)), last_seq: n }
                     };
                     prop_assert_eq!(got, expect, "tenant {} after {}", tenant, after);
+                    let confirmed = futures::executor::block_on(answer_confirmed(&lagging, &fake, known.as_ref(), TenantSeq(after), stream)).unwrap();
+                    prop_assert_eq!(confirmed, expect, "tenant {} after {}, a replica {} behind", tenant, after, lag);
                 }
             }
         }

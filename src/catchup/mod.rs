@@ -265,7 +265,11 @@ fn parse(scoped: Option<&str>, payload: &[u8]) -> Result<Request, String> {
 /// Where the tenant's events after `after_seq` start; an event still in
 /// flight (sent, not yet in the stream) is waited for, up to ~0.5 s.
 async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<Answer, String> {
-    let probe = DirectGet {
+    let nearby = DirectGet {
+        stream: &ctx.stream,
+        filter: filter_subject,
+    };
+    let leader = LeaderGet {
         stream: &ctx.stream,
         filter: filter_subject,
     };
@@ -277,7 +281,8 @@ async fn search(ctx: &Ctx, request: &Request, filter_subject: &str) -> Result<An
                 if let Some(known) = known.as_mut() {
                     find_saved(ctx, &request.tenant_id, target, known).await;
                 }
-                lookup::answer(&probe, known.as_ref(), TenantSeq(request.after_seq), state).await
+                let after = TenantSeq(request.after_seq);
+                lookup::answer_confirmed(&nearby, &leader, known.as_ref(), after, state).await
             }
             Err(e) => Err(e),
         };
@@ -372,7 +377,8 @@ async fn stream_state(
     Ok((state, known))
 }
 
-/// Probes with JetStream direct gets (`next_by_subj`), one request each.
+/// Probes with JetStream direct gets (`next_by_subj`), one request each,
+/// answered by the nearest replica (on a cluster: maybe a lagging one).
 struct DirectGet<'a> {
     stream: &'a Stream,
     filter: &'a str,
@@ -385,18 +391,41 @@ impl Probe for DirectGet<'_> {
             .direct_get_next_for_subject(self.filter, Some(from.0))
             .await
         {
-            Ok(msg) => {
-                let seq = msg
-                    .headers
-                    .get(crate::headers::SEQ)
-                    .and_then(|v| v.as_str().parse().ok())
-                    .ok_or_else(|| {
-                        format!("stream message {} has no Walcast-Seq header", msg.sequence)
-                    })?;
-                Ok(Some((StreamSeq(msg.sequence), TenantSeq(seq))))
-            }
+            Ok(msg) => position_of(msg.sequence, &msg.headers).map(Some),
             Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => Ok(None),
             Err(e) => Err(format!("direct get: {e}")),
         }
     }
+}
+
+/// Probes through the stream leader (`STREAM.MSG.GET`, `next_by_subj`):
+/// slower, never behind; asked before a client is told `too_old`.
+struct LeaderGet<'a> {
+    stream: &'a Stream,
+    filter: &'a str,
+}
+
+impl Probe for LeaderGet<'_> {
+    async fn next_at(&self, from: StreamSeq) -> Result<Option<(StreamSeq, TenantSeq)>, String> {
+        match self
+            .stream
+            .get_first_raw_message_by_subject(self.filter, from.0)
+            .await
+        {
+            Ok(msg) => position_of(msg.sequence, &msg.headers).map(Some),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(format!("read the stream's leader: {e}")),
+        }
+    }
+}
+
+/// A tenant's message as `(stream seq, tenant seq)`.
+fn position_of(sequence: u64, headers: &HeaderMap) -> Result<(StreamSeq, TenantSeq), String> {
+    let seq = headers
+        .get(crate::headers::SEQ)
+        .and_then(|v| v.as_str().parse().ok())
+        .ok_or_else(|| format!("stream message {sequence} has no Walcast-Seq header"))?;
+    Ok((StreamSeq(sequence), TenantSeq(seq)))
 }

@@ -342,23 +342,31 @@ fn unusable(e: crate::database::DbError) -> String {
     }
 }
 
-/// Whether the stream holds the tenant's event `seq` at `at`.
+/// Whether the stream holds the tenant's event `seq` at `at`. The direct
+/// get may be answered by a replica that lags (on a cluster), so anything
+/// but a match is read again from the stream leader before it counts.
 pub(super) async fn check(
     stream: &Stream,
     tenant: &str,
     seq: TenantSeq,
     at: StreamSeq,
 ) -> Result<(), String> {
-    let msg = stream
-        .direct_get(at.0)
-        .await
-        .map_err(|e| format!("stream message {at}: {e}"))?;
-    match position(Some(&msg.headers)) {
+    let holds = |headers: &async_nats::HeaderMap| match position(Some(headers)) {
         Some((t, s)) if t == tenant && s == seq.0 => Ok(()),
         other => Err(format!(
             "stream message {at} is {other:?}, a segment says tenant {tenant:?} seq {seq}"
         )),
+    };
+    if let Ok(msg) = stream.direct_get(at.0).await
+        && holds(&msg.headers).is_ok()
+    {
+        return Ok(());
     }
+    let msg = stream
+        .get_raw_message(at.0)
+        .await
+        .map_err(|e| format!("stream message {at}: {e}"))?;
+    holds(&msg.headers)
 }
 
 /// Tenant ids shared by every position of a tenant.

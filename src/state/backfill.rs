@@ -41,6 +41,9 @@ const PAGE: usize = 1000;
 const LARGE: usize = 64 * 1024;
 /// Progress goes to the log and the marker this often.
 const REPORT_EVERY: Duration = Duration::from_secs(5);
+/// The longest the `complete` marker waits for a clustered bucket's
+/// replicas to store the copied rows.
+const REPLICAS_WAIT: Duration = Duration::from_secs(30);
 
 /// What a backfill needs from the service.
 pub struct Backfill<'a> {
@@ -79,6 +82,7 @@ impl Backfill<'_> {
         sql.batch_execute("COMMIT")
             .await
             .map_err(|e| format!("end the backfill snapshot in Postgres: {e}"))?;
+        self.wait_for_replicas().await;
         let complete = Marker::new("complete", Some(lsn.to_string()), Some(copy.rows));
         bucket::set_marker(self.js, bucket, &complete, self.applied()).await?;
         metrics::gauge!(m::BACKFILL_RUNNING).set(0.0);
@@ -114,6 +118,51 @@ impl Backfill<'_> {
         if let Err(e) = emitted.await {
             tracing::debug!(error = %e, "no WAL marker for the backfill: it waits for the next keepalive");
         }
+    }
+
+    /// Before the marker says `complete`, every replica of a clustered bucket
+    /// should hold the copied rows: a loader reads the marker from the
+    /// nearest replica and the rows through a consumer NATS places on any of
+    /// them, so one still storing the backfill would serve a snapshot that
+    /// misses rows. Bounded: a replica that is down cannot be waited for
+    /// (docs/STATE.md, "Clustered buckets").
+    async fn wait_for_replicas(&self) {
+        let began = Instant::now();
+        let mut behind = Vec::new();
+        while began.elapsed() < REPLICAS_WAIT {
+            behind = match self.replicas_behind().await {
+                Ok(behind) if behind.is_empty() => return,
+                Ok(behind) => behind,
+                Err(e) => vec![e],
+            };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(
+            behind = %behind.join(", "),
+            "the state backfill is complete, but a replica of the bucket has not stored every copied row yet: until it has, a load served by it may miss backfilled rows; check that every NATS server of the cluster is up"
+        );
+    }
+
+    /// The bucket's replicas that have not stored everything the leader has.
+    async fn replicas_behind(&self) -> Result<Vec<String>, String> {
+        let name = format!("KV_{}", self.bucket());
+        let info = self
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| e.to_string())?
+            .cached_info()
+            .clone();
+        let replicas = info
+            .cluster
+            .as_ref()
+            .map(|c| c.replicas.as_slice())
+            .unwrap_or_default();
+        Ok(replicas
+            .iter()
+            .filter(|peer| !peer.current || peer.offline)
+            .map(|peer| format!("{} (lag {})", peer.name, peer.lag.unwrap_or(0)))
+            .collect())
     }
 
     /// Waits until the stream holds every event committed before `lsn` and

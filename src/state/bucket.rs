@@ -62,11 +62,7 @@ pub async fn inspect(
         return Ok(None);
     };
     compatible(&mut stream, name).await?;
-    let store = js
-        .get_key_value(name)
-        .await
-        .map_err(|e| format!("open the state bucket {name} on NATS: {e}"))?;
-    Ok(Some(marker(&store).await?))
+    Ok(Some(marker(&stream, name).await?))
 }
 
 /// History 1 and no max age: a row's value must never expire.
@@ -132,13 +128,27 @@ impl Marker {
 }
 
 /// The marker, if the bucket has one (an unreadable one counts as none: the
-/// backfill runs again, which is always safe).
-pub async fn marker(store: &Store) -> Result<Option<Marker>, String> {
-    let value = store
-        .get(MARKER_KEY)
-        .await
-        .map_err(|e| format!("read the state bucket's {MARKER_KEY} from NATS: {e}"))?;
-    Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+/// backfill runs again, which is always safe). Read from the stream leader:
+/// any replica of a clustered bucket answers a direct get (`Store::get`),
+/// and a lagging one would still say `running` after the backfill completed
+/// and have it run again.
+pub async fn marker(stream: &Stream, bucket: &str) -> Result<Option<Marker>, String> {
+    let subject = format!("$KV.{bucket}.{MARKER_KEY}");
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) if is_value(&message.headers) => {
+            Ok(serde_json::from_slice(&message.payload).ok())
+        }
+        Ok(_) => Ok(None),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(format!(
+            "read the state bucket's {MARKER_KEY} from NATS: {e}"
+        )),
+    }
+}
+
+/// Not a KV delete or purge marker (`KV-Operation: DEL` / `PURGE`).
+fn is_value(headers: &async_nats::HeaderMap) -> bool {
+    headers.get(crate::headers::KV_OPERATION).is_none()
 }
 
 /// Writes the marker, stamped with the projection's position `applied`.

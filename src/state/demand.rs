@@ -79,7 +79,7 @@ async fn applied(bucket: &bucket::Bucket) -> Result<u64, AppError> {
 async fn until_complete(bucket: bucket::Bucket) -> Result<Marker, AppError> {
     let mut last_rows = None;
     loop {
-        if let Some(marker) = bucket::marker(&bucket.store)
+        if let Some(marker) = bucket::marker(&bucket.stream, &bucket.name)
             .await
             .map_err(AppError::State)?
         {

@@ -214,7 +214,7 @@ impl State {
         (bucket, objects): (&bucket::Bucket, &objects::Objects),
     ) -> Result<(), String> {
         loop {
-            let marker = bucket::marker(&bucket.store).await?;
+            let marker = bucket::marker(&bucket.stream, &bucket.name).await?;
             if !marker.is_some_and(|m| m.is_complete()) {
                 let backfill = backfill::Backfill {
                     settings: &self.settings,

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, stream::Stream};
+use std::future::Future;
 
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
+use async_nats::jetstream::{self, stream::Stream};
 
 use super::bucket::Bucket;
 use super::feed::{Feed, Input};
@@ -201,23 +202,64 @@ async fn purge(bucket: &Bucket, entity: &str) -> Result<(), String> {
 }
 
 /// Whether the event is newer than what its key holds.
+///
+/// A direct get may be answered by any replica of a clustered bucket (one
+/// that has applied 90 % of the leader's log already answers), so it may
+/// return an older value than the key holds, never a newer one: "not newer"
+/// is final, but "newer" is asked again of the stream leader before the key
+/// is written, or a lagging replica would make a key step back.
 async fn newer(bucket: &Bucket, write: &Write, seq: u64) -> Result<bool, String> {
     let (Write::Put(key) | Write::Delete(key)) = write else {
         return Ok(true);
     };
     let subject = format!("$KV.{}.{key}", bucket.name);
+    newer_than_held(seq, held_nearby(bucket, &subject, key), || {
+        held_at_leader(bucket, &subject, key)
+    })
+    .await
+}
+
+/// [`newer`]'s decision: `nearby` may be stale (older), `leader` is not.
+async fn newer_than_held<L, F>(
+    seq: u64,
+    nearby: impl Future<Output = Result<u64, String>>,
+    leader: L,
+) -> Result<bool, String>
+where
+    L: FnOnce() -> F,
+    F: Future<Output = Result<u64, String>>,
+{
+    if seq <= nearby.await? {
+        return Ok(false);
+    }
+    Ok(seq > leader().await?)
+}
+
+/// The seq a key holds (0: none), as the nearest replica answers.
+async fn held_nearby(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, String> {
     match bucket.stream.direct_get_last_for_subject(subject).await {
-        Ok(entry) => {
-            let held = entry
-                .headers
-                .get(crate::headers::SEQ)
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-                .unwrap_or(0);
-            Ok(seq > held)
-        }
-        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(true),
+        Ok(entry) => Ok(held_seq(&entry.headers)),
+        Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
         Err(e) => Err(format!("read {key} from the state bucket on NATS: {e}")),
     }
+}
+
+/// The seq a key holds (0: none), as the stream leader answers.
+async fn held_at_leader(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, String> {
+    match bucket.stream.get_last_raw_message_by_subject(subject).await {
+        Ok(entry) => Ok(held_seq(&entry.headers)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
+        Err(e) => Err(format!(
+            "read {key} from the state bucket's leader on NATS: {e}"
+        )),
+    }
+}
+
+fn held_seq(headers: &async_nats::HeaderMap) -> u64 {
+    headers
+        .get(crate::headers::SEQ)
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 async fn send(
@@ -249,7 +291,7 @@ async fn send(
             (key, payload)
         }
         Write::Delete(key) => {
-            headers.insert("KV-Operation", "DEL");
+            headers.insert(crate::headers::KV_OPERATION, "DEL");
             (key, bytes::Bytes::new())
         }
         Write::Truncate(_) => return Ok(()), // handled by the caller
@@ -275,6 +317,33 @@ fn skipped(skip: Skip, subject: &str, warned: &mut [bool; 2]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `newer` decides from a nearby replica's answer and the leader's
+    /// (`None`: the leader must not be asked).
+    fn decide(seq: u64, nearby: u64, leader: Option<u64>) -> bool {
+        let asked = std::cell::Cell::new(false);
+        let decided =
+            futures::executor::block_on(newer_than_held(seq, async { Ok(nearby) }, || {
+                asked.set(true);
+                async move { leader.ok_or_else(|| "asked the leader".to_string()) }
+            }))
+            .expect("decided");
+        assert_eq!(asked.get(), leader.is_some(), "leader asked");
+        decided
+    }
+
+    #[test]
+    fn a_lagging_replica_never_makes_a_key_step_back() {
+        // The key holds seq 10; a lagging replica still shows 5: event 7
+        // is not written.
+        assert!(!decide(7, 5, Some(10)));
+        // Up to date everywhere: written.
+        assert!(decide(7, 5, Some(5)));
+        assert!(decide(7, 0, Some(0)));
+        // Not newer nearby: final, the leader is not asked.
+        assert!(!decide(7, 7, None));
+        assert!(!decide(7, 9, None));
+    }
 
     #[test]
     fn a_restart_rechecks_every_write_that_may_have_been_in_flight() {
