@@ -314,3 +314,68 @@ async fn a_stub_larger_than_max_payload_is_published_with_its_key_fields() {
     assert!(stub.actor.is_none() && stub.after.is_none() && stub.before.is_none());
     walcast.stop(Duration::from_secs(15)).await;
 }
+
+/// A replica that lags (`StaleReplica`: "not found" for a share of the
+/// object store's direct gets, as a follower that has not stored an object
+/// yet answers on a cluster): the Rust client still delivers every
+/// oversized event whole, in order; it never takes an object a replica has
+/// not stored yet for one that expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_does_not_make_a_fresh_object_look_expired() {
+    use crate::support::stale::StaleReplica;
+    use futures::StreamExt;
+    use walcast_client::{Client, Options, Update};
+    let env = Env::start_with(NatsOptions {
+        max_payload: Some(64 * 1024),
+        extra: StaleReplica::mappings(&["OBJ_WALCAST_OVERSIZED"]),
+        ..NatsOptions::default()
+    })
+    .await;
+    let url = env.nats.url();
+    let stale = StaleReplica::start(&url, "OBJ_WALCAST_OVERSIZED").await;
+    let client = env.pg.client().await;
+    let dir = TempDir::new("oversized-stale").unwrap();
+    let mut walcast = Walcast::start("walcast", dir.path(), &env.env_vars(), &[]);
+    // The object store exists once the first oversized event is stored.
+    let insert = |n: u64| {
+        format!(
+            "INSERT INTO tasks (id, tenant_id, title, description) SELECT '{}', 'big', 'big', {}",
+            uuid(n),
+            sql_blob(100_000)
+        )
+    };
+    client.batch_execute(&insert(1)).await.unwrap();
+    catch_up(&client, Duration::from_secs(30)).await.unwrap();
+    let follower = Client::connect(&url, Options::default()).await.unwrap();
+    let mut updates = follower.subscribe("big", 0).unwrap();
+    const EVENTS: u64 = 30;
+    for n in 2..=EVENTS {
+        client.batch_execute(&insert(n)).await.unwrap();
+    }
+    for seq in 1..=EVENTS {
+        let update = tokio::time::timeout(Duration::from_secs(30), updates.next())
+            .await
+            .unwrap_or_else(|_| panic!("event {seq} never came:\n{}", walcast.log_tail(20)))
+            .expect("the subscription goes on");
+        match update.unwrap_or_else(|e| panic!("event {seq}: {e}")) {
+            Update::Event(event) => {
+                assert_eq!(event.seq, seq);
+                let Some(walcast_client::proto::change_event::After::Task(task)) = &event.after
+                else {
+                    panic!("event {seq} without its row")
+                };
+                assert_eq!(task.description.as_deref().map(str::len), Some(100_000));
+            }
+            other => panic!("event {seq}: {other:?}"),
+        }
+    }
+    assert!(
+        stale.answered() > 0,
+        "the lagging replica answered no direct get"
+    );
+    eprintln!(
+        "the lagging replica answered {} direct gets",
+        stale.answered()
+    );
+    walcast.stop(Duration::from_secs(15)).await;
+}

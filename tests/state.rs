@@ -1,6 +1,7 @@
 //! The state bucket (SPEC §8) against real Postgres and NATS: pre-existing
 //! rows backfilled, every key following the stream, never going back.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::daemon::{Daemon, Env};
@@ -582,4 +583,94 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
         "back on the feed: fed {fed} -> {fed_after}, streamed {behind} -> {streamed_after}"
     );
     walcast.stop(Duration::from_secs(20)).await;
+}
+
+/// A replica that lags (`StaleReplica`: "not found" for a share of the
+/// bucket's direct gets, as a follower that has not applied the newest
+/// writes answers on a cluster) while walcast restarts and re-checks its
+/// writes key by key: no key steps back to an older event (a watcher of
+/// every key sees each key's `Walcast-Seq` only grow), the backfill does
+/// not run again, and the bucket ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_never_makes_a_key_step_back() {
+    use crate::support::chaos::{Load, Walcast};
+    use crate::support::nats::NatsOptions;
+    use crate::support::stale::StaleReplica;
+    let env = Env::start_with(NatsOptions {
+        extra: StaleReplica::mappings(&[&format!("KV_{BUCKET}")]),
+        ..NatsOptions::default()
+    })
+    .await;
+    let url = env.nats.url();
+    let stale = StaleReplica::start(&url, &format!("KV_{BUCKET}")).await;
+    let mut client = env.pg.client().await;
+    let mut workload = Workload::new(Workload::seed(), 3);
+    preexisting_rows(&env, &mut client, &mut workload, 300).await;
+    let dir = crate::support::TempDir::new("state-stale").unwrap();
+    let vars = env.env_vars();
+    let mut first = Walcast::start("first", dir.path(), &vars, &[]);
+    wait_complete(&url).await;
+    let load = Load::start(&env, 3, Duration::from_millis(1)).await;
+    load.wait_transactions(400, Duration::from_secs(120)).await;
+    first.kill9().await;
+
+    let steps_back = Arc::new(Mutex::new(Vec::new()));
+    let watcher = tokio::spawn(watch_for_steps_back(url.clone(), steps_back.clone()));
+    let mut second = Walcast::start("second", dir.path(), &vars, &[]);
+    load.wait_transactions(200, Duration::from_secs(120)).await;
+    load.stop().await;
+    let keys = assert_converges(&env, &client).await;
+    second.stop(Duration::from_secs(15)).await;
+    watcher.abort();
+    let answered = stale.answered();
+    assert!(answered > 0, "the lagging replica answered no direct get");
+    let steps_back = steps_back.lock().unwrap();
+    assert!(
+        steps_back.is_empty(),
+        "keys stepped back to older events: {:?}",
+        &steps_back[..steps_back.len().min(10)]
+    );
+    let backfills = second.log().matches("state backfill started").count();
+    assert_eq!(backfills, 0, "the restart ran the backfill again");
+    eprintln!("{keys} keys; the lagging replica answered {answered} direct gets");
+}
+
+/// Reads every key of the bucket (its current values, then every write)
+/// and records each write whose `Walcast-Seq` is below the key's highest.
+async fn watch_for_steps_back(url: String, steps_back: Arc<Mutex<Vec<String>>>) {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
+    let stream = js
+        .get_stream(format!("KV_{BUCKET}"))
+        .await
+        .expect("the bucket");
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            filter_subject: format!("$KV.{BUCKET}.>"),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .expect("a consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut highest = std::collections::HashMap::<String, u64>::new();
+    while let Some(Ok(msg)) = messages.next().await {
+        let Some(seq) = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Walcast-Seq"))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+        else {
+            continue; // the marker
+        };
+        let high = highest.entry(msg.subject.to_string()).or_default();
+        if seq < *high {
+            steps_back
+                .lock()
+                .unwrap()
+                .push(format!("{}: {} after {}", msg.subject, seq, *high));
+        }
+        *high = (*high).max(seq);
+    }
 }

@@ -13,6 +13,7 @@
 pub mod nats;
 pub mod postgres;
 pub mod proxy;
+pub mod stale;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

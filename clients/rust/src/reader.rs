@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::jetstream::{self, consumer, object_store, object_store::ObjectStore};
 use futures::StreamExt;
 use prost::Message as _;
@@ -182,18 +183,18 @@ impl Reader {
                 object: object.to_string(),
             })
         };
-        let info = self
-            .store(bucket)
-            .await?
-            .info(name)
-            .await
-            .map_err(|e| match e.kind() {
-                object_store::InfoErrorKind::NotFound => missing(),
-                _ => ReadError::Transient(format!("object info {object}: {e}")),
-            })?;
-        if info.deleted {
-            return Err(missing());
-        }
+        let info = match self.store(bucket).await?.info(name).await {
+            Ok(info) if !info.deleted => info,
+            Ok(_) => self
+                .info_at_leader(bucket, name)
+                .await?
+                .ok_or_else(missing)?,
+            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => self
+                .info_at_leader(bucket, name)
+                .await?
+                .ok_or_else(missing)?,
+            Err(e) => return Err(ReadError::Transient(format!("object info {object}: {e}"))),
+        };
         let body = self.chunks(bucket, &info.nuid, info.size).await?;
         if body.len() != info.size {
             return Err(ReadError::Transient(format!(
@@ -203,6 +204,38 @@ impl Reader {
             )));
         }
         Ok(body)
+    }
+
+    /// An object's meta as the stream leader has it (`None`: no object, or
+    /// deleted). `ObjectStore::info` reads it with a direct get, which on a
+    /// cluster the nearest replica answers; one that has not stored the
+    /// object yet says "not found" for an event published a moment ago,
+    /// so that answer is asked again here before the object counts as gone.
+    async fn info_at_leader(
+        &self,
+        bucket: &str,
+        name: &str,
+    ) -> Result<Option<object_store::ObjectInfo>, ReadError> {
+        use base64::Engine as _;
+        let transient = |e: &dyn std::fmt::Display| {
+            ReadError::Transient(format!("object info {bucket}/{name} from the leader: {e}"))
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(format!("OBJ_{bucket}"))
+            .await
+            .map_err(|e| transient(&e))?;
+        let name64 = base64::engine::general_purpose::URL_SAFE.encode(name);
+        let subject = format!("$O.{bucket}.M.{name64}");
+        match stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(meta) => {
+                let info: object_store::ObjectInfo =
+                    serde_json::from_slice(&meta.payload).map_err(|e| transient(&e))?;
+                Ok((!info.deleted).then_some(info))
+            }
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(transient(&e)),
+        }
     }
 
     /// The object store `bucket`, opened once.
