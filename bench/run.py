@@ -214,6 +214,10 @@ def as_postgres(cmd):
 
 
 class Postgres:
+    # Every client (psql, pgbench, pg_recvlogical, walcast) connects through
+    # the Unix socket instead of TCP on 127.0.0.1 (--pg-unix-socket).
+    unix_socket = False
+
     def __init__(self, work, pg_bin, fsync=True):
         """A new cluster in work/pg, or the one already there (a kept catch-up dataset)."""
         self.bin = Path(pg_bin)
@@ -261,6 +265,8 @@ class Postgres:
 
     @property
     def url(self):
+        if Postgres.unix_socket:
+            return f"postgres://postgres@/postgres?host={self.dir}&port={self.port}"
         return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
 
     def sql(self, query, env=None):
@@ -1918,11 +1924,14 @@ def main():
     ap.add_argument("--compare-bin", help="drain: also run this walcast binary (kinds compare, compare_no_state) "
                                           "on the same backlog, interleaved: an A/B of two builds")
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")
+    ap.add_argument("--pg-unix-socket", action="store_true",
+                    help="every client (pg_recvlogical and walcast included) connects to Postgres through its Unix socket")
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. what the binary is)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     fanout.add_arguments(ap)
     a = ap.parse_args()
+    Postgres.unix_socket = a.pg_unix_socket
     if a.quick:
         a.rows, a.tenants_large, a.big_tx_rows = 100_000, 10_000, 500_000
         a.latency_seconds, a.floor_seconds, a.idle_seconds = 10, 5, 10

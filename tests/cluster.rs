@@ -16,7 +16,7 @@ use crate::support::cluster::{Cluster, NODES};
 use crate::support::daemon::init_logging;
 use crate::support::oracle::Oracle;
 use crate::support::postgres::Postgres;
-use crate::support::{TempDir, free_port, wait_for, wait_until};
+use crate::support::{TempDir, wait_for, wait_until};
 
 const STREAM: &str = "WALCAST";
 
@@ -31,29 +31,13 @@ async fn stream_leader_failover_on_a_three_node_cluster() {
     init_logging();
     let pg = Postgres::start().expect("start postgres");
     let cluster = Cluster::start().await.expect("start a 3-node nats cluster");
-    let options = walcast::config::Options {
-        database_url: Some(pg.url()),
-        nats_url: Some(cluster.any_url()),
-        ..Default::default()
-    };
-    walcast::migrate::run(&options.resolve().expect("valid settings"))
+    walcast::migrate::run(&cluster.settings(&pg))
         .await
         .expect("walcast migrate");
     let client = pg.client().await;
     let oracle = Oracle::create(&client).await;
     let dir = TempDir::new("cluster").expect("log dir");
-    let env = |first: usize| {
-        vec![
-            ("WALCAST_DATABASE_URL".to_string(), pg.url()),
-            ("WALCAST_NATS_URL".to_string(), cluster.url_list(first)),
-            ("WALCAST_CONFIRM_DELAY".to_string(), "0".to_string()),
-            ("WALCAST_STREAM_REPLICAS".to_string(), "3".to_string()),
-            (
-                "WALCAST_HTTP_ADDR".to_string(),
-                format!("127.0.0.1:{}", free_port()),
-            ),
-        ]
-    };
+    let env = |first: usize| cluster.walcast_env(&pg, first);
 
     let load = Load::start_on(&pg, 6, Duration::from_millis(2)).await;
     let mut w = Walcast::start("walcast", dir.path(), &env(0), &[]);

@@ -16,7 +16,7 @@ use crate::support::daemon::{init_logging, read_stream};
 use crate::support::postgres::Postgres;
 use crate::support::state::{assert_state_exact, marker_state, read_bucket, rows_of};
 use crate::support::workload::{Tables, Workload};
-use crate::support::{TempDir, free_port, wait_until};
+use crate::support::{TempDir, wait_until};
 
 const BUCKET: &str = "WALCAST_STATE";
 const TENANTS: usize = 3;
@@ -32,12 +32,7 @@ async fn the_state_on_a_three_node_cluster_stays_exact_through_kill9() {
     init_logging();
     let pg = Postgres::start().expect("start postgres");
     let cluster = Cluster::start().await.expect("start a 3-node nats cluster");
-    let options = walcast::config::Options {
-        database_url: Some(pg.url()),
-        nats_url: Some(cluster.any_url()),
-        ..Default::default()
-    };
-    let settings = options.resolve().expect("valid settings");
+    let settings = cluster.settings(&pg);
     let mut client = pg.client().await;
     // Rows from before walcast: written while no slot exists.
     walcast::migrate::run(&settings)
@@ -54,16 +49,7 @@ async fn the_state_on_a_three_node_cluster_stays_exact_through_kill9() {
         .expect("migrate creates the slot again");
 
     let dir = TempDir::new("cluster-state").expect("log dir");
-    let env = vec![
-        ("WALCAST_DATABASE_URL".to_string(), pg.url()),
-        ("WALCAST_NATS_URL".to_string(), cluster.url_list(0)),
-        ("WALCAST_STREAM_REPLICAS".to_string(), "3".to_string()),
-        ("WALCAST_CONFIRM_DELAY".to_string(), "0".to_string()),
-        (
-            "WALCAST_HTTP_ADDR".to_string(),
-            format!("127.0.0.1:{}", free_port()),
-        ),
-    ];
+    let env = cluster.walcast_env(&pg, 0);
     let urls = cluster.urls();
     let mut loaders = Vec::new();
     let mut start_loaders = |wave: usize| {

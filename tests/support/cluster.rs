@@ -12,6 +12,7 @@ use async_nats::jetstream;
 
 use super::free_port;
 use super::nats::{ClusterMember, Nats, NatsOptions};
+use super::postgres::Postgres;
 
 /// Nodes in a test cluster.
 pub const NODES: usize = 3;
@@ -26,6 +27,32 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// walcast's settings for `pg` and this cluster (migrations, checks).
+    pub fn settings(&self, pg: &Postgres) -> walcast::config::Settings {
+        walcast::config::Options {
+            database_url: Some(pg.url()),
+            nats_url: Some(self.any_url()),
+            ..Default::default()
+        }
+        .resolve()
+        .expect("valid settings")
+    }
+
+    /// A walcast process's environment: `pg`, every node (node `first`
+    /// listed first), an R3 stream (and so state bucket), no confirm delay.
+    pub fn walcast_env(&self, pg: &Postgres, first: usize) -> Vec<(String, String)> {
+        vec![
+            ("WALCAST_DATABASE_URL".to_string(), pg.url()),
+            ("WALCAST_NATS_URL".to_string(), self.url_list(first)),
+            ("WALCAST_CONFIRM_DELAY".to_string(), "0".to_string()),
+            ("WALCAST_STREAM_REPLICAS".to_string(), "3".to_string()),
+            (
+                "WALCAST_HTTP_ADDR".to_string(),
+                format!("127.0.0.1:{}", free_port()),
+            ),
+        ]
+    }
+
     /// Starts three nodes and waits until the cluster has elected its
     /// JetStream meta leader.
     pub async fn start() -> anyhow::Result<Cluster> {

@@ -185,15 +185,14 @@ impl Reader {
         };
         let info = match self.store(bucket).await?.info(name).await {
             Ok(info) if !info.deleted => info,
-            Ok(_) => self
+            Err(e) if e.kind() != object_store::InfoErrorKind::NotFound => {
+                return Err(ReadError::Transient(format!("object info {object}: {e}")));
+            }
+            // Missing or deleted as the nearest replica has it.
+            _ => self
                 .info_at_leader(bucket, name)
                 .await?
                 .ok_or_else(missing)?,
-            Err(e) if e.kind() == object_store::InfoErrorKind::NotFound => self
-                .info_at_leader(bucket, name)
-                .await?
-                .ok_or_else(missing)?,
-            Err(e) => return Err(ReadError::Transient(format!("object info {object}: {e}"))),
         };
         let body = self.chunks(bucket, &info.nuid, info.size).await?;
         if body.len() != info.size {
