@@ -14,7 +14,7 @@ use crate::support::chaos::{Load, Walcast, catch_up};
 use crate::support::cluster::{Cluster, NODES};
 use crate::support::daemon::{init_logging, read_stream};
 use crate::support::postgres::Postgres;
-use crate::support::state::{assert_state_exact, marker_state, read_bucket, rows_of};
+use crate::support::state::{assert_state_exact, marker_state, read_bucket, wait_bucket_holds};
 use crate::support::workload::{Tables, Workload};
 use crate::support::{TempDir, wait_until};
 
@@ -108,12 +108,14 @@ async fn the_state_on_a_three_node_cluster_stays_exact_through_kill9() {
         );
     }
     let url = cluster.any_url();
-    wait_until(Duration::from_secs(60), || {
-        let (url, real) = (url.clone(), &real);
-        async move { rows_of(&read_bucket(&url, BUCKET).await) == *real }
-    })
-    .await
-    .expect("the bucket converges to the tables");
+    wait_bucket_holds(
+        &url,
+        BUCKET,
+        &real,
+        Duration::from_secs(60),
+        "the bucket converges to the tables",
+    )
+    .await;
     w.stop(Duration::from_secs(15)).await;
     let entries = read_bucket(&url, BUCKET).await;
     assert_state_exact(&entries, &read_stream(&url, "WALCAST").await, &real);

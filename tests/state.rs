@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::daemon::{Daemon, Env};
-use crate::support::state::{assert_state_exact, marker_state, read_bucket, rows_of};
+use crate::support::state::{
+    assert_state_exact, marker_state, read_bucket, rows_of, wait_bucket_holds,
+};
 use crate::support::wait_until;
 use crate::support::workload::{Tables, Workload};
 
@@ -48,12 +50,14 @@ async fn preexisting_rows_are_backfilled_while_the_stream_flows() {
     workload.run(&mut client, 200).await;
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
     let real = Tables::load(&client).await;
-    wait_until(Duration::from_secs(30), || {
-        let (url, real) = (url.clone(), &real);
-        async move { rows_of(&read_bucket(&url, BUCKET).await) == *real }
-    })
-    .await
-    .expect("the bucket converges to the tables");
+    wait_bucket_holds(
+        &url,
+        BUCKET,
+        &real,
+        Duration::from_secs(30),
+        "the bucket converges to the tables",
+    )
+    .await;
     daemon.stop().await.expect("clean stop");
 
     let events = env.stream_events().await;
@@ -103,12 +107,14 @@ async fn assert_converges(env: &Env, client: &tokio_postgres::Client) -> usize {
     env.wait_caught_up(client, Duration::from_secs(90)).await;
     let real = Tables::load(client).await;
     let url = env.nats.url();
-    wait_until(Duration::from_secs(60), || {
-        let (url, real) = (url.clone(), &real);
-        async move { rows_of(&read_bucket(&url, BUCKET).await) == *real }
-    })
-    .await
-    .expect("the bucket converges to the tables");
+    wait_bucket_holds(
+        &url,
+        BUCKET,
+        &real,
+        Duration::from_secs(60),
+        "the bucket converges to the tables",
+    )
+    .await;
     let entries = read_bucket(&url, BUCKET).await;
     assert_state_exact(&entries, &env.stream_events().await, &real);
     entries.len()
@@ -295,7 +301,6 @@ pub fn of_tenant(t: &Tables, tenant: &str) -> Tables {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loaders_started_during_a_workload_end_equal_to_the_tables() {
     use crate::support::chaos::Load;
-    use std::sync::{Arc, Mutex};
     let env = Env::start().await;
     let mut client = env.pg.client().await;
     let mut workload = Workload::new(Workload::seed(), 3);
@@ -411,12 +416,14 @@ async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
         .await;
     wait_complete(&url).await;
     let real = Tables::load(&client).await;
-    wait_until(Duration::from_secs(60), || {
-        let (url, real) = (url.clone(), &real);
-        async move { rows_of(&read_bucket(&url, BUCKET).await) == *real }
-    })
-    .await
-    .expect("the bucket holds the tables' rows");
+    wait_bucket_holds(
+        &url,
+        BUCKET,
+        &real,
+        Duration::from_secs(60),
+        "the bucket holds the tables' rows",
+    )
+    .await;
     second.stop(Duration::from_secs(15)).await;
 }
 

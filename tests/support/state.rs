@@ -124,6 +124,22 @@ async fn read_once(
     Some(out)
 }
 
+/// Waits (up to `timeout`) until the bucket holds exactly `real`'s rows;
+/// panics with `what` otherwise.
+pub async fn wait_bucket_holds(
+    nats_url: &str,
+    bucket: &str,
+    real: &Tables,
+    timeout: Duration,
+    what: &str,
+) {
+    super::wait_until(timeout, || async {
+        rows_of(&read_bucket(nats_url, bucket).await) == *real
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
 /// The readiness marker's `state`, if any.
 pub async fn marker_state(nats_url: &str, bucket: &str) -> Option<String> {
     let client = async_nats::connect(nats_url).await.ok()?;
