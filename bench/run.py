@@ -693,7 +693,8 @@ def scenario_drain(ctx):
     if a.compare_bin:
         # An A/B of two builds on the same backlog, interleaved with the rest.
         kinds += [("compare", {"binary": a.compare_bin}),
-                  ("compare_no_state", {"binary": a.compare_bin, "state": False})]
+                  ("compare_no_state", {"binary": a.compare_bin, "state": False}),
+                  ("compare_dry_run", {"binary": a.compare_bin, "dry_run": True})]
     runs, slots = drain_rounds(ctx, "d1", kinds)
     if a.profile:
         ctx.pg.create_slot("wc_perf")
