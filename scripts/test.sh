@@ -3,7 +3,8 @@
 # PostgreSQL) into .tools/, runs every test of the workspace (unit, property
 # and integration tests; each integration test starts its own throwaway
 # Postgres and nats-server on random ports, so nothing already running on the
-# machine is touched), then the TypeScript client's unit, integration and
+# machine is touched), then the vendored pgwire-replication's unit tests,
+# then the TypeScript client's unit, integration and
 # browser tests (scripts/test-typescript.sh), then the version matrix: a core
 # subset against PostgreSQL 18 and against nats-server 2.10.
 # Extra arguments go to the main `cargo test`, e.g. `scripts/test.sh --test main pipeline`
@@ -22,6 +23,8 @@ fi
 cargo test ${locked[@]+"${locked[@]}"} --workspace --features walcast/failpoints "$@"
 
 if [ "$#" -eq 0 ]; then
+    echo "== the vendored pgwire-replication's unit tests (its walcast patch: vendor/README.md)"
+    cargo test --locked --manifest-path vendor/pgwire-replication/Cargo.toml --target-dir target/vendor --lib
     bash scripts/test-typescript.sh
     core=(pipeline catchup)
     echo "== version matrix: PostgreSQL 18 ($WALCAST_MATRIX_PG_BIN) with the default nats-server"

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use pgwire_replication::SslMode as ReplSslMode;
-use pgwire_replication::{ReplicationConfig, TlsConfig};
+use pgwire_replication::{ReadPacing, ReplicationConfig, TlsConfig};
 use tokio_postgres::config::{Host, SslMode};
 
 pub mod tls;
@@ -65,6 +65,19 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// of a fast drain (~1 MB of typical rows). 16,384 held ~8 MB in a drain,
 /// where the pipeline is always the slower side, for no measured gain.
 pub const REPLICATION_READ_AHEAD: usize = 2048;
+
+/// Over TCP to a loopback address (the sidecar), reads under a backlog
+/// pause 1 ms after each 32 KiB, with a 128 KiB receive buffer: the
+/// walsender's writes then queue in the kernel and go out in large segments
+/// instead of one `send` each, which cuts its CPU per change by ~40 % when
+/// walcast outruns it (docs/BENCHMARKS.md, session 17). A reader that keeps
+/// up never pauses; when it does pause it is 32 KiB (tens of ms of live
+/// changes) behind. Other connections are not paced (vendor/README.md).
+const READ_PACING: ReadPacing = ReadPacing {
+    after_bytes: 32 * 1024,
+    pause: Duration::from_millis(1),
+    recv_buffer: 128 * 1024,
+};
 
 /// Bounds `future` by [`IO_TIMEOUT`].
 pub async fn with_timeout<T>(
@@ -324,5 +337,6 @@ impl Database {
             .with_status_interval(Duration::from_millis(200))
             .with_wakeup_interval(Duration::from_secs(5))
             .with_buffer_size(REPLICATION_READ_AHEAD)
+            .with_read_pacing(READ_PACING)
     }
 }

@@ -488,6 +488,41 @@ pub struct ReplicationConfig {
     ///
     /// Default: `None`
     pub feedback_observer: Option<crate::FeedbackObserver>,
+
+    /// Pause between reads while the stream has a backlog, on loopback (a
+    /// walcast patch, not in upstream 0.5.0). See [`ReadPacing`].
+    ///
+    /// Default: `None` (every read as soon as bytes arrive).
+    pub read_pacing: Option<ReadPacing>,
+}
+
+/// Lets the walsender's writes pile up while the reader is behind (a
+/// walcast patch, not in upstream 0.5.0).
+///
+/// A walsender sends each change as soon as it is decoded if the socket is
+/// writable. A reader that takes every write as it arrives keeps it
+/// writable, so the walsender pays one `send` per change and, on loopback,
+/// the receiving side's TCP work too: about twice its CPU per change. With
+/// pacing, once the worker has read at least `after_bytes` since it last
+/// had to wait for data, it waits `pause` before reading again; the receive
+/// buffer is bounded, so the window closes meanwhile, the walsender's
+/// writes queue in its socket, and they go out in large segments when the
+/// worker reads. A reader that keeps up never reads `after_bytes` without
+/// waiting, so it never pauses.
+///
+/// Used only on a TCP connection to a loopback address. Elsewhere the
+/// kernel's window is left alone and reads are not paced: a bounded window
+/// caps throughput at the window per round trip, and pauses without one cap
+/// it at one read per pause (on a Unix socket the walsender's queue holds
+/// only tens of KB).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPacing {
+    /// Bytes read without waiting for data, after which the worker pauses.
+    pub after_bytes: usize,
+    /// How long the worker pauses.
+    pub pause: Duration,
+    /// `SO_RCVBUF`, set before connecting.
+    pub recv_buffer: u32,
 }
 
 impl Default for ReplicationConfig {
@@ -512,6 +547,7 @@ impl Default for ReplicationConfig {
             max_message_size: crate::protocol::framing::MAX_MESSAGE_SIZE,
             application_name: None,
             feedback_observer: None,
+            read_pacing: None,
         }
     }
 }
@@ -667,6 +703,12 @@ impl ReplicationConfig {
     /// Set the event buffer size.
     pub fn with_buffer_size(mut self, size: usize) -> Self {
         self.buffer_events = size;
+        self
+    }
+
+    /// Pause between reads while the stream has a backlog (a walcast patch).
+    pub fn with_read_pacing(mut self, pacing: ReadPacing) -> Self {
+        self.read_pacing = Some(pacing);
         self
     }
 

@@ -1,4 +1,4 @@
-use crate::config::ReplicationConfig;
+use crate::config::{ReadPacing, ReplicationConfig};
 use crate::error::{PgWireError, Result};
 use crate::lsn::Lsn;
 
@@ -483,8 +483,9 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
         return worker.run_on_stream(&mut stream).await;
     }
 
-    let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await?;
+    let (tcp, pacing) = connect_tcp(cfg).await?;
     tcp.set_nodelay(true)?;
+    worker.pace_reads(pacing);
 
     #[cfg(feature = "tls-rustls")]
     {
@@ -504,4 +505,37 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
         let mut s = tcp;
         worker.run_on_stream(&mut s).await
     }
+}
+
+/// Connects like `TcpStream::connect` (each resolved address in turn). With
+/// read pacing configured and a loopback address, it bounds the receive
+/// buffer and says the reads are to be paced (a walcast patch).
+async fn connect_tcp(cfg: &ReplicationConfig) -> Result<(TcpStream, Option<ReadPacing>)> {
+    let Some(pacing) = cfg.read_pacing else {
+        return Ok((TcpStream::connect((cfg.host.as_str(), cfg.port)).await?, None));
+    };
+    let mut last = None;
+    for addr in tokio::net::lookup_host((cfg.host.as_str(), cfg.port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let paced = addr.ip().is_loopback().then_some(pacing);
+        if paced.is_some() {
+            socket.set_recv_buffer_size(pacing.recv_buffer)?;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => return Ok((stream, paced)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: no address to connect to", cfg.host),
+            )
+        })
+        .into())
 }

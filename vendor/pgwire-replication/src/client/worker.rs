@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::metrics::ReplicationMetrics;
 use super::progress::ProgressCell;
-use crate::config::ReplicationConfig;
+use crate::config::{ReadPacing, ReplicationConfig};
 use crate::error::{PgWireError, Result};
 use crate::lsn::Lsn;
 use crate::protocol::framing::{
@@ -207,6 +207,8 @@ pub struct WorkerState {
     gate: Option<mpsc::Receiver<GateCommand>>,
     /// The applied LSN in the last status update written to the server, if any.
     last_sent: Option<Lsn>,
+    /// Pauses between reads under a backlog (a walcast patch).
+    pacing: Option<ReadPacing>,
 }
 
 impl WorkerState {
@@ -226,7 +228,13 @@ impl WorkerState {
             started: None,
             gate: None,
             last_sent: None,
+            pacing: None,
         }
+    }
+
+    /// Pause between reads under a backlog (see [`ReadPacing`]).
+    pub(crate) fn pace_reads(&mut self, pacing: Option<ReadPacing>) {
+        self.pacing = pacing;
     }
 
     /// Notify `started` once the server accepts START_REPLICATION.
@@ -374,6 +382,8 @@ impl WorkerState {
         // How many messages to process in the tight loop before checking
         // stop signal and sending periodic status feedback.
         const DRAIN_BATCH: usize = 256;
+        // Bytes read since the worker last had to wait for data (read pacing).
+        let mut read_without_waiting = 0usize;
 
         loop {
             // Update applied LSN from client
@@ -396,6 +406,7 @@ impl WorkerState {
             while stream.buffer().len() >= 5 && drained < DRAIN_BATCH {
                 let msg = reader.read(stream).await?;
                 drained += 1;
+                read_without_waiting += msg.payload.len() + 5;
                 if msg.tag == b'E' {
                     return Err(PgWireError::Server(parse_error_response(&msg.payload)));
                 }
@@ -436,6 +447,12 @@ impl WorkerState {
             // Otherwise a raise wakes the loop. Marking the watch seen and
             // clearing the signal before reading the LSN means a raise after
             // this point still wakes it.
+            if let Some(pacing) = self.pacing {
+                if read_without_waiting >= pacing.after_bytes {
+                    tokio::time::sleep(pacing.pause).await;
+                }
+            }
+            read_without_waiting = 0;
             applied_rx.mark_unchanged();
             let applied = self.progress.take_signal();
             let pending = self.last_sent.is_none_or(|sent| applied > sent);
@@ -479,6 +496,7 @@ impl WorkerState {
                 }
             };
 
+            read_without_waiting += msg.payload.len() + 5;
             if msg.tag == b'E' {
                 return Err(PgWireError::Server(parse_error_response(&msg.payload)));
             }
@@ -1901,6 +1919,80 @@ mod tests {
         let mut next = run_stream(&progress, 64 * 1024);
         assert_eq!(next.server.status().await.applied, 700);
         next.task.abort();
+    }
+
+    // ── Read pacing (a walcast patch) ─────────────────────────────────────
+
+    type Events = mpsc::Receiver<std::result::Result<ReplicationEvent, PgWireError>>;
+
+    /// Runs `stream_loop` with `pacing` through a 64 KiB read buffer.
+    fn run_paced(pacing: ReadPacing) -> (Server, Events, tokio::task::JoinHandle<Result<()>>) {
+        let (_stop, stop_rx) = watch::channel(false);
+        let (tx, events) = mpsc::channel(16);
+        let progress = Arc::new(SharedProgress::new(Lsn(0)));
+        let metrics = Arc::new(ReplicationMetrics::default());
+        let mut worker = WorkerState::new(feedback_cfg(), progress, stop_rx, tx, metrics);
+        worker.pace_reads(Some(pacing));
+        let (worker_end, end) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let _stop = _stop;
+            let mut buf = BufReader::with_capacity(64 * 1024, worker_end);
+            worker.stream_loop(&mut buf).await
+        });
+        let server = Server {
+            end,
+            reader: MessageReader::new(),
+        };
+        (server, events, task)
+    }
+
+    /// The wal_end of the next event, a keepalive.
+    async fn next_keepalive(events: &mut Events) -> u64 {
+        match events.recv().await.expect("worker running") {
+            Ok(ReplicationEvent::KeepAlive { wal_end, .. }) => wal_end.0,
+            other => panic!("expected a keepalive, got {other:?}"),
+        }
+    }
+
+    const PACING: ReadPacing = ReadPacing {
+        after_bytes: 200,
+        pause: std::time::Duration::from_secs(1),
+        recv_buffer: 0,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_keeps_up_never_pauses() {
+        let (mut server, mut events, task) = run_paced(PACING);
+        let t = Instant::now();
+        // 50 frames of 23 bytes, each read before the next is sent: far more
+        // than `after_bytes` in all, never that much without a wait.
+        for lsn in 1..=50 {
+            server.send(&keepalive_frame(lsn, false)).await;
+            assert_eq!(next_keepalive(&mut events).await, lsn);
+        }
+        assert!(t.elapsed() < SECOND, "paused: {:?}", t.elapsed());
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_behind_pauses_before_its_next_read() {
+        let (mut server, mut events, task) = run_paced(PACING);
+        // 20 frames (460 bytes) in one write: read without waiting.
+        let burst: Vec<u8> = (1..=20).flat_map(|lsn| keepalive_frame(lsn, false)).collect();
+        server.send(&burst).await;
+        for lsn in 1..=20 {
+            assert_eq!(next_keepalive(&mut events).await, lsn);
+        }
+        let t = Instant::now();
+        server.send(&keepalive_frame(21, false)).await;
+        assert_eq!(next_keepalive(&mut events).await, 21);
+        assert!(t.elapsed() >= SECOND, "no pause: {:?}", t.elapsed());
+        // The next one, after a wait, comes at once.
+        let t = Instant::now();
+        server.send(&keepalive_frame(22, false)).await;
+        assert_eq!(next_keepalive(&mut events).await, 22);
+        assert!(t.elapsed() < SECOND, "paused again: {:?}", t.elapsed());
+        task.abort();
     }
 
     #[tokio::test(start_paused = true)]
