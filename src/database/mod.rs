@@ -67,12 +67,13 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub const REPLICATION_READ_AHEAD: usize = 2048;
 
 /// Over TCP to a loopback address (the sidecar), reads under a backlog
-/// pause 1 ms after each 32 KiB, with a 128 KiB receive buffer: the
-/// walsender's writes then queue in the kernel and go out in large segments
-/// instead of one `send` each, which cuts its CPU per change by ~40 % when
-/// walcast outruns it (docs/BENCHMARKS.md, session 17). A reader that keeps
-/// up never pauses; when it does pause it is 32 KiB (tens of ms of live
-/// changes) behind. Other connections are not paced (vendor/README.md).
+/// pause 1 ms each time 32 KiB or more went through the read buffer before
+/// it ran empty, with a 128 KiB receive buffer: the walsender's writes then
+/// queue in the kernel and go out in large segments instead of one `send`
+/// each, which cuts its CPU per change by ~40 % when walcast outruns it
+/// (docs/BENCHMARKS.md, session 17). A reader that keeps up never pauses;
+/// when it does pause it is 32 KiB (tens of ms of live changes) behind.
+/// Other connections are not paced (vendor/README.md).
 const READ_PACING: ReadPacing = ReadPacing {
     after_bytes: 32 * 1024,
     pause: Duration::from_millis(1),

@@ -503,12 +503,12 @@ pub struct ReplicationConfig {
 /// writable. A reader that takes every write as it arrives keeps it
 /// writable, so the walsender pays one `send` per change and, on loopback,
 /// the receiving side's TCP work too: about twice its CPU per change. With
-/// pacing, once the worker has read at least `after_bytes` since it last
-/// had to wait for data, it waits `pause` before reading again; the receive
+/// pacing, when the worker's read buffer runs empty after at least
+/// `after_bytes` went through it, it waits `pause` before reading again; the receive
 /// buffer is bounded, so the window closes meanwhile, the walsender's
 /// writes queue in its socket, and they go out in large segments when the
-/// worker reads. A reader that keeps up never reads `after_bytes` without
-/// waiting, so it never pauses.
+/// worker reads. A reader that keeps up empties its buffer after every
+/// write it reads, so it never pauses.
 ///
 /// Used only on a TCP connection to a loopback address. Elsewhere the
 /// kernel's window is left alone and reads are not paced: a bounded window
@@ -517,7 +517,8 @@ pub struct ReplicationConfig {
 /// only tens of KB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadPacing {
-    /// Bytes read without waiting for data, after which the worker pauses.
+    /// Bytes read since the read buffer last ran empty, from which the
+    /// worker pauses when it runs empty again.
     pub after_bytes: usize,
     /// How long the worker pauses.
     pub pause: Duration,

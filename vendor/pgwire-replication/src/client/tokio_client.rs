@@ -512,7 +512,10 @@ async fn run_worker(worker: &mut WorkerState, cfg: &ReplicationConfig) -> Result
 /// buffer and says the reads are to be paced (a walcast patch).
 async fn connect_tcp(cfg: &ReplicationConfig) -> Result<(TcpStream, Option<ReadPacing>)> {
     let Some(pacing) = cfg.read_pacing else {
-        return Ok((TcpStream::connect((cfg.host.as_str(), cfg.port)).await?, None));
+        return Ok((
+            TcpStream::connect((cfg.host.as_str(), cfg.port)).await?,
+            None,
+        ));
     };
     let mut last = None;
     for addr in tokio::net::lookup_host((cfg.host.as_str(), cfg.port)).await? {

@@ -382,8 +382,8 @@ impl WorkerState {
         // How many messages to process in the tight loop before checking
         // stop signal and sending periodic status feedback.
         const DRAIN_BATCH: usize = 256;
-        // Bytes read since the worker last had to wait for data (read pacing).
-        let mut read_without_waiting = 0usize;
+        // Bytes read since the read buffer last ran empty (read pacing).
+        let mut read_since_empty = 0usize;
 
         loop {
             // Update applied LSN from client
@@ -406,7 +406,7 @@ impl WorkerState {
             while stream.buffer().len() >= 5 && drained < DRAIN_BATCH {
                 let msg = reader.read(stream).await?;
                 drained += 1;
-                read_without_waiting += msg.payload.len() + 5;
+                read_since_empty += msg.payload.len() + 5;
                 if msg.tag == b'E' {
                     return Err(PgWireError::Server(parse_error_response(&msg.payload)));
                 }
@@ -435,6 +435,15 @@ impl WorkerState {
                 continue;
             }
 
+            // Read pacing (a walcast patch): behind by `after_bytes`, let the
+            // server's writes pile up for `pause` before reading again.
+            if let Some(pacing) = self.pacing {
+                if read_since_empty >= pacing.after_bytes {
+                    tokio::time::sleep(pacing.pause).await;
+                }
+            }
+            read_since_empty = 0;
+
             // ── Wait phase: buffer empty, need to wait for socket data ──
             //
             // Both `stop_rx.changed()` and the timeout can drop the read future
@@ -447,12 +456,6 @@ impl WorkerState {
             // Otherwise a raise wakes the loop. Marking the watch seen and
             // clearing the signal before reading the LSN means a raise after
             // this point still wakes it.
-            if let Some(pacing) = self.pacing {
-                if read_without_waiting >= pacing.after_bytes {
-                    tokio::time::sleep(pacing.pause).await;
-                }
-            }
-            read_without_waiting = 0;
             applied_rx.mark_unchanged();
             let applied = self.progress.take_signal();
             let pending = self.last_sent.is_none_or(|sent| applied > sent);
@@ -496,7 +499,7 @@ impl WorkerState {
                 }
             };
 
-            read_without_waiting += msg.payload.len() + 5;
+            read_since_empty += msg.payload.len() + 5;
             if msg.tag == b'E' {
                 return Err(PgWireError::Server(parse_error_response(&msg.payload)));
             }
@@ -1978,7 +1981,9 @@ mod tests {
     async fn a_reader_behind_pauses_before_its_next_read() {
         let (mut server, mut events, task) = run_paced(PACING);
         // 20 frames (460 bytes) in one write: read without waiting.
-        let burst: Vec<u8> = (1..=20).flat_map(|lsn| keepalive_frame(lsn, false)).collect();
+        let burst: Vec<u8> = (1..=20)
+            .flat_map(|lsn| keepalive_frame(lsn, false))
+            .collect();
         server.send(&burst).await;
         for lsn in 1..=20 {
             assert_eq!(next_keepalive(&mut events).await, lsn);
