@@ -6,7 +6,8 @@
 use std::time::SystemTime;
 
 use async_nats::jetstream::kv::{self, Store};
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageError, LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::{self};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -85,17 +86,23 @@ async fn compatible(stream: &mut Stream, name: &str) -> Result<(), String> {
 /// empty bucket: the projection starts from the stream's beginning).
 pub async fn applied_through(bucket: &Bucket) -> Result<u64, String> {
     let subject = format!("$KV.{}.>", bucket.name);
-    match bucket
-        .stream
-        .get_last_raw_message_by_subject(&subject)
+    let newest = last_at_leader(&bucket.stream, &subject)
         .await
-    {
-        Ok(message) => Ok(layout::stream_seq_of(Some(&message.headers)).unwrap_or(0)),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(format!(
-            "read the state bucket {} from NATS: {e}",
-            bucket.name
-        )),
+        .map_err(|e| format!("read the state bucket {} from NATS: {e}", bucket.name))?;
+    Ok(newest.map_or(0, |m| layout::stream_seq_of(Some(&m.headers)).unwrap_or(0)))
+}
+
+/// The last message on `subject`, as the stream leader answers (a direct
+/// get may come from a replica that lags: docs/STATE.md "Clustered
+/// buckets"); `None` when the subject has none.
+pub async fn last_at_leader(
+    stream: &Stream,
+    subject: &str,
+) -> Result<Option<StreamMessage>, LastRawMessageError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(message) => Ok(Some(message)),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -134,16 +141,12 @@ impl Marker {
 /// and have it run again.
 pub async fn marker(stream: &Stream, bucket: &str) -> Result<Option<Marker>, String> {
     let subject = format!("$KV.{bucket}.{MARKER_KEY}");
-    match stream.get_last_raw_message_by_subject(&subject).await {
-        Ok(message) if is_value(&message.headers) => {
-            Ok(serde_json::from_slice(&message.payload).ok())
-        }
-        Ok(_) => Ok(None),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-        Err(e) => Err(format!(
-            "read the state bucket's {MARKER_KEY} from NATS: {e}"
-        )),
-    }
+    let last = last_at_leader(stream, &subject)
+        .await
+        .map_err(|e| format!("read the state bucket's {MARKER_KEY} from NATS: {e}"))?;
+    Ok(last
+        .filter(|m| is_value(&m.headers))
+        .and_then(|m| serde_json::from_slice(&m.payload).ok()))
 }
 
 /// Not a KV delete or purge marker (`KV-Operation: DEL` / `PURGE`).

@@ -6,13 +6,12 @@
 //! seq `s` for a tenant, it holds every earlier event of that tenant too
 //! (what makes a tenant's snapshot exact, docs/STATE.md).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use std::future::Future;
-
-use async_nats::jetstream::stream::{DirectGetErrorKind, LastRawMessageErrorKind};
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, stream::Stream};
 
 use super::bucket::Bucket;
@@ -246,13 +245,10 @@ async fn held_nearby(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, S
 
 /// The seq a key holds (0: none), as the stream leader answers.
 async fn held_at_leader(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, String> {
-    match bucket.stream.get_last_raw_message_by_subject(subject).await {
-        Ok(entry) => Ok(held_seq(&entry.headers)),
-        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-        Err(e) => Err(format!(
-            "read {key} from the state bucket's leader on NATS: {e}"
-        )),
-    }
+    let held = super::bucket::last_at_leader(&bucket.stream, subject)
+        .await
+        .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))?;
+    Ok(held.map_or(0, |entry| held_seq(&entry.headers)))
 }
 
 fn held_seq(headers: &async_nats::HeaderMap) -> u64 {
