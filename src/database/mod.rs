@@ -341,3 +341,18 @@ impl Database {
             .with_read_pacing(READ_PACING)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The walsender's writes batch only if the replication connection is
+    /// paced (vendor/README.md), and a pause needs less than a read's worth.
+    #[test]
+    fn the_replication_connection_is_paced() {
+        let db = Database::parse("postgres://walcast@127.0.0.1:5432/app").unwrap();
+        let cfg = db.replication_config("walcast", "walcast");
+        assert_eq!(cfg.read_pacing, Some(READ_PACING));
+        assert!(READ_PACING.after_bytes < READ_PACING.recv_buffer as usize);
+    }
+}
