@@ -83,6 +83,56 @@ async fn metrics_health_and_readiness() {
     daemon.stop().await.unwrap();
 }
 
+/// The replication reader pauses while it is behind, so the walsender's
+/// writes batch (vendor/README.md); a reader that keeps up never pauses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_read_with_pauses_and_a_live_trickle_without() {
+    let env = Env::start().await;
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut options = env.options();
+    options.http_addr = Some(addr.clone());
+    let daemon = Daemon::start(options.resolve().unwrap());
+    let client = env.pg.client().await;
+    let pauses = || async {
+        get(&addr, "/metrics")
+            .await
+            .and_then(|(_, body)| metric(&body, "walcast_source_read_pauses_total"))
+            .unwrap_or(0.0)
+    };
+
+    // Live: each change is read before the next one is written.
+    for written in 1..=20 {
+        client
+            .execute(
+                "INSERT INTO tasks (id, tenant_id, title) VALUES (gen_random_uuid(), 'acme', 'live')",
+                &[],
+            )
+            .await
+            .unwrap();
+        env.wait_for_messages(written, Duration::from_secs(30))
+            .await;
+    }
+    assert_eq!(pauses().await, 0.0, "a reader that keeps up paused");
+
+    // 20,000 rows in one transaction: the walsender sends them faster than
+    // walcast publishes them.
+    client
+        .execute(
+            "INSERT INTO tasks (id, tenant_id, title)
+             SELECT gen_random_uuid(), 'acme', 'row ' || i FROM generate_series(1, 20000) i",
+            &[],
+        )
+        .await
+        .unwrap();
+    env.wait_for_messages(20 + 20_000, Duration::from_secs(120))
+        .await;
+    // The count is copied to the metric at commits.
+    wait_until(Duration::from_secs(10), || async { pauses().await > 0.0 })
+        .await
+        .expect("the backlog was read with pauses");
+    daemon.stop().await.unwrap();
+}
+
 fn walcast(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let out = Command::new(crate::support::walcast_bin())
         .args(args)

@@ -15,12 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use pgwire_replication::{FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent};
+use pgwire_replication::{
+    FeedbackObserver, PgWireError, ReplicationClient, ReplicationEvent, ReplicationMetrics,
+};
 use tokio::sync::Notify;
 
 use crate::database::Database;
 use crate::decode::{Begin, Commit, LogicalMessage, Message};
 use crate::lsn::Lsn;
+use crate::telemetry::metrics as m;
 
 /// Why the replication connection failed.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +156,25 @@ pub struct Source {
     reported: Arc<Notify>,
     /// The last position given to [`Source::confirm`] in this session.
     confirmed: Option<Lsn>,
+    /// The client's count of read pauses, last copied to the metric.
+    pauses: PauseCount,
+}
+
+/// Copies the replication client's read-pause count (vendor/README.md) to
+/// `walcast_source_read_pauses_total`, at commits and only when it moved.
+struct PauseCount {
+    client: Arc<ReplicationMetrics>,
+    copied: u64,
+}
+
+impl PauseCount {
+    fn copy(&mut self) {
+        let now = self.client.read_pauses();
+        if now != self.copied {
+            metrics::counter!(m::SOURCE_READ_PAUSES).increment(now - self.copied);
+            self.copied = now;
+        }
+    }
 }
 
 impl Source {
@@ -194,11 +216,16 @@ impl Source {
                     crate::database::IO_TIMEOUT.as_secs()
                 ))
             })??;
+        let pauses = PauseCount {
+            client: client.metrics(),
+            copied: 0,
+        };
         Ok(Source {
             client,
             slot: slot.to_string(),
             reported,
             confirmed: None,
+            pauses,
         })
     }
 
@@ -226,12 +253,15 @@ impl Source {
                 lsn,
                 end_lsn,
                 commit_time_micros,
-            } => SourceEvent::Commit(Commit {
-                flags: 0,
-                commit_lsn: lsn.as_u64(),
-                end_lsn: end_lsn.as_u64(),
-                commit_time: commit_time_micros,
-            }),
+            } => {
+                self.pauses.copy();
+                SourceEvent::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: lsn.as_u64(),
+                    end_lsn: end_lsn.as_u64(),
+                    commit_time: commit_time_micros,
+                })
+            }
             ReplicationEvent::XLogData { data, .. } => SourceEvent::Data(data),
             ReplicationEvent::Message {
                 transactional,

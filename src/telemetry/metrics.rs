@@ -19,6 +19,7 @@ pub const CHECKPOINT_AGE_SECONDS: &str = "walcast_checkpoint_age_seconds";
 pub const LAST_CHECKPOINT_TIMESTAMP: &str = "walcast_last_checkpoint_timestamp_seconds";
 pub const CONFIRMED_LSN: &str = "walcast_confirmed_lsn";
 pub const PIPELINE_RESTARTS: &str = "walcast_pipeline_restarts_total";
+pub const SOURCE_READ_PAUSES: &str = "walcast_source_read_pauses_total";
 pub const NATS_RECONNECTS: &str = "walcast_nats_reconnects_total";
 pub const ERRORS: &str = "walcast_errors_total";
 pub const REPUBLISHED_EVENTS: &str = "walcast_republished_events_total";
@@ -127,6 +128,10 @@ fn describe() {
     describe_counter!(
         PIPELINE_RESTARTS,
         "Pipeline restarts from the checkpoint after an error, by stage"
+    );
+    describe_counter!(
+        SOURCE_READ_PAUSES,
+        "1 ms pauses of the replication reader while it is behind, so the walsender's writes batch (loopback TCP only)"
     );
     describe_counter!(NATS_RECONNECTS, "NATS disconnections");
     describe_counter!(ERRORS, "Errors, by stage");

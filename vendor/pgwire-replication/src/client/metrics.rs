@@ -21,6 +21,7 @@ pub struct ReplicationMetrics {
     stall_micros_total: AtomicU64,
     last_applied_lsn: AtomicU64,
     last_wal_end: AtomicU64,
+    read_pauses: AtomicU64,
 }
 
 impl ReplicationMetrics {
@@ -69,6 +70,12 @@ impl ReplicationMetrics {
         Lsn::from_u64(self.last_wal_end.load(Ordering::Relaxed))
     }
 
+    /// Pauses of the read pacing (a walcast patch: [`ReadPacing`](crate::ReadPacing)).
+    #[inline]
+    pub fn read_pauses(&self) -> u64 {
+        self.read_pauses.load(Ordering::Relaxed)
+    }
+
     // ── worker-side updates (crate-internal) ──
 
     #[inline]
@@ -100,6 +107,11 @@ impl ReplicationMetrics {
     #[inline]
     pub(crate) fn record_stall_end(&self, micros: u64) {
         self.stall_micros_total.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub(crate) fn record_read_pause(&self) {
+        self.read_pauses.fetch_add(1, Ordering::Relaxed);
     }
 
     #[inline]

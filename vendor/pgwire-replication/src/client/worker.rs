@@ -439,6 +439,7 @@ impl WorkerState {
             // server's writes pile up for `pause` before reading again.
             if let Some(pacing) = self.pacing {
                 if read_since_empty >= pacing.after_bytes {
+                    self.metrics.record_read_pause();
                     tokio::time::sleep(pacing.pause).await;
                 }
             }
@@ -1929,15 +1930,17 @@ mod tests {
     type Events = mpsc::Receiver<std::result::Result<ReplicationEvent, PgWireError>>;
 
     /// Runs `stream_loop` with `pacing` through a 64 KiB read buffer.
-    fn run_paced(pacing: ReadPacing) -> (Server, Events, tokio::task::JoinHandle<Result<()>>) {
+    fn run_paced(pacing: ReadPacing) -> (Server, Events, Arc<ReplicationMetrics>) {
         let (_stop, stop_rx) = watch::channel(false);
         let (tx, events) = mpsc::channel(16);
         let progress = Arc::new(SharedProgress::new(Lsn(0)));
         let metrics = Arc::new(ReplicationMetrics::default());
-        let mut worker = WorkerState::new(feedback_cfg(), progress, stop_rx, tx, metrics);
+        let worker_metrics = Arc::clone(&metrics);
+        let mut worker = WorkerState::new(feedback_cfg(), progress, stop_rx, tx, worker_metrics);
         worker.pace_reads(Some(pacing));
         let (worker_end, end) = tokio::io::duplex(64 * 1024);
-        let task = tokio::spawn(async move {
+        // Ends with the test's runtime.
+        tokio::spawn(async move {
             let _stop = _stop;
             let mut buf = BufReader::with_capacity(64 * 1024, worker_end);
             worker.stream_loop(&mut buf).await
@@ -1946,7 +1949,7 @@ mod tests {
             end,
             reader: MessageReader::new(),
         };
-        (server, events, task)
+        (server, events, metrics)
     }
 
     /// The wal_end of the next event, a keepalive.
@@ -1965,7 +1968,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_reader_that_keeps_up_never_pauses() {
-        let (mut server, mut events, task) = run_paced(PACING);
+        let (mut server, mut events, metrics) = run_paced(PACING);
         let t = Instant::now();
         // 50 frames of 23 bytes, each read before the next is sent: far more
         // than `after_bytes` in all, never that much without a wait.
@@ -1974,12 +1977,12 @@ mod tests {
             assert_eq!(next_keepalive(&mut events).await, lsn);
         }
         assert!(t.elapsed() < SECOND, "paused: {:?}", t.elapsed());
-        task.abort();
+        assert_eq!(metrics.read_pauses(), 0);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_reader_behind_pauses_before_its_next_read() {
-        let (mut server, mut events, task) = run_paced(PACING);
+        let (mut server, mut events, metrics) = run_paced(PACING);
         // 20 frames (460 bytes) in one write: read without waiting.
         let burst: Vec<u8> = (1..=20)
             .flat_map(|lsn| keepalive_frame(lsn, false))
@@ -1992,12 +1995,13 @@ mod tests {
         server.send(&keepalive_frame(21, false)).await;
         assert_eq!(next_keepalive(&mut events).await, 21);
         assert!(t.elapsed() >= SECOND, "no pause: {:?}", t.elapsed());
+        assert_eq!(metrics.read_pauses(), 1);
         // The next one, after a wait, comes at once.
         let t = Instant::now();
         server.send(&keepalive_frame(22, false)).await;
         assert_eq!(next_keepalive(&mut events).await, 22);
         assert!(t.elapsed() < SECOND, "paused again: {:?}", t.elapsed());
-        task.abort();
+        assert_eq!(metrics.read_pauses(), 1);
     }
 
     #[tokio::test(start_paused = true)]
