@@ -88,10 +88,10 @@ async fn metrics_health_and_readiness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_is_read_with_pauses_and_a_live_trickle_without() {
     let env = Env::start().await;
-    let addr = format!("127.0.0.1:{}", free_port());
-    let mut options = env.options();
-    options.http_addr = Some(addr.clone());
-    let daemon = Daemon::start(options.resolve().unwrap());
+    // walcast in its own process: the metric is process-wide, and the
+    // daemons of tests running beside this one share the test binary's.
+    let dir = crate::support::TempDir::new("read-pacing").unwrap();
+    let (mut walcast, addr) = crate::support::edge::start_walcast(&env, dir.path(), "walcast", &[]);
     let client = env.pg.client().await;
     let pauses = || async {
         get(&addr, "/metrics")
@@ -100,19 +100,24 @@ async fn a_backlog_is_read_with_pauses_and_a_live_trickle_without() {
             .unwrap_or(0.0)
     };
 
-    // Live: each change is read before the next one is written.
-    for written in 1..=20 {
-        client
-            .execute(
-                "INSERT INTO tasks (id, tenant_id, title) VALUES (gen_random_uuid(), 'acme', 'live')",
-                &[],
-            )
-            .await
-            .unwrap();
+    // Live: each change is read before the next one is written. The first
+    // one also carries the count of whatever the start read (it is copied
+    // to the metric at commits); the next 20 must not move it.
+    let insert_one = || {
+        client.execute(
+            "INSERT INTO tasks (id, tenant_id, title) VALUES (gen_random_uuid(), 'acme', 'live')",
+            &[],
+        )
+    };
+    insert_one().await.unwrap();
+    env.wait_for_messages(1, Duration::from_secs(30)).await;
+    let at_start = pauses().await;
+    for written in 2..=21 {
+        insert_one().await.unwrap();
         env.wait_for_messages(written, Duration::from_secs(30))
             .await;
     }
-    assert_eq!(pauses().await, 0.0, "a reader that keeps up paused");
+    assert_eq!(pauses().await, at_start, "a reader that keeps up paused");
 
     // 20,000 rows in one transaction: the walsender sends them faster than
     // walcast publishes them.
@@ -124,13 +129,15 @@ async fn a_backlog_is_read_with_pauses_and_a_live_trickle_without() {
         )
         .await
         .unwrap();
-    env.wait_for_messages(20 + 20_000, Duration::from_secs(120))
+    env.wait_for_messages(21 + 20_000, Duration::from_secs(120))
         .await;
     // The count is copied to the metric at commits.
-    wait_until(Duration::from_secs(10), || async { pauses().await > 0.0 })
-        .await
-        .expect("the backlog was read with pauses");
-    daemon.stop().await.unwrap();
+    wait_until(Duration::from_secs(10), || async {
+        pauses().await > at_start
+    })
+    .await
+    .expect("the backlog was read with pauses");
+    walcast.stop(Duration::from_secs(20)).await;
 }
 
 fn walcast(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
