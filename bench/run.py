@@ -121,6 +121,15 @@ def loadavg():
         return [float(x) for x in f.read().split()[:3]]
 
 
+def cpu_model():
+    """The CPU's model name and the kernel: figures differ 2x between machines."""
+    try:
+        names = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        names = []
+    return f"{names[0] if names else 'unknown CPU'}, Linux {os.uname().release}"
+
+
 def uptime_text():
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -1793,7 +1802,7 @@ def markdown(res):
            f"- command: `{m['command']}`",
            f"- walcast {m['git_commit']}{' (dirty tree)' if m['git_dirty'] else ''}, {m['walcast_version']}, "
            f"binary `{m['walcast_bin']}`" + (f" — {m['label']}" if m.get("label") else ""),
-           f"- machine: {m['cpus']} CPUs, {m['mem_gb']} GB; load before: `{m['uptime_before']}`; "
+           f"- machine: {m['cpus']} CPUs ({m.get('cpu', 'CPU not recorded')}), {m['mem_gb']} GB; load before: `{m['uptime_before']}`; "
            f"after: `{m.get('uptime_after')}`",
            f"- sizes: {json.dumps(m['sizes'])}", "",
            "| scenario | metric | value | target | met | notes |", "|---|---|---|---|---|---|"]
@@ -1970,6 +1979,7 @@ def main():
         "label": a.label,
         "cpus": os.cpu_count(),
         "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "cpu": cpu_model(),
         "uptime_before": uptime_text(),
         "postgres": subprocess.run([str(Path(a.pg_bin) / "postgres"), "--version"], capture_output=True,
                                    text=True).stdout.strip(),

@@ -160,7 +160,7 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
 /// (each answer read back); after the load the index answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_use_the_saved_segments_while_they_load() {
-    use crate::support::edge::{http_get, metric, start_walcast};
+    use crate::support::edge::{scrape, start_walcast};
     let env = Env::start().await;
     let mut client = env.pg.client().await;
     let dir = TempDir::new("catchup-loading").unwrap();
@@ -191,9 +191,7 @@ async fn answers_use_the_saved_segments_while_they_load() {
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
     let checked = answers_are_exact(&env).await;
     assert!(!walcast.log().contains(LOADED), "the load was held");
-    let from_saved = http_get(&addr, "/metrics")
-        .await
-        .and_then(|(_, body)| metric(&body, "walcast_catchup_answers_from_saved_total"));
+    let from_saved = scrape(&addr, "walcast_catchup_answers_from_saved_total").await;
     assert!(
         from_saved.is_some_and(|n| n >= (checked / 2) as f64),
         "{from_saved:?} of {checked} answers from the saved segments\n{}",
@@ -215,9 +213,7 @@ async fn answers_use_the_saved_segments_while_they_load() {
         .wait_log("holding at index_trust", Duration::from_secs(60))
         .await;
     let unchecked = answers_are_exact(&env).await;
-    let from_unchecked = http_get(&addr, "/metrics")
-        .await
-        .and_then(|(_, body)| metric(&body, "walcast_catchup_answers_from_saved_total"));
+    let from_unchecked = scrape(&addr, "walcast_catchup_answers_from_saved_total").await;
     assert!(
         from_unchecked.is_some_and(|n| n >= (unchecked / 2) as f64),
         "{from_unchecked:?} of {unchecked} answers from unchecked segments\n{}",

@@ -4,7 +4,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::daemon::{Daemon, Env};
-use crate::support::edge::{http_get as get, metric};
+use crate::support::edge::{http_get as get, metric, scrape};
 use crate::support::workload::Workload;
 use crate::support::{free_port, wait_until};
 
@@ -48,7 +48,10 @@ async fn metrics_health_and_readiness() {
             r#"walcast_events_published_total{entity="task",action="created"}"#
         ) >= Some(2.0)
     );
-    assert_eq!(metric(&body, "walcast_dead_letters_total"), Some(1.0));
+    // At least: the registry is the test process's, shared with the
+    // daemons of tests running beside this one. The exact count is checked
+    // on a walcast of its own (data_edges::invalid_tenant_ids_go_to_the_dead_letter_subject).
+    assert!(metric(&body, "walcast_dead_letters_total") >= Some(1.0));
     assert!(metric(&body, "walcast_event_bytes_total") > Some(100.0));
     assert!(
         metric(&body, "walcast_publish_ack_seconds_count") >= Some(3.0),
@@ -94,9 +97,8 @@ async fn a_backlog_is_read_with_pauses_and_a_live_trickle_without() {
     let (mut walcast, addr) = crate::support::edge::start_walcast(&env, dir.path(), "walcast", &[]);
     let client = env.pg.client().await;
     let pauses = || async {
-        get(&addr, "/metrics")
+        scrape(&addr, "walcast_source_read_pauses_total")
             .await
-            .and_then(|(_, body)| metric(&body, "walcast_source_read_pauses_total"))
             .unwrap_or(0.0)
     };
 

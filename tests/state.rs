@@ -506,7 +506,7 @@ async fn the_lag_gauge_counts_while_the_state_cannot_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     use crate::support::TempDir;
-    use crate::support::edge::{http_get, metric, start_walcast};
+    use crate::support::edge::{scrape, start_walcast};
     let env = Env::start().await;
     let mut client = env.pg.client().await;
     let mut workload = Workload::new(Workload::seed(), 3);
@@ -522,9 +522,8 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     let read = |source: &'static str| {
         let addr = addr.clone();
         async move {
-            let body = http_get(&addr, "/metrics").await.map(|(_, b)| b);
             let name = format!("walcast_state_events_read_total{{source=\"{source}\"}}");
-            body.and_then(|b| metric(&b, &name)).unwrap_or(0.0)
+            scrape(&addr, &name).await.unwrap_or(0.0)
         }
     };
     workload.run(&mut client, 200).await;
@@ -555,13 +554,7 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     env.wait_caught_up(&client, Duration::from_secs(90)).await;
     // Read the bucket once the state is level again, not while it writes
     // the backlog (a bucket read racing ~6,000 writes can stall).
-    let lag = || {
-        let addr = addr.clone();
-        async move {
-            let body = http_get(&addr, "/metrics").await.map(|(_, b)| b);
-            body.and_then(|b| metric(&b, "walcast_state_lag_events"))
-        }
-    };
+    let lag = || scrape(&addr, "walcast_state_lag_events");
     wait_until(Duration::from_secs(60), || async {
         lag().await.is_some_and(|n| n > 6000.0)
     })

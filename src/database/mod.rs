@@ -68,16 +68,19 @@ pub const REPLICATION_READ_AHEAD: usize = 2048;
 
 /// Over TCP to a loopback address (the sidecar), reads under a backlog
 /// pause 1 ms each time 32 KiB or more went through the read buffer before
-/// it ran empty, with a 128 KiB receive buffer: the walsender's writes then
+/// it ran empty, with a 64 KiB receive buffer: the walsender's writes then
 /// queue in the kernel and go out in large segments instead of one `send`
 /// each, which cuts its CPU per change by ~40 % when walcast outruns it
-/// (docs/BENCHMARKS.md, session 17). A reader that keeps up never pauses;
-/// when it does pause it is 32 KiB (tens of ms of live changes) behind.
-/// Other connections are not paced (vendor/README.md).
+/// (docs/BENCHMARKS.md, sessions 17 and 18). The buffer must fill during a
+/// pause for that to happen: 128 KiB did on a machine whose walsender
+/// decoded ~75 MB of WAL a second, not on one that decoded ~50 (no gain
+/// there); 64 KiB did on both. A reader that keeps up never pauses; when it does
+/// pause it is 32 KiB (tens of ms of live changes) behind. Other
+/// connections are not paced (vendor/README.md).
 const READ_PACING: ReadPacing = ReadPacing {
     after_bytes: 32 * 1024,
     pause: Duration::from_millis(1),
-    recv_buffer: 128 * 1024,
+    recv_buffer: 64 * 1024,
 };
 
 /// Bounds `future` by [`IO_TIMEOUT`].

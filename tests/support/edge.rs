@@ -52,15 +52,23 @@ pub fn metric(body: &str, name_and_labels: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// One sample scraped from `/metrics` now (`None`: no answer, or not on it).
+pub async fn scrape(addr: &str, name_and_labels: &str) -> Option<f64> {
+    match http_get(addr, "/metrics").await {
+        Some((200, body)) => metric(&body, name_and_labels),
+        _ => None,
+    }
+}
+
 /// Polls `/metrics` until `name` reaches `want` (metrics are flushed every
 /// 20 ms after the acks); returns the last value seen.
 pub async fn wait_metric(addr: &str, name: &str, want: f64, timeout: Duration) -> Option<f64> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     while Instant::now() < deadline {
-        if let Some((200, body)) = http_get(addr, "/metrics").await {
-            last = metric(&body, name);
-            if last == Some(want) {
+        if let Some(value) = scrape(addr, name).await {
+            last = Some(value);
+            if value == want {
                 break;
             }
         }
