@@ -226,6 +226,10 @@ class Postgres:
     # Every client (psql, pgbench, pg_recvlogical, walcast) connects through
     # the Unix socket instead of TCP on 127.0.0.1 (--pg-unix-socket).
     unix_socket = False
+    # Postgres runs in a network namespace of its own and every client
+    # reaches it over a veth pair, as from another container or a pod on the
+    # same node (--pg-veth): the namespace's name, or None.
+    veth_namespace = None
 
     def __init__(self, work, pg_bin, fsync=True):
         """A new cluster in work/pg, or the one already there (a kept catch-up dataset)."""
@@ -242,7 +246,7 @@ class Postgres:
                                         "--auth=trust", "-E", "UTF8", "--locale=C"]),
                            check=True, stdout=subprocess.DEVNULL)
         settings = {
-            "listen_addresses": "'127.0.0.1'",
+            "listen_addresses": f"'{self.host}'",
             "port": str(self.port),
             "unix_socket_directories": f"'{self.dir}'",
             "wal_level": "logical",
@@ -260,11 +264,20 @@ class Postgres:
         conf = "".join(f"{k} = {v}\n" for k, v in settings.items())
         conf_path = self.data / "postgresql.conf"
         subprocess.run(as_postgres(["sh", "-c", f"cat >> '{conf_path}'"]), input=conf.encode(), check=True)
+        if Postgres.veth_namespace:
+            hba = f"host all all {VETH_NET}.0/24 trust\nhost replication all {VETH_NET}.0/24 trust\n"
+            subprocess.run(as_postgres(["sh", "-c", f"cat >> '{self.data / 'pg_hba.conf'}'"]),
+                           input=hba.encode(), check=True)
         self.settings = settings
 
+    @property
+    def host(self):
+        return f"{VETH_NET}.2" if Postgres.veth_namespace else "127.0.0.1"
+
     def start(self):
-        subprocess.run(as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
-                                    str(self.dir / "postgres.log"), "-w", "-t", "120", "start"]),
+        in_namespace = ["ip", "netns", "exec", Postgres.veth_namespace] if Postgres.veth_namespace else []
+        subprocess.run(in_namespace + as_postgres([str(self.bin / "pg_ctl"), "-D", str(self.data), "-l",
+                                                   str(self.dir / "postgres.log"), "-w", "-t", "120", "start"]),
                        check=True, stdout=subprocess.DEVNULL)
         STARTED.append(("pg", self))
 
@@ -276,7 +289,7 @@ class Postgres:
     def url(self):
         if Postgres.unix_socket:
             return f"postgres://postgres@/postgres?host={self.dir}&port={self.port}"
-        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgres://postgres@{self.host}:{self.port}/postgres"
 
     def sql(self, query, env=None):
         out = subprocess.run([str(self.bin / "psql"), "-XAtq", "-v", "ON_ERROR_STOP=1", "-d", self.url,
@@ -1803,7 +1816,7 @@ def markdown(res):
            f"- walcast {m['git_commit']}{' (dirty tree)' if m['git_dirty'] else ''}, {m['walcast_version']}, "
            f"binary `{m['walcast_bin']}`" + (f" — {m['label']}" if m.get("label") else ""),
            f"- machine: {m['cpus']} CPUs ({m.get('cpu', 'CPU not recorded')}), {m['mem_gb']} GB; load before: `{m['uptime_before']}`; "
-           f"after: `{m.get('uptime_after')}`",
+           f"after: `{m.get('uptime_after')}`; Postgres over {m.get('pg_transport', 'loopback TCP')}",
            f"- sizes: {json.dumps(m['sizes'])}", "",
            "| scenario | metric | value | target | met | notes |", "|---|---|---|---|---|---|"]
     for name, metric, value, target, ok, note in summary_rows(res):
@@ -1936,6 +1949,9 @@ def main():
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")
     ap.add_argument("--pg-unix-socket", action="store_true",
                     help="every client (pg_recvlogical and walcast included) connects to Postgres through its Unix socket")
+    ap.add_argument("--pg-veth", action="store_true",
+                    help="Postgres runs in a network namespace of its own and every client reaches it over a veth "
+                         "pair, as from another container (needs root and `ip`)")
     ap.add_argument("--label", default="", help="free text recorded with the results (e.g. what the binary is)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
@@ -1980,6 +1996,7 @@ def main():
         "cpus": os.cpu_count(),
         "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "cpu": cpu_model(),
+        "pg_transport": "unix socket" if a.pg_unix_socket else "veth" if a.pg_veth else "loopback TCP",
         "uptime_before": uptime_text(),
         "postgres": subprocess.run([str(Path(a.pg_bin) / "postgres"), "--version"], capture_output=True,
                                    text=True).stdout.strip(),
@@ -2002,6 +2019,8 @@ def main():
     threading.Thread(target=sample_load, daemon=True).start()
     log(f"work dir {work}; {meta['uptime_before']}")
     try:
+        if a.pg_veth:
+            Postgres.veth_namespace = make_veth_namespace()
         pg = Postgres(work, a.pg_bin, fsync=not a.pg_fsync_off)
         pg.start()
         ctx.pg = pg
@@ -2080,6 +2099,26 @@ def write_results(res, results_dir, partial=False):
             (results_dir / p).unlink(missing_ok=True)
 
 
+VETH_NET = "10.213.0"  # --pg-veth: the host's end is .1, Postgres's .2
+
+
+def make_veth_namespace():
+    """A network namespace joined to this one by a veth pair (needs root)."""
+    ns, ends = f"walcast-bench-{os.getpid()}", (f"wbh{os.getpid()}", f"wbn{os.getpid()}")
+    steps = [["ip", "netns", "add", ns],
+             ["ip", "link", "add", ends[0], "type", "veth", "peer", "name", ends[1]],
+             ["ip", "link", "set", ends[1], "netns", ns],
+             ["ip", "addr", "add", f"{VETH_NET}.1/24", "dev", ends[0]],
+             ["ip", "link", "set", ends[0], "up"],
+             ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{VETH_NET}.2/24", "dev", ends[1]],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", ends[1], "up"],
+             ["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"]]
+    STARTED.append(("netns", ns))
+    for step in steps:
+        subprocess.run(step, check=True)
+    return ns
+
+
 def cleanup():
     for kind, obj in reversed(STARTED):
         try:
@@ -2087,6 +2126,8 @@ def cleanup():
                 stop_proc(obj, timeout=10)
             elif kind == "pg":
                 obj.stop()
+            elif kind == "netns":  # its end of the veth pair goes with it
+                subprocess.run(["ip", "netns", "del", obj], check=False)
         except Exception as e:  # noqa: BLE001 — best effort
             log(f"cleanup: {e}")
     STARTED.clear()
