@@ -74,8 +74,8 @@ pub const REPLICATION_READ_AHEAD: usize = 2048;
 /// (docs/BENCHMARKS.md, sessions 17 and 18). The buffer must fill during a
 /// pause for that to happen: 128 KiB did on a machine whose walsender
 /// decoded ~75 MB of WAL a second, not on one that decoded ~50 (no gain
-/// there); 64 KiB did on both. A reader that keeps up never pauses; when it does
-/// pause it is 32 KiB (tens of ms of live changes) behind. Other
+/// there); 64 KiB did on both. A reader that keeps up never pauses; when
+/// it does pause it is 32 KiB (tens of ms of live changes) behind. Other
 /// connections are not paced (vendor/README.md).
 const READ_PACING: ReadPacing = ReadPacing {
     after_bytes: 32 * 1024,
