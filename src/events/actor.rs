@@ -6,6 +6,7 @@ use serde::Deserialize;
 use super::action::field;
 use super::layout::{Field, Layout};
 use super::row::Image;
+use super::wire::ActorRef;
 use crate::proto::{Actor, Entity};
 
 /// The `pg_logical_emit_message` prefix that sets the actor.
@@ -30,15 +31,15 @@ pub fn from_message(content: &[u8]) -> Result<Actor, serde_json::Error> {
 
 /// The actor recorded in the row itself (`image` is the after-image, or the
 /// before-image of a delete). For a lock it is the holder.
-pub fn from_row(layout: &Layout, image: Option<&Image<'_>>) -> Actor {
-    let text = |f| field(layout, image, f).map(str::to_string);
+pub fn from_row<'a>(layout: &Layout, image: Option<&Image<'a>>) -> ActorRef<'a> {
+    let text = |f| field(layout, image, f);
     match layout.entity {
-        Entity::Lock => Actor {
+        Entity::Lock => ActorRef {
             actor_type: None,
             actor_id: text(Field::LockedBy),
             client_id: None,
         },
-        _ => Actor {
+        _ => ActorRef {
             actor_type: text(Field::ActorType),
             actor_id: text(Field::UpdatedBy),
             client_id: text(Field::ClientId),

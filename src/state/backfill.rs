@@ -287,7 +287,8 @@ impl<'a> Copy<'a> {
         let image: Image<'_> = (0..row.len())
             .map(|i| row.get(i).map_or(Cell::Null, Cell::Text))
             .collect();
-        let mut event = events::snapshot_row(layout, &image, self.lsn.0, self.time);
+        let mut event = events::snapshot_row(layout, &image, self.lsn.0, self.time)
+            .map_err(|e| format!("encode a copied row of {}: {e}", layout.table))?;
         let key = match key_of(&event, layout) {
             Ok(key) => key,
             Err(skip) => {
