@@ -395,17 +395,17 @@ impl<S: Sink> Publisher<S> {
     ) -> Result<Sent, PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(MSG_ID, event.event_id.as_str());
-        headers.insert(EXPECTED_LAST, expected_last.to_string());
+        headers.insert(EXPECTED_LAST, decimal(expected_last.0));
         match &event.route {
             Route::Tenant { tenant, seq } => {
                 headers.insert(TENANT, &**tenant);
-                headers.insert(SEQ, seq.to_string());
+                headers.insert(SEQ, decimal(seq.0));
             }
             Route::DeadLetter { reason } => headers.insert(REASON, *reason),
             Route::System => {}
         }
         // The header carries the decimal number (README), not the `X/Y` text.
-        headers.insert(LSN, event.commit_lsn.0.to_string());
+        headers.insert(LSN, decimal(event.commit_lsn.0));
         headers.insert(CONTENT_TYPE, crate::headers::PROTOBUF);
         let payload = self
             .oversized
@@ -449,6 +449,12 @@ impl<S: Sink> Publisher<S> {
             fed,
         })
     }
+}
+
+/// A header's number: without `fmt`, which was ~2 % of walcast's CPU per
+/// published event with three numbers each.
+fn decimal(n: u64) -> String {
+    itoa::Buffer::new().format(n).to_owned()
 }
 
 /// What the state service reads of an event sent at stream sequence `at`

@@ -131,7 +131,7 @@ fn describe() {
     );
     describe_counter!(
         SOURCE_READ_PAUSES,
-        "1 ms pauses of the replication reader while it is behind, so the walsender's writes batch (loopback TCP only)"
+        "Short pauses of the replication reader while it is behind, so the walsender's writes batch (loopback TCP only)"
     );
     describe_counter!(NATS_RECONNECTS, "NATS disconnections");
     describe_counter!(ERRORS, "Errors, by stage");
