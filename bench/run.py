@@ -547,8 +547,12 @@ def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, nam
     s = Sampler()
     s.watch("nats-server", nats.proc.pid)
     stop = threading.Event()
+    binary = binary or ctx.walcast_bin
+    counted = None
+    if ctx.args.callgrind:
+        binary, counted = under_callgrind(ctx, binary, name or slot)
     t0 = time.monotonic()
-    wc = Walcast(binary or ctx.walcast_bin, ctx.work, pg, nats, slot, confirm_delay=confirm_delay, dry_run=dry_run,
+    wc = Walcast(binary, ctx.work, pg, nats, slot, confirm_delay=confirm_delay, dry_run=dry_run,
                  name=name, extra_env=None if state else {"WALCAST_STATE_BUCKET": ""})
     s.watch("walcast", wc.pid)
     finder = find_walsender(pg, slot, s, stop)
@@ -621,7 +625,28 @@ def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, nam
         n = metrics.get("walcast_publish_ack_seconds_count", 0)
         if n:
             res["mean_publish_ack_ms"] = round(metrics.get("walcast_publish_ack_seconds_sum", 0) / n * 1000, 2)
+    if counted:
+        res["instructions_per_event"] = callgrind_per_event(counted, events)
     return res
+
+
+def under_callgrind(ctx, binary, name):
+    """A wrapper that runs `binary` under callgrind (same pid: valgrind runs
+    the program in its own process), and the file its count goes to."""
+    out = ctx.work / f"callgrind-{name}.out"
+    wrapper = ctx.work / f"callgrind-{name}.sh"
+    wrapper.write_text(f'#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file={out} {binary} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper), out
+
+
+def callgrind_per_event(out, events):
+    """walcast's instructions per event, start-up and shutdown included (a
+    count, not a time: it does not move with the machine's other load)."""
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith("summary:"):
+            return round(int(line.split()[1]) / events)
+    return None
 
 
 def backlog(ctx, slots, n, prefix, tenants, seed):
@@ -1838,7 +1863,9 @@ def markdown(res):
                     continue
                 c = r["cpu_s_per_1m_events"]
                 mach = r["machine"]
-                out.append(f"| {label} | {r['events_per_s']} | {r['wal_mb_per_s']} | {c.get('walcast', '')} | "
+                ins = r.get("instructions_per_event")
+                wc_cpu = f"{c.get('walcast', '')}" + (f" ({ins:,} instructions/event)" if ins else "")
+                out.append(f"| {label} | {r['events_per_s']} | {r['wal_mb_per_s']} | {wc_cpu} | "
                            f"{c.get('nats-server', '')} | {c.get('walsender', '')} | {c.get('pg_recvlogical', '')} | "
                            f"{round(mach['utilization'] * 100)} % ({round(mach.get('foreign_share', 0) * 100)} %) |")
     lt = res["scenarios"].get("latency")
@@ -1944,6 +1971,9 @@ def main():
     ap.add_argument("--profile", action="store_true", help="perf record one extra (untimed) drain of walcast")
     ap.add_argument("--profile-no-state", action="store_true",
                     help="with --profile: the profiled drain runs without the state bucket")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="drain: run walcast under valgrind's callgrind and record its instructions per event "
+                         "(deterministic, for A/B on a shared machine; ~50x slower, so use --rows 20000)")
     ap.add_argument("--compare-bin", help="drain: also run this walcast binary (kinds compare, compare_no_state) "
                                           "on the same backlog, interleaved: an A/B of two builds")
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")

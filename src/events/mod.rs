@@ -171,7 +171,10 @@ impl EventBuilder {
         let (extra, unchanged_fields, after_row) = match after_row {
             Some(t) => (t.extra, t.missing, Some(t.row)),
             None => (
-                before_row.as_ref().map(|t| t.extra.clone()).unwrap_or_default(),
+                before_row
+                    .as_ref()
+                    .map(|t| t.extra.clone())
+                    .unwrap_or_default(),
                 Vec::new(),
                 None,
             ),
@@ -303,7 +306,11 @@ fn images<'a>(change: Change<'a>) -> (Kind, Option<Image<'a>>, Option<Image<'a>>
 fn entity_id<'a>(layout: &Layout, image: Option<&Image<'a>>) -> Cow<'a, str> {
     let text = |f| action::field(layout, image, f).unwrap_or_default();
     match layout.entity {
-        Entity::Lock => Cow::Owned(format!("{}:{}", text(Field::RecordType), text(Field::RecordId))),
+        Entity::Lock => Cow::Owned(format!(
+            "{}:{}",
+            text(Field::RecordType),
+            text(Field::RecordId)
+        )),
         _ => Cow::Borrowed(text(Field::Id)),
     }
 }

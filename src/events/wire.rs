@@ -3,10 +3,9 @@
 //!
 //! Why not the generated types: they hold a `String` per column, so every
 //! event cost ~30 allocations that were copied once more by the encoder and
-//! then freed — about a sixth of walcast's CPU per published event (session
-//! 19's profile). Here a typed row is an array of values borrowed from the
-//! image, and the message is written in one pass into a buffer of its exact
-//! size.
+//! then freed. Here a typed row is an array of values borrowed from the
+//! image with its encoded length, and the message is written in one pass
+//! into a buffer of its exact size (docs/BENCHMARKS.md, session 19).
 //!
 //! The generated types stay the contract. The presence rules are proto3's
 //! as prost writes them (a plain string or number is left out when empty or
@@ -15,7 +14,6 @@
 //! generated types and compares it with the event built through them.
 
 use pbjson_types::Timestamp;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use super::layout::{Field, Layout};
 use super::row::{Cell, Image};
@@ -106,6 +104,8 @@ const ROW_TAGS: usize = 18;
 pub struct Row<'a> {
     entity: Entity,
     vals: [Option<(Kind, Val<'a>)>; ROW_TAGS],
+    /// The encoded message's length, once every value is set.
+    len: usize,
 }
 
 /// A typed row, plus the text of columns that are unknown or did not parse
@@ -124,6 +124,7 @@ pub fn typed<'a>(layout: &'a Layout, image: &Image<'a>) -> Typed<'a> {
         row: Row {
             entity: layout.entity,
             vals: [None; ROW_TAGS],
+            len: 0,
         },
         extra: Vec::new(),
         missing: Vec::new(),
@@ -157,7 +158,30 @@ pub fn typed<'a>(layout: &'a Layout, image: &Image<'a>) -> Typed<'a> {
             out.extra.push((name, text));
         }
     }
+    out.row.len = out
+        .row
+        .fields()
+        .map(|(tag, kind, val)| field_len(tag, kind, val))
+        .sum();
     out
+}
+
+impl<'a> Row<'a> {
+    /// The set values, in tag order.
+    fn fields(&self) -> impl Iterator<Item = (u32, Kind, Val<'a>)> + '_ {
+        (self.vals.iter().enumerate())
+            .filter_map(|(tag, v)| v.map(|(kind, val)| (tag as u32, kind, val)))
+    }
+
+    /// The oneof field (`after` 13–15, `before` 16–18) it is written as.
+    fn tag(&self, first: u32) -> u32 {
+        first
+            + match self.entity {
+                Entity::Task => 0,
+                Entity::Project => 1,
+                _ => 2,
+            }
+    }
 }
 
 /// Who made the change, borrowed.
@@ -223,157 +247,202 @@ impl<'a> Event<'a> {
         }
     }
 
-    /// The event's protobuf bytes.
+    /// The event's protobuf bytes, written into a buffer of their size.
     pub fn encode(&self) -> Vec<u8> {
-        let mut size = Writer::sizing();
-        self.write(&mut size);
-        let mut out = Writer {
-            len: 0,
-            buf: Some(Vec::with_capacity(size.len)),
-        };
-        self.write(&mut out);
-        out.buf.unwrap_or_default()
+        let mut buf = Vec::with_capacity(self.len());
+        self.write(&mut buf);
+        debug_assert_eq!(
+            buf.len(),
+            self.len(),
+            "a field's length and writer disagree"
+        );
+        buf
     }
 
-    /// Writes (or, into a sizing writer, measures) the message.
-    fn write(&self, w: &mut Writer) {
-        w.str(1, self.event_id);
-        w.str(2, self.tenant_id);
-        w.uint(3, self.seq);
-        w.uint(4, self.entity as i32 as u64);
-        w.uint(5, self.action as i32 as u64);
-        w.str(6, self.entity_id);
-        w.uint(7, self.commit_lsn);
-        w.message(8, |w| w.timestamp(&self.commit_time));
-        w.uint(9, self.xid);
-        w.uint(10, self.tx_index.into());
+    fn actor_len(actor: &ActorRef) -> usize {
+        opt_str_len(1, actor.actor_type)
+            + opt_str_len(2, actor.actor_id)
+            + opt_str_len(3, actor.client_id)
+    }
+
+    fn len(&self) -> usize {
+        str_len(1, self.event_id)
+            + str_len(2, self.tenant_id)
+            + uint_len(3, self.seq)
+            + uint_len(4, self.entity as i32 as u64)
+            + uint_len(5, self.action as i32 as u64)
+            + str_len(6, self.entity_id)
+            + uint_len(7, self.commit_lsn)
+            + message_len(8, timestamp_len(&self.commit_time))
+            + uint_len(9, self.xid)
+            + uint_len(10, self.tx_index.into())
+            + (self.actor.as_ref()).map_or(0, |a| message_len(11, Self::actor_len(a)))
+            + (self.changed_fields.iter())
+                .map(|n| opt_str_len(12, Some(n)))
+                .sum::<usize>()
+            + (self.after.as_ref()).map_or(0, |r| message_len(r.tag(13), r.len))
+            + (self.before.as_ref()).map_or(0, |r| message_len(r.tag(16), r.len))
+            + (self.extra.iter())
+                .map(|(k, v)| message_len(19, str_len(1, k) + str_len(2, v)))
+                .sum::<usize>()
+            + (self.unchanged_fields.iter())
+                .map(|n| opt_str_len(20, Some(n)))
+                .sum::<usize>()
+            + str_len(21, self.table)
+    }
+
+    /// Writes the fields in tag order, as prost does.
+    fn write(&self, buf: &mut Vec<u8>) {
+        put_str(buf, 1, self.event_id);
+        put_str(buf, 2, self.tenant_id);
+        put_uint(buf, 3, self.seq);
+        put_uint(buf, 4, self.entity as i32 as u64);
+        put_uint(buf, 5, self.action as i32 as u64);
+        put_str(buf, 6, self.entity_id);
+        put_uint(buf, 7, self.commit_lsn);
+        put_timestamp(buf, 8, &self.commit_time);
+        put_uint(buf, 9, self.xid);
+        put_uint(buf, 10, self.tx_index.into());
         if let Some(actor) = &self.actor {
-            w.message(11, |w| {
-                w.opt_str(1, actor.actor_type);
-                w.opt_str(2, actor.actor_id);
-                w.opt_str(3, actor.client_id);
-            });
+            put_header(buf, 11, Self::actor_len(actor));
+            put_opt_str(buf, 1, actor.actor_type);
+            put_opt_str(buf, 2, actor.actor_id);
+            put_opt_str(buf, 3, actor.client_id);
         }
         for name in &self.changed_fields {
-            w.opt_str(12, Some(name));
+            put_opt_str(buf, 12, Some(name));
         }
-        // The oneofs: a task, project or lock, after (13–15) and before (16–18).
-        let base = |row: &Row| match row.entity {
-            Entity::Task => 0,
-            Entity::Project => 1,
-            _ => 2,
-        };
         if let Some(row) = &self.after {
-            w.message(13 + base(row), |w| w.row(row));
+            put_row(buf, row.tag(13), row);
         }
         if let Some(row) = &self.before {
-            w.message(16 + base(row), |w| w.row(row));
+            put_row(buf, row.tag(16), row);
         }
         for (key, value) in &self.extra {
-            w.message(19, |w| {
-                w.str(1, key);
-                w.str(2, value);
-            });
+            put_header(buf, 19, str_len(1, key) + str_len(2, value));
+            put_str(buf, 1, key);
+            put_str(buf, 2, value);
         }
         for name in &self.unchanged_fields {
-            w.opt_str(20, Some(name));
+            put_opt_str(buf, 20, Some(name));
         }
-        w.str(21, self.table);
+        put_str(buf, 21, self.table);
     }
 }
 
-/// Writes protobuf fields into a buffer, or (without one) only counts their
-/// bytes: the same code measures a message and writes it, so the two cannot
-/// disagree.
-struct Writer {
-    len: usize,
-    buf: Option<Vec<u8>>,
+// Each field's length and its writer side by side; the property test in
+// `events::tests` holds the pairs to prost's bytes.
+
+const VARINT: u64 = 0;
+const LEN: u64 = 2;
+
+fn key_len(tag: u32) -> usize {
+    varint_len(u64::from(tag) << 3)
 }
 
-impl Writer {
-    fn sizing() -> Self {
-        Writer { len: 0, buf: None }
-    }
+fn varint_len(v: u64) -> usize {
+    // 1 byte per started 7 bits; 0 takes one byte.
+    ((64 - (v | 1).leading_zeros() as usize) + 6) / 7
+}
 
-    fn key(&mut self, tag: u32, wire_type: WireType) {
-        self.len += key_len(tag);
-        if let Some(b) = &mut self.buf {
-            encode_key(tag, wire_type, b);
-        }
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
     }
+    buf.push(v as u8);
+}
 
-    fn varint(&mut self, v: u64) {
-        self.len += encoded_len_varint(v);
-        if let Some(b) = &mut self.buf {
-            encode_varint(v, b);
-        }
+fn put_key(buf: &mut Vec<u8>, tag: u32, wire_type: u64) {
+    put_varint(buf, u64::from(tag) << 3 | wire_type);
+}
+
+/// A plain `string`: nothing when empty.
+fn str_len(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        opt_str_len(tag, Some(s))
     }
+}
 
-    fn raw(&mut self, bytes: &[u8]) {
-        self.len += bytes.len();
-        if let Some(b) = &mut self.buf {
-            b.extend_from_slice(bytes);
-        }
+fn put_str(buf: &mut Vec<u8>, tag: u32, s: &str) {
+    if !s.is_empty() {
+        put_opt_str(buf, tag, Some(s));
     }
+}
 
-    /// A plain `string`: nothing when empty.
-    fn str(&mut self, tag: u32, s: &str) {
-        if !s.is_empty() {
-            self.opt_str(tag, Some(s));
-        }
+/// An `optional` or repeated `string`: written when present.
+fn opt_str_len(tag: u32, s: Option<&str>) -> usize {
+    s.map_or(0, |s| message_len(tag, s.len()))
+}
+
+fn put_opt_str(buf: &mut Vec<u8>, tag: u32, s: Option<&str>) {
+    if let Some(s) = s {
+        put_header(buf, tag, s.len());
+        buf.extend_from_slice(s.as_bytes());
     }
+}
 
-    /// An `optional` (or repeated) `string`: written when present.
-    fn opt_str(&mut self, tag: u32, s: Option<&str>) {
-        if let Some(s) = s {
-            self.key(tag, WireType::LengthDelimited);
-            self.varint(s.len() as u64);
-            self.raw(s.as_bytes());
-        }
+/// A plain integer (as its two's complement `u64`): nothing when zero.
+fn uint_len(tag: u32, v: u64) -> usize {
+    if v == 0 {
+        0
+    } else {
+        key_len(tag) + varint_len(v)
     }
+}
 
-    /// A plain integer (as its two's complement `u64`): nothing when zero.
-    fn uint(&mut self, tag: u32, v: u64) {
-        if v != 0 {
-            self.key(tag, WireType::Varint);
-            self.varint(v);
-        }
+fn put_uint(buf: &mut Vec<u8>, tag: u32, v: u64) {
+    if v != 0 {
+        put_key(buf, tag, VARINT);
+        put_varint(buf, v);
     }
+}
 
-    /// A nested message: its length first, measured by writing it into a
-    /// sizing writer.
-    fn message(&mut self, tag: u32, body: impl Fn(&mut Writer)) {
-        let mut sizing = Writer::sizing();
-        body(&mut sizing);
-        let len = sizing.len;
-        self.key(tag, WireType::LengthDelimited);
-        self.varint(len as u64);
-        if self.buf.is_some() {
-            body(self);
-        } else {
-            self.len += len;
-        }
+/// A length-delimited field of `len` bytes, key and length included.
+fn message_len(tag: u32, len: usize) -> usize {
+    key_len(tag) + varint_len(len as u64) + len
+}
+
+fn put_header(buf: &mut Vec<u8>, tag: u32, len: usize) {
+    put_key(buf, tag, LEN);
+    put_varint(buf, len as u64);
+}
+
+fn timestamp_len(t: &Timestamp) -> usize {
+    uint_len(1, t.seconds as u64) + uint_len(2, i64::from(t.nanos) as u64)
+}
+
+fn put_timestamp(buf: &mut Vec<u8>, tag: u32, t: &Timestamp) {
+    put_header(buf, tag, timestamp_len(t));
+    put_uint(buf, 1, t.seconds as u64);
+    put_uint(buf, 2, i64::from(t.nanos) as u64);
+}
+
+/// A row's field: an `optional int32` is written even when zero.
+fn field_len(tag: u32, kind: Kind, val: Val) -> usize {
+    match (kind, val) {
+        (Kind::Str, Val::Str(s)) => str_len(tag, s),
+        (_, Val::Str(s)) => opt_str_len(tag, Some(s)),
+        (Kind::OptI32, Val::Int(v)) => key_len(tag) + varint_len(v as u64),
+        (_, Val::Int(v)) => uint_len(tag, v as u64),
+        (_, Val::Ts(t)) => message_len(tag, timestamp_len(&t)),
     }
+}
 
-    fn timestamp(&mut self, t: &Timestamp) {
-        self.uint(1, t.seconds as u64);
-        self.uint(2, i64::from(t.nanos) as u64);
-    }
-
-    fn row(&mut self, row: &Row) {
-        for (tag, val) in row.vals.iter().enumerate() {
-            let tag = tag as u32;
-            match val {
-                None => {}
-                Some((Kind::Str, Val::Str(s))) => self.str(tag, s),
-                Some((_, Val::Str(s))) => self.opt_str(tag, Some(s)),
-                Some((Kind::OptI32, Val::Int(v))) => {
-                    self.key(tag, WireType::Varint);
-                    self.varint(*v as u64);
-                }
-                Some((_, Val::Int(v))) => self.uint(tag, *v as u64),
-                Some((_, Val::Ts(t))) => self.message(tag, |w| w.timestamp(t)),
+fn put_row(buf: &mut Vec<u8>, tag: u32, row: &Row) {
+    put_header(buf, tag, row.len);
+    for (tag, kind, val) in row.fields() {
+        match (kind, val) {
+            (Kind::Str, Val::Str(s)) => put_str(buf, tag, s),
+            (_, Val::Str(s)) => put_opt_str(buf, tag, Some(s)),
+            (Kind::OptI32, Val::Int(v)) => {
+                put_key(buf, tag, VARINT);
+                put_varint(buf, v as u64);
             }
+            (_, Val::Int(v)) => put_uint(buf, tag, v as u64),
+            (_, Val::Ts(t)) => put_timestamp(buf, tag, &t),
         }
     }
 }
