@@ -597,6 +597,58 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     walcast.stop(Duration::from_secs(20)).await;
 }
 
+/// A backlog drained after a restart reaches the state through the feed:
+/// the publisher waits for the projection instead of running past what the
+/// feed holds, so not one event is read back from the stream (each would
+/// cost the nats-server a delivery and walcast a parse: docs/BENCHMARKS.md,
+/// session 19), and the bucket ends exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_backlog_reaches_the_state_through_the_feed() {
+    use crate::support::TempDir;
+    use crate::support::edge::{scrape, start_walcast};
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let dir = TempDir::new("state-drain").unwrap();
+    let (mut walcast, _) = start_walcast(&env, dir.path(), "walcast", &[]);
+    wait_complete(&env.nats.url()).await;
+    walcast.stop(Duration::from_secs(15)).await;
+
+    // Four times what the feed holds, in transactions of 2,048 rows.
+    let batches = 8;
+    let rows = walcast::state::feed::CAPACITY as i32 / 2;
+    for b in 0..batches {
+        client
+            .execute(
+                "INSERT INTO tasks (id, tenant_id, title, status)
+                 SELECT gen_random_uuid(), 'tenant-' || (i % 7), 'backlog #' || i, 'todo'
+                 FROM generate_series($1::int * $2::int + 1, ($1::int + 1) * $2::int) AS i",
+                &[&b, &rows],
+            )
+            .await
+            .expect("a backlog");
+    }
+    // Only a backlog is paced: events committed over a second before they
+    // are published (the publisher's BACKLOG_AGE). This waits for the
+    // events to age, not for a condition.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (mut walcast, addr) = start_walcast(&env, dir.path(), "walcast-2", &[]);
+    assert_converges(&env, &client).await;
+    let read = |source: &'static str| {
+        let name = format!("walcast_state_events_read_total{{source=\"{source}\"}}");
+        let addr = addr.clone();
+        async move { scrape(&addr, &name).await.unwrap_or(0.0) }
+    };
+    let (fed, streamed) = (read("feed").await, read("stream").await);
+    let events = f64::from(batches * rows);
+    assert!(
+        streamed == 0.0 && fed >= events,
+        "the backlog through the feed: {fed} fed, {streamed} read back from the stream, of {events}\n{}",
+        walcast.log_tail(20)
+    );
+    walcast.stop(Duration::from_secs(20)).await;
+}
+
 /// A replica that lags (`StaleReplica`: "not found" for a share of the
 /// bucket's direct gets, as a follower that has not applied the newest
 /// writes answers on a cluster) while walcast restarts and re-checks its

@@ -158,6 +158,11 @@ struct Flight {
     acked_seq: StreamSeq,
     /// Highest stream sequence an ack was requested for.
     requested_seq: StreamSeq,
+    /// Commit time of the last event sent, Unix microseconds.
+    sent_commit_micros: i64,
+    /// Where the state's projection was when a wait for it ran out: no
+    /// more waiting until it moves (see [`Publisher::state_to_wait_for`]).
+    state_stalled_at: Option<u64>,
 }
 
 impl Flight {
@@ -283,20 +288,28 @@ impl<S: Sink> Publisher<S> {
             next_seq: last_seq.next(),
             acked_seq: last_seq,
             requested_seq: last_seq,
+            sent_commit_micros: 0,
+            state_stalled_at: None,
         };
         let mut input_open = true;
         let mut tick = tokio::time::interval(CUT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let state = self.state_to_wait_for(&f);
             tokio::select! {
                 biased;
                 answer = acks.next() => {
                     f.answered(answer?, &self.acked_high, self.feed.as_deref())?;
                     self.journal_acked(&f, false);
                 }
-                batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 => match batch {
+                batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 && state.is_none() => match batch {
                     Some(batch) => self.send_batch(batch, &mut f, &mut acks).await?,
                     None => input_open = false,
+                },
+                moved = state_moved(state.as_deref()), if state.is_some() => {
+                    if !moved {
+                        f.state_stalled_at = state.as_ref().map(|feed| feed.reader());
+                    }
                 },
                 // Idle (nothing in flight, nothing to cut or flush): no
                 // wake-ups 50 times a second.
@@ -323,6 +336,21 @@ impl<S: Sink> Publisher<S> {
                 return Ok(());
             }
         }
+    }
+
+    /// The state's feed when the next batch should wait for its projection:
+    /// while the publisher drains events committed more than
+    /// [`BACKLOG_AGE`] ago and the projection, reading the feed, would
+    /// otherwise fall out of it ([`Feed::holds_back`]). Waits run out after
+    /// [`STATE_WAIT`] without progress, and none starts again until the
+    /// projection moves: a stalled bucket never stops the stream, and a
+    /// live stream never waits.
+    fn state_to_wait_for(&self, f: &Flight) -> Option<Arc<Feed>> {
+        let feed = self.feed.as_ref()?;
+        let wait = feed.holds_back(f.next_seq.0)
+            && f.state_stalled_at != Some(feed.reader())
+            && stats::unix_micros_now() - f.sent_commit_micros > BACKLOG_AGE.as_micros() as i64;
+        wait.then(|| feed.clone())
     }
 
     /// Hands the journal's acknowledged segments to their writer (`all`:
@@ -372,6 +400,7 @@ impl<S: Sink> Publisher<S> {
                             acks.request(seq)
                         });
                     let sent = self.publish(event, seq.prev(), reply).await?;
+                    f.sent_commit_micros = sent.commit_micros;
                     f.pending.push_back(Pending::Event(sent));
                     crate::failpoint::crash_point("after_publish");
                     f.next_seq = f.next_seq.next();
@@ -448,6 +477,24 @@ impl<S: Sink> Publisher<S> {
             event_id: event.event_id,
             fed,
         })
+    }
+}
+
+/// Events committed longer ago than this are a backlog being drained.
+const BACKLOG_AGE: Duration = Duration::from_secs(1);
+/// How long the publisher waits at most for the state's projection to move
+/// (long enough for a state service that is still starting: one that
+/// misses the feed's first events reads the stream for the whole drain).
+const STATE_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether the projection moved within [`STATE_WAIT`] (never completes
+/// without a feed).
+async fn state_moved(feed: Option<&Feed>) -> bool {
+    match feed {
+        Some(feed) => tokio::time::timeout(STATE_WAIT, feed.advanced())
+            .await
+            .is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -56,12 +56,16 @@ impl Stats {
             metrics::counter!(m::DEAD_LETTERS).increment(std::mem::take(&mut self.dead_letters));
         }
         if self.newest_commit_micros > 0 {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as i64)
-                .unwrap_or(0);
+            let now = unix_micros_now();
             let lag = (now - std::mem::take(&mut self.newest_commit_micros)).max(0) as f64 / 1e6;
             metrics::gauge!(m::REPLICATION_LAG_SECONDS).set(lag);
         }
     }
+}
+
+/// Now, in Unix microseconds (as events carry their commit time).
+pub(super) fn unix_micros_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }

@@ -7,14 +7,22 @@
 //! Invariant owned here: the feed holds consecutive stream positions
 //! `[oldest, end)`, each with the event JetStream acknowledged at that
 //! position. It keeps the newest [`CAPACITY`] events (at most
-//! [`MAX_BYTES`] of payloads) and drops older ones, so the publisher never
-//! waits for the state; a projection behind what it holds reads the stream
-//! instead (`source`). While the projection is further behind than the
-//! feed could hold (a drain, a restart), the publisher hands nothing over
-//! ([`Feed::wants`]): it would only be dropped.
+//! [`MAX_BYTES`] of payloads) and drops older ones; a projection behind
+//! what it holds reads the stream instead (`source`). While the projection
+//! is further behind than the feed could hold (a restart, a stalled
+//! bucket), the publisher hands nothing over ([`Feed::wants`]): it would
+//! only be dropped.
+//!
+//! A projection that reads the feed stays in it through a backlog: the
+//! publisher, draining events committed a while ago, takes no new batch
+//! while this projection is [`LAG_LIMIT`] events behind it
+//! ([`Feed::holds_back`]; `publish` decides when to wait and for how long).
+//! Read back from the stream, every event of a drain cost the nats-server
+//! a delivery and walcast a message to parse, on the same cores
+//! (docs/BENCHMARKS.md, session 19). A live stream never waits.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_nats::Subject;
@@ -25,6 +33,10 @@ use tokio::sync::Notify;
 pub const CAPACITY: usize = 4096;
 /// Payload bytes held at most.
 pub const MAX_BYTES: usize = 4 << 20;
+/// How far a projection reading the feed may fall behind the publisher's
+/// next position before a draining publisher waits for it: half the feed,
+/// so a batch sent meanwhile still fits.
+pub const LAG_LIMIT: u64 = CAPACITY as u64 / 2;
 
 /// One stream message as the state reads it (from the feed or the stream).
 #[derive(Debug)]
@@ -61,6 +73,10 @@ pub struct Feed {
     arrived: Notify,
     /// The position the projection asked for last.
     reader: AtomicU64,
+    /// Whether that position was in the feed (or after it).
+    following: AtomicBool,
+    /// Notified when the projection asks for a later position.
+    advanced: Notify,
 }
 
 struct Ring {
@@ -81,6 +97,8 @@ impl Feed {
             }),
             arrived: Notify::new(),
             reader: AtomicU64::new(first),
+            following: AtomicBool::new(true),
+            advanced: Notify::new(),
         })
     }
 
@@ -88,6 +106,25 @@ impl Feed {
     /// projection is close enough to reach it before it is dropped.
     pub fn wants(&self, position: u64) -> bool {
         position < self.reader.load(Ordering::Relaxed) + CAPACITY as u64
+    }
+
+    /// Whether a publisher about to send position `next` is so far ahead
+    /// of a projection that reads the feed that the next events would
+    /// drop out of the feed before it reaches them.
+    pub fn holds_back(&self, next: u64) -> bool {
+        self.following.load(Ordering::Relaxed)
+            && next.saturating_sub(self.reader.load(Ordering::Relaxed)) >= LAG_LIMIT
+    }
+
+    /// The position the projection asked for last.
+    pub fn reader(&self) -> u64 {
+        self.reader.load(Ordering::Relaxed)
+    }
+
+    /// Completes when the projection asks for a later position (at once if
+    /// it did since the last call): one waiter, the publisher.
+    pub async fn advanced(&self) {
+        self.advanced.notified().await
     }
 
     fn ring(&self) -> std::sync::MutexGuard<'_, Ring> {
@@ -129,7 +166,16 @@ impl Feed {
     /// Moves up to `max` events from position `from` on into `out`; events
     /// before `from` are dropped (already applied).
     pub fn take(&self, from: u64, max: usize, out: &mut VecDeque<Input>) -> Take {
-        self.reader.store(from, Ordering::Relaxed);
+        let taken = self.take_from(from, max, out);
+        self.following
+            .store(taken != Take::Behind, Ordering::Relaxed);
+        if self.reader.swap(from, Ordering::Relaxed) < from {
+            self.advanced.notify_one();
+        }
+        taken
+    }
+
+    fn take_from(&self, from: u64, max: usize, out: &mut VecDeque<Input>) -> Take {
         let mut guard = self.ring();
         let ring = &mut *guard;
         let oldest = ring.end - ring.events.len() as u64;
@@ -163,6 +209,8 @@ impl Feed {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn input(position: u64, bytes: usize) -> Input {
@@ -178,6 +226,32 @@ mod tests {
 
     fn positions(out: &VecDeque<Input>) -> Vec<u64> {
         out.iter().map(|i| i.position).collect()
+    }
+
+    /// A publisher is held back only by a projection that reads the feed,
+    /// and only [`LAG_LIMIT`] events ahead of it; it learns when the
+    /// projection moves on.
+    #[tokio::test]
+    async fn holds_back_a_publisher_far_ahead_of_a_projection_in_the_feed() {
+        let feed = Feed::new(10);
+        let mut out = VecDeque::new();
+        assert!(!feed.holds_back(10 + LAG_LIMIT - 1));
+        assert!(feed.holds_back(10 + LAG_LIMIT));
+        feed.push((10..20).map(|p| input(p, 1)), 19);
+        assert_eq!(feed.take(15, 2, &mut out), Take::Taken);
+        assert_eq!(feed.reader(), 15);
+        // Moved since the last wait: that wait completes at once.
+        tokio::time::timeout(Duration::from_secs(5), feed.advanced())
+            .await
+            .expect("the projection moved");
+        assert!(!feed.holds_back(15 + LAG_LIMIT - 1));
+        assert!(feed.holds_back(15 + LAG_LIMIT));
+        // Behind the feed (reading the stream): never waited for.
+        assert_eq!(feed.take(12, 2, &mut out), Take::Behind);
+        assert!(!feed.holds_back(12 + 10 * LAG_LIMIT));
+        // Back in it: waited for again.
+        assert_eq!(feed.take(17, 2, &mut out), Take::Taken);
+        assert!(feed.holds_back(17 + LAG_LIMIT));
     }
 
     #[test]
