@@ -23,3 +23,9 @@ pub const PROTOBUF: &str = "application/x-protobuf";
 /// NATS KV's operation header: `DEL` or `PURGE` on a delete marker, absent
 /// on a value.
 pub const KV_OPERATION: &str = "KV-Operation";
+
+/// A number as a header value, without `fmt` (~2 % of walcast's CPU per
+/// published event went to formatting three of them).
+pub fn decimal(n: u64) -> String {
+    itoa::Buffer::new().format(n).to_owned()
+}

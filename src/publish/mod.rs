@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
+use crate::headers::decimal;
 use crate::lsn::Lsn;
 use crate::position::{StreamSeq, TenantSeq};
 use crate::state::feed::{Feed, Input};
@@ -496,12 +497,6 @@ async fn state_moved(feed: Option<&Feed>) -> bool {
             .is_ok(),
         None => std::future::pending().await,
     }
-}
-
-/// A header's number: without `fmt`, which was ~2 % of walcast's CPU per
-/// published event with three numbers each.
-fn decimal(n: u64) -> String {
-    itoa::Buffer::new().format(n).to_owned()
 }
 
 /// What the state service reads of an event sent at stream sequence `at`

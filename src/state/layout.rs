@@ -5,10 +5,10 @@
 //! valid key token (`[-/_=a-zA-Z0-9]+`); anything else is left out of the
 //! state, never written under a mangled key.
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use bytes::Bytes;
 
-use crate::headers::{CONTENT_TYPE, PROTOBUF, SEQ, STREAM_SEQ};
+use crate::headers::{CONTENT_TYPE, PROTOBUF, SEQ, STREAM_SEQ, decimal};
 
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
@@ -103,12 +103,16 @@ fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/' | b'='))
 }
 
-/// The headers of a value or delete marker.
+/// The headers of a value or delete marker (names made once: from a
+/// `&str`, each would be checked and copied on every write).
 pub fn headers(seq: u64, stream_seq: u64) -> HeaderMap {
+    const SEQ_NAME: HeaderName = HeaderName::from_static(SEQ);
+    const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+    const STREAM_SEQ_NAME: HeaderName = HeaderName::from_static(STREAM_SEQ);
     let mut headers = HeaderMap::new();
-    headers.insert(SEQ, seq.to_string().as_str());
-    headers.insert(CONTENT_TYPE, PROTOBUF);
-    headers.insert(STREAM_SEQ, stream_seq.to_string().as_str());
+    headers.insert(SEQ_NAME, decimal(seq));
+    headers.insert(CONTENT_TYPE_NAME, PROTOBUF);
+    headers.insert(STREAM_SEQ_NAME, decimal(stream_seq));
     headers
 }
 

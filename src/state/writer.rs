@@ -89,7 +89,9 @@ impl Writer {
     ) -> Result<(), String> {
         self.make_room().await?;
         self.token += 1;
-        let subject = format!("{}{key}", self.subject_prefix);
+        let mut subject = String::with_capacity(self.subject_prefix.len() + key.len());
+        subject.push_str(&self.subject_prefix);
+        subject.push_str(key);
         let reply = self.replies.subject_for(self.token);
         self.client
             .publish_with_reply_and_headers(subject, reply, headers, payload)
