@@ -16,6 +16,10 @@
 //!   boundary is reported to [`Progress`] only after every event before it
 //!   is acknowledged.
 //! - at most `max_in_flight` publishes await an ack (bounded memory).
+//! - draining a backlog, it waits for a state projection that reads the
+//!   feed rather than push it out of the feed, but never longer than
+//!   [`STATE_WAIT`] without the projection moving, and never while live
+//!   ([`Publisher::state_to_wait_for`]).
 //!
 //! A stream leader change on a cluster shows as publishes with "no
 //! responders": the run then asks the stream's info, waiting out the
