@@ -143,14 +143,7 @@ impl EventBuilder {
         layout: &Layout,
         change: Change<'_>,
     ) -> OutEvent {
-        let (kind, before, after) = images(change);
-        let action = action::decide(
-            layout,
-            kind,
-            before.as_ref(),
-            after.as_ref(),
-            &tx.commit_time,
-        );
+        let (before, after, action) = decided(tx, layout, change);
         let current = after.as_ref().or(before.as_ref());
         let tenant_text = action::field(layout, current, Field::TenantId);
         let route = match tenant::validate(tenant_text) {
@@ -287,6 +280,23 @@ pub fn snapshot_row(
     };
     // The backfill names the event after its key, so it gets it typed.
     ChangeEvent::decode(event.encode().as_slice())
+}
+
+/// A change's before and after images, and its action.
+fn decided<'a>(
+    tx: &TxContext,
+    layout: &Layout,
+    change: Change<'a>,
+) -> (Option<Image<'a>>, Option<Image<'a>>, Action) {
+    let (kind, before, after) = images(change);
+    let action = action::decide(
+        layout,
+        kind,
+        before.as_ref(),
+        after.as_ref(),
+        &tx.commit_time,
+    );
+    (before, after, action)
 }
 
 /// Resolves before and after images of a change.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::layout::{Field, Layout};
 use super::row::{Cell, Image};
-use super::{Change, TxContext, action, images, timestamp};
+use super::{Change, TxContext, action, decided, timestamp};
 use crate::proto::{Actor, ChangeEvent, EditingLock, Entity, Project, Task, change_event};
 
 /// The event for one row change, through the generated types; `seq` as the
@@ -18,14 +18,7 @@ pub(crate) fn event(
     change: Change<'_>,
     seq: u64,
 ) -> ChangeEvent {
-    let (kind, before, after) = images(change);
-    let action = action::decide(
-        layout,
-        kind,
-        before.as_ref(),
-        after.as_ref(),
-        &tx.commit_time,
-    );
+    let (before, after, action) = decided(tx, layout, change);
     let current = after.as_ref().or(before.as_ref());
     let text = |f| action::field(layout, current, f).map(str::to_string);
     let actor = tx.actor.clone().unwrap_or_else(|| match layout.entity {
