@@ -161,16 +161,10 @@ impl EventBuilder {
         let before_row = before.as_ref().map(|image| wire::typed(layout, image));
         // `extra` and `unchanged_fields` describe the row as it is now: the
         // after-image, or the before-image of a delete.
-        let (extra, unchanged_fields, after_row) = match after_row {
-            Some(t) => (t.extra, t.missing, Some(t.row)),
-            None => (
-                before_row
-                    .as_ref()
-                    .map(|t| t.extra.clone())
-                    .unwrap_or_default(),
-                Vec::new(),
-                None,
-            ),
+        let (extra, unchanged_fields, after_row, before_row) = match (after_row, before_row) {
+            (Some(a), b) => (a.extra, a.missing, Some(a.row), b.map(|b| b.row)),
+            (None, Some(b)) => (b.extra, Vec::new(), None, Some(b.row)),
+            (None, None) => Default::default(),
         };
         let event = wire::Event {
             event_id: &id,
@@ -192,7 +186,7 @@ impl EventBuilder {
             }),
             changed_fields: changed_fields(layout, before.as_ref(), after.as_ref()),
             after: after_row,
-            before: before_row.map(|t| t.row),
+            before: before_row,
             extra,
             unchanged_fields,
             table: &layout.table,

@@ -303,11 +303,12 @@ impl NatsReplies {
 
     /// The reply subject whose ack [`NatsReplies::next_token`] returns with `token`.
     pub(crate) fn subject_for(&self, token: u64) -> Subject {
-        let token = itoa::Buffer::new().format(token).to_owned();
+        let mut digits = itoa::Buffer::new();
+        let token = digits.format(token);
         let mut subject = String::with_capacity(self.inbox.len() + 1 + token.len());
         subject.push_str(&self.inbox);
         subject.push('.');
-        subject.push_str(&token);
+        subject.push_str(token);
         Subject::from(subject)
     }
 
