@@ -11,8 +11,9 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 
 # Only what `cargo build` reads (see .dockerignore): the manifest and lock file,
-# the build script and the .proto files it compiles, the sources, and the
-# migrations, which src/migrate.rs embeds with include_str!.
+# the build script and the .proto files it compiles, the sources, the
+# migrations, which src/migrate.rs embeds with include_str!, and the patched
+# crates in vendor/.
 COPY Cargo.toml Cargo.lock ./
 COPY proto ./proto
 # Workspace members: cargo loads every member's manifest, and the daemon
@@ -21,6 +22,8 @@ COPY clients/rust ./clients/rust
 COPY examples/ws-gateway ./examples/ws-gateway
 COPY migrations ./migrations
 COPY src ./src
+# Crates patched in-tree ([patch.crates-io], vendor/README.md).
+COPY vendor ./vendor
 
 # --locked: build exactly the dependency versions in Cargo.lock.
 # The cache mounts keep the registry and target/ between builds (BuildKit), so

@@ -1768,7 +1768,8 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
     // The build context has everything cargo reads, and .dockerignore lets it in.
     let mut required: BTreeSet<String> =
         ["Cargo.toml", "Cargo.lock", "src"].map(String::from).into();
-    // Every workspace member and path dependency: cargo loads their manifests.
+    // Every workspace member, path dependency and patch: cargo loads their
+    // manifests.
     let manifest: toml::Table = read("Cargo.toml").parse().expect("Cargo.toml parses");
     let members = manifest["workspace"]["members"]
         .as_array()
@@ -1779,7 +1780,16 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
         .into_iter()
         .flat_map(|deps| deps.values())
         .filter_map(|dep| dep.get("path").cloned());
-    for path in members.into_iter().chain(path_deps) {
+    // `[patch.crates-io]` replaces a registry crate with a directory
+    // (vendor/): without it the image's `cargo build` fails to load it.
+    let patches = manifest
+        .get("patch")
+        .and_then(|p| p.get("crates-io"))
+        .and_then(|p| p.as_table())
+        .into_iter()
+        .flat_map(|deps| deps.values())
+        .filter_map(|dep| dep.get("path").cloned());
+    for path in members.into_iter().chain(path_deps).chain(patches) {
         required.insert(path.as_str().unwrap_or_default().to_string());
     }
     if root().join("build.rs").exists() {
@@ -1813,7 +1823,11 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
         .collect();
     for r in &required {
         p.check(
-            copied_sources.contains(r) || copied_sources.contains("."),
+            copied_sources.contains(r)
+                || copied_sources.contains(".")
+                || copied_sources
+                    .iter()
+                    .any(|c| r.strip_prefix(c.as_str()).is_some_and(|rest| rest.starts_with('/'))),
             || format!("{DOCKERFILE}: the build stage does not COPY {r}, which the build needs"),
         );
     }
