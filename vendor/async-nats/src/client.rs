@@ -601,6 +601,48 @@ impl Client {
         Ok(())
     }
 
+    /// Publishes a message whose NATS header block is already serialized:
+    /// `NATS/1.0\r\n`, then `Name: value\r\n` for each header, then
+    /// `\r\n`. The caller answers for the block's form (names without `:`
+    /// or control characters, values without CR or LF): it goes on the wire
+    /// as it is. `reply` asks for a response on that subject.
+    ///
+    /// walcast patch (vendor/README.md): the same message as
+    /// [`Client::publish_with_reply_and_headers`], without a [`HeaderMap`]
+    /// built, hashed, serialized and dropped per message.
+    pub async fn publish_with_raw_headers<S: ToSubject>(
+        &self,
+        subject: S,
+        reply: Option<crate::Subject>,
+        headers: Bytes,
+        payload: Bytes,
+    ) -> Result<(), PublishError> {
+        let subject = self
+            .maybe_validate_publish_subject(subject)
+            .map_err(|e| PublishError::with_source(PublishErrorKind::InvalidSubject, e))?;
+        let respond = match reply {
+            Some(reply) => Some(
+                self.maybe_validate_publish_subject(reply)
+                    .map_err(|e| PublishError::with_source(PublishErrorKind::InvalidSubject, e))?,
+            ),
+            None => None,
+        };
+        let size = headers.len() + payload.len();
+        let max_payload = self.max_payload.load(Ordering::Relaxed);
+        if size > max_payload {
+            return Err(max_payload_error((max_payload, size)));
+        }
+        self.sender
+            .send(Command::PublishRaw {
+                subject,
+                payload,
+                respond,
+                headers,
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Sends the request with headers.
     ///
     /// # Examples

@@ -549,6 +549,24 @@ impl Connection {
                 );
             }
 
+            ClientOp::PublishRaw {
+                subject,
+                payload,
+                respond,
+                headers,
+            } => {
+                small_write!("HPUB {subject} ");
+                if let Some(respond) = respond {
+                    small_write!("{respond} ");
+                }
+                let headers_len = headers.len();
+                let total_len = headers_len + payload.len();
+                small_write!("{headers_len} {total_len}\r\n");
+                self.write(Bytes::clone(headers));
+                self.write(Bytes::clone(payload));
+                self.write("\r\n");
+            }
+
             ClientOp::Subscribe {
                 sid,
                 subject,

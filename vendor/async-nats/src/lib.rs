@@ -385,6 +385,13 @@ pub type PublishMessage = crate::message::OutboundMessage;
 #[derive(Debug)]
 pub(crate) enum Command {
     Publish(OutboundMessage),
+    /// walcast patch: a publish whose header block is already serialized.
+    PublishRaw {
+        subject: Subject,
+        payload: Bytes,
+        respond: Option<Subject>,
+        headers: Bytes,
+    },
     Request {
         subject: Subject,
         payload: Bytes,
@@ -426,6 +433,13 @@ pub(crate) enum ClientOp {
         payload: Bytes,
         respond: Option<Subject>,
         headers: Option<HeaderMap>,
+    },
+    /// walcast patch: `HPUB` with a header block serialized by the caller.
+    PublishRaw {
+        subject: Subject,
+        payload: Bytes,
+        respond: Option<Subject>,
+        headers: Bytes,
     },
     Subscribe {
         sid: u64,
@@ -957,6 +971,31 @@ impl ConnectionHandler {
                 );
 
                 self.connection.enqueue_write_op(&ClientOp::Publish {
+                    subject,
+                    payload,
+                    respond,
+                    headers,
+                });
+            }
+
+            Command::PublishRaw {
+                subject,
+                payload,
+                respond,
+                headers,
+            } => {
+                self.connector
+                    .connect_stats
+                    .out_messages
+                    .add(1, Ordering::Relaxed);
+                self.connector.connect_stats.out_bytes.add(
+                    (payload.len()
+                        + respond.as_ref().map_or_else(|| 0, |r| r.len())
+                        + subject.len()
+                        + headers.len()) as u64,
+                    Ordering::Relaxed,
+                );
+                self.connection.enqueue_write_op(&ClientOp::PublishRaw {
                     subject,
                     payload,
                     respond,
