@@ -1825,9 +1825,10 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
         p.check(
             copied_sources.contains(r)
                 || copied_sources.contains(".")
-                || copied_sources
-                    .iter()
-                    .any(|c| r.strip_prefix(c.as_str()).is_some_and(|rest| rest.starts_with('/'))),
+                || copied_sources.iter().any(|c| {
+                    r.strip_prefix(c.as_str())
+                        .is_some_and(|rest| rest.starts_with('/'))
+                }),
             || format!("{DOCKERFILE}: the build stage does not COPY {r}, which the build needs"),
         );
     }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use async_nats::{HeaderMap, Subject};
+use async_nats::Subject;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::PublishError;
 use super::acks::Verdict;
 use super::sink::{Bucket, Replies, Sink};
+use crate::headers::{self as names, Headers};
 use crate::position::StreamSeq;
 
 /// One stored message.
@@ -169,10 +170,6 @@ pub(crate) struct MemoryReplies {
     due: VecDeque<Reply>,
 }
 
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| v.as_str().to_string())
-}
-
 impl MemorySink {
     /// Records the send and applies a fault that falls on it: `Err` if it
     /// is refused, `Ok(false)` if the connection dropped with it.
@@ -210,7 +207,7 @@ impl Sink for MemorySink {
     async fn send(
         &self,
         subject: Subject,
-        headers: HeaderMap,
+        headers: &Headers<'_>,
         payload: Bytes,
         reply: Option<Subject>,
     ) -> Result<(), String> {
@@ -219,15 +216,13 @@ impl Sink for MemorySink {
         }
         let _ = subject; // the stream captures every subject walcast sends to
         let msg = Stored {
-            msg_id: header(&headers, crate::headers::MSG_ID).ok_or("no Nats-Msg-Id")?,
-            tenant: header(&headers, crate::headers::TENANT),
-            seq: header(&headers, crate::headers::SEQ).and_then(|s| s.parse().ok()),
+            msg_id: (headers.text(names::MSG_ID).ok_or("no Nats-Msg-Id")?).to_string(),
+            tenant: headers.text(names::TENANT).map(str::to_string),
+            seq: headers.number(names::SEQ),
             payload,
             stored_at: Instant::now(),
         };
-        let expected = header(&headers, crate::headers::EXPECTED_LAST_SEQUENCE)
-            .and_then(|s| s.parse().ok())
-            .map(StreamSeq);
+        let expected = headers.number(names::EXPECTED_LAST_SEQUENCE).map(StreamSeq);
         let mut broker = self.broker.lock();
         let verdict = broker.store(msg, expected);
         let replies = self.replies.lock().unwrap_or_else(|e| e.into_inner());
@@ -318,17 +313,18 @@ impl Replies for MemoryReplies {
 mod tests {
     use super::*;
 
-    fn headers(id: &str, expected_last: u64) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert("Nats-Msg-Id", id);
-        h.insert("Nats-Expected-Last-Sequence", expected_last.to_string());
+    fn headers(id: &str, expected_last: u64) -> Headers<'_> {
+        let mut h = Headers::new();
+        h.insert(names::MSG_ID, id);
+        h.insert(names::EXPECTED_LAST_SEQUENCE, expected_last);
         h
     }
 
     /// Sends `id` expecting `last`, asking for its ack; returns the ack.
     async fn send(sink: &MemorySink, replies: &mut MemoryReplies, id: &str, last: u64) -> Verdict {
         let reply = Some(replies.subject(StreamSeq(last + 1)));
-        let sent = sink.send("s".into(), headers(id, last), Bytes::new(), reply);
+        let headers = headers(id, last);
+        let sent = sink.send("s".into(), &headers, Bytes::new(), reply);
         sent.await.unwrap();
         replies.next().await.unwrap().1
     }
@@ -364,12 +360,12 @@ mod tests {
         let sink = broker.connect(Duration::from_millis(5));
         let mut replies = sink.replies().await.unwrap();
         let reply = Some(replies.subject(StreamSeq(1)));
-        sink.send("s".into(), headers("a", 0), Bytes::new(), reply)
+        sink.send("s".into(), &headers("a", 0), Bytes::new(), reply)
             .await
             .unwrap();
         broker.disconnect_in(1);
         let reply = Some(replies.subject(StreamSeq(2)));
-        sink.send("s".into(), headers("b", 1), Bytes::new(), reply)
+        sink.send("s".into(), &headers("b", 1), Bytes::new(), reply)
             .await
             .unwrap();
         assert_eq!(replies.connects(), 2);
@@ -377,7 +373,7 @@ mod tests {
         let next = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
         assert!(next.is_err(), "a's ack was lost with the connection");
         broker.fail_in(1);
-        let refused = sink.send("s".into(), headers("c", 1), Bytes::new(), None);
-        assert!(refused.await.is_err());
+        let c = headers("c", 1);
+        assert!(sink.send("s".into(), &c, Bytes::new(), None).await.is_err());
     }
 }

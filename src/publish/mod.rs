@@ -41,13 +41,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{HeaderMap, HeaderName, Subject};
+use async_nats::Subject;
 use tokio::sync::mpsc;
 
 use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
-use crate::headers::decimal;
+use crate::headers::{
+    CONTENT_TYPE, EXPECTED_LAST_SEQUENCE, Headers, LSN, MSG_ID, PROTOBUF, REASON, SEQ, TENANT,
+};
 use crate::lsn::Lsn;
 use crate::position::{StreamSeq, TenantSeq};
 use crate::state::feed::{Feed, Input};
@@ -126,14 +128,6 @@ struct Sent {
 
 /// How often progress is cut into segments for the checkpointer.
 const CUT_EVERY: Duration = Duration::from_millis(20);
-
-const MSG_ID: HeaderName = HeaderName::from_static(crate::headers::MSG_ID);
-const EXPECTED_LAST: HeaderName = HeaderName::from_static(crate::headers::EXPECTED_LAST_SEQUENCE);
-const TENANT: HeaderName = HeaderName::from_static(crate::headers::TENANT);
-const SEQ: HeaderName = HeaderName::from_static(crate::headers::SEQ);
-const REASON: HeaderName = HeaderName::from_static(crate::headers::REASON);
-const LSN: HeaderName = HeaderName::from_static(crate::headers::LSN);
-const CONTENT_TYPE: HeaderName = HeaderName::from_static(crate::headers::CONTENT_TYPE);
 
 /// Publishes a stream of items to a [`Sink`] ([`JetStream`] in production).
 pub(crate) struct Publisher<S> {
@@ -427,46 +421,50 @@ impl<S: Sink> Publisher<S> {
         expected_last: StreamSeq,
         reply: Option<async_nats::Subject>,
     ) -> Result<Sent, PublishError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(MSG_ID, event.event_id.as_str());
-        headers.insert(EXPECTED_LAST, decimal(expected_last.0));
-        match &event.route {
-            Route::Tenant { tenant, seq } => {
-                headers.insert(TENANT, &**tenant);
-                headers.insert(SEQ, decimal(seq.0));
-            }
-            Route::DeadLetter { reason } => headers.insert(REASON, *reason),
-            Route::System => {}
-        }
-        // The header carries the decimal number (README), not the `X/Y` text.
-        headers.insert(LSN, decimal(event.commit_lsn.0));
-        headers.insert(CONTENT_TYPE, crate::headers::PROTOBUF);
-        let payload = self
-            .oversized
-            .fit(&mut self.sink, &event, &mut headers)
-            .await?;
         let subject = Subject::from(std::mem::take(&mut event.subject));
-        let at = expected_last.next();
-        let fed = (self.feed.as_ref())
-            .is_some_and(|feed| feed.wants(at.0))
-            .then(|| fed(&event, at, &subject, &headers, &payload));
-        let send = self.sink.send(subject, headers, payload, reply);
-        tokio::pin!(send);
-        // While NATS is away the client queues publishes until its buffer is
-        // full, then a publish waits: for as long as the outage lasts, and
-        // the ack timeout (checked between publishes) would never fire. The
-        // timer is only armed in that case, not on every message.
-        let sent = match futures::poll!(&mut send) {
-            std::task::Poll::Ready(sent) => sent,
-            std::task::Poll::Pending => tokio::time::timeout(acks::ACK_TIMEOUT, send)
-                .await
-                .map_err(|_| {
-                    PublishError::Nats(format!(
-                        "publish {}: the NATS client accepted nothing for {:?} (is NATS reachable?)",
-                        event.event_id,
-                        acks::ACK_TIMEOUT
-                    ))
-                })?,
+        let (fed, sent) = {
+            let mut headers = Headers::new();
+            headers.insert(MSG_ID, event.event_id.as_str());
+            headers.insert(EXPECTED_LAST_SEQUENCE, expected_last.0);
+            match &event.route {
+                Route::Tenant { tenant, seq } => {
+                    headers.insert(TENANT, &**tenant);
+                    headers.insert(SEQ, seq.0);
+                }
+                Route::DeadLetter { reason } => headers.insert(REASON, *reason),
+                Route::System => {}
+            }
+            // The header carries the decimal number (README), not `X/Y`.
+            headers.insert(LSN, event.commit_lsn.0);
+            headers.insert(CONTENT_TYPE, PROTOBUF);
+            let payload = self
+                .oversized
+                .fit(&mut self.sink, &event, &mut headers)
+                .await?;
+            let at = expected_last.next();
+            let fed = (self.feed.as_ref())
+                .is_some_and(|feed| feed.wants(at.0))
+                .then(|| fed(&event, at, &subject, &headers, &payload));
+            let send = self.sink.send(subject, &headers, payload, reply);
+            tokio::pin!(send);
+            // While NATS is away the client queues publishes until its buffer
+            // is full, then a publish waits: for as long as the outage lasts,
+            // and the ack timeout (checked between publishes) would never
+            // fire. The timer is only armed in that case, not on every
+            // message.
+            let sent = match futures::poll!(&mut send) {
+                std::task::Poll::Ready(sent) => sent,
+                std::task::Poll::Pending => tokio::time::timeout(acks::ACK_TIMEOUT, send)
+                    .await
+                    .map_err(|_| {
+                        PublishError::Nats(format!(
+                            "publish {}: the NATS client accepted nothing for {:?} (is NATS reachable?)",
+                            event.event_id,
+                            acks::ACK_TIMEOUT
+                        ))
+                    })?,
+            };
+            (fed, sent)
         };
         sent.map_err(|e| PublishError::Nats(format!("publish {}: {e}", event.event_id)))?;
         Ok(Sent {
@@ -509,7 +507,7 @@ fn fed(
     event: &OutEvent,
     at: StreamSeq,
     subject: &Subject,
-    headers: &HeaderMap,
+    headers: &Headers<'_>,
     payload: &bytes::Bytes,
 ) -> Input {
     let (tenant, seq) = match &event.route {
@@ -521,9 +519,7 @@ fn fed(
         subject: subject.clone(),
         tenant,
         seq,
-        object: headers
-            .get(crate::headers::OBJECT)
-            .map(|v| v.as_str().to_string()),
+        object: headers.text(crate::headers::OBJECT).map(str::to_string),
         payload: payload.clone(),
     }
 }

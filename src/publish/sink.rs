@@ -13,13 +13,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, object_store};
-use async_nats::{HeaderMap, Statistics, Subject, Subscriber};
+use async_nats::{Statistics, Subject, Subscriber};
 use bytes::Bytes;
 
 use super::PublishError;
 use super::acks::{Verdict, parse};
 use super::holes::{Hole, Message, ranges};
 use super::stream;
+use crate::headers::Headers;
 use crate::position::StreamSeq;
 
 /// Where the publisher's messages go.
@@ -42,7 +43,7 @@ pub(crate) trait Sink {
     async fn send(
         &self,
         subject: Subject,
-        headers: HeaderMap,
+        headers: &Headers<'_>,
         payload: Bytes,
         reply: Option<Subject>,
     ) -> Result<(), String>;
@@ -141,20 +142,14 @@ impl Sink for JetStream {
     async fn send(
         &self,
         subject: Subject,
-        headers: HeaderMap,
+        headers: &Headers<'_>,
         payload: Bytes,
         reply: Option<Subject>,
     ) -> Result<(), String> {
-        let client = &self.client;
-        match reply {
-            Some(reply) => {
-                client
-                    .publish_with_reply_and_headers(subject, reply, headers, payload)
-                    .await
-            }
-            None => client.publish_with_headers(subject, headers, payload).await,
-        }
-        .map_err(|e| e.to_string())
+        self.client
+            .publish_with_raw_headers(subject, reply, headers.block(), payload)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn put_object(

@@ -321,7 +321,7 @@ impl<'a> Copy<'a> {
         if headers.get(crate::headers::OBJECT).is_some() {
             self.backfill.objects.register(&key, &object).await;
         }
-        self.writer.send(&key, headers, payload, 0).await
+        self.writer.send(&key, &headers, payload, 0).await
     }
 
     async fn has_entry(&self, key: &str) -> Result<bool, String> {

@@ -5,10 +5,10 @@
 //! valid key token (`[-/_=a-zA-Z0-9]+`); anything else is left out of the
 //! state, never written under a mangled key.
 
-use async_nats::{HeaderMap, HeaderName};
+use async_nats::HeaderMap;
 use bytes::Bytes;
 
-use crate::headers::{CONTENT_TYPE, PROTOBUF, SEQ, STREAM_SEQ, decimal};
+use crate::headers::{CONTENT_TYPE, Headers, PROTOBUF, SEQ, STREAM_SEQ};
 
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
@@ -103,16 +103,12 @@ fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'/' | b'='))
 }
 
-/// The headers of a value or delete marker (names made once: from a
-/// `&str`, each would be checked and copied on every write).
-pub fn headers(seq: u64, stream_seq: u64) -> HeaderMap {
-    const SEQ_NAME: HeaderName = HeaderName::from_static(SEQ);
-    const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
-    const STREAM_SEQ_NAME: HeaderName = HeaderName::from_static(STREAM_SEQ);
-    let mut headers = HeaderMap::new();
-    headers.insert(SEQ_NAME, decimal(seq));
-    headers.insert(CONTENT_TYPE_NAME, PROTOBUF);
-    headers.insert(STREAM_SEQ_NAME, decimal(stream_seq));
+/// The headers of a value or delete marker.
+pub fn headers(seq: u64, stream_seq: u64) -> Headers<'static> {
+    let mut headers = Headers::new();
+    headers.insert(SEQ, seq);
+    headers.insert(CONTENT_TYPE, PROTOBUF);
+    headers.insert(STREAM_SEQ, stream_seq);
     headers
 }
 
@@ -188,9 +184,13 @@ mod tests {
 
     #[test]
     fn headers_round_trip_the_position() {
-        let h = headers(5, 1234);
-        assert_eq!(h.get(SEQ).map(|v| v.as_str()), Some("5"));
-        assert_eq!(stream_seq_of(Some(&h)), Some(1234));
+        let block = headers(5, 1234).block();
+        let text = std::str::from_utf8(&block).unwrap();
+        assert!(text.contains("\r\nWalcast-Seq: 5\r\n"), "{text}");
+        assert!(text.contains("\r\nWalcast-Stream-Seq: 1234\r\n"), "{text}");
+        let mut read = HeaderMap::new();
+        read.insert(STREAM_SEQ, "1234");
+        assert_eq!(stream_seq_of(Some(&read)), Some(1234));
         assert_eq!(stream_seq_of(None), None);
     }
 }

@@ -279,10 +279,7 @@ async fn send(
             if let Some(object) = object {
                 // The stream's copy expires with the stream: the state's does not.
                 let copy = objects.copy(&object, &key, seq).await?;
-                headers.insert(
-                    crate::headers::OBJECT,
-                    format!("{}/{copy}", objects.name).as_str(),
-                );
+                headers.insert(crate::headers::OBJECT, format!("{}/{copy}", objects.name));
             }
             (key, payload)
         }
@@ -292,7 +289,7 @@ async fn send(
         }
         Write::Truncate(_) => return Ok(()), // handled by the caller
     };
-    writer.send(&key, headers, body, position).await?;
+    writer.send(&key, &headers, body, position).await?;
     objects.retire_after(position, &key, seq).await;
     Ok(())
 }

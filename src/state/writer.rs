@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use bytes::Bytes;
 
+use crate::headers::Headers;
 use crate::publish::acks::Verdict;
 use crate::publish::sink::NatsReplies;
 
@@ -83,7 +83,7 @@ impl Writer {
     pub async fn send(
         &mut self,
         key: &str,
-        headers: HeaderMap,
+        headers: &Headers<'_>,
         payload: Bytes,
         position: u64,
     ) -> Result<(), String> {
@@ -94,7 +94,7 @@ impl Writer {
         subject.push_str(key);
         let reply = self.replies.subject_for(self.token);
         self.client
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .publish_with_raw_headers(subject, Some(reply), headers.block(), payload)
             .await
             .map_err(|e| format!("write {key} to the state bucket on NATS: {e}"))?;
         self.pending.push_back(Pending {
@@ -199,6 +199,6 @@ impl Writer {
 
 /// Adds the header that makes a write create-only: it fails (and is counted
 /// in [`Writer::kept_newer`]) when the key has any entry, a delete marker too.
-pub fn create_only(headers: &mut HeaderMap) {
-    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+pub fn create_only(headers: &mut Headers<'_>) {
+    headers.insert(crate::headers::EXPECTED_LAST_SUBJECT_SEQUENCE, 0);
 }
