@@ -1859,6 +1859,35 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
     p.assert_none(DOCKERFILE);
 }
 
+/// The fuzz crate is a workspace of its own: a `[patch]` applies only to
+/// the workspace that declares it, so without the root's patches it builds
+/// walcast against the published crates, which walcast no longer compiles
+/// with (vendor/README.md).
+#[test]
+fn the_fuzz_workspace_repeats_the_roots_patches() {
+    let patches = |rel: &str, prefix: &str| -> BTreeMap<String, String> {
+        let manifest: toml::Table = read(rel).parse().expect("manifest parses");
+        let table = manifest
+            .get("patch")
+            .and_then(|p| p.get("crates-io"))
+            .and_then(|p| p.as_table())
+            .cloned()
+            .unwrap_or_default();
+        table
+            .into_iter()
+            .map(|(name, dep)| {
+                let path = dep.get("path").and_then(|p| p.as_str()).unwrap_or("");
+                (name, path.strip_prefix(prefix).unwrap_or(path).to_string())
+            })
+            .collect()
+    };
+    assert_eq!(
+        patches("fuzz/Cargo.toml", "../"),
+        patches("Cargo.toml", ""),
+        "fuzz/Cargo.toml's [patch.crates-io] must name the root's patched crates, with paths from fuzz/"
+    );
+}
+
 #[test]
 fn kubernetes_probes_use_healthz_and_readyz() {
     let objects = objects();
