@@ -29,12 +29,6 @@ pub const PROTOBUF: &str = "application/x-protobuf";
 /// on a value.
 pub const KV_OPERATION: &str = "KV-Operation";
 
-/// A number as a header value, without `fmt` (~2 % of walcast's CPU per
-/// published event went to formatting three of them).
-pub fn decimal(n: u64) -> String {
-    itoa::Buffer::new().format(n).to_owned()
-}
-
 /// A message's headers, in the order they go on the wire: few, with names
 /// from this module, kept as borrowed text and numbers until the message
 /// is written as one header block ([`Headers::block`]), which the vendored
