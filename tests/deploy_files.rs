@@ -1780,18 +1780,12 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
         .into_iter()
         .flat_map(|deps| deps.values())
         .filter_map(|dep| dep.get("path").cloned());
-    // `[patch.crates-io]` replaces a registry crate with a directory
-    // (vendor/): without it the image's `cargo build` fails to load it.
-    let patches = manifest
-        .get("patch")
-        .and_then(|p| p.get("crates-io"))
-        .and_then(|p| p.as_table())
-        .into_iter()
-        .flat_map(|deps| deps.values())
-        .filter_map(|dep| dep.get("path").cloned());
-    for path in members.into_iter().chain(path_deps).chain(patches) {
+    for path in members.into_iter().chain(path_deps) {
         required.insert(path.as_str().unwrap_or_default().to_string());
     }
+    // `[patch.crates-io]` replaces a registry crate with a directory
+    // (vendor/): without it the image's `cargo build` fails to load it.
+    required.extend(patched_crates("Cargo.toml").into_values());
     if root().join("build.rs").exists() {
         required.insert("build.rs".into());
         for lit in quoted_after(&read("build.rs"), "\"") {
@@ -1865,27 +1859,36 @@ fn dockerfile_builds_and_starts_the_walcast_binary() {
 /// with (vendor/README.md).
 #[test]
 fn the_fuzz_workspace_repeats_the_roots_patches() {
-    let patches = |rel: &str, prefix: &str| -> BTreeMap<String, String> {
-        let manifest: toml::Table = read(rel).parse().expect("manifest parses");
-        let table = manifest
-            .get("patch")
-            .and_then(|p| p.get("crates-io"))
-            .and_then(|p| p.as_table())
-            .cloned()
-            .unwrap_or_default();
-        table
-            .into_iter()
-            .map(|(name, dep)| {
-                let path = dep.get("path").and_then(|p| p.as_str()).unwrap_or("");
-                (name, path.strip_prefix(prefix).unwrap_or(path).to_string())
-            })
-            .collect()
-    };
+    let fuzz: BTreeMap<String, String> = patched_crates("fuzz/Cargo.toml")
+        .into_iter()
+        .map(|(name, path)| match path.strip_prefix("../") {
+            Some(from_root) => (name, from_root.to_string()),
+            None => (name, path),
+        })
+        .collect();
     assert_eq!(
-        patches("fuzz/Cargo.toml", "../"),
-        patches("Cargo.toml", ""),
+        fuzz,
+        patched_crates("Cargo.toml"),
         "fuzz/Cargo.toml's [patch.crates-io] must name the root's patched crates, with paths from fuzz/"
     );
+}
+
+/// A manifest's `[patch.crates-io]`: crate name -> path, as written.
+fn patched_crates(rel: &str) -> BTreeMap<String, String> {
+    let manifest: toml::Table = read(rel).parse().expect("manifest parses");
+    let table = manifest
+        .get("patch")
+        .and_then(|p| p.get("crates-io"))
+        .and_then(|p| p.as_table())
+        .cloned()
+        .unwrap_or_default();
+    table
+        .into_iter()
+        .map(|(name, dep)| {
+            let path = dep.get("path").and_then(|p| p.as_str()).unwrap_or("");
+            (name, path.to_string())
+        })
+        .collect()
 }
 
 #[test]
