@@ -538,12 +538,12 @@ def drain_recvlogical(ctx, slot, endpos, events, wal):
 
 
 def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, name=None, perf=None, state=True,
-                  binary=None):
+                  binary=None, nats_bin=None):
     """Starts walcast on `slot` (fresh nats-server) and times it until the
     stream holds `events` messages and, with the state bucket on (SPEC §8),
     the bucket has applied them all (dry run: until it built them)."""
     pg = ctx.pg
-    nats = NatsServer(ctx.work, ctx.nats_bin, name or slot)
+    nats = NatsServer(ctx.work, nats_bin or ctx.nats_bin, name or slot)
     s = Sampler()
     s.watch("nats-server", nats.proc.pid)
     stop = threading.Event()
@@ -742,6 +742,10 @@ def scenario_drain(ctx):
         kinds += [("compare", {"binary": a.compare_bin}),
                   ("compare_no_state", {"binary": a.compare_bin, "state": False}),
                   ("compare_dry_run", {"binary": a.compare_bin, "dry_run": True})]
+    if a.compare_nats:
+        # The same walcast against another nats-server build, interleaved.
+        kinds += [("compare_nats", {"nats_bin": a.compare_nats}),
+                  ("compare_nats_no_state", {"nats_bin": a.compare_nats, "state": False})]
     runs, slots = drain_rounds(ctx, "d1", kinds)
     if a.profile:
         ctx.pg.create_slot("wc_perf")
@@ -1976,6 +1980,9 @@ def main():
                          "(deterministic, for A/B on a shared machine; ~50x slower, so use --rows 20000)")
     ap.add_argument("--compare-bin", help="drain: also run this walcast binary (kinds compare, compare_no_state) "
                                           "on the same backlog, interleaved: an A/B of two builds")
+    ap.add_argument("--compare-nats", metavar="NATS_SERVER",
+                    help="drain: also run walcast against this nats-server binary (kinds compare_nats, "
+                         "compare_nats_no_state), interleaved with the rest")
     ap.add_argument("--pg-fsync-off", action="store_true", help="run Postgres with fsync=off (default: on)")
     ap.add_argument("--pg-unix-socket", action="store_true",
                     help="every client (pg_recvlogical and walcast included) connects to Postgres through its Unix socket")

@@ -6,7 +6,7 @@
 # machine is touched), then the vendored pgwire-replication's unit tests,
 # then the TypeScript client's unit, integration and
 # browser tests (scripts/test-typescript.sh), then the version matrix: a core
-# subset against PostgreSQL 18 and against nats-server 2.10.
+# subset against PostgreSQL 18 and against nats-server 2.10 and 2.12.
 # Extra arguments go to the main `cargo test`, e.g. `scripts/test.sh --test main pipeline`
 # (the TypeScript tests and the matrix are skipped when arguments are given).
 set -euo pipefail
@@ -29,6 +29,9 @@ if [ "$#" -eq 0 ]; then
     core=(pipeline catchup)
     echo "== version matrix: PostgreSQL 18 ($WALCAST_MATRIX_PG_BIN) with the default nats-server"
     WALCAST_PG_BIN="$WALCAST_MATRIX_PG_BIN" cargo test ${locked[@]+"${locked[@]}"} --features failpoints --test main -- "${core[@]}"
-    echo "== version matrix: nats-server 2.10 ($WALCAST_MATRIX_NATS_SERVER) with the default PostgreSQL"
-    WALCAST_NATS_SERVER="$WALCAST_MATRIX_NATS_SERVER" cargo test ${locked[@]+"${locked[@]}"} --features failpoints --test main -- "${core[@]}"
+    IFS=: read -r -a matrix_nats <<<"$WALCAST_MATRIX_NATS_SERVERS"
+    for nats in "${matrix_nats[@]}"; do
+        echo "== version matrix: $("$nats" --version) ($nats) with the default PostgreSQL"
+        WALCAST_NATS_SERVER="$nats" cargo test ${locked[@]+"${locked[@]}"} --features failpoints --test main -- "${core[@]}"
+    done
 fi

@@ -436,7 +436,7 @@ async fn nats(s: &Settings, r: &mut Report) {
     let Some(client) = nats_client(s, r).await else {
         return;
     };
-    nats_version(s, &client.server_info().version, r);
+    nats_version(s.confirm_delay, &client.server_info().version, r);
     let js = async_nats::jetstream::new(client);
     match js.query_account().await {
         Ok(_) => r.pass("JetStream is enabled"),
@@ -484,16 +484,22 @@ async fn nats_client(s: &Settings, r: &mut Report) -> Option<async_nats::Client>
     None
 }
 
+/// A server version's release numbers: `2.14.6-RC.1` is `[2, 14, 6]`.
+fn release_numbers(server: &str) -> Vec<u32> {
+    let release = server.split(['-', '+']).next().unwrap_or_default();
+    release.split('.').map_while(|p| p.parse().ok()).collect()
+}
+
 /// The server's version: supported, and safe with the confirm delay.
-fn nats_version(s: &Settings, server: &str, r: &mut Report) {
-    let version: Vec<u32> = server.split('.').filter_map(|p| p.parse().ok()).collect();
+fn nats_version(confirm_delay: Duration, server: &str, r: &mut Report) {
+    let version = release_numbers(server);
     r.check(
         version.as_slice() >= [2, 10].as_slice(),
         format!("NATS server {server} is supported"),
         format!("NATS server {server} is too old"),
         "upgrade nats-server to 2.10 or newer",
     );
-    if s.confirm_delay.is_zero() && version.as_slice() < SYNC_ALWAYS_SAFE.as_slice() {
+    if confirm_delay.is_zero() && version.as_slice() < SYNC_ALWAYS_SAFE.as_slice() {
         r.add(
             Status::Warn,
             format!(
@@ -568,5 +574,49 @@ fn check_query(source: tokio_postgres::Error) -> DbError {
     DbError::Query {
         what: "a check query",
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version_lines(confirm_delay: Duration, server: &str) -> Vec<(Status, String)> {
+        let mut r = Report::default();
+        nats_version(confirm_delay, server, &mut r);
+        r.0.into_iter().map(|l| (l.status, l.text)).collect()
+    }
+
+    fn warns(server: &str) -> bool {
+        version_lines(Duration::ZERO, server)
+            .iter()
+            .any(|(status, text)| *status == Status::Warn && text.contains("v2.14.6"))
+    }
+
+    #[test]
+    fn release_numbers_ignore_prerelease_and_build_tags() {
+        assert_eq!(release_numbers("2.15.1"), [2, 15, 1]);
+        assert_eq!(release_numbers("2.14.6-RC.1"), [2, 14, 6]);
+        assert_eq!(release_numbers("2.12.0+build.7"), [2, 12, 0]);
+        assert_eq!(release_numbers("garbage"), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn a_zero_confirm_delay_warns_below_the_first_safe_release() {
+        for old in ["2.10.26", "2.12.8", "2.14.5"] {
+            assert!(warns(old), "{old}");
+        }
+        for safe in ["2.14.6", "2.15.1", "3.0.0"] {
+            assert!(!warns(safe), "{safe}");
+        }
+        let default_delay = version_lines(Duration::from_secs(120), "2.12.8");
+        assert!(default_delay.iter().all(|(s, _)| *s == Status::Pass));
+    }
+
+    #[test]
+    fn servers_before_2_10_fail() {
+        let lines = version_lines(Duration::from_secs(120), "2.9.25");
+        assert_eq!(lines[0].0, Status::Fail, "{lines:?}");
+        assert_eq!(version_lines(Duration::ZERO, "2.10.0")[0].0, Status::Pass);
     }
 }

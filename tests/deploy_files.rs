@@ -1470,20 +1470,16 @@ fn compose_stack_is_wired() {
         .cloned()
         .unwrap_or_else(|| "postgres".into());
 
-    // NATS: 2.10 or later, JetStream on a volume, monitoring for the healthcheck.
+    // NATS: the line the full suite runs, JetStream on a volume, monitoring
+    // for the healthcheck.
     let nats_image = nats["image"].as_str().unwrap_or("");
-    let version: Vec<u32> = nats_image
-        .rsplit(':')
-        .next()
-        .unwrap_or("")
-        .split('-')
-        .next()
-        .unwrap_or("")
-        .split('.')
-        .filter_map(|n| n.parse().ok())
-        .collect();
-    p.check(version.len() >= 2 && (version[0], version[1]) >= (2, 10), || {
-        format!("{COMPOSE} {nats_name}: image {nats_image} must be NATS 2.10 or later with a version tag")
+    let tag = nats_image.rsplit(':').next().unwrap_or("");
+    let tested = tested_nats_line();
+    p.check(tag.split('-').next() == Some(tested.as_str()), || {
+        format!(
+            "{COMPOSE} {nats_name}: image {nats_image} must be NATS {tested} (scripts/install-deps.sh's NATS_VERSION, \
+             what the full test suite runs) with a version tag"
+        )
     });
     let nats_cmd = compose_words(&nats["command"]).unwrap_or_default();
     p.check(
@@ -2176,4 +2172,19 @@ fn kubernetes_references_resolve() {
         });
     }
     p.assert_none("Kubernetes references");
+}
+
+/// The NATS line (`2.15`) of the nats-server the full test suite runs.
+fn tested_nats_line() -> String {
+    let deps = read("scripts/install-deps.sh");
+    let version = deps
+        .lines()
+        .find_map(|l| l.strip_prefix("NATS_VERSION=\""))
+        .and_then(|v| v.split('"').next())
+        .expect("scripts/install-deps.sh sets NATS_VERSION=\"x.y.z\"");
+    let mut parts = version.split('.');
+    match (parts.next(), parts.next()) {
+        (Some(major), Some(minor)) => format!("{major}.{minor}"),
+        _ => panic!("NATS_VERSION {version} is not x.y.z"),
+    }
 }

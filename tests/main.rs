@@ -5,6 +5,7 @@ mod catchup;
 mod catchup_restart;
 mod cluster;
 mod cluster_state;
+mod consumer_limits;
 mod data_edges;
 mod demo;
 mod deploy_callout;

@@ -10,6 +10,7 @@ use crate::error_policy;
 use crate::secrets::redact_url;
 use crate::telemetry::metrics as m;
 
+pub mod limits;
 pub mod servers;
 
 /// A connected client and a counter that ticks on every (re)connection, so

@@ -237,18 +237,21 @@ async fn object_bucket(
     js: &jetstream::Context,
     bucket: &Bucket,
 ) -> Result<object_store::ObjectStore, PublishError> {
-    if let Ok(store) = js.get_object_store(&bucket.name).await {
-        return Ok(store);
-    }
-    js.create_object_store(object_store::Config {
-        bucket: bucket.name.clone(),
-        max_age: bucket.max_age,
-        num_replicas: bucket.replicas,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| PublishError::Nats(format!("create object store {}: {e}", bucket.name)))
+    let store = match js.get_object_store(&bucket.name).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(object_store::Config {
+                bucket: bucket.name.clone(),
+                max_age: bucket.max_age,
+                num_replicas: bucket.replicas,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| PublishError::Nats(format!("create object store {}: {e}", bucket.name)))?,
+    };
+    crate::broker::limits::ensure_consumer_limit(js, &format!("OBJ_{}", bucket.name)).await;
+    Ok(store)
 }
 
 /// Why publishes found no responders, once the stream has a leader again

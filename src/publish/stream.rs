@@ -27,6 +27,7 @@ pub async fn ensure(
     settings: &Settings,
 ) -> Result<stream::Stream, PublishError> {
     if let Some(existing) = verify_existing(js, settings).await? {
+        crate::broker::limits::ensure_consumer_limit(js, &settings.stream).await;
         return Ok(existing);
     }
     let config = stream::Config {
@@ -40,6 +41,7 @@ pub async fn ensure(
         max_bytes: settings.stream_max_bytes,
         duplicate_window: settings.duplicate_window.max(Duration::from_millis(100)),
         allow_direct: true,
+        max_consumers: crate::broker::limits::MAX_CONSUMERS,
         ..Default::default()
     };
     js.create_stream(config)

@@ -71,6 +71,7 @@ impl Objects {
                 .await
                 .map_err(|e| format!("create the object store {name} on NATS: {e}"))?,
         };
+        crate::broker::limits::ensure_consumer_limit(js, &format!("OBJ_{name}")).await;
         let max_payload = js.client().server_info().max_payload;
         Ok(Objects {
             js: js.clone(),
