@@ -19,7 +19,7 @@
 #   WALCAST_BIN               use this walcast binary instead of building one
 set -euo pipefail
 
-CHROMIUM_VERSION="${WALCAST_CHROMIUM_VERSION:-156.0.8078.114-1~deb12u1}"
+CHROMIUM_VERSION="${WALCAST_CHROMIUM_VERSION:-156.0.8078.129-1~deb12u1}"
 CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
 NODE_MAJOR_MIN=20
 
