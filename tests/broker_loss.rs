@@ -492,18 +492,7 @@ async fn middle_hole_beyond_the_window_is_reported_and_walcast_goes_on() {
     // `walcast check` sees the hole too and, on a server older than v2.14.6,
     // names the version `--confirm-delay 0` needs.
     let check = crate::support::edge::run_bounded(&["check"], &vars, Duration::from_secs(60));
-    let server = async_nats::connect(env.nats.url())
-        .await
-        .unwrap()
-        .server_info()
-        .version;
-    let release: Vec<u32> = server
-        .split('-')
-        .next()
-        .unwrap()
-        .split('.')
-        .map_while(|p| p.parse().ok())
-        .collect();
+    let (server, release) = env.nats.version().await;
     let warned = check
         .stdout
         .contains("! --confirm-delay 0 with NATS server 2.")

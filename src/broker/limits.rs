@@ -21,24 +21,31 @@ use async_nats::jetstream::{self, ErrorCode};
 /// storms, yet still a bound on a runaway client.
 pub const MAX_CONSUMERS: i32 = 100_000;
 
-/// Sets [`MAX_CONSUMERS`] on stream `name` if it has no consumer limit.
-/// Never fails the caller: a server that cannot change the limit (before
-/// 2.12) has no default cap either, and any other failure is logged with
-/// its fix, to be tried again at the next start.
+/// Sets [`MAX_CONSUMERS`] on stream `name` if it has no consumer limit
+/// (see [`ensure_in`]).
 pub async fn ensure_consumer_limit(js: &jetstream::Context, name: &str) {
-    let config = match js.get_stream(name).await {
+    match js.get_stream(name).await {
         Ok(mut stream) => match stream.info().await {
-            Ok(info) => info.config.clone(),
-            Err(e) => return not_set(name, &e.to_string()),
+            Ok(info) => ensure_in(js, &info.config).await,
+            Err(e) => not_set(name, &e.to_string()),
         },
-        Err(e) => return not_set(name, &e.to_string()),
-    };
+        Err(e) => not_set(name, &e.to_string()),
+    }
+}
+
+/// Sets [`MAX_CONSUMERS`] on the stream whose current configuration is
+/// `config` if it has no consumer limit. Never fails the caller: a server
+/// that cannot change the limit (before 2.12) has no default cap either,
+/// and any other failure is logged with its fix, to be tried again at the
+/// next start.
+pub async fn ensure_in(js: &jetstream::Context, config: &jetstream::stream::Config) {
+    let name = config.name.as_str();
     if config.max_consumers > 0 {
         return;
     }
     let config = jetstream::stream::Config {
         max_consumers: MAX_CONSUMERS,
-        ..config
+        ..config.clone()
     };
     match js.update_stream(&config).await {
         Ok(_) => tracing::info!(

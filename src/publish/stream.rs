@@ -27,7 +27,7 @@ pub async fn ensure(
     settings: &Settings,
 ) -> Result<stream::Stream, PublishError> {
     if let Some(existing) = verify_existing(js, settings).await? {
-        crate::broker::limits::ensure_consumer_limit(js, &settings.stream).await;
+        crate::broker::limits::ensure_in(js, &existing.cached_info().config).await;
         return Ok(existing);
     }
     let config = stream::Config {

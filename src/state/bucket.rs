@@ -46,7 +46,7 @@ pub async fn ensure(
         .await
         .map_err(|e| format!("open the state bucket {name} on NATS: {e}"))?;
     compatible(&mut stream, name).await?;
-    crate::broker::limits::ensure_consumer_limit(js, &format!("KV_{name}")).await;
+    crate::broker::limits::ensure_in(js, &stream.cached_info().config).await;
     Ok(Bucket {
         name: name.to_string(),
         store,

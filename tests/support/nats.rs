@@ -115,6 +115,18 @@ impl Nats {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The running server's version, and its release numbers (`2.14.6-RC.1`:
+    /// `[2, 14, 6]`), for tests whose expectations differ by version.
+    pub async fn version(&self) -> (String, Vec<u32>) {
+        let client = async_nats::connect(self.url())
+            .await
+            .expect("connect to the test nats-server");
+        let version = client.server_info().version;
+        let release = version.split(['-', '+']).next().unwrap_or_default();
+        let numbers = release.split('.').map_while(|p| p.parse().ok()).collect();
+        (version, numbers)
+    }
+
     /// The client port (stays the same across restarts).
     pub fn port(&self) -> u16 {
         self.port
