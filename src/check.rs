@@ -520,6 +520,8 @@ async fn stream(js: &async_nats::jetstream::Context, s: &Settings, r: &mut Repor
     match crate::publish::stream::verify_existing(js, s).await {
         Ok(Some(stream)) => {
             r.pass(format!("stream {} exists and is compatible", s.stream));
+            let server = js.client().server_info().version;
+            consumer_limit(&stream.cached_info().config, &server, r);
             let missing = stream.cached_info().state.deleted_count.unwrap_or(0);
             if missing > 0 {
                 r.add(
@@ -548,6 +550,25 @@ async fn stream(js: &async_nats::jetstream::Context, s: &Settings, r: &mut Repor
             ),
         ),
     }
+}
+
+/// A stream without a consumer limit takes only `default_max_consumers`
+/// (1,000 unless configured) on nats-server 2.15 or newer (`broker::limits`).
+fn consumer_limit(config: &async_nats::jetstream::stream::Config, server: &str, r: &mut Report) {
+    if config.max_consumers > 0 || release_numbers(server).as_slice() < [2, 15].as_slice() {
+        return;
+    }
+    let (name, limit) = (&config.name, crate::broker::limits::MAX_CONSUMERS);
+    r.add(
+        Status::Warn,
+        format!(
+            "stream {name} has no consumer limit: NATS server {server} caps it at its default_max_consumers \
+             (1,000 unless configured), and refuses clients past that"
+        ),
+        Some(format!(
+            "`walcast run` gives it {limit} when it starts; or run `nats stream edit {name} --max-consumers {limit}`"
+        )),
+    );
 }
 
 /// The state bucket (SPEC §8): compatible, and whether its backfill is done.
@@ -611,6 +632,27 @@ mod tests {
         }
         let default_delay = version_lines(Duration::from_secs(120), "2.12.8");
         assert!(default_delay.iter().all(|(s, _)| *s == Status::Pass));
+    }
+
+    #[test]
+    fn a_stream_without_a_consumer_limit_warns_from_2_15() {
+        let warned = |max_consumers: i32, server: &str| {
+            let config = async_nats::jetstream::stream::Config {
+                name: "WALCAST".into(),
+                max_consumers,
+                ..Default::default()
+            };
+            let mut r = Report::default();
+            consumer_limit(&config, server, &mut r);
+            r.0.iter().any(|l| {
+                l.status == Status::Warn && l.text.contains("stream WALCAST has no consumer limit")
+            })
+        };
+        assert!(warned(-1, "2.15.1"));
+        assert!(warned(0, "2.16.0"));
+        assert!(!warned(-1, "2.14.6"), "no default cap before 2.15");
+        assert!(!warned(100_000, "2.15.1"));
+        assert!(!warned(50, "2.15.1"), "an operator's limit is theirs");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use async_nats::jetstream::{self, consumer, kv, stream};
 
 use crate::oversized::{small_payload_env, sql_blob};
 use crate::support::daemon::{Daemon, Env};
+use crate::support::edge::run_bounded;
 use crate::support::wait_until;
 
 /// The limit walcast gives its streams (`broker::limits::MAX_CONSUMERS`,
@@ -76,6 +77,16 @@ async fn streams_without_a_consumer_limit_get_one_at_start() {
     .expect("an unlimited state bucket");
     assert!(max_consumers(&js, "WALCAST").await.unwrap() <= 0);
     assert!(max_consumers(&js, "KV_WALCAST_STATE").await.unwrap() <= 0);
+    // `walcast check` says so where the server would cap it (2.15 and newer).
+    let (server, release) = env.nats.version().await;
+    let check = || run_bounded(&["check"], &env.env_vars(), Duration::from_secs(60)).stdout;
+    let warning = "! stream WALCAST has no consumer limit";
+    let before = check();
+    assert_eq!(
+        before.contains(warning),
+        release.as_slice() >= [2, 15].as_slice(),
+        "server {server}:\n{before}"
+    );
 
     let daemon = Daemon::start(env.settings());
     let client = env.pg.client().await;
@@ -104,7 +115,6 @@ async fn streams_without_a_consumer_limit_get_one_at_start() {
     // Servers before 2.12 cannot change a stream's limit (nor do they cap a
     // stream without one); the object stores are created without a limit
     // and then given one, so there they stay unlimited too.
-    let (server, release) = env.nats.version().await;
     let changeable = release.as_slice() >= [2, 12].as_slice();
     let expected = Some(if changeable { MAX_CONSUMERS } else { -1 });
     let as_expected = wait_until(Duration::from_secs(30), || async {
@@ -117,5 +127,7 @@ async fn streams_without_a_consumer_limit_get_one_at_start() {
         "server {server}, {streams:?}: {:?}",
         limited().await
     );
+    let after = check();
+    assert!(!after.contains(warning), "{after}");
     daemon.stop().await.expect("walcast stops cleanly");
 }
