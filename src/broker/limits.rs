@@ -4,8 +4,9 @@
 //! Every client that follows a tenant holds an ordered consumer on the
 //! stream (SPEC §7), a state load holds one on the bucket (SPEC §8), and
 //! reading an oversized event or value holds one on an object store. A
-//! client that reconnects leaves its old consumer behind until the server
-//! drops it as inactive (5 s for the clients' ordered consumers).
+//! client that goes away without deleting its consumer (a closed browser
+//! tab, a reconnect) leaves it behind until the server drops it as inactive:
+//! 5 minutes for the TypeScript client's.
 //!
 //! nats-server 2.15 caps every stream that sets no limit of its own at
 //! `default_max_consumers` (1,000 unless configured): beyond that, new
