@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, consumer, kv};
+use serde_json::{Value, json};
 
 use crate::oversized::{small_payload_env, sql_blob};
 use crate::support::daemon::{Daemon, Env};
@@ -54,20 +55,29 @@ async fn the_stream_walcast_creates_takes_more_than_a_thousand_consumers() {
 }
 
 /// A stream and a state bucket created without a limit (by an older walcast,
-/// or by hand) get one when walcast starts; the object stores it creates
-/// for oversized events and values have one too.
+/// or by hand) get one when walcast starts, and keep every other setting
+/// they had; the object stores it creates for oversized events and values
+/// have one too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_without_a_consumer_limit_get_one_at_start() {
     let env = small_payload_env(64 * 1024).await;
     let js = jetstream::new(async_nats::connect(env.nats.url()).await.unwrap());
-    js.create_stream(stream::Config {
-        name: "WALCAST".into(),
-        subjects: vec!["walcast.>".into()],
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await
-    .expect("an unlimited stream, as walcast created it before");
+    // Created by hand, with settings of the operator's own.
+    let created: Value = js
+        .request(
+            "STREAM.CREATE.WALCAST".to_string(),
+            &json!({
+                "name": "WALCAST",
+                "subjects": ["walcast.>"],
+                "storage": "file",
+                "allow_direct": true,
+                "description": "made by hand",
+                "metadata": {"owner": "ops"},
+            }),
+        )
+        .await
+        .unwrap();
+    assert!(created.get("error").is_none(), "{created}");
     js.create_key_value(kv::Config {
         bucket: "WALCAST_STATE".into(),
         history: 1,
@@ -129,5 +139,11 @@ async fn streams_without_a_consumer_limit_get_one_at_start() {
     );
     let after = check();
     assert!(!after.contains(warning), "{after}");
+    let config = &js
+        .request::<_, _, Value>("STREAM.INFO.WALCAST".to_string(), &json!({}))
+        .await
+        .unwrap()["config"];
+    assert_eq!(config["description"], "made by hand", "{config}");
+    assert_eq!(config["metadata"]["owner"], "ops", "{config}");
     daemon.stop().await.expect("walcast stops cleanly");
 }

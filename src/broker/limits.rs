@@ -15,59 +15,73 @@
 //! limit, [`MAX_CONSUMERS`], when they have none; a limit an operator set
 //! (`nats stream edit <stream> --max-consumers N`) is kept.
 
-use async_nats::jetstream::{self, ErrorCode};
+use async_nats::jetstream;
+use serde_json::{Value, json};
 
 /// The consumer limit walcast sets on its streams when they have none:
 /// room for the open dashboards of a large deployment and their reconnect
 /// storms, yet still a bound on a runaway client.
 pub const MAX_CONSUMERS: i32 = 100_000;
 
-/// Sets [`MAX_CONSUMERS`] on stream `name` if it has no consumer limit
-/// (see [`ensure_in`]).
-pub async fn ensure_consumer_limit(js: &jetstream::Context, name: &str) {
-    match js.get_stream(name).await {
-        Ok(mut stream) => match stream.info().await {
-            Ok(info) => ensure_in(js, &info.config).await,
-            Err(e) => not_set(name, &e.to_string()),
-        },
-        Err(e) => not_set(name, &e.to_string()),
+/// The JetStream API's error code for an invalid configuration: what a
+/// server before 2.12 answers to a change of `max_consumers`.
+const STREAM_INVALID_CONFIG: u64 = 10052;
+
+/// [`ensure_consumer_limit`] for a stream whose configuration the caller
+/// has just read: nothing to ask the server when it already has a limit.
+pub async fn ensure_in(js: &jetstream::Context, config: &jetstream::stream::Config) {
+    if config.max_consumers <= 0 {
+        ensure_consumer_limit(js, &config.name).await;
     }
 }
 
-/// Sets [`MAX_CONSUMERS`] on the stream whose current configuration is
-/// `config` if it has no consumer limit. Never fails the caller: a server
-/// that cannot change the limit (before 2.12) has no default cap either,
-/// and any other failure is logged with its fix, to be tried again at the
-/// next start.
-pub async fn ensure_in(js: &jetstream::Context, config: &jetstream::stream::Config) {
-    let name = config.name.as_str();
-    if config.max_consumers > 0 {
+/// Sets [`MAX_CONSUMERS`] on stream `name` if it has no consumer limit.
+///
+/// The update sends back the configuration exactly as the server reported
+/// it, with only `max_consumers` changed, so settings this client does not
+/// model are kept. Never fails the caller: a server that cannot change the
+/// limit (before 2.12) has no default cap either, and any other failure is
+/// logged with its fix, to be tried again at the next start.
+pub async fn ensure_consumer_limit(js: &jetstream::Context, name: &str) {
+    let info = match api(js, &format!("STREAM.INFO.{name}"), &json!({})).await {
+        Ok(info) => info,
+        Err(e) => return not_set(name, &e),
+    };
+    let mut config = info["config"].clone();
+    if config["max_consumers"].as_i64().is_some_and(|n| n > 0) {
         return;
     }
-    let config = jetstream::stream::Config {
-        max_consumers: MAX_CONSUMERS,
-        ..config.clone()
-    };
-    match js.update_stream(&config).await {
+    config["max_consumers"] = json!(MAX_CONSUMERS);
+    match api(js, &format!("STREAM.UPDATE.{name}"), &config).await {
         Ok(_) => tracing::info!(
             stream = name,
             max_consumers = MAX_CONSUMERS,
             "stream had no consumer limit (nats-server 2.15 would cap it at its default_max_consumers, 1,000); set one"
         ),
-        Err(e) if unchangeable(&e) => tracing::debug!(
+        Err(e) if e.contains(&format!("err_code {STREAM_INVALID_CONFIG}")) => tracing::debug!(
             stream = name,
+            error = e,
             "this nats-server cannot change a stream's consumer limit; it has no default cap either"
         ),
-        Err(e) => not_set(name, &e.to_string()),
+        Err(e) => not_set(name, &e),
     }
 }
 
-/// A server before 2.12 refuses to change `max_consumers` with a generic
-/// invalid-configuration error.
-fn unchangeable(e: &jetstream::context::UpdateStreamError) -> bool {
-    use jetstream::context::CreateStreamErrorKind;
-    matches!(e.kind(), CreateStreamErrorKind::JetStream(api)
-        if api.error_code() == ErrorCode::STREAM_INVALID_CONFIG)
+/// One JetStream API request, its answer as the server wrote it; an error
+/// answer as text with its `err_code`.
+async fn api(js: &jetstream::Context, subject: &str, body: &Value) -> Result<Value, String> {
+    let answer: Value = js
+        .request(subject.to_string(), body)
+        .await
+        .map_err(|e| e.to_string())?;
+    match answer.get("error") {
+        None => Ok(answer),
+        Some(error) => Err(format!(
+            "{} (err_code {})",
+            error["description"].as_str().unwrap_or("error"),
+            error["err_code"]
+        )),
+    }
 }
 
 fn not_set(name: &str, error: &str) {
