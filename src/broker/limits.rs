@@ -45,7 +45,7 @@ pub async fn ensure_in(js: &jetstream::Context, config: &jetstream::stream::Conf
 pub async fn ensure_consumer_limit(js: &jetstream::Context, name: &str) {
     let info = match api(js, &format!("STREAM.INFO.{name}"), &json!({})).await {
         Ok(info) => info,
-        Err(e) => return not_set(name, &e),
+        Err(e) => return not_set(name, &e.text),
     };
     let mut config = info["config"].clone();
     if config["max_consumers"].as_i64().is_some_and(|n| n > 0) {
@@ -58,29 +58,36 @@ pub async fn ensure_consumer_limit(js: &jetstream::Context, name: &str) {
             max_consumers = MAX_CONSUMERS,
             "stream had no consumer limit (nats-server 2.15 would cap it at its default_max_consumers, 1,000); set one"
         ),
-        Err(e) if e.contains(&format!("err_code {STREAM_INVALID_CONFIG}")) => tracing::debug!(
+        Err(e) if e.code == Some(STREAM_INVALID_CONFIG) => tracing::debug!(
             stream = name,
-            error = e,
+            error = e.text,
             "this nats-server cannot change a stream's consumer limit; it has no default cap either"
         ),
-        Err(e) => not_set(name, &e),
+        Err(e) => not_set(name, &e.text),
     }
 }
 
-/// One JetStream API request, its answer as the server wrote it; an error
-/// answer as text with its `err_code`.
-async fn api(js: &jetstream::Context, subject: &str, body: &Value) -> Result<Value, String> {
+/// A failed API request: the server's `err_code`, if it answered.
+struct ApiError {
+    code: Option<u64>,
+    text: String,
+}
+
+/// One JetStream API request and its answer as the server wrote it.
+async fn api(js: &jetstream::Context, subject: &str, body: &Value) -> Result<Value, ApiError> {
     let answer: Value = js
         .request(subject.to_string(), body)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ApiError {
+            code: None,
+            text: e.to_string(),
+        })?;
     match answer.get("error") {
         None => Ok(answer),
-        Some(error) => Err(format!(
-            "{} (err_code {})",
-            error["description"].as_str().unwrap_or("error"),
-            error["err_code"]
-        )),
+        Some(error) => Err(ApiError {
+            code: error["err_code"].as_u64(),
+            text: error["description"].as_str().unwrap_or("error").to_string(),
+        }),
     }
 }
 
