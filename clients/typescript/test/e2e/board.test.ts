@@ -258,9 +258,21 @@ describe("the Socket.IO gateway example in Chromium", { timeout: 150_000 }, () =
     await work.lock(A, "task", gone, "eve");
     // The events the page needs leave the stream (as with max age): only
     // A's newest event stays, so resuming after `before` is impossible.
+    // Purged once walcast has published all three (a purge before that
+    // would keep an older event and leave the new ones to resume from).
     const nc = await connect({ servers: nats.url });
     try {
       const jsm = await jetstreamManager(nc);
+      const published = work.expectedFor(A).length;
+      const inStream = async () => {
+        const info = await jsm.streams.info("WALCAST", { subjects_filter: `walcast.${A}.>` });
+        return Object.values(info.state.subjects ?? {}).reduce((sum, n) => sum + n, 0);
+      };
+      const deadline = Date.now() + 10_000;
+      while ((await inStream()) < published) {
+        assert.ok(Date.now() < deadline, `walcast published ${A}'s ${published} events within 10 s`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
       await jsm.streams.purge("WALCAST", { filter: `walcast.${A}.>`, keep: 1 });
     } finally {
       await nc.close();
