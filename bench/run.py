@@ -558,8 +558,11 @@ def drain_walcast(ctx, slot, events, wal, confirm_delay=None, dry_run=False, nam
     finder = find_walsender(pg, slot, s, stop)
     perf_proc = None
     if perf:
-        perf_proc = subprocess.Popen(["perf", "record", "-F", "499", "-g", "--call-graph", "dwarf,16384",
-                                      "-o", str(perf), "-p", str(wc.pid)],
+        # --profile-system: every process on the machine (walcast, the
+        # nats-server, the walsender), frame-pointer call graphs.
+        target = (["-a", "-F", "999", "-g"] if ctx.args.profile_system
+                  else ["-F", "499", "-g", "--call-graph", "dwarf,16384", "-p", str(wc.pid)])
+        perf_proc = subprocess.Popen(["perf", "record", *target, "-o", str(perf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_at = None
     last = 0
@@ -760,7 +763,7 @@ def scenario_drain(ctx):
         perf_data = ctx.work / "perf.data"
         try:
             drain_walcast(ctx, "wc_perf", ev, wal, perf=perf_data, state=not a.profile_no_state)
-            r["profile"] = perf_report(perf_data, ctx.results_dir / "profile-drain.txt")
+            r["profile"] = perf_report(perf_data, ctx.results_dir / "profile-drain.txt", a.profile_system)
         except Exception as e:  # noqa: BLE001
             r["profile"] = {"error": str(e)}
         slots.append("wc_perf")
@@ -786,8 +789,9 @@ def cpu_cost_ratio(base, run):
     return None if not b or not w else round(b / w, 3)
 
 
-def perf_report(perf_data, out_path):
-    rep = subprocess.run(["perf", "report", "-i", str(perf_data), "--no-children", "--sort", "dso,symbol",
+def perf_report(perf_data, out_path, by_process=False):
+    sort = "comm,dso,symbol" if by_process else "dso,symbol"
+    rep = subprocess.run(["perf", "report", "-i", str(perf_data), "--no-children", "--sort", sort,
                           "--stdio", "--percent-limit", "0.5", "-g", "none"], capture_output=True, text=True)
     out_path.write_text(rep.stdout)
     top = []
@@ -1973,6 +1977,8 @@ def main():
     ap.add_argument("--stall-timeout", type=int, default=60,
                     help="fail a drain whose event count has not moved for this long")
     ap.add_argument("--profile", action="store_true", help="perf record one extra (untimed) drain of walcast")
+    ap.add_argument("--profile-system", action="store_true",
+                    help="with --profile: record the whole machine (walcast, nats-server, walsender), by process")
     ap.add_argument("--profile-no-state", action="store_true",
                     help="with --profile: the profiled drain runs without the state bucket")
     ap.add_argument("--callgrind", action="store_true",
