@@ -12,6 +12,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         .compile_well_known_types()
         .extern_path(".google.protobuf", "::pbjson_types")
+        .boxed(".walcast.v1.ChangeEvent.after.task")
+        .boxed(".walcast.v1.ChangeEvent.after.project")
+        .boxed(".walcast.v1.ChangeEvent.after.lock")
+        .boxed(".walcast.v1.ChangeEvent.before.task_before")
+        .boxed(".walcast.v1.ChangeEvent.before.project_before")
+        .boxed(".walcast.v1.ChangeEvent.before.lock_before")
         .compile_fds(descriptors)?;
     pbjson_build::Builder::new()
         .register_descriptors(&descriptor_bytes)?

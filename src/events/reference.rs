@@ -88,8 +88,8 @@ fn set_images(
 
 type Parts<R> = (R, std::collections::HashMap<String, String>, Vec<String>);
 
-fn split<T, R>(typed: Typed<T>, wrap: impl FnOnce(T) -> R) -> Parts<R> {
-    (wrap(typed.row), typed.extra, typed.missing)
+fn split<T, R>(typed: Typed<T>, wrap: impl FnOnce(Box<T>) -> R) -> Parts<R> {
+    (wrap(Box::new(typed.row)), typed.extra, typed.missing)
 }
 
 /// Typed rows, plus the text of columns that are unknown or did not parse.

@@ -364,9 +364,9 @@ impl Tables {
     /// Applies one event, as a consumer keeping a replica would.
     pub fn apply(&mut self, e: &ChangeEvent) {
         match (&e.after, &e.before) {
-            (Some(After::Task(t)), _) => drop(self.tasks.insert(t.id.clone(), t.clone())),
-            (Some(After::Project(p)), _) => drop(self.projects.insert(p.id.clone(), p.clone())),
-            (Some(After::Lock(l)), _) => drop(self.locks.insert(lock_key(l), l.clone())),
+            (Some(After::Task(t)), _) => drop(self.tasks.insert(t.id.clone(), (**t).clone())),
+            (Some(After::Project(p)), _) => drop(self.projects.insert(p.id.clone(), (**p).clone())),
+            (Some(After::Lock(l)), _) => drop(self.locks.insert(lock_key(l), (**l).clone())),
             (None, Some(Before::TaskBefore(t))) => drop(self.tasks.remove(&t.id)),
             (None, Some(Before::ProjectBefore(p))) => drop(self.projects.remove(&p.id)),
             (None, Some(Before::LockBefore(l))) => drop(self.locks.remove(&lock_key(l))),

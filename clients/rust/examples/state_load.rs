@@ -73,7 +73,7 @@ fn row(tenant: &str, i: usize) -> (String, bytes::Bytes) {
         entity: Entity::Task as i32,
         entity_id: id.clone(),
         table: "public.tasks".into(),
-        after: Some(change_event::After::Task(Task {
+        after: Some(change_event::After::Task(Box::new(Task {
             id: id.clone(),
             tenant_id: tenant.into(),
             title: format!("Task {i}"),
@@ -85,7 +85,7 @@ fn row(tenant: &str, i: usize) -> (String, bytes::Bytes) {
             updated_at: Some(now),
             metadata: Some(r#"{"board": 1}"#.into()),
             ..Default::default()
-        })),
+        }))),
         ..Default::default()
     };
     (format!("{tenant}.task.{id}"), event.encode_to_vec().into())

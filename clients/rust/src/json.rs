@@ -66,14 +66,14 @@ mod tests {
                 seconds: 1_700_000_000,
                 nanos: 5_000_000,
             }),
-            after: Some(After::Task(Task {
+            after: Some(After::Task(Box::new(Task {
                 due_at: Some(pbjson_types::Timestamp {
                     seconds: 0,
                     nanos: 0,
                 }),
                 title: "2024-01-01T00:00:00+00:00".into(),
                 ..Default::default()
-            })),
+            }))),
             extra: [("note".to_string(), "2024-01-01T00:00:00+00:00".to_string())].into(),
             ..Default::default()
         };

@@ -375,14 +375,10 @@ async fn finish(
         rows.push((key, event));
     }
     rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut tree = BTreeMap::new();
-    for (key, event) in rows {
-        tree.insert(key, *event); // in order: each insert appends at the right edge
-    }
-    Ok(TenantState {
-        as_of_seq,
-        rows: tree,
-    })
+    // Collected from sorted pairs, the tree is built bottom-up, without a
+    // search per key.
+    let rows = rows.into_iter().map(|(key, event)| (key, *event)).collect();
+    Ok(TenantState { as_of_seq, rows })
 }
 
 /// An oversized value's body. walcast deletes a value's object once the

@@ -389,7 +389,7 @@ impl Model {
             };
             let key = format!("{}.lock.task.{id}", self.tenant);
             let mut event = self.event(seq, Entity::Lock, Action::Acquired, format!("task:{id}"));
-            event.after = Some(change_event::After::Lock(lock));
+            event.after = Some(change_event::After::Lock(Box::new(lock)));
             return Change { key, event };
         }
         let task = Task {
@@ -402,7 +402,7 @@ impl Model {
         };
         let key = format!("{}.task.{id}", self.tenant);
         let mut event = self.event(seq, Entity::Task, Action::Created, id);
-        event.after = Some(change_event::After::Task(task));
+        event.after = Some(change_event::After::Task(Box::new(task)));
         Change { key, event }
     }
 
