@@ -60,6 +60,7 @@ for (let i = 0; i < a.loads; i++) {
   times.push(ms);
 }
 await connection.close();
+const each = times.map((x) => Math.round(x * 10) / 10);
 times.sort((x, y) => x - y);
 const round = (x) => Math.round(x * 10) / 10;
 console.log(JSON.stringify({
@@ -72,4 +73,5 @@ console.log(JSON.stringify({
   p99_ms: round(percentile(times, 99)),
   max_ms: round(times[times.length - 1]),
   rss_mb: round(process.memoryUsage().rss / 2 ** 20),
+  each_ms: each,
 }));

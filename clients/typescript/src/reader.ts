@@ -16,7 +16,6 @@
  * @module
  */
 
-import { fromBinary } from "@bufbuild/protobuf";
 import type { Consumer, ConsumerConfig, ConsumerMessages, JetStreamClient, JsMsg } from "@nats-io/jetstream";
 import { AckPolicy, DeliverPolicy } from "@nats-io/jetstream";
 import { nanos, nuid } from "@nats-io/nats-core";
@@ -25,7 +24,7 @@ import { Objm } from "@nats-io/obj";
 
 import { WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
-import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
+import { decodeChangeEvent } from "./decode.js";
 import type { Logger } from "./options.js";
 
 /** Where a reader starts: a stream sequence, the first message, or new ones only. */
@@ -147,7 +146,7 @@ export async function decodeMessage(msg: JsMsg, oversized: OversizedEvents): Pro
   const bytes = reference === "" ? msg.data : await oversized.fetch(reference);
   let event: ChangeEvent;
   try {
-    event = fromBinary(ChangeEventSchema, bytes);
+    event = decodeChangeEvent(bytes);
   } catch (err) {
     throw new WalcastError(
       "decode",

@@ -23,14 +23,13 @@
  * @module
  */
 
-import { fromBinary } from "@bufbuild/protobuf";
 import type { ConsumerMessages, JetStreamClient, JetStreamManager, JsMsg } from "@nats-io/jetstream";
 import { DeliverPolicy } from "@nats-io/jetstream";
 import type { MsgHdrs } from "@nats-io/nats-core";
 
 import { StateNotReadyError, WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
-import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
+import { decodeChangeEvent } from "./decode.js";
 import type { OversizedEvents } from "./reader.js";
 import { filteredConsumer, OBJECT_HEADER, ObjectMissingError } from "./reader.js";
 
@@ -180,10 +179,14 @@ interface Latest {
   readonly object: string;
 }
 
-/** The key of a row's subject; `undefined` for the marker (a tenant named `_walcast`). */
-function rowKey(bucket: string, subject: string): string | undefined {
-  const key = subject.slice(kvSubject(bucket, "").length);
-  return key.split(".").length >= 3 ? key : undefined;
+/**
+ * The key of a row's subject (`prefix` = `$KV.<bucket>.`); `undefined` for
+ * the marker (a tenant named `_walcast`): a row key has three tokens or more.
+ */
+function rowKey(prefix: string, subject: string): string | undefined {
+  const key = subject.slice(prefix.length);
+  const first = key.indexOf(".");
+  return first >= 0 && key.indexOf(".", first + 1) >= 0 ? key : undefined;
 }
 
 function malformed(key: string, reason: string): WalcastError {
@@ -218,19 +221,32 @@ async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string
     if (numPending === 0) {
       return latest;
     }
-    const stalled = stallGuard(messages);
-    for await (const msg of messages) {
-      stalled.reset();
-      const key = rowKey(ctx.bucket, msg.subject);
-      if (key !== undefined) {
-        latest.set(key, latestOf(key, msg));
+    const prefix = kvSubject(ctx.bucket, "");
+    // A message's `pending` is what is left after it; writes meanwhile only
+    // add to it. So the next message that can be the last is `pending`
+    // messages on, and the delivery info (a parse of the reply subject) is
+    // read only there, not for every message.
+    let received = 0;
+    let lastAt = 1;
+    const stalled = stallGuard(messages, () => received);
+    try {
+      for await (const msg of messages) {
+        received++;
+        const key = rowKey(prefix, msg.subject);
+        if (key !== undefined) {
+          latest.set(key, latestOf(key, msg));
+        }
+        if (received === lastAt) {
+          const pending = msg.info.pending;
+          if (pending === 0) {
+            return latest;
+          }
+          lastAt = received + pending;
+        }
       }
-      if (msg.info.pending === 0) {
-        stalled.clear();
-        return latest;
-      }
+    } finally {
+      stalled.clear();
     }
-    stalled.clear();
     throw new TransientStateFailure(ctx.signal.aborted ? "closed" : `reading ${tenant}'s keys stalled or ended`);
   } finally {
     messages?.stop();
@@ -238,16 +254,25 @@ async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string
   }
 }
 
-/** Stops `messages` after {@link STALL_MS} without a message. */
-function stallGuard(messages: ConsumerMessages): { reset(): void; clear(): void } {
-  let timer = setTimeout(() => messages.stop(), STALL_MS);
+/**
+ * Stops `messages` once {@link STALL_MS} pass without a message. It checks
+ * a count once a second instead of re-arming a timer per message.
+ */
+function stallGuard(messages: ConsumerMessages, received: () => number): { clear(): void } {
+  let seen = 0;
+  let quietSince = Date.now();
+  const timer = setInterval(() => {
+    const now = Date.now();
+    if (received() !== seen) {
+      seen = received();
+      quietSince = now;
+    } else if (now - quietSince >= STALL_MS) {
+      messages.stop();
+    }
+  }, 1_000);
   return {
-    reset() {
-      clearTimeout(timer);
-      timer = setTimeout(() => messages.stop(), STALL_MS);
-    },
     clear() {
-      clearTimeout(timer);
+      clearInterval(timer);
     },
   };
 }
@@ -264,7 +289,7 @@ async function decodeRows(ctx: StateContext, tenant: string, latest: Map<string,
     const bytes = object === "" ? data : await fetchValue(ctx, object);
     let event: ChangeEvent;
     try {
-      event = fromBinary(ChangeEventSchema, bytes);
+      event = decodeChangeEvent(bytes);
     } catch (err) {
       throw new WalcastError("decode", `state key ${key} is not a walcast.v1.ChangeEvent`, { cause: err });
     }
