@@ -266,8 +266,9 @@ function fieldPlan(
       if (field.delimitedEncoding) {
         return undefined;
       }
-      const sub = compile(field.message, plans);
-      if (sub === undefined && !plans.has(field.message.typeName)) {
+      // A type still being compiled (it contains itself) is already in
+      // `plans`, and read from there once complete.
+      if (compile(field.message, plans) === undefined) {
         return undefined;
       }
       const oneof = field.oneof?.localName;
