@@ -20,6 +20,7 @@
 import type { DescField, DescMessage } from "@bufbuild/protobuf";
 import { fromBinary, ScalarType } from "@bufbuild/protobuf";
 
+import { shortAscii } from "./ascii.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
 import { ChangeEventSchema } from "./gen/walcast/v1/events_pb.js";
 
@@ -54,8 +55,6 @@ interface MessagePlan {
 }
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
-/** Character codes of the short ASCII string being read (reused). */
-const codes: number[] = [];
 
 function varint(c: Cursor, end: number): [lo: number, hi: number] {
   let lo = 0;
@@ -112,28 +111,10 @@ function delimited(c: Cursor, end: number): number {
 
 function utf8(c: Cursor, end: number): string {
   const stop = delimited(c, end);
-  const { buf } = c;
-  // Short ASCII (ids, names, statuses) is built directly: a TextDecoder
-  // call costs more than the loop.
-  let text = "";
-  const len = stop - c.pos;
-  let i = 0;
-  if (len <= 64) {
-    for (; i < len; i++) {
-      const b = buf[c.pos + i]!;
-      if (b >= 0x80) {
-        break;
-      }
-      codes[i] = b;
-    }
-    if (i === len) {
-      codes.length = len;
-      text = String.fromCharCode.apply(null, codes);
-    }
-  }
-  if (i < len) {
+  let text = shortAscii(c.buf, c.pos, stop);
+  if (text === undefined) {
     try {
-      text = strictUtf8.decode(buf.subarray(c.pos, stop));
+      text = strictUtf8.decode(c.buf.subarray(c.pos, stop));
     } catch {
       throw new Unusual();
     }
@@ -351,20 +332,21 @@ function decodeMessage(plan: MessagePlan, c: Cursor, end: number): Target {
 const changeEventPlan = compile(ChangeEventSchema, new Map());
 
 /**
- * A `ChangeEvent` from its binary form: the same object `fromBinary`
- * returns, and the same error for bytes that are not one.
+ * A `ChangeEvent` from its binary form in `bytes[start..end)` (all of
+ * them by default): the same object `fromBinary` returns, and the same
+ * error for bytes that are not one.
  */
-export function decodeChangeEvent(bytes: Uint8Array): ChangeEvent {
-  return decodeFast(bytes) ?? fromBinary(ChangeEventSchema, bytes);
+export function decodeChangeEvent(bytes: Uint8Array, start = 0, end = bytes.length): ChangeEvent {
+  return decodeFast(bytes, start, end) ?? fromBinary(ChangeEventSchema, bytes.subarray(start, end));
 }
 
 /** The fast path alone: `undefined` where it leaves the bytes to `fromBinary`. */
-export function decodeFast(bytes: Uint8Array): ChangeEvent | undefined {
+export function decodeFast(bytes: Uint8Array, start = 0, end = bytes.length): ChangeEvent | undefined {
   if (changeEventPlan === undefined) {
     return undefined;
   }
   try {
-    return decodeMessage(changeEventPlan, { buf: bytes, pos: 0 }, bytes.length) as ChangeEvent;
+    return decodeMessage(changeEventPlan, { buf: bytes, pos: start }, end) as ChangeEvent;
   } catch (err) {
     if (err instanceof Unusual) {
       return undefined;

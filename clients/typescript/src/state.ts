@@ -31,6 +31,7 @@ import { StateNotReadyError, WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
 import { decodeChangeEvent } from "./decode.js";
 import type { OversizedEvents } from "./reader.js";
+import { headerName, headerValues, indexOf, rawParts, text } from "./rawmsg.js";
 import { filteredConsumer, OBJECT_HEADER, ObjectMissingError } from "./reader.js";
 
 /** The readiness marker's key: two tokens, never a row key (three or more). */
@@ -77,9 +78,12 @@ function kvSubject(bucket: string, key: string): string {
   return `$KV.${bucket}.${key}`;
 }
 
-function isDelete(headers: MsgHdrs | undefined): boolean {
-  const op = headers?.get("KV-Operation") ?? "";
+function isDeleteOp(op: string): boolean {
   return op === "DEL" || op === "PURGE";
+}
+
+function isDelete(headers: MsgHdrs | undefined): boolean {
+  return isDeleteOp(headers?.get("KV-Operation") ?? "");
 }
 
 function parseMarker(headers: MsgHdrs | undefined, data: Uint8Array, revision: number): Marker {
@@ -171,14 +175,6 @@ async function watchMarker(
   }
 }
 
-/** A key's last message, not decoded yet (a later one may replace it). */
-interface Latest {
-  readonly seq: bigint;
-  /** `undefined` for a delete marker. */
-  readonly data: Uint8Array | undefined;
-  readonly object: string;
-}
-
 /**
  * The key of a row's subject (`prefix` = `$KV.<bucket>.`); `undefined` for
  * the marker (a tenant named `_walcast`): a row key has three tokens or more.
@@ -189,17 +185,131 @@ function rowKey(prefix: string, subject: string): string | undefined {
   return first >= 0 && key.indexOf(".", first + 1) >= 0 ? key : undefined;
 }
 
+/** {@link rowKey} of a subject's bytes. */
+function rawRowKey(prefixLength: number, subject: Uint8Array): string | undefined {
+  const end = subject.length;
+  const first = indexOf(subject, DOT, prefixLength, end);
+  return first >= 0 && indexOf(subject, DOT, first + 1, end) >= 0 ? text(subject, prefixLength, end) : undefined;
+}
+
+const DOT = 0x2e;
+
 function malformed(key: string, reason: string): WalcastError {
   return new WalcastError("decode", `state key ${key}: ${reason}`);
 }
 
-function latestOf(key: string, msg: JsMsg): Latest {
-  const header = msg.headers?.get("Walcast-Seq") ?? "";
-  if (!/^\d+$/.test(header)) {
-    throw malformed(key, `Walcast-Seq header ${JSON.stringify(header)} is not a seq`);
+/** The headers a row's message is read for, in this order into `wanted`'s values. */
+const WANTED = [headerName("Walcast-Seq"), headerName("KV-Operation"), headerName(OBJECT_HEADER)];
+/** Their values in the message being read (reused). */
+const wantedValues = ["", "", ""];
+
+/**
+ * Records a row's message in `rows` (a later message of its key replaces
+ * it); the marker's is skipped. Reads nats.js' bytes when it can
+ * (`rawmsg.ts`), else its public API.
+ */
+export function recordRow(prefix: string, msg: JsMsg, rows: RowsBuilder): void {
+  const raw = rawParts(msg);
+  let key: string | undefined;
+  let bytes: Uint8Array;
+  let start = 0;
+  if (raw !== undefined) {
+    key = rawRowKey(prefix.length, raw.subject);
+    if (key === undefined) {
+      return;
+    }
+    headerValues(raw, WANTED, wantedValues);
+    bytes = raw.bytes;
+    start = raw.headerEnd;
+  } else {
+    key = rowKey(prefix, msg.subject);
+    if (key === undefined) {
+      return;
+    }
+    const headers = msg.headers;
+    wantedValues[0] = headers?.get("Walcast-Seq") ?? "";
+    wantedValues[1] = headers?.get("KV-Operation") ?? "";
+    wantedValues[2] = headers?.get(OBJECT_HEADER) ?? "";
+    bytes = msg.data;
   }
-  const data = isDelete(msg.headers) ? undefined : msg.data;
-  return { seq: BigInt(header), data, object: msg.headers?.get(OBJECT_HEADER) ?? "" };
+  const [seq, op, object] = wantedValues as [string, string, string];
+  if (!/^\d+$/.test(seq)) {
+    throw malformed(key, `Walcast-Seq header ${JSON.stringify(seq)} is not a seq`);
+  }
+  if (isDeleteOp(op)) {
+    rows.remove(key, BigInt(seq));
+  } else {
+    rows.put(key, BigInt(seq), object, bytes, start);
+  }
+}
+
+/** A value decided after the read: an oversized one to fetch, or one that did not decode. */
+type Deferred = { readonly seq: bigint; readonly object: string } | { readonly error: WalcastError };
+
+/**
+ * A tenant's rows as the read goes: each key's last message, decoded as it
+ * arrives (so the receive buffers die young instead of being held until the
+ * end). Oversized values are fetched, and decode failures reported, only
+ * for messages no later one replaced.
+ */
+export class RowsBuilder {
+  readonly rows = new Map<string, ChangeEvent>();
+  /** The highest `Walcast-Seq` read, delete markers included. */
+  asOfSeq = 0n;
+  readonly #deferred = new Map<string, Deferred>();
+
+  constructor(readonly tenant: string) {}
+
+  /** A key's value: `bytes[start..]`, or the object named `object` (oversized) unless it is "". */
+  put(key: string, seq: bigint, object: string, bytes: Uint8Array, start: number): void {
+    this.remove(key, seq);
+    if (object !== "") {
+      this.#deferred.set(key, { seq, object });
+      return;
+    }
+    try {
+      this.rows.set(key, decodeRow(this.tenant, key, seq, bytes, start));
+    } catch (err) {
+      this.#deferred.set(key, { error: err as WalcastError });
+    }
+  }
+
+  /** A key's delete marker (and what `put` replaces). */
+  remove(key: string, seq: bigint): void {
+    if (seq > this.asOfSeq) {
+      this.asOfSeq = seq;
+    }
+    this.rows.delete(key);
+    if (this.#deferred.size > 0) {
+      this.#deferred.delete(key);
+    }
+  }
+
+  /** The rows, once the deferred values are fetched and decoded. */
+  async finish(ctx: StateContext): Promise<TenantState> {
+    for (const [key, deferred] of this.#deferred) {
+      if ("error" in deferred) {
+        throw deferred.error;
+      }
+      const bytes = await fetchValue(ctx, deferred.object);
+      this.rows.set(key, decodeRow(this.tenant, key, deferred.seq, bytes));
+    }
+    return { asOfSeq: this.asOfSeq, rows: this.rows };
+  }
+}
+
+/** A row's value, checked against its key's tenant and `Walcast-Seq`. */
+function decodeRow(tenant: string, key: string, seq: bigint, bytes: Uint8Array, start = 0): ChangeEvent {
+  let event: ChangeEvent;
+  try {
+    event = decodeChangeEvent(bytes, start);
+  } catch (err) {
+    throw new WalcastError("decode", `state key ${key} is not a walcast.v1.ChangeEvent`, { cause: err });
+  }
+  if (event.tenantId !== tenant || event.seq !== seq) {
+    throw malformed(key, `Walcast-Seq ${seq} of ${tenant}, but the value is seq ${event.seq} of ${event.tenantId}`);
+  }
+  return event;
 }
 
 /**
@@ -207,19 +317,19 @@ function latestOf(key: string, msg: JsMsg): Latest {
  * with {@link TransientStateFailure} when the read broke (retry), a
  * `WalcastError` for a malformed value.
  */
-async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string, Latest>> {
+async function readTenant(ctx: StateContext, tenant: string): Promise<RowsBuilder> {
   const { consumer, numPending } = await filteredConsumer(
     ctx.js,
     kvStream(ctx.bucket),
     kvSubject(ctx.bucket, `${tenant}.>`),
     { deliver_policy: DeliverPolicy.LastPerSubject },
   );
-  const latest = new Map<string, Latest>();
+  const rows = new RowsBuilder(tenant);
   let messages: ConsumerMessages | undefined;
   try {
     messages = await consumer.consume({ max_messages: 512, abort_on_missing_resource: true });
     if (numPending === 0) {
-      return latest;
+      return rows;
     }
     const prefix = kvSubject(ctx.bucket, "");
     // A message's `pending` is what is left after it; writes meanwhile only
@@ -232,14 +342,11 @@ async function readTenant(ctx: StateContext, tenant: string): Promise<Map<string
     try {
       for await (const msg of messages) {
         received++;
-        const key = rowKey(prefix, msg.subject);
-        if (key !== undefined) {
-          latest.set(key, latestOf(key, msg));
-        }
+        recordRow(prefix, msg, rows);
         if (received === lastAt) {
           const pending = msg.info.pending;
           if (pending === 0) {
-            return latest;
+            return rows;
           }
           lastAt = received + pending;
         }
@@ -277,30 +384,6 @@ function stallGuard(messages: ConsumerMessages, received: () => number): { clear
   };
 }
 
-/** Decodes the values (fetching oversized ones); `asOfSeq` counts delete markers too. */
-async function decodeRows(ctx: StateContext, tenant: string, latest: Map<string, Latest>): Promise<TenantState> {
-  let asOfSeq = 0n;
-  const rows = new Map<string, ChangeEvent>();
-  for (const [key, { seq, data, object }] of latest) {
-    asOfSeq = seq > asOfSeq ? seq : asOfSeq;
-    if (data === undefined) {
-      continue;
-    }
-    const bytes = object === "" ? data : await fetchValue(ctx, object);
-    let event: ChangeEvent;
-    try {
-      event = decodeChangeEvent(bytes);
-    } catch (err) {
-      throw new WalcastError("decode", `state key ${key} is not a walcast.v1.ChangeEvent`, { cause: err });
-    }
-    if (event.tenantId !== tenant || event.seq !== seq) {
-      throw malformed(key, `Walcast-Seq ${seq} of ${tenant}, but the value is seq ${event.seq} of ${event.tenantId}`);
-    }
-    rows.set(key, event);
-  }
-  return { asOfSeq, rows };
-}
-
 /**
  * An oversized value's body. walcast deletes a value's object once its key
  * holds a newer value: gone means the key moved on during the read, and the
@@ -323,12 +406,12 @@ async function fetchValue(ctx: StateContext, object: string): Promise<Uint8Array
  * when it should be retried.
  */
 export async function readConsistent(ctx: StateContext, tenant: string, revision: number): Promise<TenantState> {
-  const latest = await readTenant(ctx, tenant);
+  const rows = await readTenant(ctx, tenant);
   const marker = await currentMarker(ctx).catch((err: unknown) => {
     throw new TransientStateFailure(`re-reading the backfill marker: ${String(err)}`);
   });
   if (marker.state !== "complete" || marker.revision !== revision) {
     throw new TransientStateFailure("the backfill marker changed during the read (bucket purged or backfill restarted)");
   }
-  return decodeRows(ctx, tenant, latest);
+  return rows.finish(ctx);
 }
