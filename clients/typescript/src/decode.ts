@@ -56,7 +56,11 @@ interface MessagePlan {
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 
-function varint(c: Cursor, end: number): [lo: number, hi: number] {
+/** The high 32 bits of the last {@link varint} (a second result without an array). */
+let varintHi = 0;
+
+/** A varint's low 32 bits; its high ones are left in {@link varintHi}. */
+function varint(c: Cursor, end: number): number {
   let lo = 0;
   let hi = 0;
   for (let shift = 0; shift < 70; shift += 7) {
@@ -73,7 +77,8 @@ function varint(c: Cursor, end: number): [lo: number, hi: number] {
       hi |= (b & 0x7f) << (shift - 32);
     }
     if (b < 0x80) {
-      return [lo, hi];
+      varintHi = hi;
+      return lo;
     }
   }
   throw new Unusual();
@@ -109,8 +114,40 @@ function delimited(c: Cursor, end: number): number {
   return stop;
 }
 
-function utf8(c: Cursor, end: number): string {
-  const stop = delimited(c, end);
+/**
+ * A string reader that hands back its previous string when the bytes are
+ * the same (a tenant id, a status): one string shared by every row instead
+ * of one each, so less for the collector to copy. Only short ASCII strings
+ * are remembered, so equal bytes mean an equal string.
+ */
+function rememberingUtf8(): (c: Cursor, end: number) => string {
+  let last = "";
+  return (c, end) => {
+    const stop = delimited(c, end);
+    const len = stop - c.pos;
+    if (len === last.length) {
+      const { buf, pos } = c;
+      let i = 0;
+      while (i < len && buf[pos + i] === last.charCodeAt(i)) {
+        i++;
+      }
+      if (i === len) {
+        c.pos = stop;
+        return last;
+      }
+    }
+    const ascii = shortAscii(c.buf, c.pos, stop);
+    if (ascii === undefined) {
+      return utf8Until(c, stop);
+    }
+    c.pos = stop;
+    last = ascii;
+    return ascii;
+  };
+}
+
+/** The string from the cursor to `stop`, strictly UTF-8. */
+function utf8Until(c: Cursor, stop: number): string {
   let text = shortAscii(c.buf, c.pos, stop);
   if (text === undefined) {
     try {
@@ -123,13 +160,38 @@ function utf8(c: Cursor, end: number): string {
   return text;
 }
 
+function utf8(c: Cursor, end: number): string {
+  return utf8Until(c, delimited(c, end));
+}
+
 const TWO_32 = 4294967296;
+
+/**
+ * A 64-bit reader that hands back its previous BigInt for the same bits (a
+ * version, a timestamp's seconds): BigInts are immutable, so rows can share
+ * one, and each one not allocated is one the collector does not copy.
+ */
+function remembering64(toBigInt: (lo: number, hi: number) => bigint): (c: Cursor, end: number) => bigint {
+  let lastLo = 0;
+  let lastHi = 0;
+  let last = 0n;
+  return (c, end) => {
+    const lo = varint(c, end);
+    const hi = varintHi;
+    if (lo !== lastLo || hi !== lastHi) {
+      lastLo = lo;
+      lastHi = hi;
+      last = toBigInt(lo, hi);
+    }
+    return last;
+  };
+}
 
 /** Reads one scalar of `type` (varint kinds and strings; others are not compiled). */
 function scalarReader(type: ScalarType): ((c: Cursor, end: number) => unknown) | undefined {
   switch (type) {
     case ScalarType.STRING:
-      return utf8;
+      return rememberingUtf8();
     case ScalarType.BYTES:
       return (c, end) => {
         const stop = delimited(c, end);
@@ -139,26 +201,24 @@ function scalarReader(type: ScalarType): ((c: Cursor, end: number) => unknown) |
       };
     case ScalarType.BOOL:
       return (c, end) => {
-        const [lo, hi] = varint(c, end);
-        return lo !== 0 || hi !== 0;
+        const lo = varint(c, end);
+        return lo !== 0 || varintHi !== 0;
       };
     case ScalarType.INT32:
-      return (c, end) => varint(c, end)[0] | 0;
+      return (c, end) => varint(c, end) | 0;
     case ScalarType.UINT32:
-      return (c, end) => varint(c, end)[0] >>> 0;
+      return (c, end) => varint(c, end) >>> 0;
     case ScalarType.UINT64:
-      return (c, end) => {
-        const [lo, hi] = varint(c, end);
+      return remembering64((lo, hi) => {
         const h = hi >>> 0;
         return h < 0x200000 ? BigInt(h * TWO_32 + (lo >>> 0)) : BigInt.asUintN(64, (BigInt(h) << 32n) | BigInt(lo >>> 0));
-      };
+      });
     case ScalarType.INT64:
-      return (c, end) => {
-        const [lo, hi] = varint(c, end);
-        return hi >= 0 && hi < 0x200000
+      return remembering64((lo, hi) =>
+        hi >= 0 && hi < 0x200000
           ? BigInt(hi * TWO_32 + (lo >>> 0))
-          : BigInt.asIntN(64, (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0));
-      };
+          : BigInt.asIntN(64, (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0)),
+      );
     default:
       return undefined;
   }
