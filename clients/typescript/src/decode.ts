@@ -137,18 +137,16 @@ function rememberingUtf8(): (c: Cursor, end: number) => string {
       }
     }
     const ascii = shortAscii(c.buf, c.pos, stop);
-    if (ascii === undefined) {
-      return utf8Until(c, stop);
+    if (ascii !== undefined) {
+      last = ascii;
     }
-    c.pos = stop;
-    last = ascii;
-    return ascii;
+    return finishString(c, stop, ascii);
   };
 }
 
-/** The string from the cursor to `stop`, strictly UTF-8. */
-function utf8Until(c: Cursor, stop: number): string {
-  let text = shortAscii(c.buf, c.pos, stop);
+/** Moves the cursor to `stop`: `ascii` if read already, else the bytes strictly as UTF-8. */
+function finishString(c: Cursor, stop: number, ascii: string | undefined): string {
+  let text = ascii;
   if (text === undefined) {
     try {
       text = strictUtf8.decode(c.buf.subarray(c.pos, stop));
@@ -161,7 +159,8 @@ function utf8Until(c: Cursor, stop: number): string {
 }
 
 function utf8(c: Cursor, end: number): string {
-  return utf8Until(c, delimited(c, end));
+  const stop = delimited(c, end);
+  return finishString(c, stop, shortAscii(c.buf, c.pos, stop));
 }
 
 const TWO_32 = 4294967296;

@@ -198,7 +198,7 @@ function malformed(key: string, reason: string): WalcastError {
   return new WalcastError("decode", `state key ${key}: ${reason}`);
 }
 
-/** The headers a row's message is read for, in this order into `wanted`'s values. */
+/** The headers a row's message is read for, their values going into `wantedValues` in this order. */
 const WANTED = [headerName("Walcast-Seq"), headerName("KV-Operation"), headerName(OBJECT_HEADER)];
 /** Their values in the message being read (reused). */
 const wantedValues = ["", "", ""];
