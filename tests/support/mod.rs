@@ -23,10 +23,45 @@ use std::time::{Duration, Instant};
 /// How often `wait_until` / `wait_for` re-check their condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
-/// A currently free TCP port on 127.0.0.1 (bind to port 0, read it, release
-/// it). The port is free now, not reserved: servers that fail to bind retry
-/// with another one.
+/// A free TCP port on 127.0.0.1 that no other caller in this process has
+/// been given. Ports come from just below the kernel's ephemeral range, so
+/// neither `bind(0)` nor an outgoing connection can take a server's port
+/// while that server is down for a restart (a killed cluster node or
+/// Postgres must come back on the same port). Falls back to `bind(0)` when
+/// there is no room below the ephemeral range.
 pub fn free_port() -> u16 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let (low, high) = test_port_range();
+    let size = u64::from(high - low);
+    if size == 0 {
+        return kernel_port();
+    }
+    // Start at a pid-dependent place: two test processes at once (rare)
+    // walk different stretches.
+    let start = u64::from(std::process::id()).wrapping_mul(7919) % size;
+    for _ in 0..size {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % size;
+        let port = low + offset as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    kernel_port()
+}
+
+/// `[low, high)`: up to 12,000 ports below the ephemeral range (default
+/// 32768–60999 gives 20768–32767), never below 10000.
+fn test_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = ephemeral_low.saturating_sub(12_000).max(10_000);
+    (low, ephemeral_low.max(low))
+}
+
+/// A port the kernel picks (free now, not reserved).
+fn kernel_port() -> u16 {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
     listener

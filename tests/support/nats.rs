@@ -236,9 +236,10 @@ impl Nats {
         let deadline = Instant::now() + SERVER_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait().context("poll nats-server")? {
+                let log = self.log_contents();
                 bail!(
-                    "nats-server exited during startup ({status})\n--- log ---\n{}",
-                    self.log_contents()
+                    "nats-server exited during startup ({status})\n--- log of this start ---\n{}",
+                    log.get(log_start..).unwrap_or(&log)
                 );
             }
             let log = std::fs::read(self.log_path()).unwrap_or_default();
