@@ -363,6 +363,7 @@ export class Pump {
   async *#loadState(tenant: string): AsyncGenerator<SnapshotItem, bigint, undefined> {
     const state = this.#settings.state as NonNullable<Settings["state"]>;
     const ctx: StateContext = {
+      nc: this.#nc as NatsConnection,
       js: this.#js as JetStreamClient,
       jsm: await jetstreamManager(this.#nc as NatsConnection, { checkAPI: false }),
       oversized: this.#oversized as OversizedEvents,

@@ -7,10 +7,10 @@
  * a validation and a canonical key per line). With the garbage they leave,
  * that was ~15 % of a 10,000-row load, for two or three short values.
  *
- * The fields read here (`JsMsg.msg`, then nats-core's `MsgImpl._msg` and
- * `._rdata`) are nats.js internals; package.json pins nats.js exactly and
- * `test/unit/rawmsg.test.ts` checks that the pinned version takes this path
- * and reads what the public API reads. When they are not shaped as
+ * The fields read here (nats-core's `MsgImpl._msg` and `._rdata`, and the
+ * reply subject for `pull.ts`) are nats.js internals; package.json pins
+ * nats.js exactly and `test/unit/rawmsg.test.ts` checks that the pinned
+ * version takes this path and reads what the public API reads. When they are not shaped as
  * expected, {@link rawParts} returns `undefined` and the caller uses the
  * public API.
  *
@@ -23,7 +23,7 @@
  * @module
  */
 
-import type { JsMsg } from "@nats-io/jetstream";
+import type { Msg } from "@nats-io/nats-core";
 
 import { shortAscii } from "./ascii.js";
 
@@ -38,7 +38,7 @@ export interface RawParts {
 
 /** nats-core's `MsgImpl`, as far as it is read here. */
 interface MsgImplFields {
-  _msg?: { subject?: unknown; hdr?: unknown };
+  _msg?: { subject?: unknown; reply?: unknown; hdr?: unknown };
   _rdata?: unknown;
 }
 
@@ -47,12 +47,17 @@ const LF = 0x0a;
 const COLON = 0x3a;
 const utf8 = new TextDecoder();
 
+/** nats-core's fields of a core message (a `JsMsg` holds one as `msg`). */
+function fields(msg: Msg): MsgImplFields {
+  return msg as unknown as MsgImplFields;
+}
+
 /** The message's bytes, or `undefined` when nats.js does not hold them as expected. */
-export function rawParts(msg: JsMsg): RawParts | undefined {
-  const inner = (msg as unknown as { msg?: MsgImplFields }).msg;
-  const subject = inner?._msg?.subject;
-  const hdr = inner?._msg?.hdr;
-  const bytes = inner?._rdata;
+export function rawParts(msg: Msg): RawParts | undefined {
+  const inner = fields(msg);
+  const subject = inner._msg?.subject;
+  const hdr = inner._msg?.hdr;
+  const bytes = inner._rdata;
   if (!(subject instanceof Uint8Array) || !(bytes instanceof Uint8Array) || typeof hdr !== "number") {
     return undefined;
   }
@@ -60,6 +65,34 @@ export function rawParts(msg: JsMsg): RawParts | undefined {
     return undefined;
   }
   return { subject, bytes, headerEnd: Math.max(hdr, 0) };
+}
+
+/**
+ * The reply subject's bytes (`undefined`: none) when nats.js holds them as
+ * expected, else `msg.reply` (`""`: none) from the public API.
+ */
+function replyField(msg: Msg): Uint8Array | string | undefined {
+  const inner = fields(msg)._msg;
+  if (inner?.subject instanceof Uint8Array) {
+    const reply = inner.reply;
+    return reply instanceof Uint8Array ? reply : undefined;
+  }
+  return msg.reply ?? "";
+}
+
+/** Whether the message has a reply subject, without decoding it. */
+export function hasReply(msg: Msg): boolean {
+  const reply = replyField(msg);
+  return reply !== undefined && reply.length > 0;
+}
+
+/** The message's reply subject (`""`: none). */
+export function replyText(msg: Msg): string {
+  const reply = replyField(msg);
+  if (reply instanceof Uint8Array) {
+    return text(reply, 0, reply.length);
+  }
+  return reply ?? "";
 }
 
 /** `bytes[start..end)` as text, decoded as nats.js decodes it (UTF-8, lenient). */

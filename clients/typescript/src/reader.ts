@@ -174,7 +174,7 @@ export async function filteredConsumer(
   stream: string,
   filter: string,
   start: Pick<ConsumerConfig, "deliver_policy" | "opt_start_seq">,
-): Promise<{ consumer: Consumer; numPending: number }> {
+): Promise<{ consumer: Consumer; name: string; numPending: number }> {
   const jsm = await js.jetstreamManager(false);
   const info = await jsm.consumers.add(stream, {
     name: `wc_${nuid.next()}`,
@@ -185,7 +185,7 @@ export async function filteredConsumer(
     num_replicas: 1,
     mem_storage: true,
   });
-  return { consumer: js.consumers.getConsumerFromInfo(info), numPending: info.num_pending };
+  return { consumer: js.consumers.getConsumerFromInfo(info), name: info.name, numPending: info.num_pending };
 }
 
 /** An open consumer. Iterate it once; `stop()` ends the iteration. */

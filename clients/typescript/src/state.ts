@@ -23,9 +23,9 @@
  * @module
  */
 
-import type { ConsumerMessages, JetStreamClient, JetStreamManager, JsMsg } from "@nats-io/jetstream";
+import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
 import { DeliverPolicy } from "@nats-io/jetstream";
-import type { MsgHdrs } from "@nats-io/nats-core";
+import type { Msg, MsgHdrs, NatsConnection } from "@nats-io/nats-core";
 
 import { StateNotReadyError, WalcastError } from "./errors.js";
 import type { ChangeEvent } from "./gen/walcast/v1/events_pb.js";
@@ -33,12 +33,16 @@ import { decodeChangeEvent } from "./decode.js";
 import type { OversizedEvents } from "./reader.js";
 import { headerName, headerValues, indexOf, rawParts, text } from "./rawmsg.js";
 import { filteredConsumer, OBJECT_HEADER, ObjectMissingError } from "./reader.js";
+import { PullBroken, pullAll } from "./pull.js";
 
 /** The readiness marker's key: two tokens, never a row key (three or more). */
 const MARKER_KEY = "_walcast.backfill";
 
 /** Longest silence while messages are still pending before a read is retried. */
 const STALL_MS = 10_000;
+
+/** Messages per pull request while reading a tenant's keys. */
+const PULL_BATCH = 512;
 
 /** A tenant's rows as of `asOfSeq`, keyed by state key. */
 export interface TenantState {
@@ -53,6 +57,7 @@ export class TransientStateFailure extends Error {
 
 /** What a load needs; `signal` aborts every wait (the subscription closed). */
 export interface StateContext {
+  readonly nc: NatsConnection;
   readonly js: JetStreamClient;
   readonly jsm: JetStreamManager;
   readonly oversized: OversizedEvents;
@@ -208,7 +213,7 @@ const wantedValues = ["", "", ""];
  * it); the marker's is skipped. Reads nats.js' bytes when it can
  * (`rawmsg.ts`), else its public API.
  */
-export function recordRow(prefix: string, msg: JsMsg, rows: RowsBuilder): void {
+export function recordRow(prefix: string, msg: Msg, rows: RowsBuilder): void {
   const raw = rawParts(msg);
   let key: string | undefined;
   let bytes: Uint8Array;
@@ -313,75 +318,37 @@ function decodeRow(tenant: string, key: string, seq: bigint, bytes: Uint8Array, 
 }
 
 /**
- * Every current key of the tenant, read until nothing is pending. Rejects
- * with {@link TransientStateFailure} when the read broke (retry), a
- * `WalcastError` for a malformed value.
+ * Every current key of the tenant, read until nothing is pending (see
+ * `pull.ts`). Rejects with {@link TransientStateFailure} when the read broke
+ * (retry), a `WalcastError` for a malformed value.
  */
 async function readTenant(ctx: StateContext, tenant: string): Promise<RowsBuilder> {
-  const { consumer, numPending } = await filteredConsumer(
-    ctx.js,
-    kvStream(ctx.bucket),
-    kvSubject(ctx.bucket, `${tenant}.>`),
-    { deliver_policy: DeliverPolicy.LastPerSubject },
-  );
+  const stream = kvStream(ctx.bucket);
+  const { consumer, name, numPending } = await filteredConsumer(ctx.js, stream, kvSubject(ctx.bucket, `${tenant}.>`), {
+    deliver_policy: DeliverPolicy.LastPerSubject,
+  });
   const rows = new RowsBuilder(tenant);
-  let messages: ConsumerMessages | undefined;
+  const prefix = kvSubject(ctx.bucket, "");
   try {
-    messages = await consumer.consume({ max_messages: 512, abort_on_missing_resource: true });
-    if (numPending === 0) {
-      return rows;
+    await pullAll({
+      nc: ctx.nc,
+      stream,
+      consumer: name,
+      numPending,
+      batch: PULL_BATCH,
+      stallMs: STALL_MS,
+      signal: ctx.signal,
+      onMessage: (msg) => recordRow(prefix, msg, rows),
+    });
+    return rows;
+  } catch (err) {
+    if (err instanceof PullBroken) {
+      throw new TransientStateFailure(ctx.signal.aborted ? "closed" : `reading ${tenant}'s keys: ${err.message}`);
     }
-    const prefix = kvSubject(ctx.bucket, "");
-    // A message's `pending` is what is left after it; writes meanwhile only
-    // add to it. So the next message that can be the last is `pending`
-    // messages on, and the delivery info (a parse of the reply subject) is
-    // read only there, not for every message.
-    let received = 0;
-    let lastAt = 1;
-    const stalled = stallGuard(messages, () => received);
-    try {
-      for await (const msg of messages) {
-        received++;
-        recordRow(prefix, msg, rows);
-        if (received === lastAt) {
-          const pending = msg.info.pending;
-          if (pending === 0) {
-            return rows;
-          }
-          lastAt = received + pending;
-        }
-      }
-    } finally {
-      stalled.clear();
-    }
-    throw new TransientStateFailure(ctx.signal.aborted ? "closed" : `reading ${tenant}'s keys stalled or ended`);
+    throw err;
   } finally {
-    messages?.stop();
     consumer.delete().catch(() => {});
   }
-}
-
-/**
- * Stops `messages` once {@link STALL_MS} pass without a message. It checks
- * a count once a second instead of re-arming a timer per message.
- */
-function stallGuard(messages: ConsumerMessages, received: () => number): { clear(): void } {
-  let seen = 0;
-  let quietSince = Date.now();
-  const timer = setInterval(() => {
-    const now = Date.now();
-    if (received() !== seen) {
-      seen = received();
-      quietSince = now;
-    } else if (now - quietSince >= STALL_MS) {
-      messages.stop();
-    }
-  }, 1_000);
-  return {
-    clear() {
-      clearInterval(timer);
-    },
-  };
 }
 
 /**

@@ -5,14 +5,14 @@ import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 
 import { connect, headers as natsHeaders } from "@nats-io/transport-node";
-import type { NatsConnection } from "@nats-io/transport-node";
-import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
-import type { JsMsg } from "@nats-io/jetstream";
+import type { Msg, NatsConnection } from "@nats-io/transport-node";
+import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 
 import { create, toBinary } from "@bufbuild/protobuf";
 
 import { ChangeEventSchema } from "../../src/index.js";
-import { headerName, headerValues, rawParts, text } from "../../src/rawmsg.js";
+import { pullAll } from "../../src/pull.js";
+import { hasReply, headerName, headerValues, rawParts, replyText, text } from "../../src/rawmsg.js";
 import type { StateContext } from "../../src/state.js";
 import { recordRow, RowsBuilder } from "../../src/state.js";
 import { NatsServer } from "../support/nats.js";
@@ -42,7 +42,8 @@ const CASES: Array<{ subject: string; headers?: Array<[string, string]>; payload
 
 const NAMES = ["Walcast-Seq", "KV-Operation", "Walcast-Object", "X-Other", "Missing"];
 
-async function received(stream: string, cases: typeof CASES): Promise<JsMsg[]> {
+/** The cases as stored in `stream`, received the way the state read receives them (`pull.ts`). */
+async function received(stream: string, cases: typeof CASES): Promise<Msg[]> {
   const jsm = await jetstreamManager(nc);
   await jsm.streams.add({ name: stream, subjects: [`${stream}.>`] });
   const js = jetstream(nc);
@@ -56,15 +57,18 @@ async function received(stream: string, cases: typeof CASES): Promise<JsMsg[]> {
     }
     await js.publish(`${stream}.${c.subject}`, c.payload, h === undefined ? {} : { headers: h });
   }
-  const consumer = await js.consumers.get(stream, { deliver_policy: DeliverPolicy.All });
-  const out: JsMsg[] = [];
-  const messages = await consumer.consume({ max_messages: 16 });
-  for await (const msg of messages) {
-    out.push(msg);
-    if (msg.info.pending === 0) {
-      break;
-    }
-  }
+  const info = await jsm.consumers.add(stream, { name: "all", deliver_policy: DeliverPolicy.All, ack_policy: AckPolicy.None });
+  const out: Msg[] = [];
+  await pullAll({
+    nc,
+    stream,
+    consumer: info.name,
+    numPending: info.num_pending,
+    batch: 4,
+    stallMs: 5_000,
+    signal: new AbortController().signal,
+    onMessage: (msg) => out.push(msg),
+  });
   return out;
 }
 
@@ -82,6 +86,8 @@ describe("rawParts", () => {
       headerValues(raw, wanted, values);
       const expected = NAMES.map((name) => msg.headers?.get(name) ?? "");
       assert.deepEqual(values, expected, msg.subject);
+      assert.ok(hasReply(msg));
+      assert.equal(replyText(msg), msg.reply);
     }
     // The cases exercise what they mean to: first value wins, exact names, trim, UTF-8.
     const [, , third, fourth, fifth] = messages.map((m) => NAMES.map((n) => m.headers?.get(n) ?? ""));
@@ -91,15 +97,19 @@ describe("rawParts", () => {
   });
 
   it("returns undefined for a message it cannot read", () => {
-    assert.equal(rawParts({} as JsMsg), undefined);
-    assert.equal(rawParts({ msg: { _msg: { subject: "s", hdr: 0 }, _rdata: new Uint8Array(0) } } as unknown as JsMsg), undefined);
-    assert.equal(rawParts({ msg: { _msg: { subject: new Uint8Array(1), hdr: 5 }, _rdata: new Uint8Array(2) } } as unknown as JsMsg), undefined);
+    assert.equal(rawParts({} as Msg), undefined);
+    assert.equal(rawParts({ _msg: { subject: "s", hdr: 0 }, _rdata: new Uint8Array(0) } as unknown as Msg), undefined);
+    assert.equal(rawParts({ _msg: { subject: new Uint8Array(1), hdr: 5 }, _rdata: new Uint8Array(2) } as unknown as Msg), undefined);
+    // Without nats.js' fields, the reply comes from the public API.
+    assert.equal(replyText({ reply: "r.1" } as unknown as Msg), "r.1");
+    assert.equal(hasReply({ reply: "" } as unknown as Msg), false);
+    assert.equal(hasReply({ _msg: { subject: new Uint8Array(1), reply: undefined } } as unknown as Msg), false);
   });
 });
 
 /** A message seen only through nats.js' public API (no internals to read). */
-function publicOnly(msg: JsMsg): JsMsg {
-  return { subject: msg.subject, headers: msg.headers, data: msg.data } as unknown as JsMsg;
+function publicOnly(msg: Msg): Msg {
+  return { subject: msg.subject, reply: msg.reply, headers: msg.headers, data: msg.data } as unknown as Msg;
 }
 
 function value(seq: bigint, tenantId = "acme", id = "1"): Uint8Array {
