@@ -963,7 +963,8 @@ def ts_floor_note(r):
     if not floor or "error" in floor:
         return ""
     return (f"first load {r.get('first_ms')} ms; nats.js alone (no decoding) p50 {floor['p50_ms']} ms, "
-            f"first {floor['first_ms']} ms; ")
+            f"first {floor['first_ms']} ms (through consume(): p50 {floor.get('consume_p50_ms')}, "
+            f"first {floor.get('consume_first_ms')}); ")
 
 
 def ts_state_load(url, tenant, rows, loads):
@@ -988,7 +989,8 @@ def ts_state_load(url, tenant, rows, loads):
     if floor.returncode == 0:
         r["floor"] = json.loads(floor.stdout.strip().splitlines()[-1])
         log(f"    {rows} rows (nats.js alone, no decoding): p50 {r['floor']['p50_ms']} ms, "
-            f"first {r['floor']['first_ms']} ms")
+            f"first {r['floor']['first_ms']} ms; through consume() p50 {r['floor'].get('consume_p50_ms')} ms, "
+            f"first {r['floor'].get('consume_first_ms')} ms")
     else:
         r["floor"] = {"error": f"floor reader failed: {floor.stderr[-2000:]}"}
     return r

@@ -126,12 +126,14 @@ function rememberingUtf8(): (c: Cursor, end: number) => string {
     const stop = delimited(c, end);
     const len = stop - c.pos;
     if (len === last.length) {
+      // From the end: values that differ (ids, counters, timestamps)
+      // mostly differ there, after a shared prefix.
       const { buf, pos } = c;
-      let i = 0;
-      while (i < len && buf[pos + i] === last.charCodeAt(i)) {
-        i++;
+      let i = len;
+      while (i > 0 && buf[pos + i - 1] === last.charCodeAt(i - 1)) {
+        i--;
       }
-      if (i === len) {
+      if (i === 0) {
         c.pos = stop;
         return last;
       }

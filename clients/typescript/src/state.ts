@@ -267,26 +267,38 @@ export class RowsBuilder {
 
   /** A key's value: `bytes[start..]`, or the object named `object` (oversized) unless it is "". */
   put(key: string, seq: bigint, object: string, bytes: Uint8Array, start: number): void {
-    this.remove(key, seq);
+    this.#saw(seq);
+    if (this.#deferred.size > 0) {
+      this.#deferred.delete(key);
+    }
     if (object !== "") {
+      this.rows.delete(key);
       this.#deferred.set(key, { seq, object });
       return;
     }
+    let event: ChangeEvent;
     try {
-      this.rows.set(key, decodeRow(this.tenant, key, seq, bytes, start));
+      event = decodeRow(this.tenant, key, seq, bytes, start);
     } catch (err) {
+      this.rows.delete(key);
       this.#deferred.set(key, { error: err as WalcastError });
+      return;
     }
+    this.rows.set(key, event); // replaces the key's earlier row, if any
   }
 
-  /** A key's delete marker (and what `put` replaces). */
+  /** A key's delete marker. */
   remove(key: string, seq: bigint): void {
-    if (seq > this.asOfSeq) {
-      this.asOfSeq = seq;
-    }
+    this.#saw(seq);
     this.rows.delete(key);
     if (this.#deferred.size > 0) {
       this.#deferred.delete(key);
+    }
+  }
+
+  #saw(seq: bigint): void {
+    if (seq > this.asOfSeq) {
+      this.asOfSeq = seq;
     }
   }
 
