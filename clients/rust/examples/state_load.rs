@@ -136,6 +136,11 @@ async fn fill(js: &jetstream::Context, bucket: &str, a: &Args) {
 
 #[tokio::main]
 async fn main() {
+    // The client's own log (a retried load says why) on stderr: RUST_LOG=walcast_client=info.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let a = args();
     let nats = async_nats::connect(&a.url).await.expect("connect");
     let js = jetstream::new(nats.clone());

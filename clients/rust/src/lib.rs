@@ -56,6 +56,7 @@ pub mod json;
 mod load;
 mod options;
 mod order;
+mod pull;
 mod pump;
 mod reader;
 mod state;

@@ -22,7 +22,7 @@ const CHUNK_STALL: Duration = Duration::from_secs(10);
 
 /// A random consumer name (22 characters of `[A-Za-z0-9]`, like a NUID):
 /// unguessable, since a tenant user may pull from any consumer it can name.
-fn consumer_name() -> String {
+pub fn consumer_name() -> String {
     use rand::Rng;
     rand::rng()
         .sample_iter(rand::distr::Alphanumeric)

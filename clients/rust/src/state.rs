@@ -24,8 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, consumer::pull::Ordered, stream::DirectGetErrorKind};
-use futures::FutureExt as _;
+use async_nats::jetstream::{consumer, consumer::pull::Ordered, stream::DirectGetErrorKind};
 use prost::Message as _;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -33,6 +32,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::options::Options;
 use crate::proto::ChangeEvent;
+use crate::pull::{self, PullRead};
 use crate::reader::{self, From, ReadError, Reader};
 
 /// The readiness marker's key: two tokens, so never a row key (those have
@@ -77,7 +77,8 @@ impl Bucket {
     /// (the marker matches a tenant named `_walcast`'s filter).
     fn row_key<'a>(&self, subject: &'a str) -> Option<&'a str> {
         let key = subject.strip_prefix(&self.key_prefix)?;
-        (key.split('.').count() >= 3).then_some(key)
+        let first = key.find('.')?;
+        key[first + 1..].contains('.').then_some(key)
     }
 }
 
@@ -274,53 +275,65 @@ impl Latest {
     }
 }
 
-/// Every current key of the tenant, read until nothing is pending.
+/// Messages per pull request while reading a tenant's keys.
+const PULL_BATCH: u64 = 512;
+
+/// Every current key of the tenant, read until nothing is pending (see
+/// `pull.rs`).
 async fn read_tenant(
     reader: &mut Reader,
     bucket: &Bucket,
     tenant: &str,
 ) -> Result<TenantState, ReadError> {
-    let filter = bucket.subject(&format!("{tenant}.>"));
-    let (mut messages, mut pending) = reader
-        .open_counted(&bucket.stream(), &filter, From::LastPerSubject)
+    let (stream, filter) = (bucket.stream(), bucket.subject(&format!("{tenant}.>")));
+    let name = reader::consumer_name();
+    let config = consumer::pull::Config {
+        // Named, so the create request goes to the API subject that carries
+        // the filter, the only form a tenant user may use (SPEC §9).
+        name: Some(name.clone()),
+        filter_subject: filter.clone(),
+        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+        ack_policy: consumer::AckPolicy::None,
+        // Gone 30 s after the read, like an ordered consumer (tenant users
+        // may not delete consumers).
+        inactive_threshold: Duration::from_secs(30),
+        num_replicas: 1,
+        memory_storage: true,
+        ..Default::default()
+    };
+    let consumer = reader
+        .jetstream()
+        .create_consumer_on_stream(config, stream.as_str())
         .await
-        .map_err(ReadError::Transient)?;
+        .map_err(|e| {
+            ReadError::Transient(format!("create consumer on {stream} ({filter}): {e}"))
+        })?;
+    let num_pending = consumer.cached_info().num_pending;
     // A hash map while reading (a key may come again if written meanwhile),
     // sorted once at the end: inserting into a B-tree per message cost a
     // sixth of a 100,000-row load.
-    let mut latest = HashMap::with_capacity(usize::try_from(pending).unwrap_or(0).min(1 << 20));
-    while pending > 0 {
-        let msg = match next_within(&mut messages, STALL).await {
-            Err(_) => return Err(ReadError::Transient(format!("{filter}: stalled"))),
-            Ok(None) => return Err(ReadError::Transient(format!("{filter}: consumer ended"))),
-            Ok(Some(Err(why))) => return Err(ReadError::Transient(why)),
-            Ok(Some(Ok(msg))) => msg,
-        };
-        pending = msg
-            .info()
-            .map_err(|e| ReadError::Transient(e.to_string()))?
-            .pending;
+    let mut latest = HashMap::with_capacity(usize::try_from(num_pending).unwrap_or(0).min(1 << 20));
+    let nats = reader.jetstream().client();
+    let read = PullRead {
+        nats: &nats,
+        stream: &stream,
+        consumer: &name,
+        num_pending,
+        batch: PULL_BATCH,
+        stall: STALL,
+    };
+    pull::pull_all(read, |msg| {
         if let Some(key) = bucket.row_key(&msg.subject) {
-            latest.insert(key.to_string(), latest_of(tenant, key, &msg)?);
+            latest.insert(key.to_string(), latest_of(tenant, key, msg)?);
         }
-    }
+        Ok(())
+    })
+    .await?;
     finish(reader, tenant, latest).await
 }
 
-/// The next message, with a timer only when none is ready: arming one per
-/// message cost 7 % of a large load.
-async fn next_within(
-    messages: &mut Ordered,
-    stall: Duration,
-) -> Result<Option<Result<jetstream::Message, String>>, tokio::time::error::Elapsed> {
-    if let Some(next) = reader::next(messages).now_or_never() {
-        return Ok(next);
-    }
-    tokio::time::timeout(stall, reader::next(messages)).await
-}
-
 /// A key's message as a [`Latest`]; every one carries `Walcast-Seq`.
-fn latest_of(tenant: &str, key: &str, msg: &jetstream::Message) -> Result<Latest, ReadError> {
+fn latest_of(tenant: &str, key: &str, msg: &async_nats::Message) -> Result<Latest, ReadError> {
     let headers = msg.headers.as_ref();
     let seq = headers
         .and_then(|h| h.get("Walcast-Seq"))
