@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_nats::StatusCode;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 
 use crate::reader::ReadError;
 
@@ -99,7 +99,13 @@ pub async fn pull_all(
     let (mut requested, mut received, mut last_at) = (read.batch, 0u64, 1u64);
     let mut quiet = Duration::ZERO;
     loop {
-        let msg = match tokio::time::timeout(TICK, sub.next()).await {
+        // A timer only when no message is ready: arming one per message cost
+        // 7 % of a large load (session 22).
+        let next = match sub.next().now_or_never() {
+            Some(ready) => Ok(ready),
+            None => tokio::time::timeout(TICK, sub.next()).await,
+        };
+        let msg = match next {
             Ok(Some(msg)) => msg,
             Ok(None) => return Err(broken("the subscription ended".into())),
             Err(_) => {

@@ -22,7 +22,11 @@ const CHUNK_STALL: Duration = Duration::from_secs(10);
 
 /// A random consumer name (22 characters of `[A-Za-z0-9]`, like a NUID):
 /// unguessable, since a tenant user may pull from any consumer it can name.
-pub fn consumer_name() -> String {
+/// Named, a consumer's create request goes to the API subject that carries
+/// the filter (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`): the only
+/// form a broker permission can confine to one tenant (SPEC §9). Unnamed,
+/// it goes to `...CREATE.<stream>`.
+fn consumer_name() -> String {
     use rand::Rng;
     rand::rng()
         .sample_iter(rand::distr::Alphanumeric)
@@ -41,6 +45,18 @@ pub enum From {
     /// The last message of each subject matching the filter, then what
     /// follows: a key-value bucket's current keys (the state bucket).
     LastPerSubject,
+}
+
+impl From {
+    fn deliver_policy(self) -> consumer::DeliverPolicy {
+        match self {
+            From::Seq(start_sequence) => {
+                consumer::DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            From::First => consumer::DeliverPolicy::All,
+            From::LastPerSubject => consumer::DeliverPolicy::LastPerSubject,
+        }
+    }
 }
 
 /// A message's identity, from its headers.
@@ -92,21 +108,11 @@ impl Reader {
         filter: &str,
         from: From,
     ) -> Result<(consumer::pull::Ordered, u64), String> {
-        let deliver_policy = match from {
-            From::Seq(start_sequence) => {
-                consumer::DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            From::First => consumer::DeliverPolicy::All,
-            From::LastPerSubject => consumer::DeliverPolicy::LastPerSubject,
-        };
         let config = consumer::pull::OrderedConfig {
-            // Named, so the create request goes to the API subject that
-            // carries the filter (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`):
-            // the only form a broker permission can confine to one tenant
-            // (SPEC §9). Unnamed, it goes to `...CREATE.<stream>`.
+            // Named: see `consumer_name`.
             name: Some(consumer_name()),
             filter_subject: filter.to_string(),
-            deliver_policy,
+            deliver_policy: from.deliver_policy(),
             ..Default::default()
         };
         let consumer = self
@@ -120,6 +126,35 @@ impl Reader {
             .await
             .map_err(|e| format!("consume {stream} ({filter}): {e}"))?;
         Ok((messages, pending))
+    }
+
+    /// A consumer without acks for a read that sends its own pull requests
+    /// (`pull.rs`): its name, and how many messages it had pending when it
+    /// was created. Gone 30 s after the read, like an ordered consumer
+    /// (tenant users may not delete consumers).
+    pub async fn create_unacked(
+        &self,
+        stream: &str,
+        filter: &str,
+        from: From,
+    ) -> Result<(String, u64), String> {
+        let name = consumer_name();
+        let config = consumer::pull::Config {
+            name: Some(name.clone()),
+            filter_subject: filter.to_string(),
+            deliver_policy: from.deliver_policy(),
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            num_replicas: 1,
+            memory_storage: true,
+            ..Default::default()
+        };
+        let consumer = self
+            .js
+            .create_consumer_on_stream(config, stream)
+            .await
+            .map_err(|e| format!("create consumer on {stream} ({filter}): {e}"))?;
+        Ok((name, consumer.cached_info().num_pending))
     }
 
     /// The JetStream context, for reads that need no consumer.

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{consumer, consumer::pull::Ordered, stream::DirectGetErrorKind};
+use async_nats::jetstream::{consumer::pull::Ordered, stream::DirectGetErrorKind};
 use prost::Message as _;
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -286,29 +286,10 @@ async fn read_tenant(
     tenant: &str,
 ) -> Result<TenantState, ReadError> {
     let (stream, filter) = (bucket.stream(), bucket.subject(&format!("{tenant}.>")));
-    let name = reader::consumer_name();
-    let config = consumer::pull::Config {
-        // Named, so the create request goes to the API subject that carries
-        // the filter, the only form a tenant user may use (SPEC §9).
-        name: Some(name.clone()),
-        filter_subject: filter.clone(),
-        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-        ack_policy: consumer::AckPolicy::None,
-        // Gone 30 s after the read, like an ordered consumer (tenant users
-        // may not delete consumers).
-        inactive_threshold: Duration::from_secs(30),
-        num_replicas: 1,
-        memory_storage: true,
-        ..Default::default()
-    };
-    let consumer = reader
-        .jetstream()
-        .create_consumer_on_stream(config, stream.as_str())
+    let (name, num_pending) = reader
+        .create_unacked(&stream, &filter, From::LastPerSubject)
         .await
-        .map_err(|e| {
-            ReadError::Transient(format!("create consumer on {stream} ({filter}): {e}"))
-        })?;
-    let num_pending = consumer.cached_info().num_pending;
+        .map_err(ReadError::Transient)?;
     // A hash map while reading (a key may come again if written meanwhile),
     // sorted once at the end: inserting into a B-tree per message cost a
     // sixth of a 100,000-row load.
