@@ -115,11 +115,7 @@ impl Reader {
             deliver_policy: from.deliver_policy(),
             ..Default::default()
         };
-        let consumer = self
-            .js
-            .create_consumer_on_stream(config, stream)
-            .await
-            .map_err(|e| format!("create consumer on {stream} ({filter}): {e}"))?;
+        let consumer = self.create(config, stream, filter).await?;
         let pending = consumer.cached_info().num_pending;
         let messages = consumer
             .messages()
@@ -149,12 +145,23 @@ impl Reader {
             memory_storage: true,
             ..Default::default()
         };
-        let consumer = self
-            .js
+        let consumer = self.create(config, stream, filter).await?;
+        Ok((name, consumer.cached_info().num_pending))
+    }
+
+    async fn create<C>(
+        &self,
+        config: C,
+        stream: &str,
+        filter: &str,
+    ) -> Result<consumer::Consumer<C>, String>
+    where
+        C: consumer::IntoConsumerConfig + consumer::FromConsumer,
+    {
+        self.js
             .create_consumer_on_stream(config, stream)
             .await
-            .map_err(|e| format!("create consumer on {stream} ({filter}): {e}"))?;
-        Ok((name, consumer.cached_info().num_pending))
+            .map_err(|e| format!("create consumer on {stream} ({filter}): {e}"))
     }
 
     /// The JetStream context, for reads that need no consumer.
