@@ -3,10 +3,10 @@
  * requests of its own, for the state read's many small messages.
  *
  * Why: nats.js' `consume()` wraps every message (a `JsMsg`, an async
- * iterator's queue, per-message bookkeeping and heartbeat checks). Over a
- * 10,000-row load that was half of what nats.js alone took; a subscription
- * callback with pull requests refilled at half a batch receives the same
- * messages in about half the time (docs/BENCHMARKS.md, session 24). It
+ * iterator's queue, per-message bookkeeping and heartbeat checks). A
+ * subscription callback with pull requests refilled at half a batch
+ * receives the same 10,000 keys in p50 35–40 ms against 53–57 ms through
+ * `consume()` (docs/BENCHMARKS.md, session 24). It
  * needs no permission `consume()` does not: publish to
  * `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` and subscribe to one's
  * own inbox (SPEC §9).
