@@ -482,6 +482,9 @@ async fn read_range(
         if stream_seq > hi {
             break; // `hi` itself was removed from the stream
         }
+        if stream_seq < lo {
+            continue; // a consumer recreated earlier than asked (vendor/README.md)
+        }
         if let Some((tenant, seq)) = position(msg.headers.as_ref()) {
             let tenant = tenants.get(tenant);
             rebuilt.push(&tenant, TenantSeq(seq), StreamSeq(stream_seq));

@@ -2957,9 +2957,12 @@ async fn recreate_consumer_stream(
         .await
         .ok();
 
+    // walcast patch (vendor/README.md): before its first message the new
+    // consumer starts where the lost one did; upstream started it at the
+    // stream's first message, whatever the consumer's own deliver policy.
     let deliver_policy = {
         if sequence == 0 {
-            DeliverPolicy::All
+            config.deliver_policy
         } else {
             DeliverPolicy::ByStartSequence {
                 start_sequence: sequence + 1,

@@ -926,9 +926,11 @@ async fn recreate_ephemeral_consumer(
     stream_name: String,
     sequence: u64,
 ) -> Result<(), ConsumerRecreateError> {
+    // walcast patch (vendor/README.md): before its first message the new
+    // consumer starts where the lost one did, not at the stream's start.
     let deliver_policy = {
         if sequence == 0 {
-            DeliverPolicy::All
+            config.deliver_policy
         } else {
             DeliverPolicy::ByStartSequence {
                 start_sequence: sequence + 1,
