@@ -4,6 +4,7 @@ mod broker_loss;
 mod catchup;
 mod catchup_restart;
 mod cluster;
+mod cluster_client;
 mod cluster_state;
 mod consumer_limits;
 mod data_edges;

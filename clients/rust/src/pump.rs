@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull::Ordered};
+use async_nats::jetstream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -20,7 +20,7 @@ use crate::catchup::{self, Answer, AskError};
 use crate::error::Error;
 use crate::options::Options;
 use crate::order::{Tracker, Verdict};
-use crate::reader::{self, Meta, ReadError, Reader};
+use crate::reader::{self, Live, Meta, ReadError, Reader};
 use crate::subscription::Update;
 
 /// How often the NATS connection's reconnect counter is checked.
@@ -128,7 +128,7 @@ impl Ctx {
     /// consumer may deliver (anything else is not walcast's layout).
     pub async fn pump(
         &mut self,
-        messages: &mut Ordered,
+        messages: &mut Live,
         tracker: &mut Tracker,
         connects: u64,
         idle: Option<Duration>,
@@ -153,15 +153,16 @@ impl Ctx {
                     continue;
                 }
                 _ = tokio::time::sleep_until(idle_at) => return Ok(Outcome::Idle),
-                next = reader::next(messages) => next,
+                next = messages.next() => next,
             };
             idle_at = Instant::now() + idle.unwrap_or(far);
-            let msg = match next {
+            let delivery = match next {
                 None => return Ok(Outcome::Retry("consumer ended".into())),
                 Some(Err(e)) => return Ok(Outcome::Retry(e)),
-                Some(Ok(msg)) => msg,
+                Some(Ok(delivery)) => delivery,
             };
-            let meta = reader::meta(&msg)?;
+            let meta = reader::meta(&delivery)?;
+            let msg = delivery.msg;
             if let Some(tenant) = only.filter(|t| *t != meta.tenant) {
                 return Err(Stop::Fatal(Error::Malformed {
                     what: format!("stream message {}", meta.stream_seq),

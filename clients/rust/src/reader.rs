@@ -1,4 +1,4 @@
-//! Reading walcast messages from JetStream: ordered consumers, the headers
+//! Reading walcast messages from JetStream: consumers, the headers
 //! that identify an event, and the body (from the object store when the
 //! event was too large for a NATS message, SPEC §3).
 //!
@@ -19,6 +19,13 @@ use crate::proto::ChangeEvent;
 
 /// The longest wait for an object's next chunk before the fetch is retried.
 const CHUNK_STALL: Duration = Duration::from_secs(10);
+
+/// A live read's pull requests: messages per request (the next one goes
+/// out when half are in), how long one waits at most, and how often the
+/// server says it still waits when there is nothing to deliver.
+const LIVE_BATCH: usize = 500;
+const LIVE_EXPIRES: Duration = Duration::from_secs(30);
+const LIVE_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A random consumer name (22 characters of `[A-Za-z0-9]`, like a NUID):
 /// unguessable, since a tenant user may pull from any consumer it can name.
@@ -89,17 +96,25 @@ impl Reader {
         }
     }
 
-    /// An ordered (ephemeral, flow-controlled, self-healing) consumer.
-    pub async fn open(
-        &self,
-        stream: &str,
-        filter: &str,
-        from: From,
-    ) -> Result<consumer::pull::Ordered, String> {
-        Ok(self.open_counted(stream, filter, from).await?.0)
+    /// A subscription's read: see [`Live`].
+    pub async fn open(&self, stream: &str, filter: &str, from: From) -> Result<Live, String> {
+        let consumer = self.create_unacked_consumer(stream, filter, from).await?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(LIVE_BATCH)
+            .expires(LIVE_EXPIRES)
+            .heartbeat(LIVE_HEARTBEAT)
+            .messages()
+            .await
+            .map_err(|e| format!("consume {stream} ({filter}): {e}"))?;
+        Ok(Live {
+            messages,
+            delivered: 0,
+        })
     }
 
-    /// Like [`Reader::open`], plus how many messages the consumer had
+    /// An ordered (ephemeral, flow-controlled, self-healing) consumer for a
+    /// short read with a deadline of its own, and how many messages it had
     /// pending when it was created: a reader that must stop once it has
     /// seen everything (`num_pending` 0) knows at once when there is nothing.
     pub async fn open_counted(
@@ -134,9 +149,19 @@ impl Reader {
         filter: &str,
         from: From,
     ) -> Result<(String, u64), String> {
-        let name = consumer_name();
+        let consumer = self.create_unacked_consumer(stream, filter, from).await?;
+        let info = consumer.cached_info();
+        Ok((info.name.clone(), info.num_pending))
+    }
+
+    async fn create_unacked_consumer(
+        &self,
+        stream: &str,
+        filter: &str,
+        from: From,
+    ) -> Result<consumer::PullConsumer, String> {
         let config = consumer::pull::Config {
-            name: Some(name.clone()),
+            name: Some(consumer_name()),
             filter_subject: filter.to_string(),
             deliver_policy: from.deliver_policy(),
             ack_policy: consumer::AckPolicy::None,
@@ -145,8 +170,7 @@ impl Reader {
             memory_storage: true,
             ..Default::default()
         };
-        let consumer = self.create(config, stream, filter).await?;
-        Ok((name, consumer.cached_info().num_pending))
+        self.create(config, stream, filter).await
     }
 
     async fn create<C>(
@@ -321,12 +345,9 @@ impl Reader {
 }
 
 /// The identity of a walcast tenant message; an error for anything else.
-pub fn meta(msg: &jetstream::Message) -> Result<Meta, Error> {
-    let info = msg.info().map_err(|e| Error::Malformed {
-        what: "stream message".into(),
-        reason: e.to_string(),
-    })?;
-    let stream_seq = info.stream_sequence;
+pub fn meta(delivery: &Delivery) -> Result<Meta, Error> {
+    let Delivery { msg, stream_seq } = delivery;
+    let stream_seq = *stream_seq;
     let need = |name: &str| {
         header(msg, name).ok_or_else(|| malformed(stream_seq, format!("no {name} header")))
     };
@@ -343,7 +364,54 @@ pub fn meta(msg: &jetstream::Message) -> Result<Meta, Error> {
     })
 }
 
-/// The next message of a consumer, as the caller's loop wants it.
+/// A subscription's read: a consumer without acks (like an ordered
+/// consumer: one replica, in memory, gone 30 s after the read), pulled
+/// with heartbeats, whose every break is the driver's to repair by
+/// repositioning — the one recovery path a subscription has.
+///
+/// Why not async-nats' ordered consumer, which heals itself: it notices a
+/// consumer lost with the cluster node that held it (this connection
+/// staying up on another node) only after two missed 15 s heartbeats, and
+/// a subscription then heard nothing for ~40 s (`tests/cluster.rs`). Here
+/// two missed 5 s heartbeats break the read.
+pub struct Live {
+    messages: consumer::pull::Stream,
+    /// Deliveries so far: the consumer numbers them 1, 2, …
+    delivered: u64,
+}
+
+/// A message of a [`Live`] read and its stream sequence.
+pub struct Delivery {
+    pub msg: jetstream::Message,
+    pub stream_seq: u64,
+}
+
+impl Live {
+    /// The next message in delivery order; an error when the read broke:
+    /// a delivery missing (the consumer's count skipped one), heartbeats
+    /// missing, the consumer gone, a failed pull.
+    pub async fn next(&mut self) -> Option<Result<Delivery, String>> {
+        let msg = match self.messages.next().await? {
+            Ok(msg) => msg,
+            Err(e) => return Some(Err(format!("the consumer broke: {e}"))),
+        };
+        let info = match msg.info() {
+            Ok(info) => info,
+            Err(e) => return Some(Err(format!("a delivery without its position: {e}"))),
+        };
+        if info.consumer_sequence != self.delivered + 1 {
+            return Some(Err(format!(
+                "delivery {} after {}: a message went missing",
+                info.consumer_sequence, self.delivered
+            )));
+        }
+        self.delivered = info.consumer_sequence;
+        let stream_seq = info.stream_sequence;
+        Some(Ok(Delivery { msg, stream_seq }))
+    }
+}
+
+/// The next message of an ordered consumer, as the caller's loop wants it.
 pub async fn next(
     messages: &mut consumer::pull::Ordered,
 ) -> Option<Result<jetstream::Message, String>> {

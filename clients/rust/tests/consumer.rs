@@ -1,10 +1,13 @@
-//! The ordered consumer under a live subscription, against a real
-//! nats-server: when the server loses it before it delivered anything, the
-//! one async-nats creates in its place starts where the first did — not at
-//! the stream's first message, which made a quiet tenant's subscriber read
-//! its whole history again (an all-tenant one, the whole stream).
-//! vendor/README.md, "async-nats: an ordered consumer recreated before its
-//! first message".
+//! A consumer the server loses before it delivered anything, against a
+//! real nats-server: the one that takes its place starts where it did.
+//!
+//! - async-nats' ordered consumer (walcast's own readers, the client's
+//!   short reads) used to start the new one at the stream's first message
+//!   (vendor/README.md, "an ordered consumer recreated before its first
+//!   message");
+//! - a subscription repositions from its last delivered event.
+//!
+//! Both then deliver only the next event.
 
 #[path = "support/fake_walcast.rs"]
 mod fake_walcast;
@@ -45,8 +48,30 @@ async fn consumer_of(js: &jetstream::Context, filter: &str, not: &str) -> consum
     }
 }
 
-#[tokio::test]
-async fn a_consumer_lost_before_its_first_message_is_recreated_where_it_started() {
+/// Deletes the consumer reading `filter` and waits for the one that takes
+/// its place: (lost, new). Checks the new one starts where the lost one did.
+async fn lose_consumer(js: &jetstream::Context, filter: &str) -> (consumer::Info, consumer::Info) {
+    let lost = consumer_of(js, filter, "").await;
+    let stream = js.get_stream(STREAM).await.unwrap();
+    stream.delete_consumer(&lost.name).await.unwrap();
+    let new = consumer_of(js, filter, &lost.name).await;
+    assert_eq!(
+        new.config.deliver_policy, lost.config.deliver_policy,
+        "the new consumer starts where the lost one did: {:?} then {:?}",
+        lost.config.deliver_policy, new.config.deliver_policy
+    );
+    (lost, new)
+}
+
+/// How many messages consumer `name` has delivered.
+async fn delivered(js: &jetstream::Context, name: &str) -> u64 {
+    let stream = js.get_stream(STREAM).await.unwrap();
+    let info = stream.consumer_info(name).await.unwrap();
+    info.delivered.consumer_sequence
+}
+
+/// A nats-server, the fake daemon, and 300 events of `acme` in the stream.
+async fn setup() -> (Nats, FakeWalcast, Model, StdRng) {
     support::init_logging();
     let nats = Nats::start(None).expect("start nats-server");
     let fake = FakeWalcast::start(&nats.url()).await.expect("fake walcast");
@@ -57,6 +82,57 @@ async fn a_consumer_lost_before_its_first_message_is_recreated_where_it_started(
             .await
             .unwrap();
     }
+    (nats, fake, acme, rng)
+}
+
+#[tokio::test]
+async fn an_ordered_consumer_lost_before_its_first_message_is_recreated_where_it_started() {
+    let (_nats, fake, mut acme, mut rng) = setup().await;
+    let js = jetstream::new(fake.nats.clone());
+    let filter = "walcast.acme.>";
+    let mut stream = js.get_stream(STREAM).await.unwrap();
+    let start = stream.info().await.unwrap().state.last_sequence + 1;
+    let consumer = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: filter.into(),
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let reading = tokio::spawn(async move {
+        while let Some(msg) = messages.next().await {
+            let position = msg.map(|m| m.info().map(|i| i.stream_sequence).unwrap_or(0));
+            if tx.send(position.map_err(|e| e.to_string())).await.is_err() {
+                break;
+            }
+        }
+    });
+
+    let (_, new) = lose_consumer(&js, filter).await;
+    fake.publish(&acme.next_change(&mut rng).event, false)
+        .await
+        .unwrap();
+    let position = tokio::time::timeout(PATIENCE, rx.recv())
+        .await
+        .expect("the next message in time")
+        .expect("the consumer goes on")
+        .expect("a message");
+    assert_eq!(
+        (position, delivered(&js, &new.name).await),
+        (start, 1),
+        "the next message, and the only one the new consumer delivered"
+    );
+    reading.abort();
+}
+
+#[tokio::test]
+async fn a_subscription_whose_consumer_is_lost_goes_on_from_its_last_event() {
+    let (nats, fake, mut acme, mut rng) = setup().await;
     let options = Options {
         request_timeout: Duration::from_secs(1),
         ..Options::default()
@@ -67,18 +143,7 @@ async fn a_consumer_lost_before_its_first_message_is_recreated_where_it_started(
     // The subscription's consumer starts after the 300 events, so it has
     // delivered nothing when the server loses it.
     let js = jetstream::new(fake.nats.clone());
-    let filter = "walcast.acme.>";
-    let first = consumer_of(&js, filter, "").await;
-    let stream = js.get_stream(STREAM).await.unwrap();
-    stream.delete_consumer(&first.name).await.unwrap();
-    let second = consumer_of(&js, filter, &first.name).await;
-    assert_eq!(
-        second.config.deliver_policy, first.config.deliver_policy,
-        "the new consumer starts where the lost one did: {:?} then {:?}",
-        first.config.deliver_policy, second.config.deliver_policy
-    );
-
-    // And the subscription goes on with the next event, having read nothing else.
+    let (_, new) = lose_consumer(&js, "walcast.acme.>").await;
     fake.publish(&acme.next_change(&mut rng).event, false)
         .await
         .unwrap();
@@ -90,17 +155,8 @@ async fn a_consumer_lost_before_its_first_message_is_recreated_where_it_started(
     let Update::Event(event) = update else {
         panic!("expected the next event, got {update:?}");
     };
-    let delivered = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .consumer_info(&second.name)
-        .await
-        .unwrap()
-        .delivered
-        .consumer_sequence;
     assert_eq!(
-        (event.seq, delivered),
+        (event.seq, delivered(&js, &new.name).await),
         (301, 1),
         "the next event, and the only message the new consumer delivered"
     );
