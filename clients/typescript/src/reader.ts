@@ -55,6 +55,16 @@ export const OBJECT_HEADER = "Walcast-Object";
 /** How many messages a reader asks for at a time. */
 const BATCH = 256;
 
+/**
+ * How often the server says a reader's pull still waits when there is
+ * nothing to deliver. Two missed and the reader stops, for the pump to
+ * reopen it: a consumer lost with the cluster node that held it (this
+ * connection staying up on another node) otherwise went unnoticed for
+ * good — nats.js only pulls again, from a consumer that is gone
+ * (`test/unit/cluster.test.ts`).
+ */
+const HEARTBEAT_MS = 5_000;
+
 /** The longest wait for an object's next chunk before the fetch fails (and is retried). */
 const CHUNK_STALL_MS = 10_000;
 
@@ -227,14 +237,21 @@ export class Reader {
       deliver_policy: DeliverPolicy.StartSequence,
       opt_start_seq: start,
     });
-    const messages = await consumer.consume({ max_messages: BATCH, abort_on_missing_resource: true });
+    const messages = await consumer.consume({
+      max_messages: BATCH,
+      idle_heartbeat: HEARTBEAT_MS,
+      abort_on_missing_resource: true,
+    });
+    const reader = new Reader(consumer, messages, oversized, numPending);
     void (async () => {
       for await (const status of messages.status()) {
         switch (status.type) {
-          case "ordered_consumer_recreated":
+          case "heartbeats_missed":
+            logger.info(`stream ${stream} ${filter}: ${JSON.stringify(status)}; reopening`);
+            reader.stop();
+            break;
           case "stream_not_found":
           case "consumer_deleted":
-          case "heartbeats_missed":
             logger.info(`stream ${stream} ${filter}: ${JSON.stringify(status)}`);
             break;
           default:
@@ -242,7 +259,7 @@ export class Reader {
         }
       }
     })().catch(() => {});
-    return new Reader(consumer, messages, oversized, numPending);
+    return reader;
   }
 
   /** True once `interrupt()` was called: resume after the last message seen. */

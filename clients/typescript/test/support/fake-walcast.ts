@@ -75,7 +75,7 @@ export class FakeWalcast {
     this.jsm = jsm;
   }
 
-  static async start(url: string, options: { service?: boolean } = {}): Promise<FakeWalcast> {
+  static async start(url: string, options: { service?: boolean; replicas?: number } = {}): Promise<FakeWalcast> {
     const nc = await connect({ servers: url });
     const jsm = await jetstreamManager(nc);
     await jsm.streams.add({
@@ -84,6 +84,7 @@ export class FakeWalcast {
       storage: StorageType.File,
       retention: RetentionPolicy.Limits,
       allow_direct: true,
+      num_replicas: options.replicas ?? 1,
     });
     const fake = new FakeWalcast(nc, jsm);
     if (options.service !== false) {

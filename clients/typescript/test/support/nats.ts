@@ -90,6 +90,15 @@ export class NatsServer {
     }
   }
 
+  /** Kills it (SIGKILL): a node that dies without a word. */
+  async kill(): Promise<void> {
+    const child = this.#child;
+    this.#child = undefined;
+    if (child !== undefined) {
+      await stopChild(child, "SIGKILL");
+    }
+  }
+
   async destroy(): Promise<void> {
     await this.stop();
     removeTempDir(this.dir);
@@ -105,4 +114,23 @@ function canConnect(port: number): Promise<boolean> {
     });
     socket.once("error", () => resolve(false));
   });
+}
+
+/**
+ * Three JetStream servers routed to each other on loopback, named `n0`..`n2`
+ * (the names stream and consumer info give).
+ */
+export async function startCluster(): Promise<NatsServer[]> {
+  const routes = [await freePort(), await freePort(), await freePort()];
+  const nodes: NatsServer[] = [];
+  for (const [i, port] of routes.entries()) {
+    const others = routes.filter((p) => p !== port).map((p) => `nats-route://127.0.0.1:${p}`);
+    const config = [
+      `server_name: n${i}`,
+      `cluster { name: wc, listen: "127.0.0.1:${port}", routes: [${others.map((r) => `"${r}"`).join(", ")}] }`,
+      "",
+    ].join("\n");
+    nodes.push(await NatsServer.startWithConfig(config, {}));
+  }
+  return nodes;
 }
