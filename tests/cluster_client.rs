@@ -3,7 +3,7 @@
 //! node) stays up: no reconnect, no "consumer deleted" — the server that
 //! would say anything is gone. The subscription must notice by itself and
 //! go on, every event once and in order. With async-nats' ordered
-//! consumer it heard nothing for ~40 s (two missed 15 s heartbeats);
+//! consumer it heard nothing for 44.5 s (two missed 15 s heartbeats);
 //! walcast-client's live read breaks after two missed 5 s heartbeats
 //! (`clients/rust/src/reader.rs`, `Live`).
 

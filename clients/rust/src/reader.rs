@@ -371,9 +371,9 @@ pub fn meta(delivery: &Delivery) -> Result<Meta, Error> {
 ///
 /// Why not async-nats' ordered consumer, which heals itself: it notices a
 /// consumer lost with the cluster node that held it (this connection
-/// staying up on another node) only after two missed 15 s heartbeats, and
-/// a subscription then heard nothing for ~40 s (`tests/cluster.rs`). Here
-/// two missed 5 s heartbeats break the read.
+/// staying up on another node) only after two missed 15 s heartbeats: a
+/// subscription then heard nothing for 44.5 s (`tests/cluster_client.rs`).
+/// Here two missed 5 s heartbeats break the read (10.1 s).
 pub struct Live {
     messages: consumer::pull::Stream,
     /// Deliveries so far: the consumer numbers them 1, 2, …
