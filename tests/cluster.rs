@@ -203,15 +203,21 @@ async fn kill_leader_and_measure(
 }
 
 /// When the stream stored message `seq` (nanoseconds since the epoch).
+/// Asked again for a while: right after an election the stream may still
+/// answer "JetStream system temporarily unavailable" (seen in CI).
 async fn message_time(cluster: &Cluster, seq: u64) -> i128 {
-    let url = cluster.any_url();
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await.expect("connect"));
-    let stream = js.get_stream(STREAM).await.expect("stream");
-    let msg = stream
-        .get_raw_message(seq)
-        .await
-        .unwrap_or_else(|e| panic!("read stream message {seq}: {e}"));
-    msg.time.unix_timestamp_nanos()
+    let read = wait_for(Duration::from_secs(30), || async {
+        let client = async_nats::connect(cluster.any_url()).await.ok()?;
+        let stream = async_nats::jetstream::new(client)
+            .get_stream(STREAM)
+            .await
+            .ok()?;
+        stream.get_raw_message(seq).await.ok()
+    })
+    .await;
+    read.unwrap_or_else(|e| panic!("read stream message {seq}: {e}"))
+        .time
+        .unix_timestamp_nanos()
 }
 
 fn unix_nanos(t: SystemTime) -> i128 {
