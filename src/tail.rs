@@ -9,6 +9,7 @@ use futures::StreamExt;
 use prost::Message as _;
 use tokio::io::AsyncReadExt;
 
+use crate::broker::ordered;
 use crate::config::Settings;
 use crate::events::tenant;
 use crate::proto::ChangeEvent;
@@ -82,10 +83,12 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError>
         None => format!("{}.{}.>", settings.subject_prefix, args.tenant),
     };
     let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter,
-            ..Default::default()
-        })
+        .create_consumer(ordered::with_short_heartbeats(
+            consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                ..Default::default()
+            },
+        ))
         .await
         .map_err(|e| stream_err(&e))?;
     let mut messages = consumer.messages().await.map_err(read_err)?;
@@ -156,11 +159,13 @@ async fn state_rows(
         return Ok(0);
     }
     let consumer = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: filter,
-            deliver_policy: consumer::DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
+        .create_consumer(ordered::with_short_heartbeats(
+            consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            },
+        ))
         .await
         .map_err(|e| stream_err(&e))?;
     if consumer.cached_info().num_pending == 0 {

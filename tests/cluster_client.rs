@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use prost::Message as _;
 use walcast_client::proto::{Action, ChangeEvent, Entity, Task, change_event};
 use walcast_client::{AllFrom, Client, Options, Subscription, Update};
 
 use crate::support::cluster::{Cluster, NODES};
 use crate::support::daemon::init_logging;
+use crate::support::wait_for;
 
 const STREAM: &str = "WALCAST";
 const TENANT: &str = "acme";
@@ -87,49 +88,25 @@ async fn connect(cluster: &Cluster, node: usize) -> async_nats::Client {
 /// A client on one node with an all-tenant subscription whose consumer
 /// another node holds: (client's node, consumer's node, subscription).
 async fn subscription_away_from_its_consumer(cluster: &Cluster) -> (usize, usize, Subscription) {
-    let admin = jetstream::new(connect(cluster, 0).await);
     for attempt in 0..20 {
         let node = attempt % NODES;
         let client = Client::new(connect(cluster, node).await, Options::default());
-        let known = consumer_hosts(&admin).await;
+        let known = cluster.consumers(STREAM).await;
         let sub = client.subscribe_all(AllFrom::Now);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let host = loop {
-            let hosts = consumer_hosts(&admin).await;
-            if let Some((_, host)) = hosts
+        let host = wait_for(Duration::from_secs(20), || async {
+            let hosts = cluster.consumers(STREAM).await;
+            let new = hosts
                 .into_iter()
-                .find(|(name, _)| !known.iter().any(|(k, _)| k == name))
-            {
-                break host;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the subscription's consumer never showed"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let host = (0..NODES)
-            .find(|&i| cluster.name(i) == host)
-            .expect("a known node");
+                .find(|c| !known.iter().any(|k| k.name == c.name));
+            new.map(|c| c.node)
+        })
+        .await
+        .expect("the subscription's consumer shows");
         if host != node {
             return (node, host, sub);
         }
     }
     panic!("every consumer landed on its client's node");
-}
-
-/// Every consumer of the stream: (name, the node that holds it).
-async fn consumer_hosts(js: &jetstream::Context) -> Vec<(String, String)> {
-    let stream = js.get_stream(STREAM).await.expect("the stream");
-    let infos: Vec<_> = stream
-        .consumers()
-        .try_collect()
-        .await
-        .expect("list consumers");
-    infos
-        .into_iter()
-        .filter_map(|i| Some((i.name, i.cluster?.leader?)))
-        .collect()
 }
 
 /// Publishes the tenant's events as walcast does (subject, headers, body),

@@ -11,6 +11,7 @@ use crate::secrets::redact_url;
 use crate::telemetry::metrics as m;
 
 pub mod limits;
+pub mod ordered;
 pub mod servers;
 
 /// A connected client and a counter that ticks on every (re)connection, so

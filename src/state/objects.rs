@@ -243,11 +243,13 @@ async fn read(js: &jetstream::Context, object: &str) -> Result<Vec<u8>, String> 
         .await
         .map_err(|e| failed(&e))?;
     let consumer = stream
-        .create_consumer(OrderedConfig {
-            filter_subject: format!("$O.{bucket}.C.{}", info.nuid),
-            deliver_policy: DeliverPolicy::All,
-            ..Default::default()
-        })
+        .create_consumer(crate::broker::ordered::with_short_heartbeats(
+            OrderedConfig {
+                filter_subject: format!("$O.{bucket}.C.{}", info.nuid),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            },
+        ))
         .await
         .map_err(|e| failed(&e))?;
     let mut pending = consumer.cached_info().num_pending;

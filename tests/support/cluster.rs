@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream;
+use futures::TryStreamExt;
 
 use super::free_port;
 use super::nats::{ClusterMember, Nats, NatsOptions};
@@ -237,6 +238,72 @@ impl Cluster {
             ),
         }
     }
+}
+
+/// A consumer of a stream and the node that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placed {
+    pub name: String,
+    pub node: usize,
+    /// Pulled (no deliver subject), not pushed.
+    pub pull: bool,
+}
+
+impl Cluster {
+    /// Every consumer of `stream` with its node, asked of any running node
+    /// (empty if none answers).
+    pub async fn consumers(&self, stream: &str) -> Vec<Placed> {
+        for i in self.running() {
+            let Some(js) = connect(&self.nodes[i].url()).await else {
+                continue;
+            };
+            let listed = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                let stream = js.get_stream(stream).await.ok()?;
+                stream.consumers().try_collect::<Vec<_>>().await.ok()
+            })
+            .await;
+            if let Ok(Some(infos)) = listed {
+                return infos.into_iter().filter_map(placed).collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Moves `stream`'s leader off node `avoid`: asks the leader to step
+    /// down until another node leads, with every replica current.
+    pub async fn lead_elsewhere(&self, stream: &str, avoid: usize) -> anyhow::Result<()> {
+        for _ in 0..10 {
+            let leader = self
+                .wait_stream_healthy(stream, Duration::from_secs(30))
+                .await?;
+            if leader != avoid {
+                return Ok(());
+            }
+            let js = connect(&self.nodes[leader].url())
+                .await
+                .context("connect to the stream's leader")?;
+            let answer: serde_json::Value = js
+                .request(
+                    format!("STREAM.LEADER.STEPDOWN.{stream}"),
+                    &serde_json::json!({}),
+                )
+                .await
+                .with_context(|| format!("step down {stream}'s leader"))?;
+            if answer.get("success") != Some(&serde_json::Value::Bool(true)) {
+                bail!("{stream}'s leader did not step down: {answer}");
+            }
+        }
+        bail!("{stream} kept its leader on {}", node_name(avoid))
+    }
+}
+
+fn placed(info: jetstream::consumer::Info) -> Option<Placed> {
+    let leader = info.cluster?.leader?;
+    Some(Placed {
+        node: (0..NODES).find(|&i| node_name(i) == leader)?,
+        pull: info.config.deliver_subject.is_none(),
+        name: info.name,
+    })
 }
 
 fn node_name(i: usize) -> String {

@@ -1,0 +1,31 @@
+//! walcast's own long reads of a stream (the state projection behind the
+//! feed, `walcast tail --follow`, an oversized value's chunks) go through
+//! async-nats' ordered pull consumer, with heartbeats short enough that a
+//! consumer lost with its cluster node is noticed in ~10 s.
+//!
+//! On a NATS cluster an ordered consumer (R1, memory) lives on one node,
+//! often not the reader's. When that node dies and the reader's own
+//! connection stays up, nothing tells the reader: only the idle heartbeats
+//! stop. async-nats pulls with a 30 s expiry and 15 s heartbeats and
+//! recreates the consumer after two missed heartbeat timers (2 × 2 × the
+//! heartbeat): the state projection measured ~45–60 s of silence. It asks
+//! for heartbeats at half the pull's expiry, which it caps at the
+//! consumer's `max_expires`, so a lower `max_expires` is the one setting
+//! that shortens it (tests/cluster_state.rs measures it).
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull::OrderedConfig;
+
+/// The longest a pull request of walcast's ordered consumers waits at the
+/// server: heartbeats every 2.5 s, a lost consumer recreated after ~10 s.
+/// An idle reader sends a pull request this often (a few bytes).
+pub const PULL_EXPIRY: Duration = Duration::from_secs(5);
+
+/// `config` with the pull expiry that makes the heartbeats short.
+pub fn with_short_heartbeats(config: OrderedConfig) -> OrderedConfig {
+    OrderedConfig {
+        max_expires: PULL_EXPIRY,
+        ..config
+    }
+}
