@@ -131,8 +131,8 @@ async fn the_state_on_a_three_node_cluster_stays_exact_through_kill9() {
 }
 
 /// The longest the state may stand still after the node holding its
-/// stream consumer dies: ~10 s of missed heartbeats, the consumer's
-/// re-creation, room for a loaded machine.
+/// stream consumer dies: the replacement's attempts (5 s each), room for a
+/// loaded machine.
 const SILENCE_BOUND: Duration = Duration::from_secs(25);
 
 /// Rows inserted while the state is held: more than the feed holds, so the
@@ -142,14 +142,15 @@ const BURST: i64 = 10_000;
 /// Behind the feed, the state projection reads the stream through an
 /// ordered consumer that one node holds, usually not the node walcast is
 /// connected to. When that node dies, walcast's connections stay up and
-/// no error comes: the consumer's heartbeats stop (walcast asks for 2.5 s
-/// ones, `broker::ordered`: replaced after ~10 s; measured 11.0–11.2 s),
-/// or one of the state's JetStream API requests, sent as the node died, is
-/// never answered (the backfill marker's read, every 1 s, times out after
-/// 10 s) and the service starts again: with async-nats' own 15 s
-/// heartbeats that came first in both runs (8.9 and 10.9 s). The streams' leaders
-/// are moved off the doomed node first. The state must go on within
-/// [`SILENCE_BOUND`] and end exact.
+/// no error comes; the next pull request finds no responder and async-nats
+/// replaces the consumer. Upstream's replacement first waited for the dead
+/// consumer's deletion, which never answers (10 s), and retried a create
+/// that the dying node was given under the same name for ever (seen once:
+/// stuck for 150 s); the vendored one deletes in the background and gives
+/// each 5 s attempt a new name (vendor/README.md). Measured: 2.0–6.1 s,
+/// 11.2 s when two attempts landed on the dead node (10 s each before).
+/// The streams' leaders are moved off the doomed node first. The state
+/// must go on within [`SILENCE_BOUND`] and end exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_goes_on_when_the_node_holding_its_stream_consumer_dies() {
     init_logging();
@@ -210,7 +211,9 @@ async fn the_state_goes_on_when_the_node_holding_its_stream_consumer_dies() {
     cluster.kill9(node).expect("kill the consumer's node");
     let killed = Instant::now();
     std::fs::remove_file(&hold).expect("let the state go on");
-    let longest = longest_standstill(lag, Duration::from_secs(150)).await;
+    let longest = longest_standstill(lag, Duration::from_secs(150))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.log_tail(60)));
     eprintln!(
         "[cluster-state] node {} (the state's consumer's) killed; the state stood still for at most {longest:.1?}, level {:.1?} after the kill",
         cluster.name(node),
@@ -297,7 +300,7 @@ async fn delete_consumer(cluster: &Cluster, node: usize, name: &str) {
 
 /// Polls `value` until it reads 0; returns the longest time it stayed
 /// the same before that.
-async fn longest_standstill<F, Fut>(mut value: F, timeout: Duration) -> Duration
+async fn longest_standstill<F, Fut>(mut value: F, timeout: Duration) -> Result<Duration, String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<f64>>,
@@ -311,13 +314,14 @@ where
             (last, since) = (now, Instant::now());
         }
         if now == Some(0.0) {
-            return longest;
+            return Ok(longest);
         }
-        assert!(
-            Instant::now() < deadline,
-            "not level within {timeout:?} (stuck at {now:?} for {:?})",
-            since.elapsed()
-        );
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the state was not level within {timeout:?} (stuck at a lag of {now:?} for {:?})",
+                since.elapsed()
+            ));
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -1,17 +1,19 @@
-//! walcast's own long reads of a stream (the state projection behind the
-//! feed, `walcast tail --follow`, an oversized value's chunks) go through
-//! async-nats' ordered pull consumer, with heartbeats short enough that a
-//! consumer lost with its cluster node is noticed in ~10 s.
+//! walcast's own reads of a stream (the state projection behind the feed,
+//! `walcast tail --follow`, an oversized value's chunks) go through
+//! async-nats' ordered pull consumer, with heartbeats short enough that an
+//! idle reader notices a consumer lost with its cluster node in ~10 s.
 //!
 //! On a NATS cluster an ordered consumer (R1, memory) lives on one node,
 //! often not the reader's. When that node dies and the reader's own
-//! connection stays up, nothing tells the reader: only the idle heartbeats
-//! stop. async-nats pulls with a 30 s expiry and 15 s heartbeats and
-//! recreates the consumer after two missed heartbeat timers (2 × 2 × the
-//! heartbeat): the state projection measured ~45–60 s of silence. It asks
-//! for heartbeats at half the pull's expiry, which it caps at the
-//! consumer's `max_expires`, so a lower `max_expires` is the one setting
-//! that shortens it (tests/cluster_state.rs measures it).
+//! connection stays up, no error comes. A reader that pulls finds no
+//! responder at its next pull and replaces the consumer at once (see
+//! vendor/README.md, "an ordered consumer lost with its cluster node"); an
+//! idle one has only the heartbeats. async-nats pulls with a 30 s expiry
+//! and 15 s heartbeats and replaces the consumer after two missed
+//! heartbeat timers (2 × 2 × the heartbeat, up to a minute). It asks for
+//! heartbeats at half the pull's expiry, which it caps at the consumer's
+//! `max_expires`, so a lower `max_expires` is the one setting that
+//! shortens it.
 
 use std::time::Duration;
 

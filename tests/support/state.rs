@@ -59,26 +59,33 @@ async fn read_once(
     if stream.info().await.expect("bucket info").state.messages == 0 {
         return Some(out);
     }
-    let consumer = stream
+    let created = stream
         .create_consumer(jetstream::consumer::pull::OrderedConfig {
             deliver_policy: DeliverPolicy::LastPerSubject,
             filter_subject: format!("$KV.{bucket}.>"),
             ..Default::default()
         })
-        .await
-        .expect("ordered consumer on the bucket");
+        .await;
+    let consumer = match created {
+        Ok(consumer) => consumer,
+        Err(e) => {
+            // On a cluster, a consumer created as a node dies can be placed
+            // on that node and never answer: another one is placed anew.
+            stalled(
+                bucket,
+                stalls,
+                &format!("creating its consumer failed ({e})"),
+            );
+            return None;
+        }
+    };
     let mut messages = consumer.messages().await.expect("read the bucket");
     let prefix = format!("$KV.{bucket}.");
     loop {
         let Ok(next) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await else {
             // Seen while thousands of keys were written during the read:
             // read again on a new consumer, as the clients' loads do.
-            *stalls += 1;
-            assert!(
-                *stalls < STALLS,
-                "{bucket}: the bucket read stalled {STALLS} times"
-            );
-            eprintln!("{bucket}: the bucket read stalled; reading it again");
+            stalled(bucket, stalls, "no message for 10 s");
             return None;
         };
         let Some(msg) = next else { break };
@@ -122,6 +129,16 @@ async fn read_once(
         }
     }
     Some(out)
+}
+
+/// Counts a read that must start again; too many fail the test.
+fn stalled(bucket: &str, stalls: &mut u32, why: &str) {
+    *stalls += 1;
+    assert!(
+        *stalls < STALLS,
+        "{bucket}: the bucket read stalled {STALLS} times, the last: {why}"
+    );
+    eprintln!("{bucket}: the bucket read stalled ({why}); reading it again");
 }
 
 /// Waits (up to `timeout`) until the bucket holds exactly `real`'s rows;

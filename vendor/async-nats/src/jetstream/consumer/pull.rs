@@ -760,7 +760,8 @@ pub struct Ordered {
     name_prefix: String,
     serial: u64,
     stream: Option<Stream>,
-    create_stream: Option<BoxFuture<'static, Result<Stream, ConsumerRecreateError>>>,
+    /// The replacement being created, and its name.
+    create_stream: Option<BoxFuture<'static, Result<(Stream, String), ConsumerRecreateError>>>,
     consumer_sequence: u64,
     stream_sequence: u64,
     missed_heartbeats: bool,
@@ -849,25 +850,42 @@ impl futures_util::Stream for Ordered {
         if recreate {
             self.stream = None;
             self.serial += 1;
-            let name = format!("{}_{}", self.name_prefix, self.serial);
-            let consumer_name = std::mem::replace(&mut self.consumer_name, name.clone());
+            // walcast patch (vendor/README.md): every attempt has a name of
+            // its own. A consumer created as its node dies can be assigned
+            // to that node and never answer; upstream retried under the same
+            // name, which stays assigned there, and never recovered.
+            let base = format!("{}_{}", self.name_prefix, self.serial);
+            let mut previous = self.consumer_name.clone();
+            let mut attempt = 0u32;
             self.create_stream = Some(Box::pin({
                 let context = self.context.clone();
-                let config = OrderedConfig {
-                    name: Some(name),
-                    ..self.consumer.clone()
-                };
+                let consumer = self.consumer.clone();
                 let stream_name = self.stream_name.clone();
                 let sequence = self.stream_sequence;
                 async move {
-                    tryhard::retry_fn(|| {
-                        recreate_consumer_stream(
-                            &context,
-                            &config,
-                            &stream_name,
-                            &consumer_name,
-                            sequence,
-                        )
+                    tryhard::retry_fn(move || {
+                        attempt += 1;
+                        let name = match attempt {
+                            1 => base.clone(),
+                            n => format!("{base}_{n}"),
+                        };
+                        let old = std::mem::replace(&mut previous, name.clone());
+                        let config = OrderedConfig {
+                            name: Some(name.clone()),
+                            ..consumer.clone()
+                        };
+                        let (context, stream_name) = (context.clone(), stream_name.clone());
+                        async move {
+                            let stream = recreate_consumer_stream(
+                                &context,
+                                &config,
+                                &stream_name,
+                                &old,
+                                sequence,
+                            )
+                            .await?;
+                            Ok((stream, name))
+                        }
                     })
                     .retries(u32::MAX)
                     .custom_backoff(backoff)
@@ -879,9 +897,10 @@ impl futures_util::Stream for Ordered {
         if let Some(result) = self.create_stream.as_mut() {
             match result.poll_unpin(cx) {
                 Poll::Ready(result) => match result {
-                    Ok(stream) => {
+                    Ok((stream, name)) => {
                         self.create_stream = None;
                         self.stream = Some(stream);
+                        self.consumer_name = name;
                         return self.poll_next(cx);
                     }
                     Err(err) => {
@@ -2950,12 +2969,21 @@ async fn recreate_consumer_stream(
     let _span_handle = span.enter();
     let config = config.to_owned();
     let context = context.recovery_context();
-    trace!("delete old consumer before creating new one");
-
-    context
-        .delete_consumer_from_stream(consumer_name, stream_name)
-        .await
-        .ok();
+    // walcast patch (vendor/README.md): the old consumer is deleted in the
+    // background. Upstream waited for the deletion first: a consumer lost
+    // with its cluster node never answers it, so every replacement waited
+    // out the request timeout (10 s in walcast's services).
+    trace!("delete old consumer in the background");
+    {
+        let context = context.clone();
+        let (consumer_name, stream_name) = (consumer_name.to_owned(), stream_name.to_owned());
+        tokio::spawn(async move {
+            context
+                .delete_consumer_from_stream(consumer_name, stream_name)
+                .await
+                .ok();
+        });
+    }
 
     // walcast patch (vendor/README.md): before its first message the new
     // consumer starts where the lost one did; upstream started it at the
@@ -2970,18 +2998,21 @@ async fn recreate_consumer_stream(
         }
     };
     trace!("create the new ordered consumer for sequence {}", sequence);
-    let consumer = context
-        .create_consumer_on_stream(
+    // walcast patch (vendor/README.md): an attempt unanswered in 5 s (like
+    // the iterator's below) gives way to one under a new name.
+    let consumer = tokio::time::timeout(
+        Duration::from_secs(5),
+        context.create_consumer_on_stream(
             jetstream::consumer::pull::OrderedConfig {
                 deliver_policy,
                 ..config.clone()
             },
             stream_name,
-        )
-        .await
-        .map_err(|err| {
-            ConsumerRecreateError::with_source(ConsumerRecreateErrorKind::Recreate, err)
-        })?;
+        ),
+    )
+    .await
+    .map_err(|err| ConsumerRecreateError::with_source(ConsumerRecreateErrorKind::TimedOut, err))?
+    .map_err(|err| ConsumerRecreateError::with_source(ConsumerRecreateErrorKind::Recreate, err))?;
 
     let batch_config = ordered_batch_config(&consumer.info);
     let config = Consumer {
