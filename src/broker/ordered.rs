@@ -20,7 +20,8 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
 
 /// The longest a pull request of walcast's ordered consumers waits at the
-/// server: heartbeats every 2.5 s, a lost consumer recreated after ~10 s.
+/// server: heartbeats every 2.5 s, an idle reader's lost consumer
+/// replaced after ~10 s.
 /// An idle reader sends a pull request this often (a few bytes).
 pub const PULL_EXPIRY: Duration = Duration::from_secs(5);
 

@@ -137,8 +137,10 @@ async fn within<F: Future>(wait: Option<Duration>, future: F) -> Option<F::Outpu
 
 /// An ordered consumer from `start` on. Pulled in batches: memory stays
 /// bounded however far behind the projection is (a pushed consumer would
-/// queue up to the client's subscription capacity, 65,536 messages). Short
-/// heartbeats: a consumer lost with its cluster node is replaced in ~10 s.
+/// queue up to the client's subscription capacity, 65,536 messages). One
+/// lost with its cluster node is replaced at the next pull; the short
+/// heartbeats (`broker::ordered`) cover a read that waits at the stream's
+/// end.
 async fn open(stream: &Stream, start: u64) -> Result<Ordered, String> {
     let consumer = stream
         .create_consumer(ordered::with_short_heartbeats(OrderedConfig {
