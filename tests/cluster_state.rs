@@ -16,7 +16,7 @@ use crate::support::daemon::{init_logging, read_stream};
 use crate::support::edge::scrape;
 use crate::support::postgres::Postgres;
 use crate::support::state::{assert_state_exact, marker_state, read_bucket, wait_bucket_holds};
-use crate::support::workload::{Tables, Workload};
+use crate::support::workload::{Tables, Workload, insert_tasks};
 use crate::support::{TempDir, wait_for, wait_until};
 
 const BUCKET: &str = "WALCAST_STATE";
@@ -187,10 +187,10 @@ async fn the_state_goes_on_when_the_node_holding_its_stream_consumer_dies() {
 
     // Held, the state falls behind what the feed holds.
     std::fs::write(&hold, b"").expect("hold the state");
-    insert_tasks(&client, 1).await;
+    insert_tasks(&client, "burst", 3, 1, 1).await;
     w.wait_log("holding at state_apply", Duration::from_secs(60))
         .await;
-    insert_tasks(&client, BURST).await;
+    insert_tasks(&client, "burst", 3, 2, BURST).await;
     catch_up(&client, Duration::from_secs(120))
         .await
         .unwrap_or_else(|e| panic!("walcast did not publish the burst: {e}\n{}", w.log_tail(40)));
@@ -237,18 +237,6 @@ async fn the_state_goes_on_when_the_node_holding_its_stream_consumer_dies() {
     w.stop(Duration::from_secs(15)).await;
     let entries = read_bucket(&url, BUCKET).await;
     assert_state_exact(&entries, &read_stream(&url, "WALCAST").await, &real);
-}
-
-async fn insert_tasks(client: &tokio_postgres::Client, rows: i64) {
-    client
-        .execute(
-            "INSERT INTO tasks (id, tenant_id, title, status)
-             SELECT gen_random_uuid(), 'tenant-' || (i % 3), 'burst #' || i, 'todo'
-             FROM generate_series(1, $1::bigint) AS i",
-            &[&rows],
-        )
-        .await
-        .expect("insert tasks");
 }
 
 /// Lets the held state read the stream until its consumer sits on another

@@ -9,7 +9,7 @@ use crate::support::state::{
     assert_state_exact, marker_state, read_bucket, rows_of, wait_bucket_holds,
 };
 use crate::support::wait_until;
-use crate::support::workload::{Tables, Workload};
+use crate::support::workload::{Tables, Workload, insert_tasks};
 
 const BUCKET: &str = "WALCAST_STATE";
 
@@ -541,15 +541,7 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     walcast
         .wait_log("holding at state_apply", Duration::from_secs(60))
         .await;
-    client
-        .execute(
-            "INSERT INTO tasks (id, tenant_id, title, status)
-             SELECT gen_random_uuid(), 'tenant-' || (i % 3), 'burst #' || i, 'todo'
-             FROM generate_series(1, 6000) AS i",
-            &[],
-        )
-        .await
-        .expect("burst");
+    insert_tasks(&client, "burst", 3, 1, 6000).await;
     workload.run(&mut client, 100).await;
     env.wait_caught_up(&client, Duration::from_secs(90)).await;
     // Read the bucket once the state is level again, not while it writes
@@ -578,16 +570,8 @@ async fn the_state_reads_the_stream_while_behind_the_feed_and_returns_to_it() {
     // its window (the workload would update every burst row of a tenant
     // per statement: 2,000-event transactions, ~20,000 events in all).
     let fed = read("feed").await;
-    let rows = (walcast::state::feed::CAPACITY / 8) as i32;
-    client
-        .execute(
-            "INSERT INTO tasks (id, tenant_id, title, status)
-             SELECT gen_random_uuid(), 'tenant-' || (i % 3), 'after #' || i, 'todo'
-             FROM generate_series(1, $1) AS i",
-            &[&rows],
-        )
-        .await
-        .expect("rows after the catch-up");
+    let rows = (walcast::state::feed::CAPACITY / 8) as i64;
+    insert_tasks(&client, "after", 3, 1, rows).await;
     assert_converges(&env, &client).await;
     let (fed_after, streamed_after) = (read("feed").await, read("stream").await);
     assert!(
@@ -617,15 +601,14 @@ async fn a_drained_backlog_reaches_the_state_through_the_feed() {
     let batches = 8;
     let rows = walcast::state::feed::CAPACITY as i32 / 2;
     for b in 0..batches {
-        client
-            .execute(
-                "INSERT INTO tasks (id, tenant_id, title, status)
-                 SELECT gen_random_uuid(), 'tenant-' || (i % 7), 'backlog #' || i, 'todo'
-                 FROM generate_series($1::int * $2::int + 1, ($1::int + 1) * $2::int) AS i",
-                &[&b, &rows],
-            )
-            .await
-            .expect("a backlog");
+        insert_tasks(
+            &client,
+            "backlog",
+            7,
+            i64::from(b * rows + 1),
+            i64::from(rows),
+        )
+        .await;
     }
     // Only a backlog is paced: events committed over a second before they
     // are published (the publisher's BACKLOG_AGE). This waits for the

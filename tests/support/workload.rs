@@ -21,6 +21,21 @@ pub struct Stats {
 /// Marker put in every value written by work that is rolled back.
 pub const ROLLED_BACK: &str = "ROLLED-BACK-MARKER";
 
+/// Inserts tasks `first..first + count` in one transaction, titled
+/// `<label> #<i>`, task `i` for tenant `tenant-<i % tenants>`: a burst of
+/// events where a test needs many at once.
+pub async fn insert_tasks(client: &Client, label: &str, tenants: i32, first: i64, count: i64) {
+    client
+        .execute(
+            "INSERT INTO tasks (id, tenant_id, title, status)
+             SELECT gen_random_uuid(), 'tenant-' || (i % $2::int), $1::text || ' #' || i, 'todo'
+             FROM generate_series($3::bigint, $3::bigint + $4::bigint - 1) AS i",
+            &[&label, &tenants, &first, &count],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("insert {count} tasks ({label}): {e}"));
+}
+
 /// Drives random transactions; deterministic for a given seed.
 pub struct Workload {
     rng: StdRng,
