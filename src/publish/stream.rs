@@ -111,28 +111,116 @@ fn classify_create_error(
     PublishError::Nats(format!("create stream {}: {e}", settings.stream))
 }
 
-fn verify(config: &stream::Config, name: &str, subjects: &str) -> Result<(), PublishError> {
-    let incompatible = |why: String| PublishError::Incompatible(format!("stream {name} {why}"));
+fn verify(
+    config: &stream::Config,
+    name: &str,
+    subjects: &str,
+    max_payload: usize,
+) -> Result<(), PublishError> {
+    match why_incompatible(config, name, subjects, max_payload) {
+        Some(why) => Err(PublishError::Incompatible(format!("stream {name} {why}"))),
+        None => Ok(()),
+    }
+}
+
+/// What in an existing stream's configuration would break walcast's
+/// guarantees (SPEC §3, §4), and how to fix it; `None` if nothing does.
+/// Limits an operator chose (replicas, max age, max bytes) are not among
+/// them: [`warn_of_drift`] only reports those.
+fn why_incompatible(
+    config: &stream::Config,
+    name: &str,
+    subjects: &str,
+    max_payload: usize,
+) -> Option<String> {
+    let recreate = "recreate the stream or pick another --stream";
     if !config.subjects.iter().any(|s| s == subjects || s == ">") {
-        return Err(incompatible(format!(
+        return Some(format!(
             "has subjects {:?} but walcast publishes to {subjects}; add it (nats stream edit {name} --subjects '{subjects}') or pick another --stream",
             config.subjects
-        )));
+        ));
     }
     if config.retention != stream::RetentionPolicy::Limits {
-        return Err(incompatible(format!(
-            "uses {:?} retention, which deletes events once consumed; walcast needs limits retention (recreate the stream or pick another --stream)",
+        return Some(format!(
+            "uses {:?} retention, which deletes events once consumed; walcast needs limits retention ({recreate})",
             config.retention
-        )));
+        ));
     }
     if config.discard == stream::DiscardPolicy::New
         && (config.max_bytes > 0 || config.max_messages > 0)
     {
-        return Err(incompatible(
+        return Some(
             "uses discard=new with limits, which rejects publishes when full and would stall replication; use discard=old".into(),
+        );
+    }
+    if config.storage != stream::StorageType::File {
+        return Some(format!(
+            "keeps its messages in memory: a nats-server restart loses every event, more than walcast can publish again from its slot; walcast needs file storage ({recreate})"
         ));
     }
-    Ok(())
+    if config.max_messages_per_subject > 0 {
+        return Some(format!(
+            "keeps at most {} messages per subject, which deletes a tenant's older events of the same kind and leaves gaps in its seq; remove the limit (nats stream edit {name} --max-msgs-per-subject=-1)",
+            config.max_messages_per_subject
+        ));
+    }
+    if config.max_message_size > 0 && (config.max_message_size as usize) < max_payload {
+        return Some(format!(
+            "refuses messages over {} bytes, but walcast sends events up to the server's max_payload ({max_payload} bytes) and would retry a larger one for ever; remove the limit (nats stream edit {name} --max-msg-size=-1)",
+            config.max_message_size
+        ));
+    }
+    if config.no_ack {
+        return Some(format!(
+            "does not acknowledge publishes (no_ack), and walcast moves its checkpoint only on acknowledgements; {recreate}"
+        ));
+    }
+    if config.sealed {
+        return Some(format!("is sealed and takes no more messages; {recreate}"));
+    }
+    if config.mirror.is_some() {
+        return Some(format!("is a mirror and takes no publishes; {recreate}"));
+    }
+    if config.subject_transform.is_some() {
+        return Some(format!(
+            "rewrites the subjects it stores (subject_transform), but consumers read events on walcast's subjects; {recreate}"
+        ));
+    }
+    None
+}
+
+/// Logs a WARN for each limit of an existing stream that differs from
+/// walcast's settings: walcast never changes them on an existing stream
+/// (shortening the max age would delete events at once), so the operator
+/// decides, with the command given.
+fn warn_of_drift(config: &stream::Config, settings: &Settings) {
+    let name = &settings.stream;
+    let drift = |what: &str, has: String, wanted: String, edit: String| {
+        if has != wanted {
+            tracing::warn!(
+                stream = %name,
+                "stream {name} has {what} {has} but walcast is configured with {wanted}; walcast does not change an existing stream's limits: apply yours with `nats stream edit {name} {edit}`, or configure what the stream has"
+            );
+        }
+    };
+    drift(
+        "replicas",
+        config.num_replicas.to_string(),
+        settings.stream_replicas.to_string(),
+        format!("--replicas {}", settings.stream_replicas),
+    );
+    drift(
+        "max age",
+        format!("{:?}", config.max_age),
+        format!("{:?}", settings.stream_max_age),
+        format!("--max-age {}s", settings.stream_max_age.as_secs()),
+    );
+    drift(
+        "max bytes",
+        config.max_bytes.to_string(),
+        settings.stream_max_bytes.to_string(),
+        format!("--max-bytes {}", settings.stream_max_bytes),
+    );
 }
 
 /// Checks an existing stream without creating one: `Ok(None)` if missing.
@@ -150,7 +238,9 @@ pub async fn verify_existing(
                 &info.config,
                 &settings.stream,
                 &format!("{}.>", settings.subject_prefix),
+                js.client().server_info().max_payload,
             )?;
+            warn_of_drift(&info.config, settings);
             Ok(Some(existing))
         }
         Err(e) if not_found(&e) => Ok(None),
@@ -294,4 +384,83 @@ fn timed_out(e: &jetstream::context::GetStreamError) -> bool {
     std::error::Error::source(e)
         .and_then(|s| s.downcast_ref::<RequestError>())
         .is_some_and(|r| r.kind() == RequestErrorKind::TimedOut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBJECTS: &str = "walcast.>";
+    const MAX_PAYLOAD: usize = 1024 * 1024;
+
+    /// A stream as `walcast run` creates it.
+    fn created() -> stream::Config {
+        stream::Config {
+            name: "WALCAST".into(),
+            subjects: vec![SUBJECTS.into()],
+            storage: stream::StorageType::File,
+            max_messages_per_subject: -1,
+            max_message_size: -1,
+            ..Default::default()
+        }
+    }
+
+    fn why(change: impl FnOnce(&mut stream::Config)) -> Option<String> {
+        let mut config = created();
+        change(&mut config);
+        why_incompatible(&config, "WALCAST", SUBJECTS, MAX_PAYLOAD)
+    }
+
+    #[test]
+    fn walcasts_own_stream_and_operator_limits_are_compatible() {
+        assert_eq!(why(|_| {}), None);
+        assert_eq!(
+            why(|c| {
+                c.subjects = vec![">".into()];
+                c.max_age = Duration::from_secs(3600);
+                c.max_bytes = 1 << 30;
+                c.num_replicas = 3;
+                c.max_message_size = MAX_PAYLOAD as i32;
+            }),
+            None
+        );
+    }
+
+    #[test]
+    fn what_breaks_a_guarantee_is_refused_with_its_fix() {
+        type Change = fn(&mut stream::Config);
+        let cases: [(&str, Change); 10] = [
+            ("other.>", |c| c.subjects = vec!["other.>".into()]),
+            ("limits retention", |c| {
+                c.retention = stream::RetentionPolicy::WorkQueue
+            }),
+            ("discard=old", |c| {
+                c.discard = stream::DiscardPolicy::New;
+                c.max_bytes = 1 << 20;
+            }),
+            ("file storage", |c| c.storage = stream::StorageType::Memory),
+            ("--max-msgs-per-subject=-1", |c| {
+                c.max_messages_per_subject = 10
+            }),
+            ("--max-msg-size=-1", |c| c.max_message_size = 65536),
+            ("no_ack", |c| c.no_ack = true),
+            ("sealed", |c| c.sealed = true),
+            ("mirror", |c| {
+                c.mirror = Some(stream::Source {
+                    name: "ELSEWHERE".into(),
+                    ..Default::default()
+                })
+            }),
+            ("subject_transform", |c| {
+                c.subject_transform = Some(stream::SubjectTransform {
+                    source: "walcast.>".into(),
+                    destination: "moved.>".into(),
+                })
+            }),
+        ];
+        for (says, change) in cases {
+            let why = why(change).unwrap_or_else(|| panic!("accepted: {says}"));
+            assert!(why.contains(says), "{says}: {why}");
+        }
+    }
 }
