@@ -93,6 +93,15 @@ pub async fn applied_through(bucket: &Bucket) -> Result<u64, String> {
     Ok(newest.map_or(0, |m| layout::stream_seq_of(Some(&m.headers)).unwrap_or(0)))
 }
 
+/// Whether the bucket holds no entry at all, not even a delete marker.
+pub async fn is_empty(bucket: &Bucket) -> Result<bool, String> {
+    let subject = format!("$KV.{}.>", bucket.name);
+    let newest = last_at_leader(&bucket.stream, &subject)
+        .await
+        .map_err(|e| format!("read the state bucket {} from NATS: {e}", bucket.name))?;
+    Ok(newest.is_none())
+}
+
 /// The last message on `subject`, as the stream leader answers (a direct
 /// get may come from a replica that lags: docs/STATE.md "Clustered
 /// buckets"); `None` when the subject has none.

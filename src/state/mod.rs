@@ -149,8 +149,10 @@ impl Service for State {
             .get_stream(&self.settings.stream)
             .await
             .map_err(|e| format!("JetStream stream {}: {e}", self.settings.stream))?;
-        let resume = resume_point(&bucket, stream.clone()).await?;
+        let marker = bucket::marker(&bucket.stream, &name).await?;
+        let resume = resume_point(&bucket, stream.clone(), marker.as_ref()).await?;
         let resume = self.recheck_recent(resume).await?;
+        let from_start = resume.after == 0;
         tracing::info!(bucket = %name, after = resume.after, recheck_through = resume.recheck_through, "state projection resumes");
         let applied = self.health.state_applied().clone();
         applied.store(resume.after, Ordering::SeqCst);
@@ -163,7 +165,7 @@ impl Service for State {
             resume,
             applied.clone(),
         );
-        let backfills = self.keep_backfilled(&js, (&bucket, &objects));
+        let backfills = self.keep_backfilled(&js, (&bucket, &objects), from_start);
         let horizon = loss_horizon(&self.settings);
         let saving = durable::keep_saving(&self.db, &self.settings.slot, horizon);
         tokio::select! {
@@ -208,13 +210,33 @@ impl State {
 
     /// Backfills when the bucket has no complete marker (first start, a
     /// purge, a backfill cut short, `walcast backfill`); forever.
+    ///
+    /// A marker that goes away once seen, or that is missing while the
+    /// projection did not start from the stream's beginning, means the
+    /// bucket was purged (or the marker deleted) under this run: the keys
+    /// the projection wrote are gone with it, and a backfill now would tag
+    /// rows that have events in the stream with seq 0 (SPEC §8 wants their
+    /// event's seq). So the service ends, and its restart projects the whole
+    /// stream again before backfilling ([`resume_point`]).
     async fn keep_backfilled(
         &self,
         js: &jetstream::Context,
         (bucket, objects): (&bucket::Bucket, &objects::Objects),
+        from_start: bool,
     ) -> Result<(), String> {
+        let mut may_lack_marker = from_start;
         loop {
             let marker = bucket::marker(&bucket.stream, &bucket.name).await?;
+            match &marker {
+                None if !may_lack_marker => {
+                    return Err(format!(
+                        "the state bucket {} lost its readiness marker while walcast ran (purged?): projecting the whole stream into it again, then backfilling; nothing to do",
+                        bucket.name
+                    ));
+                }
+                Some(_) => may_lack_marker = false,
+                None => {}
+            }
             if !marker.is_some_and(|m| m.is_complete()) {
                 let backfill = backfill::Backfill {
                     settings: &self.settings,
@@ -235,17 +257,48 @@ impl State {
 /// [`project::Resume`]), unless the stream is shorter (the broker lost
 /// messages; the pipeline republishes them after its tail, where the
 /// projection then finds them).
+///
+/// Until a backfill completes the bucket may hold writes from past that
+/// position: the bucket was purged while walcast ran, which left the
+/// marker gone and newer keys written since, and a restart may have come
+/// after that. Such a projection starts from the stream's beginning if the
+/// marker is gone, and re-checks key by key through the stream's end.
 async fn resume_point(
     bucket: &bucket::Bucket,
     mut stream: jetstream::stream::Stream,
+    marker: Option<&bucket::Marker>,
 ) -> Result<project::Resume, String> {
-    let applied = bucket::applied_through(bucket).await?;
     let state = stream
         .info()
         .await
         .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?
         .state
         .clone();
+    let resume = resume_in_stream(bucket, &state).await?;
+    if marker.is_some_and(|m| m.is_complete()) {
+        return Ok(resume);
+    }
+    let after = if marker.is_none() { 0 } else { resume.after };
+    let recheck_through = if bucket::is_empty(bucket).await? {
+        // Nothing in the bucket to step back from.
+        0
+    } else {
+        resume
+            .recheck_through
+            .max(state.last_sequence + writer::WINDOW as u64)
+    };
+    Ok(project::Resume {
+        after,
+        recheck_through,
+    })
+}
+
+/// [`resume_point`] for a bucket whose backfill is complete.
+async fn resume_in_stream(
+    bucket: &bucket::Bucket,
+    state: &jetstream::stream::State,
+) -> Result<project::Resume, String> {
+    let applied = bucket::applied_through(bucket).await?;
     if applied > state.last_sequence {
         tracing::warn!(
             bucket = %bucket.name,

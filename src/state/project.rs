@@ -298,12 +298,19 @@ async fn send(
 fn skipped(skip: Skip, subject: &str, warned: &mut [bool; 2]) {
     metrics::counter!(m::STATE_SKIPPED, "reason" => skip.label()).increment(1);
     let first = &mut warned[skip as usize];
-    if skip == Skip::InvalidKey && !*first {
-        *first = true;
-        tracing::warn!(
+    if *first {
+        return;
+    }
+    *first = true;
+    match skip {
+        Skip::InvalidKey => tracing::warn!(
             subject,
             "an event's row has no valid state key (its id holds characters a key cannot): it is in the stream, not in the state bucket; counted in walcast_state_skipped_total"
-        );
+        ),
+        Skip::NoTenant => tracing::warn!(
+            subject,
+            "a dead letter (its row's tenant id cannot be routed) is in the stream's dead-letter subject, not in the state bucket; fix the row's tenant_id. Counted in walcast_state_skipped_total{{reason=\"no_tenant\"}} and walcast_dead_letters_total"
+        ),
     }
 }
 
