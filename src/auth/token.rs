@@ -4,9 +4,11 @@
 //! Invariant: [`Verifier::verify`] returns a tenant only for a token whose
 //! signature verifies with the configured key under the one algorithm that
 //! key allows (no `none`, no HS256 with a public key), that carries an `exp`
-//! still in the future (5 s leeway for clock skew), the configured `aud` /
-//! `iss` if any, and a tenant claim that is a valid tenant id — so the
-//! tenant can go into subjects as is.
+//! still in the future (no leeway: the application said when it ends, and
+//! the user walcast issues expires with it), an `nbf`, if any, not more than
+//! 5 s ahead (clock skew), the configured `aud` / `iss` if any, and a tenant
+//! claim that is a valid tenant id — so the tenant can go into subjects as
+//! is.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -17,7 +19,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use super::settings::{AuthSettings, TokenKey};
 use crate::events::tenant;
 
-/// Seconds of clock skew an `exp` is allowed.
+/// Seconds of clock skew an `nbf` is allowed.
 const LEEWAY_SECS: u64 = 5;
 
 /// Why a token is refused; `reason()` is the metric label and log field.
@@ -28,6 +30,8 @@ pub enum Refusal {
     NoToken,
     #[error("the token has expired")]
     Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
     #[error("the token has no exp claim")]
     NoExpiry,
     #[error("the token's signature does not verify")]
@@ -50,6 +54,7 @@ impl Refusal {
         match self {
             Refusal::NoToken => "no_token",
             Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
             Refusal::NoExpiry => "no_expiry",
             Refusal::BadSignature => "bad_signature",
             Refusal::WrongAlgorithm => "wrong_algorithm",
@@ -130,18 +135,13 @@ impl Verifier {
                     })?
             }
         };
-        let mut validation = Validation::new(algorithm);
-        validation.leeway = LEEWAY_SECS;
-        validation.validate_aud = settings.token_audience.is_some();
-        if let Some(audience) = &settings.token_audience {
-            validation.set_audience(&[audience]);
-        }
-        if let Some(issuer) = &settings.token_issuer {
-            validation.set_issuer(&[issuer]);
-        }
         Ok(Verifier {
             key,
-            validation,
+            validation: validation(
+                algorithm,
+                settings.token_audience.as_deref(),
+                settings.token_issuer.as_deref(),
+            ),
             tenant_claim: settings.tenant_claim.clone(),
         })
     }
@@ -160,6 +160,10 @@ impl Verifier {
             .get("exp")
             .and_then(serde_json::Value::as_i64)
             .ok_or(Refusal::NoExpiry)?;
+        // The library allows `exp` the leeway meant for `nbf`.
+        if expires <= unix_now() {
+            return Err(Refusal::Expired);
+        }
         let tenant = claims
             .get(&self.tenant_claim)
             .and_then(serde_json::Value::as_str)
@@ -173,6 +177,27 @@ impl Verifier {
     }
 }
 
+/// What a token must satisfy besides its tenant claim (see the invariant).
+fn validation(algorithm: Algorithm, audience: Option<&str>, issuer: Option<&str>) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = LEEWAY_SECS;
+    validation.validate_nbf = true;
+    validation.validate_aud = audience.is_some();
+    if let Some(audience) = audience {
+        validation.set_audience(&[audience]);
+    }
+    if let Some(issuer) = issuer {
+        validation.set_issuer(&[issuer]);
+    }
+    validation
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, KeyError> {
     std::fs::read(path).map_err(|source| KeyError::Read {
         what,
@@ -184,6 +209,7 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, KeyError> {
 fn refusal(kind: &ErrorKind) -> Refusal {
     match kind {
         ErrorKind::ExpiredSignature => Refusal::Expired,
+        ErrorKind::ImmatureSignature => Refusal::NotYetValid,
         ErrorKind::InvalidSignature => Refusal::BadSignature,
         ErrorKind::InvalidAlgorithm => Refusal::WrongAlgorithm,
         ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => Refusal::NoExpiry,
@@ -208,15 +234,7 @@ mod tests {
     fn verifier(audience: Option<&str>) -> Verifier {
         Verifier {
             key: DecodingKey::from_secret(SECRET).unwrap(),
-            validation: {
-                let mut v = Validation::new(Algorithm::HS256);
-                v.leeway = LEEWAY_SECS;
-                v.validate_aud = audience.is_some();
-                if let Some(a) = audience {
-                    v.set_audience(&[a]);
-                }
-                v
-            },
+            validation: validation(Algorithm::HS256, audience, None),
             tenant_claim: "tenant_id".into(),
         }
     }
@@ -240,7 +258,11 @@ mod tests {
     #[test]
     fn a_valid_token_names_its_tenant() {
         let exp = now() + 600;
-        let t = token(json!({"tenant_id": "acme", "exp": exp}), SECRET);
+        // An nbf a moment ahead (the application's clock runs ahead): fine.
+        let t = token(
+            json!({"tenant_id": "acme", "exp": exp, "nbf": now() + 2}),
+            SECRET,
+        );
         assert_eq!(
             verifier(None).verify(Some(&t)),
             Ok(Verified {
@@ -261,6 +283,21 @@ mod tests {
                     SECRET,
                 )),
                 "expired",
+            ),
+            (
+                // Within what clock skew would excuse: still expired.
+                Some(token(
+                    json!({"tenant_id": "acme", "exp": now() - 1}),
+                    SECRET,
+                )),
+                "expired",
+            ),
+            (
+                Some(token(
+                    json!({"tenant_id": "acme", "exp": exp, "nbf": now() + 60}),
+                    SECRET,
+                )),
+                "not_yet_valid",
             ),
             (
                 Some(token(json!({"tenant_id": "acme"}), SECRET)),
