@@ -51,7 +51,7 @@ pub struct Options {
     /// Create the slot as a failover slot on PostgreSQL 17+ (standbys with
     /// sync_replication_slots = on keep a copy, so a promoted standby serves
     /// it; see README "Failover"); false creates a plain slot [default: true]
-    #[arg(long, env = "WALCAST_SLOT_FAILOVER")]
+    #[arg(long, env = "WALCAST_SLOT_FAILOVER", num_args = 0..=1, default_missing_value = "true")]
     pub slot_failover: Option<bool>,
     /// Publication covering the source tables [default: walcast]
     #[arg(long, env = "WALCAST_PUBLICATION")]
@@ -111,7 +111,7 @@ pub struct Options {
     pub startup_timeout: Option<String>,
     /// Build events but publish nothing and never confirm the slot (for
     /// checking what would be published and measuring decoding) [default: false]
-    #[arg(long, env = "WALCAST_DRY_RUN")]
+    #[arg(long, env = "WALCAST_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
     /// Log format: text or json [default: text]
     #[arg(long, env = "WALCAST_LOG_FORMAT")]

@@ -244,6 +244,17 @@ async fn every_misconfiguration_is_one_clear_error_and_a_non_zero_exit() {
             check_says: s(&["publication nope does not exist"]),
         },
         Case {
+            name: "role without REPLICATION, slot not created yet",
+            env: with_var(
+                &set("WALCAST_DATABASE_URL", &url("norep", None)),
+                "WALCAST_SLOT",
+                "not_yet",
+            ),
+            args: vec![],
+            run_says: &["not_yet", "REPLICATION", "ALTER ROLE"],
+            check_says: s(&["norep lacks REPLICATION"]),
+        },
+        Case {
             name: "slot of another plugin",
             env: set("WALCAST_SLOT", "other_plugin"),
             args: vec![],

@@ -29,6 +29,18 @@ struct Target {
     servers: Vec<async_nats::ServerAddr>,
 }
 
+/// The wait before reconnect attempt `attempts` (counted from 1): the
+/// first at once (a blip), then 100 ms doubling to 4 s, jittered, so the
+/// connections of instances cut off together do not return in lockstep
+/// (async-nats' default has no jitter).
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let step = u32::try_from(attempts - 2).unwrap_or(u32::MAX);
+    error_policy::backoff(step, Duration::from_millis(100), Duration::from_secs(4))
+}
+
 async fn target(settings: &Settings, name: &str) -> Result<Target, BrokerError> {
     crate::database::tls::install_crypto_provider();
     let list = servers::parse(&settings.nats_url).map_err(|reason| BrokerError::Refused {
@@ -42,7 +54,8 @@ async fn target(settings: &Settings, name: &str) -> Result<Target, BrokerError> 
         // A silently dead connection is noticed after two unanswered pings
         // (~10 s) instead of the client default's minutes.
         .ping_interval(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)));
+        .request_timeout(Some(Duration::from_secs(10)))
+        .reconnect_delay_callback(reconnect_delay);
     options = match list.auth {
         servers::UrlAuth::None => options,
         servers::UrlAuth::UserPassword { user, password } => {
@@ -205,5 +218,26 @@ pub async fn connect(settings: &Settings) -> Result<Connection, BrokerError> {
         attempt = attempt.saturating_add(1);
         tracing::warn!(nats = %url, error = %reason, retry_in = ?wait, "NATS unreachable; waiting for it");
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnects_back_off_to_four_seconds_with_jitter() {
+        assert_eq!(reconnect_delay(1), Duration::ZERO);
+        let second = reconnect_delay(2);
+        assert!((Duration::from_millis(50)..=Duration::from_millis(100)).contains(&second));
+        for attempts in 8..100 {
+            let d = reconnect_delay(attempts);
+            assert!(
+                (Duration::from_secs(2)..=Duration::from_secs(4)).contains(&d),
+                "{d:?}"
+            );
+        }
+        let waits: std::collections::BTreeSet<_> = (0..20).map(|_| reconnect_delay(10)).collect();
+        assert!(waits.len() > 1, "jittered: {waits:?}");
     }
 }

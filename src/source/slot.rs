@@ -103,7 +103,13 @@ pub async fn ensure(client: &Client, slot: &str, failover: bool) -> Result<SlotS
     };
     if let Err(e) = created {
         // 42710: another process created it meanwhile; anything else is real.
-        if e.code().map(|c| c.code()) != Some("42710") {
+        let code = e.code().map(|c| c.code());
+        if code == Some("42501") {
+            return Err(DbError::Precondition(format!(
+                "cannot create the replication slot {slot}: the database role walcast connects as lacks the REPLICATION attribute; run ALTER ROLE <role> REPLICATION as a superuser (the role walcast migrate creates has it)"
+            )));
+        }
+        if code != Some("42710") {
             return Err(DbError::Query {
                 what: "create the replication slot",
                 source: e,

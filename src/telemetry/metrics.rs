@@ -58,6 +58,7 @@ pub fn install() -> &'static PrometheusHandle {
             .install_recorder()
             .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
         describe();
+        show_incidents_at_zero();
         // Histogram samples wait in the recorder until a render or an upkeep
         // folds them into buckets: without a Prometheus scrape they would
         // grow with every event. Fold them in regularly.
@@ -73,6 +74,20 @@ pub fn install() -> &'static PrometheusHandle {
             .ok();
         handle
     })
+}
+
+/// The stages whose failures the pipeline retries (`PipelineError::stage`).
+const PIPELINE_STAGES: [&str; 5] = ["database", "replication", "publish", "assemble", "decode"];
+
+/// Counters of incidents are on `/metrics` from the start, at 0, not only
+/// after the first one: SPEC §5 lists errors and dead letters among the
+/// metrics, and `increase()` or `rate()` over a series that appears with
+/// its first incident misses that incident.
+fn show_incidents_at_zero() {
+    metrics::counter!(DEAD_LETTERS).absolute(0);
+    for stage in PIPELINE_STAGES {
+        metrics::counter!(ERRORS, "stage" => stage).absolute(0);
+    }
 }
 
 fn describe() {

@@ -36,5 +36,15 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
         }
         source = cause.source();
     }
-    crate::secrets::scrub(&text).into_owned()
+    crate::secrets::scrub(&one_line(&text)).into_owned()
+}
+
+/// An error's text on one line: Postgres adds its DETAIL and HINT on lines
+/// of their own, and an operator's log or terminal shows one error a line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
