@@ -65,6 +65,8 @@ export interface SnapshotItem {
    * tenant, or only rows copied by walcast's backfill).
    */
   readonly asOfSeq: bigint;
+  /** `asOfSeq` under SPEC §8's (and the Rust client's) name. */
+  readonly as_of_seq: bigint;
   /**
    * Every current row, keyed by its state key (`<tenant>.task.<id>`,
    * `<tenant>.project.<id>`, `<tenant>.lock.<record_type>.<record_id>`). Each

@@ -377,7 +377,8 @@ export class Pump {
         const revision = await this.#guard(waitUntilComplete(ctx, tenant, deadline));
         const loaded = await this.#guard(readConsistent(ctx, tenant, revision));
         this.#positions.skipTo(tenant, loaded.asOfSeq);
-        yield { type: "snapshot", tenantId: tenant, asOfSeq: loaded.asOfSeq, rows: loaded.rows };
+        const asOfSeq = loaded.asOfSeq;
+        yield { type: "snapshot", tenantId: tenant, asOfSeq, as_of_seq: asOfSeq, rows: loaded.rows };
         return loaded.asOfSeq;
       } catch (err) {
         if (err === CLOSED || err instanceof WalcastError) {

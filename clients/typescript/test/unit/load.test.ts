@@ -124,6 +124,7 @@ describe("loadAndFollow", () => {
     const first = await snapshot(iterator);
     assert.equal(first.tenantId, "acme");
     assert.equal(first.asOfSeq, 41n);
+    assert.equal(first.as_of_seq, 41n, "SPEC §8's name too");
     assert.ok(!first.rows.has(victim));
     assertSameRows(first.rows, acme.rows);
 
