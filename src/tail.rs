@@ -17,9 +17,17 @@ use crate::proto::ChangeEvent;
 /// What to print.
 #[derive(Debug, Clone, clap::Args)]
 pub struct TailArgs {
-    /// Tenant whose events to print
-    #[arg(long)]
-    pub tenant: String,
+    /// Tenant whose events to print (or give it as the first argument)
+    #[arg(
+        long = "tenant",
+        value_name = "TENANT",
+        required_unless_present = "tenant_arg",
+        conflicts_with = "tenant_arg"
+    )]
+    tenant_flag: Option<String>,
+    /// Tenant whose events to print (the same as --tenant)
+    #[arg(value_name = "TENANT")]
+    tenant_arg: Option<String>,
     /// Only this entity: task, project or lock
     #[arg(long, value_parser = ["task", "project", "lock"])]
     pub entity: Option<String>,
@@ -33,6 +41,16 @@ pub struct TailArgs {
     /// row's latest event (its `task`/`project`/`lock` is the row)
     #[arg(long, conflicts_with_all = ["follow", "from_seq"])]
     pub state: bool,
+}
+
+impl TailArgs {
+    /// The tenant, from `--tenant` or the first argument (clap requires one).
+    pub fn tenant(&self) -> &str {
+        self.tenant_flag
+            .as_deref()
+            .or(self.tenant_arg.as_deref())
+            .unwrap_or_default()
+    }
 }
 
 /// Why `walcast tail` stopped.
@@ -58,7 +76,7 @@ fn read_err(e: impl std::fmt::Display) -> TailError {
 
 /// Prints the events; returns how many were printed.
 pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError> {
-    tenant::validate(Some(&args.tenant)).map_err(|e| TailError::Tenant(e.reason().to_string()))?;
+    tenant::validate(Some(args.tenant())).map_err(|e| TailError::Tenant(e.reason().to_string()))?;
     let client = crate::broker::connect(settings).await?.client;
     let js = jetstream::new(client);
     if args.state {
@@ -79,8 +97,8 @@ pub async fn run(settings: &Settings, args: &TailArgs) -> Result<u64, TailError>
         .state
         .last_sequence;
     let filter = match &args.entity {
-        Some(entity) => format!("{}.{}.{entity}.*", settings.subject_prefix, args.tenant),
-        None => format!("{}.{}.>", settings.subject_prefix, args.tenant),
+        Some(entity) => format!("{}.{}.{entity}.*", settings.subject_prefix, args.tenant()),
+        None => format!("{}.{}.>", settings.subject_prefix, args.tenant()),
     };
     let consumer = stream
         .create_consumer(ordered::with_short_heartbeats(
@@ -153,7 +171,7 @@ async fn state_rows(
         .entity
         .as_deref()
         .map_or(">".to_string(), |e| format!("{e}.>"));
-    let filter = format!("$KV.{bucket}.{}.{entity}", args.tenant);
+    let filter = format!("$KV.{bucket}.{}.{entity}", args.tenant());
     let info = stream.info().await.map_err(|e| stream_err(&e))?;
     if info.state.messages == 0 {
         return Ok(0);

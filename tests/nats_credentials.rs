@@ -95,6 +95,10 @@ async fn user_and_password_in_a_server_list_authenticate_and_never_leak() {
     .expect("walcast tail prints the two events");
     assert_eq!(tail.code, Some(0), "{}", tail.stderr);
     assert_clean("walcast tail", &tail);
+    // The tenant may also be the first argument.
+    let positional = run_bounded(&["tail", "acme"], &vars, BOUND);
+    assert_eq!(positional.code, Some(0), "{}", positional.stderr);
+    assert_eq!(positional.stdout, tail.stdout, "walcast tail acme");
 
     let check = run_bounded(&["check"], &vars, BOUND);
     assert_clean("walcast check", &check);
