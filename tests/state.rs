@@ -91,13 +91,7 @@ async fn a_bucket_purged_while_walcast_runs_gets_each_rows_seq_back() {
     wait_complete(&url).await;
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
 
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
-    js.get_stream(format!("KV_{BUCKET}"))
-        .await
-        .unwrap()
-        .purge()
-        .await
-        .expect("purge the bucket");
+    purge_bucket(&url).await;
     workload.run(&mut client, 100).await;
     wait_complete(&url).await;
     workload.run(&mut client, 100).await;
@@ -122,6 +116,17 @@ async fn preexisting_rows(
     walcast::migrate::run(&env.settings())
         .await
         .expect("migrate creates the slot again");
+}
+
+/// What an operator's `nats stream purge KV_WALCAST_STATE` does.
+async fn purge_bucket(url: &str) {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    js.get_stream(format!("KV_{BUCKET}"))
+        .await
+        .unwrap()
+        .purge()
+        .await
+        .expect("purge the bucket");
 }
 
 async fn wait_complete(url: &str) {
@@ -233,13 +238,7 @@ async fn survives_kill9_and_nats_restart_and_backfills_on_demand() {
     let mut third = third;
     third.stop(Duration::from_secs(15)).await;
 
-    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
-    js.get_stream(format!("KV_{BUCKET}"))
-        .await
-        .unwrap()
-        .purge()
-        .await
-        .expect("purge the bucket");
+    purge_bucket(&url).await;
     let alone =
         tokio::task::block_in_place(|| run_bounded(&["backfill"], &vars, Duration::from_secs(90)));
     assert_eq!(
