@@ -23,6 +23,7 @@ mod oversized;
 mod pipeline;
 mod schema_changes;
 mod service_thread;
+mod signals;
 mod slot_survival;
 mod state;
 mod state_oversized;
