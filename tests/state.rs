@@ -383,27 +383,60 @@ async fn a_truncated_table_leaves_the_state() {
     workload.run(&mut client, 300).await;
     wait_complete(&env.nats.url()).await;
     assert_converges(&env, &client).await;
-    let before = rows_of(&read_bucket(&env.nats.url(), BUCKET).await);
+    let url = env.nats.url();
+    let entries_before = read_bucket(&url, BUCKET).await;
+    let before = rows_of(&entries_before);
     assert!(!before.locks.is_empty(), "the workload took locks");
     client
         .batch_execute("TRUNCATE editing_locks")
         .await
         .expect("truncate");
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
-    let url = env.nats.url();
-    wait_until(Duration::from_secs(30), || async {
-        let keys = read_bucket(&url, BUCKET).await;
-        !keys.keys().any(|k| k.contains(".lock."))
+    let entries = crate::support::wait_for(Duration::from_secs(30), || async {
+        let entries = read_bucket(&url, BUCKET).await;
+        let locks_left = entries
+            .values()
+            .any(|e| e.key.contains(".lock.") && !e.deleted);
+        (!locks_left).then_some(entries)
     })
     .await
     .expect("the locks leave the state");
-    let after = rows_of(&read_bucket(&url, BUCKET).await);
+    let after = rows_of(&entries);
     assert_eq!(
         (after.tasks, after.projects),
         (before.tasks, before.projects),
         "the other tables stay"
     );
+    // Each lock is deleted at the seq it held, so no tenant's as_of_seq (the
+    // highest seq a load reads, markers included) goes back: following from
+    // it never replays the truncated rows' events.
+    for (key, held) in entries_before.iter().filter(|(k, _)| k.contains(".lock.")) {
+        let now = &entries[key];
+        assert!(now.deleted, "{key} deleted");
+        assert_eq!(now.seq, held.seq, "{key}: its marker keeps the seq it held");
+    }
+    assert_eq!(
+        as_of_seqs(&entries),
+        as_of_seqs(&entries_before),
+        "every tenant's as_of_seq"
+    );
     daemon.stop().await.expect("clean stop");
+}
+
+/// What a load computes for each tenant: the highest `Walcast-Seq` of its
+/// keys, values and delete markers.
+fn as_of_seqs(
+    entries: &std::collections::BTreeMap<String, crate::support::state::Entry>,
+) -> std::collections::BTreeMap<String, u64> {
+    let mut out = std::collections::BTreeMap::new();
+    for entry in entries.values() {
+        let tenant = entry.key.split('.').next().unwrap_or_default();
+        if entry.key.split('.').count() >= 3 {
+            let seq = out.entry(tenant.to_string()).or_insert(0);
+            *seq = (*seq).max(entry.seq);
+        }
+    }
+    out
 }
 
 /// Messages removed from the middle of the stream (a purge by subject while

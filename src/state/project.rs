@@ -11,8 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::OrderedConfig;
 use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::{self, stream::Stream};
+use futures::StreamExt;
 
 use super::bucket::Bucket;
 use super::feed::{Feed, Input};
@@ -167,7 +170,8 @@ async fn apply(
         Ok(Write::Truncate(entity)) => {
             // Everything before it lands first; then the entity's keys go.
             writer.flush().await?;
-            purge(bucket, entity).await?;
+            delete_all(writer, bucket, entity, position).await?;
+            writer.flush().await?;
             writer.skip(position).await
         }
         Ok(write)
@@ -187,17 +191,85 @@ async fn apply(
     }
 }
 
-/// Removes every key of `entity` (all tenants): the table was truncated.
-async fn purge(bucket: &Bucket, entity: &str) -> Result<(), String> {
-    let filter = format!("$KV.{}.*.{entity}.>", bucket.name);
-    bucket.stream.purge().filter(filter).await.map_err(|e| {
-        format!("purge the truncated {entity} rows from the state bucket on NATS: {e}")
-    })?;
+/// Deletes every row of `entity` (all tenants): the table was truncated.
+///
+/// Each key gets a delete marker carrying the seq it held, as if its row
+/// had been deleted then. A load's `as_of_seq` is the highest seq it reads,
+/// markers included (docs/STATE.md), so it does not go back: a purge
+/// without markers lowered it below the removed rows' events, and the
+/// events a client followed from there brought the truncated rows back.
+/// The markers complete the position before the truncate's (`position - 1`,
+/// already applied), so a crash part-way repeats the truncate.
+async fn delete_all(
+    writer: &mut Writer,
+    bucket: &Bucket,
+    entity: &str,
+    position: u64,
+) -> Result<(), String> {
+    let failed = |e: &dyn std::fmt::Display| {
+        format!("delete the truncated {entity} rows from the state bucket on NATS: {e}")
+    };
+    let prefix = format!("$KV.{}.", bucket.name);
+    let consumer = bucket
+        .stream
+        .create_consumer(crate::broker::ordered::with_short_heartbeats(
+            OrderedConfig {
+                filter_subject: format!("{prefix}*.{entity}.>"),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                headers_only: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .map_err(|e| failed(&e))?;
+    let mut rows = 0;
+    if consumer.cached_info().num_pending > 0 {
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        loop {
+            let message = tokio::time::timeout(TRUNCATE_READ_WAIT, messages.next())
+                .await
+                .map_err(|_| failed(&"no message for 10 s"))?
+                .ok_or_else(|| failed(&"the read ended"))?
+                .map_err(|e| failed(&e))?;
+            let pending = message.info().map_err(|e| failed(&e))?.pending;
+            if let Some((key, seq)) = held_row(&message, &prefix) {
+                let mut headers = layout::headers(seq, writer.applied());
+                headers.insert(crate::headers::KV_OPERATION, "DEL");
+                writer
+                    .send(
+                        key,
+                        &headers,
+                        bytes::Bytes::new(),
+                        position.saturating_sub(1),
+                    )
+                    .await?;
+                rows += 1;
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+    }
     tracing::info!(
         entity,
-        "a source table was truncated: its rows are purged from the state bucket"
+        rows,
+        "a source table was truncated: its rows are deleted from the state bucket"
     );
     Ok(())
+}
+
+/// How long reading the keys of a truncated table waits for the next one.
+const TRUNCATE_READ_WAIT: Duration = Duration::from_secs(10);
+
+/// The key and `Walcast-Seq` of a bucket entry that holds a row (not a
+/// delete marker).
+fn held_row<'m>(message: &'m jetstream::Message, prefix: &str) -> Option<(&'m str, u64)> {
+    let headers = message.headers.as_ref()?;
+    if headers.get(crate::headers::KV_OPERATION).is_some() {
+        return None;
+    }
+    let seq = headers.get(crate::headers::SEQ)?.as_str().parse().ok()?;
+    Some((message.subject.strip_prefix(prefix)?, seq))
 }
 
 /// Whether the event is newer than what its key holds.
