@@ -16,11 +16,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::telemetry::health::Health;
 use crate::telemetry::metrics as m;
@@ -135,7 +131,10 @@ async fn connect(
         confirm_delay = ?settings.confirm_delay,
         "walcast starting"
     );
-    let waiting = WaitingEndpoints::serve(&settings.http_addr).await?;
+    let health = Arc::new(Health::default());
+    let http = crate::telemetry::http::serve(&settings.http_addr, health.clone())
+        .await
+        .map_err(|e| http_error(&settings.http_addr, e))?;
     let crate::broker::Connection {
         client: nats,
         connects,
@@ -149,12 +148,7 @@ async fn connect(
         .max_ack_inflight(settings.max_in_flight + 2 * crate::pipeline::BATCH)
         .backpressure_on_inflight(false)
         .build(nats);
-    let health = Arc::new(Health::default());
-    // The full endpoints take the address over (`/readyz` asks the client).
-    waiting.close().await;
-    let http = crate::telemetry::http::serve(&settings.http_addr, health.clone(), js.client())
-        .await
-        .map_err(|e| http_error(&settings.http_addr, e))?;
+    http.connected(js.client());
     let ctx = pipeline::Context {
         connects,
         acked_high: Default::default(),
@@ -170,44 +164,6 @@ fn http_error(addr: &str, error: std::io::Error) -> AppError {
     AppError::Http {
         addr: addr.to_string(),
         reason: error.to_string(),
-    }
-}
-
-/// The HTTP endpoints until NATS is connected: `/healthz` 200 (the process
-/// is up), `/readyz` 503, `/metrics`. They stop when this is dropped.
-struct WaitingEndpoints(JoinHandle<()>);
-
-impl WaitingEndpoints {
-    /// Binds `addr` (so a taken address fails before any wait) and serves.
-    async fn serve(addr: &str) -> Result<WaitingEndpoints, AppError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| http_error(addr, e))?;
-        let metrics = crate::telemetry::metrics::install();
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route(
-                "/readyz",
-                get(|| async { (StatusCode::SERVICE_UNAVAILABLE, "waiting for NATS\n") }),
-            )
-            .route("/metrics", get(move || async move { metrics.render() }));
-        Ok(WaitingEndpoints(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "HTTP endpoint stopped");
-            }
-        })))
-    }
-
-    /// Stops serving; returns once the address is free again.
-    async fn close(mut self) {
-        self.0.abort();
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for WaitingEndpoints {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

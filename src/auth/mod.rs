@@ -170,7 +170,7 @@ pub async fn run(
     let first = start(&settings).await?;
     let http_client = crate::broker::connect_once(&settings, "walcast-auth-http").await?;
     let health = Arc::new(crate::telemetry::health::Health::default());
-    let _http = crate::telemetry::http::serve(&settings.http_addr, health, http_client)
+    let http = crate::telemetry::http::serve(&settings.http_addr, health)
         .await
         .map_err(|e| {
             anyhow::anyhow!(
@@ -178,6 +178,7 @@ pub async fn run(
                 settings.http_addr
             )
         })?;
+    http.connected(http_client);
     let (stop_tx, stop_rx) = watch::channel(false);
     let supervisor = tokio::spawn(supervise(settings, Some(first), stop_rx));
     shutdown.await;

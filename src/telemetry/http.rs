@@ -1,7 +1,11 @@
 //! `/metrics` (Prometheus text), `/healthz` (process up), `/readyz` (200 only
-//! while replicating and NATS is connected).
+//! while replicating and NATS is connected). They answer from the process's
+//! start: while NATS is still waited for (up to `--startup-timeout`),
+//! `/healthz` says the process is up and `/readyz` "waiting for NATS", so a
+//! liveness probe does not restart an instance that only waits for its
+//! broker.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::Router;
 use axum::extract::State;
@@ -13,27 +17,37 @@ use super::metrics;
 
 struct AppState {
     health: Arc<Health>,
-    nats: async_nats::Client,
+    /// Set once NATS is connected ([`Server::connected`]).
+    nats: OnceLock<async_nats::Client>,
 }
 
 /// The running endpoints; they stop when this is dropped.
-pub struct Server(tokio::task::JoinHandle<()>);
+pub struct Server {
+    task: tokio::task::JoinHandle<()>,
+    state: Arc<AppState>,
+}
+
+impl Server {
+    /// NATS is connected: `/readyz` asks this client from now on.
+    pub fn connected(&self, nats: async_nats::Client) {
+        let _ = self.state.nats.set(nats);
+    }
+}
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
 /// Serves the endpoints until the returned [`Server`] is dropped.
-pub async fn serve(
-    addr: &str,
-    health: Arc<Health>,
-    nats: async_nats::Client,
-) -> std::io::Result<Server> {
+pub async fn serve(addr: &str, health: Arc<Health>) -> std::io::Result<Server> {
     let handle = metrics::install();
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let state = Arc::new(AppState { health, nats });
+    let state = Arc::new(AppState {
+        health,
+        nats: OnceLock::new(),
+    });
     let app = Router::new()
         .route(
             "/metrics",
@@ -46,16 +60,20 @@ pub async fn serve(
         )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(state);
-    Ok(Server(tokio::spawn(async move {
+        .with_state(state.clone());
+    let task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "HTTP endpoint stopped");
         }
-    })))
+    });
+    Ok(Server { task, state })
 }
 
 async fn ready(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
-    let nats_up = state.nats.connection_state() == async_nats::connection::State::Connected;
+    let Some(nats) = state.nats.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "waiting for NATS\n");
+    };
+    let nats_up = nats.connection_state() == async_nats::connection::State::Connected;
     match (state.health.is_replicating(), nats_up) {
         (true, true) => (StatusCode::OK, "ready\n"),
         (false, _) => (StatusCode::SERVICE_UNAVAILABLE, "not replicating\n"),
