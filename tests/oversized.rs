@@ -379,3 +379,32 @@ async fn a_lagging_replica_does_not_make_a_fresh_object_look_expired() {
     );
     walcast.stop(Duration::from_secs(15)).await;
 }
+
+/// The object store for oversized events exists from the start, like the
+/// stream (SPEC §3: "created like the stream, same max age"), and takes the
+/// max age the stream really has: an existing stream that keeps events 30
+/// days (walcast's setting says 7) must not lose their full events after 7.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_object_store_is_there_from_the_start_with_the_streams_max_age() {
+    use crate::support::daemon::Daemon;
+    let env = Env::start().await;
+    let js = jetstream::new(async_nats::connect(env.nats.url()).await.unwrap());
+    let thirty_days = Duration::from_secs(30 * 24 * 3600);
+    js.create_stream(jetstream::stream::Config {
+        name: "WALCAST".into(),
+        subjects: vec!["walcast.>".into()],
+        max_age: thirty_days,
+        ..Default::default()
+    })
+    .await
+    .expect("an operator's stream");
+    let daemon = Daemon::start(env.settings());
+    let store = crate::support::wait_for(Duration::from_secs(30), || {
+        let js = js.clone();
+        async move { js.get_stream("OBJ_WALCAST_OVERSIZED").await.ok() }
+    })
+    .await
+    .expect("OBJ_WALCAST_OVERSIZED created at start, before any oversized event");
+    assert_eq!(store.cached_info().config.max_age, thirty_days);
+    daemon.stop().await.expect("clean stop");
+}

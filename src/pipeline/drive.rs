@@ -100,6 +100,7 @@ async fn spawn_stages(
         start,
         last_seq,
         reconciled,
+        oversized,
         ..
     } = prepared;
     let s = &ctx.settings;
@@ -119,11 +120,7 @@ async fn spawn_stages(
     let publisher = Publisher {
         sink,
         max_in_flight: s.max_in_flight,
-        oversized: publish::oversized::Oversized::new(
-            &s.stream,
-            s.stream_max_age,
-            s.stream_replicas,
-        ),
+        oversized: publish::oversized::Oversized::to(oversized),
         index,
         journal: Some(journal),
         acked_high: ctx.acked_high.clone(),

@@ -26,6 +26,7 @@ use crate::lsn::Lsn;
 use crate::position::StreamSeq;
 use crate::proto::Entity;
 use crate::publish::holes::{self, Hole};
+use crate::publish::sink::Bucket;
 use crate::publish::{self, JetStream, Sink};
 use crate::source::preflight::{self, SlotVerdict};
 use crate::source::{Source, slot, writes};
@@ -82,6 +83,20 @@ pub(super) struct Prepared {
     /// The stream's last sequence when the run started.
     pub last_seq: StreamSeq,
     pub reconciled: Reconciled,
+    /// Where oversized events go (SPEC §3).
+    pub oversized: Bucket,
+}
+
+/// The object store for oversized events: `<stream>_OVERSIZED`, with the
+/// max age and replicas the stream really has (an existing stream may keep
+/// events longer than the settings say: a claim check must not expire
+/// before its event).
+fn oversized_bucket(stream: &str, config: &async_nats::jetstream::stream::Config) -> Bucket {
+    Bucket {
+        name: format!("{stream}_OVERSIZED"),
+        max_age: config.max_age,
+        replicas: config.num_replicas,
+    }
 }
 
 /// Owns the slot, reads the stream's tail, fences the checkpoint and
@@ -89,8 +104,10 @@ pub(super) struct Prepared {
 pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared, PipelineError> {
     let s = &ctx.settings;
     let Checked { sql, sources, .. } = checked;
-    publish::stream::ensure(&ctx.js, s).await?;
-    let sink = JetStream::new(ctx.js.clone(), &s.stream).await?;
+    let stream = publish::stream::ensure(&ctx.js, s).await?;
+    let mut sink = JetStream::new(ctx.js.clone(), &s.stream).await?;
+    let oversized = oversized_bucket(&s.stream, &stream.cached_info().config);
+    sink.open_objects(&oversized).await;
     // Own the slot before reading any state: until START_REPLICATION
     // succeeds, another instance may still advance the slot and the
     // checkpoint. Starting at 0/0 means "at the slot's confirmed position".
@@ -138,6 +155,7 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         owner,
         last_seq,
         reconciled,
+        oversized,
     })
 }
 

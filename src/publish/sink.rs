@@ -233,6 +233,22 @@ impl Sink for JetStream {
     }
 }
 
+impl JetStream {
+    /// Opens the object store for oversized events now, creating it if
+    /// missing, so it exists from the start like the stream (SPEC §3). A
+    /// failure is logged; the first oversized event tries again.
+    pub async fn open_objects(&mut self, bucket: &Bucket) {
+        match object_bucket(&self.js, bucket).await {
+            Ok(store) => self.objects = Some(store),
+            Err(e) => tracing::warn!(
+                bucket = %bucket.name,
+                error = %e,
+                "cannot open the object store for oversized events yet; the first oversized event tries again"
+            ),
+        }
+    }
+}
+
 async fn object_bucket(
     js: &jetstream::Context,
     bucket: &Bucket,
