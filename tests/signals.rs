@@ -43,13 +43,7 @@ async fn sigterm_while_nats_is_down_exits_0_promptly_and_loses_nothing() {
     }
     walcast.signal("TERM");
     let signalled = Instant::now();
-    let status = walcast.wait(EXIT_BOUND).await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit 0 after SIGTERM ({status})\n{}",
-        walcast.log_tail(40)
-    );
+    exits_0_within(&mut walcast, EXIT_BOUND).await;
     assert!(
         walcast.log().contains("stopped without the final flush"),
         "a WARN says what was not flushed:\n{}",
@@ -104,13 +98,7 @@ async fn sigterm_while_a_run_waits_for_the_stream_exits_0_at_once() {
         );
     }
     walcast.signal("TERM");
-    let status = walcast.wait(Duration::from_secs(4)).await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit 0 after SIGTERM ({status})\n{}",
-        walcast.log_tail(40)
-    );
+    exits_0_within(&mut walcast, Duration::from_secs(4)).await;
     assert!(
         walcast.log().contains("stopped before replicating"),
         "{}",
@@ -120,6 +108,17 @@ async fn sigterm_while_a_run_waits_for_the_stream_exits_0_at_once() {
 
 /// Waits until Postgres has sent walcast everything written so far (its
 /// walsender's `sent_lsn`): walcast has the transaction, and publishes it.
+/// The process exits with 0 within `bound` of a signal.
+async fn exits_0_within(walcast: &mut Walcast, bound: Duration) {
+    let status = walcast.wait(bound).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit 0 after SIGTERM ({status})\n{}",
+        walcast.log_tail(40)
+    );
+}
+
 async fn wait_until_sent(client: &Client, walcast: &Walcast) {
     let target: String = client
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
@@ -186,13 +185,7 @@ async fn sigterm_while_waiting_for_nats_exits_0_and_healthz_answers_meanwhile() 
     );
 
     walcast.signal("TERM");
-    let status = walcast.wait(Duration::from_secs(5)).await;
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit 0 after SIGTERM ({status})\n{}",
-        walcast.log_tail(30)
-    );
+    exits_0_within(&mut walcast, Duration::from_secs(5)).await;
     assert!(
         walcast.log().contains("stopped while waiting for NATS"),
         "{}",
