@@ -86,20 +86,21 @@ async fn compatible(stream: &mut Stream, name: &str) -> Result<(), String> {
 /// The stream position the bucket's newest entry was written at (0 for an
 /// empty bucket: the projection starts from the stream's beginning).
 pub async fn applied_through(bucket: &Bucket) -> Result<u64, String> {
-    let subject = format!("$KV.{}.>", bucket.name);
-    let newest = last_at_leader(&bucket.stream, &subject)
-        .await
-        .map_err(|e| format!("read the state bucket {} from NATS: {e}", bucket.name))?;
-    Ok(newest.map_or(0, |m| layout::stream_seq_of(Some(&m.headers)).unwrap_or(0)))
+    Ok(applied_by(newest(bucket).await?.as_ref()))
 }
 
-/// Whether the bucket holds no entry at all, not even a delete marker.
-pub async fn is_empty(bucket: &Bucket) -> Result<bool, String> {
+/// The bucket's newest entry, any key, delete markers too; `None` when the
+/// bucket is empty.
+pub async fn newest(bucket: &Bucket) -> Result<Option<StreamMessage>, String> {
     let subject = format!("$KV.{}.>", bucket.name);
-    let newest = last_at_leader(&bucket.stream, &subject)
+    last_at_leader(&bucket.stream, &subject)
         .await
-        .map_err(|e| format!("read the state bucket {} from NATS: {e}", bucket.name))?;
-    Ok(newest.is_none())
+        .map_err(|e| format!("read the state bucket {} from NATS: {e}", bucket.name))
+}
+
+/// The stream position `newest` was written at (see [`applied_through`]).
+pub fn applied_by(newest: Option<&StreamMessage>) -> u64 {
+    newest.map_or(0, |m| layout::stream_seq_of(Some(&m.headers)).unwrap_or(0))
 }
 
 /// The last message on `subject`, as the stream leader answers (a direct

@@ -247,6 +247,8 @@ impl State {
                     health: &self.health,
                 };
                 backfill.run().await?;
+                // It wrote the marker: from now on, one that is gone was purged.
+                may_lack_marker = false;
             }
             tokio::time::sleep(MARKER_POLL).await;
         }
@@ -274,12 +276,13 @@ async fn resume_point(
         .map_err(|e| format!("reading the stream from JetStream for the state bucket: {e}"))?
         .state
         .clone();
-    let resume = resume_in_stream(bucket, &state).await?;
+    let newest = bucket::newest(bucket).await?;
+    let resume = resume_in_stream(bucket, bucket::applied_by(newest.as_ref()), &state);
     if marker.is_some_and(|m| m.is_complete()) {
         return Ok(resume);
     }
     let after = if marker.is_none() { 0 } else { resume.after };
-    let recheck_through = if bucket::is_empty(bucket).await? {
+    let recheck_through = if newest.is_none() {
         // Nothing in the bucket to step back from.
         0
     } else {
@@ -293,12 +296,13 @@ async fn resume_point(
     })
 }
 
-/// [`resume_point`] for a bucket whose backfill is complete.
-async fn resume_in_stream(
+/// [`resume_point`] for a bucket whose backfill is complete and whose
+/// newest entry was written at `applied`.
+fn resume_in_stream(
     bucket: &bucket::Bucket,
+    applied: u64,
     state: &jetstream::stream::State,
-) -> Result<project::Resume, String> {
-    let applied = bucket::applied_through(bucket).await?;
+) -> project::Resume {
     if applied > state.last_sequence {
         tracing::warn!(
             bucket = %bucket.name,
@@ -306,7 +310,7 @@ async fn resume_in_stream(
             stream_last = state.last_sequence,
             "the state bucket is ahead of the stream (the broker lost messages): it follows the stream from its tail, where the republished events come"
         );
-        return Ok(project::Resume::from_newest(state.last_sequence));
+        return project::Resume::from_newest(state.last_sequence);
     }
     if applied > 0 && applied + 1 < state.first_sequence {
         tracing::warn!(
@@ -316,5 +320,5 @@ async fn resume_in_stream(
             "the stream no longer holds events the state bucket has not applied (they aged out): keys may be stale; purge the bucket (nats kv purge or del) and restart walcast to backfill it"
         );
     }
-    Ok(project::Resume::from_newest(applied))
+    project::Resume::from_newest(applied)
 }
