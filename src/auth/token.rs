@@ -161,7 +161,7 @@ impl Verifier {
             .and_then(serde_json::Value::as_i64)
             .ok_or(Refusal::NoExpiry)?;
         // The library allows `exp` the leeway meant for `nbf`.
-        if expires <= unix_now() {
+        if expires <= super::unix_now() {
             return Err(Refusal::Expired);
         }
         let tenant = claims
@@ -190,12 +190,6 @@ fn validation(algorithm: Algorithm, audience: Option<&str>, issuer: Option<&str>
         validation.set_issuer(&[issuer]);
     }
     validation
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, KeyError> {
