@@ -55,6 +55,11 @@ pub enum PipelineError {
 }
 
 impl PipelineError {
+    /// What [`PipelineError::stage`] names for the pipeline's own stages
+    /// (services name theirs): the error counters shown at 0 from the start.
+    pub const STAGES: [&'static str; 5] =
+        ["database", "replication", "publish", "assemble", "decode"];
+
     /// The stage that failed, for logs and the `stage` metric label.
     pub fn stage(&self) -> &'static str {
         match self {

@@ -710,3 +710,23 @@ fn a_hole_before_the_checkpoint_does_not_stop_the_run() {
         assert_eq!(w.broker.lock().messages.len(), 16, "new events published");
     });
 }
+
+/// The counters shown at 0 from the start are the ones the pipeline's own
+/// errors increment.
+#[test]
+fn every_pipeline_stage_is_among_the_stages_shown_from_the_start() {
+    use crate::assemble::AssembleError;
+    use crate::database::DbError;
+    use crate::decode::DecodeError;
+    use crate::publish::PublishError;
+    use crate::source::SourceError;
+    let errors: [PipelineError; 5] = [
+        DbError::NoPrimary("db".into()).into(),
+        SourceError::Replication("cut".into()).into(),
+        PublishError::Nats("down".into()).into(),
+        AssembleError::UnknownRelation(7).into(),
+        DecodeError::Empty.into(),
+    ];
+    let stages: Vec<&str> = errors.iter().map(PipelineError::stage).collect();
+    assert_eq!(stages, PipelineError::STAGES);
+}

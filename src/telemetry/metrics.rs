@@ -76,16 +76,13 @@ pub fn install() -> &'static PrometheusHandle {
     })
 }
 
-/// The stages whose failures the pipeline retries (`PipelineError::stage`).
-const PIPELINE_STAGES: [&str; 5] = ["database", "replication", "publish", "assemble", "decode"];
-
 /// Counters of incidents are on `/metrics` from the start, at 0, not only
 /// after the first one: SPEC §5 lists errors and dead letters among the
 /// metrics, and `increase()` or `rate()` over a series that appears with
 /// its first incident misses that incident.
 fn show_incidents_at_zero() {
     metrics::counter!(DEAD_LETTERS).absolute(0);
-    for stage in PIPELINE_STAGES {
+    for stage in crate::pipeline::PipelineError::STAGES {
         metrics::counter!(ERRORS, "stage" => stage).absolute(0);
     }
 }
