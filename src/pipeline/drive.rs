@@ -135,7 +135,6 @@ async fn spawn_stages(
         delay: s.confirm_delay,
         health: ctx.health.clone(),
     };
-    let checkpointed = checkpoint.stream_seq;
     let checkpointing = tokio::spawn(checkpointer.run(checkpoint, segments_rx, confirm_tx));
     let (dog_tx, dog) = oneshot::channel();
     let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
@@ -144,8 +143,7 @@ async fn spawn_stages(
         ctx.js.clone(),
         s.stream.clone(),
         reconciled.missing,
-        checkpointed,
-        ctx.health.clone(),
+        reconciled.accept_through,
         holes_tx,
     ));
     let stages = Stages {
