@@ -344,11 +344,12 @@ impl World {
         self.broker.lose_last(n);
     }
 
-    /// Whether a message is missing from the middle of the stream: it
-    /// cannot go back in place (and before the checkpoint the slot no
-    /// longer holds it), so the next run must stop.
-    fn has_hole(&self) -> bool {
-        !self.broker.lock().deleted.is_empty()
+    /// Whether a message is missing from the middle of the stream past the
+    /// checkpoint: the slot still holds it, but it cannot go back in place,
+    /// so the next run must stop.
+    fn hole_past_checkpoint(&self) -> bool {
+        let checkpoint = self.store.snapshot().stream_seq;
+        self.broker.lock().deleted.iter().any(|s| *s > checkpoint)
     }
 
     /// Whether the broker lost messages the checkpoint counts (the one case
@@ -511,13 +512,13 @@ async fn case(c: Case) -> Result<(), String> {
                 Duration::from_secs(60)
             }
         };
-        let must_stop = w.has_hole();
+        let must_stop = w.hole_past_checkpoint();
         let outcome = run(&mut w, &c, false, limit).await;
         w.broker.heal();
         if must_stop && matches!(outcome, Outcome::Clean | Outcome::Failed(_)) {
             return match outcome {
                 Outcome::Failed(e) if fatal(&e) => stopped_rightly(&w, e),
-                _ => Err(format!("run {k} went on past a hole")),
+                _ => Err(format!("run {k} went on past a hole the slot still holds")),
             };
         }
         match outcome {
@@ -530,10 +531,10 @@ async fn case(c: Case) -> Result<(), String> {
             .map_err(|e| format!("after interruption {k}: {e}"))?;
         w.lose(&interruption.loss);
     }
-    let must_stop = w.has_hole();
+    let must_stop = w.hole_past_checkpoint();
     match run(&mut w, &c, true, Duration::from_secs(3600)).await {
         Outcome::Clean if must_stop => {
-            return Err("the last run went on past a hole".into());
+            return Err("the last run went on past a hole the slot still holds".into());
         }
         Outcome::Clean => {}
         Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
@@ -556,23 +557,19 @@ fn fatal(e: &PipelineError) -> bool {
 }
 
 /// A run that stops for good is right only if the broker lost messages
-/// the checkpoint counts, or a message is missing from the middle (and the
-/// error names the holes: those before the checkpoint first, the slot
-/// cannot name their events; else those past it).
+/// the checkpoint counts, or a message is missing from the middle past the
+/// checkpoint (and the error names it).
 fn stopped_rightly(w: &World, e: PipelineError) -> Result<(), String> {
     let names_hole = || {
-        let checkpoint = w.store.snapshot().stream_seq;
-        let (before, past): (Vec<u64>, Vec<u64>) = w
-            .broker
-            .lock()
-            .deleted
-            .iter()
-            .partition(|s| **s <= checkpoint);
-        let named = if before.is_empty() { past } else { before };
+        let deleted = w.broker.lock().deleted.clone();
         let text = e.to_string();
-        text.contains("from its middle") && named.iter().all(|s| text.contains(&s.to_string()))
+        text.contains("from its middle")
+            && deleted
+                .iter()
+                .filter(|s| **s > w.store.snapshot().stream_seq)
+                .all(|s| text.contains(&s.to_string()))
     };
-    if w.lost_checkpointed() || (w.has_hole() && names_hole()) {
+    if w.lost_checkpointed() || (w.hole_past_checkpoint() && names_hole()) {
         Ok(())
     } else {
         Err(format!("stopped, but nothing was lost for good: {e}"))
