@@ -531,8 +531,8 @@ async fn stream(js: &async_nats::jetstream::Context, s: &Settings, r: &mut Repor
                         s.stream
                     ),
                     Some(
-                        "`walcast run` stops at them naming the range (README \"Broker data loss\"); once the \
-                         affected consumers re-synced, --accept-holes-through lets it go on"
+                        "`walcast run` names them (README \"Broker data loss\"): it stops at a hole the slot still \
+                         holds, and reports older ones"
                             .into(),
                     ),
                 );

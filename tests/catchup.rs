@@ -104,11 +104,7 @@ pub(crate) async fn replays_from(
 async fn catchup_answers_as_the_spec_says() {
     let env = Env::start().await;
     let mut client = env.pg.client().await;
-    // The test purges a tenant's oldest events (holes in the stream's
-    // middle), as an operator who accepts them would.
-    let mut settings = env.settings();
-    settings.accept_holes_through = u64::MAX;
-    let daemon = Daemon::start(settings);
+    let daemon = Daemon::start(env.settings());
     let mut workload = Workload::new(Workload::seed(), 5);
     workload.run(&mut client, 600).await;
 

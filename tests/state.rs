@@ -440,10 +440,9 @@ fn as_of_seqs(
 }
 
 /// Messages removed from the middle of the stream (a purge by subject while
-/// walcast was down, accepted with `--accept-holes-through`) do not stall
-/// the state: replaying the stream into a new bucket, the projection
-/// reports the hole and goes on, and the backfill completes with the
-/// tables' rows.
+/// walcast was down) do not stall the state: replaying the stream into a
+/// new bucket, the projection reports the hole and goes on, and the
+/// backfill completes with the tables' rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
     use crate::support::chaos::Walcast;
@@ -471,21 +470,7 @@ async fn a_hole_in_the_stream_is_reported_and_the_state_goes_on() {
         .await
         .expect("delete the state bucket");
 
-    // The operator accepts the holes (walcast stops at them otherwise).
-    let mut stream = stream;
-    let end = stream
-        .info()
-        .await
-        .expect("stream info")
-        .state
-        .last_sequence;
-    let accept = end.to_string();
-    let mut second = Walcast::start(
-        "second",
-        dir.path(),
-        &vars,
-        &[("WALCAST_ACCEPT_HOLES_THROUGH", &accept)],
-    );
+    let mut second = Walcast::start("second", dir.path(), &vars, &[]);
     second
         .wait_log(
             "the state's read of the stream found positions",

@@ -127,7 +127,7 @@ async fn run<S: Store>(
                 let save = store.save(&slot, &owner, m.end_lsn, m.stream_seq, &m.tenants);
                 with_timeout("write the checkpoint", save).await??;
                 crate::failpoint::crash_point("after_checkpoint");
-                health.checkpointed();
+                health.checkpointed(m.stream_seq);
                 saved_seq = m.stream_seq;
                 not_before = now + SAVE_EVERY;
             }

@@ -135,6 +135,7 @@ async fn spawn_stages(
         delay: s.confirm_delay,
         health: ctx.health.clone(),
     };
+    let checkpointed = checkpoint.stream_seq;
     let checkpointing = tokio::spawn(checkpointer.run(checkpoint, segments_rx, confirm_tx));
     let (dog_tx, dog) = oneshot::channel();
     let watchdog = tokio::spawn(watch_postgres(sql, s.slot.clone(), dog_tx));
@@ -143,7 +144,8 @@ async fn spawn_stages(
         ctx.js.clone(),
         s.stream.clone(),
         reconciled.missing,
-        reconciled.accept_through,
+        checkpointed,
+        ctx.health.clone(),
         holes_tx,
     ));
     let stages = Stages {

@@ -188,10 +188,9 @@ pub(super) struct Reconciled {
 /// module comment): how many events past the checkpoint it already holds,
 /// and the last one's id to check the replay against. An error if the
 /// checkpoint belongs to another stream or the stream lost events the slot
-/// no longer has — at its tail, or holes in its middle before the
-/// checkpoint. `process_high` is the highest sequence this process saw
+/// no longer has. `process_high` is the highest sequence this process saw
 /// acknowledged; it is raised to the checkpoint's. Holes up to
-/// `accept_through` do not stop the run (an ERROR names them).
+/// `accept_through` do not stop the run.
 pub(super) async fn reconcile(
     sink: &impl Sink,
     names: Names<'_>,
@@ -205,15 +204,10 @@ pub(super) async fn reconcile(
     let missing = holes::missing(&all);
     holes::gauge(missing);
     let (within, beyond) = holes::split(&all, checkpoint.stream_seq);
-    let (accepted, unaccepted): (Vec<Hole>, Vec<Hole>) =
-        beyond.iter().partition(|h| h.last <= accept_through);
-    if let Some(first) = unaccepted.first() {
-        return Err(unrecoverable(sink, names, checkpoint, first, &unaccepted).await);
+    for hole in beyond.iter().take(holes::HOLES_NAMED) {
+        report_beyond(sink, names, checkpoint, hole).await;
     }
-    for hole in accepted.iter().take(holes::HOLES_NAMED) {
-        report_accepted(sink, names, checkpoint, hole, accept_through).await;
-    }
-    if let Some(rest) = accepted.get(holes::HOLES_NAMED..).filter(|r| !r.is_empty()) {
+    if let Some(rest) = beyond.get(holes::HOLES_NAMED..).filter(|r| !r.is_empty()) {
         tracing::error!(
             stream = %names.stream,
             holes = rest.len(),
@@ -250,9 +244,9 @@ pub(super) async fn reconcile(
     })
 }
 
-/// The events on either side of `hole`: their commit LSNs bound what was
-/// lost.
-async fn neighbours(sink: &impl Sink, hole: &Hole) -> (String, String) {
+/// The ERROR for a hole the slot can no longer fill: the range, and the
+/// events on either side of it (their LSNs bound what was lost).
+async fn report_beyond(sink: &impl Sink, names: Names<'_>, checkpoint: &Checkpoint, hole: &Hole) {
     let neighbour =
         |m: Option<holes::Message>| m.map_or_else(|| "none".to_string(), |m| m.to_string());
     let before = neighbour(match hole.first.prev() {
@@ -260,47 +254,6 @@ async fn neighbours(sink: &impl Sink, hole: &Hole) -> (String, String) {
         seq => sink.message(seq).await,
     });
     let after = neighbour(sink.message(hole.last.next()).await);
-    (before, after)
-}
-
-/// The error that stops walcast at holes before the checkpoint that the
-/// operator has not accepted (SPEC §4.7: a loss that can no longer be
-/// recovered stops walcast, naming the lost range — never a silent gap).
-/// The slot no longer holds their WAL, so the lost events themselves cannot
-/// be named: the first hole's neighbours bound them.
-async fn unrecoverable(
-    sink: &impl Sink,
-    names: Names<'_>,
-    checkpoint: &Checkpoint,
-    first: &Hole,
-    unaccepted: &[Hole],
-) -> PipelineError {
-    let (before, after) = neighbours(sink, first).await;
-    let end = unaccepted[unaccepted.len() - 1].last;
-    PipelineError::Fatal(format!(
-        "stream {stream} is missing messages {holes} from its middle (deleted, or lost by the broker), before the \
-         checkpoint (stream message {checkpointed}, LSN {lsn}): the slot no longer holds them, so they cannot be \
-         republished. Lost between {before} and {after}. Re-sync the consumers of the tenants committed between \
-         those LSNs from the database, then restart with --accept-holes-through {end} \
-         (WALCAST_ACCEPT_HOLES_THROUGH) to go on without them; see README \"Broker data loss\"",
-        stream = names.stream,
-        holes = holes::describe(unaccepted),
-        checkpointed = checkpoint.stream_seq,
-        lsn = checkpoint.lsn,
-    ))
-}
-
-/// The ERROR, at every start, for a hole before the checkpoint that the
-/// operator accepted (`--accept-holes-through`): the range and its
-/// neighbours.
-async fn report_accepted(
-    sink: &impl Sink,
-    names: Names<'_>,
-    checkpoint: &Checkpoint,
-    hole: &Hole,
-    accepted_through: StreamSeq,
-) {
-    let (before, after) = neighbours(sink, hole).await;
     tracing::error!(
         stream = %names.stream,
         missing = %hole,
@@ -309,10 +262,9 @@ async fn report_accepted(
         after = %after,
         checkpoint_stream_seq = %checkpoint.stream_seq,
         checkpoint_lsn = %checkpoint.lsn,
-        accepted_through = %accepted_through,
-        "stream messages are missing from the middle of the stream (deleted, or lost by the broker) before the checkpoint; \
-         --accept-holes-through accepts them, so walcast goes on without them: consumers of the tenants committed \
-         between the two neighbouring events see a seq gap and must re-sync them from the database (README \"Broker data loss\")"
+        "stream messages are missing from the middle of the stream (deleted, or lost by the broker) before the checkpoint: \
+         the slot no longer holds them, so they cannot be republished; consumers of the tenants committed between \
+         the two neighbouring events see a seq gap and must re-sync them from the database (README \"Broker data loss\")"
     );
 }
 

@@ -14,6 +14,7 @@ use crate::position::StreamSeq;
 use crate::publish::holes;
 use crate::publish::{JetStream, PublishError, Sink};
 use crate::source::{SourceError, preflight};
+use crate::telemetry::health::Health;
 
 /// How often the watchdog checks Postgres, and how long it waits for an answer.
 const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
@@ -101,15 +102,18 @@ const HOLES_EVERY: Duration = Duration::from_secs(10);
 
 /// Watches for messages going missing from the middle of the stream while
 /// the run goes on (deleted by hand while connected; a broker's own loss
-/// shows at a reconnection too). A new hole ends the run, so the next one
-/// names what it lost and stops (SPEC §4.7), unless the operator accepted
-/// it (`--accept-holes-through`): then only an ERROR and the gauge.
-/// `known`: messages missing when the run started.
+/// shows at a reconnection too). A new hole past the checkpoint (the slot
+/// still holds it: `--confirm-delay` is much longer than [`HOLES_EVERY`])
+/// ends the run, so the next one names what it lost; older ones (a purge of
+/// old events, say) only get an ERROR and the gauge. `known`: messages
+/// missing when the run started; `checkpointed`: the stream sequence its
+/// checkpoint started at (raised by later checkpoints, see [`Health`]).
 pub(super) async fn watch_holes(
     js: jetstream::Context,
     name: String,
     mut known: u64,
-    accept_through: StreamSeq,
+    checkpointed: StreamSeq,
+    health: std::sync::Arc<Health>,
     report: tokio::sync::oneshot::Sender<PipelineError>,
 ) {
     let Ok(sink) = JetStream::new(js.clone(), &name).await else {
@@ -125,10 +129,12 @@ pub(super) async fn watch_holes(
         if missing <= known {
             continue;
         }
+        let checkpoint = checkpointed.max(health.checkpointed_stream_seq());
         let Ok(Ok(all)) = tokio::time::timeout(WATCHDOG_TIMEOUT, sink.holes()).await else {
             continue;
         };
-        if all.iter().any(|h| h.last > accept_through) {
+        let (within, beyond) = holes::split(&all, checkpoint);
+        if !within.is_empty() {
             let _ = report.send(PipelineError::Publish(PublishError::StreamHoles {
                 stream: name,
                 missing,
@@ -139,12 +145,12 @@ pub(super) async fn watch_holes(
         holes::gauge(missing);
         tracing::error!(
             stream = %name,
-            missing = %holes::describe(&all),
+            missing = %holes::describe(&beyond),
             messages = missing,
-            accepted_through = %accept_through,
-            "stream messages went missing from the middle of the stream (deleted, or lost by the broker); \
-             --accept-holes-through accepts them, so walcast goes on: consumers of the tenants in that range must \
-             re-sync (README \"Broker data loss\")"
+            checkpoint_stream_seq = %checkpoint,
+            "stream messages went missing from the middle of the stream (deleted, or lost by the broker) before \
+             the checkpoint: the slot no longer holds them; consumers of the tenants in that range must re-sync \
+             (README \"Broker data loss\"; the next start names the neighbouring events)"
         );
         known = missing;
     }

@@ -14,10 +14,8 @@
 //!   the WAL) the replay names every lost event — tenant and seq — and the
 //!   run stops with that list (`pipeline::reader::Skip`), unless the
 //!   operator accepted the hole (`--accept-holes-through`);
-//! - beyond it (the slot no longer holds those events) the run stops
-//!   naming the range and the neighbouring events (SPEC §4.7: a loss that
-//!   can no longer be recovered stops walcast), unless accepted: then an
-//!   ERROR at every start, and it goes on.
+//! - beyond it (the slot no longer holds those events) walcast logs an
+//!   ERROR naming the range and the neighbouring events, and goes on.
 //!
 //! Either way the gauge [`m::STREAM_MISSING_MESSAGES`] says how many
 //! messages are missing: never silent.

@@ -20,6 +20,8 @@ pub struct Health {
     acked_lsn: AtomicU64,
     /// ... at this stream sequence or earlier (stored first, read second).
     acked_stream_seq: AtomicU64,
+    /// The stream sequence the last durable checkpoint counts up to.
+    checkpointed_stream_seq: AtomicU64,
     /// The state bucket has applied the stream up to here: written by its
     /// service, which restarts on its own thread; read for the lag gauge
     /// also while that thread is down (`state::report_lag`).
@@ -77,8 +79,16 @@ impl Health {
         (lsn, self.acked_stream_seq.load(Ordering::SeqCst))
     }
 
-    /// A checkpoint became durable now.
-    pub fn checkpointed(&self) {
+    /// The stream sequence the last durable checkpoint counts up to: holes
+    /// past it are within the repair window (`publish::holes`).
+    pub fn checkpointed_stream_seq(&self) -> StreamSeq {
+        StreamSeq(self.checkpointed_stream_seq.load(Ordering::SeqCst))
+    }
+
+    /// A checkpoint counting the stream up to `stream_seq` became durable now.
+    pub fn checkpointed(&self, stream_seq: StreamSeq) {
+        self.checkpointed_stream_seq
+            .fetch_max(stream_seq.0, Ordering::SeqCst);
         let now = unix_now();
         self.last_checkpoint_unix.store(now, Ordering::SeqCst);
         ::metrics::gauge!(metrics::LAST_CHECKPOINT_TIMESTAMP).set(now as f64);
