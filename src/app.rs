@@ -152,6 +152,7 @@ async fn connect(
     let ctx = pipeline::Context {
         connects,
         acked_high: Default::default(),
+        oldest_removed_through: Default::default(),
         settings,
         db,
         js,

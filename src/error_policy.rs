@@ -81,6 +81,9 @@ fn publish_may_heal(error: &PublishError, started: bool) -> bool {
         // only at startup does "no JetStream" mean a misconfigured server.
         PublishError::NoJetStream(_) => started,
         PublishError::Incompatible(_) => false,
+        // Named lost events that were not only tenants' oldest: an operator
+        // must re-sync consumers first (`--accept-holes-through`).
+        PublishError::LostInHoles(_) => false,
         // A deleted stream is recreated by the next run, which then finds the
         // checkpoint past its end and stops, naming the lost range.
         PublishError::StreamGone { .. } => true,
@@ -92,7 +95,8 @@ fn publish_may_heal(error: &PublishError, started: bool) -> bool {
         | PublishError::NoResponders { .. }
         | PublishError::LeaderChange { .. }
         | PublishError::BrokerLoss { .. }
-        | PublishError::StreamHoles { .. } => true,
+        | PublishError::StreamHoles { .. }
+        | PublishError::OldestEventsRemoved { .. } => true,
     }
 }
 

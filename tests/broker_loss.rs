@@ -286,6 +286,27 @@ async fn tenant_seq_at(
     Some((tenant, s))
 }
 
+/// `len` consecutive stream positions, from `from` on, whose events all
+/// have an older event of their tenant before them (seq > 1): deleting
+/// them makes a gap inside tenants' events, which stops walcast, not a
+/// trim of a tenant's oldest events (which does not: `pipeline::retention`).
+async fn inside_tenants(nats_url: &str, from: u64, len: u64) -> (u64, u64) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats_url).await.unwrap());
+    let stream = js.get_stream("WALCAST").await.unwrap();
+    let mut start = from;
+    let mut seq = from;
+    while seq < start + len {
+        match tenant_seq_at(&stream, seq).await {
+            Some((_, s)) if s > 1 => seq += 1,
+            _ => {
+                seq += 1;
+                start = seq;
+            }
+        }
+    }
+    (start, start + len - 1)
+}
+
 /// Runs a small workload through `walcast` until the stream holds every
 /// change; returns the stream's last sequence.
 async fn publish_workload(
@@ -395,7 +416,7 @@ async fn middle_hole_within_the_window_stops_naming_tenants_and_seqs() {
         crate::support::chaos::checkpoint_stream_seq(&client).await < last / 2,
         "the hole is past the checkpoint (within the window)"
     );
-    let (from, to) = (last / 2, last / 2 + 2);
+    let (from, to) = inside_tenants(&env.nats.url(), last / 2, 3).await;
     let lost = delete_middle(&env.nats.url(), from, to).await;
 
     let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
@@ -573,7 +594,7 @@ async fn middle_hole_is_found_on_reconnect() {
         ],
     );
     let last = publish_workload(&env, &oracle, &client, &walcast).await;
-    let (from, to) = (last / 2, last / 2 + 1);
+    let (from, to) = inside_tenants(&env.nats.url(), last / 2, 2).await;
     let lost = delete_middle(&env.nats.url(), from, to).await;
     assert!(
         walcast.exited().is_none(),
@@ -620,7 +641,7 @@ async fn middle_hole_made_while_connected_is_found_within_seconds() {
         &[("WALCAST_CONFIRM_DELAY", "10m")],
     );
     let last = publish_workload(&env, &oracle, &client, &walcast).await;
-    let (from, to) = (last / 3, last / 3);
+    let (from, to) = inside_tenants(&env.nats.url(), last / 3, 1).await;
     let lost = delete_middle(&env.nats.url(), from, to).await;
     let status = walcast.wait(Duration::from_secs(60)).await;
     assert_ne!(status.code(), Some(0), "walcast must stop with an error");
@@ -684,4 +705,59 @@ async fn old_hole_made_while_connected_is_reported_without_a_restart() {
         "no restart: {:#?}",
         walcast.retry_lines()
     );
+}
+
+/// SPEC §7's `too_old`, made the way an operator (or a test) makes it: a
+/// purge by subject of one tenant's oldest events, while walcast runs and
+/// the slot still holds them (confirm delay 10m). The holes it leaves took
+/// only that tenant's oldest events, as the stream's limits would: walcast
+/// goes on (a WARN, no stop, also after a restart), catch-up answers
+/// `too_old` with the tenant's oldest seq left, and new changes flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purging_a_tenants_oldest_events_is_not_a_loss() {
+    let env = Env::start().await;
+    let client = env.pg.client().await;
+    let oracle = Oracle::create(&client).await;
+    let dir = TempDir::new("purge-oldest").unwrap();
+    let delay = [("WALCAST_CONFIRM_DELAY", "10m")];
+    let mut walcast = Walcast::start("first", dir.path(), &env.env_vars(), &delay);
+    let last = publish_workload(&env, &oracle, &client, &walcast).await;
+
+    let js = async_nats::jetstream::new(async_nats::connect(env.nats.url()).await.unwrap());
+    let stream = js.get_stream("WALCAST").await.unwrap();
+    // The tenant at the stream's middle, trimmed to its events from there on.
+    let (tenant, keep_from) = tenant_seq_at(&stream, last / 2)
+        .await
+        .expect("a tenant event mid-stream");
+    assert!(keep_from > 1, "the tenant has older events to purge");
+    stream
+        .purge()
+        .filter(format!("walcast.{tenant}.>"))
+        .sequence(last / 2)
+        .await
+        .expect("purge the tenant's oldest events");
+
+    walcast
+        .wait_log(
+            "each tenant lost only its oldest events",
+            Duration::from_secs(60),
+        )
+        .await;
+    let more = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(more > last, "new changes are published after the purge");
+    assert!(walcast.exited().is_none(), "{}", walcast.log_tail(20));
+    let code = catch_up_code(&env.nats.url(), &tenant, 0).await;
+    assert_eq!(code.as_deref(), Some("410"), "too_old for {tenant} after 0");
+    walcast.stop(Duration::from_secs(10)).await;
+
+    // A new process judges the holes again (the slot still holds them).
+    let walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
+    walcast
+        .wait_log(
+            "each tenant lost only its oldest events",
+            Duration::from_secs(60),
+        )
+        .await;
+    let again = publish_workload(&env, &oracle, &client, &walcast).await;
+    assert!(again > more, "and goes on: {}", walcast.log_tail(20));
 }

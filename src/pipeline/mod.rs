@@ -10,6 +10,7 @@ mod drive;
 mod dry_run;
 mod prepare;
 mod reader;
+mod retention;
 #[cfg(test)]
 mod tests;
 mod watchdog;
@@ -86,6 +87,9 @@ pub struct Context {
     /// The highest stream sequence this process has seen acknowledged: if the
     /// stream later ends below it, the broker lost acknowledged messages.
     pub acked_high: Arc<AtomicU64>,
+    /// Holes up to this stream sequence took only tenants' oldest events
+    /// (`retention`): runs go on past them.
+    pub oldest_removed_through: Arc<AtomicU64>,
 }
 
 /// Marks the instance ready while a run holds the slot.
@@ -108,5 +112,10 @@ pub async fn run(ctx: &Context, shutdown: &mut watch::Receiver<bool>) -> Result<
         return dry_run::run(ctx, shutdown, checked).await;
     }
     let prepared = prepare::prepare(ctx, checked).await?;
-    drive::drive(ctx, prepared, shutdown).await
+    match drive::drive(ctx, prepared, shutdown).await {
+        Err(PipelineError::Publish(PublishError::LostInHoles(loss))) => {
+            Err(retention::judge(ctx, *loss).await)
+        }
+        other => other,
+    }
 }

@@ -136,7 +136,7 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         slot: &s.slot,
         stream: &s.stream,
     };
-    let reconciled = reconcile(
+    let mut reconciled = reconcile(
         &sink,
         names,
         &checkpoint,
@@ -145,6 +145,8 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         StreamSeq(s.accept_holes_through),
     )
     .await?;
+    reconciled.oldest_removed_through =
+        StreamSeq(ctx.oldest_removed_through.load(Ordering::SeqCst));
     Ok(Prepared {
         start: checkpoint.lsn.max(slot_state.confirmed_flush),
         sql,
@@ -180,6 +182,8 @@ pub(super) struct Reconciled {
     pub holes: Vec<Hole>,
     /// Holes up to here were accepted by the operator (reported, not fatal).
     pub accept_through: StreamSeq,
+    /// Holes up to here took only tenants' oldest events (not fatal).
+    pub oldest_removed_through: StreamSeq,
     /// Messages missing from the middle of the stream in all.
     pub missing: u64,
 }
@@ -240,6 +244,7 @@ pub(super) async fn reconcile(
         acked_high,
         holes: within,
         accept_through,
+        oldest_removed_through: StreamSeq(0),
         missing,
     })
 }

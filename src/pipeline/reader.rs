@@ -12,7 +12,8 @@ use crate::events::{Route, parse_event_id};
 use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::position::StreamSeq;
-use crate::publish::holes::{Hole, Lost};
+use crate::publish::PublishError;
+use crate::publish::holes::{Hole, HoleLoss, Lost};
 use crate::source::{Source, SourceError, SourceEvent};
 
 /// Reads one batch: at least one event (waiting for it), then whatever is
@@ -105,6 +106,9 @@ pub(super) struct Skip {
     /// The first of `holes` not yet behind the replay.
     hole_at: usize,
     accept_through: StreamSeq,
+    /// Holes up to here took only tenants' oldest events (judged by this
+    /// process: `pipeline::retention`).
+    oldest_removed_through: StreamSeq,
     lost: Lost,
     stream: String,
 }
@@ -119,6 +123,7 @@ impl Skip {
         );
         skip.holes = reconciled.holes.clone();
         skip.accept_through = reconciled.accept_through;
+        skip.oldest_removed_through = reconciled.oldest_removed_through;
         skip.stream = checkpoint.stream.clone();
         skip
     }
@@ -135,6 +140,7 @@ impl Skip {
             holes: Vec::new(),
             hole_at: 0,
             accept_through: StreamSeq(0),
+            oldest_removed_through: StreamSeq(0),
             lost: Lost::default(),
             stream: String::new(),
         }
@@ -179,6 +185,15 @@ impl Skip {
             .map(|(a, b)| format!("{a}..={b}"))
             .unwrap_or_default();
         let stream = &self.stream;
+        if end <= self.oldest_removed_through {
+            tracing::info!(
+                stream = %stream,
+                missing = %holes,
+                lost = %lost.describe(),
+                "going on past holes that took only tenants' oldest events"
+            );
+            return Ok(());
+        }
         if end <= self.accept_through {
             tracing::error!(
                 stream = %stream,
@@ -192,7 +207,7 @@ impl Skip {
             );
             return Ok(());
         }
-        Err(PipelineError::Fatal(format!(
+        let message = format!(
             "stream {stream} is missing messages {holes} from its middle (deleted, or lost by the broker): {} events, \
              {} (commit LSNs {lsns}). The slot still holds them, but JetStream cannot put a message back at its old \
              position and appending them would break each tenant's stream order, so walcast stops rather than go on \
@@ -201,7 +216,14 @@ impl Skip {
              \"Broker data loss\"",
             lost.events,
             lost.describe(),
-        )))
+        );
+        Err(PublishError::LostInHoles(Box::new(HoleLoss {
+            message,
+            holes,
+            end,
+            lost,
+        }))
+        .into())
     }
 
     fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {

@@ -552,8 +552,14 @@ async fn case(c: Case) -> Result<(), String> {
     Ok(())
 }
 
+/// A stop: fatal, or events lost in holes (which `retention::judge`, not
+/// run here, turns into a stop unless each tenant lost only its oldest).
 fn fatal(e: &PipelineError) -> bool {
-    matches!(e, PipelineError::Fatal(_))
+    matches!(
+        e,
+        PipelineError::Fatal(_)
+            | PipelineError::Publish(crate::publish::PublishError::LostInHoles(_))
+    )
 }
 
 /// A run that stops for good is right only if the broker lost messages

@@ -13,7 +13,8 @@
 //! - within the repair window (past the checkpoint: the slot still holds
 //!   the WAL) the replay names every lost event — tenant and seq — and the
 //!   run stops with that list (`pipeline::reader::Skip`), unless the
-//!   operator accepted the hole (`--accept-holes-through`);
+//!   operator accepted the hole (`--accept-holes-through`) or each tenant
+//!   lost only its oldest events (`pipeline::retention`: a purge by subject);
 //! - beyond it (the slot no longer holds those events) walcast logs an
 //!   ERROR naming the range and the neighbouring events, and goes on.
 //!
@@ -141,6 +142,20 @@ pub fn gauge(missing: u64) {
     metrics::gauge!(m::STREAM_MISSING_MESSAGES).set(missing as f64);
 }
 
+/// Events a replay found in holes past the checkpoint that the operator has
+/// not accepted: the run stops with [`HoleLoss::message`] unless every
+/// tenant lost only its oldest events (`pipeline::retention`).
+#[derive(Debug)]
+pub struct HoleLoss {
+    /// The error that names the holes and the lost events.
+    pub message: String,
+    /// The holes, as named in `message`.
+    pub holes: String,
+    /// The last stream sequence of the last hole.
+    pub end: StreamSeq,
+    pub lost: Lost,
+}
+
 /// Tenants named in a message at most; the rest are counted.
 const TENANTS_NAMED: usize = 20;
 
@@ -176,6 +191,14 @@ impl Lost {
 
     pub fn is_empty(&self) -> bool {
         self.events == 0
+    }
+
+    /// Each tenant that lost events, with the highest seq it lost.
+    pub fn highest_per_tenant(&self) -> Vec<(String, TenantSeq)> {
+        self.tenants
+            .iter()
+            .filter_map(|(t, ranges)| Some((t.clone(), ranges.last()?.1)))
+            .collect()
     }
 
     /// `tenant acme seq 4..=6, tenant beta seq 2..=2, ...`

@@ -95,6 +95,15 @@ pub enum PublishError {
         missing: u64,
         known: u64,
     },
+    /// Events lost in holes past the checkpoint (see `pipeline::retention`).
+    #[error("{}", .0.message)]
+    LostInHoles(Box<holes::HoleLoss>),
+    /// Holes that only took tenants' oldest events, as a purge by subject
+    /// does: the next run goes on past them.
+    #[error(
+        "stream {stream} misses messages {holes} from its middle, each tenant only its oldest events (a purge by subject?); going on past them"
+    )]
+    OldestEventsRemoved { stream: String, holes: String },
     #[error("stream {stream} now ends at message {last} but messages up to {high} were acknowledged: the broker lost {} of them; reconciling from the checkpoint", high.0 - last.0)]
     BrokerLoss {
         stream: String,
