@@ -152,7 +152,7 @@ async fn connect(
     let ctx = pipeline::Context {
         connects,
         acked_high: Default::default(),
-        oldest_removed_through: Default::default(),
+        oldest_removed: Default::default(),
         settings,
         db,
         js,

@@ -307,6 +307,15 @@ async fn inside_tenants(nats_url: &str, from: u64, len: u64) -> (u64, u64) {
     (start, start + len - 1)
 }
 
+/// Like [`tenant_seq_at`], `None` also for a message deleted or purged.
+async fn present_tenant_seq(
+    stream: &async_nats::jetstream::stream::Stream,
+    seq: u64,
+) -> Option<(String, u64)> {
+    stream.get_raw_message(seq).await.ok()?;
+    tenant_seq_at(stream, seq).await
+}
+
 /// Runs a small workload through `walcast` until the stream holds every
 /// change; returns the stream's last sequence.
 async fn publish_workload(
@@ -751,7 +760,7 @@ async fn purging_a_tenants_oldest_events_is_not_a_loss() {
     walcast.stop(Duration::from_secs(10)).await;
 
     // A new process judges the holes again (the slot still holds them).
-    let walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
+    let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
     walcast
         .wait_log(
             "each tenant lost only its oldest events",
@@ -760,4 +769,36 @@ async fn purging_a_tenants_oldest_events_is_not_a_loss() {
         .await;
     let again = publish_workload(&env, &oracle, &client, &walcast).await;
     assert!(again > more, "and goes on: {}", walcast.log_tail(20));
+
+    // Only those holes: a later one, below the trim's last position, inside
+    // another tenant's events, stops walcast.
+    let mut inside = None;
+    for seq in 2..last / 2 {
+        if let Some((t, s)) = present_tenant_seq(&stream, seq).await
+            && t != tenant
+            && s > 1
+        {
+            inside = Some((seq, t, s));
+            break;
+        }
+    }
+    let (at, other, seq) = inside.expect("another tenant's event below the trim");
+    stream.delete_message(at).await.expect("delete it");
+    let status = walcast.wait(Duration::from_secs(60)).await;
+    assert_ne!(
+        status.code(),
+        Some(0),
+        "walcast must stop: {}",
+        walcast.log_tail(20)
+    );
+    // The new hole may merge with a trimmed one next to it: the error names
+    // the lost event by its tenant and seq.
+    assert!(
+        walcast.log().contains("from its middle")
+            && walcast
+                .log()
+                .contains(&format!("tenant {other} seq {seq}..={seq}")),
+        "the error names the new hole at {at} ({other} seq {seq}):\n{}",
+        walcast.log_tail(20)
+    );
 }

@@ -87,9 +87,9 @@ pub struct Context {
     /// The highest stream sequence this process has seen acknowledged: if the
     /// stream later ends below it, the broker lost acknowledged messages.
     pub acked_high: Arc<AtomicU64>,
-    /// Holes up to this stream sequence took only tenants' oldest events
-    /// (`retention`): runs go on past them.
-    pub oldest_removed_through: Arc<AtomicU64>,
+    /// Holes that took only tenants' oldest events (`retention`): runs go
+    /// on past exactly these (a later hole is judged anew).
+    pub oldest_removed: Arc<std::sync::Mutex<Vec<crate::publish::holes::Hole>>>,
 }
 
 /// Marks the instance ready while a run holds the slot.

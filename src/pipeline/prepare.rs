@@ -145,8 +145,11 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         StreamSeq(s.accept_holes_through),
     )
     .await?;
-    reconciled.oldest_removed_through =
-        StreamSeq(ctx.oldest_removed_through.load(Ordering::SeqCst));
+    reconciled.oldest_removed = ctx
+        .oldest_removed
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     Ok(Prepared {
         start: checkpoint.lsn.max(slot_state.confirmed_flush),
         sql,
@@ -182,8 +185,8 @@ pub(super) struct Reconciled {
     pub holes: Vec<Hole>,
     /// Holes up to here were accepted by the operator (reported, not fatal).
     pub accept_through: StreamSeq,
-    /// Holes up to here took only tenants' oldest events (not fatal).
-    pub oldest_removed_through: StreamSeq,
+    /// Holes that took only tenants' oldest events (not fatal).
+    pub oldest_removed: Vec<Hole>,
     /// Messages missing from the middle of the stream in all.
     pub missing: u64,
 }
@@ -244,7 +247,7 @@ pub(super) async fn reconcile(
         acked_high,
         holes: within,
         accept_through,
-        oldest_removed_through: StreamSeq(0),
+        oldest_removed: Vec::new(),
         missing,
     })
 }

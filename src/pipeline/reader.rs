@@ -106,9 +106,9 @@ pub(super) struct Skip {
     /// The first of `holes` not yet behind the replay.
     hole_at: usize,
     accept_through: StreamSeq,
-    /// Holes up to here took only tenants' oldest events (judged by this
-    /// process: `pipeline::retention`).
-    oldest_removed_through: StreamSeq,
+    /// Holes that took only tenants' oldest events (judged by this process:
+    /// `pipeline::retention`).
+    oldest_removed: Vec<Hole>,
     lost: Lost,
     stream: String,
 }
@@ -123,7 +123,7 @@ impl Skip {
         );
         skip.holes = reconciled.holes.clone();
         skip.accept_through = reconciled.accept_through;
-        skip.oldest_removed_through = reconciled.oldest_removed_through;
+        skip.oldest_removed = reconciled.oldest_removed.clone();
         skip.stream = checkpoint.stream.clone();
         skip
     }
@@ -140,7 +140,7 @@ impl Skip {
             holes: Vec::new(),
             hole_at: 0,
             accept_through: StreamSeq(0),
-            oldest_removed_through: StreamSeq(0),
+            oldest_removed: Vec::new(),
             lost: Lost::default(),
             stream: String::new(),
         }
@@ -175,8 +175,8 @@ impl Skip {
         if stream_seq < end {
             return Ok(());
         }
-        let holes = crate::publish::holes::describe(&self.holes);
-        self.holes.clear();
+        let ranges = std::mem::take(&mut self.holes);
+        let holes = crate::publish::holes::describe(&ranges);
         let lost = std::mem::take(&mut self.lost);
         let lsns = lost
             .ids
@@ -185,7 +185,7 @@ impl Skip {
             .map(|(a, b)| format!("{a}..={b}"))
             .unwrap_or_default();
         let stream = &self.stream;
-        if end <= self.oldest_removed_through {
+        if crate::publish::holes::covered(&ranges, &self.oldest_removed) {
             tracing::info!(
                 stream = %stream,
                 missing = %holes,
@@ -220,7 +220,7 @@ impl Skip {
         Err(PublishError::LostInHoles(Box::new(HoleLoss {
             message,
             holes,
-            end,
+            ranges,
             lost,
         }))
         .into())

@@ -8,8 +8,6 @@
 //! a seq jump. Such holes do not stop walcast (a WARN); any other hole the
 //! replay names does (`reader::Skip`, `--accept-holes-through`).
 
-use std::sync::atomic::Ordering;
-
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
 use super::{Context, PipelineError};
@@ -27,8 +25,8 @@ pub(super) async fn judge(ctx: &Context, loss: HoleLoss) -> PipelineError {
     let stream = ctx.settings.stream.clone();
     match only_oldest(ctx, &loss).await {
         Ok(true) => {
-            ctx.oldest_removed_through
-                .fetch_max(loss.end.0, Ordering::SeqCst);
+            (ctx.oldest_removed.lock().unwrap_or_else(|e| e.into_inner()))
+                .extend_from_slice(&loss.ranges);
             tracing::warn!(
                 stream = %stream,
                 missing = %loss.holes,

@@ -109,6 +109,16 @@ pub fn describe(holes: &[Hole]) -> String {
     parts.join(", ")
 }
 
+/// Whether every hole of `holes` lies within one of `judged` (a hole judged
+/// earlier may since have been split at the checkpoint, never grown).
+pub fn covered(holes: &[Hole], judged: &[Hole]) -> bool {
+    holes.iter().all(|h| {
+        judged
+            .iter()
+            .any(|j| j.first <= h.first && h.last <= j.last)
+    })
+}
+
 /// Total messages missing.
 pub fn missing(holes: &[Hole]) -> u64 {
     holes.iter().map(Hole::messages).sum()
@@ -151,8 +161,8 @@ pub struct HoleLoss {
     pub message: String,
     /// The holes, as named in `message`.
     pub holes: String,
-    /// The last stream sequence of the last hole.
-    pub end: StreamSeq,
+    /// The holes themselves.
+    pub ranges: Vec<Hole>,
     pub lost: Lost,
 }
 
@@ -256,6 +266,15 @@ mod tests {
         let show = |h: &[Hole]| h.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(show(&beyond), ["3..=5", "9..=9"]);
         assert_eq!(show(&within), ["10..=10", "12..=12"]);
+    }
+
+    #[test]
+    fn only_holes_within_judged_ones_are_covered() {
+        let judged = ranges(vec![3, 4, 5, 9]);
+        assert!(covered(&ranges(vec![4, 5, 9]), &judged));
+        assert!(covered(&[], &judged));
+        assert!(!covered(&ranges(vec![2]), &judged), "an older, new hole");
+        assert!(!covered(&ranges(vec![5, 6]), &judged), "a hole that grew");
     }
 
     #[test]
