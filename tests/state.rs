@@ -423,6 +423,140 @@ async fn a_truncated_table_leaves_the_state() {
     daemon.stop().await.expect("clean stop");
 }
 
+/// UPDATEs that change a row's tenant, its id, a lock's record, or make its
+/// tenant a dead letter's leave its old key a delete marker carrying the
+/// seq it held — rows the backfill copied (seq 0) and rows with events
+/// alike — and a row moved back takes its old key again. The bucket stays
+/// exact, loads of the old tenant no longer have the row, and replaying the
+/// stream into a purged bucket ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_tenant_or_id_changes_leaves_its_old_key() {
+    const A: &str = "a0000000-0000-4000-8000-000000000001";
+    const B: &str = "a0000000-0000-4000-8000-000000000002";
+    const D: &str = "a0000000-0000-4000-8000-000000000003";
+    const D2: &str = "a0000000-0000-4000-8000-000000000004";
+    const R2: &str = "a0000000-0000-4000-8000-000000000005";
+    let env = Env::start().await;
+    let mut client = env.pg.client().await;
+    let mut workload = Workload::new(Workload::seed(), 3);
+    client
+        .execute("SELECT pg_drop_replication_slot('walcast')", &[])
+        .await
+        .expect("drop the slot");
+    // Before walcast: two tasks and a lock of tenant-x, copied by the backfill.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO tasks (id, tenant_id, title) VALUES ('{A}', 'tenant-x', 'a'), ('{B}', 'tenant-x', 'b');
+             INSERT INTO editing_locks (tenant_id, record_type, record_id, locked_by, locked_at, expires_at)
+               VALUES ('tenant-x', 'task', '{A}', 'ann', now(), now() + interval '1 hour')"
+        ))
+        .await
+        .expect("rows before walcast");
+    walcast::migrate::run(&env.settings())
+        .await
+        .expect("migrate creates the slot again");
+    let daemon = Daemon::start(env.settings());
+    let url = env.nats.url();
+    wait_complete(&url).await;
+    workload.run(&mut client, 100).await;
+    // A task with events.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO tasks (id, tenant_id, title) VALUES ('{D}', 'tenant-x', 'd');
+             UPDATE tasks SET title = 'd2' WHERE id = '{D}'"
+        ))
+        .await
+        .expect("a task with events");
+    assert_converges(&env, &client).await;
+    let held = read_bucket(&url, BUCKET).await;
+    let held_d = held[&format!("tenant-x.task.{D}")].seq;
+    assert!(held_d > 0, "task D has events");
+    for (what, sql) in [
+        (
+            "A to tenant-0",
+            format!("UPDATE tasks SET tenant_id = 'tenant-0' WHERE id = '{A}'"),
+        ),
+        (
+            "D's id",
+            format!("UPDATE tasks SET id = '{D2}' WHERE id = '{D}'"),
+        ),
+        (
+            "B to a dead letter",
+            format!("UPDATE tasks SET tenant_id = 'bad.tenant' WHERE id = '{B}'"),
+        ),
+        (
+            "the lock's record",
+            format!("UPDATE editing_locks SET record_id = '{R2}' WHERE record_id = '{A}'"),
+        ),
+        (
+            "A back",
+            format!("UPDATE tasks SET tenant_id = 'tenant-x' WHERE id = '{A}'"),
+        ),
+        // Out of the dead letters (the state holds no dead letter's row).
+        (
+            "B to tenant-1",
+            format!("UPDATE tasks SET tenant_id = 'tenant-1' WHERE id = '{B}'"),
+        ),
+    ] {
+        client
+            .batch_execute(&sql)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+    }
+    workload.run(&mut client, 50).await;
+    assert_converges(&env, &client).await;
+    let entries = read_bucket(&url, BUCKET).await;
+    let marker = |key: String| {
+        let entry = &entries[&key];
+        assert!(entry.deleted, "{key} is a delete marker");
+        entry.seq
+    };
+    assert_eq!(
+        marker(format!("tenant-x.task.{B}")),
+        0,
+        "B: the backfill's seq"
+    );
+    assert_eq!(
+        marker(format!("tenant-x.task.{D}")),
+        held_d,
+        "D: the seq it held"
+    );
+    assert_eq!(marker(format!("tenant-x.lock.task.{A}")), 0, "the lock");
+    assert!(
+        marker(format!("tenant-0.task.{A}")) > 0,
+        "A held tenant-0's seq"
+    );
+    assert!(!entries[&format!("tenant-x.task.{A}")].deleted, "A is back");
+    assert!(
+        !entries[&format!("tenant-x.task.{D2}")].deleted,
+        "D's new key"
+    );
+    assert!(
+        !entries[&format!("tenant-1.task.{B}")].deleted,
+        "B's new key"
+    );
+
+    // A load of each tenant is its rows.
+    let real = Tables::load(&client).await;
+    for tenant in ["tenant-x", "tenant-0"] {
+        let replica = Arc::new(Mutex::new(Replica::default()));
+        let task = tokio::spawn(follow(url.clone(), tenant.into(), replica.clone()));
+        let want = of_tenant(&real, tenant);
+        wait_until(Duration::from_secs(30), || async {
+            replica.lock().unwrap().tables == want
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{tenant}: the load is not its rows: {e}"));
+        task.abort();
+    }
+
+    // The stream replayed into a purged bucket ends the same.
+    purge_bucket(&url).await;
+    wait_complete(&url).await;
+    assert_converges(&env, &client).await;
+    daemon.stop().await.expect("clean stop");
+}
+
 /// What a load computes for each tenant: the highest `Walcast-Seq` of its
 /// keys, values and delete markers.
 fn as_of_seqs(

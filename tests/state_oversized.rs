@@ -22,8 +22,9 @@ const OBJECTS: &str = "WALCAST_STATE_OVERSIZED";
 const LARGE: usize = 200_000;
 
 /// A backfilled oversized row and oversized rows written while walcast runs
-/// load whole (Rust client) after the stream's copies expired (3 s max age);
-/// the state's object store then holds exactly the current values' objects.
+/// (one changes its id) load whole (Rust client) after the stream's copies
+/// expired (3 s max age); the state's object store then holds exactly the
+/// current values' objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_values_outlive_the_stream_and_go_with_their_row() {
     let env = small_payload_env(64 * 1024).await;
@@ -59,6 +60,16 @@ async fn oversized_values_outlive_the_stream_and_go_with_their_row() {
         .batch_execute(&format!("DELETE FROM tasks WHERE id = '{}'", id(4)))
         .await
         .expect("delete");
+    // Row 2 takes the id 5: an oversized update (its stub has no before
+    // image) that leaves its old key.
+    client
+        .batch_execute(&format!(
+            "UPDATE tasks SET id = '{}' WHERE id = '{}'",
+            id(5),
+            id(2)
+        ))
+        .await
+        .expect("change an id");
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
     let real = Tables::load(&client).await;
     wait_until(Duration::from_secs(30), || async {
@@ -74,7 +85,7 @@ async fn oversized_values_outlive_the_stream_and_go_with_their_row() {
     .await
     .expect("the stream's oversized copies expire with the stream (3 s)");
     let loaded = load(&url, "big").await;
-    assert_eq!(loaded.len(), 3, "rows 1, 2, 3: {:?}", loaded.keys());
+    assert_eq!(loaded.len(), 3, "rows 1, 3, 5: {:?}", loaded.keys());
     let description = |n: u128| {
         let key = format!("big.task.{}", id(n));
         match &loaded[&key].after {
@@ -83,12 +94,13 @@ async fn oversized_values_outlive_the_stream_and_go_with_their_row() {
         }
     };
     assert_eq!(description(1), Some("c".repeat(LARGE)));
-    assert_eq!(description(2).map(|d| d.len()), Some(LARGE));
+    assert_eq!(description(5).map(|d| d.len()), Some(LARGE));
     assert_eq!(description(3).as_deref(), Some("small now"));
 
-    // Only the current values' copies remain: rows 1, 2 and 3 (row 3's
+    // Only the current values' copies remain: rows 1, 3 and 5 (row 3's
     // update is oversized through its `before` image); not row 1's
-    // backfilled value, not row 3's first, not deleted row 4's.
+    // backfilled value, not row 3's first, not deleted row 4's, not row 2's
+    // (now row 5).
     let named = || async {
         read_bucket(&url, BUCKET)
             .await

@@ -13,7 +13,7 @@ use crate::headers::{CONTENT_TYPE, Headers, PROTOBUF, SEQ, STREAM_SEQ};
 /// The readiness marker (two tokens: no row key has fewer than three).
 pub const MARKER_KEY: &str = "_walcast.backfill";
 
-/// What one stream event does to the state.
+/// The write one stream event makes to its row's key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Write {
     /// The row's key now holds this event.
@@ -42,21 +42,102 @@ impl Skip {
     }
 }
 
-/// Only the fields the key needs: prost skips the rest of the event unread.
+/// Only the fields the keys need: prost skips the rest of the event unread
+/// (and, in a row image, every column but the key's).
 #[derive(Clone, PartialEq, prost::Message)]
 struct KeyFields {
     #[prost(int32, tag = "4")]
     entity: i32,
     #[prost(string, tag = "6")]
     entity_id: String,
+    #[prost(message, optional, tag = "16")]
+    task_before: Option<RowKey>,
+    #[prost(message, optional, tag = "17")]
+    project_before: Option<RowKey>,
+    #[prost(message, optional, tag = "18")]
+    lock_before: Option<LockKey>,
 }
 
-/// The write a stream message makes: `<prefix>.<tenant>.<entity>.<action>`
-/// with its `Walcast-Tenant` header and a `ChangeEvent` body.
-pub fn write_for(subject: &str, tenant: Option<&str>, payload: &Bytes) -> Result<Write, Skip> {
+/// A task's or project's key columns.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RowKey {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    tenant_id: String,
+}
+
+/// An editing lock's key columns.
+#[derive(Clone, PartialEq, prost::Message)]
+struct LockKey {
+    #[prost(string, tag = "1")]
+    tenant_id: String,
+    #[prost(string, tag = "2")]
+    record_type: String,
+    #[prost(string, tag = "3")]
+    record_id: String,
+}
+
+impl KeyFields {
+    /// The key of the row's before image. A before image of the key
+    /// columns only (replica identity not FULL) has no tenant: the row kept
+    /// the event's.
+    fn before_key(&self, tenant: Option<&str>) -> Option<String> {
+        let tenant_of = |own: &'_ str| -> Option<String> {
+            Some(if own.is_empty() {
+                tenant?.to_string()
+            } else {
+                own.to_string()
+            })
+        };
+        if let Some(lock) = &self.lock_before {
+            let id = format!("{}:{}", lock.record_type, lock.record_id);
+            return row_key(&tenant_of(&lock.tenant_id)?, "lock", &id);
+        }
+        let (entity, row) = match (&self.task_before, &self.project_before) {
+            (Some(row), _) => ("task", row),
+            (None, Some(row)) => ("project", row),
+            (None, None) => return None,
+        };
+        row_key(&tenant_of(&row.tenant_id)?, entity, &row.id)
+    }
+}
+
+/// What one stream event does to the state.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Effect {
+    /// The write of the row's key, or why there is none.
+    pub write: Result<Write, Skip>,
+    /// The key the row had before this event, when it is not the key
+    /// written: an UPDATE that changed the row's tenant or id (or made it a
+    /// dead letter) left it. It becomes a delete marker, or loads of its
+    /// tenant would keep the row for good.
+    pub vacated: Option<String>,
+}
+
+/// What a stream message does to the state: `<prefix>.<tenant>.<entity>.<action>`
+/// with its `Walcast-Tenant` header and a `ChangeEvent` body (the full one:
+/// an oversized event's stub has no before image).
+pub fn effect(subject: &str, tenant: Option<&str>, payload: &Bytes) -> Effect {
+    let fields = <KeyFields as prost::Message>::decode(payload.clone()).ok();
+    let write = write_for(subject, tenant, fields.as_ref());
+    let vacated = fields
+        .filter(|_| !subject.ends_with("._truncated"))
+        .and_then(|fields| fields.before_key(tenant))
+        .filter(
+            |before| !matches!(&write, Ok(Write::Put(key) | Write::Delete(key)) if key == before),
+        );
+    Effect { write, vacated }
+}
+
+/// The write of the event's own key.
+fn write_for(
+    subject: &str,
+    tenant: Option<&str>,
+    fields: Option<&KeyFields>,
+) -> Result<Write, Skip> {
     if subject.ends_with("._truncated") {
-        let fields =
-            <KeyFields as prost::Message>::decode(payload.clone()).map_err(|_| Skip::NoTenant)?;
+        let fields = fields.ok_or(Skip::NoTenant)?;
         let entity = crate::proto::Entity::try_from(fields.entity).map_err(|_| Skip::NoTenant)?;
         return match entity {
             crate::proto::Entity::Unspecified => Err(Skip::NoTenant),
@@ -68,14 +149,40 @@ pub fn write_for(subject: &str, tenant: Option<&str>, payload: &Bytes) -> Result
     let (Some(action), Some(entity)) = (tokens.next(), tokens.next()) else {
         return Err(Skip::NoTenant);
     };
-    let entity_id = <KeyFields as prost::Message>::decode(payload.clone())
-        .map_err(|_| Skip::InvalidKey)?
-        .entity_id;
-    let key = row_key(tenant, entity, &entity_id).ok_or(Skip::InvalidKey)?;
+    let entity_id = &fields.ok_or(Skip::InvalidKey)?.entity_id;
+    let key = row_key(tenant, entity, entity_id).ok_or(Skip::InvalidKey)?;
     Ok(match action {
         "deleted" | "released" | "expired" => Write::Delete(key),
         _ => Write::Put(key),
     })
+}
+
+/// Where a value's event was committed.
+#[derive(Clone, PartialEq, prost::Message)]
+struct CommitFields {
+    #[prost(uint64, tag = "7")]
+    commit_lsn: u64,
+    #[prost(uint32, tag = "10")]
+    tx_index: u32,
+}
+
+/// `(commit_lsn, tx_index)` of a value's event (a backfilled row's
+/// `commit_lsn` is its snapshot's); `(0, 0)` if the body is no event.
+pub fn commit_of(payload: &Bytes) -> (u64, u32) {
+    <CommitFields as prost::Message>::decode(payload.clone())
+        .map_or((0, 0), |c| (c.commit_lsn, c.tx_index))
+}
+
+/// Whether a key's value — of `seq`, its event committed at `held` — is
+/// older than the event committed at `event`. A backfilled row (`seq` 0)
+/// was copied from a snapshot taken at `held.0`, past every commit it saw:
+/// an event committed at or after it had not happened to the copied row.
+pub fn precedes(seq: u64, held: (u64, u32), event: (u64, u32)) -> bool {
+    if seq == 0 {
+        held.0 <= event.0
+    } else {
+        held < event
+    }
 }
 
 /// `<tenant>.task.<id>`, `<tenant>.project.<id>`,
@@ -161,25 +268,144 @@ mod tests {
             ("walcast.acme.task.updated", "a.b", Err(Skip::InvalidKey)),
         ];
         for (subject, entity_id, want) in cases {
-            let got = write_for(subject, Some("acme"), &event(entity_id));
+            let got = effect(subject, Some("acme"), &event(entity_id)).write;
             assert_eq!(got, want, "{subject} {entity_id:?}");
         }
         assert_eq!(
-            write_for("walcast._deadletter", None, &event("x")),
-            Err(Skip::NoTenant)
+            effect("walcast._deadletter", None, &event("x")),
+            Effect {
+                write: Err(Skip::NoTenant),
+                vacated: None
+            }
         );
         let truncate = crate::proto::ChangeEvent {
             entity: crate::proto::Entity::Lock as i32,
             ..Default::default()
         };
         assert_eq!(
-            write_for(
+            effect(
                 "walcast._truncated",
                 None,
                 &Bytes::from(truncate.encode_to_vec())
             ),
-            Ok(Write::Truncate("lock"))
+            Effect {
+                write: Ok(Write::Truncate("lock")),
+                vacated: None
+            }
         );
+    }
+
+    /// An event whose before image is `before` (a task's key columns, or a
+    /// lock's with `lock`).
+    fn moved(entity_id: &str, before: crate::proto::change_event::Before) -> Bytes {
+        let event = crate::proto::ChangeEvent {
+            entity_id: entity_id.into(),
+            before: Some(before),
+            ..Default::default()
+        };
+        Bytes::from(event.encode_to_vec())
+    }
+
+    fn task(tenant: &str, id: &str) -> crate::proto::change_event::Before {
+        crate::proto::change_event::Before::TaskBefore(Box::new(crate::proto::Task {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            title: "kept out of the key".into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_row_whose_key_changed_vacates_its_old_key() {
+        let vacated = |subject, tenant, payload| effect(subject, tenant, &payload).vacated;
+        let updated = "walcast.acme.task.updated";
+        // Same key: nothing vacated (updates, deletes).
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("a", task("acme", "a"))),
+            None
+        );
+        assert_eq!(
+            vacated(
+                "walcast.acme.task.deleted",
+                Some("acme"),
+                moved("a", task("acme", "a"))
+            ),
+            None
+        );
+        // The tenant changed, or the id.
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("a", task("beta", "a"))),
+            Some("beta.task.a".into())
+        );
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("b", task("acme", "a"))),
+            Some("acme.task.a".into())
+        );
+        // A before image of the key columns only: the event's tenant.
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("b", task("", "a"))),
+            Some("acme.task.a".into())
+        );
+        // Now a dead letter, or with an id no key can hold: the old key goes.
+        assert_eq!(
+            vacated("walcast._deadletter", None, moved("a", task("acme", "a"))),
+            Some("acme.task.a".into())
+        );
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("a.b", task("acme", "a"))),
+            Some("acme.task.a".into())
+        );
+        // The old key was never a key (a dead letter's tenant, a bad id).
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("a", task("x.y", "a"))),
+            None
+        );
+        assert_eq!(
+            vacated(updated, Some("acme"), moved("a", task("acme", "a b"))),
+            None
+        );
+        // Locks: the record changed.
+        let lock =
+            crate::proto::change_event::Before::LockBefore(Box::new(crate::proto::EditingLock {
+                tenant_id: "acme".into(),
+                record_type: "task".into(),
+                record_id: "a".into(),
+                ..Default::default()
+            }));
+        assert_eq!(
+            vacated(
+                "walcast.acme.lock.transferred",
+                Some("acme"),
+                moved("task:b", lock.clone())
+            ),
+            Some("acme.lock.task.a".into())
+        );
+        assert_eq!(
+            vacated(
+                "walcast.acme.lock.refreshed",
+                Some("acme"),
+                moved("task:a", lock)
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn only_a_value_from_before_the_event_is_vacated() {
+        // Events: commit order, then position in the transaction.
+        assert!(precedes(3, (100, 0), (200, 0)));
+        assert!(precedes(3, (200, 0), (200, 1)));
+        assert!(!precedes(3, (200, 1), (200, 1)));
+        assert!(!precedes(3, (300, 0), (200, 5)));
+        // A backfilled row: copied before the event unless its snapshot saw it.
+        assert!(precedes(0, (200, 0), (200, 0)));
+        assert!(!precedes(0, (201, 0), (200, 0)));
+        let event = crate::proto::ChangeEvent {
+            commit_lsn: 77,
+            tx_index: 2,
+            ..Default::default()
+        };
+        assert_eq!(commit_of(&Bytes::from(event.encode_to_vec())), (77, 2));
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Objects {
 
     /// Stores `body` as the value of `key` at `seq`; returns the object's
     /// name (the `Walcast-Object` header is `<store>/<name>`).
-    async fn put(&self, key: &str, seq: u64, body: &[u8]) -> Result<String, String> {
+    pub async fn store(&self, key: &str, seq: u64, body: &[u8]) -> Result<String, String> {
         let object = Self::name_for(key, seq);
         let meta = object_store::ObjectMetadata {
             name: object.clone(),
@@ -162,12 +162,11 @@ impl Objects {
         }
     }
 
-    /// Copies an oversized event's body from the stream's object store
-    /// (`<bucket>/<event_id>`, its `Walcast-Object` header) as `key`'s value.
-    /// Returns the copy's name.
-    pub async fn copy(&self, from: &str, key: &str, seq: u64) -> Result<String, String> {
-        let body = read(&self.js, from).await?;
-        self.put(key, seq, &body).await
+    /// An oversized event's full body, from the stream's object store
+    /// (`<bucket>/<event_id>`, its `Walcast-Object` header); [`Objects::store`]
+    /// keeps it as a key's value (the stream's copy expires with the stream).
+    pub async fn read_event(&self, object: &str) -> Result<bytes::Bytes, String> {
+        read(&self.js, object).await.map(bytes::Bytes::from)
     }
 
     /// After the write of `key`'s value of `seq` at stream `position`:

@@ -166,7 +166,22 @@ async fn apply(
     warned: &mut [bool; 2],
 ) -> Result<(), String> {
     let position = input.position;
-    match layout::write_for(&input.subject, input.tenant.as_deref(), &input.payload) {
+    // An oversized event's stub has no before image: its key change is
+    // read from the full event (the put stores that same body).
+    let full = match &input.object {
+        Some(object) => Some(objects.read_event(object).await?),
+        None => None,
+    };
+    let effect = layout::effect(
+        &input.subject,
+        input.tenant.as_deref(),
+        full.as_ref().unwrap_or(&input.payload),
+    );
+    if let Some(key) = &effect.vacated {
+        vacate(writer, (bucket, objects), key, &input).await?;
+        writes.increment(1);
+    }
+    match effect.write {
         Ok(Write::Truncate(entity)) => {
             // Everything before it lands first; then the entity's keys go.
             writer.flush().await?;
@@ -180,7 +195,7 @@ async fn apply(
             writer.skip(position).await
         }
         Ok(write) => {
-            send(writer, objects, write, input).await?;
+            send(writer, objects, write, input, full).await?;
             writes.increment(1);
             Ok(())
         }
@@ -258,6 +273,65 @@ async fn delete_all(
     Ok(())
 }
 
+/// The row left `key` (this event changed its tenant or id): the key gets
+/// a delete marker carrying the seq it held, as a truncated row's does, so
+/// no tenant's `as_of_seq` goes back and a load between this marker and
+/// the row's new key misses the row exactly as it was before this event
+/// (whose seq the load then follows). A row moved to another tenant has no
+/// event in its old tenant's stream (one message per change, SPEC §4.1):
+/// loads of that tenant lose it, its live followers keep it until they load
+/// again. Nothing is written over a marker, or over a value of a later
+/// event (a restart reapplying this one); a key with no entry gets a marker
+/// too, so a backfill's copy from before this event cannot create it.
+async fn vacate(
+    writer: &mut Writer,
+    (bucket, objects): (&Bucket, &Objects),
+    key: &str,
+    input: &Input,
+) -> Result<(), String> {
+    // What is in flight lands first, so the read below sees it.
+    writer.flush().await?;
+    let subject = format!("$KV.{}.{key}", bucket.name);
+    let held = super::bucket::last_at_leader(&bucket.stream, &subject)
+        .await
+        .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))?;
+    let held_seq = match &held {
+        None => 0,
+        Some(entry) if is_marker(&entry.headers) => return Ok(()),
+        Some(entry) => {
+            let (seq, at) = (held_seq(&entry.headers), layout::commit_of(&entry.payload));
+            if !layout::precedes(seq, at, layout::commit_of(&input.payload)) {
+                return Ok(());
+            }
+            seq
+        }
+    };
+    let mut headers = layout::headers(held_seq, writer.applied());
+    headers.insert(crate::headers::KV_OPERATION, "DEL");
+    writer
+        .send(
+            key,
+            &headers,
+            bytes::Bytes::new(),
+            input.position.saturating_sub(1),
+        )
+        .await?;
+    // Its value's object (an oversized row) goes once the marker is applied.
+    objects
+        .retire_after(input.position, key, held_seq + 1)
+        .await;
+    tracing::debug!(
+        key,
+        subject = %input.subject,
+        "a row's tenant or id changed: its old key in the state bucket is now a delete marker"
+    );
+    Ok(())
+}
+
+fn is_marker(headers: &async_nats::HeaderMap) -> bool {
+    headers.get(crate::headers::KV_OPERATION).is_some()
+}
+
 /// How long reading the keys of a truncated table waits for the next one.
 const TRUNCATE_READ_WAIT: Duration = Duration::from_secs(10);
 
@@ -265,7 +339,7 @@ const TRUNCATE_READ_WAIT: Duration = Duration::from_secs(10);
 /// delete marker).
 fn held_row<'m>(message: &'m jetstream::Message, prefix: &str) -> Option<(&'m str, u64)> {
     let headers = message.headers.as_ref()?;
-    if headers.get(crate::headers::KV_OPERATION).is_some() {
+    if is_marker(headers) {
         return None;
     }
     let seq = headers.get(crate::headers::SEQ)?.as_str().parse().ok()?;
@@ -330,11 +404,14 @@ fn held_seq(headers: &async_nats::HeaderMap) -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes the event to its key; `full` is the full body of an oversized
+/// event (the stream's message is its stub).
 async fn send(
     writer: &mut Writer,
     objects: &Objects,
     write: Write,
     input: Input,
+    full: Option<bytes::Bytes>,
 ) -> Result<(), String> {
     let Input {
         seq,
@@ -348,9 +425,9 @@ async fn send(
     let mut headers = layout::headers(seq, writer.applied());
     let (key, body) = match write {
         Write::Put(key) => {
-            if let Some(object) = object {
+            if let (Some(_), Some(body)) = (object, full) {
                 // The stream's copy expires with the stream: the state's does not.
-                let copy = objects.copy(&object, &key, seq).await?;
+                let copy = objects.store(&key, seq, &body).await?;
                 headers.insert(crate::headers::OBJECT, format!("{}/{copy}", objects.name));
             }
             (key, payload)

@@ -150,11 +150,43 @@ pub async fn wait_bucket_holds(
     timeout: Duration,
     what: &str,
 ) {
-    super::wait_until(timeout, || async {
+    if let Err(e) = super::wait_until(timeout, || async {
         rows_of(&read_bucket(nats_url, bucket).await) == *real
     })
     .await
-    .unwrap_or_else(|e| panic!("{what}: {e}"));
+    {
+        let held = rows_of(&read_bucket(nats_url, bucket).await);
+        panic!("{what}: {e}; {}", differences(&held, real));
+    }
+}
+
+/// The rows that differ between the bucket's `held` and the tables' `real`.
+fn differences(held: &Tables, real: &Tables) -> String {
+    fn diff<V: PartialEq>(
+        name: &str,
+        held: &BTreeMap<String, V>,
+        real: &BTreeMap<String, V>,
+    ) -> Vec<String> {
+        let keys: std::collections::BTreeSet<&String> = held.keys().chain(real.keys()).collect();
+        keys.into_iter()
+            .filter(|k| held.get(*k) != real.get(*k))
+            .map(|k| {
+                let side = |t: &BTreeMap<String, V>| {
+                    if t.contains_key(k) {
+                        "present"
+                    } else {
+                        "absent"
+                    }
+                };
+                format!("{name} {k}: bucket {}, tables {}", side(held), side(real))
+            })
+            .collect()
+    }
+    let mut out = diff("task", &held.tasks, &real.tasks);
+    out.extend(diff("project", &held.projects, &real.projects));
+    out.extend(diff("lock", &held.locks, &real.locks));
+    out.truncate(20);
+    out.join("; ")
 }
 
 /// The readiness marker's `state`, if any.
@@ -194,9 +226,33 @@ pub fn key_of(event: &ChangeEvent) -> String {
     }
 }
 
+/// The key a row had before an UPDATE that changed its tenant or id (from
+/// its before image), when it differs from the event's own key.
+pub fn vacated_key(event: &ChangeEvent) -> Option<String> {
+    let (tenant, before) = match &event.before {
+        Some(Before::TaskBefore(r)) => (&r.tenant_id, format!("{}.task.{}", r.tenant_id, r.id)),
+        Some(Before::ProjectBefore(r)) => {
+            (&r.tenant_id, format!("{}.project.{}", r.tenant_id, r.id))
+        }
+        Some(Before::LockBefore(r)) => (
+            &r.tenant_id,
+            format!("{}.lock.{}.{}", r.tenant_id, r.record_type, r.record_id),
+        ),
+        None => return None,
+    };
+    let valid_tenant = |t: &str| {
+        (1..=128).contains(&t.len())
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let own = valid_tenant(&event.tenant_id).then(|| key_of(event));
+    (valid_tenant(tenant) && own.as_ref() != Some(&before)).then_some(before)
+}
+
 /// Asserts the bucket is the stream applied to the backfilled rows: each
 /// key's `Walcast-Seq` is its row's last event's seq (0 for a row with no
-/// event), each deleted row is a marker with its delete's seq, and the rows
+/// event), each deleted row is a marker with its delete's seq, a key an
+/// UPDATE moved the row from is a marker with the seq it held, and the rows
 /// equal `real` (the tables as SELECT sees them).
 pub fn assert_state_exact(
     entries: &BTreeMap<String, Entry>,
@@ -206,8 +262,15 @@ pub fn assert_state_exact(
     let mut last_seq: HashMap<String, (u64, bool)> = HashMap::new();
     for m in events
         .iter()
-        .filter(|m| !m.event.tenant_id.is_empty() && m.event.seq > 0)
+        .filter(|m| m.event.before.is_some() || m.event.seq > 0)
     {
+        if let Some(before) = vacated_key(&m.event) {
+            let held = last_seq.get(&before).map_or(0, |(seq, _)| *seq);
+            last_seq.insert(before, (held, true));
+        }
+        if m.event.tenant_id.is_empty() || m.event.seq == 0 {
+            continue; // a dead letter
+        }
         let deleted = m.event.after.is_none();
         last_seq.insert(key_of(&m.event), (m.event.seq, deleted));
     }

@@ -375,9 +375,32 @@ fn lock_key(l: &EditingLock) -> String {
     format!("{}/{}/{}", l.tenant_id, l.record_type, l.record_id)
 }
 
+/// The key [`Tables`] holds the event's after image under.
+fn after_id(e: &ChangeEvent) -> Option<String> {
+    match &e.after {
+        Some(After::Task(t)) => Some(t.id.clone()),
+        Some(After::Project(p)) => Some(p.id.clone()),
+        Some(After::Lock(l)) => Some(lock_key(l)),
+        None => None,
+    }
+}
+
 impl Tables {
     /// Applies one event, as a consumer keeping a replica would.
     pub fn apply(&mut self, e: &ChangeEvent) {
+        // An UPDATE that changed the row's id (or lock record): the old row goes.
+        match &e.before {
+            Some(Before::TaskBefore(t)) if Some(&t.id) != after_id(e).as_ref() => {
+                drop(self.tasks.remove(&t.id))
+            }
+            Some(Before::ProjectBefore(p)) if Some(&p.id) != after_id(e).as_ref() => {
+                drop(self.projects.remove(&p.id))
+            }
+            Some(Before::LockBefore(l)) if Some(lock_key(l)) != after_id(e) => {
+                drop(self.locks.remove(&lock_key(l)))
+            }
+            _ => {}
+        }
         match (&e.after, &e.before) {
             (Some(After::Task(t)), _) => drop(self.tasks.insert(t.id.clone(), (**t).clone())),
             (Some(After::Project(p)), _) => drop(self.projects.insert(p.id.clone(), (**p).clone())),
