@@ -58,48 +58,52 @@ struct KeyFields {
     lock_before: Option<LockKey>,
 }
 
-/// A task's or project's key columns.
+/// A task's or project's key columns (as bytes: slices of the message,
+/// nothing copied for the common update that keeps its key).
 #[derive(Clone, PartialEq, prost::Message)]
 struct RowKey {
-    #[prost(string, tag = "1")]
-    id: String,
-    #[prost(string, tag = "2")]
-    tenant_id: String,
+    #[prost(bytes = "bytes", tag = "1")]
+    id: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    tenant_id: Bytes,
 }
 
 /// An editing lock's key columns.
 #[derive(Clone, PartialEq, prost::Message)]
 struct LockKey {
-    #[prost(string, tag = "1")]
-    tenant_id: String,
-    #[prost(string, tag = "2")]
-    record_type: String,
-    #[prost(string, tag = "3")]
-    record_id: String,
+    #[prost(bytes = "bytes", tag = "1")]
+    tenant_id: Bytes,
+    #[prost(bytes = "bytes", tag = "2")]
+    record_type: Bytes,
+    #[prost(bytes = "bytes", tag = "3")]
+    record_id: Bytes,
 }
 
 impl KeyFields {
-    /// The key of the row's before image. A before image of the key
-    /// columns only (replica identity not FULL) has no tenant: the row kept
-    /// the event's.
-    fn before_key(&self, tenant: Option<&str>) -> Option<String> {
-        let tenant_of = |own: &'_ str| -> Option<String> {
-            Some(if own.is_empty() {
-                tenant?.to_string()
-            } else {
-                own.to_string()
-            })
-        };
+    /// The key of the row's before image, if it is not the event's own
+    /// row's. A before image of the key columns only (replica identity not
+    /// FULL) has no tenant: the row kept the event's.
+    fn moved_from(&self, tenant: Option<&str>) -> Option<String> {
+        fn text(b: &Bytes) -> Option<&str> {
+            std::str::from_utf8(b).ok()
+        }
+        fn tenant_of<'a>(own: &'a Bytes, tenant: Option<&'a str>) -> Option<&'a str> {
+            if own.is_empty() { tenant } else { text(own) }
+        }
         if let Some(lock) = &self.lock_before {
-            let id = format!("{}:{}", lock.record_type, lock.record_id);
-            return row_key(&tenant_of(&lock.tenant_id)?, "lock", &id);
+            let (record_type, record_id) = (text(&lock.record_type)?, text(&lock.record_id)?);
+            let before = tenant_of(&lock.tenant_id, tenant)?;
+            let own = self.entity_id.rsplit_once(':') == Some((record_type, record_id));
+            return (Some(before) != tenant || !own)
+                .then(|| row_key(before, "lock", &format!("{record_type}:{record_id}")))?;
         }
         let (entity, row) = match (&self.task_before, &self.project_before) {
             (Some(row), _) => ("task", row),
             (None, Some(row)) => ("project", row),
             (None, None) => return None,
         };
-        row_key(&tenant_of(&row.tenant_id)?, entity, &row.id)
+        let (before, id) = (tenant_of(&row.tenant_id, tenant)?, text(&row.id)?);
+        (Some(before) != tenant || id != self.entity_id).then(|| row_key(before, entity, id))?
     }
 }
 
@@ -115,6 +119,14 @@ pub struct Effect {
     pub vacated: Option<String>,
 }
 
+impl Effect {
+    /// Whether the event may have moved its row (a delete or a TRUNCATE
+    /// cannot): an oversized one's stub cannot say.
+    pub fn may_move(&self) -> bool {
+        !matches!(self.write, Ok(Write::Delete(_) | Write::Truncate(_)))
+    }
+}
+
 /// What a stream message does to the state: `<prefix>.<tenant>.<entity>.<action>`
 /// with its `Walcast-Tenant` header and a `ChangeEvent` body (the full one:
 /// an oversized event's stub has no before image).
@@ -123,10 +135,7 @@ pub fn effect(subject: &str, tenant: Option<&str>, payload: &Bytes) -> Effect {
     let write = write_for(subject, tenant, fields.as_ref());
     let vacated = fields
         .filter(|_| !subject.ends_with("._truncated"))
-        .and_then(|fields| fields.before_key(tenant))
-        .filter(
-            |before| !matches!(&write, Ok(Write::Put(key) | Write::Delete(key)) if key == before),
-        );
+        .and_then(|fields| fields.moved_from(tenant));
     Effect { write, vacated }
 }
 

@@ -166,19 +166,19 @@ async fn apply(
     warned: &mut [bool; 2],
 ) -> Result<(), String> {
     let position = input.position;
-    // An oversized event's stub has no before image: its key change is
-    // read from the full event (the put stores that same body).
-    let full = match &input.object {
-        Some(object) => Some(objects.read_event(object).await?),
-        None => None,
-    };
-    let effect = layout::effect(
-        &input.subject,
-        input.tenant.as_deref(),
-        full.as_ref().unwrap_or(&input.payload),
-    );
-    if let Some(key) = &effect.vacated {
-        vacate(writer, (bucket, objects), key, &input).await?;
+    let tenant = input.tenant.as_deref();
+    let mut effect = layout::effect(&input.subject, tenant, &input.payload);
+    // An oversized event's stub has no before image: whether an update
+    // moved its row is read from the full event (which its put stores).
+    let mut full = None;
+    if let Some(object) = input.object.as_deref().filter(|_| effect.may_move()) {
+        let body = objects.read_event(object).await?;
+        effect = layout::effect(&input.subject, tenant, &body);
+        full = Some(body);
+    }
+    if let Some(key) = &effect.vacated
+        && vacate(writer, (bucket, objects), key, &input).await?
+    {
         writes.increment(1);
     }
     match effect.write {
@@ -283,12 +283,13 @@ async fn delete_all(
 /// again. Nothing is written over a marker, or over a value of a later
 /// event (a restart reapplying this one); a key with no entry gets a marker
 /// too, so a backfill's copy from before this event cannot create it.
+/// Returns whether it wrote the marker.
 async fn vacate(
     writer: &mut Writer,
     (bucket, objects): (&Bucket, &Objects),
     key: &str,
     input: &Input,
-) -> Result<(), String> {
+) -> Result<bool, String> {
     // What is in flight lands first, so the read below sees it.
     writer.flush().await?;
     let subject = format!("$KV.{}.{key}", bucket.name);
@@ -297,11 +298,11 @@ async fn vacate(
         .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))?;
     let held_seq = match &held {
         None => 0,
-        Some(entry) if is_marker(&entry.headers) => return Ok(()),
+        Some(entry) if is_marker(&entry.headers) => return Ok(false),
         Some(entry) => {
             let (seq, at) = (held_seq(&entry.headers), layout::commit_of(&entry.payload));
             if !layout::precedes(seq, at, layout::commit_of(&input.payload)) {
-                return Ok(());
+                return Ok(false);
             }
             seq
         }
@@ -325,7 +326,7 @@ async fn vacate(
         subject = %input.subject,
         "a row's tenant or id changed: its old key in the state bucket is now a delete marker"
     );
-    Ok(())
+    Ok(true)
 }
 
 fn is_marker(headers: &async_nats::HeaderMap) -> bool {
@@ -425,8 +426,12 @@ async fn send(
     let mut headers = layout::headers(seq, writer.applied());
     let (key, body) = match write {
         Write::Put(key) => {
-            if let (Some(_), Some(body)) = (object, full) {
+            if let Some(object) = object {
                 // The stream's copy expires with the stream: the state's does not.
+                let body = match full {
+                    Some(body) => body,
+                    None => objects.read_event(&object).await?,
+                };
                 let copy = objects.store(&key, seq, &body).await?;
                 headers.insert(crate::headers::OBJECT, format!("{}/{copy}", objects.name));
             }

@@ -48,6 +48,12 @@ function setRow(event: ChangeEvent): void {
   if (target === undefined) return;
   const [map, field] = target;
   const id = event.entityId;
+  // An update that changed the row's id (a lock's record) leaves the old one.
+  const before = json[`${field}Before`] as Json | undefined;
+  if (before !== undefined) {
+    const beforeId = field === "lock" ? `${String(before["recordType"])}:${String(before["recordId"])}` : String(before["id"]);
+    if (beforeId !== id) map.delete(beforeId);
+  }
   const row = json[field] as Json | undefined;
   if (gone) map.delete(id);
   else if (row !== undefined) map.set(id, row);

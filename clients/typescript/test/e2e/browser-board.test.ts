@@ -114,6 +114,14 @@ describe("examples/browser-board in Chromium, straight on NATS with a tenant tok
         taskId,
         { timeout: PATIENCE_MS },
       );
+      // A task whose id changes: the board drops its old id (the event's before-image).
+      const oldId = await work.createTask(A, aProject, "A renumbered task");
+      await pageA.waitForSelector(`[data-task-id="${oldId}"]`, { timeout: PATIENCE_MS });
+      const newId = "b0000000-0000-4000-8000-000000000001";
+      await db.query("UPDATE tasks SET id = $1 WHERE id = $2", [newId, oldId]);
+      await pageA.waitForSelector(`[data-task-id="${newId}"]`, { timeout: PATIENCE_MS });
+      assert.equal(await pageA.$(`[data-task-id="${oldId}"]`), null, "the task's old id left the board");
+      assert.equal((await titles(pageA)).filter((t) => t === "A renumbered task").length, 1);
       await work.createTask(B, bProject, "B live task");
       await pageB.waitForFunction(() => document.body.textContent?.includes("B live task"), undefined, { timeout: PATIENCE_MS });
       await pageA.screenshot({ path: join(SHOTS, "browser-board-a.png"), fullPage: true });

@@ -53,6 +53,12 @@
   /** Puts the row an event leaves (or its absence) into the state. */
   function setRow(event) {
     const action = event.action;
+    // An update that changed the row's id (a lock's record) leaves the old one.
+    const before = event.taskBefore || event.projectBefore || event.lockBefore;
+    const beforeId = before && (event.lockBefore ? `${before.recordType}:${before.recordId}` : before.id);
+    if (beforeId && beforeId !== event.entityId) {
+      ({ ENTITY_TASK: tasks, ENTITY_PROJECT: projects, ENTITY_LOCK: locks })[event.entity]?.delete(beforeId);
+    }
     switch (event.entity) {
       case "ENTITY_TASK":
         if (action === "ACTION_DELETED") tasks.delete(event.entityId);
