@@ -248,16 +248,7 @@ async fn delete_all(
                 .map_err(|e| failed(&e))?;
             let pending = message.info().map_err(|e| failed(&e))?.pending;
             if let Some((key, seq)) = held_row(&message, &prefix) {
-                let mut headers = layout::headers(seq, writer.applied());
-                headers.insert(crate::headers::KV_OPERATION, "DEL");
-                writer
-                    .send(
-                        key,
-                        &headers,
-                        bytes::Bytes::new(),
-                        position.saturating_sub(1),
-                    )
-                    .await?;
+                mark_gone(writer, key, seq, position).await?;
                 rows += 1;
             }
             if pending == 0 {
@@ -307,16 +298,7 @@ async fn vacate(
             seq
         }
     };
-    let mut headers = layout::headers(held_seq, writer.applied());
-    headers.insert(crate::headers::KV_OPERATION, "DEL");
-    writer
-        .send(
-            key,
-            &headers,
-            bytes::Bytes::new(),
-            input.position.saturating_sub(1),
-        )
-        .await?;
+    mark_gone(writer, key, held_seq, input.position).await?;
     // Its value's object (an oversized row) goes once the marker is applied.
     objects
         .retire_after(input.position, key, held_seq + 1)
@@ -327,6 +309,22 @@ async fn vacate(
         "a row's tenant or id changed: its old key in the state bucket is now a delete marker"
     );
     Ok(true)
+}
+
+/// A delete marker for a row gone without a delete event of its own (a
+/// TRUNCATE, a move), keeping the `seq` the key held; it completes the
+/// position before the event's, so a crash part-way repeats the event.
+async fn mark_gone(writer: &mut Writer, key: &str, seq: u64, position: u64) -> Result<(), String> {
+    let mut headers = layout::headers(seq, writer.applied());
+    headers.insert(crate::headers::KV_OPERATION, "DEL");
+    writer
+        .send(
+            key,
+            &headers,
+            bytes::Bytes::new(),
+            position.saturating_sub(1),
+        )
+        .await
 }
 
 fn is_marker(headers: &async_nats::HeaderMap) -> bool {
