@@ -266,9 +266,9 @@ async fn delete_all(
 
 /// The row left `key` (this event changed its tenant or id): the key gets
 /// a delete marker carrying the seq it held, as a truncated row's does, so
-/// no tenant's `as_of_seq` goes back and a load between this marker and
-/// the row's new key misses the row exactly as it was before this event
-/// (whose seq the load then follows). A row moved to another tenant has no
+/// no tenant's `as_of_seq` goes back, and a load between this marker and
+/// the row's new key lacks the row but is as of a seq before this event,
+/// which it then follows and which brings the row back. A row moved to another tenant has no
 /// event in its old tenant's stream (one message per change, SPEC §4.1):
 /// loads of that tenant lose it, its live followers keep it until they load
 /// again. Nothing is written over a marker, or over a value of a later
