@@ -492,10 +492,11 @@ async fn a_row_whose_tenant_or_id_changes_leaves_its_old_key() {
             "A back",
             format!("UPDATE tasks SET tenant_id = 'tenant-x' WHERE id = '{A}'"),
         ),
-        // Out of the dead letters (the state holds no dead letter's row).
+        // Out of the dead letters (the state holds no dead letter's row), to a
+        // tenant the workload leaves alone (it may delete a row of its own).
         (
-            "B to tenant-1",
-            format!("UPDATE tasks SET tenant_id = 'tenant-1' WHERE id = '{B}'"),
+            "B to tenant-y",
+            format!("UPDATE tasks SET tenant_id = 'tenant-y' WHERE id = '{B}'"),
         ),
     ] {
         client
@@ -532,7 +533,7 @@ async fn a_row_whose_tenant_or_id_changes_leaves_its_old_key() {
         "D's new key"
     );
     assert!(
-        !entries[&format!("tenant-1.task.{B}")].deleted,
+        !entries[&format!("tenant-y.task.{B}")].deleted,
         "B's new key"
     );
 

@@ -177,11 +177,7 @@ pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
     if last == 0 {
         return out;
     }
-    let consumer = stream
-        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-        .await
-        .expect("ordered consumer");
-    let mut messages = consumer.messages().await.expect("consume");
+    let mut messages = ordered_messages(&stream).await;
     while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
         .await
         .expect("stream read stalled")
@@ -205,6 +201,27 @@ pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
         }
     }
     out
+}
+
+/// An ordered read of `stream` from its start. On a cluster that just lost
+/// a node the server may place the consumer there and never answer the
+/// create (seen in CI: `TimedOut` a second after a kill -9): each attempt
+/// is a new consumer, as walcast's own reads do (vendor/README.md).
+async fn ordered_messages(
+    stream: &jetstream::stream::Stream,
+) -> jetstream::consumer::pull::Ordered {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let created = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await;
+        match created {
+            Ok(consumer) => return consumer.messages().await.expect("consume"),
+            Err(e) if attempts < 5 => eprintln!("creating an ordered consumer failed ({e}); again"),
+            Err(e) => panic!("ordered consumer, {attempts} attempts: {e}"),
+        }
+    }
 }
 
 /// A message's headers, first value of each.
