@@ -268,8 +268,9 @@ async fn delete_all(
 /// a delete marker carrying the seq it held, as a truncated row's does, so
 /// no tenant's `as_of_seq` goes back, and a load between this marker and
 /// the row's new key lacks the row but is as of a seq before this event,
-/// which it then follows and which brings the row back. A row moved to another tenant has no
-/// event in its old tenant's stream (one message per change, SPEC §4.1):
+/// which it then follows and which brings the row back. A row moved to
+/// another tenant has no event in its old tenant's stream (one message per
+/// change, SPEC §4.1):
 /// loads of that tenant lose it, its live followers keep it until they load
 /// again. Nothing is written over a marker, or over a value of a later
 /// event (a restart reapplying this one); a key with no entry gets a marker
@@ -283,10 +284,7 @@ async fn vacate(
 ) -> Result<bool, String> {
     // What is in flight lands first, so the read below sees it.
     writer.flush().await?;
-    let subject = format!("$KV.{}.{key}", bucket.name);
-    let held = super::bucket::last_at_leader(&bucket.stream, &subject)
-        .await
-        .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))?;
+    let held = entry_at_leader(bucket, &format!("$KV.{}.{key}", bucket.name), key).await?;
     let held_seq = match &held {
         None => 0,
         Some(entry) if is_marker(&entry.headers) => return Ok(false),
@@ -390,10 +388,19 @@ async fn held_nearby(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, S
 
 /// The seq a key holds (0: none), as the stream leader answers.
 async fn held_at_leader(bucket: &Bucket, subject: &str, key: &str) -> Result<u64, String> {
-    let held = super::bucket::last_at_leader(&bucket.stream, subject)
-        .await
-        .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))?;
+    let held = entry_at_leader(bucket, subject, key).await?;
     Ok(held.map_or(0, |entry| held_seq(&entry.headers)))
+}
+
+/// The newest entry of `key` (its `subject`), as the stream leader answers.
+async fn entry_at_leader(
+    bucket: &Bucket,
+    subject: &str,
+    key: &str,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, String> {
+    super::bucket::last_at_leader(&bucket.stream, subject)
+        .await
+        .map_err(|e| format!("read {key} from the state bucket's leader on NATS: {e}"))
 }
 
 fn held_seq(headers: &async_nats::HeaderMap) -> u64 {
