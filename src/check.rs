@@ -298,6 +298,30 @@ async fn checkpoint_tables(c: &Client, user: &str, r: &mut Report) -> Result<(),
             Some("run `walcast migrate` (migration 0007)".into()),
         ),
     }
+    // Where a run records messages it did not publish: without it a run
+    // that finds some stops (README "Tenant isolation at the broker").
+    let foreign = c
+        .query_opt(
+            "SELECT has_table_privilege('walcast.foreign_messages', 'INSERT')
+                AND has_table_privilege('walcast.foreign_messages', 'DELETE')
+             WHERE to_regclass('walcast.foreign_messages') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(check_query)?;
+    match foreign.map(|row| row.get::<_, bool>(0)) {
+        Some(true) => r.pass("walcast.foreign_messages is writable"),
+        Some(false) => r.add(
+            Status::Warn,
+            "walcast.foreign_messages is not writable by this role: a run that finds messages it did not publish in the stream stops",
+            Some(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.foreign_messages TO {};", quote_ident(user))),
+        ),
+        None => r.add(
+            Status::Warn,
+            "walcast.foreign_messages is missing: a run that finds messages it did not publish in the stream stops",
+            Some("run `walcast migrate` (migration 0008)".into()),
+        ),
+    }
     Ok(())
 }
 

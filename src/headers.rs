@@ -7,6 +7,9 @@ use std::borrow::Cow;
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// JetStream stores the message only if the stream ends at this sequence.
 pub const EXPECTED_LAST_SEQUENCE: &str = "Nats-Expected-Last-Sequence";
+/// JetStream stores the message only if the stream's last message has this
+/// `Nats-Msg-Id` (a message without one clears it).
+pub const EXPECTED_LAST_MSG_ID: &str = "Nats-Expected-Last-Msg-Id";
 /// JetStream stores the message only if its subject's last message is at
 /// this sequence (`0`: the subject has none).
 pub const EXPECTED_LAST_SUBJECT_SEQUENCE: &str = "Nats-Expected-Last-Subject-Sequence";

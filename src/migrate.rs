@@ -41,6 +41,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_catchup_segments.sql",
         include_str!("../migrations/0007_catchup_segments.sql"),
     ),
+    (
+        "0008_foreign_messages.sql",
+        include_str!("../migrations/0008_foreign_messages.sql"),
+    ),
 ];
 
 /// What a migration run did.

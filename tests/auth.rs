@@ -488,3 +488,126 @@ async fn over_a_workload_a_tenant_receives_only_its_own_events() {
     drop(history);
     daemon.stop().await.expect("clean stop");
 }
+
+/// The nats-server lets a user write copies of what it may read anywhere
+/// in its account (nats-server issue 8274): a pull request's reply subject
+/// and a push consumer's deliver subject are not checked against its
+/// permissions. A tenant user that pulls its own state values with a reply
+/// subject in the stream's subjects, or pushes them to one it subscribes to
+/// itself, makes the server store them in the event stream. Before walcast
+/// chained its publishes by id and recorded such messages, it took them for
+/// its own events and skipped as many real ones — other tenants' too —
+/// without a word. Now every committed change is in the stream exactly
+/// once, in order, and the foreign messages are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_writing_into_the_stream_cannot_make_walcast_lose_events() {
+    let (callout, env) = migrated_env(false).await;
+    let pg = env.pg.client().await;
+    let oracle = crate::support::oracle::Oracle::create(&pg).await;
+    let http = format!("127.0.0.1:{}", free_port());
+    let options = callout.apply(Options {
+        nats_url: Some(walcast_url(&env.nats)),
+        http_addr: Some(http.clone()),
+        ..env.options()
+    });
+    let daemon = Daemon::start(options.resolve().expect("valid settings"));
+    insert_projects(&pg, "acme", &["a1", "a2"]).await;
+    let operator = jetstream::new(admin(&env.nats).await);
+    let state_ready = || async {
+        match operator.get_stream("KV_WALCAST_STATE").await {
+            Ok(mut s) => s.info().await.is_ok_and(|i| i.state.messages >= 2),
+            Err(_) => false,
+        }
+    };
+    wait_until(BOUND, state_ready)
+        .await
+        .expect("acme's rows reach the state");
+    let acme = connect_tenant(&env.nats.url(), "acme").await;
+    // Push: a consumer delivering to a literal subject of the stream the
+    // tenant subscribes to itself (the server delivers only with interest).
+    let _bait = acme
+        .client
+        .subscribe("walcast.acme.task.created")
+        .await
+        .unwrap();
+    acme.client.flush().await.unwrap();
+    let push = json!({"deliver_subject": "walcast.acme.task.created"});
+    create_state_consumer(&acme, "push", push).await;
+    let writes = async {
+        for round in 0..12 {
+            insert_projects(&pg, "acme", &[&format!("a-{round}")]).await;
+            insert_projects(&pg, "globex", &[&format!("g-{round}"), "g"]).await;
+        }
+    };
+    // Pull: state values delivered to a reply subject in the stream's.
+    let pulls = async {
+        for round in 0..12 {
+            let name = format!("pull{round}");
+            create_state_consumer(&acme, &name, json!({})).await;
+            let next = format!("$JS.API.CONSUMER.MSG.NEXT.KV_WALCAST_STATE.{name}");
+            let request = json!({"batch": 3, "no_wait": true}).to_string();
+            acme.client
+                .publish_with_reply(next, "walcast.acme.project.created", request.into())
+                .await
+                .unwrap();
+            acme.client.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::join!(writes, pulls);
+    insert_projects(&pg, "globex", &["last"]).await;
+    env.wait_caught_up(&pg, Duration::from_secs(60)).await;
+
+    let stream = crate::support::daemon::read_stream_as(admin(&env.nats).await, "WALCAST").await;
+    let (own, foreign): (Vec<_>, Vec<_>) = stream.into_iter().partition(|m| {
+        m.subject.starts_with("walcast.")
+            && (m.headers.get("Nats-Msg-Id")).is_some_and(|id| *id == m.event.event_id)
+    });
+    assert!(
+        !foreign.is_empty(),
+        "no message reached the stream from the tenant: the test proves nothing"
+    );
+    let changes = oracle.changes(&pg).await;
+    assert_eq!(changes.len(), 2 + 12 * 3 + 1);
+    crate::support::oracle::assert_matches_oracle(&own, &changes);
+    let mut seqs: std::collections::HashMap<&str, u64> = Default::default();
+    for m in &own {
+        let last = seqs.entry(m.event.tenant_id.as_str()).or_default();
+        assert_eq!(
+            m.event.seq,
+            *last + 1,
+            "{} seq after {last}",
+            m.event.event_id
+        );
+        *last += 1;
+    }
+    assert_eq!(
+        (seqs.get("acme"), seqs.get("globex")),
+        (Some(&14), Some(&25))
+    );
+    let counted =
+        crate::support::edge::scrape(&http, "walcast_stream_foreign_messages_total").await;
+    assert!(counted.is_some_and(|n| n >= 1.0), "{counted:?}");
+    drop(pg);
+    daemon.stop().await.expect("clean stop");
+}
+
+/// Creates a consumer on the tenant's state keys, as the tenant may.
+async fn create_state_consumer(conn: &TenantConnection, name: &str, extra: serde_json::Value) {
+    let mut config = json!({"name": name, "filter_subject": "$KV.WALCAST_STATE.acme.>",
+        "deliver_policy": "all", "ack_policy": "none"});
+    config
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let body = json!({"stream_name": "KV_WALCAST_STATE", "action": "", "config": config});
+    let subject =
+        format!("$JS.API.CONSUMER.CREATE.KV_WALCAST_STATE.{name}.$KV.WALCAST_STATE.acme.>");
+    let reply = conn
+        .client
+        .request(subject, body.to_string().into())
+        .await
+        .expect("JetStream answers");
+    let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert!(reply.get("error").is_none(), "{reply}");
+}

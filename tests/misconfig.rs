@@ -163,11 +163,11 @@ async fn every_misconfiguration_is_one_clear_error_and_a_non_zero_exit() {
         .batch_execute(&format!(
             "CREATE ROLE norep LOGIN;
              GRANT USAGE ON SCHEMA walcast TO norep;
-             GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs, walcast.catchup_segments TO norep;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs, walcast.catchup_segments, walcast.foreign_messages TO norep;
              GRANT SELECT ON public.tasks, public.projects, public.editing_locks TO norep;
              CREATE ROLE pwuser LOGIN REPLICATION PASSWORD '{RIGHT_PASSWORD}';
              GRANT USAGE ON SCHEMA walcast TO pwuser;
-             GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs, walcast.catchup_segments TO pwuser;
+             GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.checkpoints, walcast.tenant_seqs, walcast.catchup_segments, walcast.foreign_messages TO pwuser;
              GRANT SELECT ON public.tasks, public.projects, public.editing_locks TO pwuser;"
         ))
         .await

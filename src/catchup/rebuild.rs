@@ -471,6 +471,9 @@ async fn read_range(
         .await
         .map_err(|e| format!("read the stream: {e}"))?;
     let mut read = 0u64;
+    // Walcast's event ids grow with the position; a message without one,
+    // or with one not after the last, is not walcast's (`pipeline::foreign`).
+    let mut last_id = None;
     loop {
         let msg = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
             Ok(Some(msg)) => msg.map_err(|e| format!("read the stream: {e}"))?,
@@ -485,7 +488,12 @@ async fn read_range(
         if stream_seq < lo {
             continue; // a consumer recreated earlier than asked (vendor/README.md)
         }
-        if let Some((tenant, seq)) = position(msg.headers.as_ref()) {
+        let id = event_id(msg.headers.as_ref());
+        let own = id.is_some() && (last_id.is_none() || id > last_id);
+        if own {
+            last_id = id;
+        }
+        if let Some((tenant, seq)) = position(msg.headers.as_ref()).filter(|_| own) {
             let tenant = tenants.get(tenant);
             rebuilt.push(&tenant, TenantSeq(seq), StreamSeq(stream_seq));
         }
@@ -502,6 +510,11 @@ async fn read_range(
     }
     rebuilt.bound(StreamSeq(hi + 1));
     Ok(Some(read))
+}
+
+/// A message's event id (`Nats-Msg-Id`), as a WAL position.
+fn event_id(headers: Option<&async_nats::HeaderMap>) -> Option<(crate::lsn::Lsn, u32)> {
+    crate::events::parse_event_id(headers?.get(crate::headers::MSG_ID)?.as_str())
 }
 
 /// A tenant message's `(tenant, seq)` from its headers.

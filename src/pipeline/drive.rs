@@ -127,7 +127,8 @@ async fn spawn_stages(
         republish: publish::republish::Republish::below(reconciled.acked_high),
         feed,
     };
-    let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, last_seq));
+    let tail = reconciled.tail;
+    let publishing = tokio::spawn(publisher.run(items_rx, segments_tx, tail));
     let checkpointer = checkpoint::Checkpointer {
         store: ctx.db.connect().await?,
         slot: s.slot.clone(),

@@ -8,6 +8,7 @@
 
 mod drive;
 mod dry_run;
+pub(crate) mod foreign;
 mod prepare;
 mod reader;
 mod retention;

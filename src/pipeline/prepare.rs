@@ -12,6 +12,10 @@
 //! they are counted but not sent again. If the stream holds fewer than `s`
 //! messages, the broker lost events the slot no longer has: stop, loudly.
 //!
+//! Messages walcast did not publish (`foreign`) are not its events: the
+//! positions recorded in Postgres and those found at the stream's tail are
+//! left out of the count, and the replay skips them.
+//!
 //! Messages missing from the middle of the stream (`publish::holes`) are
 //! found here too, from one stream info request: past the checkpoint the
 //! replay names the lost events and stops (`reader::Skip`); before it,
@@ -19,6 +23,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::foreign::{self, Foreign};
 use super::{Context, PipelineError};
 use crate::checkpoint::{Checkpoint, store};
 use crate::database::with_timeout;
@@ -119,6 +124,9 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
     let checkpoint = match store::load(&sql, &s.slot).await? {
         Some(c) => c,
         None => {
+            // A new checkpoint: positions recorded for an earlier one (an
+            // earlier stream) mean nothing now.
+            foreign::forget(&sql, &s.slot).await?;
             store::init(
                 &sql,
                 &s.slot,
@@ -136,15 +144,21 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         slot: &s.slot,
         stream: &s.stream,
     };
+    let recorded = foreign::load(&sql, &s.slot).await?;
     let mut reconciled = reconcile(
         &sink,
         names,
         &checkpoint,
         last_seq,
+        &recorded,
         &ctx.acked_high,
         StreamSeq(s.accept_holes_through),
     )
     .await?;
+    // Recorded before the first publish: from then on they sit between
+    // this run's events and the last run's (see `foreign`).
+    let found = reconciled.found_foreign;
+    foreign::update(&sql, &s.slot, found, checkpoint.stream_seq, last_seq).await?;
     reconciled.oldest_removed = ctx
         .oldest_removed
         .lock()
@@ -176,6 +190,12 @@ pub(super) struct Names<'a> {
 pub(super) struct Reconciled {
     /// Events already in the stream past the checkpoint (replayed, not sent).
     pub already: u64,
+    /// Positions past the checkpoint of messages walcast did not publish.
+    pub foreign: Foreign,
+    /// Those found at the stream's tail by this reconciliation (to record).
+    pub found_foreign: Option<(StreamSeq, StreamSeq)>,
+    /// Where the stream ends, and its last message that is walcast's.
+    pub tail: crate::publish::Tail,
     /// The `Nats-Msg-Id` of the stream's last message, if `already > 0`.
     pub tail_id: Option<String>,
     /// The highest stream sequence ever acknowledged (this process or the
@@ -195,22 +215,53 @@ pub(super) struct Reconciled {
 /// module comment): how many events past the checkpoint it already holds,
 /// and the last one's id to check the replay against. An error if the
 /// checkpoint belongs to another stream or the stream lost events the slot
-/// no longer has. `process_high` is the highest sequence this process saw
-/// acknowledged; it is raised to the checkpoint's. Holes up to
-/// `accept_through` do not stop the run.
+/// no longer has. `recorded` are the foreign messages known so far.
+/// `process_high` is the highest sequence this process saw acknowledged;
+/// it is raised to the checkpoint's. Holes up to `accept_through` do not
+/// stop the run.
 pub(super) async fn reconcile(
     sink: &impl Sink,
     names: Names<'_>,
     checkpoint: &Checkpoint,
     last_seq: StreamSeq,
+    recorded: &Foreign,
     process_high: &AtomicU64,
     accept_through: StreamSeq,
 ) -> Result<Reconciled, PipelineError> {
-    let already = count_already(names, checkpoint, last_seq)?;
+    let positions = count_past(names, checkpoint, last_seq)?;
+    let known = recorded.within(checkpoint.stream_seq, last_seq);
+    let after = known.last().unwrap_or_default().max(checkpoint.stream_seq);
+    let found_foreign = foreign::trailing(sink, after, last_seq, checkpoint.lsn).await?;
+    let foreign = match found_foreign {
+        Some((first, last)) => {
+            tracing::warn!(
+                stream = %names.stream,
+                first = %first,
+                last = %last,
+                "the stream ends with messages walcast did not publish: skipping them. A tenant user can make the \
+                 nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
+                 deliver subject in the stream's subjects), or someone published into them; see README \
+                 \"Tenant isolation at the broker\""
+            );
+            metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES)
+                .increment(last.0 - first.0 + 1);
+            known.with(first, last)
+        }
+        None => known,
+    };
+    let already = positions - foreign.count();
+    if already > 0 {
+        tracing::info!(
+            messages = already,
+            foreign = foreign.count(),
+            "stream is ahead of the checkpoint; replaying without republishing"
+        );
+    }
     let all = sink.holes().await?;
     let missing = holes::missing(&all);
     holes::gauge(missing);
-    let (within, beyond) = holes::split(&all, checkpoint.stream_seq);
+    let (mut within, beyond) = holes::split(&all, checkpoint.stream_seq);
+    within.retain(|hole| !foreign.covers(hole));
     for hole in beyond.iter().take(holes::HOLES_NAMED) {
         report_beyond(sink, names, checkpoint, hole).await;
     }
@@ -224,9 +275,14 @@ pub(super) async fn reconcile(
             "more holes in the middle of the stream before the checkpoint (see the ERRORs above)"
         );
     }
-    let tail_id = match already {
-        0 => None,
-        _ => sink.message_id(last_seq).await,
+    let own = foreign.last_outside(checkpoint.stream_seq, last_seq);
+    let tail_id = match own {
+        Some(tail) if already > 0 => sink.message_id(tail).await,
+        _ => None,
+    };
+    let tail = crate::publish::Tail {
+        last_seq,
+        own: own.unwrap_or(checkpoint.stream_seq.min(last_seq)),
     };
     let acked_high = StreamSeq(
         process_high
@@ -243,6 +299,9 @@ pub(super) async fn reconcile(
     }
     Ok(Reconciled {
         already,
+        foreign,
+        found_foreign,
+        tail,
         tail_id,
         acked_high,
         holes: within,
@@ -276,10 +335,10 @@ async fn report_beyond(sink: &impl Sink, names: Names<'_>, checkpoint: &Checkpoi
     );
 }
 
-/// How many events past the checkpoint the stream already holds; an error
-/// if the checkpoint belongs to another stream or the stream lost events the
-/// slot no longer has.
-fn count_already(
+/// How many positions past the checkpoint the stream holds; an error if the
+/// checkpoint belongs to another stream or the stream lost events the slot
+/// no longer has.
+fn count_past(
     names: Names<'_>,
     checkpoint: &Checkpoint,
     last_seq: StreamSeq,
@@ -303,12 +362,5 @@ fn count_already(
             checkpoint.stream_seq
         )));
     }
-    let already = last_seq - checkpoint.stream_seq;
-    if already > 0 {
-        tracing::info!(
-            messages = already,
-            "stream is ahead of the checkpoint; replaying without republishing"
-        );
-    }
-    Ok(already)
+    Ok(last_seq - checkpoint.stream_seq)
 }

@@ -3,6 +3,7 @@
 
 use futures::FutureExt;
 
+use super::foreign::Foreign;
 use super::prepare::Reconciled;
 use super::{BATCH, PipelineError};
 use crate::assemble::Assembler;
@@ -101,6 +102,8 @@ impl Reader<'_> {
 pub(super) struct Skip {
     remaining: u64,
     next_stream_seq: StreamSeq,
+    /// Positions of messages walcast did not publish: no event goes there.
+    foreign: Foreign,
     tail_id: Option<String>,
     holes: Vec<Hole>,
     /// The first of `holes` not yet behind the replay.
@@ -122,6 +125,7 @@ impl Skip {
             reconciled.tail_id.clone(),
         );
         skip.holes = reconciled.holes.clone();
+        skip.foreign = reconciled.foreign.clone();
         skip.accept_through = reconciled.accept_through;
         skip.oldest_removed = reconciled.oldest_removed.clone();
         skip.stream = checkpoint.stream.clone();
@@ -136,6 +140,7 @@ impl Skip {
         Skip {
             remaining,
             next_stream_seq: checkpoint_stream_seq.next(),
+            foreign: Foreign::default(),
             tail_id,
             holes: Vec::new(),
             hole_at: 0,
@@ -228,8 +233,8 @@ impl Skip {
 
     fn take(&mut self, event: &crate::events::OutEvent) -> Result<Item, PipelineError> {
         self.remaining -= 1;
-        let stream_seq = self.next_stream_seq;
-        self.next_stream_seq = self.next_stream_seq.next();
+        let stream_seq = self.foreign.skip(self.next_stream_seq);
+        self.next_stream_seq = stream_seq.next();
         self.check_hole(stream_seq, event)?;
         if self.remaining == 0
             && let Some(tail) = &self.tail_id

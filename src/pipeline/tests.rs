@@ -13,7 +13,12 @@
 //! `prepare` (reconcile the checkpoint with the stream) and replays the
 //! WAL from the slot.
 //!
-//! Checked after every run: the stream is a prefix of the exact stream
+//! A foreign message (one walcast did not publish: a tenant's pull reply
+//! into the stream's subjects) may land before a random send or between
+//! runs; it must be skipped, never taken for an event.
+//!
+//! Checked after every run: the stream, foreign messages left out, is a
+//! prefix of the exact stream
 //! (every event once, in commit order, each tenant's seqs 1..n); the
 //! checkpoint counts exactly the events before its LSN, with each tenant's
 //! last seq among them; the slot is never confirmed past the checkpoint.
@@ -32,6 +37,7 @@ use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 
 use super::drive::replayer;
+use super::foreign::Foreign;
 use super::prepare::{Names, reconcile};
 use super::reader::{Reader, Skip};
 use super::{BATCH, PipelineError};
@@ -164,6 +170,8 @@ enum Stop {
     /// The connection drops at the n-th message of the run (it and the
     /// acks in flight are lost).
     Disconnect(u64),
+    /// A foreign message lands just before the n-th message of the run.
+    Foreign(u64),
 }
 
 /// What the broker loses after an interruption (an unclean restart with
@@ -180,6 +188,8 @@ enum Loss {
     /// One message from the middle, the k-th (modulo the stream's length):
     /// past the checkpoint walcast must stop (naming it), before it go on.
     Hole(u64),
+    /// n foreign messages at the tail, while walcast is down.
+    Foreign(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +224,8 @@ struct World {
     /// Saved catch-up positions that disagreed with the stream when handed
     /// over (they must hold only acknowledged, exact positions).
     saved_wrong: Vec<String>,
+    /// The foreign messages recorded (`walcast.foreign_messages`).
+    foreign: Foreign,
 }
 
 enum Outcome {
@@ -236,6 +248,7 @@ impl World {
             runs: 0,
             accept_holes_through: 0,
             saved_wrong: Vec::new(),
+            foreign: Foreign::default(),
         }
     }
 
@@ -248,10 +261,12 @@ impl World {
         self.check_checkpoint()
     }
 
-    /// The stream is a prefix of the exact stream.
+    /// The stream, foreign messages left out, is a prefix of the exact
+    /// stream.
     fn check_stream(&self) -> Result<(), String> {
         let broker = self.broker.lock();
-        for (i, got) in broker.messages.iter().enumerate() {
+        let own = broker.messages.iter().filter(|m| !m.msg_id.is_empty());
+        for (i, got) in own.enumerate() {
             let want = self.expected.get(i).ok_or(format!(
                 "stream message {} ({}) is past the last event",
                 i + 1,
@@ -287,7 +302,8 @@ impl World {
             .iter()
             .filter(|e| e.end_lsn <= row.lsn.0)
             .collect();
-        if covered.len() as u64 != row.stream_seq {
+        let foreign = self.foreign_through(row.stream_seq);
+        if covered.len() as u64 + foreign != row.stream_seq {
             return Err(format!(
                 "the checkpoint at {} says stream message {}, but {} events committed before it",
                 row.lsn,
@@ -325,18 +341,36 @@ impl World {
         Ok(())
     }
 
+    /// How many foreign messages the stream holds up to `seq`.
+    fn foreign_through(&self, seq: u64) -> u64 {
+        let broker = self.broker.lock();
+        let upto = broker.messages.len().min(seq as usize);
+        broker.messages[..upto]
+            .iter()
+            .filter(|m| m.msg_id.is_empty())
+            .count() as u64
+    }
+
     fn lose(&self, loss: &Loss) {
         let n = match *loss {
             Loss::None => 0,
+            Loss::Foreign(n) => {
+                (0..n).for_each(|_| self.broker.store_foreign());
+                0
+            }
             Loss::Unconfirmed(n) => {
                 let len = self.broker.lock().messages.len() as u64;
                 n.min(len.saturating_sub(self.store.snapshot().stream_seq))
             }
             Loss::Any(n) => n,
             Loss::Hole(k) => {
-                let len = self.broker.lock().messages.len() as u64;
-                if len > 0 {
-                    self.broker.delete(k % len + 1);
+                // One of walcast's: a deleted foreign message lost no event.
+                let own: Vec<u64> = (self.broker.lock().messages.iter().enumerate())
+                    .filter(|(_, m)| !m.msg_id.is_empty())
+                    .map(|(i, _)| i as u64 + 1)
+                    .collect();
+                if !own.is_empty() {
+                    self.broker.delete(own[(k % own.len() as u64) as usize]);
                 }
                 0
             }
@@ -409,6 +443,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         NAMES,
         &checkpoint,
         last_seq,
+        &w.foreign,
         &w.process_high,
         StreamSeq(w.accept_holes_through),
     )
@@ -417,6 +452,12 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         Ok(r) => r,
         Err(e) => return Outcome::Failed(e),
     };
+    // As `foreign::update` records them.
+    let recorded = match reconciled.found_foreign {
+        Some((first, last)) => w.foreign.with(first, last),
+        None => w.foreign.clone(),
+    };
+    w.foreign = recorded.within(checkpoint.stream_seq, last_seq);
     let confirmed = w.confirmed.load(Ordering::SeqCst);
     let start = checkpoint.lsn.0.max(confirmed);
     let mut assembler = replayer("walcast", Tables::default(), &checkpoint);
@@ -459,7 +500,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         };
         let (fed, published, checkpointed, ()) = tokio::join!(
             feed(&c.wal, confirmed, reader, items_tx, last),
-            publisher.run(items_rx, segments_tx, last_seq),
+            publisher.run(items_rx, segments_tx, reconciled.tail),
             checkpointer.run(checkpoint, segments_rx, confirm_tx),
             observe,
         );
@@ -511,6 +552,10 @@ async fn case(c: Case) -> Result<(), String> {
                 w.broker.disconnect_in(n);
                 Duration::from_secs(60)
             }
+            Stop::Foreign(n) => {
+                w.broker.foreign_in(n);
+                Duration::from_secs(60)
+            }
         };
         let must_stop = w.hole_past_checkpoint();
         let outcome = run(&mut w, &c, false, limit).await;
@@ -542,7 +587,8 @@ async fn case(c: Case) -> Result<(), String> {
         Outcome::Killed => return Err("the last run did not finish".into()),
     }
     w.check().map_err(|e| format!("after the last run: {e}"))?;
-    let len = w.broker.lock().messages.len();
+    let stored = w.broker.lock().messages.len();
+    let len = stored - w.foreign_through(u64::MAX) as usize;
     if len != w.expected.len() {
         return Err(format!(
             "the stream ends at message {len}, the WAL has {} events",
@@ -601,12 +647,14 @@ fn interruption() -> impl Strategy<Value = Interruption> {
         3 => (0u64..2_500).prop_map(Stop::Crash),
         1 => (1u64..60).prop_map(Stop::Refuse),
         1 => (1u64..60).prop_map(Stop::Disconnect),
+        1 => (1u64..60).prop_map(Stop::Foreign),
     ];
     let loss = prop_oneof![
         3 => Just(Loss::None),
         3 => (1u64..30).prop_map(Loss::Unconfirmed),
         1 => (1u64..8).prop_map(Loss::Any),
         1 => (0u64..1_000).prop_map(Loss::Hole),
+        1 => (1u64..4).prop_map(Loss::Foreign),
     ];
     (stop, loss).prop_map(|(stop, loss)| Interruption { stop, loss })
 }

@@ -49,6 +49,9 @@ pub(crate) struct Broker {
     /// The connection drops at the send with this number: that message and
     /// every ack in flight are lost.
     disconnect_at: Option<u64>,
+    /// Just before the send with this number, a message walcast did not
+    /// publish is stored (a tenant's pull reply into the stream).
+    foreign_at: Option<u64>,
 }
 
 /// A handle on the broker, shared by the test and the runs' sinks.
@@ -65,6 +68,7 @@ impl MemoryBroker {
             sends: 0,
             fail_at: None,
             disconnect_at: None,
+            foreign_at: None,
         })))
     }
 
@@ -101,11 +105,30 @@ impl MemoryBroker {
         b.disconnect_at = Some(b.sends + n.max(1));
     }
 
+    /// Stores a foreign message just before the `n`-th send from now.
+    pub fn foreign_in(&self, n: u64) {
+        let mut b = self.lock();
+        b.foreign_at = Some(b.sends + n.max(1));
+    }
+
+    /// Stores a foreign message now (no `Nats-Msg-Id`).
+    pub fn store_foreign(&self) {
+        let mut b = self.lock();
+        b.messages.push(Stored {
+            msg_id: String::new(),
+            tenant: None,
+            seq: None,
+            payload: Bytes::from_static(b"foreign"),
+            stored_at: Instant::now(),
+        });
+    }
+
     /// Clears faults not yet reached.
     pub fn heal(&self) {
         let mut b = self.lock();
         b.fail_at = None;
         b.disconnect_at = None;
+        b.foreign_at = None;
     }
 
     /// A sink on a new connection, for one run; acks take `latency`.
@@ -125,8 +148,14 @@ impl Broker {
 
     /// JetStream's decision on one message: a duplicate id within the
     /// window is answered with the original's sequence, then the expected
-    /// last sequence must match, then the message is stored.
-    fn store(&mut self, msg: Stored, expected_last: Option<StreamSeq>) -> Verdict {
+    /// last sequence and the expected last id must match (a message without
+    /// an id clears the last id), then the message is stored.
+    fn store(
+        &mut self,
+        msg: Stored,
+        expected_last: Option<StreamSeq>,
+        expected_id: Option<&str>,
+    ) -> Verdict {
         let now = msg.stored_at;
         if let Some(i) = self
             .messages
@@ -143,6 +172,12 @@ impl Broker {
             && expected != last
         {
             return Verdict::WrongLast(format!("wrong last sequence: {last} (code 400)"));
+        }
+        let last_id = self.messages.last().map_or("", |m| m.msg_id.as_str());
+        if let Some(id) = expected_id
+            && id != last_id
+        {
+            return Verdict::Rejected(format!("wrong last msg ID: {last_id} (code 400)"));
         }
         self.messages.push(msg);
         Verdict::Stored {
@@ -182,6 +217,10 @@ impl MemorySink {
         if b.disconnect_at == Some(b.sends) {
             b.connects += 1;
             return Ok(false);
+        }
+        if b.foreign_at == Some(b.sends) {
+            drop(b);
+            self.broker.store_foreign();
         }
         Ok(true)
     }
@@ -223,8 +262,9 @@ impl Sink for MemorySink {
             stored_at: Instant::now(),
         };
         let expected = headers.number(names::EXPECTED_LAST_SEQUENCE).map(StreamSeq);
+        let expected_id = headers.text(names::EXPECTED_LAST_MSG_ID);
         let mut broker = self.broker.lock();
-        let verdict = broker.store(msg, expected);
+        let verdict = broker.store(msg, expected, expected_id);
         let replies = self.replies.lock().unwrap_or_else(|e| e.into_inner());
         if let (Some(reply), Some(tx)) = (reply, replies.as_ref()) {
             let token = reply.rsplit_once('.').and_then(|(_, t)| t.parse().ok());
@@ -265,10 +305,24 @@ impl Sink for MemorySink {
             return None;
         }
         let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
-        b.messages.get(i).map(|m| super::holes::Message {
-            event_id: m.msg_id.clone(),
-            tenant: m.tenant.clone(),
-            seq: m.seq,
+        b.messages
+            .get(i)
+            .filter(|m| !m.msg_id.is_empty())
+            .map(|m| super::holes::Message {
+                event_id: m.msg_id.clone(),
+                tenant: m.tenant.clone(),
+                seq: m.seq,
+            })
+    }
+
+    async fn probe(&self, seq: StreamSeq) -> Result<super::sink::Probe, PublishError> {
+        let b = self.broker.lock();
+        let i = usize::try_from(seq.0.saturating_sub(1)).unwrap_or(usize::MAX);
+        Ok(match b.messages.get(i) {
+            Some(m) if seq.0 > 0 && !b.deleted.contains(&seq.0) => {
+                super::sink::Probe::of(Some(&m.msg_id))
+            }
+            _ => super::sink::Probe::Missing,
         })
     }
 

@@ -9,6 +9,17 @@
 //!   gap-free prefix of walcast's event order: if one publish fails, every
 //!   later one in flight fails too, and recovery restarts from the
 //!   checkpoint (see `pipeline`). This also fences off a second writer.
+//! - every publish but a run's first also carries `Nats-Expected-Last-Msg-Id`
+//!   = the id of the event sent before it. A message walcast did not
+//!   publish (a tenant user can make the nats-server store one: a pull
+//!   request's reply subject or a push consumer's deliver subject in the
+//!   stream's subjects, see README "Tenant isolation") takes a position
+//!   and clears that id, so every later publish of the run fails. The
+//!   sequence check alone would let the publish after a refused one land
+//!   on the position after the foreign message, and the refused event
+//!   would be lost without an error (only a batch's last publish has a
+//!   reply). Reconciliation then skips the foreign messages
+//!   (`pipeline::prepare::foreign`).
 //! - an ack for the message expected at stream sequence n, stored at n,
 //!   stands for every message before it (see [`acks`]), so acks are asked
 //!   for per batch, not per event;
@@ -48,7 +59,8 @@ use crate::checkpoint::{Progress, Segment};
 use crate::events::{OutEvent, Route};
 use crate::handoff::Item;
 use crate::headers::{
-    CONTENT_TYPE, EXPECTED_LAST_SEQUENCE, Headers, LSN, MSG_ID, PROTOBUF, REASON, SEQ, TENANT,
+    CONTENT_TYPE, EXPECTED_LAST_MSG_ID, EXPECTED_LAST_SEQUENCE, Headers, LSN, MSG_ID, PROTOBUF,
+    REASON, SEQ, TENANT,
 };
 use crate::lsn::Lsn;
 use crate::position::{StreamSeq, TenantSeq};
@@ -135,6 +147,22 @@ struct Sent {
     fed: Option<Input>,
 }
 
+/// Where the stream ends when a run starts: its last message, and the last
+/// that is walcast's (or the checkpoint's position), which differ when
+/// foreign messages end it (`pipeline::foreign`).
+#[derive(Debug, Clone, Copy)]
+pub struct Tail {
+    pub last_seq: StreamSeq,
+    pub own: StreamSeq,
+}
+
+/// What the stream must end with for a publish to be stored: the message
+/// at `seq`, whose id is `id` (empty: not checked, a run's first publish).
+struct Expected<'a> {
+    seq: StreamSeq,
+    id: &'a str,
+}
+
 /// How often progress is cut into segments for the checkpointer.
 const CUT_EVERY: Duration = Duration::from_millis(20);
 
@@ -166,6 +194,9 @@ struct Flight {
     acked_seq: StreamSeq,
     /// Highest stream sequence an ack was requested for.
     requested_seq: StreamSeq,
+    /// The id of the last event sent in this run (empty before the first):
+    /// the next publish expects the stream to end with it.
+    last_sent_id: String,
     /// Commit time of the last event sent, Unix microseconds.
     sent_commit_micros: i64,
     /// Where the state's projection was when a wait for it ran out: no
@@ -272,9 +303,9 @@ impl<S: Sink> Publisher<S> {
         mut self,
         items: mpsc::Receiver<Vec<Item>>,
         segments: mpsc::Sender<Segment>,
-        last_seq: StreamSeq,
+        tail: Tail,
     ) -> Result<(), PublishError> {
-        match self.publish_all(items, segments, last_seq).await {
+        match self.publish_all(items, segments, tail).await {
             Err(PublishError::NoResponders { event_id }) => {
                 Err(self.sink.no_responders(&event_id).await)
             }
@@ -286,16 +317,19 @@ impl<S: Sink> Publisher<S> {
         &mut self,
         mut items: mpsc::Receiver<Vec<Item>>,
         segments: mpsc::Sender<Segment>,
-        last_seq: StreamSeq,
+        Tail { last_seq, own }: Tail,
     ) -> Result<(), PublishError> {
         let mut acks = acks::Acks::new(self.sink.replies().await?);
         let mut f = Flight {
             pending: VecDeque::new(),
-            progress: Progress::new(last_seq, CUT_EVERY),
+            // A checkpoint names the last event's position, not a foreign
+            // message's after it (see `Tail`).
+            progress: Progress::new(own, CUT_EVERY),
             stats: stats::Stats::default(),
             next_seq: last_seq.next(),
             acked_seq: last_seq,
             requested_seq: last_seq,
+            last_sent_id: String::new(),
             sent_commit_micros: 0,
             state_stalled_at: None,
         };
@@ -407,7 +441,13 @@ impl<S: Sink> Publisher<S> {
                             f.requested_seq = seq;
                             acks.request(seq)
                         });
-                    let sent = self.publish(event, seq.prev(), reply).await?;
+                    let expected = Expected {
+                        seq: seq.prev(),
+                        id: &f.last_sent_id,
+                    };
+                    let sent = self.publish(event, expected, reply).await?;
+                    f.last_sent_id.clear();
+                    f.last_sent_id.push_str(&sent.event_id);
                     f.sent_commit_micros = sent.commit_micros;
                     f.pending.push_back(Pending::Event(sent));
                     crate::failpoint::crash_point("after_publish");
@@ -427,14 +467,18 @@ impl<S: Sink> Publisher<S> {
     async fn publish(
         &mut self,
         mut event: OutEvent,
-        expected_last: StreamSeq,
+        expected: Expected<'_>,
         reply: Option<async_nats::Subject>,
     ) -> Result<Sent, PublishError> {
+        let expected_last = expected.seq;
         let subject = Subject::from(std::mem::take(&mut event.subject));
         let (fed, sent) = {
             let mut headers = Headers::new();
             headers.insert(MSG_ID, event.event_id.as_str());
             headers.insert(EXPECTED_LAST_SEQUENCE, expected_last.0);
+            if !expected.id.is_empty() {
+                headers.insert(EXPECTED_LAST_MSG_ID, expected.id);
+            }
             match &event.route {
                 Route::Tenant { tenant, seq } => {
                     headers.insert(TENANT, &**tenant);
@@ -530,6 +574,7 @@ fn fed(
         seq,
         object: headers.text(crate::headers::OBJECT).map(str::to_string),
         payload: payload.clone(),
+        foreign: false,
     }
 }
 

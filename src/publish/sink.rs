@@ -64,10 +64,33 @@ pub(crate) trait Sink {
     async fn message_id(&self, seq: StreamSeq) -> Option<String>;
     /// The event, tenant and seq of the message at `seq`, if it can be read.
     async fn message(&self, seq: StreamSeq) -> Option<Message>;
+    /// Whose message is at `seq` (see `pipeline::foreign`).
+    async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError>;
     /// The runs of stream positions missing between the stream's first and
     /// last message (see [`holes`](super::holes)): one stream info request,
     /// a second one listing them only if any are missing.
     async fn holes(&self) -> Result<Vec<Hole>, PublishError>;
+}
+
+/// Whose message is at a stream position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// None: deleted, or past the end.
+    Missing,
+    /// An event's, committed at this LSN (its `Nats-Msg-Id` is an event id).
+    Event(crate::lsn::Lsn),
+    /// One without an event id: walcast did not publish it.
+    Foreign,
+}
+
+impl Probe {
+    /// The probe of a message with this `Nats-Msg-Id`.
+    pub fn of(msg_id: Option<&str>) -> Probe {
+        match msg_id.and_then(crate::events::parse_event_id) {
+            Some((lsn, _)) => Probe::Event(lsn),
+            None => Probe::Foreign,
+        }
+    }
 }
 
 /// The acknowledgements of one run, on one subscription.
@@ -211,6 +234,19 @@ impl Sink for JetStream {
             tenant: header(crate::headers::TENANT),
             seq: header(crate::headers::SEQ).and_then(|s| s.parse().ok()),
         })
+    }
+
+    async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        match self.stream.get_raw_message(seq.0).await {
+            Ok(msg) => Ok(Probe::of(
+                msg.headers.get(crate::headers::MSG_ID).map(|v| v.as_str()),
+            )),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(Probe::Missing),
+            Err(e) => Err(PublishError::Nats(format!(
+                "read stream message {seq}: {e}"
+            ))),
+        }
     }
 
     async fn holes(&self) -> Result<Vec<Hole>, PublishError> {

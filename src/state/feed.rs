@@ -51,6 +51,9 @@ pub struct Input {
     /// `Walcast-Object`: the claim check of an oversized event.
     pub object: Option<String>,
     pub payload: Bytes,
+    /// A message walcast did not publish (`pipeline::foreign`): read from
+    /// the stream without an event id, or with one not after the last read.
+    pub foreign: bool,
 }
 
 /// What [`Feed::take`] found at the asked position.
@@ -221,6 +224,7 @@ mod tests {
             seq: position,
             object: None,
             payload: Bytes::from(vec![0u8; bytes]),
+            foreign: false,
         }
     }
 

@@ -166,6 +166,11 @@ async fn apply(
     warned: &mut [bool; 2],
 ) -> Result<(), String> {
     let position = input.position;
+    if input.foreign {
+        metrics::counter!(m::STATE_SKIPPED, "reason" => "foreign").increment(1);
+        tracing::debug!(position, subject = %input.subject, "the state skips a stream message walcast did not publish");
+        return writer.skip(position).await;
+    }
     let tenant = input.tenant.as_deref();
     let mut effect = layout::effect(&input.subject, tenant, &input.payload);
     // An oversized event's stub has no before image: whether an update

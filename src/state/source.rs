@@ -38,6 +38,9 @@ pub struct Source<'a> {
     ready: VecDeque<Input>,
     /// The position wanted next.
     next: u64,
+    /// The event id of the last message read from the stream: walcast's
+    /// ids grow with the position, a copy's does not (`pipeline::foreign`).
+    last_id: Option<(crate::lsn::Lsn, u32)>,
     read: [metrics::Counter; 2],
 }
 
@@ -51,6 +54,7 @@ impl<'a> Source<'a> {
             consumer: None,
             ready: VecDeque::new(),
             next: after + 1,
+            last_id: None,
             read: [read("feed"), read("stream")],
         }
     }
@@ -111,15 +115,20 @@ impl<'a> Source<'a> {
                 Some(messages) => messages,
                 None => self.consumer.insert(open(self.stream, self.next).await?),
             };
-            let input = match within(wait, messages.next()).await {
+            let (mut input, id) = match within(wait, messages.next()).await {
                 None => return Ok(None),
                 Some(Some(msg)) => from_message(msg.map_err(read_err)?)?,
                 Some(None) => return Err("the state's stream consumer ended".into()),
             };
+
             // A consumer that async-nats recreated may start before the
             // position asked for (vendor/README.md): what the projection
             // already applied is never applied again.
             if input.position >= self.next {
+                input.foreign = id.is_none_or(|id| self.last_id.is_some_and(|last| id <= last));
+                if !input.foreign {
+                    self.last_id = id;
+                }
                 self.read[1].increment(1);
                 return Ok(Some(self.advance(input)));
             }
@@ -158,8 +167,10 @@ fn read_err(e: impl std::fmt::Display) -> String {
     format!("reading the stream from JetStream for the state bucket: {e}")
 }
 
-/// A stream message as the projection reads it.
-fn from_message(msg: async_nats::jetstream::Message) -> Result<Input, String> {
+/// A stream message as the projection reads it, and its event id.
+fn from_message(
+    msg: async_nats::jetstream::Message,
+) -> Result<(Input, Option<(crate::lsn::Lsn, u32)>), String> {
     let position = msg
         .info()
         .map_err(|e| format!("a stream message without its position: {e}"))?
@@ -170,7 +181,8 @@ fn from_message(msg: async_nats::jetstream::Message) -> Result<Input, String> {
             .and_then(|h| h.get(name))
             .map(|v| v.as_str())
     };
-    Ok(Input {
+    let id = header(crate::headers::MSG_ID).and_then(crate::events::parse_event_id);
+    let input = Input {
         position,
         tenant: header(crate::headers::TENANT).map(Arc::from),
         seq: header(crate::headers::SEQ)
@@ -179,5 +191,7 @@ fn from_message(msg: async_nats::jetstream::Message) -> Result<Input, String> {
         object: header(crate::headers::OBJECT).map(String::from),
         subject: msg.subject.clone(),
         payload: msg.payload.clone(),
-    })
+        foreign: false,
+    };
+    Ok((input, id))
 }

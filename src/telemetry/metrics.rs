@@ -10,6 +10,7 @@ pub const EVENTS_PUBLISHED: &str = "walcast_events_published_total";
 pub const EVENTS_BUILT: &str = "walcast_events_built_total";
 pub const EVENT_BYTES: &str = "walcast_event_bytes_total";
 pub const DEAD_LETTERS: &str = "walcast_dead_letters_total";
+pub const FOREIGN_MESSAGES: &str = "walcast_stream_foreign_messages_total";
 pub const PUBLISH_ACK_SECONDS: &str = "walcast_publish_ack_seconds";
 pub const REPLICATION_LAG_BYTES: &str = "walcast_replication_lag_bytes";
 pub const REPLICATION_LAG_SECONDS: &str = "walcast_replication_lag_seconds";
@@ -82,6 +83,7 @@ pub fn install() -> &'static PrometheusHandle {
 /// its first incident misses that incident.
 fn show_incidents_at_zero() {
     metrics::counter!(DEAD_LETTERS).absolute(0);
+    metrics::counter!(FOREIGN_MESSAGES).absolute(0);
     for stage in crate::pipeline::PipelineError::STAGES {
         metrics::counter!(ERRORS, "stage" => stage).absolute(0);
     }
@@ -100,6 +102,10 @@ fn describe() {
     describe_counter!(
         DEAD_LETTERS,
         "Events published to <prefix>._deadletter (tenant id not routable)"
+    );
+    describe_counter!(
+        FOREIGN_MESSAGES,
+        "Messages found in the stream that walcast did not publish (skipped; README \"Tenant isolation at the broker\")"
     );
     describe_histogram!(
         PUBLISH_ACK_SECONDS,

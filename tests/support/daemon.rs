@@ -165,6 +165,11 @@ pub async fn read_stream(nats_url: &str, stream: &str) -> Vec<StreamEvent> {
     let client = async_nats::connect(nats_url)
         .await
         .expect("connect to nats");
+    read_stream_as(client, stream).await
+}
+
+/// [`read_stream`] over a connection of the caller's (a server with users).
+pub async fn read_stream_as(client: async_nats::Client, stream: &str) -> Vec<StreamEvent> {
     let js = jetstream::new(client);
     let mut stream = js.get_stream(stream).await.expect("stream exists");
     let last = stream

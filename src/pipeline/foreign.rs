@@ -1,0 +1,287 @@
+//! Messages in the stream that walcast did not publish ("foreign").
+//!
+//! The nats-server lets a user that may read a stream write copies of its
+//! messages anywhere in its account: a pull request's reply subject and a
+//! push consumer's deliver subject are not checked against the user's
+//! permissions (nats-server issue 8274). A tenant user of the auth callout
+//! (SPEC §9) may pull from its own consumers, so it can make the server
+//! store copies of its events, or of its state values, in the stream
+//! (README "Tenant isolation at the broker"). An operator publishing by
+//! hand into `<prefix>.>` does the same.
+//!
+//! Such a message takes a stream position. Walcast's publish chain
+//! (`Nats-Expected-Last-Msg-Id`, `publish`) makes every later publish of
+//! the run fail, so foreign messages only ever sit after the last message
+//! of a run and before the first of the next. Each run, before it
+//! publishes, looks for them at the stream's tail ([`trailing`]) and
+//! records their positions in `walcast.foreign_messages` (migration 0008),
+//! so that this run and every later one skips them when it counts what the
+//! stream already holds past the checkpoint (`prepare::reconcile`,
+//! `reader::Skip`), until the checkpoint passes them.
+
+use tokio_postgres::Client;
+
+use crate::database::{DbError, query_err};
+use crate::lsn::Lsn;
+use crate::position::StreamSeq;
+use crate::publish::Sink;
+use crate::publish::holes::Hole;
+use crate::publish::sink::Probe;
+
+/// Positions of foreign messages: inclusive ranges, sorted and disjoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Foreign(Vec<(StreamSeq, StreamSeq)>);
+
+impl Foreign {
+    pub fn from_ranges(mut ranges: Vec<(StreamSeq, StreamSeq)>) -> Foreign {
+        ranges.retain(|(a, b)| a <= b);
+        ranges.sort();
+        let mut merged: Vec<(StreamSeq, StreamSeq)> = Vec::with_capacity(ranges.len());
+        for (a, b) in ranges {
+            match merged.last_mut() {
+                Some(last) if a.0 <= last.1.0 + 1 => last.1 = last.1.max(b),
+                _ => merged.push((a, b)),
+            }
+        }
+        Foreign(merged)
+    }
+
+    /// These positions and `first..=last`.
+    pub fn with(&self, first: StreamSeq, last: StreamSeq) -> Foreign {
+        let mut ranges = self.0.clone();
+        ranges.push((first, last));
+        Foreign::from_ranges(ranges)
+    }
+
+    /// The positions in `after + 1 ..= through`.
+    pub fn within(&self, after: StreamSeq, through: StreamSeq) -> Foreign {
+        Foreign::from_ranges(
+            self.0
+                .iter()
+                .map(|&(a, b)| (a.max(after.next()), b.min(through)))
+                .collect(),
+        )
+    }
+
+    /// How many positions there are.
+    pub fn count(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b.0 - a.0 + 1).sum()
+    }
+
+    /// `seq`, or the first position after the range holding it.
+    pub fn skip(&self, seq: StreamSeq) -> StreamSeq {
+        match self.0.iter().find(|(a, b)| *a <= seq && seq <= *b) {
+            Some((_, b)) => b.next(),
+            None => seq,
+        }
+    }
+
+    /// The last position in `after + 1 ..= through` that is not foreign.
+    pub fn last_outside(&self, after: StreamSeq, through: StreamSeq) -> Option<StreamSeq> {
+        let mut p = through;
+        for (a, b) in self.0.iter().rev() {
+            if *a <= p && p <= *b {
+                p = a.prev();
+            }
+        }
+        (p > after).then_some(p)
+    }
+
+    /// The last position, if any.
+    pub fn last(&self) -> Option<StreamSeq> {
+        self.0.last().map(|(_, b)| *b)
+    }
+
+    /// Whether every position of `hole` is foreign (deleted foreign
+    /// messages lost no event).
+    pub fn covers(&self, hole: &Hole) -> bool {
+        self.0
+            .iter()
+            .any(|(a, b)| *a <= hole.first && hole.last <= *b)
+    }
+}
+
+impl std::fmt::Display for Foreign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (a, b)) in self.0.iter().enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            match a == b {
+                true => write!(f, "{sep}{a}")?,
+                false => write!(f, "{sep}{a}..={b}")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The foreign messages at the stream's tail: positions after `after` (the
+/// end of what is already known) up to `last_seq` that follow walcast's own
+/// last message. A message is walcast's when its `Nats-Msg-Id` is an event
+/// id of a commit at or after `checkpoint_lsn` (every event past the
+/// checkpoint is; a copy of an event is either refused as a duplicate
+/// within the stream's duplicate window or older than the checkpoint); a
+/// missing position (a hole) counts as walcast's, the hole checks judge it.
+/// Walcast's messages come first and foreign ones after them, so a binary
+/// search finds the boundary in ~log2(n) reads.
+pub async fn trailing(
+    sink: &impl Sink,
+    after: StreamSeq,
+    last_seq: StreamSeq,
+    checkpoint_lsn: Lsn,
+) -> Result<Option<(StreamSeq, StreamSeq)>, crate::publish::PublishError> {
+    let own = |probe: Probe| match probe {
+        Probe::Missing => true,
+        Probe::Event(lsn) => lsn >= checkpoint_lsn,
+        Probe::Foreign => false,
+    };
+    if last_seq <= after || own(sink.probe(last_seq).await?) {
+        return Ok(None);
+    }
+    // Invariant: `lo` is walcast's (or `after`), `hi` is foreign.
+    let (mut lo, mut hi) = (after.0, last_seq.0);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        match own(sink.probe(StreamSeq(mid)).await?) {
+            true => lo = mid,
+            false => hi = mid,
+        }
+    }
+    Ok(Some((StreamSeq(hi), last_seq)))
+}
+
+const MISSING_TABLE: &str = "walcast.foreign_messages does not exist: run `walcast migrate` (migration 0008) so walcast can record the positions of messages it did not publish";
+
+/// The foreign messages recorded for `slot` (none if the table is missing:
+/// a deployment not migrated yet, until it needs one).
+pub async fn load(client: &Client, slot: &str) -> Result<Foreign, DbError> {
+    let rows = match client
+        .query(
+            "SELECT first_seq, last_seq FROM walcast.foreign_messages WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) if e.code().map(|c| c.code()) == Some("42P01") => {
+            tracing::debug!("{MISSING_TABLE}");
+            return Ok(Foreign::default());
+        }
+        Err(e) => return Err(query_err("read walcast.foreign_messages")(e)),
+    };
+    let seq = |r: &tokio_postgres::Row, i| StreamSeq(r.get::<_, i64>(i) as u64);
+    Ok(Foreign::from_ranges(
+        rows.iter().map(|r| (seq(r, 0), seq(r, 1))).collect(),
+    ))
+}
+
+/// Brings the record of `slot` up to date before a run publishes: adds
+/// `found` (the foreign messages at the tail), forgets the ranges the
+/// checkpoint (`stream_seq`) has passed, and cuts those past the stream's
+/// end (`last_seq`: a broker that lost its tail reuses those positions,
+/// walcast's next events will be there).
+pub async fn update(
+    client: &Client,
+    slot: &str,
+    found: Option<(StreamSeq, StreamSeq)>,
+    stream_seq: StreamSeq,
+    last_seq: StreamSeq,
+) -> Result<(), DbError> {
+    let failed = |e: tokio_postgres::Error| match e.code().map(|c| c.code()) {
+        Some("42P01") if found.is_none() => None,
+        Some("42P01") => Some(DbError::Precondition(MISSING_TABLE.into())),
+        _ => Some(query_err("write walcast.foreign_messages")(e)),
+    };
+    if let Some((first, last)) = found {
+        let inserted = client
+            .execute(
+                "INSERT INTO walcast.foreign_messages (slot, first_seq, last_seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (slot, first_seq) DO UPDATE SET last_seq = greatest(walcast.foreign_messages.last_seq, EXCLUDED.last_seq)",
+                &[&slot, &(first.0 as i64), &(last.0 as i64)],
+            )
+            .await;
+        if let Err(e) = inserted {
+            return failed(e).map_or(Ok(()), Err);
+        }
+    }
+    let trimmed = client
+        .batch_execute(&format!(
+            "DELETE FROM walcast.foreign_messages WHERE slot = '{slot}' AND (last_seq <= {} OR first_seq > {});
+             UPDATE walcast.foreign_messages SET last_seq = {} WHERE slot = '{slot}' AND last_seq > {}",
+            stream_seq.0,
+            last_seq.0,
+            last_seq.0,
+            last_seq.0,
+            slot = slot.replace('\'', "''"),
+        ))
+        .await;
+    match trimmed {
+        Err(e) => failed(e).map_or(Ok(()), Err),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Forgets what was recorded for `slot` (a new checkpoint starts).
+pub async fn forget(client: &Client, slot: &str) -> Result<(), DbError> {
+    match client
+        .execute(
+            "DELETE FROM walcast.foreign_messages WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+    {
+        Err(e) if e.code().map(|c| c.code()) != Some("42P01") => {
+            Err(query_err("clear walcast.foreign_messages")(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(ranges: &[(u64, u64)]) -> Foreign {
+        Foreign::from_ranges(
+            ranges
+                .iter()
+                .map(|&(a, b)| (StreamSeq(a), StreamSeq(b)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn ranges_merge_count_clip_and_skip() {
+        let foreign = f(&[(10, 12), (5, 5), (13, 14), (20, 21)]);
+        assert_eq!(foreign, f(&[(5, 5), (10, 14), (20, 21)]));
+        assert_eq!(foreign.count(), 8);
+        assert_eq!(foreign.to_string(), "5, 10..=14, 20..=21");
+        assert_eq!(
+            foreign.within(StreamSeq(11), StreamSeq(20)),
+            f(&[(12, 14), (20, 20)])
+        );
+        assert_eq!(foreign.skip(StreamSeq(4)), StreamSeq(4));
+        assert_eq!(foreign.skip(StreamSeq(10)), StreamSeq(15));
+        assert_eq!(foreign.skip(StreamSeq(21)), StreamSeq(22));
+        assert_eq!(foreign.last(), Some(StreamSeq(21)));
+        assert_eq!(
+            foreign.last_outside(StreamSeq(0), StreamSeq(21)),
+            Some(StreamSeq(19))
+        );
+        assert_eq!(
+            foreign.last_outside(StreamSeq(0), StreamSeq(14)),
+            Some(StreamSeq(9))
+        );
+        assert_eq!(foreign.last_outside(StreamSeq(9), StreamSeq(14)), None);
+        assert_eq!(
+            foreign.last_outside(StreamSeq(0), StreamSeq(5)),
+            Some(StreamSeq(4))
+        );
+        let hole = |a, b| Hole {
+            first: StreamSeq(a),
+            last: StreamSeq(b),
+        };
+        assert!(foreign.covers(&hole(11, 13)));
+        assert!(!foreign.covers(&hole(14, 15)));
+        assert_eq!(f(&[]).within(StreamSeq(0), StreamSeq(9)), f(&[]));
+    }
+}
