@@ -276,53 +276,66 @@ async fn checkpoint_tables(c: &Client, user: &str, r: &mut Report) -> Result<(),
     }
     // Saved catch-up positions: without them `walcast run` still works, but
     // every restart reads the stream back (minutes on a large stream).
-    let saved = c
-        .query_opt(
-            "SELECT has_table_privilege('walcast.catchup_segments', 'INSERT')
-                AND has_table_privilege('walcast.catchup_segments', 'DELETE')
-             WHERE to_regclass('walcast.catchup_segments') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(check_query)?;
-    match saved.map(|row| row.get::<_, bool>(0)) {
-        Some(true) => r.pass("walcast.catchup_segments is writable (restarts load the catch-up index from it)"),
-        Some(false) => r.add(
-            Status::Warn,
-            "walcast.catchup_segments is not writable by this role: restarts read the stream back to rebuild the catch-up index",
-            Some(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.catchup_segments TO {};", quote_ident(user))),
-        ),
-        None => r.add(
-            Status::Warn,
-            "walcast.catchup_segments is missing: restarts read the stream back to rebuild the catch-up index",
-            Some("run `walcast migrate` (migration 0007)".into()),
-        ),
-    }
+    let segments = OptionalTable {
+        name: "walcast.catchup_segments",
+        migration: "0007",
+        passes: "(restarts load the catch-up index from it)",
+        without: "restarts read the stream back to rebuild the catch-up index",
+    };
+    segments.check(c, user, r).await?;
     // Where a run records messages it did not publish: without it a run
     // that finds some stops (README "Tenant isolation at the broker").
-    let foreign = c
-        .query_opt(
-            "SELECT has_table_privilege('walcast.foreign_messages', 'INSERT')
-                AND has_table_privilege('walcast.foreign_messages', 'DELETE')
-             WHERE to_regclass('walcast.foreign_messages') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(check_query)?;
-    match foreign.map(|row| row.get::<_, bool>(0)) {
-        Some(true) => r.pass("walcast.foreign_messages is writable"),
-        Some(false) => r.add(
-            Status::Warn,
-            "walcast.foreign_messages is not writable by this role: a run that finds messages it did not publish in the stream stops",
-            Some(format!("GRANT SELECT, INSERT, UPDATE, DELETE ON walcast.foreign_messages TO {};", quote_ident(user))),
-        ),
-        None => r.add(
-            Status::Warn,
-            "walcast.foreign_messages is missing: a run that finds messages it did not publish in the stream stops",
-            Some("run `walcast migrate` (migration 0008)".into()),
-        ),
+    let foreign = OptionalTable {
+        name: "walcast.foreign_messages",
+        migration: "0008",
+        passes: "(messages walcast did not publish are recorded there)",
+        without: "a run that finds messages it did not publish in the stream stops",
+    };
+    foreign.check(c, user, r).await
+}
+
+/// A table of a later migration that `walcast run` works without, worse.
+struct OptionalTable {
+    name: &'static str,
+    migration: &'static str,
+    /// Said after "<name> is writable".
+    passes: &'static str,
+    /// What happens without it.
+    without: &'static str,
+}
+
+impl OptionalTable {
+    async fn check(&self, c: &Client, user: &str, r: &mut Report) -> Result<(), DbError> {
+        let name = self.name;
+        let state = c
+            .query_opt(
+                "SELECT has_table_privilege($1::text, 'INSERT') AND has_table_privilege($1::text, 'DELETE')
+                 WHERE to_regclass($1::text) IS NOT NULL",
+                &[&name],
+            )
+            .await
+            .map_err(check_query)?;
+        match state.map(|row| row.get::<_, bool>(0)) {
+            Some(true) => r.pass(format!("{name} is writable {}", self.passes)),
+            Some(false) => r.add(
+                Status::Warn,
+                format!("{name} is not writable by this role: {}", self.without),
+                Some(format!(
+                    "GRANT SELECT, INSERT, UPDATE, DELETE ON {name} TO {};",
+                    quote_ident(user)
+                )),
+            ),
+            None => r.add(
+                Status::Warn,
+                format!("{name} is missing: {}", self.without),
+                Some(format!(
+                    "run `walcast migrate` (migration {})",
+                    self.migration
+                )),
+            ),
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The slot, judged as `walcast run` judges it.
