@@ -203,21 +203,28 @@ pub async fn update(
             return failed(e).map_or(Ok(()), Err);
         }
     }
-    let trimmed = client
-        .batch_execute(&format!(
-            "DELETE FROM walcast.foreign_messages WHERE slot = '{slot}' AND (last_seq <= {} OR first_seq > {});
-             UPDATE walcast.foreign_messages SET last_seq = {} WHERE slot = '{slot}' AND last_seq > {}",
-            stream_seq.0,
-            last_seq.0,
-            last_seq.0,
-            last_seq.0,
-            slot = slot.replace('\'', "''"),
-        ))
+    let (passed, end) = (stream_seq.0 as i64, last_seq.0 as i64);
+    let forgotten = client
+        .execute(
+            "DELETE FROM walcast.foreign_messages WHERE slot = $1 AND (last_seq <= $2 OR first_seq > $3)",
+            &[&slot, &passed, &end],
+        )
         .await;
-    match trimmed {
-        Err(e) => failed(e).map_or(Ok(()), Err),
-        Ok(()) => Ok(()),
+    let cut = match forgotten {
+        Ok(_) => {
+            client
+                .execute(
+                    "UPDATE walcast.foreign_messages SET last_seq = $2 WHERE slot = $1 AND last_seq > $2",
+                    &[&slot, &end],
+                )
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = cut {
+        return failed(e).map_or(Ok(()), Err);
     }
+    Ok(())
 }
 
 /// Forgets what was recorded for `slot` (a new checkpoint starts).

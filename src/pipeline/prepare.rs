@@ -196,7 +196,8 @@ pub(super) struct Reconciled {
     pub found_foreign: Option<(StreamSeq, StreamSeq)>,
     /// Where the stream ends, and its last message that is walcast's.
     pub tail: crate::publish::Tail,
-    /// The `Nats-Msg-Id` of the stream's last message, if `already > 0`.
+    /// The `Nats-Msg-Id` of walcast's last message in the stream, if
+    /// `already > 0`.
     pub tail_id: Option<String>,
     /// The highest stream sequence ever acknowledged (this process or the
     /// checkpoint): below it, sends are republishes of lost messages.
