@@ -13,16 +13,17 @@
 //! (`Nats-Expected-Last-Msg-Id`, `publish`) makes every later publish of
 //! the run fail, so foreign messages only ever sit after the last message
 //! of a run and before the first of the next. Each run, before it
-//! publishes, looks for them at the stream's tail ([`trailing`]) and
-//! records their positions in `walcast.foreign_messages` (migration 0008),
-//! so that this run and every later one skips them when it counts what the
-//! stream already holds past the checkpoint (`prepare::reconcile`,
-//! `reader::Skip`), until the checkpoint passes them.
+//! publishes, reads the messages after the last one it knows to be its own
+//! ([`scan`]) and records the foreign ones' positions in
+//! `walcast.foreign_messages` (migration 0008), so that this run and every
+//! later one skips them when it counts what the stream already holds past
+//! the checkpoint (`prepare::reconcile`, `reader::Skip`), until the
+//! checkpoint passes them.
 
 use tokio_postgres::Client;
 
+use crate::checkpoint::Checkpoint;
 use crate::database::{DbError, query_err};
-use crate::lsn::Lsn;
 use crate::position::StreamSeq;
 use crate::publish::Sink;
 use crate::publish::holes::Hole;
@@ -44,13 +45,6 @@ impl Foreign {
             }
         }
         Foreign(merged)
-    }
-
-    /// These positions and `first..=last`.
-    pub fn with(&self, first: StreamSeq, last: StreamSeq) -> Foreign {
-        let mut ranges = self.0.clone();
-        ranges.push((first, last));
-        Foreign::from_ranges(ranges)
     }
 
     /// The positions in `after + 1 ..= through`.
@@ -92,6 +86,21 @@ impl Foreign {
         self.0.last().map(|(_, b)| *b)
     }
 
+    /// Whether `seq` is foreign.
+    pub fn contains(&self, seq: StreamSeq) -> bool {
+        self.0.iter().any(|(a, b)| *a <= seq && seq <= *b)
+    }
+
+    /// These positions and those of `other`.
+    pub fn union(&self, other: &Foreign) -> Foreign {
+        Foreign::from_ranges(self.0.iter().chain(&other.0).copied().collect())
+    }
+
+    /// The ranges, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (StreamSeq, StreamSeq)> + '_ {
+        self.0.iter().copied()
+    }
+
     /// Whether every position of `hole` is foreign (deleted foreign
     /// messages lost no event).
     pub fn covers(&self, hole: &Hole) -> bool {
@@ -114,39 +123,52 @@ impl std::fmt::Display for Foreign {
     }
 }
 
-/// The foreign messages at the stream's tail: positions after `after` (the
-/// end of what is already known) up to `last_seq` that follow walcast's own
-/// last message. A message is walcast's when its `Nats-Msg-Id` is an event
-/// id of a commit at or after `checkpoint_lsn` (every event past the
-/// checkpoint is; a copy of an event is either refused as a duplicate
-/// within the stream's duplicate window or older than the checkpoint); a
-/// missing position (a hole) counts as walcast's, the hole checks judge it.
-/// Walcast's messages come first and foreign ones after them, so a binary
-/// search finds the boundary in ~log2(n) reads.
-pub async fn trailing(
+/// The foreign messages past what is known: positions after the
+/// checkpoint's and after the `known` ranges, up to `last_seq`. (Not from
+/// the highest position walcast saw acknowledged: a broker that lost its
+/// tail may hold anything there now.) One headers-only read of what the
+/// stream holds past the checkpoint: about `--confirm-delay` of events.
+///
+/// A copy is of a message already in the stream, so its event id (if any)
+/// is at most the highest walcast had published before it: walcast's own
+/// messages are exactly those whose event id is higher than every one
+/// before them (the first after the checkpoint's position: at or after its
+/// LSN). Reading from the last known message of walcast's on, each message
+/// is judged by that running maximum; a missing position (a hole) is left
+/// to the hole checks.
+pub async fn scan(
     sink: &impl Sink,
-    after: StreamSeq,
+    checkpoint: &Checkpoint,
+    known: &Foreign,
     last_seq: StreamSeq,
-    checkpoint_lsn: Lsn,
-) -> Result<Option<(StreamSeq, StreamSeq)>, crate::publish::PublishError> {
-    let own = |probe: Probe| match probe {
-        Probe::Missing => true,
-        Probe::Event(lsn) => lsn >= checkpoint_lsn,
-        Probe::Foreign => false,
-    };
-    if last_seq <= after || own(sink.probe(last_seq).await?) {
-        return Ok(None);
+) -> Result<Foreign, crate::publish::PublishError> {
+    let from = (checkpoint.stream_seq).max(known.last().unwrap_or_default().min(last_seq));
+    if from >= last_seq {
+        return Ok(Foreign::default());
     }
-    // Invariant: `lo` is walcast's (or `after`), `hi` is foreign.
-    let (mut lo, mut hi) = (after.0, last_seq.0);
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        match own(sink.probe(StreamSeq(mid)).await?) {
-            true => lo = mid,
-            false => hi = mid,
+    // The highest id so far: the last message of walcast's at or before
+    // `from`, else the checkpoint's LSN as a floor.
+    let mut highest = None;
+    if let Some(own) = known.last_outside(StreamSeq(0), from)
+        && let Probe::Event(id) = sink.probe(own).await?
+    {
+        highest = Some(id);
+    }
+    let floor = (checkpoint.lsn, 0);
+    let mut found = Vec::new();
+    for (seq, probe) in sink.probes(from, last_seq).await? {
+        let own = match (probe, highest) {
+            (Probe::Event(id), Some(high)) => id > high,
+            (Probe::Event(id), None) => id >= floor,
+            _ => false,
+        };
+        match (own, probe) {
+            (true, Probe::Event(id)) => highest = Some(id),
+            (false, _) if !known.contains(seq) => found.push((seq, seq)),
+            _ => {}
         }
     }
-    Ok(Some((StreamSeq(hi), last_seq)))
+    Ok(Foreign::from_ranges(found))
 }
 
 const MISSING_TABLE: &str = "walcast.foreign_messages does not exist: run `walcast migrate` (migration 0008) so walcast can record the positions of messages it did not publish";
@@ -182,16 +204,16 @@ pub async fn load(client: &Client, slot: &str) -> Result<Foreign, DbError> {
 pub async fn update(
     client: &Client,
     slot: &str,
-    found: Option<(StreamSeq, StreamSeq)>,
+    found: &Foreign,
     stream_seq: StreamSeq,
     last_seq: StreamSeq,
 ) -> Result<(), DbError> {
     let failed = |e: tokio_postgres::Error| match e.code().map(|c| c.code()) {
-        Some("42P01") if found.is_none() => None,
+        Some("42P01") if found.count() == 0 => None,
         Some("42P01") => Some(DbError::Precondition(MISSING_TABLE.into())),
         _ => Some(query_err("write walcast.foreign_messages")(e)),
     };
-    if let Some((first, last)) = found {
+    for (first, last) in found.ranges() {
         let inserted = client
             .execute(
                 "INSERT INTO walcast.foreign_messages (slot, first_seq, last_seq) VALUES ($1, $2, $3)

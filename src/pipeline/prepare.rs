@@ -157,7 +157,7 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
     .await?;
     // Recorded before the first publish: from then on they sit between
     // this run's events and the last run's (see `foreign`).
-    let found = reconciled.found_foreign;
+    let found = &reconciled.found_foreign;
     foreign::update(&sql, &s.slot, found, checkpoint.stream_seq, last_seq).await?;
     reconciled.oldest_removed = ctx
         .oldest_removed
@@ -192,8 +192,8 @@ pub(super) struct Reconciled {
     pub already: u64,
     /// Positions past the checkpoint of messages walcast did not publish.
     pub foreign: Foreign,
-    /// Those found at the stream's tail by this reconciliation (to record).
-    pub found_foreign: Option<(StreamSeq, StreamSeq)>,
+    /// Those found by this reconciliation (to record).
+    pub found_foreign: Foreign,
     /// Where the stream ends, and its last message that is walcast's.
     pub tail: crate::publish::Tail,
     /// The `Nats-Msg-Id` of walcast's last message in the stream, if
@@ -231,25 +231,20 @@ pub(super) async fn reconcile(
 ) -> Result<Reconciled, PipelineError> {
     let positions = count_past(names, checkpoint, last_seq)?;
     let known = recorded.within(checkpoint.stream_seq, last_seq);
-    let after = known.last().unwrap_or_default().max(checkpoint.stream_seq);
-    let found_foreign = foreign::trailing(sink, after, last_seq, checkpoint.lsn).await?;
-    let foreign = match found_foreign {
-        Some((first, last)) => {
-            tracing::warn!(
-                stream = %names.stream,
-                first = %first,
-                last = %last,
-                "the stream ends with messages walcast did not publish: skipping them. A tenant user can make the \
-                 nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
-                 deliver subject in the stream's subjects), or someone published into them; see README \
-                 \"Tenant isolation at the broker\""
-            );
-            metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES)
-                .increment(last.0 - first.0 + 1);
-            known.with(first, last)
-        }
-        None => known,
-    };
+    let found_foreign = foreign::scan(sink, checkpoint, &known, last_seq).await?;
+    if found_foreign.count() > 0 {
+        tracing::warn!(
+            stream = %names.stream,
+            positions = %found_foreign,
+            "the stream holds messages walcast did not publish: skipping them. A tenant user can make the \
+             nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
+             deliver subject in the stream's subjects), or someone published into them; see README \
+             \"Tenant isolation at the broker\""
+        );
+        metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES)
+            .increment(found_foreign.count());
+    }
+    let foreign = known.union(&found_foreign);
     let already = positions - foreign.count();
     if already > 0 {
         tracing::info!(

@@ -453,10 +453,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         Err(e) => return Outcome::Failed(e),
     };
     // As `foreign::update` records them.
-    let recorded = match reconciled.found_foreign {
-        Some((first, last)) => w.foreign.with(first, last),
-        None => w.foreign.clone(),
-    };
+    let recorded = w.foreign.union(&reconciled.found_foreign);
     w.foreign = recorded.within(checkpoint.stream_seq, last_seq);
     let confirmed = w.confirmed.load(Ordering::SeqCst);
     let start = checkpoint.lsn.0.max(confirmed);

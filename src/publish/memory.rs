@@ -326,6 +326,21 @@ impl Sink for MemorySink {
         })
     }
 
+    async fn probes(
+        &self,
+        after: StreamSeq,
+        through: StreamSeq,
+    ) -> Result<Vec<(StreamSeq, super::sink::Probe)>, PublishError> {
+        let mut out = Vec::new();
+        for seq in after.0 + 1..=through.0 {
+            match self.probe(StreamSeq(seq)).await? {
+                super::sink::Probe::Missing => {}
+                probe => out.push((StreamSeq(seq), probe)),
+            }
+        }
+        Ok(out)
+    }
+
     async fn holes(&self) -> Result<Vec<super::holes::Hole>, PublishError> {
         let b = self.broker.lock();
         let last = b.messages.len() as u64;

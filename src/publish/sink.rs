@@ -66,6 +66,13 @@ pub(crate) trait Sink {
     async fn message(&self, seq: StreamSeq) -> Option<Message>;
     /// Whose message is at `seq` (see `pipeline::foreign`).
     async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError>;
+    /// The probes of the messages in `after + 1 ..= through`, in order
+    /// (positions without a message left out): one headers-only read.
+    async fn probes(
+        &self,
+        after: StreamSeq,
+        through: StreamSeq,
+    ) -> Result<Vec<(StreamSeq, Probe)>, PublishError>;
     /// The runs of stream positions missing between the stream's first and
     /// last message (see [`holes`](super::holes)): one stream info request,
     /// a second one listing them only if any are missing.
@@ -77,8 +84,8 @@ pub(crate) trait Sink {
 pub enum Probe {
     /// None: deleted, or past the end.
     Missing,
-    /// An event's, committed at this LSN (its `Nats-Msg-Id` is an event id).
-    Event(crate::lsn::Lsn),
+    /// An event's: its `Nats-Msg-Id` is an event id (commit LSN, index).
+    Event((crate::lsn::Lsn, u32)),
     /// One without an event id: walcast did not publish it.
     Foreign,
 }
@@ -87,7 +94,7 @@ impl Probe {
     /// The probe of a message with this `Nats-Msg-Id`.
     pub fn of(msg_id: Option<&str>) -> Probe {
         match msg_id.and_then(crate::events::parse_event_id) {
-            Some((lsn, _)) => Probe::Event(lsn),
+            Some(id) => Probe::Event(id),
             None => Probe::Foreign,
         }
     }
@@ -247,6 +254,62 @@ impl Sink for JetStream {
                 "read stream message {seq}: {e}"
             ))),
         }
+    }
+
+    async fn probes(
+        &self,
+        after: StreamSeq,
+        through: StreamSeq,
+    ) -> Result<Vec<(StreamSeq, Probe)>, PublishError> {
+        use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
+        use futures::StreamExt;
+        let failed = |e: &dyn std::fmt::Display| {
+            PublishError::Nats(format!(
+                "read stream messages {}..={through}: {e}",
+                after.next()
+            ))
+        };
+        let mut out = Vec::new();
+        if through <= after {
+            return Ok(out);
+        }
+        let consumer = self
+            .stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                headers_only: true,
+                deliver_policy: DeliverPolicy::ByStartSequence {
+                    start_sequence: after.next().0,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        loop {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next());
+            let msg = match next.await {
+                Ok(Some(msg)) => msg.map_err(|e| failed(&e))?,
+                Ok(None) => return Err(failed(&"the consumer ended")),
+                Err(_) => return Err(failed(&"nothing for 30 s")),
+            };
+            let info = msg.info().map_err(|e| failed(&e))?;
+            let (seq, pending) = (StreamSeq(info.stream_sequence), info.pending);
+            if seq > through {
+                break;
+            }
+            if seq > after {
+                let id = msg
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(crate::headers::MSG_ID));
+                out.push((seq, Probe::of(id.map(|v| v.as_str()))));
+            }
+            if seq == through || pending == 0 {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn holes(&self) -> Result<Vec<Hole>, PublishError> {
