@@ -230,21 +230,8 @@ pub(super) async fn reconcile(
     accept_through: StreamSeq,
 ) -> Result<Reconciled, PipelineError> {
     let positions = count_past(names, checkpoint, last_seq)?;
-    let known = recorded.within(checkpoint.stream_seq, last_seq);
-    let found_foreign = foreign::scan(sink, checkpoint, &known, last_seq).await?;
-    if found_foreign.count() > 0 {
-        tracing::warn!(
-            stream = %names.stream,
-            positions = %found_foreign,
-            "the stream holds messages walcast did not publish: skipping them. A tenant user can make the \
-             nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
-             deliver subject in the stream's subjects), or someone published into them; see README \
-             \"Tenant isolation at the broker\""
-        );
-        metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES)
-            .increment(found_foreign.count());
-    }
-    let foreign = known.union(&found_foreign);
+    let (foreign, found_foreign) =
+        foreign_past(sink, names, checkpoint, recorded, last_seq).await?;
     let already = positions - foreign.count();
     if already > 0 {
         tracing::info!(
@@ -305,6 +292,31 @@ pub(super) async fn reconcile(
         oldest_removed: Vec::new(),
         missing,
     })
+}
+
+/// The foreign messages past the checkpoint (`recorded` and newly found),
+/// and the newly found ones, reported.
+async fn foreign_past(
+    sink: &impl Sink,
+    names: Names<'_>,
+    checkpoint: &Checkpoint,
+    recorded: &Foreign,
+    last_seq: StreamSeq,
+) -> Result<(Foreign, Foreign), PipelineError> {
+    let known = recorded.within(checkpoint.stream_seq, last_seq);
+    let found = foreign::scan(sink, checkpoint, &known, last_seq).await?;
+    if found.count() > 0 {
+        tracing::warn!(
+            stream = %names.stream,
+            positions = %found,
+            "the stream holds messages walcast did not publish: skipping them. A tenant user can make the \
+             nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
+             deliver subject in the stream's subjects), or someone published into them; see README \
+             \"Tenant isolation at the broker\""
+        );
+        metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES).increment(found.count());
+    }
+    Ok((known.union(&found), found))
 }
 
 /// The ERROR for a hole the slot can no longer fill: the range, and the
