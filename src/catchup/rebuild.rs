@@ -471,9 +471,8 @@ async fn read_range(
         .await
         .map_err(|e| format!("read the stream: {e}"))?;
     let mut read = 0u64;
-    // Walcast's event ids grow with the position; a message without one,
-    // or with one not after the last, is not walcast's (`pipeline::foreign`).
-    let mut last_id = None;
+    // A copy someone made the server store is not walcast's (`OwnIds`).
+    let mut own_ids = crate::events::OwnIds::default();
     loop {
         let msg = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
             Ok(Some(msg)) => msg.map_err(|e| format!("read the stream: {e}"))?,
@@ -488,11 +487,7 @@ async fn read_range(
         if stream_seq < lo {
             continue; // a consumer recreated earlier than asked (vendor/README.md)
         }
-        let id = event_id(msg.headers.as_ref());
-        let own = id.is_some() && (last_id.is_none() || id > last_id);
-        if own {
-            last_id = id;
-        }
+        let own = own_ids.admits(event_id(msg.headers.as_ref()));
         if let Some((tenant, seq)) = position(msg.headers.as_ref()).filter(|_| own) {
             let tenant = tenants.get(tenant);
             rebuilt.push(&tenant, TenantSeq(seq), StreamSeq(stream_seq));

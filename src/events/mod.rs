@@ -117,6 +117,39 @@ pub fn parse_event_id(id: &str) -> Option<(Lsn, u32)> {
     ))
 }
 
+/// Walcast's own messages along its stream: their event ids grow with the
+/// position, while a copy someone made the server store there
+/// (`pipeline::foreign`) has no event id or one at most the highest before
+/// it. Judged by the running maximum.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OwnIds {
+    highest: Option<(Lsn, u32)>,
+    /// Before any is known: the lowest id that can be walcast's.
+    floor: (Lsn, u32),
+}
+
+impl OwnIds {
+    /// Judging from `highest` (the last known message of walcast's), or
+    /// from `floor` when none is known.
+    pub fn after(highest: Option<(Lsn, u32)>, floor: (Lsn, u32)) -> Self {
+        OwnIds { highest, floor }
+    }
+
+    /// Whether the next message, with this event id, is walcast's (it then
+    /// becomes the highest).
+    pub fn admits(&mut self, id: Option<(Lsn, u32)>) -> bool {
+        let own = match (id, self.highest) {
+            (Some(id), Some(high)) => id > high,
+            (Some(id), None) => id >= self.floor,
+            (None, _) => false,
+        };
+        if own {
+            self.highest = id;
+        }
+        own
+    }
+}
+
 /// Builds events and owns the per-tenant sequence state.
 pub struct EventBuilder {
     prefix: String,

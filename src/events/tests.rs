@@ -542,3 +542,19 @@ proptest::proptest! {
         proptest::prop_assert_eq!(out.commit_lsn.0, expected.commit_lsn);
     }
 }
+
+#[test]
+fn own_ids_are_the_running_maximum_of_event_ids() {
+    let id = |lsn, i| Some((Lsn(lsn), i));
+    let mut own = OwnIds::after(None, (Lsn(0x20), 0));
+    assert!(!own.admits(id(0x10, 0)), "before the floor");
+    assert!(own.admits(id(0x20, 0)));
+    assert!(own.admits(id(0x20, 1)));
+    assert!(!own.admits(None), "no event id");
+    assert!(!own.admits(id(0x20, 0)), "a copy of an earlier event");
+    assert!(!own.admits(id(0x20, 1)), "a copy of the last one");
+    assert!(own.admits(id(0x30, 0)));
+    let mut from_known = OwnIds::after(id(0x30, 0), (Lsn(0), 0));
+    assert!(!from_known.admits(id(0x25, 0)));
+    assert!(from_known.admits(id(0x31, 0)));
+}

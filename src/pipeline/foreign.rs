@@ -24,10 +24,10 @@ use tokio_postgres::Client;
 
 use crate::checkpoint::Checkpoint;
 use crate::database::{DbError, query_err};
+use crate::events::OwnIds;
 use crate::position::StreamSeq;
 use crate::publish::Sink;
 use crate::publish::holes::Hole;
-use crate::publish::sink::Probe;
 
 /// Positions of foreign messages: inclusive ranges, sorted and disjoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -62,12 +62,14 @@ impl Foreign {
         self.0.iter().map(|(a, b)| b.0 - a.0 + 1).sum()
     }
 
+    /// The range holding `seq`, if it is foreign.
+    fn holding(&self, seq: StreamSeq) -> Option<(StreamSeq, StreamSeq)> {
+        self.0.iter().copied().find(|(a, b)| *a <= seq && seq <= *b)
+    }
+
     /// `seq`, or the first position after the range holding it.
     pub fn skip(&self, seq: StreamSeq) -> StreamSeq {
-        match self.0.iter().find(|(a, b)| *a <= seq && seq <= *b) {
-            Some((_, b)) => b.next(),
-            None => seq,
-        }
+        self.holding(seq).map_or(seq, |(_, b)| b.next())
     }
 
     /// The last position in `after + 1 ..= through` that is not foreign.
@@ -88,7 +90,7 @@ impl Foreign {
 
     /// Whether `seq` is foreign.
     pub fn contains(&self, seq: StreamSeq) -> bool {
-        self.0.iter().any(|(a, b)| *a <= seq && seq <= *b)
+        self.holding(seq).is_some()
     }
 
     /// These positions and those of `other`.
@@ -146,26 +148,17 @@ pub async fn scan(
     if from >= last_seq {
         return Ok(Foreign::default());
     }
-    // The highest id so far: the last message of walcast's at or before
-    // `from`, else the checkpoint's LSN as a floor.
+    // From the last message of walcast's at or before `from`, else from
+    // the checkpoint's LSN as a floor.
     let mut highest = None;
-    if let Some(own) = known.last_outside(StreamSeq(0), from)
-        && let Probe::Event(id) = sink.probe(own).await?
-    {
-        highest = Some(id);
+    if let Some(own) = known.last_outside(StreamSeq(0), from) {
+        highest = sink.probe(own).await?.id();
     }
-    let floor = (checkpoint.lsn, 0);
+    let mut own = OwnIds::after(highest, (checkpoint.lsn, 0));
     let mut found = Vec::new();
     for (seq, probe) in sink.probes(from, last_seq).await? {
-        let own = match (probe, highest) {
-            (Probe::Event(id), Some(high)) => id > high,
-            (Probe::Event(id), None) => id >= floor,
-            _ => false,
-        };
-        match (own, probe) {
-            (true, Probe::Event(id)) => highest = Some(id),
-            (false, _) if !known.contains(seq) => found.push((seq, seq)),
-            _ => {}
+        if !own.admits(probe.id()) && !known.contains(seq) {
+            found.push((seq, seq));
         }
     }
     Ok(Foreign::from_ranges(found))

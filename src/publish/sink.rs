@@ -91,6 +91,14 @@ pub enum Probe {
 }
 
 impl Probe {
+    /// The event id, if it is an event's.
+    pub fn id(self) -> Option<(crate::lsn::Lsn, u32)> {
+        match self {
+            Probe::Event(id) => Some(id),
+            _ => None,
+        }
+    }
+
     /// The probe of a message with this `Nats-Msg-Id`.
     pub fn of(msg_id: Option<&str>) -> Probe {
         match msg_id.and_then(crate::events::parse_event_id) {

@@ -38,9 +38,9 @@ pub struct Source<'a> {
     ready: VecDeque<Input>,
     /// The position wanted next.
     next: u64,
-    /// The event id of the last message read from the stream: walcast's
-    /// ids grow with the position, a copy's does not (`pipeline::foreign`).
-    last_id: Option<(crate::lsn::Lsn, u32)>,
+    /// Which messages read from the stream are walcast's (a copy's event
+    /// id does not grow with the position: `pipeline::foreign`).
+    own: crate::events::OwnIds,
     read: [metrics::Counter; 2],
 }
 
@@ -54,7 +54,7 @@ impl<'a> Source<'a> {
             consumer: None,
             ready: VecDeque::new(),
             next: after + 1,
-            last_id: None,
+            own: Default::default(),
             read: [read("feed"), read("stream")],
         }
     }
@@ -125,10 +125,7 @@ impl<'a> Source<'a> {
             // position asked for (vendor/README.md): what the projection
             // already applied is never applied again.
             if input.position >= self.next {
-                input.foreign = id.is_none_or(|id| self.last_id.is_some_and(|last| id <= last));
-                if !input.foreign {
-                    self.last_id = id;
-                }
+                input.foreign = !self.own.admits(id);
                 self.read[1].increment(1);
                 return Ok(Some(self.advance(input)));
             }
