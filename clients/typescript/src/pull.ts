@@ -12,7 +12,10 @@
  * own inbox (SPEC §9).
  *
  * The read ends at the message whose delivery info says nothing is
- * pending. Nothing goes missing unnoticed: a consumer without acks delivers
+ * pending. The server counts a write into the pending a moment after
+ * acknowledging it (its stream signals consumers through a queue), so a
+ * read may end before the last writes made during it: what it delivered is
+ * always a prefix of the consumer, never a guaranteed "up to now". Nothing goes missing unnoticed: a consumer without acks delivers
  * each message once, numbered 1, 2, … (the consumer sequence), so the
  * consumer sequence of a message must equal the count received. Any other
  * status than a heartbeat, a reconnect (pull requests die with the old

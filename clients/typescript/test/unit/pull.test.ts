@@ -11,6 +11,7 @@ import type { JetStreamManager } from "@nats-io/jetstream";
 
 import { parseDelivery, PullBroken, pullAll } from "../../src/pull.js";
 import type { PullRead } from "../../src/pull.js";
+import { waitFor } from "../support/env.js";
 import { NatsServer } from "../support/nats.js";
 
 let nats: NatsServer;
@@ -81,6 +82,11 @@ describe("pullAll", () => {
     for (let i = 21; i <= 30; i++) {
       await js.publish(`MORE.${i}`, new TextEncoder().encode(String(i)));
     }
+    // The server counts a stored message into its consumers' pending after
+    // the publish is acknowledged (the stream signals them through a queue),
+    // so a read at once may rightly end at the 28th: wait until the consumer
+    // counts all 30, then the read has to reach the 30th.
+    await waitFor("the consumer to count 30 pending", async () => (await jsm.consumers.info("MORE", c.name)).num_pending === 30, 5_000, 5);
     const seen: string[] = [];
     await read("MORE", c, (msg) => seen.push(msg.string()));
     assert.deepEqual(seen, Array.from({ length: 30 }, (_, i) => String(i + 1)));
