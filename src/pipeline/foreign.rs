@@ -164,6 +164,28 @@ pub async fn scan(
     Ok(Foreign::from_ranges(found))
 }
 
+/// How many foreign messages' subjects a report names.
+const SUBJECTS_REPORTED: usize = 3;
+
+/// The subjects of the first message of the first few ranges of `found`,
+/// for the WARN: a copy keeps the subject of what it copies
+/// (`walcast.<tenant>.…` or `$KV.<bucket>.<tenant>.…`), and a tenant user
+/// can only copy its own tenant's messages.
+pub async fn subjects(sink: &impl Sink, found: &Foreign) -> String {
+    let mut named = Vec::new();
+    for (first, _) in found.ranges().take(SUBJECTS_REPORTED) {
+        named.push(
+            sink.subject_at(first)
+                .await
+                .unwrap_or_else(|| "(gone)".into()),
+        );
+    }
+    if found.ranges().count() > SUBJECTS_REPORTED {
+        named.push("…".into());
+    }
+    named.join(", ")
+}
+
 const MISSING_TABLE: &str = "walcast.foreign_messages does not exist: run `walcast migrate` (migration 0008) so walcast can record the positions of messages it did not publish";
 
 /// The foreign messages recorded for `slot` (none if the table is missing:
@@ -305,5 +327,19 @@ mod tests {
         assert!(foreign.covers(&hole(11, 13)));
         assert!(!foreign.covers(&hole(14, 15)));
         assert_eq!(f(&[]).within(StreamSeq(0), StreamSeq(9)), f(&[]));
+    }
+
+    #[tokio::test]
+    async fn a_report_names_the_subjects_of_the_first_ranges() {
+        use crate::publish::memory::{FOREIGN_SUBJECT, MemoryBroker};
+        let broker = MemoryBroker::new(std::time::Duration::from_secs(120));
+        (0..5).for_each(|_| broker.store_foreign());
+        let sink = broker.connect(std::time::Duration::ZERO);
+        let one = subjects(&sink, &f(&[(2, 3)])).await;
+        assert_eq!(one, FOREIGN_SUBJECT);
+        let many = subjects(&sink, &f(&[(1, 1), (3, 3), (5, 5), (9, 9)])).await;
+        let s = FOREIGN_SUBJECT;
+        assert_eq!(many, format!("{s}, {s}, {s}, …"));
+        assert_eq!(subjects(&sink, &f(&[(9, 9)])).await, "(gone)");
     }
 }

@@ -306,13 +306,15 @@ async fn foreign_past(
     let known = recorded.within(checkpoint.stream_seq, last_seq);
     let found = foreign::scan(sink, checkpoint, &known, last_seq).await?;
     if found.count() > 0 {
+        let subjects = foreign::subjects(sink, &found).await;
         tracing::warn!(
             stream = %names.stream,
             positions = %found,
+            subjects = %subjects,
             "the stream holds messages walcast did not publish: skipping them. A tenant user can make the \
              nats-server store copies of what it may read (a pull request's reply subject or a push consumer's \
-             deliver subject in the stream's subjects), or someone published into them; see README \
-             \"Tenant isolation at the broker\""
+             deliver subject in the stream's subjects): the copies' subjects name the tenant whose users did it. \
+             Or someone published into them; see README \"Tenant isolation at the broker\""
         );
         metrics::counter!(crate::telemetry::metrics::FOREIGN_MESSAGES).increment(found.count());
     }

@@ -21,9 +21,13 @@ use super::sink::{Bucket, Replies, Sink};
 use crate::headers::{self as names, Headers};
 use crate::position::StreamSeq;
 
+/// The subject of the foreign messages [`MemoryBroker::store_foreign`] stores.
+pub(crate) const FOREIGN_SUBJECT: &str = "$KV.WALCAST_STATE.acme.task.1";
+
 /// One stored message.
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
+    pub subject: String,
     pub msg_id: String,
     pub tenant: Option<String>,
     pub seq: Option<u64>,
@@ -111,10 +115,12 @@ impl MemoryBroker {
         b.foreign_at = Some(b.sends + n.max(1));
     }
 
-    /// Stores a foreign message now (no `Nats-Msg-Id`).
+    /// Stores a foreign message now (no `Nats-Msg-Id`): a copy of a
+    /// tenant's state value, as a tenant user can make the server store.
     pub fn store_foreign(&self) {
         let mut b = self.lock();
         b.messages.push(Stored {
+            subject: FOREIGN_SUBJECT.to_string(),
             msg_id: String::new(),
             tenant: None,
             seq: None,
@@ -253,8 +259,8 @@ impl Sink for MemorySink {
         if !self.fault()? {
             return Ok(()); // lost with the connection
         }
-        let _ = subject; // the stream captures every subject walcast sends to
         let msg = Stored {
+            subject: subject.to_string(),
             msg_id: (headers.text(names::MSG_ID).ok_or("no Nats-Msg-Id")?).to_string(),
             tenant: headers.text(names::TENANT).map(str::to_string),
             seq: headers.number(names::SEQ),
@@ -297,6 +303,14 @@ impl Sink for MemorySink {
 
     async fn message_id(&self, seq: StreamSeq) -> Option<String> {
         self.message(seq).await.map(|m| m.event_id)
+    }
+
+    async fn subject_at(&self, seq: StreamSeq) -> Option<String> {
+        let b = self.broker.lock();
+        let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
+        (!b.deleted.contains(&seq.0))
+            .then(|| b.messages.get(i).map(|m| m.subject.clone()))
+            .flatten()
     }
 
     async fn message(&self, seq: StreamSeq) -> Option<super::holes::Message> {

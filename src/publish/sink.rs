@@ -64,6 +64,9 @@ pub(crate) trait Sink {
     async fn message_id(&self, seq: StreamSeq) -> Option<String>;
     /// The event, tenant and seq of the message at `seq`, if it can be read.
     async fn message(&self, seq: StreamSeq) -> Option<Message>;
+    /// The subject of the message at `seq`, if it can be read (reports
+    /// name it: a foreign message's subject names whose data it copies).
+    async fn subject_at(&self, seq: StreamSeq) -> Option<String>;
     /// Whose message is at `seq` (see `pipeline::foreign`).
     async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError>;
     /// The probes of the messages in `after + 1 ..= through`, in order
@@ -249,6 +252,11 @@ impl Sink for JetStream {
             tenant: header(crate::headers::TENANT),
             seq: header(crate::headers::SEQ).and_then(|s| s.parse().ok()),
         })
+    }
+
+    async fn subject_at(&self, seq: StreamSeq) -> Option<String> {
+        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
+        Some(msg.subject.to_string())
     }
 
     async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError> {
