@@ -12,6 +12,7 @@ use crate::telemetry::metrics as m;
 
 pub mod limits;
 pub mod ordered;
+pub mod range;
 pub mod servers;
 
 /// A connected client and a counter that ticks on every (re)connection, so

@@ -24,11 +24,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
 use async_nats::jetstream::stream::Stream;
-use futures::StreamExt;
 
 use tokio::sync::oneshot;
 
@@ -36,6 +34,7 @@ use super::index::{Index, MAX_EXACT_BYTES, Rebuilt};
 use super::loading::{self, Loading};
 use super::saved::{self, Loaded, Part, Place};
 use super::segment;
+use crate::broker::range::HeadersRead;
 use crate::config::Settings;
 use crate::position::{StreamSeq, TenantSeq};
 use crate::telemetry::metrics as m;
@@ -456,39 +455,13 @@ async fn read_range(
     rebuilt: &mut Rebuilt,
     tenants: &mut Tenants,
 ) -> Result<Option<u64>, String> {
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            // Pushed with flow control: several times faster than pulling.
-            deliver_subject: client.new_inbox(),
-            headers_only: true,
-            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: lo },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| format!("create a consumer: {e}"))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| format!("read the stream: {e}"))?;
+    let mut messages = HeadersRead::open(client, stream, lo, hi).await?;
     let mut read = 0u64;
     // A copy someone made the server store is not walcast's (`OwnIds`).
     let mut own_ids = crate::events::OwnIds::default();
-    loop {
-        let msg = match tokio::time::timeout(Duration::from_secs(30), messages.next()).await {
-            Ok(Some(msg)) => msg.map_err(|e| format!("read the stream: {e}"))?,
-            Ok(None) => return Err("the stream's consumer ended early".into()),
-            Err(_) => return Err("no message from the stream for 30 s".into()),
-        };
-        let info = msg.info().map_err(|e| e.to_string())?;
-        let (stream_seq, pending) = (info.stream_sequence, info.pending);
-        if stream_seq > hi {
-            break; // `hi` itself was removed from the stream
-        }
-        if stream_seq < lo {
-            continue; // a consumer recreated earlier than asked (vendor/README.md)
-        }
-        let own = own_ids.admits(event_id(msg.headers.as_ref()));
-        if let Some((tenant, seq)) = position(msg.headers.as_ref()).filter(|_| own) {
+    while let Some((stream_seq, headers)) = messages.next().await? {
+        let own = own_ids.admits(event_id(headers.as_ref()));
+        if let Some((tenant, seq)) = position(headers.as_ref()).filter(|_| own) {
             let tenant = tenants.get(tenant);
             rebuilt.push(&tenant, TenantSeq(seq), StreamSeq(stream_seq));
         }
@@ -498,9 +471,6 @@ async fn read_range(
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-        }
-        if stream_seq == hi || pending == 0 {
-            break;
         }
     }
     rebuilt.bound(StreamSeq(hi + 1));

@@ -20,6 +20,7 @@ use super::PublishError;
 use super::acks::{Verdict, parse};
 use super::holes::{Hole, Message, ranges};
 use super::stream;
+use crate::broker::range::HeadersRead;
 use crate::headers::Headers;
 use crate::position::StreamSeq;
 
@@ -277,9 +278,7 @@ impl Sink for JetStream {
         after: StreamSeq,
         through: StreamSeq,
     ) -> Result<Vec<(StreamSeq, Probe)>, PublishError> {
-        use async_nats::jetstream::consumer::{DeliverPolicy, push::OrderedConfig};
-        use futures::StreamExt;
-        let failed = |e: &dyn std::fmt::Display| {
+        let failed = |e: String| {
             PublishError::Nats(format!(
                 "read stream messages {}..={through}: {e}",
                 after.next()
@@ -289,41 +288,12 @@ impl Sink for JetStream {
         if through <= after {
             return Ok(out);
         }
-        let consumer = self
-            .stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                headers_only: true,
-                deliver_policy: DeliverPolicy::ByStartSequence {
-                    start_sequence: after.next().0,
-                },
-                ..Default::default()
-            })
+        let mut read = HeadersRead::open(&self.client, &self.stream, after.next().0, through.0)
             .await
-            .map_err(|e| failed(&e))?;
-        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
-        loop {
-            let next = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next());
-            let msg = match next.await {
-                Ok(Some(msg)) => msg.map_err(|e| failed(&e))?,
-                Ok(None) => return Err(failed(&"the consumer ended")),
-                Err(_) => return Err(failed(&"nothing for 30 s")),
-            };
-            let info = msg.info().map_err(|e| failed(&e))?;
-            let (seq, pending) = (StreamSeq(info.stream_sequence), info.pending);
-            if seq > through {
-                break;
-            }
-            if seq > after {
-                let id = msg
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(crate::headers::MSG_ID));
-                out.push((seq, Probe::of(id.map(|v| v.as_str()))));
-            }
-            if seq == through || pending == 0 {
-                break;
-            }
+            .map_err(failed)?;
+        while let Some((seq, headers)) = read.next().await.map_err(failed)? {
+            let id = headers.as_ref().and_then(|h| h.get(crate::headers::MSG_ID));
+            out.push((StreamSeq(seq), Probe::of(id.map(|v| v.as_str()))));
         }
         Ok(out)
     }
