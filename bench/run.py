@@ -1273,9 +1273,12 @@ class WalsenderLag:
         return out
 
 
-def latency_walcast(ctx, rate, secs, state=True):
+def latency_walcast(ctx, rate, secs, state=True, foreign_after=None):
     """walcast's commit → subscriber receive time, with the state bucket of
-    SPEC §8 kept (the default) or off (`WALCAST_STATE_BUCKET=""`)."""
+    SPEC §8 kept (the default) or off (`WALCAST_STATE_BUCKET=""`). With
+    `foreign_after`, one message walcast did not publish goes into its stream
+    that many seconds into the load (as a tenant user can make the server
+    store one: README "Writes by delivery")."""
     pg = ctx.pg
     slot = f"wc_lat_{rate}"
     pg.create_slot(slot)
@@ -1311,6 +1314,10 @@ def latency_walcast(ctx, rate, secs, state=True):
     s.watch("nats-server", nats.proc.pid, from_zero=False)
     walsender = WalsenderLag(pg, slot)
     time.sleep(0.5)
+    injected = {}
+    if foreign_after is not None:
+        injection = threading.Timer(foreign_after, inject_foreign, (nats.port, injected))
+        injection.start()
     pb = run_pgbench(ctx, rate, secs)
     walsender_lag = walsender.stop()
     if probe:
@@ -1326,6 +1333,8 @@ def latency_walcast(ctx, rate, secs, state=True):
     s.stop()
     cpu = {k: s.cpu(k) for k in ("walcast", "nats-server")}
     hwm = proc_status_mb(wc.pid, "VmHWM")
+    if foreign_after is not None:
+        injected["counted"] = wc.metrics().get("walcast_stream_foreign_messages_total", 0)
     if not probe:
         sub.close()
     wc.stop()
@@ -1334,9 +1343,30 @@ def latency_walcast(ctx, rate, secs, state=True):
     if os.environ.get("BENCH_DUMP_SAMPLES"):  # (commit µs, receive µs) per event, for a timeline
         with open(f"{os.environ['BENCH_DUMP_SAMPLES']}-{rate}-{'state' if state else 'nostate'}.json", "w") as f:
             json.dump([(c, r) for c, r, _ in samples], f)
+    if foreign_after is not None:
+        injected["after_it"] = stall_after(samples, injected.get("at_us"))
     return samples, {"pgbench": pb, "received": len(samples), "undecodable": bad[0], "cpu_s": cpu,
-                     "walsender_behind": walsender_lag,
+                     "walsender_behind": walsender_lag, "foreign": injected or None,
                      "peak_rss_mb": hwm, "machine": s.machine()}
+
+
+def inject_foreign(port, out):
+    """Publishes one message without an event id into the stream's subjects."""
+    conn = Nats("127.0.0.1", port)
+    out["at_us"] = time.time() * 1e6
+    conn.publish("walcast.bench-foreign.task.created", b"not walcast's")
+    conn.flush()
+    conn.close()
+
+
+def stall_after(samples, at_us):
+    """What the events committed in the 10 s after the injection waited:
+    the worst commit → receive time, and how many took over 100 ms."""
+    if at_us is None:
+        return None
+    late = [(recv - commit) / 1e3 for commit, recv, _ in samples if at_us <= commit < at_us + 10e6]
+    return {"events": len(late), "max_ms": round(max(late, default=0), 1),
+            "over_100ms": sum(1 for v in late if v > 100)}
 
 
 def latency_floor(ctx, rate, secs):
@@ -1437,6 +1467,22 @@ def scenario_latency(ctx):
             r[f"walcast_minus_floor_{p}_ms"] = None if w is None or f is None else round(w - f, 3)
         out[str(rate_)] = r
     return out
+
+
+def scenario_foreign(ctx):
+    """What one message walcast did not publish costs every tenant: walcast
+    restarts its pipeline and replays the slot from its confirmed position
+    (`--confirm-delay` behind). The message goes in once the confirm delay
+    (default 2 min) has passed under load, so the replay is a full one."""
+    a = ctx.args
+    rate_ = a.rates[0]
+    after = a.foreign_after
+    secs = after + 20
+    r = latency_part(f"scenario foreign: {rate_}/s, one foreign message after {after}s ({secs}s)",
+                     latency_walcast, ctx, rate_, secs, True, after)
+    f = r.get("foreign") or {}
+    log(f"    after the foreign message: {f.get('after_it')}; counted {f.get('counted')}")
+    return r
 
 
 def catchup_dataset(ctx, n, m):
@@ -1955,7 +2001,7 @@ def main():
                                                              str(ROOT / ".tools/bin/nats-server")))
     ap.add_argument("--scenarios", default="drain,tenants,latency,big_tx,idle",
                     help="comma-separated: drain,tenants,latency,big_tx,backfill,state_load,auth_logins,idle,catchup,catchup_flood,"
-                         "ws_fanout,gateway_fanout,steady "
+                         "ws_fanout,gateway_fanout,steady,foreign "
                          "(default: all but the catch-up ones and steady)")
     ap.add_argument("--catchup", action="store_true", help="also run the catch-up scenario (issue 9)")
     ap.add_argument("--quick", action="store_true",
@@ -1968,6 +2014,8 @@ def main():
     ap.add_argument("--backfill-rows", type=int, default=1_000_000)
     ap.add_argument("--logins", type=int, default=1000, help="auth_logins: concurrent logins per round")
     ap.add_argument("--rates", default="1000,5000")
+    ap.add_argument("--foreign-after", type=int, default=140,
+                    help="foreign: seconds of load before the foreign message (past the 2 min confirm delay)")
     ap.add_argument("--latency-seconds", type=int, default=60)
     ap.add_argument("--latency-receiver", choices=("rust", "python"), default="rust",
                     help="latency: who receives walcast's events — the Rust probe in its own process "
@@ -2093,7 +2141,8 @@ def main():
         meta["postgres_settings"] = pg.settings
         init_db(a, pg)
 
-        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency", "steady",
+        order = ["drain", "tenants", "big_tx", "backfill", "state_load", "auth_logins", "idle", "latency", "foreign",
+                 "steady",
                  "catchup", "catchup_flood", "ws_fanout", "gateway_fanout"]
         for name in order:
             if name not in scenarios:
@@ -2116,6 +2165,8 @@ def main():
                     r = scenario_idle(ctx)
                 elif name == "latency":
                     r = scenario_latency(ctx)
+                elif name == "foreign":
+                    r = scenario_foreign(ctx)
                 elif name == "steady":
                     r = scenario_steady(ctx)
                 elif name == "catchup_flood":
