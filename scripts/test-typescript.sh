@@ -113,9 +113,9 @@ run() {
         failed+=("$name")
     fi
 }
-run unit node --test --test-reporter=spec build/test/unit/*.test.js
-run integration node --test --test-reporter=spec --test-concurrency=1 build/test/integration/*.test.js
-run e2e node --test --test-reporter=spec --test-concurrency=1 build/test/e2e/*.test.js
+run unit node --test --test-force-exit --test-reporter=spec build/test/unit/*.test.js
+run integration node --test --test-force-exit --test-reporter=spec --test-concurrency=1 build/test/integration/*.test.js
+run e2e node --test --test-force-exit --test-reporter=spec --test-concurrency=1 build/test/e2e/*.test.js
 
 if [ "${#failed[@]}" -gt 0 ]; then
     log "FAILED: ${failed[*]}"

@@ -26,8 +26,13 @@ import type { NatsServer } from "../support/nats.js";
 const WAIT_BOUND_MS = 25_000;
 
 let nodes: NatsServer[] = [];
+/** Closed after the test whatever its outcome: an open one keeps the process alive. */
+const open: Subscription[] = [];
+const fakes: FakeWalcast[] = [];
 
 after(async () => {
+  await Promise.all(open.map((s) => s.close()));
+  await Promise.all(fakes.map((f) => f.close().catch(() => {})));
   await Promise.all(nodes.map((n) => n.destroy()));
 });
 
@@ -50,7 +55,6 @@ describe("subscribe on a cluster", () => {
   it("goes on when the node holding its consumer dies", { timeout: 180_000 }, async () => {
     nodes = await startCluster();
     // The stream (R3) once the cluster has a JetStream meta leader.
-    const fakes: FakeWalcast[] = [];
     await waitFor(
       "an R3 stream",
       async () => {
@@ -66,7 +70,6 @@ describe("subscribe on a cluster", () => {
     // A subscription on one node whose consumer another node holds
     // (placement is the server's choice), the publisher on the same node.
     let found: { node: number; host: number; fake: FakeWalcast; c: Collector } | undefined;
-    const open: Subscription[] = [];
     for (let attempt = 0; attempt < 20 && found === undefined; attempt++) {
       const node = attempt % nodes.length;
       const url = nodes[node]!.url;
@@ -142,7 +145,5 @@ describe("subscribe on a cluster", () => {
     const seqs = c.events.map((e) => Number(e.split(":")[1]));
     assert.deepEqual(seqs, seqs.map((_, i) => seqs[0]! + i), "every event once, in order");
     assert.ok(longest < WAIT_BOUND_MS, `an event waited ${longest} ms for the subscription after its consumer's node died`);
-    await Promise.all(open.map((s) => s.close()));
-    await Promise.all(fakes.map((f) => f.close()));
   });
 });
