@@ -21,7 +21,9 @@ set -euo pipefail
 
 CHROMIUM_VERSION="${WALCAST_CHROMIUM_VERSION:-156.0.8078.129-1~deb12u1}"
 CHROMIUM_PATH="${CHROMIUM_PATH:-/usr/bin/chromium}"
-NODE_MAJOR_MIN=20
+# 20.14: node --test's --test-force-exit (a failing test that leaves a
+# handle open must not hang the run).
+NODE_MIN="20.14"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLIENT="$ROOT/clients/typescript"
@@ -29,12 +31,14 @@ log() { echo "test-typescript: $*" >&2; }
 
 # --- Node ------------------------------------------------------------------
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
-    log "node and npm are required (Node >= ${NODE_MAJOR_MIN})"
+    log "node and npm are required (Node >= ${NODE_MIN})"
     exit 1
 fi
-node_major="$(node -p 'process.versions.node.split(".")[0]')"
-if [ "$node_major" -lt "$NODE_MAJOR_MIN" ]; then
-    log "Node >= ${NODE_MAJOR_MIN} required, found $(node --version)"
+if ! node -e '
+    const [want, have] = [process.argv[1], process.versions.node].map((v) => v.split(".").map(Number));
+    process.exit(have[0] > want[0] || (have[0] === want[0] && have[1] >= want[1]) ? 0 : 1);
+' "$NODE_MIN"; then
+    log "Node >= ${NODE_MIN} required, found $(node --version)"
     exit 1
 fi
 
