@@ -156,7 +156,7 @@ export class FakeWalcast {
     h.set("Walcast-Seq", event.seq.toString());
     h.set("Walcast-Lsn", event.commitLsn.toString());
     h.set("Content-Type", "application/x-protobuf");
-    const body = await this.#claimCheck(event, options.oversized === true, h);
+    const body = await this.#claimCheck(event, options.oversized === true, h, `${this.stream}_OVERSIZED`, event.eventId);
     return this.#locked(async () => {
       const ack = await this.js.publish(`${this.prefix}.${event.tenantId}.${entity}.${action}`, body, { headers: h });
       let perSeq = this.#index.get(event.tenantId);
@@ -171,16 +171,21 @@ export class FakeWalcast {
     });
   }
 
-  /** The body to publish: the event, or its stub after storing it in the object store. */
-  async #claimCheck(event: ChangeEvent, oversized: boolean, h: MsgHdrs): Promise<Uint8Array> {
+  /**
+   * The body to publish: the event, or its stub after storing it in the
+   * object store `bucket` as `name`. As walcast does, an event's body goes
+   * to `<stream>_OVERSIZED` as `<event_id>` and a state value's to
+   * `<state bucket>_OVERSIZED` as `<key>.<seq>`: one object per write, never
+   * replaced while a reader may be fetching it.
+   */
+  async #claimCheck(event: ChangeEvent, oversized: boolean, h: MsgHdrs, bucket: string, name: string): Promise<Uint8Array> {
     const body = toBinary(ChangeEventSchema, event);
     if (!oversized) {
       return body;
     }
-    const bucket = `${this.stream}_OVERSIZED`;
     const store = await new Objm(this.js).create(bucket);
-    await store.putBlob({ name: event.eventId }, body);
-    h.set("Walcast-Object", `${bucket}/${event.eventId}`);
+    await store.putBlob({ name }, body);
+    h.set("Walcast-Object", `${bucket}/${name}`);
     const stub = { ...event, after: { case: undefined }, before: { case: undefined }, extra: {} };
     return toBinary(ChangeEventSchema, create(ChangeEventSchema, stub as unknown as ChangeEvent));
   }
@@ -223,7 +228,8 @@ export class FakeWalcast {
   async putRow(key: string, event: ChangeEvent, streamSeq: number, oversized = false): Promise<void> {
     const h = stateHeaders(event.seq, streamSeq);
     h.set("Content-Type", "application/x-protobuf");
-    await this.#put(key, await this.#claimCheck(event, oversized, h), h);
+    const body = await this.#claimCheck(event, oversized, h, `${this.bucket}_OVERSIZED`, `${key}.${event.seq}`);
+    await this.#put(key, body, h);
   }
 
   /** A delete marker carrying the delete event's seq. */
