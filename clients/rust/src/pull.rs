@@ -11,6 +11,13 @@
 //! `$JS.API.CONSUMER.MSG.NEXT.<stream>.<consumer>` and subscribe to the
 //! client's own inbox (SPEC §9).
 //!
+//! The read ends at the message whose delivery info says nothing is
+//! pending. The server counts a write into the pending a moment after
+//! acknowledging it (its stream signals consumers through a queue), so a
+//! read may end before the last writes made during it: what it delivered
+//! is a prefix of the consumer, never a guaranteed "up to now" (the state
+//! load needs no more: its `as_of_seq` is what it read).
+//!
 //! Nothing goes missing unnoticed: a consumer without acks delivers each
 //! message once, numbered 1, 2, … (the consumer sequence), so the message
 //! that can be the last must carry the count received. A status other than
