@@ -1354,7 +1354,7 @@ def inject_foreign(port, out):
     """Publishes one message without an event id into the stream's subjects."""
     conn = Nats("127.0.0.1", port)
     out["at_us"] = time.time() * 1e6
-    conn.publish("walcast.bench-foreign.task.created", b"not walcast's")
+    conn.publish("walcast.bench-foreign.task.created", b"")  # no event: the receivers count it as undecodable
     conn.flush()
     conn.close()
 
