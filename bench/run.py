@@ -1284,7 +1284,8 @@ def latency_walcast(ctx, rate, secs, state=True, foreign_after=None):
     pg.create_slot(slot)
     name = f"lat{rate}{'' if state else '-nostate'}"
     nats = NatsServer(ctx.work, ctx.nats_bin, name)
-    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, slot, name=name,
+    confirm_delay = ctx.args.foreign_confirm_delay if foreign_after is not None else None
+    wc = Walcast(ctx.walcast_bin, ctx.work, pg, nats, slot, name=name, confirm_delay=confirm_delay,
                  extra_env=None if state else {"WALCAST_STATE_BUCKET": ""})
     wc.wait_ready()
     samples = []
@@ -1301,7 +1302,7 @@ def latency_walcast(ctx, rate, secs, state=True, foreign_after=None):
     if probe:
         if not probe.exists():
             raise RuntimeError(f"no receiver at {probe}: cargo build --release -p walcast-client --example latency_probe")
-        sub = subprocess.Popen([str(probe), nats.url, "--idle", "3"], stdout=subprocess.PIPE, text=True)
+        sub = subprocess.Popen([str(probe), nats.url, "--idle", "3" if foreign_after is None else "30"], stdout=subprocess.PIPE, text=True)
         STARTED.append(("proc", sub))
         if sub.stdout.readline().strip() != "ready":
             raise RuntimeError("the latency probe did not start")
@@ -1321,7 +1322,7 @@ def latency_walcast(ctx, rate, secs, state=True, foreign_after=None):
     pb = run_pgbench(ctx, rate, secs)
     walsender_lag = walsender.stop()
     if probe:
-        out, _ = sub.communicate(timeout=120)  # it ends 3 s after the last event
+        out, _ = sub.communicate(timeout=300)  # it ends 3 s (30 s with foreign_after) after the last event
         for line in out.splitlines():
             ct, recv, title = json.loads(line)
             if ct:
@@ -1478,7 +1479,8 @@ def scenario_foreign(ctx):
     rate_ = a.rates[0]
     after = a.foreign_after
     secs = after + 20
-    r = latency_part(f"scenario foreign: {rate_}/s, one foreign message after {after}s ({secs}s)",
+    delay = a.foreign_confirm_delay or "2m (default)"
+    r = latency_part(f"scenario foreign: {rate_}/s, confirm delay {delay}, one foreign message after {after}s ({secs}s)",
                      latency_walcast, ctx, rate_, secs, True, after)
     f = r.get("foreign") or {}
     log(f"    after the foreign message: {f.get('after_it')}; counted {f.get('counted')}")
@@ -2016,6 +2018,7 @@ def main():
     ap.add_argument("--rates", default="1000,5000")
     ap.add_argument("--foreign-after", type=int, default=140,
                     help="foreign: seconds of load before the foreign message (past the 2 min confirm delay)")
+    ap.add_argument("--foreign-confirm-delay", help="foreign: walcast's --confirm-delay (default: its default, 2m)")
     ap.add_argument("--latency-seconds", type=int, default=60)
     ap.add_argument("--latency-receiver", choices=("rust", "python"), default="rust",
                     help="latency: who receives walcast's events — the Rust probe in its own process "
