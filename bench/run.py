@@ -1480,8 +1480,10 @@ def scenario_foreign(ctx):
     after = a.foreign_after
     secs = after + 20
     delay = a.foreign_confirm_delay or "2m (default)"
-    r = latency_part(f"scenario foreign: {rate_}/s, confirm delay {delay}, one foreign message after {after}s ({secs}s)",
-                     latency_walcast, ctx, rate_, secs, True, after)
+    state = a.latency_state != "off"
+    r = latency_part(f"scenario foreign: {rate_}/s, confirm delay {delay}, state {'kept' if state else 'off'}, "
+                     f"one foreign message after {after}s ({secs}s)",
+                     latency_walcast, ctx, rate_, secs, state, after)
     f = r.get("foreign") or {}
     log(f"    after the foreign message: {f.get('after_it')}; counted {f.get('counted')}")
     return r
