@@ -316,6 +316,23 @@ async fn present_tenant_seq(
     tenant_seq_at(stream, seq).await
 }
 
+/// The first position in `positions` holding a tenant event whose tenant
+/// and seq satisfy `wanted`: (position, tenant, seq).
+async fn first_present(
+    stream: &async_nats::jetstream::stream::Stream,
+    positions: std::ops::RangeInclusive<u64>,
+    wanted: impl Fn(&str, u64) -> bool,
+) -> Option<(u64, String, u64)> {
+    for at in positions {
+        if let Some((t, s)) = present_tenant_seq(stream, at).await
+            && wanted(&t, s)
+        {
+            return Some((at, t, s));
+        }
+    }
+    None
+}
+
 /// Runs a small workload through `walcast` until the stream holds every
 /// change; returns the stream's last sequence.
 async fn publish_workload(
@@ -737,16 +754,9 @@ async fn purging_a_tenants_oldest_events_is_not_a_loss() {
     // The first tenant event from the stream's middle on that has older
     // events of its tenant (the random workload may put a tenant's first
     // event there), trimmed to its events from there on.
-    let mut trim = None;
-    for at in last / 2..=last {
-        if let Some((t, s)) = tenant_seq_at(&stream, at).await
-            && s > 1
-        {
-            trim = Some((at, t));
-            break;
-        }
-    }
-    let (trim_at, tenant) = trim.expect("a tenant event with older ones, mid-stream");
+    let (trim_at, tenant, _) = first_present(&stream, last / 2..=last, |_, s| s > 1)
+        .await
+        .expect("a tenant event with older ones, mid-stream");
     stream
         .purge()
         .filter(format!("walcast.{tenant}.>"))
@@ -780,17 +790,9 @@ async fn purging_a_tenants_oldest_events_is_not_a_loss() {
 
     // Only those holes: a later one, below the trim's last position, inside
     // another tenant's events, stops walcast.
-    let mut inside = None;
-    for seq in 2..trim_at {
-        if let Some((t, s)) = present_tenant_seq(&stream, seq).await
-            && t != tenant
-            && s > 1
-        {
-            inside = Some((seq, t, s));
-            break;
-        }
-    }
-    let (at, other, seq) = inside.expect("another tenant's event below the trim");
+    let (at, other, seq) = first_present(&stream, 2..=trim_at - 1, |t, s| t != tenant && s > 1)
+        .await
+        .expect("another tenant's event below the trim");
     stream.delete_message(at).await.expect("delete it");
     let status = walcast.wait(Duration::from_secs(60)).await;
     assert_ne!(
