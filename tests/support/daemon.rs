@@ -182,13 +182,28 @@ pub async fn read_stream_as(client: async_nats::Client, stream: &str) -> Vec<Str
     if last == 0 {
         return out;
     }
-    let mut messages = ordered_messages(&stream).await;
-    while let Some(msg) = tokio::time::timeout(Duration::from_secs(10), messages.next())
-        .await
-        .expect("stream read stalled")
-    {
-        let msg = msg.expect("stream message");
+    let mut next = 1;
+    let mut stalls = 0;
+    let mut messages = ordered_messages(&stream, next).await;
+    loop {
+        let msg = match tokio::time::timeout(READ_STALL, messages.next()).await {
+            Ok(Some(msg)) => msg.expect("stream message"),
+            Ok(None) => break,
+            // On a cluster whose node just came back, the consumer can sit
+            // on a replica that is still catching up (seen in CI: 10 s of
+            // nothing after the cluster test's last restart): read on from
+            // the next position with a new consumer, as walcast's own
+            // reads do.
+            Err(_) if stalls < READ_STALLS => {
+                stalls += 1;
+                eprintln!("stream read stalled {READ_STALL:?} before position {next}; reading on with a new consumer");
+                messages = ordered_messages(&stream, next).await;
+                continue;
+            }
+            Err(_) => panic!("stream read stalled {READ_STALLS} times before position {next}"),
+        };
         let stream_seq = msg.info().expect("message info").stream_sequence;
+        next = stream_seq + 1;
         let headers = header_map(msg.headers.as_ref());
         let payload = match headers.get("Walcast-Object") {
             Some(object) => fetch_object(&js, object).await,
@@ -208,20 +223,30 @@ pub async fn read_stream_as(client: async_nats::Client, stream: &str) -> Vec<Str
     out
 }
 
-/// An ordered read of `stream` from its start. On a cluster that just lost
-/// a node the server may place the consumer there and never answer the
-/// create (seen in CI: `TimedOut` a second after a kill -9): each attempt
-/// is a new consumer, as walcast's own reads do (vendor/README.md).
+/// How long a stream read waits for its next message before it reads on
+/// with a new consumer, and how many times it does.
+const READ_STALL: Duration = Duration::from_secs(10);
+const READ_STALLS: u32 = 3;
+
+/// An ordered read of `stream` from position `start`. On a cluster that
+/// just lost a node the server may place the consumer there and never
+/// answer the create (seen in CI: `TimedOut` a second after a kill -9):
+/// each attempt is a new consumer, as walcast's own reads do
+/// (vendor/README.md).
 async fn ordered_messages(
     stream: &jetstream::stream::Stream,
+    start: u64,
 ) -> jetstream::consumer::pull::Ordered {
+    let config = jetstream::consumer::pull::OrderedConfig {
+        deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start,
+        },
+        ..Default::default()
+    };
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let created = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
-            .await;
-        match created {
+        match stream.create_consumer(config.clone()).await {
             Ok(consumer) => return consumer.messages().await.expect("consume"),
             Err(e) if attempts < 5 => eprintln!("creating an ordered consumer failed ({e}); again"),
             Err(e) => panic!("ordered consumer, {attempts} attempts: {e}"),
