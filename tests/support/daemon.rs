@@ -196,7 +196,9 @@ pub async fn read_stream_as(client: async_nats::Client, stream: &str) -> Vec<Str
             // reads do.
             Err(_) if stalls < READ_STALLS => {
                 stalls += 1;
-                eprintln!("stream read stalled {READ_STALL:?} before position {next}; reading on with a new consumer");
+                eprintln!(
+                    "stream read stalled {READ_STALL:?} before position {next}; reading on with a new consumer"
+                );
                 messages = ordered_messages(&stream, next).await;
                 continue;
             }
