@@ -301,43 +301,23 @@ impl Sink for MemorySink {
         Ok(self.broker.lock().last_seq())
     }
 
-    async fn message_id(&self, seq: StreamSeq) -> Option<String> {
-        self.message(seq).await.map(|m| m.event_id)
-    }
-
-    async fn subject_at(&self, seq: StreamSeq) -> Option<String> {
+    async fn stored(
+        &self,
+        seq: StreamSeq,
+    ) -> Result<Option<super::sink::StoredMessage>, PublishError> {
         let b = self.broker.lock();
-        let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
-        (!b.deleted.contains(&seq.0))
-            .then(|| b.messages.get(i).map(|m| m.subject.clone()))
-            .flatten()
-    }
-
-    async fn message(&self, seq: StreamSeq) -> Option<super::holes::Message> {
-        let b = self.broker.lock();
+        let Some(i) = seq.0.checked_sub(1).and_then(|i| usize::try_from(i).ok()) else {
+            return Ok(None);
+        };
         if b.deleted.contains(&seq.0) {
-            return None;
+            return Ok(None);
         }
-        let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
-        b.messages
-            .get(i)
-            .filter(|m| !m.msg_id.is_empty())
-            .map(|m| super::holes::Message {
-                event_id: m.msg_id.clone(),
-                tenant: m.tenant.clone(),
-                seq: m.seq,
-            })
-    }
-
-    async fn probe(&self, seq: StreamSeq) -> Result<super::sink::Probe, PublishError> {
-        let b = self.broker.lock();
-        let i = usize::try_from(seq.0.saturating_sub(1)).unwrap_or(usize::MAX);
-        Ok(match b.messages.get(i) {
-            Some(m) if seq.0 > 0 && !b.deleted.contains(&seq.0) => {
-                super::sink::Probe::of(Some(&m.msg_id))
-            }
-            _ => super::sink::Probe::Missing,
-        })
+        Ok(b.messages.get(i).map(|m| super::sink::StoredMessage {
+            subject: m.subject.clone(),
+            msg_id: (!m.msg_id.is_empty()).then(|| m.msg_id.clone()),
+            tenant: m.tenant.clone(),
+            seq: m.seq,
+        }))
     }
 
     async fn probes(

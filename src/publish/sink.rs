@@ -61,15 +61,34 @@ pub(crate) trait Sink {
     async fn no_responders(&self, event_id: &str) -> PublishError;
     /// The stream's last sequence (0 when empty), as reconciliation reads it.
     async fn last_seq(&self) -> Result<StreamSeq, PublishError>;
+    /// The message at `seq` (`None`: deleted, or past the end): one direct
+    /// read of the stream, which the four reads below keep parts of.
+    async fn stored(&self, seq: StreamSeq) -> Result<Option<StoredMessage>, PublishError>;
     /// The `Nats-Msg-Id` of the message at `seq`, if it can still be read.
-    async fn message_id(&self, seq: StreamSeq) -> Option<String>;
+    async fn message_id(&self, seq: StreamSeq) -> Option<String> {
+        self.stored(seq).await.ok().flatten()?.msg_id
+    }
     /// The event, tenant and seq of the message at `seq`, if it can be read.
-    async fn message(&self, seq: StreamSeq) -> Option<Message>;
+    async fn message(&self, seq: StreamSeq) -> Option<Message> {
+        let stored = self.stored(seq).await.ok().flatten()?;
+        Some(Message {
+            event_id: stored.msg_id?,
+            tenant: stored.tenant,
+            seq: stored.seq,
+        })
+    }
     /// The subject of the message at `seq`, if it can be read (reports
     /// name it: a foreign message's subject names whose data it copies).
-    async fn subject_at(&self, seq: StreamSeq) -> Option<String>;
+    async fn subject_at(&self, seq: StreamSeq) -> Option<String> {
+        Some(self.stored(seq).await.ok().flatten()?.subject)
+    }
     /// Whose message is at `seq` (see `pipeline::foreign`).
-    async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError>;
+    async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError> {
+        Ok(match self.stored(seq).await? {
+            Some(stored) => Probe::of(stored.msg_id.as_deref()),
+            None => Probe::Missing,
+        })
+    }
     /// The probes of the messages in `after + 1 ..= through`, in order
     /// (positions without a message left out): one headers-only read.
     async fn probes(
@@ -81,6 +100,15 @@ pub(crate) trait Sink {
     /// last message (see [`holes`](super::holes)): one stream info request,
     /// a second one listing them only if any are missing.
     async fn holes(&self) -> Result<Vec<Hole>, PublishError>;
+}
+
+/// A stored message: its subject and the headers walcast reads back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub subject: String,
+    pub msg_id: Option<String>,
+    pub tenant: Option<String>,
+    pub seq: Option<u64>,
 }
 
 /// Whose message is at a stream position.
@@ -235,42 +263,24 @@ impl Sink for JetStream {
         Ok(StreamSeq(info.state.last_sequence))
     }
 
-    async fn message_id(&self, seq: StreamSeq) -> Option<String> {
-        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
-        Some(
-            msg.headers
-                .get(crate::headers::MSG_ID)?
-                .as_str()
-                .to_string(),
-        )
-    }
-
-    async fn message(&self, seq: StreamSeq) -> Option<Message> {
-        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
+    async fn stored(&self, seq: StreamSeq) -> Result<Option<StoredMessage>, PublishError> {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        let msg = match self.stream.get_raw_message(seq.0).await {
+            Ok(msg) => msg,
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => {
+                return Err(PublishError::Nats(format!(
+                    "read stream message {seq}: {e}"
+                )));
+            }
+        };
         let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_string());
-        Some(Message {
-            event_id: header(crate::headers::MSG_ID)?,
+        Ok(Some(StoredMessage {
+            subject: msg.subject.to_string(),
+            msg_id: header(crate::headers::MSG_ID),
             tenant: header(crate::headers::TENANT),
             seq: header(crate::headers::SEQ).and_then(|s| s.parse().ok()),
-        })
-    }
-
-    async fn subject_at(&self, seq: StreamSeq) -> Option<String> {
-        let msg = self.stream.get_raw_message(seq.0).await.ok()?;
-        Some(msg.subject.to_string())
-    }
-
-    async fn probe(&self, seq: StreamSeq) -> Result<Probe, PublishError> {
-        use async_nats::jetstream::stream::RawMessageErrorKind;
-        match self.stream.get_raw_message(seq.0).await {
-            Ok(msg) => Ok(Probe::of(
-                msg.headers.get(crate::headers::MSG_ID).map(|v| v.as_str()),
-            )),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(Probe::Missing),
-            Err(e) => Err(PublishError::Nats(format!(
-                "read stream message {seq}: {e}"
-            ))),
-        }
+        }))
     }
 
     async fn probes(
