@@ -50,6 +50,11 @@ pub trait Service: Send + 'static {
     /// writes must not reach the server after such a loss.
     const FAIL_ON_DISCONNECT: bool = false;
 
+    /// Called on the service's thread when it stopped on its own (an
+    /// error, a panic, a dropped connection), not when its holder stopped
+    /// it: what a failure makes the next start redo.
+    fn on_failure() {}
+
     /// Sets up on `client` (this thread's own connection), calls
     /// [`Ready::serving`] once it answers, then serves until it fails.
     /// Returning at all is a failure: the service stops only when dropped.
@@ -167,6 +172,7 @@ fn spawn<S: Service>(
                     })
                 });
             if let Err(e) = &outcome {
+                S::on_failure();
                 tracing::error!(service = S::NAME, error = %e, "service thread ended");
             }
             let _ = exit_tx.send(outcome);
@@ -221,6 +227,7 @@ fn run_restarting<S: Service + Clone>(
                 failure = serve_once(settings, service.clone(), Ready(ready)) => failure,
                 _ = &mut stop => return Ok(()),
             };
+            S::on_failure();
             let wait = backoff.stopped();
             metrics::counter!(m::ERRORS, "stage" => S::NAME).increment(1);
             tracing::warn!(service = S::NAME, error = %failure, retry_in = ?wait, "service stopped; it starts again");

@@ -273,6 +273,8 @@ pub(super) async fn reconcile(
             .max(checkpoint.acked_seq.0),
     );
     if last_seq < acked_high {
+        // The bucket may have lost acknowledged writes with it.
+        crate::state::recent::distrust();
         tracing::warn!(
             stream = %names.stream,
             lost_from = last_seq.0 + 1,

@@ -21,7 +21,7 @@ pub mod feed;
 pub(crate) mod layout;
 mod objects;
 mod project;
-mod recent;
+pub(crate) mod recent;
 mod source;
 mod writer;
 
@@ -137,6 +137,10 @@ impl Service for State {
     // before the drop may land after it.
     const FAIL_ON_DISCONNECT: bool = true;
 
+    fn on_failure() {
+        recent::distrust();
+    }
+
     async fn serve(self, client: async_nats::Client, ready: Ready) -> Result<(), String> {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
@@ -151,7 +155,9 @@ impl Service for State {
             .map_err(|e| format!("JetStream stream {}: {e}", self.settings.stream))?;
         let marker = bucket::marker(&bucket.stream, &name).await?;
         let resume = resume_point(&bucket, stream.clone(), marker.as_ref()).await?;
-        let resume = self.recheck_recent(resume).await?;
+        let resume = self
+            .recheck_recent(resume, &client.server_info().server_id)
+            .await?;
         let from_start = resume.after == 0;
         tracing::info!(bucket = %name, after = resume.after, recheck_through = resume.recheck_through, "state projection resumes");
         let applied = self.health.state_applied().clone();
@@ -185,18 +191,34 @@ fn loss_horizon(settings: &Settings) -> Duration {
 impl State {
     /// Widens `resume` back to the trusted position — saved in Postgres, or
     /// known to this process — so every write a broker may have lost is
-    /// re-checked (see `recent`).
-    async fn recheck_recent(&self, resume: project::Resume) -> Result<project::Resume, String> {
-        let saved = durable::load(&self.db, &self.settings.slot).await?;
+    /// re-checked (see `recent`), unless nothing can have been lost since
+    /// the last start did so ([`recent::continuous`]; `server_id`: this
+    /// start's server).
+    async fn recheck_recent(
+        &self,
+        resume: project::Resume,
+        server_id: &str,
+    ) -> Result<project::Resume, String> {
         let mut widened = resume;
+        if let Some((_, newest)) = recent::known() {
+            // Writes of the last start may still have been in flight.
+            widened.recheck_through = widened.recheck_through.max(newest + writer::WINDOW as u64);
+        }
+        if recent::continuous(server_id, widened.recheck_through) {
+            tracing::info!(
+                after = widened.after,
+                "the state service starts again on the same nats-server process and has not failed since: no re-check of earlier writes"
+            );
+            return Ok(widened);
+        }
+        let saved = durable::load(&self.db, &self.settings.slot).await?;
         // Nothing saved yet (a bucket younger than the horizon, so a short
         // stream): re-check all of it.
         widened.after = widened.after.min(saved);
-        if let Some((oldest, newest)) = recent::known() {
+        if let Some((oldest, _)) = recent::known() {
             widened.after = widened
                 .after
                 .min(recent::trusted(loss_horizon(&self.settings)).unwrap_or(oldest));
-            widened.recheck_through = widened.recheck_through.max(newest + writer::WINDOW as u64);
         }
         if widened.after < resume.after {
             tracing::info!(
