@@ -200,7 +200,8 @@ impl State {
         server_id: &str,
     ) -> Result<project::Resume, String> {
         let mut widened = resume;
-        if let Some((_, newest)) = recent::known() {
+        let known = recent::known();
+        if let Some((_, newest)) = known {
             // Writes of the last start may still have been in flight.
             widened.recheck_through = widened.recheck_through.max(newest + writer::WINDOW as u64);
         }
@@ -215,7 +216,7 @@ impl State {
         // Nothing saved yet (a bucket younger than the horizon, so a short
         // stream): re-check all of it.
         widened.after = widened.after.min(saved);
-        if let Some((oldest, _)) = recent::known() {
+        if let Some((oldest, _)) = known {
             widened.after = widened
                 .after
                 .min(recent::trusted(loss_horizon(&self.settings)).unwrap_or(oldest));
