@@ -559,10 +559,9 @@ async fn a_tenant_writing_into_the_stream_cannot_make_walcast_lose_events() {
     env.wait_caught_up(&pg, Duration::from_secs(60)).await;
 
     let stream = crate::support::daemon::read_stream_as(admin(&env.nats).await, "WALCAST").await;
-    let (own, foreign): (Vec<_>, Vec<_>) = stream.into_iter().partition(|m| {
-        m.subject.starts_with("walcast.")
-            && (m.headers.get("Nats-Msg-Id")).is_some_and(|id| *id == m.event.event_id)
-    });
+    let (own, foreign): (Vec<_>, Vec<_>) = stream
+        .into_iter()
+        .partition(crate::support::daemon::StreamEvent::is_walcasts);
     assert!(
         !foreign.is_empty(),
         "no message reached the stream from the tenant: the test proves nothing"

@@ -149,6 +149,16 @@ pub struct StreamEvent {
     pub event: ChangeEvent,
 }
 
+impl StreamEvent {
+    /// Whether walcast published it: a message it did not publish (a copy
+    /// a tenant user made the server store, one published by hand) has
+    /// another subject or no `Nats-Msg-Id` naming its own event.
+    pub fn is_walcasts(&self) -> bool {
+        self.subject.starts_with("walcast.")
+            && self.headers.get("Nats-Msg-Id") == Some(&self.event.event_id)
+    }
+}
+
 pub async fn stream_last_seq(nats_url: &str, stream: &str) -> u64 {
     let Ok(client) = async_nats::connect(nats_url).await else {
         return 0;
