@@ -151,7 +151,7 @@ async fn connect(
     http.connected(js.client());
     let ctx = pipeline::Context {
         connects,
-        acked_high: Default::default(),
+        acked: Default::default(),
         oldest_removed: Default::default(),
         settings,
         db,

@@ -295,7 +295,9 @@ async fn a_pipeline_restart_on_the_same_broker_skips_the_state_recheck() {
     let env = Env::start().await;
     let client = env.pg.client().await;
     let dir = crate::support::TempDir::new("state-skip").unwrap();
-    let mut w = Walcast::start("walcast", dir.path(), &env.env_vars(), &[]);
+    // A checkpoint well behind the stream's end, as in production.
+    let delay = [("WALCAST_CONFIRM_DELAY", "20s")];
+    let mut w = Walcast::start("walcast", dir.path(), &env.env_vars(), &delay);
     let load = Load::start(&env, 4, Duration::from_millis(2)).await;
     wait_complete(&env.nats.url()).await;
     // Past the end of the first start's own re-check (1,024 positions past
@@ -324,7 +326,31 @@ async fn a_pipeline_restart_on_the_same_broker_skips_the_state_recheck() {
         "the state re-checked after a pipeline restart on the same broker:\n{}",
         w.log_tail(40)
     );
+    assert_scanned_from_own_tail(&log);
     w.stop(Duration::from_secs(15)).await;
+}
+
+/// The restart read the stream for foreign messages from the last message
+/// the process saw acknowledged (what landed after it: the foreign message,
+/// and what the refused batch had stored before it), not from the
+/// checkpoint, 20 s behind.
+fn assert_scanned_from_own_tail(log: &str) {
+    let scan = log
+        .lines()
+        .rfind(|l| l.contains("reading the stream's headers for messages walcast did not publish"))
+        .expect("the restart read the stream for foreign messages");
+    let field = |name: &str| -> u64 {
+        let at = scan.find(&format!(" {name}=")).expect(name) + name.len() + 2;
+        let digits: String = scan[at..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        digits.parse().expect(name)
+    };
+    assert!(scan.contains("after_own_tail=true"), "{scan}");
+    let (read, past) = (field("messages"), field("past_checkpoint"));
+    // At most the refused publish batch (512 events) and the message.
+    assert!((1..=1_024).contains(&read) && past > read, "{scan}");
 }
 
 /// What one loader saw: its replica of the tenant's rows and the last seq

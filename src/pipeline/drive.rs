@@ -123,7 +123,7 @@ async fn spawn_stages(
         oversized: publish::oversized::Oversized::to(oversized),
         index,
         journal: Some(journal),
-        acked_high: ctx.acked_high.clone(),
+        acked: ctx.acked.clone(),
         republish: publish::republish::Republish::below(reconciled.acked_high),
         feed,
     };
@@ -254,7 +254,7 @@ async fn read_until_stopped(
             // in its middle restart the run too, which names them.
             Ok(()) = connects.changed(), if reading => {
                 connects.borrow_and_update();
-                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked_high, stages.missing).await {
+                if let Some(loss) = broker_loss(&ctx.js, &ctx.settings.stream, &ctx.acked, stages.missing).await {
                     failure = Some(loss);
                     stages.items = None;
                 }

@@ -27,6 +27,7 @@ use crate::database::{DbError, query_err};
 use crate::events::OwnIds;
 use crate::position::StreamSeq;
 use crate::publish::Sink;
+use crate::publish::acked::Acked;
 use crate::publish::holes::Hole;
 
 /// Positions of foreign messages: inclusive ranges, sorted and disjoint.
@@ -125,11 +126,28 @@ impl std::fmt::Display for Foreign {
     }
 }
 
+/// How far this process knows the stream: to its own tail (the last of its
+/// publishes acknowledged, `publish::acked`) if the stream still holds that
+/// very message there. Every position up to it was then published by this
+/// process under the publish chain, or read by one of its runs before it
+/// published (the foreign messages found recorded). Not from the highest
+/// position acknowledged alone: a broker that lost its tail may hold
+/// anything there now. But not that message: lost, it is gone from the
+/// stream, and no copy of it can take its place (a copy is made from what
+/// the stream holds); only walcast puts it back, republishing from the
+/// checkpoint after reading the stream from there.
+pub async fn own_tail(sink: &impl Sink, acked: &Acked, last_seq: StreamSeq) -> Option<StreamSeq> {
+    let tail = acked.own_tail().filter(|t| t.seq <= last_seq)?;
+    let held = sink.message_id(tail.seq).await?;
+    (held == tail.event_id).then_some(tail.seq)
+}
+
 /// The foreign messages past what is known: positions after the
-/// checkpoint's and after the `known` ranges, up to `last_seq`. (Not from
-/// the highest position walcast saw acknowledged: a broker that lost its
-/// tail may hold anything there now.) One headers-only read of what the
-/// stream holds past the checkpoint: about `--confirm-delay` of events.
+/// checkpoint's, after the `known` ranges and after this process's
+/// verified `own_tail`, up to `last_seq`. One headers-only read of what the
+/// stream holds past there: after a restart, about `--confirm-delay` of
+/// events; after a run of this process ended, what landed after its last
+/// acknowledged message (the foreign message that ended it, say).
 ///
 /// A copy is of a message already in the stream, so its event id (if any)
 /// is at most the highest walcast had published before it: walcast's own
@@ -142,12 +160,23 @@ pub async fn scan(
     sink: &impl Sink,
     checkpoint: &Checkpoint,
     known: &Foreign,
+    own_tail: Option<StreamSeq>,
     last_seq: StreamSeq,
 ) -> Result<Foreign, crate::publish::PublishError> {
-    let from = (checkpoint.stream_seq).max(known.last().unwrap_or_default().min(last_seq));
+    let from = (checkpoint.stream_seq)
+        .max(known.last().unwrap_or_default().min(last_seq))
+        .max(own_tail.unwrap_or_default());
     if from >= last_seq {
         return Ok(Foreign::default());
     }
+    tracing::info!(
+        from = from.next().0,
+        through = last_seq.0,
+        messages = last_seq - from,
+        past_checkpoint = last_seq - checkpoint.stream_seq,
+        after_own_tail = own_tail == Some(from),
+        "reading the stream's headers for messages walcast did not publish"
+    );
     // From the last message of walcast's at or before `from`, else from
     // the checkpoint's LSN as a floor.
     let mut highest = None;

@@ -17,7 +17,6 @@ mod tests;
 mod watchdog;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 
 use async_nats::jetstream;
 use tokio::sync::watch;
@@ -85,9 +84,9 @@ pub struct Context {
     pub health: Arc<Health>,
     /// Ticks on every NATS (re)connection.
     pub connects: watch::Receiver<u64>,
-    /// The highest stream sequence this process has seen acknowledged: if the
-    /// stream later ends below it, the broker lost acknowledged messages.
-    pub acked_high: Arc<AtomicU64>,
+    /// What this process has seen acknowledged: if the stream later ends
+    /// below its highest, the broker lost acknowledged messages.
+    pub acked: Arc<crate::publish::acked::Acked>,
     /// Holes that took only tenants' oldest events (`retention`): runs go
     /// on past exactly these (a later hole is judged anew).
     pub oldest_removed: Arc<std::sync::Mutex<Vec<crate::publish::holes::Hole>>>,

@@ -21,8 +21,6 @@
 //! replay names the lost events and stops (`reader::Skip`); before it,
 //! an ERROR names the range and the run goes on.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use super::foreign::{self, Foreign};
 use super::{Context, PipelineError};
 use crate::checkpoint::{Checkpoint, store};
@@ -30,6 +28,7 @@ use crate::database::with_timeout;
 use crate::lsn::Lsn;
 use crate::position::StreamSeq;
 use crate::proto::Entity;
+use crate::publish::acked::Acked;
 use crate::publish::holes::{self, Hole};
 use crate::publish::sink::Bucket;
 use crate::publish::{self, JetStream, Sink};
@@ -151,7 +150,7 @@ pub(super) async fn prepare(ctx: &Context, checked: Checked) -> Result<Prepared,
         &checkpoint,
         last_seq,
         &recorded,
-        &ctx.acked_high,
+        &ctx.acked,
         StreamSeq(s.accept_holes_through),
     )
     .await?;
@@ -217,21 +216,23 @@ pub(super) struct Reconciled {
 /// and the last one's id to check the replay against. An error if the
 /// checkpoint belongs to another stream or the stream lost events the slot
 /// no longer has. `recorded` are the foreign messages known so far.
-/// `process_high` is the highest sequence this process saw acknowledged;
-/// it is raised to the checkpoint's. Holes up to `accept_through` do not
-/// stop the run.
+/// `process` is what this process saw acknowledged: its highest is raised
+/// to the checkpoint's, and its own tail, if the stream still holds it,
+/// is where the search for foreign messages starts. Holes up to
+/// `accept_through` do not stop the run.
 pub(super) async fn reconcile(
     sink: &impl Sink,
     names: Names<'_>,
     checkpoint: &Checkpoint,
     last_seq: StreamSeq,
     recorded: &Foreign,
-    process_high: &AtomicU64,
+    process: &Acked,
     accept_through: StreamSeq,
 ) -> Result<Reconciled, PipelineError> {
     let positions = count_past(names, checkpoint, last_seq)?;
+    let own_tail = foreign::own_tail(sink, process, last_seq).await;
     let (foreign, found_foreign) =
-        foreign_past(sink, names, checkpoint, recorded, last_seq).await?;
+        foreign_past(sink, names, checkpoint, recorded, own_tail, last_seq).await?;
     let already = positions - foreign.count();
     if already > 0 {
         tracing::info!(
@@ -267,11 +268,7 @@ pub(super) async fn reconcile(
         last_seq,
         own: own.unwrap_or(checkpoint.stream_seq.min(last_seq)),
     };
-    let acked_high = StreamSeq(
-        process_high
-            .fetch_max(checkpoint.acked_seq.0, Ordering::SeqCst)
-            .max(checkpoint.acked_seq.0),
-    );
+    let acked_high = process.raise(checkpoint.acked_seq);
     if last_seq < acked_high {
         // The bucket may have lost acknowledged writes with it.
         crate::state::recent::distrust();
@@ -303,10 +300,11 @@ async fn foreign_past(
     names: Names<'_>,
     checkpoint: &Checkpoint,
     recorded: &Foreign,
+    own_tail: Option<StreamSeq>,
     last_seq: StreamSeq,
 ) -> Result<(Foreign, Foreign), PipelineError> {
     let known = recorded.within(checkpoint.stream_seq, last_seq);
-    let found = foreign::scan(sink, checkpoint, &known, last_seq).await?;
+    let found = foreign::scan(sink, checkpoint, &known, own_tail, last_seq).await?;
     if found.count() > 0 {
         let subjects = foreign::subjects(sink, &found).await;
         tracing::warn!(

@@ -51,6 +51,7 @@ use crate::handoff::Item;
 use crate::lsn::Lsn;
 use crate::position::StreamSeq;
 use crate::proto::ChangeEvent;
+use crate::publish::acked::Acked;
 use crate::publish::memory::MemoryBroker;
 use crate::publish::oversized::Oversized;
 use crate::publish::republish::Republish;
@@ -216,8 +217,8 @@ struct World {
     store: MemoryStore,
     /// The slot's confirmed flush LSN.
     confirmed: Arc<AtomicU64>,
-    /// The process's highest acknowledged sequence (lost with the process).
-    process_high: Arc<AtomicU64>,
+    /// What the process saw acknowledged (lost with the process).
+    process: Arc<Acked>,
     runs: u64,
     /// `--accept-holes-through`.
     accept_holes_through: u64,
@@ -244,7 +245,7 @@ impl World {
             broker: MemoryBroker::new(Duration::from_secs(120)),
             store,
             confirmed: Arc::default(),
-            process_high: Arc::default(),
+            process: Arc::default(),
             runs: 0,
             accept_holes_through: 0,
             saved_wrong: Vec::new(),
@@ -444,7 +445,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         &checkpoint,
         last_seq,
         &w.foreign,
-        &w.process_high,
+        &w.process,
         StreamSeq(w.accept_holes_through),
     )
     .await
@@ -472,7 +473,7 @@ async fn run(w: &mut World, c: &Case, last: bool, limit: Duration) -> Outcome {
         journal: Some(
             Journal::new(checkpoint.stream_seq.min(last_seq).next(), saved_tx).cutting_every(3),
         ),
-        acked_high: w.process_high.clone(),
+        acked: w.process.clone(),
         feed: None,
         republish: Republish::below(reconciled.acked_high),
     };
@@ -565,7 +566,7 @@ async fn case(c: Case) -> Result<(), String> {
         }
         match outcome {
             // kill -9: the process's memory is gone.
-            Outcome::Killed => w.process_high = Arc::default(),
+            Outcome::Killed => w.process = Arc::default(),
             Outcome::Failed(e) if fatal(&e) => return stopped_rightly(&w, e),
             Outcome::Failed(_) | Outcome::Clean => {}
         }
@@ -759,6 +760,39 @@ fn a_hole_before_the_checkpoint_does_not_stop_the_run() {
         let again = run(&mut w, &c, true, Duration::from_secs(60)).await;
         assert!(matches!(again, Outcome::Clean));
         assert_eq!(w.broker.lock().messages.len(), 16, "new events published");
+    });
+}
+
+/// A run reads the stream for foreign messages from its process's last
+/// acknowledged message only if the stream still holds that very message.
+/// Here the broker lost it, the next run of the process ended before any
+/// acknowledgement (so the process still remembers it), and foreign
+/// messages took the lost positions: the run after must find them, not
+/// count them as events already published.
+#[test]
+fn foreign_messages_in_a_lost_tail_are_found() {
+    crate::checkpoint::tests::paused_runtime().block_on(async {
+        let mut c = two_rows_each(10);
+        c.delay_ms = 3_600_000; // nothing is checkpointed: all within the window
+        let mut w = World::new(&c.wal);
+        let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(first, Outcome::Clean));
+        let tail = w.process.own_tail().expect("an own tail");
+        assert_eq!(tail.seq, StreamSeq(20));
+        w.lose(&Loss::Unconfirmed(5));
+        w.broker.fail_in(1);
+        let refused = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(refused, Outcome::Failed(_)));
+        w.broker.heal();
+        assert_eq!(w.process.own_tail(), Some(tail), "no ack since");
+        w.lose(&Loss::Foreign(6));
+        assert_eq!(w.broker.lock().messages.len(), 21);
+        let last = run(&mut w, &c, true, Duration::from_secs(60)).await;
+        assert!(matches!(last, Outcome::Clean));
+        w.check().unwrap();
+        assert_eq!(w.foreign.count(), 6, "{:?}", w.foreign);
+        let stored = w.broker.lock().messages.len();
+        assert_eq!(stored - 6, w.expected.len(), "every event once");
     });
 }
 

@@ -3,7 +3,6 @@
 //! a slot dropped under it, and a broker that lost acknowledged messages
 //! across a reconnection (SPEC §4.7).
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -67,7 +66,7 @@ async fn probe(sql: &tokio_postgres::Client, slot: &str) -> Option<PipelineError
 pub(super) async fn broker_loss(
     js: &jetstream::Context,
     name: &str,
-    acked_high: &AtomicU64,
+    acked: &crate::publish::acked::Acked,
     known: u64,
 ) -> Option<PipelineError> {
     let found = crate::publish::stream::lookup(js, name, WATCHDOG_TIMEOUT)
@@ -78,7 +77,7 @@ pub(super) async fn broker_loss(
         return None;
     }
     let last = info.state.last_sequence;
-    let high = acked_high.load(Ordering::SeqCst);
+    let high = acked.high().0;
     let missing = info.state.deleted_count.unwrap_or(0);
     if missing > known && last >= high {
         return Some(PipelineError::Publish(PublishError::StreamHoles {

@@ -38,6 +38,7 @@
 //! once a new leader answers (or [`PublishError::StreamGone`] if the stream
 //! no longer exists), so the next run publishes at once.
 
+pub mod acked;
 pub(crate) mod acks;
 pub mod holes;
 #[cfg(test)]
@@ -175,8 +176,8 @@ pub(crate) struct Publisher<S> {
     pub index: crate::catchup::Index,
     /// The same positions, to be saved once acknowledged (`None`: not saved).
     pub journal: Option<crate::catchup::Journal>,
-    /// Highest acknowledged stream sequence in this process (see `pipeline`).
-    pub acked_high: Arc<std::sync::atomic::AtomicU64>,
+    /// What this process saw acknowledged (see [`acked`]).
+    pub acked: Arc<acked::Acked>,
     /// Tracks events republished because the broker lost them.
     pub republish: republish::Republish,
     /// Where acknowledged events go for the state service (`None`: no state).
@@ -214,7 +215,7 @@ impl Flight {
     fn answered(
         &mut self,
         answer: acks::Answer,
-        acked_high: &std::sync::atomic::AtomicU64,
+        acked: &acked::Acked,
         feed: Option<&Feed>,
     ) -> Result<(), PublishError> {
         let expected = answer.expected;
@@ -242,8 +243,8 @@ impl Flight {
         }
         crate::failpoint::crash_point("after_ack");
         self.stats.ack_latency(answer.latency);
-        acked_high.fetch_max(expected.0, std::sync::atomic::Ordering::SeqCst);
         let mut fed = Vec::new();
+        let mut last_id = None;
         while self.acked_seq < expected {
             match self.pending.pop_front() {
                 Some(Pending::Event(mut sent)) => {
@@ -258,6 +259,7 @@ impl Flight {
                     );
                     self.progress
                         .acked(sent.tenant.as_ref().map(|(t, s)| (t, *s)), self.acked_seq);
+                    last_id = Some(sent.event_id);
                 }
                 Some(Pending::Boundary(lsn)) => self.progress.boundary(lsn),
                 Some(Pending::Published { tenant, stream_seq }) => self
@@ -265,6 +267,10 @@ impl Flight {
                     .acked(tenant.as_ref().map(|(t, s)| (t, *s)), stream_seq),
                 None => unreachable!("an ack was requested only for a sent event"),
             }
+        }
+        match last_id {
+            Some(id) => acked.own(expected, id),
+            None => _ = acked.raise(expected),
         }
         if let Some(feed) = feed {
             feed.push(fed, self.acked_seq.0);
@@ -341,7 +347,7 @@ impl<S: Sink> Publisher<S> {
             tokio::select! {
                 biased;
                 answer = acks.next() => {
-                    f.answered(answer?, &self.acked_high, self.feed.as_deref())?;
+                    f.answered(answer?, &self.acked, self.feed.as_deref())?;
                     self.journal_acked(&f, false);
                 }
                 batch = items.recv(), if input_open && f.unacked() < self.max_in_flight as u64 && state.is_none() => match batch {
