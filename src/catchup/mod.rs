@@ -399,10 +399,11 @@ impl Probe for DirectGet<'_> {
 }
 
 /// Probes through the stream leader (`STREAM.MSG.GET`, `next_by_subj`):
-/// slower, never behind; asked before a client is told `too_old`.
-struct LeaderGet<'a> {
-    stream: &'a Stream,
-    filter: &'a str,
+/// slower, never behind; asked before a client is told `too_old`, and by
+/// `pipeline::retention` for a tenant's oldest event left.
+pub(crate) struct LeaderGet<'a> {
+    pub stream: &'a Stream,
+    pub filter: &'a str,
 }
 
 impl Probe for LeaderGet<'_> {

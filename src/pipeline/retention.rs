@@ -8,9 +8,10 @@
 //! a seq jump. Such holes do not stop walcast (a WARN); any other hole the
 //! replay names does (`reader::Skip`, `--accept-holes-through`).
 
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
-
 use super::{Context, PipelineError};
+use crate::catchup::LeaderGet;
+use crate::catchup::lookup::Probe;
+use crate::position::StreamSeq;
 use crate::publish::PublishError;
 use crate::publish::holes::HoleLoss;
 
@@ -60,17 +61,13 @@ async fn only_oldest(ctx: &Context, loss: &HoleLoss) -> Result<bool, String> {
     let stream = (ctx.js.get_stream(&ctx.settings.stream).await).map_err(|e| e.to_string())?;
     for (tenant, newest_lost) in tenants {
         let filter = format!("{}.{tenant}.>", ctx.settings.subject_prefix);
-        let oldest_left = match stream.get_first_raw_message_by_subject(&filter, 1).await {
-            Ok(msg) => msg
-                .headers
-                .get(crate::headers::SEQ)
-                .and_then(|v| v.as_str().parse::<u64>().ok())
-                .ok_or_else(|| format!("stream message {} has no Walcast-Seq", msg.sequence))?,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
-            Err(e) => return Err(format!("read the stream's leader: {e}")),
+        let leader = LeaderGet {
+            stream: &stream,
+            filter: &filter,
         };
-        if oldest_left <= newest_lost.0 {
-            return Ok(false);
+        match leader.next_at(StreamSeq(1)).await? {
+            Some((_, oldest_left)) if oldest_left <= newest_lost => return Ok(false),
+            _ => {}
         }
     }
     Ok(true)
