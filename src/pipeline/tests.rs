@@ -706,6 +706,17 @@ fn two_rows_each(n: usize) -> Case {
     }
 }
 
+/// `two_rows_each(n)` published by a clean first run, nothing checkpointed
+/// (all within the confirm window).
+async fn published_unconfirmed(n: usize) -> (Case, World) {
+    let mut c = two_rows_each(n);
+    c.delay_ms = 3_600_000;
+    let mut w = World::new(&c.wal);
+    let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
+    assert!(matches!(first, Outcome::Clean));
+    (c, w)
+}
+
 /// Issue 19 item 4: messages deleted from the middle of the stream past
 /// the checkpoint (the slot still holds them). The next run names the lost
 /// events' tenants and seqs and stops, publishing nothing; accepted
@@ -713,11 +724,7 @@ fn two_rows_each(n: usize) -> Case {
 #[test]
 fn a_hole_past_the_checkpoint_stops_naming_tenants_and_seqs() {
     crate::checkpoint::tests::paused_runtime().block_on(async {
-        let mut c = two_rows_each(6);
-        c.delay_ms = 3_600_000; // nothing is checkpointed: all within the window
-        let mut w = World::new(&c.wal);
-        let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
-        assert!(matches!(first, Outcome::Clean));
+        let (c, mut w) = published_unconfirmed(6).await;
         assert_eq!(w.broker.lock().messages.len(), 12);
         w.broker.delete(2); // t2 seq 1
         w.broker.delete(4); // t2 seq 2
@@ -772,11 +779,7 @@ fn a_hole_before_the_checkpoint_does_not_stop_the_run() {
 #[test]
 fn foreign_messages_in_a_lost_tail_are_found() {
     crate::checkpoint::tests::paused_runtime().block_on(async {
-        let mut c = two_rows_each(10);
-        c.delay_ms = 3_600_000; // nothing is checkpointed: all within the window
-        let mut w = World::new(&c.wal);
-        let first = run(&mut w, &c, true, Duration::from_secs(60)).await;
-        assert!(matches!(first, Outcome::Clean));
+        let (c, mut w) = published_unconfirmed(10).await;
         let tail = w.process.own_tail().expect("an own tail");
         assert_eq!(tail.seq, StreamSeq(20));
         w.lose(&Loss::Unconfirmed(5));
