@@ -84,11 +84,6 @@ impl Foreign {
         (p > after).then_some(p)
     }
 
-    /// The last position, if any.
-    pub fn last(&self) -> Option<StreamSeq> {
-        self.0.last().map(|(_, b)| *b)
-    }
-
     /// Whether `seq` is foreign.
     pub fn contains(&self, seq: StreamSeq) -> bool {
         self.holding(seq).is_some()
@@ -142,19 +137,21 @@ pub async fn own_tail(sink: &impl Sink, acked: &Acked, last_seq: StreamSeq) -> O
     (held == tail.event_id).then_some(tail.seq)
 }
 
-/// The foreign messages past what is known: positions after the
-/// checkpoint's, after the `known` ranges and after this process's
-/// verified `own_tail`, up to `last_seq`. One headers-only read of what the
-/// stream holds past there: after a restart, about `--confirm-delay` of
-/// events; after a run of this process ended, what landed after its last
-/// acknowledged message (the foreign message that ended it, say).
+/// The foreign messages not in `known`: positions after the checkpoint's,
+/// or after this process's verified `own_tail`, up to `last_seq`. One
+/// headers-only read of what the stream holds past there: after a
+/// restart, about `--confirm-delay` of events; after a run of this process
+/// ended, what landed after its last acknowledged message (the foreign
+/// message that ended it, say). Not from the last `known` one: a broker
+/// that lost it and messages before it may hold new foreign messages
+/// there now, which no record names.
 ///
 /// A copy is of a message already in the stream, so its event id (if any)
 /// is at most the highest walcast had published before it: walcast's own
 /// messages are exactly those whose event id is higher than every one
 /// before them (the first after the checkpoint's position: at or after its
-/// LSN). Reading from the last known message of walcast's on, each message
-/// is judged by that running maximum; a missing position (a hole) is left
+/// LSN). Reading from there, each message is judged by that running
+/// maximum; a missing position (a hole) is left
 /// to the hole checks.
 pub async fn scan(
     sink: &impl Sink,
@@ -163,9 +160,7 @@ pub async fn scan(
     own_tail: Option<StreamSeq>,
     last_seq: StreamSeq,
 ) -> Result<Foreign, crate::publish::PublishError> {
-    let from = (checkpoint.stream_seq)
-        .max(known.last().unwrap_or_default().min(last_seq))
-        .max(own_tail.unwrap_or_default());
+    let from = (checkpoint.stream_seq).max(own_tail.unwrap_or_default());
     if from >= last_seq {
         return Ok(Foreign::default());
     }
@@ -335,7 +330,6 @@ mod tests {
         assert_eq!(foreign.skip(StreamSeq(4)), StreamSeq(4));
         assert_eq!(foreign.skip(StreamSeq(10)), StreamSeq(15));
         assert_eq!(foreign.skip(StreamSeq(21)), StreamSeq(22));
-        assert_eq!(foreign.last(), Some(StreamSeq(21)));
         assert_eq!(
             foreign.last_outside(StreamSeq(0), StreamSeq(21)),
             Some(StreamSeq(19))

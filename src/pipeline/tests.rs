@@ -15,7 +15,8 @@
 //!
 //! A foreign message (one walcast did not publish: a tenant's pull reply
 //! into the stream's subjects) may land before a random send or between
-//! runs; it must be skipped, never taken for an event.
+//! runs, also in positions the broker just lost (where the process's last
+//! acknowledged message was); it must be skipped, never taken for an event.
 //!
 //! Checked after every run: the stream, foreign messages left out, is a
 //! prefix of the exact stream
@@ -191,6 +192,10 @@ enum Loss {
     Hole(u64),
     /// n foreign messages at the tail, while walcast is down.
     Foreign(u64),
+    /// Its last n messages the checkpoint does not count, then n + 1
+    /// foreign messages take their positions and one more: the process's
+    /// last acknowledged position now holds a foreign message.
+    Refilled(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -357,6 +362,11 @@ impl World {
             Loss::None => 0,
             Loss::Foreign(n) => {
                 (0..n).for_each(|_| self.broker.store_foreign());
+                0
+            }
+            Loss::Refilled(n) => {
+                self.lose(&Loss::Unconfirmed(n));
+                (0..=n).for_each(|_| self.broker.store_foreign());
                 0
             }
             Loss::Unconfirmed(n) => {
@@ -653,6 +663,7 @@ fn interruption() -> impl Strategy<Value = Interruption> {
         1 => (1u64..8).prop_map(Loss::Any),
         1 => (0u64..1_000).prop_map(Loss::Hole),
         1 => (1u64..4).prop_map(Loss::Foreign),
+        1 => (1u64..8).prop_map(Loss::Refilled),
     ];
     (stop, loss).prop_map(|(stop, loss)| Interruption { stop, loss })
 }
@@ -797,6 +808,23 @@ fn foreign_messages_in_a_lost_tail_are_found() {
         let stored = w.broker.lock().messages.len();
         assert_eq!(stored - 6, w.expected.len(), "every event once");
     });
+}
+
+/// A recorded foreign message the broker lost, with messages of walcast's
+/// before it, and new foreign messages in their positions: a new process
+/// must read them all again (from the checkpoint), not only past the
+/// recorded one, which no longer says what is before it.
+#[test]
+fn foreign_messages_refilling_a_recorded_ones_loss_are_found() {
+    let mut c = two_rows_each(20);
+    c.max_in_flight = 1;
+    let stop = |stop, loss| Interruption { stop, loss };
+    c.interruptions = vec![
+        stop(Stop::Foreign(32), Loss::None),
+        stop(Stop::Crash(0), Loss::Refilled(7)),
+    ];
+    let outcome = crate::checkpoint::tests::paused_runtime().block_on(case(c));
+    assert_eq!(outcome, Ok(()));
 }
 
 /// The counters shown at 0 from the start are the ones the pipeline's own
