@@ -151,8 +151,7 @@ pub async fn own_tail(sink: &impl Sink, acked: &Acked, last_seq: StreamSeq) -> O
 /// messages are exactly those whose event id is higher than every one
 /// before them (the first after the checkpoint's position: at or after its
 /// LSN). Reading from there, each message is judged by that running
-/// maximum; a missing position (a hole) is left
-/// to the hole checks.
+/// maximum; a missing position (a hole) is left to the hole checks.
 pub async fn scan(
     sink: &impl Sink,
     checkpoint: &Checkpoint,
