@@ -11,7 +11,7 @@ use async_nats::jetstream;
 
 use crate::broker_loss::{restore, snapshot, wait_acked_high_past, wait_complete};
 use crate::catchup::{ask, replays_from};
-use crate::support::chaos::{Load, Walcast};
+use crate::support::chaos::{Load, Walcast, field};
 use crate::support::daemon::{Env, StreamEvent};
 use crate::support::oracle::Oracle;
 use crate::support::workload::Workload;
@@ -19,26 +19,6 @@ use crate::support::{TempDir, wait_until};
 
 const LOADED: &str = "catch-up index loaded from saved segments";
 const REBUILT: &str = "catch-up index rebuilt from the stream";
-
-/// The `key=value` fields of the first log line containing `needle`.
-fn fields(walcast: &Walcast, needle: &str) -> HashMap<String, String> {
-    let log = walcast.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains(needle))
-        .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{}", walcast.log_tail(40)));
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-fn field(fields: &HashMap<String, String>, key: &str) -> u64 {
-    fields
-        .get(key)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {key} in {fields:?}"))
-}
 
 /// Each tenant's last seq in the stream.
 fn last_seqs(events: &[StreamEvent]) -> HashMap<String, u64> {
@@ -108,7 +88,7 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
     let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &[]);
     env.wait_caught_up(&client, Duration::from_secs(60)).await;
     walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
-    let loaded = fields(&walcast, LOADED);
+    let loaded = walcast.log_fields(LOADED);
     assert_eq!(
         field(&loaded, "positions"),
         events.len() as u64,
@@ -117,7 +97,7 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
     assert_eq!(field(&loaded, "read_back"), 0, "{loaded:?}");
     assert_eq!(field(&loaded, "from"), 1, "{loaded:?}");
     // Nothing older to read back in the background either.
-    assert_eq!(field(&fields(&walcast, REBUILT), "messages"), 0);
+    assert_eq!(field(&walcast.log_fields(REBUILT), "messages"), 0);
     let checked = answers_are_exact(&env).await;
     walcast.stop(Duration::from_secs(20)).await;
 
@@ -139,7 +119,7 @@ async fn restart_loads_saved_positions_and_reads_back_only_the_tail() {
     );
     let walcast = Walcast::start("third", dir.path(), &env.env_vars(), &[]);
     walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
-    let loaded = fields(&walcast, LOADED);
+    let loaded = walcast.log_fields(LOADED);
     assert_eq!(
         field(&loaded, "read_back"),
         (last - first + 1) as u64,
@@ -399,7 +379,7 @@ async fn without_the_table_walcast_warns_and_reads_the_stream_back() {
             .contains("run `walcast migrate`")
     );
     assert!(!walcast.log().contains(LOADED));
-    assert!(field(&fields(&walcast, REBUILT), "messages") > 0);
+    assert!(field(&walcast.log_fields(REBUILT), "messages") > 0);
     answers_are_exact(&env).await;
     walcast.stop(Duration::from_secs(20)).await;
 }
@@ -456,7 +436,7 @@ async fn after_a_broker_loss_and_republish_answers_stay_exact() {
     env.nats.start_again().unwrap();
     let mut walcast = Walcast::start("second", dir.path(), &env.env_vars(), &delay);
     walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
-    let before_loss = fields(&walcast, LOADED);
+    let before_loss = walcast.log_fields(LOADED);
     assert!(
         field(&before_loss, "through") <= at_snapshot,
         "{before_loss:?}"
@@ -476,7 +456,7 @@ async fn after_a_broker_loss_and_republish_answers_stay_exact() {
 
     let mut walcast = Walcast::start("third", dir.path(), &env.env_vars(), &delay);
     walcast.wait_log(REBUILT, Duration::from_secs(60)).await;
-    let after_loss = fields(&walcast, LOADED);
+    let after_loss = walcast.log_fields(LOADED);
     assert!(
         field(&after_loss, "positions") + field(&after_loss, "read_back") >= stream_last,
         "{after_loss:?}"

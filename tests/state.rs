@@ -326,7 +326,7 @@ async fn a_pipeline_restart_on_the_same_broker_skips_the_state_recheck() {
         "the state re-checked after a pipeline restart on the same broker:\n{}",
         w.log_tail(40)
     );
-    assert_scanned_from_own_tail(&log);
+    assert_scanned_from_own_tail(&w);
     w.stop(Duration::from_secs(15)).await;
 }
 
@@ -334,23 +334,14 @@ async fn a_pipeline_restart_on_the_same_broker_skips_the_state_recheck() {
 /// the process saw acknowledged (what landed after it: the foreign message,
 /// and what the refused batch had stored before it), not from the
 /// checkpoint, 20 s behind.
-fn assert_scanned_from_own_tail(log: &str) {
-    let scan = log
-        .lines()
-        .rfind(|l| l.contains("reading the stream's headers for messages walcast did not publish"))
-        .expect("the restart read the stream for foreign messages");
-    let field = |name: &str| -> u64 {
-        let at = scan.find(&format!(" {name}=")).expect(name) + name.len() + 2;
-        let digits: String = scan[at..]
-            .chars()
-            .take_while(char::is_ascii_digit)
-            .collect();
-        digits.parse().expect(name)
-    };
-    assert!(scan.contains("after_own_tail=true"), "{scan}");
-    let (read, past) = (field("messages"), field("past_checkpoint"));
+fn assert_scanned_from_own_tail(w: &crate::support::chaos::Walcast) {
+    use crate::support::chaos::field;
+    let scan = w.log_fields("reading the stream's headers for messages walcast did not publish");
+    let from_own_tail = scan.get("after_own_tail").map(String::as_str);
+    assert_eq!(from_own_tail, Some("true"), "{scan:?}");
+    let (read, past) = (field(&scan, "messages"), field(&scan, "past_checkpoint"));
     // At most the refused publish batch (512 events) and the message.
-    assert!((1..=1_024).contains(&read) && past > read, "{scan}");
+    assert!((1..=1_024).contains(&read) && past > read, "{scan:?}");
 }
 
 /// What one loader saw: its replica of the tenant's rows and the last seq

@@ -3,7 +3,7 @@
 //! steady background write load, catch-up waits, and the verification every
 //! scenario ends with.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +34,14 @@ pub struct Walcast {
     child: Child,
     log: PathBuf,
     exited: Option<ExitStatus>,
+}
+
+/// The numeric field `key` of [`Walcast::log_fields`].
+pub fn field(fields: &HashMap<String, String>, key: &str) -> u64 {
+    fields
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {key} in {fields:?}"))
 }
 
 impl Walcast {
@@ -157,6 +165,19 @@ impl Walcast {
     /// The whole log.
     pub fn log(&self) -> String {
         strip_ansi(&super::read_log(&self.log))
+    }
+
+    /// The `key=value` fields of the first log line containing `needle`.
+    pub fn log_fields(&self, needle: &str) -> HashMap<String, String> {
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in the log:\n{}", self.log_tail(40)));
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     /// The last `n` lines of the log, for failure messages.
